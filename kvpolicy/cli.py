@@ -1,0 +1,58 @@
+"""`kvp`: a thin command line over the library. Each subcommand lives beside the code it drives, in a module
+that defines `add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kvpolicy.errors import KVPError
+
+# subcommand -> (module, one-line help); the module is imported only when its command runs
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("kvpolicy.models.cli", "list the known models (and load one with --load)"),
+    "generate": ("kvpolicy.compression.cli", "answer a prompt with a compressed KV cache"),
+    "traces": ("kvpolicy.traces.cli", "record future-utility training traces from real model runs"),
+    "train": ("kvpolicy.training.cli", "train the per-head KVP eviction policies on traces"),
+    "sweep": ("kvpolicy.evaluation.cli", "evaluate scorers x budgets x tasks into a resumable JSONL store"),
+    "report": ("kvpolicy.report.cli", "write the HTML/Markdown report with figures from a results file"),
+    "demo": ("kvpolicy.demo", "the whole story on SmolLM2: traces, training, evaluation, report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvp", description="Learned KV-cache eviction (KV Policy).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        try:
+            importlib.import_module(module_name).add_arguments(p)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from kvpolicy.progress import silence_libraries
+
+    silence_libraries()
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KVPError as err:
+        print(f"kvp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kvp {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

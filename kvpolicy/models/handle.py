@@ -1,0 +1,77 @@
+"""A loaded model with the facts every later stage needs (layers, heads, fingerprint)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts of a decoder model's KV cache, plus a fingerprint that traces and checkpoints record."""
+
+    name: str
+    family: str
+    n_layers: int
+    n_kv_heads: int
+    n_query_heads: int
+    head_dim: int
+    max_positions: int
+    fingerprint: str
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group)."""
+        return self.n_query_heads // self.n_kv_heads
+
+    @property
+    def n_agents(self) -> int:
+        """One eviction agent per (layer, KV head)."""
+        return self.n_layers * self.n_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelHandle:
+    """A causal LM, its tokenizer and its `ModelInfo`."""
+
+    info: ModelInfo
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """The decoder layers (each has `.self_attn`)."""
+        return list(self.model.model.layers)
+
+    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages [{"role", "content"}] with the model's own chat template."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids (1, T) without adding special tokens (chat templates carry their own)."""
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        return ids
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end an assistant turn."""
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra:
+            ids.update(extra)
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
+                ids.add(tid)
+        return {i for i in ids if i is not None}
