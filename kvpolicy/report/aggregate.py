@@ -1,0 +1,206 @@
+"""Turn result records into the tables behind every figure: one `Panel` per plotted quantity.
+
+Records of one model, benchmark family, protocol, context length and data source form a `Group` (one figure);
+inside it, one `Panel` per task (plus an average panel for accuracy), one `Line` per scorer, one point per
+budget. Cache size on the x axis is the mean number of KV entries kept per head at that budget (the same for
+every scorer at a token budget; ratio budgets give the mean over samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+FULL_CACHE = "full"  # scorer spec and budget label of the uncompressed reference
+
+METRICS = {
+    "accuracy": "accuracy (%)",
+    "perplexity": "perplexity of the final assistant turn",
+    "cost": "normalized cost −R_b (1 = oracle, lower is better)",
+}
+
+
+@dataclass
+class Point:
+    budget: str
+    x: float  # mean KV entries kept per head
+    y: float
+    n: int
+
+
+@dataclass
+class Line:
+    scorer: str  # display label
+    points: list[Point]
+
+
+@dataclass
+class Panel:
+    title: str
+    metric: str
+    lines: list[Line]
+    reference: Point | None = None  # full-cache value (a horizontal line)
+
+    @property
+    def n_range(self) -> tuple[int, int]:
+        ns = [p.n for line in self.lines for p in line.points] + ([self.reference.n] if self.reference else [])
+        return (min(ns), max(ns)) if ns else (0, 0)
+
+
+@dataclass
+class Group:
+    """Everything one figure shows, with the facts its caption states."""
+
+    model: str
+    family: str
+    metric: str
+    protocol: str
+    context_tokens: int | None
+    data: str
+    panels: list[Panel] = field(default_factory=list)
+
+    @property
+    def n_samples(self) -> tuple[int, int]:
+        ranges = [p.n_range for p in self.panels if p.n_range != (0, 0)]
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
+
+    def caption(self) -> str:
+        lo, hi = self.n_samples
+        n = f"n = {lo}" if lo == hi else f"n = {lo}–{hi}"
+        ctx = f", context {self.context_tokens} tokens" if self.context_tokens else ""
+        return f"model: {self.model} · protocol: {self.protocol} · data: {self.data}{ctx} · {n} samples per point"
+
+
+def _sample_value(record: dict[str, Any]) -> float:
+    return float(record["value"])
+
+
+def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, float]) -> list[Point]:
+    """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or mean cost."""
+    by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_budget[r["budget"]].append(r)
+    points = []
+    for budget, rs in by_budget.items():
+        if metric == "perplexity":
+            y = math.exp(sum(r["nll_sum"] for r in rs) / max(1, sum(r["n_tokens"] for r in rs)))
+        elif metric == "accuracy":
+            y = 100.0 * float(np.mean([_sample_value(r) for r in rs]))
+        else:
+            y = float(np.mean([_sample_value(r) for r in rs]))
+        points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs)))
+    return sorted(points, key=lambda p: p.x)
+
+
+def _budget_x(records: list[dict[str, Any]]) -> dict[str, float]:
+    kept: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        kept[r["budget"]].append(float(r["kept"]))
+    return {b: float(np.mean(v)) for b, v in kept.items()}
+
+
+def _panel(title: str, metric: str, records: list[dict[str, Any]]) -> Panel:
+    x_of = _budget_x(records)
+    by_scorer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    reference = None
+    for r in records:
+        by_scorer[r["scorer_label"]].append(r)
+    lines = []
+    for label, rs in sorted(by_scorer.items()):
+        if rs[0]["scorer"] == FULL_CACHE:
+            reference = _mean_points(rs, metric, x_of)[0]
+        else:
+            lines.append(Line(scorer=label, points=_mean_points(rs, metric, x_of)))
+    return Panel(title=title, metric=metric, lines=lines, reference=reference)
+
+
+def _average_panel(panels: list[Panel]) -> Panel | None:
+    """Mean over tasks of per-task accuracy, at the (scorer, budget) points every task has."""
+    if len(panels) < 2:
+        return None
+    common: dict[str, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
+    for panel in panels:
+        for line in panel.lines:
+            for p in line.points:
+                common[line.scorer][p.budget].append(p)
+    lines = []
+    for scorer, per_budget in sorted(common.items()):
+        pts = [
+            Point(budget=b, x=float(np.mean([p.x for p in ps])), y=float(np.mean([p.y for p in ps])), n=min(p.n for p in ps))
+            for b, ps in per_budget.items()
+            if len(ps) == len(panels)
+        ]
+        if pts:
+            lines.append(Line(scorer=scorer, points=sorted(pts, key=lambda p: p.x)))
+    refs = [p.reference for p in panels if p.reference is not None]
+    reference = None
+    if len(refs) == len(panels):
+        reference = Point(FULL_CACHE, max(r.x for r in refs), float(np.mean([r.y for r in refs])), min(r.n for r in refs))
+    return Panel(title=f"average over {len(panels)} tasks", metric="accuracy", lines=lines, reference=reference)
+
+
+def curve_groups(records: Iterable[dict[str, Any]]) -> list[Group]:
+    """Groups (figures) of quality-vs-cache-size curves for accuracy, perplexity and per-budget cost."""
+    buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["budget"] == "all":  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
+            continue
+        key = (r["model"], r["family"], r["metric"], r["protocol"], r.get("context_tokens"), r["data"])
+        buckets[key].append(r)
+    groups = []
+    for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
+        group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data)
+        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rs:
+            by_task[r["task"]].append(r)
+        group.panels = [_panel(task, metric, trs) for task, trs in sorted(by_task.items())]
+        if metric == "accuracy":
+            average = _average_panel(group.panels)
+            if average is not None:
+                group.panels.append(average)
+        groups.append(group)
+    return groups
+
+
+@dataclass
+class HeadMap:
+    """Per-head whole-ranking normalized cost of every scorer on one trace set: cost[scorer] is (L, H)."""
+
+    model: str
+    data: str
+    n: int
+    cost: dict[str, np.ndarray]
+    heuristics: list[str]  # scorers that count as heuristics (no oracle, no learned policy)
+
+    def best_heuristic(self) -> tuple[np.ndarray, list[str]]:
+        """(L, H) index into `heuristics` of the lowest-cost heuristic per head, and the names."""
+        stacked = np.stack([self.cost[h] for h in self.heuristics])  # (S, L, H)
+        return stacked.argmin(axis=0), self.heuristics
+
+    def caption(self) -> str:
+        return f"model: {self.model} · protocol: held-out traces, whole-ranking cost · data: {self.data} · n = {self.n} samples"
+
+
+def head_maps(records: Iterable[dict[str, Any]]) -> list[HeadMap]:
+    """One HeadMap per (model, trace set) from the whole-ranking ('all' budget) cost records."""
+    buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["metric"] == "cost" and r["budget"] == "all" and r.get("per_head") is not None:
+            buckets[(r["model"], r["data"])].append(r)
+    maps = []
+    for (model, data), rs in sorted(buckets.items()):
+        by_scorer: dict[str, list[np.ndarray]] = defaultdict(list)
+        kinds: dict[str, str] = {}
+        for r in rs:
+            by_scorer[r["scorer_label"]].append(np.asarray(r["per_head"], dtype=np.float64))
+            kinds[r["scorer_label"]] = r.get("scorer_kind", "heuristic")
+        cost = {s: np.mean(v, axis=0) for s, v in by_scorer.items()}
+        heuristics = sorted(s for s in cost if kinds[s] == "heuristic")
+        if heuristics:
+            n = min(len(v) for v in by_scorer.values())
+            maps.append(HeadMap(model=model, data=data, n=n, cost=cost, heuristics=heuristics))
+    return maps

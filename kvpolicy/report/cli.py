@@ -1,0 +1,19 @@
+"""`kvp report RESULTS --out DIR`: the HTML page and Markdown summary with figures from a results file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", help="JSONL results file written by `kvp sweep`")
+    parser.add_argument("--out", required=True, help="directory for report.html, report.md and figures/")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.report.render import write_report
+
+    paths = write_report(args.results, args.out)
+    print(f"report: {paths.html}")
+    print(f"summary: {paths.markdown} ({len(paths.figures)} figures in {paths.markdown.parent / 'figures'})")
+    return 0

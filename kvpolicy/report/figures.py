@@ -1,0 +1,146 @@
+"""Matplotlib (Agg) figures as PNG bytes: quality vs cache size curves and the per-head best-heuristic map."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
+
+from kvpolicy.report.aggregate import METRICS, Group, HeadMap  # noqa: E402
+
+# fixed colours so a scorer looks the same in every figure; the learned policy stands out in black
+COLORS = {
+    "KVP": "#000000",
+    "Oracle": "#7f7f7f",
+    "Random": "#bcbd22",
+    "StreamingLLM": "#1f77b4",
+    "KNorm": "#ff7f0e",
+    "KeyDiff": "#2ca02c",
+    "LagKV": "#8c564b",
+    "TOVA": "#d62728",
+    "SnapKV": "#9467bd",
+    "H2O": "#e377c2",
+    "ExpectedAttention": "#17becf",
+}
+EXTRA = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
+
+
+def color_of(label: str) -> str:
+    """Colour of a scorer label: its base name's fixed colour (a learned 'KVP (...)' variant is black)."""
+    base = label.split(" ")[0]
+    if base in COLORS:
+        return COLORS[base]
+    return EXTRA[sum(map(ord, label)) % len(EXTRA)]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _title(fig, title: str, caption: str, width: int) -> None:
+    wrapped = "\n".join(textwrap.wrap(caption, width=width))
+    fig.suptitle(f"{title}\n{wrapped}", fontsize=9, y=1.0, va="bottom")
+
+
+def curves_figure(group: Group) -> bytes:
+    """One panel per task (and the average), one line per scorer; full cache as a dashed grey line."""
+    n = len(group.panels)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, group.panels):
+        xs = [p.x for line in panel.lines for p in line.points]
+        for line in panel.lines:
+            emphasis = line.scorer.startswith("KVP")
+            ax.plot(
+                [p.x for p in line.points],
+                [p.y for p in line.points],
+                marker="o",
+                markersize=3.5 if not emphasis else 5,
+                linewidth=2.4 if emphasis else 1.3,
+                color=color_of(line.scorer),
+                label=line.scorer,
+                zorder=3 if emphasis else 2,
+            )
+        if panel.reference is not None:
+            ax.axhline(panel.reference.y, color="#555555", linestyle="--", linewidth=1, label="full cache")
+        if xs and max(xs) / max(min(xs), 1e-9) >= 4:
+            ax.set_xscale("log", base=2)
+        ys = [p.y for line in panel.lines for p in line.points]
+        if group.metric != "accuracy" and ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel("KV cache size (entries per head)", fontsize=8)
+        ax.set_ylabel(METRICS[group.metric], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02), frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if rows == 1 else 0.04, 1, 1))
+    _title(fig, figure_title(group), group.caption(), width=int(38 * cols))
+    return _png(fig)
+
+
+def figure_title(group: Group) -> str:
+    what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}[group.metric]
+    return f"{what} vs KV cache size — {group.family}"
+
+
+def head_map_figure(head_map: HeadMap, learned: str | None) -> bytes:
+    """Left: which heuristic has the lowest whole-ranking cost on each (layer, KV head). Right (when a learned
+    policy was evaluated): its cost divided by that best heuristic's cost (< 1: the learned policy wins)."""
+    best, names = head_map.best_heuristic()
+    n_layers, n_heads = best.shape
+    panels = 2 if learned else 1
+    fig, axes = plt.subplots(1, panels, figsize=(1.2 + 1.1 * n_heads * panels + 2.5 * panels, 0.5 + 0.22 * n_layers),
+                             squeeze=False)
+    ax = axes[0, 0]
+    cmap = ListedColormap([color_of(n) for n in names])
+    ax.imshow(best, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest")
+    for (layer, head), idx in np.ndenumerate(best):
+        ax.text(head, layer, names[idx][:6], ha="center", va="center", fontsize=6, color="white")
+    ax.set_title("best heuristic per head", fontsize=9)
+    _head_axes(ax, n_layers, n_heads)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color_of(n)) for n in names]
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
+    if learned:
+        stacked = np.stack([head_map.cost[h] for h in names])
+        ratio = head_map.cost[learned] / stacked.min(axis=0)
+        ax = axes[0, 1]
+        lo, hi = min(ratio.min(), 0.99), max(ratio.max(), 1.01)
+        im = ax.imshow(ratio, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=lo, vmax=hi), aspect="auto",
+                       interpolation="nearest")
+        for (layer, head), value in np.ndenumerate(ratio):
+            ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_title(f"{learned} cost ÷ best heuristic's (< 1: {learned} wins)", fontsize=9)
+        _head_axes(ax, n_layers, n_heads)
+        fig.colorbar(im, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    _title(fig, "Which heuristic wins on which head (whole-ranking normalized cost)", head_map.caption(),
+           width=int(45 * panels))
+    return _png(fig)
+
+
+def _head_axes(ax, n_layers: int, n_heads: int) -> None:
+    ax.set_xticks(range(n_heads))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_xlabel("KV head", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+    ax.tick_params(labelsize=7)

@@ -1,0 +1,140 @@
+"""Write the report: a self-contained HTML page (figures inlined as base64 PNG) and a Markdown summary (figures
+as PNG files in `figures/` beside it), with the table of numbers behind every figure."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.store import read_results
+from kvpolicy.io import atomic_path
+from kvpolicy.report.aggregate import curve_groups, head_maps
+from kvpolicy.report.figures import curves_figure, figure_title, head_map_figure
+from kvpolicy.report.tables import Table, group_table, head_map_tables
+
+NOTES = (
+    "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
+    "models, slightly below their fp16 originals. Data marked 'stand-in' substitutes for the paper's hub data, "
+    "which is not reachable offline. Budgets keep the first 4 (sink) and last 16 tokens of every head; "
+    "'query-aware' compresses after context and question (the KVP paper), 'question-agnostic' compresses the "
+    "context before the question is read (kvpress). TOVA and SnapKV see the question's attention (privileged "
+    "information); KVP and the other heuristics see only the cache."
+)
+
+
+@dataclass
+class Section:
+    title: str
+    caption: str
+    png: bytes
+    tables: list[Table]
+    slug: str
+
+
+@dataclass
+class ReportPaths:
+    html: Path
+    markdown: Path
+    figures: list[Path]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def build_sections(records: list[dict[str, Any]]) -> list[Section]:
+    sections = []
+    for i, group in enumerate(curve_groups(records), start=1):
+        title = figure_title(group)
+        slug = f"{i:02d}-{_slug(f'{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}')}"
+        sections.append(Section(title, group.caption(), curves_figure(group), [group_table(group)], slug))
+    learned_labels = {r["scorer_label"] for r in records if r.get("scorer_kind") == "learned"}
+    for j, head_map in enumerate(head_maps(records), start=len(sections) + 1):
+        learned = next((s for s in sorted(head_map.cost) if s in learned_labels), None)
+        sections.append(
+            Section(
+                "Which heuristic wins on which head",
+                head_map.caption(),
+                head_map_figure(head_map, learned),
+                head_map_tables(head_map),
+                f"{j:02d}-heads-{_slug(head_map.model)}",
+            )
+        )
+    return sections
+
+
+def _setup_table(records: list[dict[str, Any]]) -> Table:
+    seen: dict[tuple, int] = {}
+    for r in records:
+        key = (r["model"], r["model_fingerprint"], r["scorer_label"], r["scorer_id"])
+        seen[key] = seen.get(key, 0) + 1
+    return Table(
+        title="what was evaluated",
+        header=["model", "fingerprint", "scorer", "scorer id", "records"],
+        rows=[[m, f, s, i, str(n)] for (m, f, s, i), n in sorted(seen.items())],
+    )
+
+
+def _markdown(sections: list[Section], setup: Table, n_records: int, source: Path) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# kvpolicy evaluation report", "", f"{n_records} results from `{source}`, written {stamp}.", "", NOTES, ""]
+    for s in sections:
+        out += [f"## {s.title}", "", f"*{s.caption}*", "", f"![{s.title}](figures/{s.slug}.png)", ""]
+        for t in s.tables:
+            out += [f"**{t.title}**", "", t.markdown(), ""]
+    out += ["## Setup", "", setup.markdown(), ""]
+    return "\n".join(out)
+
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;"
+    "text-align:right}td:first-child,td:nth-child(2),th{text-align:left}img{max-width:100%}"
+    ".caption{color:#555;font-style:italic}details{margin-bottom:1em}"
+)
+
+
+def _html(sections: list[Section], setup: Table, n_records: int, source: Path) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>kvpolicy evaluation report</title>",
+        f"<style>{CSS}</style></head><body><h1>kvpolicy evaluation report</h1>",
+        f"<p>{n_records} results from <code>{html.escape(str(source))}</code>, written {stamp}.</p>",
+        f"<p>{html.escape(NOTES)}</p>",
+    ]
+    for s in sections:
+        data = base64.b64encode(s.png).decode()
+        parts += [f"<h2>{html.escape(s.title)}</h2>", f"<p class='caption'>{html.escape(s.caption)}</p>",
+                  f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{data}'>"]
+        for t in s.tables:
+            parts += [f"<details><summary>{html.escape(t.title)}</summary>{t.html()}</details>"]
+    parts += ["<h2>Setup</h2>", setup.html(), "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(results: str | Path, out: str | Path) -> ReportPaths:
+    """Read a results file and write report.html, report.md and figures/*.png into `out`."""
+    results, out = Path(results), Path(out)
+    records = read_results(results)
+    if not records:
+        raise KVPError(f"results file {results} holds no results yet; run `kvp sweep --out {results} ...` first")
+    sections = build_sections(records)
+    setup = _setup_table(records)
+    figures = []
+    for s in sections:
+        path = out / "figures" / f"{s.slug}.png"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(s.png)
+        figures.append(path)
+    paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", figures=figures)
+    with atomic_path(paths.html) as tmp:
+        tmp.write_text(_html(sections, setup, len(records), results))
+    with atomic_path(paths.markdown) as tmp:
+        tmp.write_text(_markdown(sections, setup, len(records), results))
+    return paths

