@@ -68,6 +68,10 @@ class Group:
         ranges = [p.n_range for p in self.panels if p.n_range != (0, 0)]
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
 
+    def title(self) -> str:
+        what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}[self.metric]
+        return f"{what} vs KV cache size — {self.family}"
+
     def caption(self) -> str:
         lo, hi = self.n_samples
         n = f"n = {lo}" if lo == hi else f"n = {lo}–{hi}"
@@ -80,7 +84,7 @@ def _sample_value(record: dict[str, Any]) -> float:
 
 
 def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, float]) -> list[Point]:
-    """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or mean cost."""
+    """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or pooled cost."""
     by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_budget[r["budget"]].append(r)
@@ -90,6 +94,8 @@ def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, flo
             y = math.exp(sum(r["nll_sum"] for r in rs) / max(1, sum(r["n_tokens"] for r in rs)))
         elif metric == "accuracy":
             y = 100.0 * float(np.mean([_sample_value(r) for r in rs]))
+        elif all("lost" in r for r in rs):  # cost: pooled over samples, Σ lost / Σ oracle's lost
+            y = sum(r["lost"] for r in rs) / max(sum(r["best"] for r in rs), 1e-12)
         else:
             y = float(np.mean([_sample_value(r) for r in rs]))
         points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs)))
@@ -204,3 +210,40 @@ def head_maps(records: Iterable[dict[str, Any]]) -> list[HeadMap]:
             n = min(len(v) for v in by_scorer.values())
             maps.append(HeadMap(model=model, data=data, n=n, cost=cost, heuristics=heuristics))
     return maps
+
+
+@dataclass
+class Throughput:
+    """Evaluation speed of one scorer on one kind of sample: a sample's shared prefill plus the scorer's ranking,
+    cuts and answers at every budget of the sweep."""
+
+    family: str
+    context_tokens: int | None
+    protocol: str
+    scorer: str
+    samples: int
+    budgets: int
+    seconds_per_sample: float
+
+    @property
+    def samples_per_minute(self) -> float:
+        return 60.0 / self.seconds_per_sample if self.seconds_per_sample > 0 else float("inf")
+
+
+def throughput(records: Iterable[dict[str, Any]]) -> list[Throughput]:
+    per_sample: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if "seconds" not in r:
+            continue
+        key = (r["model"], r["family"], r.get("context_tokens"), r["protocol"], r["scorer_label"], r["task"], r["sample"])
+        slot = per_sample.setdefault(key, {"prefill": float(r.get("prefill_seconds", 0.0)), "work": 0.0, "budgets": 0})
+        slot["work"] += float(r["seconds"])
+        slot["budgets"] += 1
+    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for (model, family, ctx, protocol, scorer, _, _), slot in per_sample.items():
+        grouped[(family, ctx, protocol, scorer)].append(slot)
+    out = []
+    for (family, ctx, protocol, scorer), slots in sorted(grouped.items(), key=lambda kv: str(kv[0])):
+        seconds = float(np.mean([s["prefill"] + s["work"] for s in slots]))
+        out.append(Throughput(family, ctx, protocol, scorer, len(slots), max(s["budgets"] for s in slots), seconds))
+    return out

@@ -56,7 +56,8 @@ def curves_figure(group: Group) -> bytes:
     n = len(group.panels)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    width = max(6.0, 3.6 * cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 3.0 * rows if cols > 1 else 3.6), squeeze=False)
     for ax, panel in zip(axes.flat, group.panels):
         xs = [p.x for line in panel.lines for p in line.points]
         for line in panel.lines:
@@ -94,13 +95,8 @@ def curves_figure(group: Group) -> bytes:
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
                bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.tight_layout(rect=(0, 0.07 if rows == 1 else 0.04, 1, 1))
-    _title(fig, figure_title(group), group.caption(), width=int(38 * cols))
+    _title(fig, group.title(), group.caption(), width=int(15 * width))
     return _png(fig)
-
-
-def figure_title(group: Group) -> str:
-    what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}[group.metric]
-    return f"{what} vs KV cache size — {group.family}"
 
 
 def head_map_figure(head_map: HeadMap, learned: str | None) -> bytes:
@@ -109,8 +105,8 @@ def head_map_figure(head_map: HeadMap, learned: str | None) -> bytes:
     best, names = head_map.best_heuristic()
     n_layers, n_heads = best.shape
     panels = 2 if learned else 1
-    fig, axes = plt.subplots(1, panels, figsize=(1.2 + 1.1 * n_heads * panels + 2.5 * panels, 0.5 + 0.22 * n_layers),
-                             squeeze=False)
+    width = panels * (2.5 + 0.9 * n_heads)
+    fig, axes = plt.subplots(1, panels, figsize=(width, 1.0 + 0.22 * n_layers), squeeze=False)
     ax = axes[0, 0]
     cmap = ListedColormap([color_of(n) for n in names])
     ax.imshow(best, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest")
@@ -134,7 +130,7 @@ def head_map_figure(head_map: HeadMap, learned: str | None) -> bytes:
         fig.colorbar(im, ax=ax, fraction=0.08)
     fig.tight_layout()
     _title(fig, "Which heuristic wins on which head (whole-ranking normalized cost)", head_map.caption(),
-           width=int(45 * panels))
+           width=int(15 * width))
     return _png(fig)
 
 

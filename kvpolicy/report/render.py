@@ -14,9 +14,9 @@ from typing import Any
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.io import atomic_path
-from kvpolicy.report.aggregate import curve_groups, head_maps
-from kvpolicy.report.figures import curves_figure, figure_title, head_map_figure
-from kvpolicy.report.tables import Table, group_table, head_map_tables
+from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
+from kvpolicy.report.figures import curves_figure, head_map_figure
+from kvpolicy.report.tables import Table, group_table, head_map_tables, throughput_table
 
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
@@ -51,8 +51,8 @@ def _slug(text: str) -> str:
 def build_sections(records: list[dict[str, Any]]) -> list[Section]:
     sections = []
     for i, group in enumerate(curve_groups(records), start=1):
-        title = figure_title(group)
-        slug = f"{i:02d}-{_slug(f'{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}')}"
+        title = group.title()
+        slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
         sections.append(Section(title, group.caption(), curves_figure(group), [group_table(group)], slug))
     learned_labels = {r["scorer_label"] for r in records if r.get("scorer_kind") == "learned"}
     for j, head_map in enumerate(head_maps(records), start=len(sections) + 1):
@@ -81,14 +81,15 @@ def _setup_table(records: list[dict[str, Any]]) -> Table:
     )
 
 
-def _markdown(sections: list[Section], setup: Table, n_records: int, source: Path) -> str:
+def _markdown(sections: list[Section], setup: list[Table], n_records: int, source: Path) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [f"# kvpolicy evaluation report", "", f"{n_records} results from `{source}`, written {stamp}.", "", NOTES, ""]
+    out = ["# kvpolicy evaluation report", "", f"{n_records} results from `{source}`, written {stamp}.", "", NOTES, ""]
     for s in sections:
         out += [f"## {s.title}", "", f"*{s.caption}*", "", f"![{s.title}](figures/{s.slug}.png)", ""]
         for t in s.tables:
             out += [f"**{t.title}**", "", t.markdown(), ""]
-    out += ["## Setup", "", setup.markdown(), ""]
+    for t in setup:
+        out += [f"## {t.title[0].upper()}{t.title[1:]}", "", t.markdown(), ""]
     return "\n".join(out)
 
 
@@ -100,7 +101,7 @@ CSS = (
 )
 
 
-def _html(sections: list[Section], setup: Table, n_records: int, source: Path) -> str:
+def _html(sections: list[Section], setup: list[Table], n_records: int, source: Path) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kvpolicy evaluation report</title>",
@@ -114,7 +115,9 @@ def _html(sections: list[Section], setup: Table, n_records: int, source: Path) -
                   f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{data}'>"]
         for t in s.tables:
             parts += [f"<details><summary>{html.escape(t.title)}</summary>{t.html()}</details>"]
-    parts += ["<h2>Setup</h2>", setup.html(), "</body></html>"]
+    for t in setup:
+        parts += [f"<h2>{html.escape(t.title[0].upper() + t.title[1:])}</h2>", t.html()]
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 
@@ -125,7 +128,7 @@ def write_report(results: str | Path, out: str | Path) -> ReportPaths:
     if not records:
         raise KVPError(f"results file {results} holds no results yet; run `kvp sweep --out {results} ...` first")
     sections = build_sections(records)
-    setup = _setup_table(records)
+    setup = [_setup_table(records), throughput_table(throughput(records))]
     figures = []
     for s in sections:
         path = out / "figures" / f"{s.slug}.png"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpolicy.report.aggregate import Group, HeadMap, Panel
+from kvpolicy.report.aggregate import Group, HeadMap, Panel, Throughput
 
 
 @dataclass
@@ -84,3 +84,13 @@ def head_map_tables(head_map: HeadMap) -> list[Table]:
             [str(layer), str(head), names[idx]] + [f"{head_map.cost[s][layer, head]:.3f}" for s in scorers]
         )
     return [overall, per_head]
+
+
+def throughput_table(rows: list[Throughput]) -> Table:
+    """Samples per minute per scorer: shared prefill + that scorer's ranking, cuts and answers at all budgets."""
+    return Table(
+        title="evaluation throughput (one sample = its prefill + the scorer's ranking, cuts and answers at every budget)",
+        header=["benchmark", "context", "protocol", "scorer", "samples", "budgets", "s/sample", "samples/min"],
+        rows=[[t.family, str(t.context_tokens or "–"), t.protocol, t.scorer, str(t.samples), str(t.budgets),
+               f"{t.seconds_per_sample:.1f}", f"{t.samples_per_minute:.1f}"] for t in rows],
+    )

@@ -35,7 +35,8 @@ def gumbel_sort(scores: torch.Tensor, n_samples: int | None = None, generator: t
     s = scores.detach()
     if n_samples is not None:
         s = s.unsqueeze(-2).expand(*s.shape[:-1], n_samples, s.shape[-1])
-    u = torch.rand(s.shape, generator=generator, dtype=torch.float32, device=s.device)
+    noise_device = generator.device if generator is not None else s.device
+    u = torch.rand(s.shape, generator=generator, dtype=torch.float32, device=noise_device).to(s.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
     return argsort_desc(s.float() + gumbel)
 

@@ -1,0 +1,63 @@
+"""Scorer registry: every eviction method by name. `make_scorer("knorm")`, `make_scorer("kvp:ckpt/")`."""
+
+from __future__ import annotations
+
+from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
+from kvpolicy.compression.scorers.h2o import H2OScorer
+from kvpolicy.compression.scorers.kvpress_backed import (
+    ExpectedAttentionScorer,
+    KeyDiffScorer,
+    KnormScorer,
+    LagKVScorer,
+    RandomScorer,
+    SnapKVScorer,
+    TOVAScorer,
+)
+from kvpolicy.compression.scorers.oracle import OracleScorer
+from kvpolicy.compression.scorers.streaming_llm import StreamingLLMScorer
+from kvpolicy.errors import KVPError
+
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls
+    for cls in (
+        RandomScorer,
+        StreamingLLMScorer,
+        KnormScorer,
+        KeyDiffScorer,
+        LagKVScorer,
+        TOVAScorer,
+        SnapKVScorer,
+        H2OScorer,
+        ExpectedAttentionScorer,
+        OracleScorer,
+    )
+}
+
+LEARNED_PREFIX = "kvp:"
+
+
+def make_scorer(spec: str, **kw) -> Scorer:
+    """A scorer from its registry name (settings as keyword arguments) or `kvp:PATH` (a learned policy checkpoint).
+
+    The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError listing the known ones.
+    """
+    if spec.startswith(LEARNED_PREFIX):
+        try:
+            from kvpolicy.compression.scorers.learned import KVPScorer
+        except ModuleNotFoundError as err:
+            if err.name != "kvpolicy.compression.scorers.learned":
+                raise
+            raise KVPError("this install has no learned-policy scorer (kvpolicy.compression.scorers.learned)") from None
+        return KVPScorer(spec[len(LEARNED_PREFIX) :], **kw)
+    if spec not in SCORERS:
+        known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}PATH"])
+        raise KVPError(f"unknown scorer '{spec}'; known scorers: {known}")
+    if spec == OracleScorer.name and "utility" not in kw:
+        raise KVPError("the oracle scorer needs the true future utility: make_scorer('oracle', utility=per_layer_utility)")
+    try:
+        return SCORERS[spec](**kw)
+    except TypeError as err:
+        raise KVPError(f"bad settings for scorer '{spec}': {err}") from None
+
+
+__all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "make_scorer", *[c.__name__ for c in SCORERS.values()]]

@@ -8,7 +8,7 @@ tokens, from which they recompute just the queries they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ class LayerView:
     hidden_states: (batch, W, hidden) inputs to attention of the W most recent tokens, W >= query_window
         (all tokens of the latest forward chunk when query_window == ALL_QUERIES).
     position_embeddings: (cos, sin), each (batch, W, head_dim), RoPE for those W tokens.
+    rotary_emb: the model's rotary embedding module (for scorers that rotate queries to future positions).
     """
 
     layer_idx: int
@@ -34,6 +35,7 @@ class LayerView:
     module: Any = None
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    rotary_emb: Any = None
 
 
 ALL_QUERIES = -1  # query_window value: every query of the latest forward chunk (e.g. H2O accumulated attention)
@@ -56,4 +58,5 @@ class Scorer:
 
     def identity(self) -> dict[str, Any]:
         """What identifies this scorer's results (name + settings, checkpoint hash for learned ones)."""
-        return {"name": self.name}
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"name": self.name, **{k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))}}

@@ -1,0 +1,311 @@
+"""The compression engine: prefill → rank → evict → decode, on a physically shrinking KV cache.
+
+Every head of every layer keeps the same number of entries, so eviction is one gather along the sequence axis
+and the cache stays a plain DynamicCache that any attention kernel reads. New tokens get RoPE positions that
+continue from the number of tokens fed so far (`KVState.next_position`), while their cache_position indexes the
+shrunken cache, so transformers' causal mask lets them see every kept entry and the earlier tokens of their
+own chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from kvpolicy.compression.budget import Budget, keep_indices
+from kvpolicy.compression.prompts import split_prompt
+from kvpolicy.compression.recording import record_attention_inputs
+from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
+from kvpolicy.compression.state import KVState, cache_from_tensors
+from kvpolicy.errors import KVPError
+from kvpolicy.models import ModelHandle
+
+PROTOCOLS = ("query-aware", "question-agnostic")
+
+
+@dataclass
+class BoundedDecoding:
+    """Keep the cache within budget.tokens + every during decoding: whenever it reaches that size, re-score it
+    with `scorer` and cut it back to the budget. Only attention-free scorers can (they need nothing but the cache)."""
+
+    scorer: Scorer
+    budget: Budget
+    every: int = 16
+
+    def __post_init__(self):
+        if not self.scorer.attention_free:
+            raise KVPError(
+                f"scorer '{self.scorer.name}' needs the queries of a prefill chunk, so it cannot re-score the cache "
+                "while decoding; use an attention-free scorer (knorm, keydiff, lagkv, streaming_llm, random, kvp:...)"
+            )
+        if self.budget.tokens is None:
+            raise KVPError("bounded decoding needs an absolute token budget (Budget(tokens=...)), not a ratio")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise KVPError(f"bounded decoding re-scores every N >= 1 tokens; got every={self.every!r}")
+
+
+def check_supported(handle: ModelHandle) -> None:
+    """Refuse models whose cache is not one full-attention DynamicLayer per layer (sliding/chunked windows)."""
+    config = handle.model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if windowed or getattr(config, "use_sliding_window", False):
+        where = f"layers {windowed}" if windowed else "every layer"
+        raise KVPError(
+            f"model '{handle.info.name}' uses sliding-window attention in {where}; kvpolicy evicts only from "
+            "full-attention caches: use a model without sliding windows (e.g. smollm2-135m, qwen2.5-0.5b)"
+        )
+
+
+def _check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise KVPError("input_ids must be a non-empty (batch, tokens) integer tensor")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise KVPError(
+            "padded batches are not supported (each row would keep entries at different positions); "
+            "run one sequence at a time or batch sequences of equal length without padding"
+        )
+
+
+def _forward(handle: ModelHandle, state: KVState, input_ids: torch.Tensor, record_rows: int = 0, all_logits: bool = False) -> torch.Tensor:
+    """Feed input_ids (B, n) after the state's tokens, in place; returns logits (B, n or 1, vocab).
+
+    position_ids continue from next_position (true positions) while cache_position indexes the (possibly
+    shrunken) cache. record_rows > 0 or ALL_QUERIES records the chunk's attention inputs into state.recorded.
+    """
+    B, n = input_ids.shape
+    if state.n_layers and state.positions[0].shape[0] != B:
+        raise KVPError(f"input has batch size {B} but the cache holds {state.positions[0].shape[0]} sequences")
+    start, past = state.next_position, state.length
+    if start + n > handle.info.max_positions:
+        raise KVPError(
+            f"{start + n} tokens exceed the {handle.info.max_positions} positions of {handle.info.name}; shorten the input"
+        )
+    device = handle.model.device
+    recording = record_attention_inputs(handle.layers, record_rows) if record_rows else contextlib.nullcontext(None)
+    with torch.no_grad(), recording as recorded:
+        out = handle.model(
+            input_ids=input_ids.to(device),
+            past_key_values=state.cache,
+            position_ids=torch.arange(start, start + n, device=device).unsqueeze(0).expand(B, -1),
+            cache_position=torch.arange(past, past + n, device=device),
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+    heads = state.cache.layers[0].keys.shape[1]
+    new = torch.arange(start, start + n, device=device).view(1, 1, n).expand(B, heads, n)
+    old = state.positions or [new[..., :0]] * state.n_layers
+    state.positions = [torch.cat([p, new], dim=-1) for p in old]
+    state.next_position = start + n
+    state.recorded = recorded if record_rows else None
+    state.logits = out.logits[:, -1]
+    return out.logits
+
+
+def prefill(
+    handle: ModelHandle,
+    input_ids: torch.Tensor,
+    state: KVState | None = None,
+    record_queries: int = 0,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[KVState, torch.Tensor]:
+    """Run input_ids (B, T) through the model, appending to `state` in place when given (multi-turn), else to a
+    new state. record_queries: how many of the chunk's last tokens' attention inputs to keep for query-based
+    scorers (a scorer's `query_window`; ALL_QUERIES for all). Returns (state, next-token logits (B, vocab)).
+    attention_mask: only to detect padding, which is refused."""
+    check_supported(handle)
+    _check_input(input_ids, attention_mask)
+    state = KVState.empty() if state is None else state
+    _forward(handle, state, input_ids, record_queries)
+    return state, state.logits
+
+
+def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tensor]:
+    """Per-layer scores (B, H, T) of every cached entry, higher = keep. Rank once, then evict at any budget."""
+    if not state.n_layers:
+        raise KVPError("the cache is empty: prefill before ranking")
+    needs = scorer.query_window
+    if needs:
+        have = state.recorded[0].rows if state.recorded else 0
+        if not state.recorded or (needs != ALL_QUERIES and have < needs):
+            wanted = "ALL_QUERIES" if needs == ALL_QUERIES else str(needs)
+            raise KVPError(
+                f"scorer '{scorer.name}' needs the attention inputs of the latest chunk's last {wanted} tokens but the "
+                f"state holds {have}; prefill that chunk (at least {max(needs, 1)} tokens) with record_queries={wanted} "
+                "right before ranking (evicting or decoding drops them)"
+            )
+    rotary = handle.model.model.rotary_emb
+    scores = []
+    with torch.no_grad():
+        for idx in range(state.n_layers):
+            keys, values = state.layer(idx)
+            inputs = state.recorded[idx] if needs else None
+            view = LayerView(
+                layer_idx=idx,
+                keys=keys,
+                values=values,
+                positions=state.positions[idx],
+                module=handle.layers[idx].self_attn,
+                hidden_states=inputs.hidden_states if inputs else None,
+                position_embeddings=inputs.position_embeddings if inputs else None,
+                rotary_emb=rotary,
+            )
+            layer_scores = scorer.score(view)
+            if layer_scores.shape != keys.shape[:3]:
+                raise KVPError(
+                    f"scorer '{scorer.name}' returned scores {tuple(layer_scores.shape)} for layer {idx}, "
+                    f"expected (batch, kv_heads, T) = {tuple(keys.shape[:3])}"
+                )
+            scores.append(layer_scores)
+    return scores
+
+
+def evict(state: KVState, scores: list[torch.Tensor], budget: Budget) -> KVState:
+    """A new, physically smaller state keeping budget.kept(T) entries per head (input untouched).
+
+    Per layer and head: the sinks, the recent tokens and then the top scores, gathered in position order.
+    The result has no recorded attention inputs (they described the uncut cache)."""
+    if len(scores) != state.n_layers:
+        raise KVPError(f"got scores for {len(scores)} layers, the cache has {state.n_layers}")
+    if budget.kept(state.length) >= state.length:
+        return state.branch()
+    layers, positions = [], []
+    for idx, layer_scores in enumerate(scores):
+        keys, values = state.layer(idx)
+        keep = keep_indices(layer_scores, state.positions[idx], budget, state.next_position)
+        rows = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        layers.append((keys.gather(2, rows), values.gather(2, rows)))
+        positions.append(state.positions[idx].gather(2, keep))
+    return KVState(cache_from_tensors(layers), positions, state.next_position, None, state.logits)
+
+
+def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget) -> KVState:
+    """evict(state, rank(handle, state, scorer), budget); a budget >= the cache length skips the ranking."""
+    if budget.kept(state.length) >= state.length:
+        return state.branch()
+    return evict(state, rank(handle, state, scorer), budget)
+
+
+def greedy_decode(
+    handle: ModelHandle,
+    state: KVState,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Iterable[int] | None = None,
+    bounded: BoundedDecoding | None = None,
+) -> list[int]:
+    """Greedy tokens from next-token logits (1, vocab), advancing `state` in place.
+
+    Stops after a stop token (default: the model's end-of-turn ids) or max_new_tokens. Every generated token
+    except a final stop token is fed, so afterwards the state holds prompt + answer and its logits.
+    With `bounded`, the cache is cut back to the budget whenever it reaches budget + every entries.
+    """
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise KVPError("greedy_decode decodes one sequence: logits must be (1, vocab)")
+    stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        if token in stop:
+            break
+        if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
+            state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
+        logits = _forward(handle, state, torch.tensor([[token]]))[:, -1]
+    return tokens
+
+
+def continuation_nll(handle: ModelHandle, state: KVState, continuation_ids: torch.Tensor, append: bool = False) -> torch.Tensor:
+    """Teacher-forced negative log-likelihood (F,) of each continuation token (1, F) given the state.
+
+    The first token is scored with the state's stored logits; the state is left as it was unless append=True,
+    in which case it is advanced past the continuation (e.g. a reference answer in a dialogue)."""
+    _check_input(continuation_ids, None)
+    if state.logits is None or continuation_ids.shape[0] != 1:
+        raise KVPError("continuation_nll needs a prefilled single-sequence state and continuation_ids of shape (1, F)")
+    work = state if append else state.branch()
+    first = state.logits.unsqueeze(1)
+    rest = _forward(handle, work, continuation_ids, all_logits=True)[:, :-1]
+    logits = torch.cat([first, rest], dim=1)[0].float()
+    return F.cross_entropy(logits, continuation_ids[0].to(logits.device), reduction="none")
+
+
+@dataclass
+class GenerationResult:
+    """One answer, with the protocol and how big the cache was before and after compression.
+
+    cache_tokens_*: entries per KV head; cache_bytes_*: bytes of all cached keys and values."""
+
+    text: str
+    token_ids: list[int]
+    protocol: str
+    scorer: dict[str, Any] | None
+    budget: str | None
+    context_tokens: int
+    question_tokens: int
+    cache_tokens_full: int
+    cache_tokens_compressed: int
+    cache_bytes_full: int
+    cache_bytes_compressed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generate(
+    handle: ModelHandle,
+    context: str,
+    question: str,
+    scorer: Scorer | None,
+    budget: Budget | None,
+    protocol: str = "query-aware",
+    max_new_tokens: int = 64,
+    answer_prefix: str = "",
+    bounded: BoundedDecoding | None = None,
+) -> GenerationResult:
+    """Answer `question` about `context` with a compressed cache (scorer/budget None: the full cache).
+
+    query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
+    question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
+    """
+    if protocol not in PROTOCOLS:
+        raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+    if (scorer is None) != (budget is None):
+        raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
+    context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
+    first = torch.cat([context_ids, question_ids], dim=1) if protocol == "query-aware" else context_ids
+    timings = {}
+    clock = time.perf_counter()
+    state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
+    timings["prefill_s"] = time.perf_counter() - clock
+    full_tokens, full_bytes = state.length, state.nbytes()
+    clock = time.perf_counter()
+    if scorer is not None:
+        state = compress(handle, state, scorer, budget)
+    timings["compress_s"] = time.perf_counter() - clock
+    compressed_tokens, compressed_bytes = state.length, state.nbytes()
+    clock = time.perf_counter()
+    if protocol == "question-agnostic":
+        prefill(handle, question_ids, state)
+    tokens = greedy_decode(handle, state, state.logits, max_new_tokens, bounded=bounded)
+    timings["decode_s"] = time.perf_counter() - clock
+    return GenerationResult(
+        text=handle.decode(tokens),
+        token_ids=tokens,
+        protocol=protocol,
+        scorer=scorer.identity() if scorer else None,
+        budget=budget.label if budget else None,
+        context_tokens=context_ids.shape[1],
+        question_tokens=question_ids.shape[1],
+        cache_tokens_full=full_tokens,
+        cache_tokens_compressed=compressed_tokens,
+        cache_bytes_full=full_bytes,
+        cache_bytes_compressed=compressed_bytes,
+        timings=timings,
+    )

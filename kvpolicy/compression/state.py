@@ -1,0 +1,114 @@
+"""`KVState`: a model's KV cache plus the true position of every cached entry.
+
+After eviction, heads keep different tokens, so positions are tracked per (batch, head, entry). New tokens get
+RoPE positions that continue from `next_position` (the number of tokens ever fed), never from the shrunken
+cache length. Every layer holds the same number of entries per head, so the cache stays a plain
+transformers `DynamicCache` of dense (B, H, T, d) tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class AttentionInputs:
+    """Inputs to one layer's attention for the last W tokens of the latest forward chunk (for query-based scorers).
+
+    hidden_states: (B, W, hidden); position_embeddings: RoPE (cos, sin), each (B, W, head_dim).
+    """
+
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return self.hidden_states.shape[1]
+
+    def clone(self) -> AttentionInputs:
+        cos, sin = self.position_embeddings
+        return AttentionInputs(self.hidden_states.clone(), (cos.clone(), sin.clone()))
+
+
+def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding exactly these per-layer (keys, values), each (B, H, T, d), without copying them."""
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+@dataclass
+class KVState:
+    """A KV cache with true positions.
+
+    cache: DynamicCache, layer l holds keys/values (B, H, T, d), keys after RoPE.
+    positions: per layer (B, H, T) int64, ascending along T, the true position of each entry.
+    next_position: RoPE position of the next token = number of tokens ever fed (not the cache length).
+    recorded: per layer `AttentionInputs` of the latest chunk (only when a prefill recorded them), or None.
+    logits: (B, vocab) next-token logits after the last fed token, or None before any token.
+    The engine never writes into cache tensors in place (appending makes new tensors), so states that share
+    tensors cannot disturb each other.
+    """
+
+    cache: DynamicCache
+    positions: list[torch.Tensor]
+    next_position: int = 0
+    recorded: list[AttentionInputs] | None = None
+    logits: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls) -> KVState:
+        return cls(cache=DynamicCache(), positions=[])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.cache.layers)
+
+    @property
+    def length(self) -> int:
+        """Cached entries per head (the same for every head and layer)."""
+        return self.cache.get_seq_length() if self.n_layers else 0
+
+    def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of layer `idx`, each (B, H, T, d)."""
+        return self.cache.layers[idx].keys, self.cache.layers[idx].values
+
+    def nbytes(self) -> int:
+        """Bytes of the cached keys and values over all layers (positions are bookkeeping, not counted)."""
+        return sum(k.nbytes + v.nbytes for k, v in map(self.layer, range(self.n_layers)))
+
+    def entries(self) -> int:
+        """Cached (token, head) entries over all layers and batch rows."""
+        return sum(k.shape[0] * k.shape[1] * k.shape[2] for k, _ in map(self.layer, range(self.n_layers)))
+
+    def update_from(self, other: KVState) -> None:
+        """Become `other` (for functions that advance a caller's state in place)."""
+        self.__dict__.update(other.__dict__)
+
+    def branch(self) -> KVState:
+        """A new state sharing this one's tensors: appending to either leaves the other as it was."""
+        return KVState(
+            cache=cache_from_tensors([self.layer(i) for i in range(self.n_layers)]),
+            positions=list(self.positions),
+            next_position=self.next_position,
+            recorded=list(self.recorded) if self.recorded is not None else None,
+            logits=self.logits,
+        )
+
+    def clone(self) -> KVState:
+        """A deep copy: no tensor is shared with this state."""
+        return KVState(
+            cache=cache_from_tensors([(k.clone(), v.clone()) for k, v in map(self.layer, range(self.n_layers))]),
+            positions=[p.clone() for p in self.positions],
+            next_position=self.next_position,
+            recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
+            logits=self.logits.clone() if self.logits is not None else None,
+        )

@@ -1,0 +1,119 @@
+"""Multi-turn dialogue prompts from ShareGPT (our offline stand-in for OASST2), cut at a turn boundary.
+
+A dialogue sample is a conversation prefix that ends with a user turn, as long as fits in `context_tokens` chat-
+rendered tokens; the reference future is the assistant turn that follows, rendered as the chat template would
+(end-of-turn token included). Conversations go to a split by a hash of their id (80% train, 5% val, 5% test, 10%
+eval), so splits never overlap and the assignment does not depend on how many samples are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from kvpolicy.data.records import Conversation
+from kvpolicy.data.sharegpt import SOURCE, iter_conversations
+from kvpolicy.errors import KVPError
+
+SPLIT_BUCKETS = (("train", 80), ("val", 85), ("test", 90), ("eval", 100))  # cumulative percent of conversations
+SPLITS = tuple(name for name, _ in SPLIT_BUCKETS)
+MIN_FRACTION = 0.5  # a prompt takes at least this fraction of the target length
+MIN_USER_TURNS = 2  # multi-turn dialogues only
+
+
+@dataclass(frozen=True)
+class DialogueSample:
+    """messages: the prompt turns (last one a user turn); prompt: chat-rendered with the assistant header;
+    reference: the next assistant turn as the template renders it, up to and including its end-of-turn token."""
+
+    id: str
+    split: str
+    messages: tuple[dict, ...]
+    prompt: str
+    reference: str
+    length: int
+    n_user_turns: int
+    source: str = SOURCE
+
+
+def split_of(conversation_id: str) -> str:
+    """The split a conversation belongs to, fixed by a hash of its id (ShareGPT cuts long conversations into
+    parts "ID_0", "ID_1", ...: all parts share the split of ID)."""
+    base = re.sub(r"_\d+$", "", conversation_id)
+    bucket = int.from_bytes(hashlib.sha256(f"dialogue|{base}".encode()).digest()[:8], "big") % 100
+    return next(name for name, upper in SPLIT_BUCKETS if bucket < upper)
+
+
+def render_continuation(handle, messages: list[dict], prompt: str, assistant_text: str) -> str:
+    """The text the chat template adds after `prompt` (messages rendered with the assistant header, maybe followed
+    by an answer prefix) when the assistant turn is `assistant_text`: the continuation up to and including the
+    end-of-turn marker."""
+    full = handle.chat(list(messages) + [{"role": "assistant", "content": assistant_text}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise KVPError("the chat template renders an assistant turn differently from its generation prompt; "
+                       "reference continuations need a template where the prompt is a prefix of the full dialogue")
+    continuation = full[len(prompt):]
+    markers = [handle.tokenizer.convert_ids_to_tokens(i) for i in sorted(handle.eos_token_ids)]
+    ends = [continuation.find(m) + len(m) for m in markers if m in continuation]
+    return continuation[: min(ends)] if ends else continuation
+
+
+def cut_dialogue(handle, conversation: Conversation, context_tokens: int, min_tokens: int,
+                 min_user_turns: int) -> DialogueSample | None:
+    """The longest prefix ending with a user turn (and followed by an assistant turn) that fits in
+    `context_tokens`; None when that prefix is shorter than `min_tokens` or has too few user turns."""
+    turns = conversation.turns
+    first = next((t.role for t in turns if t.role != "system"), None)
+    if first != "user":
+        return None
+    best = None
+    for end in range(len(turns) - 1):
+        if turns[end].role != "user" or turns[end + 1].role != "assistant":
+            continue
+        messages = [{"role": t.role, "content": t.text} for t in turns[: end + 1]]
+        prompt = handle.chat(messages)
+        length = handle.encode(prompt).shape[1]
+        if length > context_tokens:
+            break
+        best = (end, messages, prompt, length)
+    if best is None:
+        return None
+    end, messages, prompt, length = best
+    n_user = sum(m["role"] == "user" for m in messages)
+    if length < min_tokens or n_user < min_user_turns:
+        return None
+    return DialogueSample(
+        id=f"sharegpt/{conversation.id}/{end + 1}", split=split_of(conversation.id), messages=tuple(messages),
+        prompt=prompt, reference=render_continuation(handle, messages, prompt, turns[end + 1].text), length=length,
+        n_user_turns=n_user,
+    )
+
+
+def iter_dialogues(handle, split: str, context_tokens: int, min_fraction: float = MIN_FRACTION,
+                   min_user_turns: int = MIN_USER_TURNS, scan_limit: int | None = None) -> Iterator[DialogueSample]:
+    """Dialogue samples of a split in file order: prompts of min_fraction·context_tokens to context_tokens tokens
+    with at least `min_user_turns` user turns (multi-turn by default)."""
+    if split not in SPLITS:
+        raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
+    if not 0 <= min_fraction <= 1:
+        raise KVPError(f"min_fraction must be in [0, 1], got {min_fraction}")
+    min_tokens = int(min_fraction * context_tokens)
+    for conversation in iter_conversations(limit=scan_limit):
+        if split_of(conversation.id) != split or conversation.n_user_turns < min_user_turns:
+            continue
+        sample = cut_dialogue(handle, conversation, context_tokens, min_tokens, min_user_turns)
+        if sample is not None:
+            yield sample
+
+
+def make_dialogues(handle, split: str, n: int, context_tokens: int, **kwargs) -> list[DialogueSample]:
+    """The first n dialogue samples of a split; KVPError when the corpus holds fewer."""
+    samples = []
+    for sample in iter_dialogues(handle, split, context_tokens, **kwargs):
+        samples.append(sample)
+        if len(samples) == n:
+            return samples
+    raise KVPError(f"ShareGPT holds only {len(samples)} {split} dialogues of {context_tokens} tokens or less that "
+                   f"meet the length and turn limits, {n} were asked for; ask for fewer or change --context")

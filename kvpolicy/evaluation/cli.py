@@ -1,0 +1,74 @@
+"""`kvp sweep`: evaluate models × scorers × budgets × tasks × protocols into a resumable JSONL results file."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvpolicy.errors import KVPError
+
+
+def _split(values: list[str]) -> list[str]:
+    """Accept both `--budget 128 256` and `--budget 128,256`."""
+    return [v for value in values for v in value.split(",") if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpolicy.evaluation.sweep import DEFAULT_SCORERS
+
+    parser.add_argument("--out", required=True, help="JSONL results file (created, or resumed when it exists)")
+    parser.add_argument("--model", nargs="+", default=["smollm2-135m"], help="model names (kvp models)")
+    parser.add_argument("--scorer", nargs="+", default=list(DEFAULT_SCORERS),
+                        help="scorers: random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention "
+                             "oracle (traces only) kvp:CHECKPOINT")
+    parser.add_argument("--budget", nargs="+", default=["128", "256", "512"],
+                        help="tokens kept per KV head (256) or compression ratios (0.5 or r0.5)")
+    parser.add_argument("--task", nargs="+", default=["ruler"],
+                        help="ruler, ruler:TASK, ruler-hub[:TASK], dialogue, oasst2, boolq, arc_challenge, "
+                             "gov_report, passage_retrieval_en, traces:DIR")
+    parser.add_argument("--protocol", nargs="+", default=[],
+                        help="query-aware, question-agnostic, multi-turn, prompt-once (default: each task's own)")
+    parser.add_argument("--context", nargs="+", default=["2048"], help="context lengths in tokens (sized tasks)")
+    parser.add_argument("--n", type=int, default=5, help="samples per task (and context length)")
+    parser.add_argument("--seed", type=int, default=0, help="sample seed")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (0: the task's own)")
+    parser.add_argument("--no-full-cache", action="store_true", help="skip the uncompressed reference")
+    parser.add_argument("--hub-local", nargs="*", default=[], metavar="NAME=FILE",
+                        help="read a hub dataset from a local file in its schema (e.g. boolq=boolq.jsonl)")
+    parser.add_argument("--report", metavar="DIR", help="also write the report into DIR when the sweep is done")
+
+
+def _hub_local(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise KVPError(f"--hub-local takes NAME=FILE pairs, got '{pair}'")
+        out[name] = path
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.report.summary import print_summary
+    from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
+
+    try:
+        contexts = [int(c) for c in _split(args.context)]
+    except ValueError:
+        raise KVPError(f"--context takes whole numbers of tokens, got {args.context}") from None
+    config = SweepConfig(
+        out=args.out, models=_split(args.model), scorers=_split(args.scorer), budgets=_split(args.budget),
+        tasks=_split(args.task), protocols=_split(args.protocol), context_tokens=contexts, n_samples=args.n,
+        seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
+        hub_local=_hub_local(args.hub_local),
+    )
+    result = run_sweep(config)
+    print(f"sweep: {result.written} new results, {result.skipped} already done, {result.seconds:.0f}s -> {result.path}")
+    print_summary(result.path)
+    if args.report:
+        from kvpolicy.report.render import write_report
+
+        paths = write_report(result.path, args.report)
+        print(f"report: {paths.html}")
+    else:
+        print(f"next: kvp report {result.path} --out REPORT_DIR")
+    return 0

@@ -1,0 +1,107 @@
+"""Dialogue perplexity under compression: the teacher-forced NLL of a conversation's final assistant turn.
+
+Two protocols. prompt-once (the KVP paper): prefill the whole dialogue before the final answer, rank once per
+scorer, cut to every budget, score the answer. multi-turn: the dialogue is fed one round (user + assistant turn)
+at a time and the cache is compressed back to the budget after every round, so later turns run on what earlier
+compressions kept; the first round's prefill and ranking are shared by every budget.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import compress, continuation_nll, evict, prefill, rank
+from kvpolicy.compression.state import KVState
+from kvpolicy.data.records import Conversation
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, recording_window
+from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
+from kvpolicy.models import ModelHandle
+
+
+def dialogue_chunks(handle: ModelHandle, conversation: Conversation, min_chunk: int = 1,
+                    max_answer_tokens: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(rounds, answer): the chat-rendered prompt split after every assistant turn, each round (1, n) with n >=
+    min_chunk (short rounds merge into the next, so query-based scorers always have their window), and the final
+    assistant turn's tokens (1, F), end-of-turn token included, cut to max_answer_tokens."""
+    messages = conversation.messages()
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise KVPError(f"conversation {conversation.id} must end with an assistant turn to score")
+    prompt_messages = messages[:-1]
+    ends = [i + 1 for i, m in enumerate(prompt_messages) if m["role"] == "assistant"]
+    texts = [handle.chat(prompt_messages[:end], add_generation_prompt=False) for end in ends]
+    texts.append(handle.chat(prompt_messages))
+    full = handle.chat(messages, add_generation_prompt=False)
+    pieces, previous = [], ""
+    for text in [*texts, full]:
+        if not text.startswith(previous):
+            raise KVPError(f"{handle.info.name}'s chat template renders a dialogue differently turn by turn; "
+                           "multi-turn evaluation needs it to extend the earlier text")
+        pieces.append(text[len(previous):])
+        previous = text
+    rounds: list[torch.Tensor] = []
+    for piece in pieces[:-1]:
+        ids = handle.encode(piece)
+        if rounds and rounds[-1].shape[1] < min_chunk:
+            rounds[-1] = torch.cat([rounds[-1], ids], dim=1)
+        else:
+            rounds.append(ids)
+    if len(rounds) > 1 and rounds[-1].shape[1] < min_chunk:
+        rounds[-2:] = [torch.cat(rounds[-2:], dim=1)]
+    answer = handle.encode(pieces[-1].rstrip())[:, :max_answer_tokens]
+    return rounds, answer
+
+
+def _nll_fields(handle: ModelHandle, state: KVState, answer: torch.Tensor) -> dict:
+    nll = continuation_nll(handle, state, answer)
+    total = float(nll.sum())
+    return {"nll_sum": total, "n_tokens": int(nll.numel()), "value": float(torch.exp(nll.mean()))}
+
+
+def run_dialogue(
+    handle: ModelHandle,
+    conversation: Conversation,
+    protocol: str,
+    entries: list[ScorerEntry],
+    budgets: list[Budget],
+    wanted: Wanted,
+    max_answer_tokens: int,
+) -> Iterator[Outcome]:
+    """Outcomes of the wanted (scorer, budget) pairs and the full-cache reference for one conversation."""
+    if protocol not in (MULTI_TURN, PROMPT_ONCE):
+        raise KVPError(f"dialogue perplexity runs under {MULTI_TURN} or {PROMPT_ONCE}, not '{protocol}'")
+    todo = {e.id: [b for b in ([Budget(tokens=1 << 30)] if e is FULL_ENTRY else budgets)
+                   if wanted(e.id, FULL if e is FULL_ENTRY else b.label)] for e in [FULL_ENTRY, *entries]}
+    active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
+    if not active:
+        return
+    window = recording_window(active)
+    rounds, answer = dialogue_chunks(handle, conversation, max(1, window), max_answer_tokens)
+    if protocol == PROMPT_ONCE:
+        rounds = [torch.cat(rounds, dim=1)]
+    clock = Clock()
+    state, _ = prefill(handle, rounds[0], record_queries=window)
+    prefill_s = clock.lap()
+    total_length = sum(r.shape[1] for r in rounds)
+    full_bytes = state.nbytes() // state.length * total_length  # bytes grow in proportion to cached entries
+    for entry in active:
+        cuts = todo[entry.id]
+        first_length = state.length
+        needs_rank = entry is not FULL_ENTRY and any(b.kept(first_length) < first_length for b in cuts)
+        scores = rank(handle, state, entry.scorer) if needs_rank else None
+        rank_s = clock.lap() / len(cuts)
+        for budget in cuts:
+            cut = evict(state, scores, budget) if scores is not None and budget.kept(first_length) < first_length \
+                else state.branch()
+            for chunk in rounds[1:]:  # multi-turn: the next round on the compressed cache, then compress again
+                prefill(handle, chunk, cut, record_queries=entry.query_window)
+                if entry is not FULL_ENTRY:
+                    cut = compress(handle, cut, entry.scorer, budget)
+            fields = _nll_fields(handle, cut, answer)
+            yield Outcome(conversation.id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
+                          cut.length, full_bytes, cut.nbytes(), rank_s + clock.lap(), prefill_s, fields)
+            clock.lap()

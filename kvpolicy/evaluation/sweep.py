@@ -1,0 +1,237 @@
+"""The sweep: models × scorers × budgets × tasks × protocols (× context lengths) into a resumable results store.
+
+Every result is one JSONL record keyed by its full configuration; a key already in the store is never
+recomputed, so a killed sweep resumes where it stopped. Work is organised so that nothing is computed twice: one
+prefill per sample (or per shared context) and protocol, one ranking per scorer, one cut per budget.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import kvpolicy
+from kvpolicy.compression.budget import Budget
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.costs import run_traces
+from kvpolicy.evaluation.outcome import Outcome
+from kvpolicy.evaluation.perplexity import run_dialogue
+from kvpolicy.evaluation.qa import run_qa
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, make_entries, parse_budget
+from kvpolicy.evaluation.store import ResultStore, record_key
+from kvpolicy.evaluation.tasks import PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, Task, TraceTask, resolve_tasks
+from kvpolicy.models import ModelHandle, load_model, resolve_model
+from kvpolicy.progress import bar
+
+DEFAULT_SCORERS = ["random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv"]
+
+
+@dataclass
+class SweepConfig:
+    """out: the JSONL results file. budgets: tokens per head ('256') or compression ratios ('0.5' / 'r0.5').
+    protocols: empty = each task's default. context_tokens: lengths for tasks sized in tokens (RULER-style,
+    dialogue); others use their data's own lengths. max_new_tokens: 0 = each task's own limit, else a cap.
+    full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub dataset -> local file."""
+
+    out: str
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    scorers: list[str] = field(default_factory=lambda: list(DEFAULT_SCORERS))
+    budgets: list[str] = field(default_factory=lambda: ["128", "256", "512"])
+    tasks: list[str] = field(default_factory=lambda: ["ruler"])
+    protocols: list[str] = field(default_factory=list)
+    context_tokens: list[int] = field(default_factory=lambda: [2048])
+    n_samples: int = 5
+    seed: int = 0
+    max_new_tokens: int = 0
+    full_cache: bool = True
+    hub_local: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("models", "scorers", "budgets", "tasks", "context_tokens"):
+            if not getattr(self, name):
+                raise KVPError(f"a sweep needs at least one entry in {name}")
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise KVPError(f"unknown protocol(s) {', '.join(unknown)}; known protocols: {', '.join(PROTOCOLS)}")
+        if self.n_samples < 1:
+            raise KVPError(f"need at least 1 sample per task, got {self.n_samples}")
+        if any(c < 64 for c in self.context_tokens):
+            raise KVPError(f"context lengths must be at least 64 tokens, got {self.context_tokens}")
+        if self.max_new_tokens < 0:
+            raise KVPError("max_new_tokens must be >= 0 (0: each task's own limit)")
+
+
+@dataclass
+class Unit:
+    """One prefill's worth of work: samples sharing a context under one (task, protocol, context length)."""
+
+    task: Task
+    protocol: str
+    context_tokens: int | None
+    samples: list[Any]  # QASample | Conversation | trace index
+    entries: list[ScorerEntry]
+    pending: int  # results still missing
+
+
+@dataclass
+class SweepResult:
+    path: str
+    written: int
+    skipped: int
+    seconds: float
+    notes: list[str]
+
+
+def _protocols(task: Task, wanted: list[str]) -> list[str]:
+    if not wanted:
+        return [task.protocols[0]]
+    return [p for p in wanted if p in task.protocols]
+
+
+def _sample_id(task: Task, sample: Any) -> str:
+    if isinstance(task, TraceTask):
+        return task.reader.manifest["samples"][sample].get("id", str(sample))
+    return sample.id
+
+
+class Sweep:
+    """Plans and runs a SweepConfig against its store."""
+
+    def __init__(self, config: SweepConfig):
+        self.config = config
+        self.store = ResultStore(config.out)
+        self.budgets: list[Budget] = [parse_budget(b) for b in config.budgets]
+        self.tasks = resolve_tasks(config.tasks, config.hub_local)
+        for name in config.models:
+            resolve_model(name)  # unknown names fail now, listing the known models
+        self.entries = make_entries(config.scorers)
+        self.notes: list[str] = []
+
+    def key_fields(self, handle: ModelHandle, entry: ScorerEntry, budget: str, unit: Unit, sample: str) -> dict:
+        return {"model_fingerprint": handle.info.fingerprint, "scorer_id": entry.id, "budget": budget,
+                "task": unit.task.name, "context_tokens": unit.context_tokens, "protocol": unit.protocol,
+                "seed": self.config.seed, "sample": sample}
+
+    def _labels(self, entry: ScorerEntry, task: Task) -> list[str]:
+        if entry is FULL_ENTRY:
+            return [FULL]
+        labels = [b.label for b in self.budgets]
+        return labels + ["all"] if isinstance(task, TraceTask) else labels
+
+    def plan(self, handle: ModelHandle) -> list[Unit]:
+        """The units of work for one model, with how many results each still lacks."""
+        units = []
+        for task in self.tasks:
+            entries = [e for e in self.entries if task.supports(e)]
+            skipped = [e.label for e in self.entries if e not in entries]
+            if skipped:
+                self.notes.append(f"{task.name}: skipped {', '.join(skipped)} (cannot run on this task)")
+            if self.config.full_cache and not isinstance(task, TraceTask):
+                entries = [FULL_ENTRY, *entries]
+            protocols = _protocols(task, self.config.protocols)
+            if not protocols:
+                self.notes.append(f"{task.name}: none of the protocols {self.config.protocols} applies "
+                                  f"(it supports {', '.join(task.protocols)})")
+            contexts = self.config.context_tokens if task.sized else [None]
+            for context_tokens in contexts:
+                samples = self._load(task, handle, context_tokens)
+                for protocol in protocols:
+                    for group in self._groups(task, protocol, samples):
+                        unit = Unit(task, protocol, context_tokens, group, entries, 0)
+                        unit.pending = sum(self._missing(handle, unit, e, label)
+                                           for e in entries for label in self._labels(e, task))
+                        units.append(unit)
+        return units
+
+    def _missing(self, handle: ModelHandle, unit: Unit, entry: ScorerEntry, label: str) -> int:
+        return sum(record_key(self.key_fields(handle, entry, label, unit, _sample_id(unit.task, s))) not in self.store
+                   for s in unit.samples)
+
+    def _load(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
+        if isinstance(task, TraceTask):
+            task.reader.check_model(handle.info)
+            return list(range(min(self.config.n_samples, len(task.reader))))
+        samples = task.load(handle, self.config.n_samples, context_tokens, self.config.seed)
+        if not samples:
+            raise KVPError(f"task {task.name} produced no samples; check its data source")
+        return samples
+
+    @staticmethod
+    def _groups(task: Task, protocol: str, samples: list[Any]) -> list[list[Any]]:
+        """Samples that share one prefill: question-agnostic QA samples with the same context; else one each."""
+        if not isinstance(task, QATask) or protocol == QUERY_AWARE:
+            return [[s] for s in samples]
+        groups: dict[str, list[Any]] = {}
+        for s in samples:
+            groups.setdefault(task.prompt(s).context, []).append(s)
+        return list(groups.values())
+
+    def _outcomes(self, handle: ModelHandle, unit: Unit, wanted) -> Iterator[Outcome]:
+        task, entries = unit.task, [e for e in unit.entries if e is not FULL_ENTRY]
+        if isinstance(task, QATask):
+            cap = self.config.max_new_tokens
+            max_new = min(task.max_new_tokens, cap) if cap else task.max_new_tokens
+            yield from run_qa(handle, task, unit.samples, unit.protocol, entries, self.budgets, wanted, max_new)
+        elif isinstance(task, DialogueTask):
+            yield from run_dialogue(handle, unit.samples[0], unit.protocol, entries, self.budgets, wanted,
+                                    task.max_answer_tokens)
+        else:
+            yield from run_traces(handle, task.reader, unit.samples[0], entries, self.budgets, wanted)
+
+    def record(self, handle: ModelHandle, unit: Unit, outcome: Outcome) -> dict[str, Any]:
+        entry, task = outcome.entry, unit.task
+        budget = next((b for b in self.budgets if b.label == outcome.budget), None)
+        return {
+            **self.key_fields(handle, entry, outcome.budget, unit, outcome.sample),
+            "model": handle.info.name, "scorer": entry.spec, "scorer_label": entry.label, "scorer_kind": entry.kind,
+            "scorer_identity": entry.identity, "budget_tokens": budget.tokens if budget else None,
+            "budget_ratio": budget.ratio if budget else None, "family": task.family, "data": task.data,
+            "metric": task.metric, "length": outcome.length, "kept": outcome.kept,
+            "cache_bytes_full": outcome.cache_bytes_full, "cache_bytes": outcome.cache_bytes,
+            "seconds": round(outcome.seconds, 4), "prefill_seconds": round(outcome.prefill_seconds, 4),
+            **outcome.fields,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": kvpolicy.__version__,
+        }
+
+    def run(self) -> SweepResult:
+        start = time.perf_counter()
+        written = skipped = 0
+        for name in self.config.models:
+            try:
+                handle = load_model(name)
+            except OSError as err:
+                raise KVPError(f"cannot load model '{name}': {err}") from None
+            units = self.plan(handle)
+            total = sum(u.pending for u in units)
+            skipped += sum(len(u.samples) * sum(len(self._labels(e, u.task)) for e in u.entries) for u in units) - total
+            with bar(desc=f"sweep {handle.info.name}", total=total, unit="result") as progress:
+                for unit in units:
+                    if not unit.pending:
+                        continue
+                    ids = [_sample_id(unit.task, s) for s in unit.samples]
+                    by_id = {e.id: e for e in unit.entries}
+
+                    def wanted(scorer_id: str, label: str, unit=unit, ids=ids, by_id=by_id) -> bool:
+                        entry = by_id.get(scorer_id)
+                        return entry is not None and any(
+                            record_key(self.key_fields(handle, entry, label, unit, sid)) not in self.store for sid in ids)
+
+                    for outcome in self._outcomes(handle, unit, wanted):
+                        record = self.record(handle, unit, outcome)
+                        if record_key(record) in self.store:
+                            continue
+                        self.store.append(record)
+                        written += 1
+                        progress.update(1)
+        return SweepResult(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run (or resume) a sweep; returns what was written and what was already there."""
+    result = Sweep(config).run()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return result

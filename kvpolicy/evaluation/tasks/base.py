@@ -1,0 +1,95 @@
+"""What a benchmark is to the sweep: a loader, a prompt builder and a metric, plus the facts a figure states.
+
+Three kinds, each run by its own runner: `QATask` (a question over a context: generate and score the answer, or
+pick the likeliest of fixed choices), `DialogueTask` (perplexity of the final assistant turn) and `TraceTask`
+(reward-level ranking cost on held-out traces).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvpolicy.data.records import Conversation, QASample
+from kvpolicy.evaluation.scorers import ScorerEntry
+from kvpolicy.traces.store import TraceReader
+
+QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
+MULTI_TURN, PROMPT_ONCE = "multi-turn", "prompt-once"
+TRACES = "traces"
+
+PROTOCOLS = {
+    QUERY_AWARE: "compress after context and question (the KVP paper)",
+    QUESTION_AGNOSTIC: "compress the context, then read the question (kvpress)",
+    MULTI_TURN: "compress after every turn; the dialogue continues on the compressed cache",
+    PROMPT_ONCE: "compress once after the whole dialogue prompt (the KVP paper)",
+    TRACES: "rank the prompt tokens of held-out traces; cost of the evicted future attention",
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The text a QA task feeds: `context` (compressed in both protocols), then `question` and `answer_prefix`."""
+
+    context: str
+    question: str
+    answer_prefix: str = ""
+
+
+def plain_prompt(sample: QASample) -> Prompt:
+    return Prompt(sample.context, sample.question, sample.answer_prefix)
+
+
+@dataclass(frozen=True)
+class Task:
+    """name: unique id in results ("ruler:vt"); family: the figure it is drawn in; data: where the samples come
+    from (substitutes named as such); metric: accuracy | perplexity | cost; protocols: allowed, default first;
+    sized: whether `context_tokens` sets the sample length (False: the data's own lengths)."""
+
+    name: str
+    family: str
+    data: str
+    metric: str
+    protocols: tuple[str, ...]
+    sized: bool
+
+    def supports(self, entry: ScorerEntry) -> bool:
+        """Whether a scorer can run on this task (the oracle needs a trace's true future)."""
+        return entry.kind != "oracle"
+
+
+@dataclass(frozen=True)
+class QATask(Task):
+    """load(handle, n, context_tokens, seed) -> samples; prompt(sample) -> Prompt; score(prediction, sample) ->
+    float in [0, 1]. With `choices`, the answer is the choice of lowest negative log-likelihood (no decoding)."""
+
+    load: Callable[..., list[QASample]] = field(default=None, repr=False)
+    prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
+    score: Callable[[str, QASample], float] = field(default=None, repr=False)
+    max_new_tokens: int = 64
+    choices: bool = False
+
+
+@dataclass(frozen=True)
+class DialogueTask(Task):
+    """load(handle, n, context_tokens, seed) -> conversations ending with the assistant turn to score."""
+
+    load: Callable[..., list[Conversation]] = field(default=None, repr=False)
+    max_answer_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class TraceTask(Task):
+    """Held-out traces in `directory` (kvp traces); every trace is a sample."""
+
+    directory: str = ""
+
+    @functools.cached_property
+    def reader(self) -> TraceReader:
+        return TraceReader(self.directory)
+
+    def supports(self, entry: ScorerEntry) -> bool:
+        from kvpolicy.evaluation.costs import trace_scorable
+
+        return trace_scorable(entry, self.reader)

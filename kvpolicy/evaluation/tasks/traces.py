@@ -1,0 +1,25 @@
+"""Reward-level benchmark: held-out traces (a `kvp traces` directory, e.g. its test split), every trace a sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvpolicy.evaluation.tasks.base import TRACES, TraceTask
+from kvpolicy.traces.store import TraceReader
+
+
+def describe(reader: TraceReader) -> str:
+    """'held-out <source> traces (<split> split, n at ~T tokens)' from the manifest, substitutes named."""
+    m = reader.manifest
+    source = str(m.get("source", "?"))
+    named = {"ruler": "RULER-style tasks over Paul Graham essays", "dialogue": "ShareGPT dialogues (stand-in for OASST2)"}
+    ctx = m.get("context_tokens")
+    size = f", ~{ctx} tokens" if ctx else ""
+    return f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size})"
+
+
+def trace_task(directory: str) -> TraceTask:
+    reader = TraceReader(directory)
+    return TraceTask(name=f"traces:{Path(directory).name}", family="ranking cost on held-out traces",
+                     data=describe(reader), metric="cost", protocols=(TRACES,), sized=False,
+                     directory=str(directory))

@@ -1,0 +1,29 @@
+"""The results as plain-text tables for the terminal (what `kvp sweep` and `kvp demo` print)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.evaluation.store import read_results
+from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
+from kvpolicy.report.tables import group_table, head_map_tables, throughput_table
+
+
+def summary_text(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no results yet"
+    blocks = []
+    for group in curve_groups(records):
+        table = group_table(group)
+        blocks.append(f"{group.title()}\n{group.caption()}\n\n{table.text()}")
+    for head_map in head_maps(records):
+        overall = head_map_tables(head_map)[0]
+        blocks.append(f"{overall.title}\n\n{overall.text()}")
+    speed = throughput_table(throughput(records))
+    blocks.append(f"{speed.title}\n\n{speed.text()}")
+    return "\n\n".join(blocks)
+
+
+def print_summary(results: str | Path) -> None:
+    print(summary_text(read_results(results)))

@@ -1,0 +1,145 @@
+"""Record a set of traces into a directory: prompts → model runs → shards → manifest, resumable, rank-aware.
+
+Under several processes (torchrun) rank r records the samples i with i % world == r that no complete shard holds
+yet and writes its own shards; `finish` (rank 0, after every rank is done) merges one manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import kvpolicy
+from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelHandle
+from kvpolicy.progress import bar
+from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
+from kvpolicy.traces.record import FutureConfig, record_trace
+from kvpolicy.traces.sources import DESCRIPTIONS, SOURCES, TRACE_SPLITS, source_seeds, trace_prompts
+from kvpolicy.traces.store import DEFAULT_SHARD_BYTES, FORMAT, TraceWriter, write_manifest
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """kvpolicy version + a hash of the code that shapes traces (this package and the prompt generators)."""
+    root = Path(kvpolicy.__file__).parent
+    files = sorted((root / "traces").glob("*.py")) + [root / "data" / "ruler.py", root / "data" / "dialogue.py"]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + path.read_bytes())
+    return f"{kvpolicy.__version__}+{h.hexdigest()[:12]}"
+
+
+@dataclass
+class TraceRunConfig:
+    """One `kvp traces` run: n prompts of `source`/`split` at `context_tokens`, futures per `future`."""
+
+    source: str
+    split: str = "train"
+    n: int = 16
+    context_tokens: int = 2048
+    future: FutureConfig = field(default_factory=FutureConfig)
+    seed: int = 0
+    tasks: tuple[str, ...] | None = None
+    baselines: tuple[str, ...] = BASELINES
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise KVPError(f"unknown trace source '{self.source}'; use one of: {', '.join(SOURCES)}")
+        if self.split not in TRACE_SPLITS:
+            raise KVPError(f"traces use the splits {', '.join(TRACE_SPLITS)}; '{self.split}' is not one of them "
+                           "('eval' prompts are reserved for evaluation)")
+        if self.n < 1:
+            raise KVPError(f"--n must be at least 1, got {self.n}")
+        if self.context_tokens < 16:
+            raise KVPError(f"--context must be at least 16 tokens, got {self.context_tokens}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise KVPError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
+        if self.tasks is not None and self.source != "ruler":
+            raise KVPError("--tasks applies to --source ruler only")
+
+    def manifest_fields(self, handle: ModelHandle) -> dict:
+        """The run description stored in every shard and in the manifest."""
+        info = handle.info
+        return {
+            "format": FORMAT,
+            "model": info.to_dict(),
+            "source": self.source,
+            "source_description": DESCRIPTIONS[self.source],
+            "split": self.split,
+            "context_tokens": self.context_tokens,
+            "future": {"mode": self.future.mode, "max_tokens": self.future.max_tokens,
+                       "stop": "end-of-turn token (included)" if self.future.mode == "greedy" else "reference turn end"},
+            "seeds": source_seeds(self.source, self.seed, self.tasks),
+            "baselines": {"names": list(self.baselines), "dtype": "float32", "snapkv_window": SNAPKV_WINDOW,
+                          "snapkv_kernel": SNAPKV_KERNEL, "implementation": "kvpress TOVAPress/SnapKVPress.score"},
+            "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"},
+            "code_version": code_version(),
+        }
+
+
+@dataclass
+class RunResult:
+    recorded: int  # samples recorded by this process in this call
+    skipped: int  # samples of this rank already in complete shards
+    seconds: float
+    model_seconds: float
+
+
+def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: int = 0, world: int = 1,
+               show_progress: bool = True) -> RunResult:
+    """Record this rank's missing samples into `out` (no manifest: see `finish`)."""
+    if cfg.context_tokens >= handle.info.max_positions:
+        raise KVPError(f"refused: --context {cfg.context_tokens} reaches {handle.info.name}'s maximum of "
+                       f"{handle.info.max_positions} positions; use at most {handle.info.max_positions - 1}")
+    if cfg.context_tokens + cfg.future.max_tokens > handle.info.max_positions:
+        warnings.warn(f"futures will be truncated: --context {cfg.context_tokens} + --future-tokens "
+                      f"{cfg.future.max_tokens} exceed {handle.info.name}'s {handle.info.max_positions} positions",
+                      stacklevel=2)
+    start = time.perf_counter()
+    config = cfg.manifest_fields(handle)
+    writer = TraceWriter(out, config, rank=rank, shard_bytes=cfg.shard_bytes)
+    mine = [i for i in range(rank, cfg.n, world)]
+    todo = [i for i in mine if i not in writer.done]
+    progress = bar(total=len(todo), desc=f"traces rank {rank}" if world > 1 else "traces", unit="sample") \
+        if show_progress else None
+    model_seconds = 0.0
+    sample_start = time.perf_counter()
+    for prompt in trace_prompts(handle, cfg.source, cfg.split, cfg.n, cfg.context_tokens, cfg.seed, cfg.tasks, todo):
+        prompt_ids = handle.encode(prompt.prompt)
+        reference_ids = handle.encode(prompt.reference) if cfg.future.mode == "reference" else None
+        trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines)
+        seconds = time.perf_counter() - sample_start
+        sample_start = time.perf_counter()  # writing this sample (and maybe a shard) counts toward the next one
+        model_seconds += trace.model_seconds
+        record = {"id": prompt.id, "length": trace.length, "future_length": len(trace.future_ids),
+                  "seconds": round(seconds, 3), "model_seconds": round(trace.model_seconds, 3),
+                  "code_version": code_version(), "warnings": trace.warnings, **prompt.meta}
+        tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
+        tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
+        writer.add(prompt.index, record, tensors)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(tokens=trace.length, future=len(trace.future_ids))
+    writer.close()
+    if progress is not None:
+        progress.close()
+    return RunResult(len(todo), len(mine) - len(todo), time.perf_counter() - start, model_seconds)
+
+
+def finish(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, extra: dict | None = None) -> dict:
+    """Merge every shard into manifest.json (all n samples must be present)."""
+    return write_manifest(out, cfg.manifest_fields(handle), cfg.n, extra)
+
+
+def record_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, show_progress: bool = True) -> dict:
+    """Single-process convenience: record every missing sample, then write the manifest; returns it."""
+    result = run_traces(handle, cfg, out, show_progress=show_progress)
+    return finish(handle, cfg, out, {"last_run": {"world_size": 1, "wall_seconds": round(result.seconds, 3),
+                                                  "recorded": result.recorded, "skipped": result.skipped}})

@@ -1,0 +1,140 @@
+"""One trace from one real model run: prefill the prompt, obtain the future, feed it on top of the prompt cache
+while recording the future rows' attention inputs, then keep the prompt's keys, values and future utility.
+
+Futures: the model's own greedy continuation (the paper's choice; stops at end-of-turn, the stop token included)
+or a reference continuation, teacher-forced. Either way the future tokens are fed as ONE chunk over the prompt
+cache, so prompt + future is one causal pass with the full cache.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelHandle
+from kvpolicy.traces.baselines import baseline_scores, rows_needed
+from kvpolicy.traces.utility import future_utility, record_attention_inputs
+
+FUTURE_MODES = ("greedy", "reference")
+
+
+@dataclass(frozen=True)
+class FutureConfig:
+    """What follows the prompt: `mode` greedy | reference, at most `max_tokens` tokens."""
+
+    mode: str = "greedy"
+    max_tokens: int = 300
+
+    def __post_init__(self):
+        if self.mode not in FUTURE_MODES:
+            raise KVPError(f"unknown future mode '{self.mode}'; use one of: {', '.join(FUTURE_MODES)}")
+        if self.max_tokens < 1:
+            raise KVPError(f"future length must be at least 1 token, got {self.max_tokens}")
+
+
+@dataclass
+class Trace:
+    """keys, values: (L, H, T, d) fp16 post-RoPE; utility: (L, H, T) fp32; baselines: {name: (L, H, T) fp32}."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    utility: torch.Tensor
+    baselines: dict[str, torch.Tensor]
+    future_ids: list[int]
+    model_seconds: float  # time inside the model's own forward passes (prefill, decoding, future chunk)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+class _Stopwatch:
+    """Accumulates the time spent inside `with stopwatch:` blocks."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._start
+
+
+def greedy_continuation(handle: ModelHandle, cache: DynamicCache, logits: torch.Tensor, max_tokens: int) -> list[int]:
+    """Greedy tokens from `logits` (1, vocab) of the last prompt token, decoding on `cache` (which grows by the
+    tokens fed); stops after an end-of-turn token (kept) or `max_tokens` tokens."""
+    stop = handle.eos_token_ids
+    tokens: list[int] = []
+    while True:
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        if token in stop or len(tokens) >= max_tokens:
+            return tokens
+        out = handle.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+
+
+def record_trace(
+    handle: ModelHandle,
+    prompt_ids: torch.Tensor,
+    future: FutureConfig,
+    reference_ids: torch.Tensor | None = None,
+    baselines: Sequence[str] = (),
+) -> Trace:
+    """Run the model over prompt_ids (1, T) and its future; return the prompt's trace.
+
+    A prompt that leaves no room for a single future token within the model's maximum positions is refused
+    (KVPError); a future that does not fit is truncated with a warning saying so.
+    """
+    model, info = handle.model, handle.info
+    n_prompt = prompt_ids.shape[1]
+    room = info.max_positions - n_prompt
+    if room < 1 or n_prompt < 3:
+        raise KVPError(
+            f"refused: prompt of {n_prompt} tokens; {info.name} takes 3 to {info.max_positions - 1} prompt tokens "
+            "(plus at least one future token); use a shorter --context"
+        )
+    if future.mode == "reference" and (reference_ids is None or reference_ids.numel() == 0):
+        raise KVPError("future mode 'reference' needs a reference continuation; this source has none, use greedy")
+    notes: list[str] = []
+    max_future = future.max_tokens
+    if max_future > room:
+        notes.append(f"future truncated from {max_future} to {room} tokens: the prompt has {n_prompt} of "
+                     f"{info.max_positions} positions")
+        max_future = room
+    attn = [layer.self_attn for layer in handle.layers]
+    stopwatch = _Stopwatch()
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        with stopwatch, record_attention_inputs(handle.layers, rows=max(1, rows_needed(baselines, n_prompt))) as rec:
+            if future.mode == "greedy":
+                logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            else:
+                model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        layer_caches = cache.layers
+        scores = baseline_scores(baselines, attn, rec.records, [c.keys for c in layer_caches],
+                                 [c.values for c in layer_caches])
+        if future.mode == "greedy":
+            with stopwatch:
+                future_ids = greedy_continuation(handle, cache, logits, max_future)
+            cache.crop(n_prompt)
+        else:
+            future_ids = reference_ids[0, :max_future].tolist()
+            if reference_ids.shape[1] > max_future:
+                notes.append(f"reference future truncated from {reference_ids.shape[1]} to {max_future} tokens")
+        keys = torch.stack([c.keys[0, :, :n_prompt] for c in layer_caches]).half()
+        values = torch.stack([c.values[0, :, :n_prompt] for c in layer_caches]).half()
+        with stopwatch, record_attention_inputs(handle.layers, rows=len(future_ids)) as rec:
+            model.model(input_ids=torch.tensor([future_ids]), past_key_values=cache, use_cache=True)
+        utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return Trace(keys, values, utility, scores, future_ids, stopwatch.seconds, notes)

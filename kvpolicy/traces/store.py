@@ -1,0 +1,329 @@
+"""Sharded on-disk trace store: safetensors shards + one JSON manifest.
+
+Layout of DIR:
+    shard-r{rank:03d}-{seq:05d}.safetensors   per sample i: "{i:07d}.keys"/".values" (L, H, T, d) fp16,
+                                              "{i:07d}.utility" (L, H, T) fp32, "{i:07d}.baseline.NAME" (L, H, T)
+                                              fp32; metadata: the run config and, per sample, its record with a
+                                              CRC32 of every (tensor, layer) slice
+    manifest.json                             written once every sample is present (rank 0 under torchrun)
+
+The layer axis leads, so one (sample, layer) is one contiguous slice that `safe_open(...).get_slice` reads from the
+memory map without touching the rest. Shards are written whole under a temporary name and renamed into place:
+a killed run leaves only complete shards, and a rerun skips the samples they hold.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+
+from kvpolicy.errors import KVPError
+from kvpolicy.io import atomic_path, read_json, sha256_json, write_json
+from kvpolicy.models.handle import ModelInfo
+
+FORMAT = "kvpolicy-traces/1"
+MANIFEST = "manifest.json"
+SHARD_GLOB = "shard-r*.safetensors"
+DEFAULT_SHARD_BYTES = 128 << 20
+CORE_TENSORS = ("keys", "values", "utility")
+# what must agree between a run and traces already in its output directory
+COMPATIBILITY_KEYS = ("format", "model", "source", "split", "context_tokens", "future", "seeds", "baselines")
+
+
+def tensor_name(index: int, tensor: str) -> str:
+    return f"{index:07d}.{tensor}"
+
+
+def _layer_crc(tensor: torch.Tensor, layer: int) -> int:
+    return zlib.crc32(tensor[layer].contiguous().view(torch.uint8).numpy().data)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_paths(directory: str | Path) -> list[Path]:
+    return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+def _open_shard(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise KVPError(f"trace shard {path} is truncated or corrupted ({err}); delete it and re-run the same "
+                       "`kvp traces` command to regenerate its samples") from None
+
+
+def _shard_metadata(path: Path) -> tuple[dict, list[dict]]:
+    """(run config, sample records) stored in a shard's header."""
+    meta = _open_shard(path).metadata() or {}
+    try:
+        if meta.get("kvpolicy.format") != FORMAT:
+            raise ValueError(f"format {meta.get('kvpolicy.format')!r}")
+        return json.loads(meta["kvpolicy.config"]), json.loads(meta["kvpolicy.samples"])
+    except (KeyError, ValueError) as err:
+        raise KVPError(f"trace shard {path} has an unreadable header ({err}); delete it and re-run `kvp traces`") from None
+
+
+def _describe_model(model: dict) -> str:
+    return f"{model.get('name')} (fingerprint {model.get('fingerprint')})"
+
+
+def check_compatible(existing: dict, config: dict, where: str) -> None:
+    """Refuse to mix traces of different runs in one directory."""
+    if existing.get("model", {}).get("fingerprint") != config["model"]["fingerprint"]:
+        raise KVPError(f"{where} holds traces of model {_describe_model(existing.get('model', {}))}, not "
+                       f"{_describe_model(config['model'])}; choose another --out directory")
+    differing = [k for k in COMPATIBILITY_KEYS if existing.get(k) != config.get(k)]
+    if differing:
+        detail = "; ".join(f"{k}: {existing.get(k)} there vs {config.get(k)} now" for k in differing)
+        raise KVPError(f"{where} holds traces of another run ({detail}); use the same settings to resume, or "
+                       "choose another --out directory")
+
+
+class TraceWriter:
+    """Buffers traces and writes them as shards of about `shard_bytes`; `done` holds the sample indices that
+    complete shards in the directory already hold (any rank), so a rerun skips them."""
+
+    def __init__(self, directory: str | Path, config: dict, rank: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.config = config
+        self.rank = rank
+        self.shard_bytes = shard_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if (self.directory / MANIFEST).exists():
+            check_compatible(read_json(self.directory / MANIFEST), config, str(self.directory))
+        self.done: set[int] = set()
+        for path in shard_paths(self.directory):
+            existing, records = _shard_metadata(path)
+            check_compatible(existing, config, str(self.directory))
+            self.done.update(r["index"] for r in records)
+        prefix = f"shard-r{rank:03d}-"
+        for stale in self.directory.glob(f".{prefix}*.tmp"):  # temporaries of a killed run of this rank
+            shutil.rmtree(stale, ignore_errors=True)
+        mine = [int(p.stem.rsplit("-", 1)[1]) for p in self.directory.glob(f"{prefix}*.safetensors")]
+        self._next_seq = max(mine, default=-1) + 1
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._records: list[dict] = []
+        self._bytes = 0
+        self.written: list[Path] = []
+
+    def add(self, index: int, record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Queue sample `index`: record = its JSON-able description; tensors = {"keys", "values", "utility",
+        "baseline.NAME"...}, each with a leading layer axis."""
+        crc = {name: [_layer_crc(t, layer) for layer in range(t.shape[0])] for name, t in tensors.items()}
+        self._records.append({**record, "index": index, "crc": crc})
+        for name, t in tensors.items():
+            self._tensors[tensor_name(index, name)] = t.contiguous()
+            self._bytes += t.numel() * t.element_size()
+        if self._bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._records:
+            return
+        path = self.directory / f"shard-r{self.rank:03d}-{self._next_seq:05d}.safetensors"
+        metadata = {"kvpolicy.format": FORMAT, "kvpolicy.config": json.dumps(self.config, sort_keys=True),
+                    "kvpolicy.samples": json.dumps(self._records)}
+        data = save_safetensors(self._tensors, metadata=metadata)
+        try:
+            with atomic_path(path) as tmp:
+                _write_bytes(tmp, data)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise KVPError(f"disk full while writing {path.name} in {self.directory} (no partial shard left); "
+                               "free some space and re-run the same command to resume") from None
+            raise
+        self.written.append(path)
+        self._next_seq += 1
+        self._tensors, self._records, self._bytes = {}, [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+def write_manifest(directory: str | Path, config: dict, n_samples: int, extra: dict | None = None) -> dict:
+    """Merge every shard's records into manifest.json (samples 0..n_samples-1, sorted); all must be present."""
+    directory = Path(directory)
+    samples: dict[int, dict] = {}
+    shards = []
+    for path in shard_paths(directory):
+        existing, records = _shard_metadata(path)
+        check_compatible(existing, config, str(directory))
+        kept = [r for r in records if r["index"] < n_samples]
+        for r in kept:
+            samples[r["index"]] = {k: v for k, v in r.items() if k != "crc"} | {"shard": path.name}
+        shards.append({"file": path.name, "bytes": path.stat().st_size, "samples": len(records)})
+    missing = sorted(set(range(n_samples)) - set(samples))
+    if missing:
+        raise KVPError(f"{directory} lacks {len(missing)} of {n_samples} samples (first: {missing[:5]}); re-run the "
+                       "same `kvp traces` command to finish them")
+    ordered = [samples[i] for i in range(n_samples)]
+    manifest = {
+        **config,
+        "samples": ordered,
+        "shards": shards,
+        "n_samples": n_samples,
+        "prompt_tokens": sum(s["length"] for s in ordered),
+        "generation_seconds": round(sum(s["seconds"] for s in ordered), 3),
+        "model_seconds": round(sum(s["model_seconds"] for s in ordered), 3),
+        "code_versions": sorted({s["code_version"] for s in ordered}),
+        **(extra or {}),
+    }
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class TraceSample:
+    """One sample's trace. keys, values: ([L,] H, T, d) fp16; utility: ([L,] H, T) fp32; positions: (T,) int64."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    utility: torch.Tensor
+    positions: torch.Tensor
+
+
+class TraceReader:
+    """Read traces one (sample, layer) at a time from memory-mapped shards.
+
+    Every slice read is checked against the CRC32 recorded at write time (`verify=False` skips that); a shard whose
+    size differs from the manifest's, or whose header or data does not check out, raises a KVPError naming it.
+    """
+
+    def __init__(self, directory: str | Path, verify: bool = True):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise KVPError(f"no {MANIFEST} in {self.directory}: not a finished trace directory; run "
+                           "`kvp traces ... --out DIR` until it completes")
+        try:
+            self.manifest: dict = read_json(path)
+        except ValueError as err:
+            raise KVPError(f"{path} is not valid JSON ({err}); re-run `kvp traces` to rewrite it") from None
+        if self.manifest.get("format") != FORMAT:
+            raise KVPError(f"{path} has format {self.manifest.get('format')!r}, this kvpolicy reads {FORMAT!r}")
+        self.verify = verify
+        self._shard_bytes = {s["file"]: s["bytes"] for s in self.manifest["shards"]}
+        self._handles: dict[str, Any] = {}
+        self._crcs: dict[int, dict[str, list[int]]] = {}
+
+    # manifest facts
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]["fingerprint"]
+
+    @property
+    def n_layers(self) -> int:
+        return self.manifest["model"]["n_layers"]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.manifest["model"]["n_kv_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.manifest["model"]["head_dim"]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s["length"] for s in self.manifest["samples"]]
+
+    @property
+    def baselines(self) -> list[str]:
+        return list(self.manifest["baselines"]["names"])
+
+    @property
+    def manifest_hash(self) -> str:
+        return sha256_json(self.manifest)
+
+    def __len__(self) -> int:
+        return len(self.manifest["samples"])
+
+    def check_model(self, info: ModelInfo) -> None:
+        if info.fingerprint != self.fingerprint:
+            raise KVPError(f"traces in {self.directory} were recorded from {self.model_name} (fingerprint "
+                           f"{self.fingerprint}), not {info.name} (fingerprint {info.fingerprint}); record traces "
+                           "with this model first")
+
+    # reading
+    def _shard(self, sample: int):
+        if not 0 <= sample < len(self):
+            raise KVPError(f"sample {sample} out of range: {self.directory} holds {len(self)} samples")
+        name = self.manifest["samples"][sample]["shard"]
+        if name not in self._handles:
+            path = self.directory / name
+            size = path.stat().st_size if path.exists() else None
+            if size != self._shard_bytes.get(name):
+                raise KVPError(f"trace shard {path} is truncated or missing ({size} bytes, manifest says "
+                               f"{self._shard_bytes.get(name)}); delete it and re-run the same `kvp traces` command")
+            self._handles[name] = _open_shard(path)
+        return self._handles[name]
+
+    def _slice(self, sample: int, tensor: str, layers: int | slice) -> torch.Tensor:
+        handle = self._shard(sample)
+        try:
+            data = handle.get_slice(tensor_name(sample, tensor))[layers]
+        except SafetensorError as err:
+            raise KVPError(f"trace shard {self.directory / self.manifest['samples'][sample]['shard']} cannot serve "
+                           f"{tensor} of sample {sample} ({err}); delete it and re-run `kvp traces`") from None
+        if self.verify:
+            self._check(sample, tensor, layers, data)
+        return data
+
+    def _check(self, sample: int, tensor: str, layers: int | slice, data: torch.Tensor) -> None:
+        shard = self.directory / self.manifest["samples"][sample]["shard"]
+        if sample not in self._crcs:
+            _, records = _shard_metadata(shard)
+            self._crcs.update((r["index"], r["crc"]) for r in records if r["index"] < len(self))
+        expected = self._crcs[sample][tensor]
+        chosen = [layers] if isinstance(layers, int) else list(range(self.n_layers)[layers])
+        stack = data.unsqueeze(0) if isinstance(layers, int) else data
+        for offset, layer in enumerate(chosen):
+            if _layer_crc(stack, offset) != expected[layer]:
+                raise KVPError(f"trace shard {shard} is corrupted ({tensor} of sample {sample}, layer {layer} fails "
+                               "its checksum); delete it and re-run the same `kvp traces` command")
+
+    def positions(self, sample: int) -> torch.Tensor:
+        """(T,) int64: a trace holds the whole prompt, token i at position i."""
+        return torch.arange(self.manifest["samples"][sample]["length"])
+
+    def read(self, sample: int, layer: int) -> TraceSample:
+        """keys, values (H, T, d) fp16, utility (H, T) fp32, positions (T,) of one (sample, layer)."""
+        if not 0 <= layer < self.n_layers:
+            raise KVPError(f"layer {layer} out of range: the traces have {self.n_layers} layers")
+        parts = [self._slice(sample, t, layer) for t in CORE_TENSORS]
+        return TraceSample(*parts, positions=self.positions(sample))
+
+    def read_layers(self, sample: int, layers: Sequence[int] | None = None) -> TraceSample:
+        """keys, values (L, H, T, d), utility (L, H, T) for `layers` (all when None), positions (T,)."""
+        if layers is None:
+            parts = [self._slice(sample, t, slice(None)) for t in CORE_TENSORS]
+            return TraceSample(*parts, positions=self.positions(sample))
+        rows = [self.read(sample, layer) for layer in layers]
+        return TraceSample(torch.stack([r.keys for r in rows]), torch.stack([r.values for r in rows]),
+                           torch.stack([r.utility for r in rows]), positions=self.positions(sample))
+
+    def read_baseline(self, sample: int, layer: int, name: str) -> torch.Tensor:
+        """(H, T) fp32 scores of a query-based baseline (higher = keep), as listed in manifest["baselines"]."""
+        if name not in self.baselines:
+            raise KVPError(f"traces in {self.directory} store no '{name}' baseline; stored: "
+                           f"{', '.join(self.baselines) or 'none'} (record with --baselines {name})")
+        return self._slice(sample, f"baseline.{name}", layer)

@@ -1,0 +1,62 @@
+"""Synthetic traces whose future utility is a known function of the key: a learning problem with a known answer.
+
+Each agent a has a hidden query direction w_a; a prompt's keys and values are Gaussian and the utility of token i
+is the attention a query along w_a pays it, u_i = softmax_i(sharpness · k_i·w_a) (|w_a| = 1, k ~ N(0, I)), so a few tokens matter
+and a network that reads the key can rank exactly like the oracle. Used to test that training works (a broken
+gradient, sign or baseline leaves the reward far from the oracle) and to measure training speed without a model.
+Implements the TraceReader reading interface (kvpolicy/traces/store.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kvpolicy.traces.store import TraceSample
+
+
+class SyntheticTraces:
+    """n_samples prompts of `length` tokens for n_layers × n_kv_heads agents; deterministic in `seed`.
+    `query_seed` fixes the hidden directions, so train and validation sets share them (same "model")."""
+
+    model_name = "synthetic"
+
+    def __init__(
+        self,
+        n_samples: int,
+        length: int = 256,
+        n_layers: int = 2,
+        n_kv_heads: int = 2,
+        head_dim: int = 16,
+        sharpness: float = 3.0,
+        seed: int = 0,
+        query_seed: int = 1234,
+    ):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.n_samples, self.length, self.sharpness, self.seed = n_samples, length, sharpness, seed
+        g = torch.Generator().manual_seed(query_seed)
+        w = torch.randn(n_layers, n_kv_heads, head_dim, generator=g)
+        self.directions = w / w.norm(dim=-1, keepdim=True)
+        self.fingerprint = f"synthetic-{query_seed}-{n_layers}x{n_kv_heads}x{head_dim}"
+        self.manifest_hash = f"synthetic-{seed}-{n_samples}x{length}"
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.length] * self.n_samples
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def utility_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """The known function: keys (L, H, T, d) -> utility (L, H, T)."""
+        return torch.softmax(self.sharpness * torch.einsum("lhtd,lhd->lht", keys.float(), self.directions), dim=-1)
+
+    def read_layers(self, sample: int, layers: Sequence[int] | None = None) -> TraceSample:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
+        shape = (self.n_layers, self.n_kv_heads, self.length, self.head_dim)
+        keys = torch.randn(shape, generator=g).half()
+        values = torch.randn(shape, generator=g).half()
+        utility = self.utility_of(keys)
+        chosen = list(range(self.n_layers)) if layers is None else list(layers)
+        return TraceSample(keys[chosen], values[chosen], utility[chosen], torch.arange(self.length))

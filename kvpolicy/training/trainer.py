@@ -1,0 +1,436 @@
+"""Train every KVP agent of a model at once with REINFORCE + leave-one-out baselines over Plackett–Luce rankings.
+
+One step (KVP-METHOD.md, "Policy and training"): draw `batch` prompts and `tokens` evictable tokens of each,
+score them with all agents in one forward, sample `samples` rankings per prompt by Gumbel-sort, reward each
+by −normalized ranking cost, turn rewards into RLOO advantages (standardized, clipped ±2) and minimise
+−mean(log π(σ)·advantage) per agent. AdamW with warm-up + cosine decay, per-agent gradient-norm clipping (each
+agent is its own network, as in the paper's one-by-one training), and an EMA of the weights that is validated
+with deterministic argsort on held-out traces; the best EMA by validation reward is the deployed checkpoint.
+
+Under torchrun every rank draws its own share of the batch, DistributedDataParallel averages the gradients and
+rank 0 validates and writes checkpoints. A run restarted with the same arguments resumes from its last
+checkpoint (weights, EMA, AdamW state, step; per-step random streams are derived from (seed, rank, step)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpolicy.errors import KVPError
+from kvpolicy.progress import bar
+from kvpolicy.training import checkpoint as ckpt
+from kvpolicy.training.data import Batch, TraceBatches, TraceSource, check_same_model
+from kvpolicy.training.distributed import DistContext
+from kvpolicy.training.policy import PolicyConfig, PolicyNet
+from kvpolicy.training.ranking import argsort_desc, gumbel_sort, normalized_cost, plackett_luce_logprob, reward, rloo_advantages
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters. Defaults are chosen by measurement on this 2-core CPU (see
+    kvpolicy/training/benchmark.py); `PAPER` holds the paper's values where they differ.
+
+    batch: prompts per step over all ranks; tokens: evictable tokens ranked per prompt (0 = all);
+    samples: rankings sampled per prompt from one forward (RLOO group size; 1 = baseline over the batch);
+    sinks/recent: positions always kept at inference, left out of the ranking.
+    """
+
+    steps: int = 600
+    batch: int = 16
+    tokens: int = 256
+    samples: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup: int = 100
+    min_lr: float = 1e-6
+    grad_clip: float = 5.0
+    ema_decay: float = 0.99
+    ema_start: int = 100
+    advantage_clip: float = 2.0
+    val_every: int = 100
+    val_samples: int = 16
+    checkpoint_every: int = 100
+    log_every: int = 10
+    sinks: int = 4
+    recent: int = 16
+    bf16: bool = True
+    compile: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch", "samples", "val_every", "val_samples", "checkpoint_every", "log_every")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise KVPError(f"training: {name} must be >= 1, got {getattr(self, name)}")
+        if self.samples == 1 and self.batch < 2:
+            raise KVPError("training: with one sampled ranking per prompt the leave-one-out baseline needs batch >= 2")
+        if not (self.lr > 0 and self.min_lr >= 0 and self.grad_clip > 0 and 0 <= self.ema_decay < 1):
+            raise KVPError("training: need lr > 0, min_lr >= 0, grad_clip > 0 and 0 <= ema_decay < 1")
+        if self.tokens < 0 or self.warmup < 0 or self.ema_start < 0 or self.sinks < 0 or self.recent < 0:
+            raise KVPError("training: tokens, warmup, ema_start, sinks and recent must be >= 0")
+
+
+# The paper's values where our measured defaults differ (lr: 5e-5 learns too slowly for runs of a few hundred
+# steps; batch 128 sequences of 4K tokens with one ranking each is ~60x the compute of a step here).
+PAPER = {"lr": 5e-5, "batch": 128, "tokens": 0, "samples": 1, "steps": 4000, "bf16": False}
+
+# settings that may change when a run is resumed (everything else must match the checkpoint)
+RESUMABLE = ("steps", "val_every", "checkpoint_every", "log_every", "compile")
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup` steps to `lr`, then cosine decay to `min_lr` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup - 1, 1)
+    progress = min((step - cfg.warmup) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def clip_per_agent(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale each agent's gradient (its slice along axis 0 of every parameter) to norm <= max_norm.
+    Returns the pre-clip norms (A,) (non-finite where a gradient is)."""
+    sq = sum(p.grad.float().pow(2).reshape(p.shape[0], -1).sum(1) for p in params if p.grad is not None)
+    norms = sq.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype).reshape(-1, *[1] * (p.dim() - 1)))
+    return norms
+
+
+def _per_layer(x: torch.Tensor, n_layers: int) -> list[float]:
+    """(A,) per-agent values -> per-layer means, rounded for the log."""
+    return [round(v, 5) for v in x.detach().float().reshape(n_layers, -1).mean(1).tolist()]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    best_step: int
+    best_val_reward: float
+    val_history: list[dict]
+    skipped_batches: int
+    seconds: float
+    steps_per_s: float
+    tokens_per_s: float  # ranked prompt tokens per second (each scored by every agent)
+    n_parameters: int
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def source_description(source: TraceSource) -> dict[str, Any]:
+    manifest = getattr(source, "manifest", {}) or {}
+    return {
+        "directory": str(getattr(source, "directory", "")),
+        "manifest_hash": getattr(source, "manifest_hash", ""),
+        "n_samples": len(source),
+        "source": manifest.get("source"),
+        "split": manifest.get("split"),
+        "generation_seconds": manifest.get("generation_seconds"),
+    }
+
+
+def model_description(source: TraceSource) -> dict[str, Any]:
+    return {
+        "name": getattr(source, "model_name", "?"),
+        "fingerprint": getattr(source, "fingerprint", "?"),
+        "n_layers": source.n_layers,
+        "n_kv_heads": source.n_kv_heads,
+        "head_dim": source.head_dim,
+    }
+
+
+class Trainer:
+    """Holds the networks, optimizer, EMA and data of one training run; `run()` trains to `config.steps`."""
+
+    def __init__(
+        self,
+        train: TraceSource,
+        out: str | Path,
+        val: TraceSource | None = None,
+        policy: PolicyConfig | None = None,
+        config: TrainConfig | None = None,
+        ctx: DistContext | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ):
+        self.cfg = config or TrainConfig()
+        self.ctx = ctx or DistContext()
+        self.out = Path(out)
+        self.progress = progress
+        if len(train) == 0:
+            raise KVPError("the training trace set is empty: record traces with `kvp traces ... --n N` first")
+        if val is not None:
+            check_same_model(train, val)
+        if policy is None:
+            policy = PolicyConfig(train.n_layers, train.n_kv_heads, train.head_dim, max_position=max(train.lengths))
+        if (policy.n_layers, policy.n_kv_heads, policy.head_dim) != (train.n_layers, train.n_kv_heads, train.head_dim):
+            raise KVPError(f"policy shape {policy.to_dict()} does not match the traces' model {model_description(train)}")
+        self.policy_config = policy
+        self.train_ids, self.val_source, self.val_ids = self._split(train, val)
+        self.model = model_description(train)
+        self.traces = {"train": source_description(train), "val": source_description(self.val_source)}
+        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
+        self.data = TraceBatches(train, self.cfg.tokens, self.cfg.sinks, self.cfg.recent, dtype)
+        self.val_data = TraceBatches(self.val_source, 0, self.cfg.sinks, self.cfg.recent)
+        if self.cfg.batch % self.ctx.world:
+            raise KVPError(f"batch {self.cfg.batch} must be divisible by the number of processes ({self.ctx.world})")
+        self.local_batch = self.cfg.batch // self.ctx.world
+        if self.cfg.samples == 1 and self.local_batch < 2:
+            raise KVPError(f"batch {self.cfg.batch} over {self.ctx.world} processes leaves {self.local_batch} prompt per rank; "
+                           "the leave-one-out baseline needs >= 2 (raise --batch or --samples)")
+
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        self.net = PolicyNet(policy).to(self.ctx.device)
+        self.params = list(self.net.parameters())
+        self.names = [name for name, _ in self.net.named_parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.ema = [p.detach().clone() for p in self.params]
+        self.best = [p.detach().clone() for p in self.params]
+        self.eval_net = PolicyNet(policy).to(self.ctx.device).eval().requires_grad_(False)
+        self.step = 0
+        self.skipped = 0
+        self.best_step = -1
+        self.best_reward = -math.inf
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.elapsed = 0.0
+        self.forward = self._wrap(self.net)
+        if resume and (self.out / ckpt.CONFIG).exists():
+            self._resume()
+
+    # ----- setup
+    def _split(self, train: TraceSource, val: TraceSource | None) -> tuple[list[int], TraceSource, list[int]]:
+        """Training sample ids, the validation source and its ids (held out from `train` when no `val`)."""
+        n_val = self.cfg.val_samples
+        if val is not None:
+            if len(val) == 0:
+                raise KVPError("the validation trace set is empty: record traces with `kvp traces --split val`")
+            return list(range(len(train))), val, list(range(min(n_val, len(val))))
+        if len(train) < 2:
+            warnings.warn("only one training trace and no --val: validating on the training trace itself")
+            return [0], train, [0]
+        held = min(n_val, max(1, len(train) // 10))
+        return list(range(len(train) - held)), train, list(range(len(train) - held, len(train)))
+
+    def _wrap(self, net: PolicyNet):
+        """The forward used for training: DDP-wrapped under torchrun, compiled when asked."""
+        module = net
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            module = DistributedDataParallel(net, device_ids=ids)
+        if self.cfg.compile:
+            module = torch.compile(module)
+        return module
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "policy": self.policy_config.to_dict(),
+            "training": asdict(self.cfg),
+            "traces": self.traces,
+            "n_parameters": self.net.n_parameters(),
+        }
+
+    def _resume(self) -> None:
+        saved = ckpt.read_config(self.out)
+        mine = self.config_dict()
+        for key in ("model", "policy"):
+            if saved.get(key) != mine[key]:
+                raise KVPError(f"{self.out} holds a checkpoint with another {key} ({saved.get(key)}), not {mine[key]}; "
+                               "choose another --out or pass --restart to overwrite it")
+        if saved["traces"]["train"]["manifest_hash"] != mine["traces"]["train"]["manifest_hash"]:
+            raise KVPError(f"{self.out} was trained on other traces; choose another --out or pass --restart")
+        differing = [k for k in mine["training"] if k not in RESUMABLE and saved["training"].get(k) != mine["training"][k]]
+        if differing:
+            raise KVPError(f"{self.out} was trained with other settings ({', '.join(differing)}); use the same settings "
+                           "to resume, or pass --restart")
+        tensors = ckpt.load_resume(self.out)
+        if tensors is None:
+            raise KVPError(f"{self.out} has no resume state; pass --restart to train it again from scratch")
+        with torch.no_grad():
+            for name, p, e, b in zip(self.names, self.params, self.ema, self.best):
+                p.copy_(tensors[f"param.{name}"])
+                e.copy_(tensors[f"ema.{name}"])
+                b.copy_(tensors[f"best.{name}"])
+        for name, p in zip(self.names, self.params):
+            if f"adam.{name}.step" in tensors:
+                self.opt.state[p] = {k: tensors[f"adam.{name}.{k}"].to(self.ctx.device) for k in ("step", "exp_avg", "exp_avg_sq")}
+        state = saved["state"]
+        self.step, self.skipped, self.elapsed = state["step"], state["skipped_batches"], state["elapsed_s"]
+        self.best_step, self.best_reward = state["best_step"], state["best_val_reward"]
+        self.val_history = state.get("val_history", [])
+        self.history = ckpt.load_history(self.out)
+
+    # ----- one step
+    def generator(self) -> torch.Generator:
+        """The random stream of this (seed, rank, step): resuming replays exactly the same batches and noise."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.ctx.rank * 10_007 + self.step)
+
+    def losses(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy-gradient loss of one batch (summed over agents: each agent's own objective) and stats."""
+        scores = self.forward(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, B, n)
+        perms = gumbel_sort(scores, n_samples=self.cfg.samples, generator=generator)
+        logp = plackett_luce_logprob(scores.unsqueeze(2), perms)  # (A, B, K)
+        rewards = reward(batch.utility.unsqueeze(2), perms)
+        adv = rloo_advantages(rewards, clip=self.cfg.advantage_clip)
+        loss = -(logp * adv).mean(dim=(1, 2)).sum()
+        return loss, {"reward": rewards.mean(dim=(1, 2)), "adv_abs": adv.abs().mean(dim=(1, 2)),
+                      "adv_clipped": (adv.abs() >= self.cfg.advantage_clip).float().mean(dim=(1, 2))}
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; None when the batch was skipped (non-finite data or gradients)."""
+        g = self.generator()
+        pick = torch.randint(len(self.train_ids), (self.local_batch,), generator=g).tolist()
+        batch = self.data.batch([self.train_ids[i] for i in pick], g).to(self.ctx.device)
+        if self.ctx.any(not batch.finite()):
+            return self._skip("non-finite values in the batch")
+        lr = learning_rate(self.step, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss, stats = self.losses(batch, g)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norms = clip_per_agent(self.params, self.cfg.grad_clip)  # gradients are already averaged over ranks
+        if not bool(torch.isfinite(norms).all()):
+            self.opt.zero_grad(set_to_none=True)
+            return self._skip("non-finite gradients")
+        self.opt.step()
+        with torch.no_grad():
+            if self.step < self.cfg.ema_start:
+                torch._foreach_copy_(self.ema, [p.detach() for p in self.params])
+            else:
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.ema_decay)
+        return {"lr": lr, "loss": float(loss.detach()), "grad_norm": norms, **stats}
+
+    def _skip(self, why: str) -> None:
+        self.skipped += 1
+        warnings.warn(f"step {self.step}: skipped a batch with {why} ({self.skipped} skipped so far)")
+        return None
+
+    # ----- validation and checkpoints
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Deterministic argsort of the EMA policy on every held-out prompt: per-agent mean normalized cost."""
+        torch._foreach_copy_(list(self.eval_net.parameters()), self.ema)
+        costs = torch.zeros(self.net.config.n_agents, device=self.ctx.device)
+        for sample in self.val_ids:
+            batch = self.val_data.full(sample).to(self.ctx.device)
+            scores = self.eval_net(batch.keys, batch.values, batch.positions, batch.lengths)
+            costs += normalized_cost(batch.utility, argsort_desc(scores))[:, 0]
+        costs /= len(self.val_ids)
+        val_reward = float(-costs.mean())
+        entry = {"step": self.step, "val_reward": round(val_reward, 5),
+                 "val_reward_per_layer": _per_layer(-costs, self.policy_config.n_layers)}
+        if val_reward > self.best_reward:
+            self.best_reward, self.best_step = val_reward, self.step
+            torch._foreach_copy_(self.best, self.ema)
+        self.val_history.append(entry)
+        return entry
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "skipped_batches": self.skipped,
+            "elapsed_s": round(self.elapsed, 2),
+            "best_step": self.best_step,
+            "best_val_reward": self.best_reward if self.best_step >= 0 else None,
+            "val_history": self.val_history,
+        }
+        resume: dict[str, torch.Tensor] = {}
+        for name, p, e, b in zip(self.names, self.params, self.ema, self.best):
+            resume[f"param.{name}"], resume[f"ema.{name}"], resume[f"best.{name}"] = p, e, b
+            for k, v in self.opt.state.get(p, {}).items():
+                resume[f"adam.{name}.{k}"] = v.reshape(1) if v.dim() == 0 else v
+        deployed = self.best if self.best_step >= 0 else self.ema
+        ckpt.save_checkpoint(self.out, {**self.config_dict(), "state": state}, dict(zip(self.names, deployed)), resume, self.history)
+
+    # ----- the loop
+    def run(self) -> TrainResult:
+        """Train from the current step to `config.steps`, validating, logging and checkpointing on the way."""
+        cfg, main = self.cfg, self.ctx.main
+        first_step, elapsed_before, t0 = self.step, self.elapsed, time.perf_counter()
+        pbar = bar(desc="train KVP", total=cfg.steps, unit="step") if (main and self.progress) else None
+        if pbar is not None and self.step:
+            pbar.update(self.step)
+        last_saved = self.step
+        try:
+            while self.step < cfg.steps:
+                stats = self._step_with_fallback(first_step)
+                self.step += 1
+                if stats is not None and main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    self._log(stats)
+                if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                    entry = self.validate()
+                    if pbar is not None:
+                        pbar.set_postfix(val_reward=entry["val_reward"], best=round(self.best_reward, 4))
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.elapsed = elapsed_before + time.perf_counter() - t0
+                    if main:
+                        self.save()
+                        last_saved = self.step
+                    self.ctx.barrier()
+                if pbar is not None:
+                    pbar.update(1)
+        except KeyboardInterrupt:
+            if main and self.step > last_saved:
+                self.elapsed = elapsed_before + time.perf_counter() - t0
+                self.save()
+            raise
+        finally:
+            if pbar is not None:
+                pbar.close()
+        return self.result(time.perf_counter() - t0, self.step - first_step)
+
+    def _step_with_fallback(self, first_step: int) -> dict[str, Any] | None:
+        """train_step(); if torch.compile cannot build on this machine (first step only), continue eagerly."""
+        try:
+            return self.train_step()
+        except Exception as err:
+            compiler_error = type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+            if not (self.cfg.compile and self.step == first_step and compiler_error):
+                raise
+            warnings.warn(f"torch.compile failed here ({type(err).__name__}); training without compilation")
+            self.cfg.compile = False
+            self.forward = self._wrap(self.net)
+            return self.train_step()
+
+    def result(self, seconds: float, steps_done: int) -> TrainResult:
+        rate = steps_done / seconds if seconds > 0 else 0.0
+        return TrainResult(
+            out=self.out,
+            steps=self.step,
+            best_step=self.best_step,
+            best_val_reward=self.best_reward,
+            val_history=self.val_history,
+            skipped_batches=self.skipped,
+            seconds=self.elapsed,
+            steps_per_s=rate,
+            tokens_per_s=rate * self.cfg.batch * self.data.tokens,
+            n_parameters=self.net.n_parameters(),
+            history=self.history,
+        )
+
+    def _log(self, stats: dict[str, Any]) -> None:
+        n_layers = self.policy_config.n_layers
+        self.history.append({
+            "step": self.step,
+            "lr": stats["lr"],
+            "loss": round(stats["loss"], 5),
+            "reward": round(float(stats["reward"].mean()), 5),
+            "reward_per_layer": _per_layer(stats["reward"], n_layers),
+            "advantage_abs_per_layer": _per_layer(stats["adv_abs"], n_layers),
+            "advantage_clipped": round(float(stats["adv_clipped"].mean()), 4),
+            "grad_norm_per_layer": _per_layer(stats["grad_norm"], n_layers),
+            "skipped_batches": self.skipped,
+        })

@@ -1,0 +1,86 @@
+"""Budget validation and the top-b selection with protected sinks / recent tokens (pure maths, no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvpress.utils import compute_n_kept
+
+from kvpolicy.compression.budget import Budget, keep_indices, keep_indices_reference
+from kvpolicy.errors import KVPError
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"tokens": 0},
+        {"tokens": -5},
+        {"tokens": 2.5},
+        {"tokens": True},
+        {"tokens": "64"},
+        {"tokens": 64, "ratio": 0.5},
+        {"ratio": 1.0},
+        {"ratio": -0.1},
+        {"tokens": 64, "sinks": -1},
+        {"tokens": 64, "recent": 1.5},
+    ],
+)
+def test_bad_budgets_are_refused(kwargs):
+    with pytest.raises(KVPError):
+        Budget(**kwargs)
+
+
+def test_kept_and_label():
+    assert Budget(tokens=256).kept(1000) == 256
+    assert Budget(tokens=256).kept(100) == 100  # a budget >= length keeps everything
+    assert Budget(ratio=0.0).kept(77) == 77
+    for length in (1, 7, 100, 1023):
+        for ratio in (0.1, 0.25, 0.5, 0.9, 0.99):
+            assert Budget(ratio=ratio).kept(length) == compute_n_kept(length, ratio)
+    assert Budget(tokens=256).label == "b256"
+    assert Budget(ratio=0.5).label == "r0.50"
+
+
+def _evicted_positions(B: int, H: int, T: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, H, T) ascending true positions of a cache that already lost entries (sinks and last tokens kept)."""
+    rows = []
+    for _ in range(B * H):
+        middle = torch.randperm(length - 8, generator=gen)[: T - 8] + 4
+        rows.append(torch.cat([torch.arange(4), middle.sort().values, torch.arange(length - 4, length)]))
+    return torch.stack(rows).view(B, H, T)
+
+
+@pytest.mark.parametrize("budget", [Budget(tokens=3), Budget(tokens=12), Budget(tokens=40), Budget(tokens=63),
+                                    Budget(tokens=100), Budget(ratio=0.5, sinks=0, recent=0),
+                                    Budget(tokens=30, sinks=2, recent=40), Budget(tokens=20, sinks=0, recent=5)])
+def test_keep_indices_matches_reference(budget):
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, length = 2, 3, 64, 150
+    scores = torch.randn(B, H, T, generator=gen)
+    for positions in (torch.arange(T).expand(B, H, T), _evicted_positions(B, H, T, length, gen)):
+        true_length = int(positions.max()) + 1
+        fast = keep_indices(scores, positions, budget, true_length)
+        assert fast.shape == (B, H, budget.kept(T))
+        assert torch.equal(fast, keep_indices_reference(scores, positions, budget, true_length))
+
+
+def test_protected_entries_always_kept_and_cuts_nest():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(1, 4, 200, generator=gen)
+    positions = torch.arange(200).expand(1, 4, 200)
+    previous = None
+    for b in range(20, 201, 10):
+        keep = keep_indices(scores, positions, Budget(tokens=b), 200)
+        assert (keep.diff(dim=-1) > 0).all()  # ascending, no repeats
+        kept = [set(row.tolist()) for row in keep[0]]
+        for head in kept:
+            assert set(range(4)) <= head and set(range(184, 200)) <= head
+        if previous is not None:
+            assert all(p <= k for p, k in zip(previous, kept))  # rank once, cut anywhere: nested kept sets
+        previous = kept
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(KVPError):
+        keep_indices(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3), 6)

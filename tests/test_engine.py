@@ -1,0 +1,267 @@
+"""The compression engine on SmolLM2: physical eviction is exact, positions continue, decoding stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.dialogue import converse
+from kvpolicy.compression.engine import (
+    BoundedDecoding,
+    compress,
+    continuation_nll,
+    evict,
+    generate,
+    greedy_decode,
+    prefill,
+    rank,
+)
+from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
+from kvpolicy.data.essays import load_essays
+from kvpolicy.errors import KVPError
+from kvpolicy.models import ModelHandle, ModelInfo
+
+pytestmark = pytest.mark.model
+
+
+def essay_ids(handle, tokens: int, essay: int = 0) -> torch.Tensor:
+    return handle.encode(load_essays()[essay].text)[:, :tokens]
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm):
+    return essay_ids(smollm, 200)
+
+
+@pytest.fixture(scope="module")
+def full(smollm, prompt):
+    """The uncompressed state after the prompt, with every query recorded."""
+    state, _ = prefill(smollm, prompt, record_queries=ALL_QUERIES)
+    return state
+
+
+def masked_reference_logits(handle, prompt, kept, chunks):
+    """Next-token logits after each chunk, fed after the FULL prompt cache with every evicted entry masked out of
+    attention: per layer and KV head, an explicit 4D additive mask (1, query heads, q, kv) is swapped into that
+    layer's attention. This is the meaning physical eviction must reproduce. kept: per layer (H, k) positions."""
+    model, group, P = handle.model, handle.info.group_size, prompt.shape[1]
+    masks: dict[int, torch.Tensor] = {}
+
+    def hook_for(idx):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = masks[idx]
+            return args, kwargs
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(handle.layers)]
+    cache, fed, outputs = DynamicCache(), P, []
+    try:
+        with torch.no_grad():
+            masks.update({i: None for i in range(len(kept))})
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            for chunk in chunks:
+                n = chunk.shape[1]
+                for idx, positions in enumerate(kept):
+                    visible = torch.zeros(positions.shape[0], n, fed + n, dtype=torch.bool)
+                    visible[:, :, :P] = torch.zeros(positions.shape[0], P, dtype=torch.bool).scatter(1, positions, True)[:, None]
+                    visible[:, :, P:fed] = True  # tokens fed after the compression
+                    visible[:, :, fed:] = torch.ones(n, n, dtype=torch.bool).tril()
+                    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+                    masks[idx] = mask.repeat_interleave(group, dim=0).unsqueeze(0)  # KV head -> its query heads
+                out = model(input_ids=chunk, past_key_values=cache, position_ids=torch.arange(fed, fed + n)[None],
+                            use_cache=True, logits_to_keep=1)
+                outputs.append(out.logits[:, -1])
+                fed += n
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs
+
+
+CHUNKS = [[504, 3794, 314, 563, 260, 1645, 282], [1835], [335], [1205, 2555, 284]]  # multi-token and single tokens
+
+
+def test_budget_at_least_length_is_identical(smollm, full):
+    same = compress(smollm, full, make_scorer("knorm"), Budget(tokens=10_000))
+    assert same.length == full.length and same.nbytes() == full.nbytes()
+    a, b = same, full.clone()
+    for chunk in CHUNKS:
+        assert torch.equal(prefill(smollm, torch.tensor([chunk]), a)[1], prefill(smollm, torch.tensor([chunk]), b)[1])
+
+
+@pytest.mark.parametrize("scorer", ["knorm", "random"])
+def test_physical_eviction_equals_masked_full_cache(smollm, prompt, full, scorer):
+    small = compress(smollm, full, make_scorer(scorer), Budget(tokens=64))
+    kept = [p[0] for p in small.positions]
+    assert small.length == 64 and small.nbytes() * prompt.shape[1] == full.nbytes() * 64
+    if scorer == "knorm":  # heads and layers really keep different entries
+        assert not torch.equal(kept[0][0], kept[0][1]) and not torch.equal(kept[0], kept[1])
+    got = [prefill(smollm, torch.tensor([chunk]), small)[1] for chunk in CHUNKS]
+    reference = masked_reference_logits(smollm, prompt, kept, [torch.tensor([c]) for c in CHUNKS])
+    for mine, ref in zip(got, reference):
+        assert torch.allclose(mine, ref, atol=1e-4), (mine - ref).abs().max()
+    unmasked = prefill(smollm, torch.tensor([CHUNKS[0]]), full.clone())[1]
+    assert (unmasked - reference[0]).abs().max() > 1e-2  # the eviction matters, so the comparison can fail
+    assert small.next_position == prompt.shape[1] + sum(map(len, CHUNKS))
+    assert small.length == 64 + sum(map(len, CHUNKS))
+
+
+def test_positions_continue_from_the_true_length(smollm, prompt, full):
+    small = compress(smollm, full, make_scorer("knorm"), Budget(tokens=48))
+    P = prompt.shape[1]
+    assert small.next_position == P and small.length == 48
+    for layer, positions in enumerate(small.positions):  # kept entries carry their original positions
+        keys = small.layer(layer)[0]
+        assert torch.equal(keys, full.layer(layer)[0].gather(2, positions.unsqueeze(-1).expand_as(keys)))
+    chunk = torch.tensor([CHUNKS[0]])
+    control = small.clone()
+    advanced, right = prefill(smollm, chunk, small)
+    assert advanced.next_position == P + 7 and advanced.length == 48 + 7
+    assert all(torch.equal(p[..., -7:], torch.arange(P, P + 7).expand(1, 3, 7)) for p in advanced.positions)
+    # control: RoPE positions taken from the shrunken cache length give other logits (so the tests can fail)
+    with torch.no_grad():
+        out = smollm.model(input_ids=chunk, past_key_values=control.cache, use_cache=True, logits_to_keep=1)
+    assert (out.logits[:, -1] - right).abs().max() > 1e-2
+
+
+def test_rank_once_cut_many_budgets(smollm, full):
+    scores = rank(smollm, full, make_scorer("keydiff"))
+    before = [k.clone() for k, _ in map(full.layer, range(full.n_layers))]
+    kept = {b: evict(full, scores, Budget(tokens=b)).positions for b in (24, 48, 96)}
+    for small, large in ((24, 48), (48, 96)):
+        for p_small, p_large in zip(kept[small], kept[large]):
+            assert torch.isin(p_small, p_large).all()  # nested per head
+    assert all(torch.equal(b, full.layer(i)[0]) for i, b in enumerate(before))  # input untouched
+
+
+def test_clone_is_independent(smollm, full):
+    copy = full.clone()
+    prefill(smollm, torch.tensor([[504, 3794]]), copy)
+    assert copy.length == full.length + 2 and copy.next_position == full.next_position + 2
+    assert full.layer(0)[0].shape[2] == full.length == len(full.positions[0][0, 0])
+    assert copy.layer(0)[0].data_ptr() != full.layer(0)[0].data_ptr()
+
+
+def test_bounded_decoding_never_exceeds_budget_plus_every(smollm, full):
+    budget, every = Budget(tokens=40), 8
+    state = compress(smollm, full, make_scorer("knorm"), budget)
+    seen = []
+    hook = smollm.layers[0].self_attn.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["past_key_values"].layers[0].keys.shape[2]),
+        with_kwargs=True,
+    )
+    try:
+        tokens = greedy_decode(smollm, state, state.logits, 30, stop_ids=(), bounded=BoundedDecoding(make_scorer("knorm"), budget, every))
+    finally:
+        hook.remove()
+    assert len(tokens) == 30 and len(seen) == 30
+    assert max(seen) == budget.tokens + every and min(seen) == budget.tokens + 1
+    assert state.length <= budget.tokens + every and state.next_position == full.next_position + 30
+
+
+def test_bounded_decoding_refusals():
+    with pytest.raises(KVPError, match="attention-free"):
+        BoundedDecoding(make_scorer("snapkv"), Budget(tokens=64))
+    with pytest.raises(KVPError, match="absolute token budget"):
+        BoundedDecoding(make_scorer("knorm"), Budget(ratio=0.5))
+    with pytest.raises(KVPError):
+        BoundedDecoding(make_scorer("knorm"), Budget(tokens=64), every=0)
+
+
+def test_continuation_nll_matches_a_single_forward(smollm, prompt, full):
+    continuation = essay_ids(smollm, 12, essay=3)
+    nll = continuation_nll(smollm, full, continuation)
+    assert full.next_position == prompt.shape[1]  # untouched
+    with torch.no_grad():
+        logits = smollm.model(torch.cat([prompt, continuation], dim=1)).logits[0, prompt.shape[1] - 1 : -1]
+    assert torch.allclose(nll, F.cross_entropy(logits, continuation[0], reduction="none"), atol=1e-4)
+    small = compress(smollm, full, make_scorer("knorm"), Budget(tokens=32))
+    assert not torch.allclose(continuation_nll(smollm, small, continuation), nll, atol=1e-3)
+
+
+def test_generate_labels_protocol_and_shrinks_cache(smollm):
+    context = load_essays()[4].text[:900]
+    full = generate(smollm, context, " Summarize.", None, None, max_new_tokens=6)
+    same = generate(smollm, context, " Summarize.", make_scorer("knorm"), Budget(tokens=5000), max_new_tokens=6)
+    assert full.text == same.text and full.cache_bytes_full == same.cache_bytes_compressed
+    for protocol in ("query-aware", "question-agnostic"):
+        result = generate(smollm, context, " Summarize.", make_scorer("snapkv"), Budget(tokens=80), protocol, max_new_tokens=4)
+        assert result.protocol == protocol and result.to_dict()["protocol"] == protocol
+        assert result.cache_tokens_compressed == 80
+        assert result.cache_bytes_compressed * result.cache_tokens_full == result.cache_bytes_full * 80
+        expected_full = result.context_tokens + (result.question_tokens if protocol == "query-aware" else 0)
+        assert result.cache_tokens_full == expected_full and result.token_ids
+    with pytest.raises(KVPError, match="protocol"):
+        generate(smollm, context, "?", make_scorer("knorm"), Budget(tokens=8), "sideways")
+
+
+def test_dialogue_compresses_every_turn_and_continues(smollm):
+    turns = ["Tell me one fact about the moon.", "And one about the sun?", "Which is bigger?"]
+    budget = Budget(tokens=48)
+    results, state = converse(smollm, turns, make_scorer("knorm"), budget, max_new_tokens=8)
+    fed = 0
+    for r in results:
+        assert r.cache_tokens_after == min(48, r.cache_tokens_before) and r.token_ids
+    assert state.next_position > results[0].cache_tokens_before + 16 and state.length < state.next_position
+    agnostic, _ = converse(smollm, turns[:2], make_scorer("keydiff"), budget, "question-agnostic", max_new_tokens=4)
+    assert agnostic[0].cache_tokens_before == 0 and agnostic[1].cache_tokens_after == 48
+    with pytest.raises(KVPError, match="query-aware"):
+        converse(smollm, turns, make_scorer("tova"), budget, "question-agnostic")
+
+
+def test_teacher_forced_dialogue_without_eviction_matches_one_pass(smollm):
+    turns, answers = ["Name a colour.", "Another one?"], ["Blue is a colour.", "Green."]
+    results, state = converse(smollm, turns, make_scorer("knorm"), Budget(tokens=100_000), reference_answers=answers)
+    messages, text, ids, answer_slices = [], "", [], []
+    for user, answer in zip(turns, answers):
+        messages.append({"role": "user", "content": user})
+        prompt = smollm.chat(messages)
+        ids += smollm.encode(prompt[len(text):])[0].tolist()
+        answer_ids = smollm.encode(answer)[0].tolist()
+        answer_slices.append(slice(len(ids), len(ids) + len(answer_ids)))
+        ids += answer_ids
+        messages.append({"role": "assistant", "content": answer})
+        text = prompt + answer
+    assert state.next_position == state.length == len(ids)
+    with torch.no_grad():
+        logits = smollm.model(torch.tensor([ids])).logits[0]
+    for r, where in zip(results, answer_slices):
+        expected = F.cross_entropy(logits[where.start - 1 : where.stop - 1], torch.tensor(ids[where]), reduction="none")
+        assert torch.allclose(torch.tensor(r.nll), expected, atol=1e-4)
+
+
+def test_query_scorers_need_recorded_queries(smollm, prompt, full):
+    bare, _ = prefill(smollm, prompt[:, :40])
+    with pytest.raises(KVPError, match="record_queries"):
+        rank(smollm, bare, make_scorer("tova"))
+    small = compress(smollm, full, make_scorer("tova"), Budget(tokens=64))  # evicting drops the recording
+    with pytest.raises(KVPError, match="record_queries"):
+        rank(smollm, small, make_scorer("h2o"))
+    short, _ = prefill(smollm, prompt[:, :30], record_queries=30)
+    with pytest.raises(KVPError, match="65"):
+        rank(smollm, short, make_scorer("snapkv"))
+
+
+def test_bad_inputs_are_refused(smollm, prompt, full):
+    with pytest.raises(KVPError, match="padded"):
+        prefill(smollm, torch.ones(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]))
+    with pytest.raises(KVPError, match="batch size"):
+        prefill(smollm, torch.ones(2, 3, dtype=torch.long), full.clone())
+    with pytest.raises(KVPError, match="positions"):
+        prefill(smollm, torch.ones(1, smollm.info.max_positions, dtype=torch.long), full.clone())
+    with pytest.raises(KVPError, match="layers"):
+        evict(full, rank(smollm, full, make_scorer("knorm"))[:3], Budget(tokens=8))
+    with pytest.raises(KVPError, match="empty"):
+        prefill(smollm, torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_sliding_window_model_is_refused():
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    info = ModelInfo("tiny-sliding", "qwen2", 4, 2, 4, 8, 64, "none")
+    handle = ModelHandle(info=info, model=Qwen2ForCausalLM(config).eval(), tokenizer=None)
+    with pytest.raises(KVPError, match=r"sliding-window attention in layers \[2, 3\]"):
+        prefill(handle, torch.ones(1, 4, dtype=torch.long))

@@ -1,0 +1,134 @@
+"""PolicyNet: the batched all-agents network equals one plain nn.Module network per agent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvpolicy.errors import KVPError
+from kvpolicy.training.policy import PolicyConfig, PolicyNet
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[0], w.shape[1])
+    layer.weight.data, layer.bias.data = w.T.clone(), b.clone()
+    return layer
+
+
+def _norm(w: torch.Tensor, b: torch.Tensor) -> nn.LayerNorm:
+    layer = nn.LayerNorm(w.shape[0])
+    layer.weight.data, layer.bias.data = w.clone(), b.clone()
+    return layer
+
+
+def reference_agent(net: PolicyNet, a: int, keys, values, positions, length) -> torch.Tensor:
+    """The paper's network for agent `a` written plainly: keys/values (T, d), positions (T,) -> scores (T,)."""
+    p = {name: t[a].detach() for name, t in net.named_parameters()}
+    cfg = net.config
+    k = _norm(p["key_ln_w"], p["key_ln_b"])(_linear(p["key_w"], p["key_b"])(keys))
+    v = _norm(p["value_ln_w"], p["value_ln_b"])(_linear(p["value_w"], p["value_b"])(values))
+    pos = torch.zeros(len(positions), cfg.position_dim)
+    if cfg.position_encoding in ("absolute", "both"):
+        table = nn.Embedding.from_pretrained(p["position_table"])
+        pos = pos + table(positions.clamp(max=cfg.max_position - 1))
+    if cfg.position_encoding in ("relative", "both"):
+        feats = torch.stack(
+            [positions / length, torch.log1p((length - 1 - positions).float()), torch.log1p(positions.float())], -1
+        )
+        pos = pos + _linear(p["position_w"], p["position_b"])(feats)
+    pos = _norm(p["position_ln_w"], p["position_ln_b"])(pos)
+    x = torch.cat([k, v, pos], -1)
+    x = F.silu(_norm(p["ln1_w"], p["ln1_b"])(_linear(p["fc1_w"], p["fc1_b"])(x)))
+    x = F.silu(_norm(p["ln2_w"], p["ln2_b"])(_linear(p["fc2_w"], p["fc2_b"])(x)))
+    return _linear(p["out_w"], p["out_b"])(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("encoding", ["absolute", "relative", "both"])
+def test_batched_forward_equals_per_agent_reference(encoding):
+    torch.manual_seed(0)
+    cfg = PolicyConfig(n_layers=3, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, max_position=40, position_encoding=encoding)
+    net = PolicyNet(cfg)
+    a, b, t = cfg.n_agents, 2, 30
+    keys, values = torch.randn(a, b, t, 8), torch.randn(a, b, t, 8)
+    positions = torch.stack([torch.randperm(60)[:t].sort().values for _ in range(a * b)]).reshape(a, b, t)
+    lengths = torch.tensor([60, 70]).reshape(1, b, 1)
+    scores = net(keys, values, positions, lengths)
+    assert scores.shape == (a, b, t) and scores.dtype == torch.float32
+    for ai in range(a):
+        for bi in range(b):
+            ref = reference_agent(net, ai, keys[ai, bi], values[ai, bi], positions[ai, bi], int(lengths[0, bi, 0]))
+            torch.testing.assert_close(scores[ai, bi], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_score_layer_uses_that_layers_agents_and_shared_positions():
+    torch.manual_seed(1)
+    cfg = PolicyConfig(n_layers=4, n_kv_heads=3, head_dim=8, hidden=8, max_position=64)
+    net = PolicyNet(cfg)
+    bsz, h, t = 2, 3, 20
+    keys, values = torch.randn(bsz, h, t, 8), torch.randn(bsz, h, t, 8)
+    positions = torch.arange(t).expand(bsz, h, t)
+    out = net.score_layer(2, keys, values, positions)
+    assert out.shape == (bsz, h, t)
+    direct = net(keys.transpose(0, 1), values.transpose(0, 1), positions.transpose(0, 1), torch.full((1, bsz, 1), t), slice(6, 9))
+    torch.testing.assert_close(out, direct.transpose(0, 1))
+    # shared positions (1, B, T) broadcast over agents
+    shared = net(keys.transpose(0, 1), values.transpose(0, 1), positions[:, 0].unsqueeze(0), torch.full((1, bsz, 1), t), slice(6, 9))
+    torch.testing.assert_close(shared, direct)
+    with pytest.raises(KVPError, match="4 layers x 3 KV heads"):
+        net.score_layer(4, keys, values, positions)
+    with pytest.raises(KVPError, match="KV heads"):
+        net.score_layer(0, keys[:, :2], values[:, :2], positions[:, :2])
+
+
+def test_agents_are_independent_and_all_parameters_get_gradients():
+    torch.manual_seed(2)
+    cfg = PolicyConfig(n_layers=2, n_kv_heads=2, head_dim=8, hidden=8, max_position=32)
+    net = PolicyNet(cfg)
+    keys, values = torch.randn(4, 1, 10, 8), torch.randn(4, 1, 10, 8)
+    pos, length = torch.arange(10).reshape(1, 1, 10), torch.full((1, 1, 1), 10)
+    before = net(keys, values, pos, length).detach()
+    with torch.no_grad():
+        net.fc2_w[1].add_(torch.randn_like(net.fc2_w[1]))
+    after = net(keys, values, pos, length)
+    assert not torch.allclose(after[1], before[1])
+    torch.testing.assert_close(after[[0, 2, 3]], before[[0, 2, 3]])
+    after.sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_positions_beyond_the_table_are_clamped_and_relative_features_stay_finite():
+    torch.manual_seed(3)
+    cfg = PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, hidden=8, max_position=16, position_encoding="absolute")
+    net = PolicyNet(cfg)
+    k, v = torch.randn(1, 1, 3, 8).expand(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    k = k[:, :, :1].expand(1, 1, 3, 8)
+    v = v[:, :, :1].expand(1, 1, 3, 8)
+    scores = net(k, v, torch.tensor([[[15, 100, 100_000]]]), torch.full((1, 1, 1), 100_001))
+    assert torch.allclose(scores[0, 0, 0], scores[0, 0, 1]) and torch.allclose(scores[0, 0, 1], scores[0, 0, 2])
+    both = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, max_position=16))
+    far = both(k, v, torch.tensor([[[0, 50_000, 99_999]]]), torch.full((1, 1, 1), 100_000))
+    assert torch.isfinite(far).all()
+
+
+def test_bf16_forward_is_close_to_fp32():
+    torch.manual_seed(4)
+    net = PolicyNet(PolicyConfig(n_layers=2, n_kv_heads=2, head_dim=16, hidden=16, max_position=64))
+    keys, values = torch.randn(4, 2, 32, 16), torch.randn(4, 2, 32, 16)
+    pos, length = torch.arange(32).expand(1, 2, 32), torch.full((1, 2, 1), 32)
+    full = net(keys, values, pos, length)
+    half = net(keys.bfloat16(), values.bfloat16(), pos, length)
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
+
+
+def test_config_validation():
+    with pytest.raises(KVPError, match="hidden"):
+        PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, hidden=0)
+    with pytest.raises(KVPError, match="position_encoding"):
+        PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, position_encoding="rope")
+    net = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8))
+    with pytest.raises(KVPError, match="head_dim 8"):
+        net(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.arange(4).reshape(1, 1, 4), torch.full((1, 1, 1), 4))

@@ -1,0 +1,132 @@
+"""The report: aggregation maths, figures and pages from a synthetic results file (no model needed)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.store import ResultStore
+from kvpolicy.report.aggregate import curve_groups, head_maps
+from kvpolicy.report.render import write_report
+
+RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
+DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
+SCORERS = [("knorm", "KNorm", "heuristic"), ("tova", "TOVA", "heuristic"), ("kvp:ck", "KVP", "learned")]
+BUDGETS = [("64", 64), ("128", 128), ("256", 256)]
+
+
+def _base(scorer, label, kind, budget, kept, task, family, metric, protocol, data, sample):
+    return {
+        "model": "smollm2-135m", "model_fingerprint": "abc123", "scorer": scorer, "scorer_label": label,
+        "scorer_kind": kind, "scorer_id": f"id-{scorer}", "budget": budget, "kept": kept, "task": task,
+        "family": family, "metric": metric, "protocol": protocol, "data": data, "context_tokens": 512, "seed": 0,
+        "sample": sample,
+    }
+
+
+def synthetic_records(store: ResultStore, n: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    for task in ("niah_single_1", "vt"):
+        for s in range(n):
+            for scorer, label, kind in SCORERS + [("full", "full cache", "reference")]:
+                budgets = [("full", 500)] if scorer == "full" else BUDGETS
+                for budget, kept in budgets:
+                    value = float(rng.random() < kept / 300)
+                    store.append(_base(scorer, label, kind, budget, kept, task, "RULER-style", "accuracy",
+                                       "query-aware", RULER_DATA, f"{task}-{s}") | {"value": value})
+    for s in range(n):
+        for scorer, label, kind in SCORERS:
+            for budget, kept in BUDGETS:
+                nll = float(rng.uniform(1, 3)) * 20
+                store.append(_base(scorer, label, kind, budget, kept, "dialogue", "dialogue", "perplexity",
+                                   "multi-turn", DIALOGUE_DATA, f"d-{s}") | {"nll_sum": nll, "n_tokens": 20,
+                                                                             "value": math.exp(nll / 20)})
+    for s in range(n):
+        for scorer, label, kind in SCORERS + [("oracle", "Oracle", "oracle")]:
+            for budget, kept in BUDGETS + [("all", 0)]:
+                per_head = rng.uniform(1, 3, size=(4, 3)) if scorer != "oracle" else np.ones((4, 3))
+                store.append(_base(scorer, label, kind, budget, kept, "traces", "held-out traces", "cost", "traces",
+                                   "held-out RULER-style traces", f"t-{s}")
+                             | {"value": float(per_head.mean()), "per_head": per_head.tolist()})
+
+
+@pytest.fixture
+def results(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    synthetic_records(store)
+    return store
+
+
+def test_accuracy_is_mean_over_samples_and_average_over_tasks(results):
+    records = results.records()
+    groups = {g.metric: g for g in curve_groups(records)}
+    acc = groups["accuracy"]
+    assert [p.title for p in acc.panels] == ["niah_single_1", "vt", "average over 2 tasks"]
+    for panel in acc.panels[:2]:
+        for line in panel.lines:
+            for p in line.points:
+                vals = [r["value"] for r in records if r["task"] == panel.title and r["scorer_label"] == line.scorer
+                        and r["budget"] == p.budget]
+                assert p.y == pytest.approx(100 * np.mean(vals)) and p.n == len(vals) == 3
+        assert panel.reference is not None and panel.reference.x == 500
+    avg = acc.panels[2]
+    for line in avg.lines:
+        for p in line.points:
+            per_task = [next(q for l in pan.lines if l.scorer == line.scorer for q in l.points if q.budget == p.budget).y
+                        for pan in acc.panels[:2]]
+            assert p.y == pytest.approx(np.mean(per_task))
+
+
+def test_perplexity_pools_tokens_before_exponentiating(results):
+    records = results.records()
+    ppl = next(g for g in curve_groups(records) if g.metric == "perplexity")
+    line = ppl.panels[0].lines[0]
+    rs = [r for r in records if r["metric"] == "perplexity" and r["scorer_label"] == line.scorer and r["budget"] == "64"]
+    expected = math.exp(sum(r["nll_sum"] for r in rs) / sum(r["n_tokens"] for r in rs))
+    assert next(p for p in line.points if p.budget == "64").y == pytest.approx(expected)
+
+
+def test_best_heuristic_map_excludes_oracle_and_learned(results):
+    (head_map,) = head_maps(results.records())
+    assert head_map.heuristics == ["KNorm", "TOVA"]
+    best, names = head_map.best_heuristic()
+    expected = np.where(head_map.cost["KNorm"] <= head_map.cost["TOVA"], 0, 1)
+    np.testing.assert_array_equal(best, expected)
+    assert best.shape == (4, 3)
+
+
+def test_report_writes_html_markdown_and_figures(results, tmp_path):
+    paths = write_report(results.path, tmp_path / "report")
+    html = paths.html.read_text()
+    md = paths.markdown.read_text()
+    assert len(paths.figures) == 4  # accuracy, perplexity, cost curves, head map
+    assert html.count("data:image/png;base64,") == 4 and "src='figures" not in html  # self-contained
+    for fig in paths.figures:
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{fig.name}" in md
+    for text in (html, md):
+        assert RULER_DATA in text and DIALOGUE_DATA in text
+        assert "model: smollm2-135m" in text and "protocol: multi-turn" in text and "n = 3 samples" in text
+    # a table behind every figure: one per curve figure + two for the head map
+    assert len(re.findall(r"^\| task \| scorer", md, flags=re.M)) == 3
+    assert "heads where it is the best heuristic" in md
+
+
+def test_empty_results_file_is_refused_with_a_message(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(KVPError, match="holds no results yet"):
+        write_report(empty, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_cli(results, tmp_path, capsys):
+    from kvpolicy.cli import main
+
+    assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
