@@ -1,9 +1,15 @@
-"""Scores of the query-based baselines (TOVA, SnapKV) on a trace's prompt, stored beside the trace.
+"""Scores of the query-based baselines TOVA and SnapKV on a trace's prompt, stored beside the trace.
 
 Traces keep no queries, but the ranking-quality benchmark compares the learned policy against TOVA and SnapKV,
-which look at the attention of the prompt's last rows (the question). Those rows' attention inputs are recorded
-during the prefill anyway, so the scores cost one small window-attention per layer. The scoring itself is
-kvpress's own `TOVAPress.score` / `SnapKVPress.score`.
+which see the attention of the prompt's last rows (the question). Those rows' attention inputs are recorded during
+the prefill, so both scores come from ONE window attention (W = 64 rows, kvpress's SnapKV default) batched over
+all layers. The definitions follow kvpress exactly; `baseline_scores_reference` calls kvpress's own
+`TOVAPress.score` / `SnapKVPress.score` layer by layer and the tests compare the two.
+
+TOVA (https://arxiv.org/abs/2401.06104): attention of the last prompt row, averaged over all query heads.
+SnapKV (https://arxiv.org/abs/2404.14469): attention of the last W rows averaged over rows, smoothed by a
+width-5 average pool, averaged over the KV head's query group. Both give the observation window (TOVA: the last
+token) the score max + 1, as kvpress does.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kvpolicy.errors import KVPError
-from kvpolicy.traces.utility import AttentionInputs
+from kvpolicy.traces.utility import AttentionInputs, project_queries
 
 SNAPKV_WINDOW = 64  # kvpress default observation window
 SNAPKV_KERNEL = 5
@@ -31,14 +38,45 @@ def rows_needed(names: Sequence[str], prompt_length: int) -> int:
     return baseline_window(prompt_length) + 1 if names else 0
 
 
-def _press(name: str, prompt_length: int):
-    from kvpress import SnapKVPress, TOVAPress
+def _check(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise KVPError(f"unknown baselines {unknown}; known baselines: {', '.join(BASELINES)}")
 
-    if name == "tova":
-        return TOVAPress()
-    if name == "snapkv":
-        return SnapKVPress(window_size=baseline_window(prompt_length), kernel_size=SNAPKV_KERNEL)
-    raise KVPError(f"unknown baseline '{name}'; known baselines: {', '.join(BASELINES)}")
+
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """queries (L, Hq, W, d) of the prompt's last W rows, keys (L, H, T, d) -> causal softmax (L, Hq, W, T) fp32."""
+    n_layers, n_q, window, dim = queries.shape
+    n_kv, length = keys.shape[1], keys.shape[2]
+    group = n_q // n_kv
+    q = queries.float().reshape(n_layers * n_kv, group * window, dim)
+    k = keys.float().reshape(n_layers * n_kv, length, dim)
+    logits = torch.bmm(q, k.transpose(1, 2)).view(n_layers, n_q, window, length) * scaling
+    rows = torch.arange(length - window, length, device=keys.device)
+    logits.masked_fill_(torch.arange(length, device=keys.device)[None, :] > rows[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _pad_window(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Append `width` columns holding each layer's max + 1 (the window is never evicted)."""
+    top = scores.flatten(1).amax(dim=1)[:, None, None] + 1
+    return torch.cat([scores, top.expand(*scores.shape[:2], width)], dim=-1)
+
+
+def tova_from_attention(probs: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """probs (L, Hq, W, T) -> (L, H, T): the last row's attention, mean over all query heads."""
+    last = probs[:, :, -1, :-1].mean(dim=1, keepdim=True).expand(-1, n_kv, -1)
+    return _pad_window(last, 1)
+
+
+def snapkv_from_attention(probs: torch.Tensor, n_kv: int, kernel: int = SNAPKV_KERNEL) -> torch.Tensor:
+    """probs (L, Hq, W, T) -> (L, H, T): window rows' mean attention to the keys before the window, pooled,
+    averaged over each KV head's query group."""
+    n_layers, n_q, window, length = probs.shape
+    scores = probs[..., : length - window].mean(dim=-2)
+    scores = F.avg_pool1d(scores, kernel_size=kernel, padding=kernel // 2, stride=1)
+    scores = scores.view(n_layers, n_kv, n_q // n_kv, length - window).mean(dim=2)
+    return _pad_window(scores, window)
 
 
 def baseline_scores(
@@ -46,20 +84,41 @@ def baseline_scores(
     attention_modules: Sequence[torch.nn.Module],
     recorded: Sequence[AttentionInputs],
     keys: Sequence[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """{name: (L, H, T) fp32} scores, higher = keep.
+
+    recorded: per layer, the attention inputs of (at least) the prompt's last `rows_needed(names, T)` rows;
+    keys: per layer, the cache keys (1, H, T, d) right after the prompt's prefill.
+    """
+    _check(names)
+    if not names:
+        return {}
+    length, n_kv = keys[0].shape[-2], keys[0].shape[1]
+    window = baseline_window(length)
+    queries = torch.stack([project_queries(a, r)[:, -window:] for a, r in zip(attention_modules, recorded)])
+    probs = window_attention(queries, torch.cat(list(keys)), attention_modules[0].scaling)
+    make = {"tova": tova_from_attention, "snapkv": snapkv_from_attention}
+    return {name: make[name](probs, n_kv) for name in names}
+
+
+def baseline_scores_reference(
+    names: Sequence[str],
+    attention_modules: Sequence[torch.nn.Module],
+    recorded: Sequence[AttentionInputs],
+    keys: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """{name: (L, H, T) fp32} scores, higher = keep, from the prompt's last rows.
+    """The same scores from kvpress's own presses, one layer at a time (slow; for tests)."""
+    from kvpress import SnapKVPress, TOVAPress
 
-    recorded: per layer, the attention inputs of the prompt's last `rows_needed(names, T)` rows;
-    keys, values: per layer, the cache (1, H, T, d) right after the prompt's prefill.
-    """
-    scores: dict[str, torch.Tensor] = {}
-    prompt_length = keys[0].shape[-2]
+    _check(names)
+    length = keys[0].shape[-2]
+    presses = {"tova": TOVAPress(), "snapkv": SnapKVPress(window_size=baseline_window(length), kernel_size=SNAPKV_KERNEL)}
+    scores = {}
     for name in names:
-        press = _press(name, prompt_length)
         per_layer = [
-            press.score(attn, inp.hidden_states, k, v, None, {"position_embeddings": (inp.cos, inp.sin)})[0]
-            for attn, inp, k, v in zip(attention_modules, recorded, keys, values)
+            presses[name].score(a, r.hidden_states, k, v, None, {"position_embeddings": (r.cos, r.sin)})[0]
+            for a, r, k, v in zip(attention_modules, recorded, keys, values)
         ]
         scores[name] = torch.stack(per_layer).float()
     return scores

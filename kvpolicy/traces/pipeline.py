@@ -78,7 +78,7 @@ class TraceRunConfig:
                        "stop": "end-of-turn token (included)" if self.future.mode == "greedy" else "reference turn end"},
             "seeds": source_seeds(self.source, self.seed, self.tasks),
             "baselines": {"names": list(self.baselines), "dtype": "float32", "snapkv_window": SNAPKV_WINDOW,
-                          "snapkv_kernel": SNAPKV_KERNEL, "implementation": "kvpress TOVAPress/SnapKVPress.score"},
+                          "snapkv_kernel": SNAPKV_KERNEL, "implementation": "kvpress TOVAPress/SnapKVPress.score definitions, batched over layers"},
             "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"},
             "code_version": code_version(),
         }

@@ -65,6 +65,8 @@ class _Stopwatch:
         self._start = time.perf_counter()
 
     def __exit__(self, *exc):
+        if torch.cuda.is_available():  # GPU work is asynchronous: count it where it runs
+            torch.cuda.synchronize()
         self.seconds += time.perf_counter() - self._start
 
 
@@ -78,7 +80,7 @@ def greedy_continuation(handle: ModelHandle, cache: DynamicCache, logits: torch.
         tokens.append(token)
         if token in stop or len(tokens) >= max_tokens:
             return tokens
-        out = handle.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        out = handle.model(input_ids=torch.tensor([[token]], device=logits.device), past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
 
 
@@ -111,6 +113,8 @@ def record_trace(
                      f"{info.max_positions} positions")
         max_future = room
     attn = [layer.self_attn for layer in handle.layers]
+    device = model.device
+    prompt_ids = prompt_ids.to(device)
     stopwatch = _Stopwatch()
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
@@ -120,21 +124,19 @@ def record_trace(
             else:
                 model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         layer_caches = cache.layers
-        scores = baseline_scores(baselines, attn, rec.records, [c.keys for c in layer_caches],
-                                 [c.values for c in layer_caches])
+        scores = baseline_scores(baselines, attn, rec.records, [c.keys for c in layer_caches])
         if future.mode == "greedy":
             with stopwatch:
                 future_ids = greedy_continuation(handle, cache, logits, max_future)
             cache.crop(n_prompt)
         else:
-            future_ids = reference_ids[0, :max_future].tolist()
-            if reference_ids.shape[1] > max_future:
-                notes.append(f"reference future truncated from {reference_ids.shape[1]} to {max_future} tokens")
-        keys = torch.stack([c.keys[0, :, :n_prompt] for c in layer_caches]).half()
-        values = torch.stack([c.values[0, :, :n_prompt] for c in layer_caches]).half()
+            future_ids = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
+        keys = torch.stack([c.keys[0, :, :n_prompt] for c in layer_caches]).half().cpu()
+        values = torch.stack([c.values[0, :, :n_prompt] for c in layer_caches]).half().cpu()
         with stopwatch, record_attention_inputs(handle.layers, rows=len(future_ids)) as rec:
-            model.model(input_ids=torch.tensor([future_ids]), past_key_values=cache, use_cache=True)
-        utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt)
+            model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
+        utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt).cpu()
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    scores = {name: s.cpu() for name, s in scores.items()}
     return Trace(keys, values, utility, scores, future_ids, stopwatch.seconds, notes)

@@ -9,6 +9,7 @@ Implements the TraceReader reading interface (kvpolicy/traces/store.py).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -60,3 +61,29 @@ class SyntheticTraces:
         utility = self.utility_of(keys)
         chosen = list(range(self.n_layers)) if layers is None else list(layers)
         return TraceSample(keys[chosen], values[chosen], utility[chosen], torch.arange(self.length))
+
+
+def write_synthetic_traces(directory: str | Path, source: SyntheticTraces) -> Path:
+    """Store `source` as a trace directory (the real shard + manifest format of kvpolicy.traces.store), so the
+    `kvp train` command can be exercised without recording from a model."""
+    from kvpolicy.traces.store import FORMAT, TraceWriter, write_manifest
+
+    config = {
+        "format": FORMAT,
+        "model": {"name": source.model_name, "fingerprint": source.fingerprint, "n_layers": source.n_layers,
+                  "n_kv_heads": source.n_kv_heads, "head_dim": source.head_dim},
+        "source": "synthetic",
+        "split": f"seed{source.seed}",
+        "future": {"mode": "synthetic"},
+        "seeds": {"seed": source.seed},
+        "baselines": {"names": []},
+    }
+    writer = TraceWriter(directory, config)
+    for i in range(len(source)):
+        t = source.read_layers(i)
+        record = {"id": f"synthetic-{source.seed}-{i}", "length": source.length, "seconds": 0.0, "model_seconds": 0.0,
+                  "code_version": "synthetic"}
+        writer.add(i, record, {"keys": t.keys, "values": t.values, "utility": t.utility})
+    writer.close()
+    write_manifest(directory, config, len(source))
+    return Path(directory)

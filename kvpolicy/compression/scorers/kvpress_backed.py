@@ -123,7 +123,7 @@ class _FuturePositionsPress(ExpectedAttentionPress):
 
 
 @contextlib.contextmanager
-def _rotary_attached(module: torch.nn.Module, rotary_emb: torch.nn.Module | None) -> Iterator[None]:
+def rotary_attached(module: torch.nn.Module, rotary_emb: torch.nn.Module | None) -> Iterator[None]:
     """Give `module` the `rotary_emb` attribute kvpress expects (kvpress sets it inside its press context)."""
     if hasattr(module, "rotary_emb") or rotary_emb is None:
         yield
@@ -159,5 +159,5 @@ class ExpectedAttentionScorer(KVPressScorer):
 
     def score(self, view: LayerView) -> torch.Tensor:
         self._press.future_start = int(view.positions.max()) + 1
-        with _rotary_attached(view.module, view.rotary_emb):
+        with rotary_attached(view.module, view.rotary_emb):
             return super().score(view)

@@ -1,0 +1,62 @@
+"""KVP: the learned per-(layer, KV head) eviction policy as a scorer (`make_scorer("kvp:CKPT")`).
+
+Moschella, Manduchi, Sener, "Learning to Evict from Key-Value Cache" (arXiv 2602.10238). Each head's agent
+scores cached tokens from their key, value and position alone, so the scorer is attention-free: it can re-rank
+the cache at any time, during decoding included. The checkpoint comes from `kvp train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpolicy.compression.scorers.base import LayerView, Scorer
+from kvpolicy.training.checkpoint import Checkpoint, check_model, load_checkpoint
+
+
+@dataclass
+class KVPScorer(Scorer):
+    """checkpoint: a `kvp train` output directory. model: optional ModelInfo the policy will be applied to;
+    when given, a checkpoint trained for another model (fingerprint or shape) is refused at construction.
+    dtype: "float32" or "bfloat16" for the policy's matmuls."""
+
+    name = "kvp"
+    query_window = 0
+    checkpoint: str = ""
+    model: Any = field(default=None, repr=False)
+    dtype: str = "float32"
+    _loaded: Checkpoint = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._loaded = load_checkpoint(self.checkpoint, model=self.model)
+
+    @property
+    def policy(self):
+        return self._loaded.policy
+
+    def check_model(self, info: Any) -> None:
+        """Refuse to score a model the policy was not trained for (info: ModelInfo)."""
+        check_model(self._loaded.config, info, self.checkpoint)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        device = next(self.policy.parameters()).device
+        with torch.no_grad():
+            scores = self.policy.score_layer(
+                view.layer_idx, view.keys.to(device, dtype), view.values.to(device, dtype), view.positions.to(device)
+            )
+        return scores.to(view.keys.device)
+
+    def identity(self) -> dict[str, Any]:
+        model = self._loaded.config["model"]
+        return {
+            "name": self.name,
+            "checkpoint": str(Path(self.checkpoint)),
+            "sha256": self._loaded.sha256,
+            "model": model["name"],
+            "fingerprint": model["fingerprint"],
+            "dtype": self.dtype,
+        }

@@ -1,0 +1,114 @@
+"""`kvp traces`: record future-utility training traces; under `torchrun --nproc_per_node K` the ranks split them.
+
+    kvp traces --model smollm2-135m --source ruler --split train --n 64 --context 2048 --future-tokens 300 --out DIR
+    torchrun --nproc_per_node 2 -m kvpolicy.cli traces ... --out DIR
+
+Each rank writes its own shards; once all ranks are done (gloo all-reduce of their status) rank 0 writes the one
+manifest. Re-running the same command resumes: complete shards are kept and their samples skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from kvpolicy.errors import KVPError
+from kvpolicy.models.registry import DEFAULT_MODEL
+from kvpolicy.traces.baselines import BASELINES
+from kvpolicy.traces.record import FUTURE_MODES, FutureConfig
+from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or HF directory")
+    parser.add_argument("--source", required=True, choices=SOURCES, help="training prompts: RULER-style tasks or "
+                        "ShareGPT dialogues (stand-in for OASST2)")
+    parser.add_argument("--split", default="train", choices=TRACE_SPLITS)
+    parser.add_argument("--n", type=int, required=True, help="number of prompts (samples 0..n-1 of the split)")
+    parser.add_argument("--context", type=int, default=2048, help="prompt length in the model's tokens")
+    parser.add_argument("--future-tokens", type=int, default=300, help="future length F (paper: 300)")
+    parser.add_argument("--future", default="greedy", choices=FUTURE_MODES,
+                        help="greedy: the model's own continuation; reference: the data's, teacher-forced")
+    parser.add_argument("--seed", type=int, default=0, help="RULER generator seed")
+    parser.add_argument("--tasks", help="comma-separated RULER tasks (default: all)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="query-based baseline scores stored per sample: comma list or 'none'")
+    parser.add_argument("--shard-mb", type=int, default=128, help="target shard size in MiB")
+    parser.add_argument("--out", required=True, help="output directory (resumable)")
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip() and t.strip() != "none")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, with a gloo process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _reduce(values: list[int], world: int, op: str) -> list[int]:
+    """Element-wise "min" or "sum" of `values` over all ranks (a collective: every rank must call it)."""
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.models.loader import load_model
+    from kvpolicy.traces.pipeline import TraceRunConfig, finish, run_traces
+
+    rank, world = _distributed()
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    recorded = skipped = 0
+    try:
+        cfg = TraceRunConfig(
+            source=args.source, split=args.split, n=args.n, context_tokens=args.context,
+            future=FutureConfig(args.future, args.future_tokens), seed=args.seed,
+            tasks=_names(args.tasks) or None, baselines=_names(args.baselines), shard_bytes=args.shard_mb << 20,
+        )
+        handle = load_model(args.model)
+        result = run_traces(handle, cfg, args.out, rank=rank, world=world, show_progress=rank == 0)
+        recorded, skipped = result.recorded, result.skipped
+    except (KVPError, OSError, KeyboardInterrupt) as err:
+        failure = err
+    try:
+        # every rank reaches this point even after an error, so no rank waits forever on the others
+        all_ok = _reduce([int(failure is None)], world, "min")[0]
+        recorded, skipped = _reduce([recorded, skipped], world, "sum")
+        manifest = None
+        if all_ok and rank == 0:
+            try:
+                wall = time.perf_counter() - start
+                manifest = finish(handle, cfg, args.out, {"last_run": {
+                    "world_size": world, "wall_seconds": round(wall, 3), "recorded": recorded, "skipped": skipped}})
+            except KVPError as err:
+                failure = err
+        manifest_ok = _reduce([int(failure is None)], world, "min")[0]
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if failure is not None:
+        raise failure
+    if not (all_ok and manifest_ok):
+        raise KVPError(f"another rank failed (rank {rank} finished its part); re-run the same command to resume")
+    if manifest is not None:
+        print(f"{manifest['n_samples']} traces ({manifest['prompt_tokens']} prompt tokens) of {handle.info.name} in "
+              f"{args.out}: {recorded} recorded now, {skipped} were already there; "
+              f"{manifest['generation_seconds']:.1f} s of generation in total, {wall:.1f} s wall for this run")
+    return 0

@@ -1,0 +1,131 @@
+"""Future utility and baseline scores: fast maths vs slow references, and the whole trace pass vs eager attention."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelHandle
+from kvpolicy.traces.baselines import (BASELINES, baseline_scores, baseline_scores_reference, rows_needed,
+                                       window_attention)
+from kvpolicy.traces.record import FutureConfig, greedy_continuation, record_trace
+from kvpolicy.traces.utility import grouped_future_attention, grouped_future_attention_reference, record_attention_inputs
+
+
+@pytest.mark.parametrize("n_q,n_kv,n_prompt,n_future", [(9, 3, 11, 5), (4, 4, 7, 1), (6, 2, 1, 3)])
+def test_grouped_future_attention_matches_reference(n_q, n_kv, n_prompt, n_future):
+    gen = torch.Generator().manual_seed(n_q * 100 + n_prompt)
+    queries = torch.randn(n_q, n_future, 16, generator=gen)
+    keys = torch.randn(n_kv, n_prompt + n_future, 16, generator=gen)
+    fast = grouped_future_attention(queries, keys, 0.3, n_prompt)
+    slow = grouped_future_attention_reference(queries, keys, 0.3, n_prompt)
+    assert fast.shape == (n_kv, n_prompt) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_future_attention_is_the_sum_of_causal_rows():
+    """The utility of F rows is the sum over rows t of the one-row utility over keys up to the row's own position."""
+    gen = torch.Generator().manual_seed(0)
+    n_prompt, n_future = 7, 4
+    queries, keys = torch.randn(6, n_future, 8, generator=gen), torch.randn(2, n_prompt + n_future, 8, generator=gen)
+    rows = sum(grouped_future_attention(queries[:, t : t + 1], keys[:, : n_prompt + t + 1], 0.7, n_prompt)
+               for t in range(n_future))
+    torch.testing.assert_close(grouped_future_attention(queries, keys, 0.7, n_prompt), rows)
+    assert (rows.sum(-1) <= n_future * 3 + 1e-5).all()  # per row: the max of 3 distributions sums to <= 3
+
+
+def test_window_attention_rows_are_causal_distributions():
+    gen = torch.Generator().manual_seed(1)
+    probs = window_attention(torch.randn(2, 6, 4, 8, generator=gen), torch.randn(2, 3, 9, 8, generator=gen), 0.5)
+    assert probs.shape == (2, 6, 4, 9)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6, 4))
+    assert (probs[..., 0, 6:] == 0).all() and (probs[..., 2, 8:] == 0).all() and (probs[..., 3, :] > 0).all()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("length", [40, 150])
+def test_baselines_equal_kvpress_presses(smollm, length):
+    ids = torch.randint(100, 5000, (1, length), generator=torch.Generator().manual_seed(length))
+    cache = DynamicCache(config=smollm.model.config)
+    attn = [layer.self_attn for layer in smollm.layers]
+    with torch.inference_mode(), record_attention_inputs(smollm.layers, rows_needed(BASELINES, length)) as rec:
+        smollm.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
+        fast = baseline_scores(BASELINES, attn, rec.records, keys)
+        slow = baseline_scores_reference(BASELINES, attn, rec.records, keys, values)
+    for name in BASELINES:
+        assert fast[name].shape == (30, 3, length)
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4)
+
+
+def _eager_utility(handle, prompt_ids, future_ids):
+    """Slow reference: full eager attention matrices of prompt + future, future rows, group max, summed."""
+    eager = copy.deepcopy(handle.model)
+    eager.set_attn_implementation("eager")
+    full = torch.cat([prompt_ids, torch.tensor([future_ids])], dim=1)
+    with torch.inference_mode():
+        out = eager(input_ids=full, output_attentions=True, use_cache=True)
+    att = torch.stack([a[0] for a in out.attentions])  # (L, Hq, K, K)
+    n_layers, n_q, n_keys, _ = att.shape
+    n_prompt, n_kv = prompt_ids.shape[1], handle.info.n_kv_heads
+    utility = att[:, :, n_prompt:, :n_prompt].reshape(n_layers, n_kv, n_q // n_kv, n_keys - n_prompt, n_prompt)
+    keys = torch.stack([layer.keys[0, :, :n_prompt] for layer in out.past_key_values.layers])
+    return utility.amax(dim=2).sum(dim=2), keys
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("mode", ["reference", "greedy"])
+def test_trace_matches_eager_attention(smollm, mode):
+    prompt = smollm.chat([{"role": "user", "content": "Name three rivers of Europe and say where each one ends."}])
+    prompt_ids = smollm.encode(prompt)
+    reference_ids = smollm.encode(" The Danube ends in the Black Sea, the Rhine in the North Sea.<|im_end|>")
+    trace = record_trace(smollm, prompt_ids, FutureConfig(mode, 12), reference_ids, baselines=BASELINES)
+    n_prompt = prompt_ids.shape[1]
+    if mode == "greedy":  # the model's own continuation, as transformers' greedy generation gives it
+        with torch.inference_mode():
+            generated = smollm.model.generate(prompt_ids, max_new_tokens=12, do_sample=False,
+                                              eos_token_id=sorted(smollm.eos_token_ids))
+        assert trace.future_ids == generated[0, n_prompt:].tolist()
+    else:
+        assert trace.future_ids == reference_ids[0, :12].tolist()
+    utility, keys = _eager_utility(smollm, prompt_ids, trace.future_ids)
+    assert trace.utility.shape == (30, 3, n_prompt) and trace.keys.shape == (30, 3, n_prompt, 64)
+    torch.testing.assert_close(trace.utility, utility, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(trace.keys.float(), keys, atol=2e-2, rtol=2e-3)  # fp16 storage
+    assert 0 < trace.model_seconds
+    assert set(trace.baselines) == set(BASELINES) and trace.baselines["tova"].shape == (30, 3, n_prompt)
+
+
+@pytest.mark.model
+def test_greedy_continuation_stops_at_end_of_turn(smollm):
+    prompt_ids = smollm.encode(smollm.chat([{"role": "user", "content": "What is 2+2? Answer with one number only."}]))
+    cache = DynamicCache(config=smollm.model.config)
+    with torch.inference_mode():
+        logits = smollm.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens = greedy_continuation(smollm, cache, logits, 20)
+    assert len(tokens) < 20 and tokens[-1] in smollm.eos_token_ids
+    assert all(t not in smollm.eos_token_ids for t in tokens[:-1])
+
+
+@pytest.mark.model
+def test_overlong_prompt_refused_and_future_truncated_with_warning(smollm):
+    prompt_ids = smollm.encode(smollm.chat([{"role": "user", "content": "Count: one two three four five."}]))
+    n_prompt = prompt_ids.shape[1]
+    small = ModelHandle(dataclasses.replace(smollm.info, max_positions=n_prompt + 3), smollm.model, smollm.tokenizer)
+    with pytest.raises(KVPError, match="refused: prompt of"):
+        record_trace(small, torch.cat([prompt_ids] * 2, dim=1), FutureConfig("greedy", 8))
+    with pytest.warns(UserWarning, match="future truncated from 8 to 3 tokens"):
+        trace = record_trace(small, prompt_ids, FutureConfig("reference", 8), smollm.encode(" one two three four"))
+    assert len(trace.future_ids) == 3 and trace.warnings
+
+
+def test_future_config_validation():
+    with pytest.raises(KVPError, match="unknown future mode"):
+        FutureConfig("sampled")
+    with pytest.raises(KVPError, match="at least 1 token"):
+        FutureConfig("greedy", 0)
