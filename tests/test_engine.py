@@ -242,7 +242,7 @@ def test_query_scorers_need_recorded_queries(smollm, prompt, full):
     with pytest.raises(KVPError, match="record_queries"):
         rank(smollm, small, make_scorer("h2o"))
     short, _ = prefill(smollm, prompt[:, :30], record_queries=30)
-    with pytest.raises(KVPError, match="65"):
+    with pytest.raises(KVPError, match="last 65 tokens"):
         rank(smollm, short, make_scorer("snapkv"))
 
 
@@ -266,3 +266,10 @@ def test_sliding_window_model_is_refused():
     handle = ModelHandle(info=info, model=Qwen2ForCausalLM(config).eval(), tokenizer=None)
     with pytest.raises(KVPError, match=r"sliding-window attention in layers \[2, 3\]"):
         prefill(handle, torch.ones(1, 4, dtype=torch.long))
+
+
+def test_all_query_scorers_refuse_a_partial_recording(smollm, prompt):
+    partial, _ = prefill(smollm, prompt[:, :80], record_queries=65)
+    with pytest.raises(KVPError, match="every token"):
+        rank(smollm, partial, make_scorer("expected_attention"))
+    rank(smollm, partial, make_scorer("snapkv"))  # 65 rows are what SnapKV needs

@@ -14,7 +14,8 @@ from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import (BASELINES, baseline_scores, baseline_scores_reference, rows_needed,
                                        window_attention)
 from kvpolicy.traces.record import FutureConfig, greedy_continuation, record_trace
-from kvpolicy.traces.utility import grouped_future_attention, grouped_future_attention_reference, record_attention_inputs
+from kvpolicy.traces.utility import (AttentionInputRecorder, grouped_future_attention,
+                                     grouped_future_attention_reference)
 
 
 @pytest.mark.parametrize("n_q,n_kv,n_prompt,n_future", [(9, 3, 11, 5), (4, 4, 7, 1), (6, 2, 1, 3)])
@@ -53,7 +54,7 @@ def test_baselines_equal_kvpress_presses(smollm, length):
     ids = torch.randint(100, 5000, (1, length), generator=torch.Generator().manual_seed(length))
     cache = DynamicCache(config=smollm.model.config)
     attn = [layer.self_attn for layer in smollm.layers]
-    with torch.inference_mode(), record_attention_inputs(smollm.layers, rows_needed(BASELINES, length)) as rec:
+    with torch.inference_mode(), AttentionInputRecorder(smollm.layers, rows_needed(BASELINES, length)) as rec:
         smollm.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
         fast = baseline_scores(BASELINES, attn, rec.records, keys)

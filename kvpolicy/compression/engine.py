@@ -132,12 +132,13 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
     needs = scorer.query_window
     if needs:
         have = state.recorded[0].rows if state.recorded else 0
-        if not state.recorded or (needs != ALL_QUERIES and have < needs):
-            wanted = "ALL_QUERIES" if needs == ALL_QUERIES else str(needs)
+        whole = bool(state.recorded) and state.recorded[0].whole_chunk
+        if not (whole if needs == ALL_QUERIES else have >= needs):
+            rows, setting = ("every token", "ALL_QUERIES") if needs == ALL_QUERIES else (f"the last {needs} tokens", needs)
             raise KVPError(
-                f"scorer '{scorer.name}' needs the attention inputs of the latest chunk's last {wanted} tokens but the "
-                f"state holds {have}; prefill that chunk (at least {max(needs, 1)} tokens) with record_queries={wanted} "
-                "right before ranking (evicting or decoding drops them)"
+                f"scorer '{scorer.name}' needs the attention inputs of {rows} of the latest chunk but the state holds "
+                f"{have} recorded rows; prefill that chunk with record_queries={setting} right before ranking "
+                "(evicting or decoding drops them)"
             )
     rotary = handle.model.model.rotary_emb
     scores = []

@@ -31,9 +31,11 @@ def record_attention_inputs(layers: list[torch.nn.Module], rows: int) -> Iterato
 
     def hook_for(idx: int):
         def hook(module, args, kwargs):
-            cos, sin = kwargs["position_embeddings"]
+            hidden, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
             recorded[idx] = AttentionInputs(
-                _last_rows(kwargs["hidden_states"], rows), (_last_rows(cos, rows), _last_rows(sin, rows))
+                _last_rows(hidden, rows),
+                (_last_rows(cos, rows), _last_rows(sin, rows)),
+                whole_chunk=rows == ALL_QUERIES or rows >= hidden.shape[1],
             )
 
         return hook

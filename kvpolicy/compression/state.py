@@ -19,11 +19,13 @@ from transformers.cache_utils import DynamicLayer
 class AttentionInputs:
     """Inputs to one layer's attention for the last W tokens of the latest forward chunk (for query-based scorers).
 
-    hidden_states: (B, W, hidden); position_embeddings: RoPE (cos, sin), each (B, W, head_dim).
+    hidden_states: (B, W, hidden); position_embeddings: RoPE (cos, sin), each (B, W, head_dim);
+    whole_chunk: whether the W rows are every token of the chunk.
     """
 
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    whole_chunk: bool
 
     @property
     def rows(self) -> int:
@@ -31,7 +33,7 @@ class AttentionInputs:
 
     def clone(self) -> AttentionInputs:
         cos, sin = self.position_embeddings
-        return AttentionInputs(self.hidden_states.clone(), (cos.clone(), sin.clone()))
+        return AttentionInputs(self.hidden_states.clone(), (cos.clone(), sin.clone()), self.whole_chunk)
 
 
 def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -84,10 +86,6 @@ class KVState:
     def nbytes(self) -> int:
         """Bytes of the cached keys and values over all layers (positions are bookkeeping, not counted)."""
         return sum(k.nbytes + v.nbytes for k, v in map(self.layer, range(self.n_layers)))
-
-    def entries(self) -> int:
-        """Cached (token, head) entries over all layers and batch rows."""
-        return sum(k.shape[0] * k.shape[1] * k.shape[2] for k, _ in map(self.layer, range(self.n_layers)))
 
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""

@@ -174,7 +174,8 @@ Built = tuple[str, str, str, list[str]]  # context, question, answer prefix, ans
 def _needle_task(spec: TaskSpec, rng: random.Random, budget: int) -> Callable[[int], Built]:
     keys = _distinct(lambda: _key(rng, spec.key_type), spec.n_keys)
     values = [[_value(rng, spec.value_type) for _ in range(spec.n_values)] for _ in keys]
-    needles = [f"One of the special magic {spec.value_type} for {k} is: {v}." for k, vs in zip(keys, values) for v in vs]
+    needles = [f"One of the special magic {spec.value_type} for {k} is: {v}."
+               for k, vs in zip(keys, values) for v in vs]
     order = rng.sample(range(len(needles)), len(needles))
     needles = [needles[i] for i in order]
     depths = sorted(rng.random() for _ in needles)
@@ -214,7 +215,8 @@ def _variable_tracking(spec: TaskSpec, rng: random.Random, budget: int, hops: in
 
     def build(size: int) -> Built:
         haystack = " ".join(_insert([NOISE] * size, chain, depths))
-        context = f"Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{haystack}\n"
+        context = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+                   f"{haystack}\n")
         question = f"Question: Find all variables that are assigned the value {value} in the text above."
         prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables "
                   f"are assigned the value {value}, they are:")

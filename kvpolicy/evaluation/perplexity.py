@@ -15,7 +15,7 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import compress, continuation_nll, evict, prefill, rank
 from kvpolicy.compression.state import KVState
-from kvpolicy.data.records import Conversation
+from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
 from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, recording_window
@@ -23,28 +23,23 @@ from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
 from kvpolicy.models import ModelHandle
 
 
-def dialogue_chunks(handle: ModelHandle, conversation: Conversation, min_chunk: int = 1,
+def dialogue_chunks(handle: ModelHandle, sample: DialogueSample, min_chunk: int = 1,
                     max_answer_tokens: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(rounds, answer): the chat-rendered prompt split after every assistant turn, each round (1, n) with n >=
-    min_chunk (short rounds merge into the next, so query-based scorers always have their window), and the final
-    assistant turn's tokens (1, F), end-of-turn token included, cut to max_answer_tokens."""
-    messages = conversation.messages()
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise KVPError(f"conversation {conversation.id} must end with an assistant turn to score")
-    prompt_messages = messages[:-1]
-    ends = [i + 1 for i, m in enumerate(prompt_messages) if m["role"] == "assistant"]
-    texts = [handle.chat(prompt_messages[:end], add_generation_prompt=False) for end in ends]
-    texts.append(handle.chat(prompt_messages))
-    full = handle.chat(messages, add_generation_prompt=False)
+    min_chunk (short rounds merge into the next, so query-based scorers always have their window), and the
+    reference assistant turn's tokens (1, F), end-of-turn token included, cut to max_answer_tokens."""
+    messages = list(sample.messages)
+    ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+    texts = [handle.chat(messages[:end], add_generation_prompt=False) for end in ends] + [sample.prompt]
     pieces, previous = [], ""
-    for text in [*texts, full]:
+    for text in texts:
         if not text.startswith(previous):
             raise KVPError(f"{handle.info.name}'s chat template renders a dialogue differently turn by turn; "
                            "multi-turn evaluation needs it to extend the earlier text")
         pieces.append(text[len(previous):])
         previous = text
     rounds: list[torch.Tensor] = []
-    for piece in pieces[:-1]:
+    for piece in pieces:
         ids = handle.encode(piece)
         if rounds and rounds[-1].shape[1] < min_chunk:
             rounds[-1] = torch.cat([rounds[-1], ids], dim=1)
@@ -52,7 +47,7 @@ def dialogue_chunks(handle: ModelHandle, conversation: Conversation, min_chunk: 
             rounds.append(ids)
     if len(rounds) > 1 and rounds[-1].shape[1] < min_chunk:
         rounds[-2:] = [torch.cat(rounds[-2:], dim=1)]
-    answer = handle.encode(pieces[-1].rstrip())[:, :max_answer_tokens]
+    answer = handle.encode(sample.reference)[:, :max_answer_tokens]
     return rounds, answer
 
 
@@ -64,14 +59,14 @@ def _nll_fields(handle: ModelHandle, state: KVState, answer: torch.Tensor) -> di
 
 def run_dialogue(
     handle: ModelHandle,
-    conversation: Conversation,
+    sample: DialogueSample,
     protocol: str,
     entries: list[ScorerEntry],
     budgets: list[Budget],
     wanted: Wanted,
     max_answer_tokens: int,
 ) -> Iterator[Outcome]:
-    """Outcomes of the wanted (scorer, budget) pairs and the full-cache reference for one conversation."""
+    """Outcomes of the wanted (scorer, budget) pairs and the full-cache reference for one dialogue."""
     if protocol not in (MULTI_TURN, PROMPT_ONCE):
         raise KVPError(f"dialogue perplexity runs under {MULTI_TURN} or {PROMPT_ONCE}, not '{protocol}'")
     todo = {e.id: [b for b in ([Budget(tokens=1 << 30)] if e is FULL_ENTRY else budgets)
@@ -80,7 +75,7 @@ def run_dialogue(
     if not active:
         return
     window = recording_window(active)
-    rounds, answer = dialogue_chunks(handle, conversation, max(1, window), max_answer_tokens)
+    rounds, answer = dialogue_chunks(handle, sample, max(1, window), max_answer_tokens)
     if protocol == PROMPT_ONCE:
         rounds = [torch.cat(rounds, dim=1)]
     clock = Clock()
@@ -102,6 +97,6 @@ def run_dialogue(
                 if entry is not FULL_ENTRY:
                     cut = compress(handle, cut, entry.scorer, budget)
             fields = _nll_fields(handle, cut, answer)
-            yield Outcome(conversation.id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
+            yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
                           cut.length, full_bytes, cut.nbytes(), rank_s + clock.lap(), prefill_s, fields)
             clock.lap()

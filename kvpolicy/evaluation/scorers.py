@@ -89,7 +89,7 @@ def parse_budget(text: str) -> Budget:
     try:
         if raw.startswith("r"):
             return Budget(ratio=float(raw[1:]))
-        if raw.isdigit():
+        if raw.lstrip("+-").isdigit():
             return Budget(tokens=int(raw))
         return Budget(ratio=float(raw))
     except ValueError:

@@ -123,6 +123,9 @@ class Sweep:
 
     def plan(self, handle: ModelHandle) -> list[Unit]:
         """The units of work for one model, with how many results each still lacks."""
+        for entry in self.entries:
+            if entry.kind == "learned":
+                entry.scorer.check_model(handle.info)  # a policy trained for another model is refused
         units = []
         for task in self.tasks:
             entries = [e for e in self.entries if task.supports(e)]

@@ -113,7 +113,8 @@ def baseline_scores_reference(
 
     _check(names)
     length = keys[0].shape[-2]
-    presses = {"tova": TOVAPress(), "snapkv": SnapKVPress(window_size=baseline_window(length), kernel_size=SNAPKV_KERNEL)}
+    snapkv = SnapKVPress(window_size=baseline_window(length), kernel_size=SNAPKV_KERNEL)
+    presses = {"tova": TOVAPress(), "snapkv": snapkv}
     scores = {}
     for name in names:
         per_layer = [

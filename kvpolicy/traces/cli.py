@@ -1,7 +1,9 @@
 """`kvp traces`: record future-utility training traces; under `torchrun --nproc_per_node K` the ranks split them.
 
     kvp traces --model smollm2-135m --source ruler --split train --n 64 --context 2048 --future-tokens 300 --out DIR
-    torchrun --nproc_per_node 2 -m kvpolicy.cli traces ... --out DIR
+    torchrun --nproc_per_node 2 -m kvpolicy.cli -- traces ... --out DIR
+
+(the "--" stops torchrun's own parser from taking `--n` for an abbreviation of its `--nnodes`/`--nproc-per-node`).
 
 Each rank writes its own shards; once all ranks are done (gloo all-reduce of their status) rank 0 writes the one
 manifest. Re-running the same command resumes: complete shards are kept and their samples skipped.

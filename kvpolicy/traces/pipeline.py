@@ -75,10 +75,11 @@ class TraceRunConfig:
             "split": self.split,
             "context_tokens": self.context_tokens,
             "future": {"mode": self.future.mode, "max_tokens": self.future.max_tokens,
-                       "stop": "end-of-turn token (included)" if self.future.mode == "greedy" else "reference turn end"},
+                       "stop": "end-of-turn token, included"},
             "seeds": source_seeds(self.source, self.seed, self.tasks),
             "baselines": {"names": list(self.baselines), "dtype": "float32", "snapkv_window": SNAPKV_WINDOW,
-                          "snapkv_kernel": SNAPKV_KERNEL, "implementation": "kvpress TOVAPress/SnapKVPress.score definitions, batched over layers"},
+                          "snapkv_kernel": SNAPKV_KERNEL,
+                          "definition": "kvpress TOVAPress/SnapKVPress.score, batched over layers"},
             "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"},
             "code_version": code_version(),
         }
@@ -111,25 +112,28 @@ def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: 
         if show_progress else None
     model_seconds = 0.0
     sample_start = time.perf_counter()
-    for prompt in trace_prompts(handle, cfg.source, cfg.split, cfg.n, cfg.context_tokens, cfg.seed, cfg.tasks, todo):
-        prompt_ids = handle.encode(prompt.prompt)
-        reference_ids = handle.encode(prompt.reference) if cfg.future.mode == "reference" else None
-        trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines)
-        seconds = time.perf_counter() - sample_start
-        sample_start = time.perf_counter()  # writing this sample (and maybe a shard) counts toward the next one
-        model_seconds += trace.model_seconds
-        record = {"id": prompt.id, "length": trace.length, "future_length": len(trace.future_ids),
-                  "seconds": round(seconds, 3), "model_seconds": round(trace.model_seconds, 3),
-                  "code_version": code_version(), "warnings": trace.warnings, **prompt.meta}
-        tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
-        tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
-        writer.add(prompt.index, record, tensors)
+    prompts = trace_prompts(handle, cfg.source, cfg.split, cfg.n, cfg.context_tokens, cfg.seed, cfg.tasks, todo)
+    try:
+        for prompt in prompts:
+            prompt_ids = handle.encode(prompt.prompt)
+            reference_ids = handle.encode(prompt.reference) if cfg.future.mode == "reference" else None
+            trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines)
+            seconds = time.perf_counter() - sample_start
+            sample_start = time.perf_counter()  # writing this sample (and maybe a shard) counts toward the next one
+            model_seconds += trace.model_seconds
+            record = {"id": prompt.id, "length": trace.length, "future_length": len(trace.future_ids),
+                      "seconds": round(seconds, 3), "model_seconds": round(trace.model_seconds, 3),
+                      "code_version": code_version(), "warnings": trace.warnings, **prompt.meta}
+            tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
+            tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
+            writer.add(prompt.index, record, tensors)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(tokens=trace.length, future=len(trace.future_ids))
+    finally:  # on an error or Ctrl-C the finished samples still reach disk, so a rerun resumes after them
+        writer.close()
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(tokens=trace.length, future=len(trace.future_ids))
-    writer.close()
-    if progress is not None:
-        progress.close()
+            progress.close()
     return RunResult(len(todo), len(mine) - len(todo), time.perf_counter() - start, model_seconds)
 
 

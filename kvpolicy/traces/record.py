@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import baseline_scores, rows_needed
-from kvpolicy.traces.utility import future_utility, record_attention_inputs
+from kvpolicy.traces.utility import AttentionInputRecorder, future_utility
 
 FUTURE_MODES = ("greedy", "reference")
 
@@ -80,8 +80,8 @@ def greedy_continuation(handle: ModelHandle, cache: DynamicCache, logits: torch.
         tokens.append(token)
         if token in stop or len(tokens) >= max_tokens:
             return tokens
-        out = handle.model(input_ids=torch.tensor([[token]], device=logits.device), past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        step = torch.tensor([[token]], device=logits.device)
+        logits = handle.model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def record_trace(
@@ -118,9 +118,10 @@ def record_trace(
     stopwatch = _Stopwatch()
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        with stopwatch, record_attention_inputs(handle.layers, rows=max(1, rows_needed(baselines, n_prompt))) as rec:
+        with stopwatch, AttentionInputRecorder(handle.layers, rows=max(1, rows_needed(baselines, n_prompt))) as rec:
             if future.mode == "greedy":
-                logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
             else:
                 model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         layer_caches = cache.layers
@@ -133,7 +134,7 @@ def record_trace(
             future_ids = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
         keys = torch.stack([c.keys[0, :, :n_prompt] for c in layer_caches]).half().cpu()
         values = torch.stack([c.values[0, :, :n_prompt] for c in layer_caches]).half().cpu()
-        with stopwatch, record_attention_inputs(handle.layers, rows=len(future_ids)) as rec:
+        with stopwatch, AttentionInputRecorder(handle.layers, rows=len(future_ids)) as rec:
             model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
         utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt).cpu()
     for note in notes:

@@ -75,7 +75,8 @@ def _shard_metadata(path: Path) -> tuple[dict, list[dict]]:
             raise ValueError(f"format {meta.get('kvpolicy.format')!r}")
         return json.loads(meta["kvpolicy.config"]), json.loads(meta["kvpolicy.samples"])
     except (KeyError, ValueError) as err:
-        raise KVPError(f"trace shard {path} has an unreadable header ({err}); delete it and re-run `kvp traces`") from None
+        raise KVPError(f"trace shard {path} has an unreadable header ({err}); delete it and re-run "
+                       "`kvp traces`") from None
 
 
 def _describe_model(model: dict) -> str:

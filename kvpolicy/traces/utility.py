@@ -9,9 +9,8 @@ and attend over the full cache (prompt + future keys, causal). No T×T attention
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -64,12 +63,6 @@ class AttentionInputRecorder:
         self._handles = []
 
 
-@contextlib.contextmanager
-def record_attention_inputs(layers: Sequence[torch.nn.Module], rows: int) -> Iterator[AttentionInputRecorder]:
-    with AttentionInputRecorder(layers, rows) as recorder:
-        yield recorder
-
-
 def project_queries(attn: torch.nn.Module, inputs: AttentionInputs) -> torch.Tensor:
     """Post-RoPE queries (n_query_heads, R, head_dim) of the recorded rows, exactly as the layer computes them."""
     hidden = inputs.hidden_states
@@ -100,7 +93,8 @@ def grouped_future_attention(queries: torch.Tensor, keys: torch.Tensor, scaling:
     return probs.amax(dim=1).sum(dim=1)[:, :n_prompt]
 
 
-def grouped_future_attention_reference(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_prompt: int) -> torch.Tensor:
+def grouped_future_attention_reference(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                                       n_prompt: int) -> torch.Tensor:
     """Slow, obviously-correct version of `grouped_future_attention` (loops over heads and rows)."""
     n_q, n_future, _ = queries.shape
     n_kv, n_keys, _ = keys.shape

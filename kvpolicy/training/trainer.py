@@ -343,6 +343,7 @@ class Trainer:
             "step": self.step,
             "skipped_batches": self.skipped,
             "elapsed_s": round(self.elapsed, 2),
+            "processes": self.ctx.world,
             "best_step": self.best_step,
             "best_val_reward": self.best_reward if self.best_step >= 0 else None,
             "val_history": self.val_history,

@@ -11,7 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvpolicy.data.records import Conversation, QASample
+from kvpolicy.data.dialogue import DialogueSample
+from kvpolicy.data.records import QASample
 from kvpolicy.evaluation.scorers import ScorerEntry
 from kvpolicy.traces.store import TraceReader
 
@@ -73,9 +74,9 @@ class QATask(Task):
 
 @dataclass(frozen=True)
 class DialogueTask(Task):
-    """load(handle, n, context_tokens, seed) -> conversations ending with the assistant turn to score."""
+    """load(handle, n, context_tokens, seed) -> DialogueSamples (prompt turns + the reference assistant turn)."""
 
-    load: Callable[..., list[Conversation]] = field(default=None, repr=False)
+    load: Callable[..., list[DialogueSample]] = field(default=None, repr=False)
     max_answer_tokens: int = 256
 
 

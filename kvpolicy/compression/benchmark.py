@@ -1,0 +1,88 @@
+"""Benchmark of the compression engine: `python -m kvpolicy.compression.benchmark [--model M]`.
+
+Prints (1) cache bytes before/after at budgets 256/512/1024 on a 2K-token prompt, (2) the time to score and
+evict all layers as a percentage of the 2K prefill for every scorer, (3) decode ms/token with the full and a
+compressed cache at 2K and 4K context. Text: the Paul Graham essays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import evict, greedy_decode, prefill, rank
+from kvpolicy.compression.scorers import ALL_QUERIES, SCORERS, make_scorer
+from kvpolicy.compression.state import KVState
+from kvpolicy.data.essays import haystack_text
+from kvpolicy.models import ModelHandle, load_model
+
+
+def timed(fn: Callable, repeats: int = 1):
+    """(result of the last call, best wall time in seconds over `repeats` calls)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def decode_ms_per_token(handle: ModelHandle, state: KVState, tokens: int) -> float:
+    work = state.branch()
+    _, seconds = timed(lambda: greedy_decode(handle, work, work.logits, tokens, stop_ids=()))
+    return 1000 * seconds / tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens timed per decode measurement")
+    parser.add_argument("--decode-budget", type=int, default=256, help="budget of the compressed decode runs")
+    parser.add_argument("--checkpoint", help="also time a learned policy (kvp:CHECKPOINT)")
+    args = parser.parse_args(argv)
+
+    handle = load_model(args.model)
+    ids = handle.encode(haystack_text()[:40_000])[:, :4096]
+    prefill(handle, ids[:, :64])  # warm-up
+    print(f"model {handle.info.name}, {torch.get_num_threads()} threads; prompts from the Paul Graham essays")
+
+    (full, _), prefill_s = timed(lambda: prefill(handle, ids[:, :2048]), repeats=2)
+    (recorded, _), recorded_s = timed(lambda: prefill(handle, ids[:, :2048], record_queries=ALL_QUERIES))
+    print(f"\nprefill 2048 tokens: {prefill_s:.2f} s ({recorded_s:.2f} s while recording every query's attention inputs)")
+
+    print("\n1) cache size on the 2048-token prompt (knorm ranking)")
+    scores = rank(handle, full, make_scorer("knorm"))
+    print(f"   {'budget':>8} {'bytes before':>14} {'bytes after':>14} {'after/before':>13} {'budget/2048':>12}")
+    for b in (256, 512, 1024):
+        small = evict(full, scores, Budget(tokens=b))
+        print(f"   {b:>8} {full.nbytes():>14,} {small.nbytes():>14,} {small.nbytes() / full.nbytes():>13.4f} {b / 2048:>12.4f}")
+
+    print("\n2) score + evict all layers (budget 512) as a share of the 2048-token prefill")
+    names = [n for n in SCORERS if n != "oracle"] + ["oracle"] + ([f"kvp:{args.checkpoint}"] if args.checkpoint else [])
+    print(f"   {'scorer':>20} {'ms':>9} {'% prefill':>10}")
+    for name in names:
+        if name == "oracle":  # the oracle's cost is a lookup; any utility tensor times it
+            scorer = make_scorer(name, utility=torch.rand(handle.info.n_layers, handle.info.n_kv_heads, 2048))
+        else:
+            scorer = make_scorer(name)
+        state = full if scorer.attention_free else recorded
+        _, seconds = timed(lambda: evict(state, rank(handle, state, scorer), Budget(tokens=512)), repeats=2)
+        print(f"   {name:>20} {1000 * seconds:>9.1f} {100 * seconds / prefill_s:>9.2f}%")
+
+    print(f"\n3) decode ms/token, full cache vs compressed to {args.decode_budget} (knorm), {args.decode_tokens} tokens each")
+    print(f"   {'context':>8} {'full':>9} {'compressed':>11}")
+    for length in (2048, 4096):
+        state = full if length == 2048 else prefill(handle, ids[:, :length])[0]
+        small = evict(state, rank(handle, state, make_scorer("knorm")), Budget(tokens=args.decode_budget))
+        ms_full = decode_ms_per_token(handle, state, args.decode_tokens)
+        ms_small = decode_ms_per_token(handle, small, args.decode_tokens)
+        print(f"   {length:>8} {ms_full:>9.1f} {ms_small:>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Checkpoints: round trip, refusals (other model, other shape, damage), atomic writes, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelInfo
+from kvpolicy.training import checkpoint as ckpt
+from kvpolicy.training.policy import PolicyConfig, PolicyNet
+from kvpolicy.training.synthetic import SyntheticTraces
+from kvpolicy.training.trainer import TrainConfig, Trainer
+
+SHAPE = dict(n_layers=2, n_kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(steps=30, batch=4, tokens=32, samples=2, lr=1e-2, warmup=5, ema_start=5, val_every=10,
+                checkpoint_every=10, val_samples=2, compile=False, bf16=False)
+    return TrainConfig(**(base | kw))
+
+
+def _trainer(out, **kw) -> Trainer:
+    train = SyntheticTraces(8, length=64, **SHAPE, seed=0)
+    val = SyntheticTraces(2, length=64, **SHAPE, seed=1)
+    return Trainer(train, out, val=val, policy=PolicyConfig(**SHAPE, hidden=8, max_position=64), config=_config(**kw), progress=False)
+
+
+def _info(fingerprint: str = "synthetic-1234-2x2x16", **kw) -> ModelInfo:
+    base = dict(name="synthetic", family="test", n_layers=2, n_kv_heads=2, n_query_heads=4, head_dim=16,
+                max_positions=1024, fingerprint=fingerprint)
+    return ModelInfo(**(base | kw))
+
+
+def test_trained_checkpoint_round_trip_and_config(tmp_path):
+    out = tmp_path / "ckpt"
+    trainer = _trainer(out)
+    result = trainer.run()
+    loaded = ckpt.load_checkpoint(out, model=_info())
+    config = loaded.config
+    assert config["model"] == {"name": "synthetic", "fingerprint": "synthetic-1234-2x2x16", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16}
+    assert config["policy"]["hidden"] == 8 and config["training"]["lr"] == 1e-2 and config["training"]["grad_clip"] == 5.0
+    assert config["traces"]["train"]["manifest_hash"] == "synthetic-0-8x64"
+    assert config["state"]["step"] == 30 and config["state"]["best_step"] == result.best_step
+    # the deployed weights are the best EMA weights
+    for name, best in zip(trainer.names, trainer.best):
+        torch.testing.assert_close(loaded.policy.state_dict()[name], best)
+    assert not any(p.requires_grad for p in loaded.policy.parameters())
+    assert len(ckpt.load_history(out)) == 3  # logged every 10 steps
+
+
+def test_refuses_other_model_other_shape_and_damage(tmp_path):
+    out = tmp_path / "ckpt"
+    net = PolicyNet(PolicyConfig(**SHAPE, hidden=8, max_position=64))
+    config = {"model": {"name": "synthetic", "fingerprint": "abc", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16},
+              "policy": net.config.to_dict()}
+    ckpt.save_checkpoint(out, config, net.state_dict())
+    ckpt.load_checkpoint(out, model=_info("abc"))
+    with pytest.raises(KVPError, match="fingerprint abc"):
+        ckpt.load_checkpoint(out, model=_info("other"))
+    with pytest.raises(KVPError, match="KV heads, head dim"):
+        ckpt.load_checkpoint(out, model=_info("abc", n_kv_heads=3))
+    # network shape in the config differs from the weights
+    bad = json.loads((out / ckpt.CONFIG).read_text())
+    bad["policy"]["hidden"] = 16
+    (out / ckpt.CONFIG).write_text(json.dumps(bad))
+    with pytest.raises(KVPError, match="does not match the network shape"):
+        ckpt.load_checkpoint(out)
+    # damaged weights
+    ckpt.save_checkpoint(out, config, net.state_dict())
+    data = bytearray((out / ckpt.WEIGHTS).read_bytes())
+    data[-10] ^= 0xFF
+    (out / ckpt.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(KVPError, match="does not match the hash"):
+        ckpt.load_checkpoint(out)
+    with pytest.raises(KVPError, match="not a KVP checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_failed_write_leaves_no_partial_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    net = PolicyNet(PolicyConfig(**SHAPE, hidden=8, max_position=64))
+    config = {"model": {"name": "s", "fingerprint": "f", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16}, "policy": net.config.to_dict()}
+    with pytest.raises(Exception):
+        ckpt.save_checkpoint(out, config, net.state_dict(), resume={"x": "not a tensor"})
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    ckpt.save_checkpoint(out, config, net.state_dict())
+    first = (out / ckpt.WEIGHTS).read_bytes()
+    with pytest.raises(Exception):
+        ckpt.save_checkpoint(out, config | {"x": object()}, net.state_dict())  # not JSON-able
+    assert (out / ckpt.WEIGHTS).read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path):
+    straight = _trainer(tmp_path / "straight")
+    straight.run()
+
+    crashed = _trainer(tmp_path / "crashed")
+    step = crashed.train_step
+
+    def crash_at_25():
+        if crashed.step == 25:
+            raise _Crash()
+        return step()
+
+    crashed.train_step = crash_at_25
+    with pytest.raises(_Crash):
+        crashed.run()
+    assert ckpt.read_config(tmp_path / "crashed")["state"]["step"] == 20  # the last checkpoint
+
+    resumed = _trainer(tmp_path / "crashed")
+    assert resumed.step == 20
+    result = resumed.run()
+    assert result.steps == 30
+    for a, b in zip(straight.params, resumed.params):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(straight.ema, resumed.ema):
+        torch.testing.assert_close(a, b)
+    assert straight.best_step == resumed.best_step
+    assert [h["step"] for h in ckpt.load_history(tmp_path / "crashed")] == [10, 20, 30]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    _trainer(tmp_path / "c", steps=10).run()
+    with pytest.raises(KVPError, match="other settings"):
+        _trainer(tmp_path / "c", lr=1e-3)
+    longer = _trainer(tmp_path / "c", steps=20)  # more steps is a resumable change
+    assert longer.step == 10
+    fresh = Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c", policy=PolicyConfig(**SHAPE, hidden=8, max_position=64),
+                    config=_config(lr=1e-3), resume=False, progress=False)
+    assert fresh.step == 0
+    with pytest.raises(KVPError, match="another policy"):
+        Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c", policy=PolicyConfig(**SHAPE, hidden=16, max_position=64),
+                config=_config(steps=10), progress=False)

@@ -1,0 +1,43 @@
+"""`kvp generate`: prints the answer and the cache size before and after; bad input is one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicy.cli import main
+
+
+@pytest.mark.model
+def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
+    prompt = "The capital of France is Paris. The capital of Italy is Rome. " * 6
+    code = main(["generate", "--budget", "32", "--max-new-tokens", "3", "--question", " What is the capital of Italy?", prompt])
+    out = capsys.readouterr().out
+    assert code == 0
+    before = next(line for line in out.splitlines() if line.startswith("cache before:"))
+    after = next(line for line in out.splitlines() if line.startswith("cache after:"))
+    assert "32 entries per KV head" in after and "bytes" in after
+    full = int(before.split(":")[1].split()[0])
+    full_bytes = int(before.split(", ")[1].split()[0].replace(",", ""))
+    assert full > 32 and int(after.split(", ")[1].split()[0].replace(",", "")) * full == full_bytes * 32
+    assert out.split("\n")[0].strip()  # the answer comes first
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget", "0", "x"], "positive number of tokens"),
+        (["--budget", "8", "--scorer", "nope", "x"], "unknown scorer 'nope'"),
+        (["--ratio", "1.5", "x"], "fraction of entries removed"),
+        (["--budget", "8", "--scorer", "snapkv", "--bounded-every", "4", "x"], "attention-free"),
+    ],
+)
+def test_generate_bad_input_is_one_clear_line(argv, message, capsys):
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_generate_budget_must_be_an_integer(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--budget", "2.5", "x"])
+    assert "invalid int value: '2.5'" in capsys.readouterr().err

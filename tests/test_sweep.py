@@ -1,0 +1,159 @@
+"""The sweep on the real model at short context: rank once / cut many agrees with the engine's own generate(),
+nothing is prefilled twice, results resume, dialogue protocols and trace costs behave, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import generate
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation import costs, perplexity, qa
+from kvpolicy.evaluation.scorers import FULL, make_entries
+from kvpolicy.evaluation.sweep import Sweep, SweepConfig, run_sweep
+from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
+
+
+class Counter:
+    """Wraps a real engine function and counts its calls (and fresh prefills: those without a state)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.fresh = fn, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.fresh += len(args) < 3 and kwargs.get("state") is None
+        return self.fn(*args, **kwargs)
+
+
+def test_bad_input_lists_the_known_names(tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    with pytest.raises(KVPError, match="unknown scorer 'magic'; known scorers: random, streaming_llm"):
+        Sweep(SweepConfig(out=out, scorers=["magic"]))
+    with pytest.raises(KVPError, match="unknown model 'gpt5'; known models: smollm2-135m"):
+        Sweep(SweepConfig(out=out, models=["gpt5"]))
+    with pytest.raises(KVPError, match="unknown task 'mmlu'; known tasks: ruler"):
+        Sweep(SweepConfig(out=out, tasks=["mmlu"]))
+    with pytest.raises(KVPError, match="unknown protocol.*known protocols: query-aware"):
+        SweepConfig(out=out, protocols=["sideways"])
+    with pytest.raises(KVPError, match="budget"):
+        Sweep(SweepConfig(out=out, budgets=["-3"]))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("protocol", [QUERY_AWARE, QUESTION_AGNOSTIC])
+def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
+    (task,) = resolve_tasks(["ruler:niah_single_1"])
+    sample = task.load(smollm, 1, 320, 0)[0]
+    entries = make_entries(["knorm", "tova"])
+    budgets = [Budget(tokens=48), Budget(tokens=96)]
+    prefill, rank = Counter(qa.prefill), Counter(qa.rank)
+    monkeypatch.setattr(qa, "prefill", prefill)
+    monkeypatch.setattr(qa, "rank", rank)
+    outcomes = list(qa.run_qa(smollm, task, [sample], protocol, entries, budgets, lambda *_: True, 8))
+    assert len(outcomes) == 1 + 2 * 2  # the full cache + 2 scorers x 2 budgets
+    assert prefill.fresh == 1 and rank.calls == 2  # one prefill per sample, one ranking per scorer
+    for o in outcomes:
+        entry = None if o.budget == FULL else o.entry.scorer
+        budget = None if o.budget == FULL else next(b for b in budgets if b.label == o.budget)
+        ref = generate(smollm, sample.context, sample.question, entry, budget, protocol, 8, sample.answer_prefix)
+        assert o.fields["prediction"] == ref.text, (o.entry.label, o.budget)
+        assert o.kept == ref.cache_tokens_compressed and o.cache_bytes == ref.cache_bytes_compressed
+        assert o.fields["value"] == task.score(ref.text, sample)
+
+
+@pytest.mark.model
+def test_sweep_resumes_and_skips_done_work(smollm, tmp_path):
+    out = tmp_path / "results.jsonl"
+    config = SweepConfig(out=str(out), scorers=["knorm", "streaming_llm"], budgets=["48", "0.5"],
+                         tasks=["ruler:niah_single_1"], context_tokens=[320], n_samples=1, max_new_tokens=6)
+    first = run_sweep(config)
+    assert first.written == 1 + 2 * 2 and first.skipped == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {(r["scorer"], r["budget"]): r for r in records}
+    assert by[("knorm", "b48")]["kept"] == 48 and by[("knorm", "r0.50")]["kept"] == by[(FULL, FULL)]["length"] // 2
+    assert by[("knorm", "b48")]["cache_bytes"] * by[(FULL, FULL)]["length"] == pytest.approx(
+        by[(FULL, FULL)]["cache_bytes"] * 48, rel=0.01)
+    assert all(r["model_fingerprint"] == smollm.info.fingerprint and r["protocol"] == QUERY_AWARE for r in records)
+    again = run_sweep(config)
+    assert again.written == 0 and again.skipped == 5
+    lines = out.read_text().splitlines(keepends=True)  # a sweep killed while writing its last record
+    out.write_text("".join(lines[:-1]) + lines[-1][:20])
+    resumed = run_sweep(config)
+    assert resumed.written == 1 and len(out.read_text().splitlines()) == 5
+
+
+@pytest.mark.model
+def test_dialogue_protocols(smollm, monkeypatch):
+    (task,) = resolve_tasks(["dialogue"])
+    sample = task.load(smollm, 1, 384, 0)[0]
+    entries = make_entries(["knorm", "snapkv"])
+    big, small = Budget(tokens=4096), Budget(tokens=64)
+    rounds, _ = perplexity.dialogue_chunks(smollm, sample, min_chunk=65)  # snapkv needs 65 rows per chunk
+    assert len(rounds) > 1  # a real multi-turn dialogue: multi-turn compression differs from prompt-once
+    results = {}
+    for protocol in (PROMPT_ONCE, MULTI_TURN):
+        prefill = Counter(perplexity.prefill)
+        monkeypatch.setattr(perplexity, "prefill", prefill)
+        outs = list(perplexity.run_dialogue(smollm, sample, protocol, entries, [big, small], lambda *_: True, 64))
+        results[protocol] = {(o.entry.spec, o.budget): o for o in outs}
+        assert prefill.fresh == 1  # the (first round's) prefill is shared by every scorer and budget
+        full = results[protocol][(FULL, FULL)]
+        for spec in ("knorm", "snapkv"):
+            same = results[protocol][(spec, big.label)]  # a budget above the length is no compression at all
+            assert same.fields["nll_sum"] == pytest.approx(full.fields["nll_sum"], rel=1e-5)
+            cut = results[protocol][(spec, small.label)]
+            assert cut.kept == 64 and math.isfinite(cut.fields["nll_sum"]) and cut.fields["n_tokens"] == 64
+    assert results[PROMPT_ONCE][(FULL, FULL)].fields["nll_sum"] == pytest.approx(
+        results[MULTI_TURN][(FULL, FULL)].fields["nll_sum"], rel=1e-4)  # chunked prefill = one prefill
+    assert results[PROMPT_ONCE][("knorm", "b64")].fields["nll_sum"] != results[MULTI_TURN][("knorm", "b64")].fields["nll_sum"]
+
+
+@pytest.fixture(scope="module")
+def held_out_traces(smollm, tmp_path_factory):
+    from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
+    from kvpolicy.traces.record import FutureConfig
+
+    out = tmp_path_factory.mktemp("traces") / "test"
+    record_traces(smollm, TraceRunConfig(source="ruler", split="test", n=2, context_tokens=192,
+                                         future=FutureConfig("greedy", 8), tasks=("niah_single_1",)), out,
+                  show_progress=False)
+    return out
+
+
+@pytest.mark.model
+def test_trace_costs_oracle_is_one_and_random_is_worse(smollm, held_out_traces):
+    (task,) = resolve_tasks([f"traces:{held_out_traces}"])
+    entries = [e for e in make_entries(["oracle", "random", "knorm", "tova", "h2o"]) if task.supports(e)]
+    assert [e.spec for e in entries] == ["oracle", "random", "knorm", "tova"]  # h2o needs queries the traces lack
+    outs = list(costs.run_traces(smollm, task.reader, 0, entries, [Budget(tokens=32), Budget(ratio=0.5)],
+                                 lambda *_: True))
+    by = {(o.entry.spec, o.budget): o.fields for o in outs}
+    for budget in ("b32", "r0.50", "all"):
+        assert by[("oracle", budget)]["value"] == pytest.approx(1.0)
+        assert by[("random", budget)]["value"] > 1.0
+        assert torch.tensor(by[("knorm", budget)]["per_head"]).shape == (smollm.info.n_layers, smollm.info.n_kv_heads)
+    reader = task.reader
+    trace = reader.read_layers(0)
+    keys = trace.keys[5][None].float()
+    knorm = -keys.norm(dim=-1)[0]  # KNorm keeps low key norms: the per-head cost must follow from that ranking
+    expected = costs.cost_fields(knorm[None].expand(1, -1, -1), trace.utility[5][None].float(), 32)
+    assert by[("knorm", "b32")]["per_head"][5] == pytest.approx(expected["per_head"][0], abs=1e-3)
+
+
+@pytest.mark.model
+def test_trace_sweep_and_report(smollm, held_out_traces, tmp_path):
+    from kvpolicy.report.render import write_report
+
+    out = tmp_path / "r.jsonl"
+    result = run_sweep(SweepConfig(out=str(out), scorers=["oracle", "knorm", "keydiff"], budgets=["32", "64"],
+                                   tasks=[f"traces:{held_out_traces}"], n_samples=2))
+    assert result.written == 2 * 3 * 3  # samples x scorers x (2 budgets + whole ranking)
+    paths = write_report(out, tmp_path / "report")
+    md = paths.markdown.read_text()
+    assert "held-out traces: RULER-style tasks over Paul Graham essays (test split, 2 prompts" in md
+    assert "best heuristic" in md and len(paths.figures) == 2

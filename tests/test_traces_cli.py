@@ -1,0 +1,76 @@
+"""`kvp traces` end to end on SmolLM2 at tiny sizes: manifest, reader, resume, refusals, bytes on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.traces.store import TraceReader, shard_paths
+
+pytestmark = pytest.mark.model
+
+
+def traces(out, *extra: str) -> list[str]:
+    return ["traces", "--model", "smollm2-135m", "--out", str(out), *extra]
+
+
+RULER_RUN = ("--source", "ruler", "--split", "train", "--n", "2", "--context", "256", "--future-tokens", "4",
+             "--tasks", "niah_single_2,vt", "--shard-mb", "1")  # a sample per shard
+
+
+def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
+    out = tmp_path / "ruler"
+    assert main(traces(out, *RULER_RUN)) == 0
+    assert "2 recorded now, 0 were already there" in capsys.readouterr().out
+    reader = TraceReader(out)
+    reader.check_model(smollm.info)
+    m = reader.manifest
+    assert m["source"] == "ruler" and m["split"] == "train" and m["future"]["mode"] == "greedy"
+    assert m["model"]["fingerprint"] == smollm.info.fingerprint and m["seeds"]["ruler_seed"] == 0
+    assert [s["id"] for s in m["samples"]] == ["ruler/train/niah_single_2/s0/0", "ruler/train/vt/s0/1"]
+    assert len(shard_paths(out)) == 2
+    assert all(220 <= s["length"] <= 256 and 1 <= s["future_length"] <= 4 for s in m["samples"])
+    assert m["generation_seconds"] > 0 and m["model_seconds"] > 0 and m["code_version"].startswith("0.")
+    sample = reader.read(1, 7)
+    assert sample.keys.shape == (3, m["samples"][1]["length"], 64) and (sample.utility >= 0).all()
+    assert reader.read_baseline(1, 7, "snapkv").shape == sample.utility.shape
+
+    # killed after the first shard: the rerun records only what is missing
+    last = shard_paths(out)[-1]
+    last.unlink()
+    assert main(traces(out, *RULER_RUN)) == 0
+    assert "1 recorded now, 1 were already there" in capsys.readouterr().out
+    assert torch.equal(TraceReader(out).read(1, 3).utility, reader.read(1, 3).utility)  # deterministic
+    assert main(traces(out, *RULER_RUN)) == 0
+    assert "0 recorded now, 2 were already there" in capsys.readouterr().out
+
+    # another run's settings into the same directory are refused with a one-line error
+    assert main(traces(out, *RULER_RUN, "--future", "reference")) == 2
+    assert "holds traces of another run" in capsys.readouterr().err
+
+
+def test_dialogue_reference_traces_fit_the_byte_goal(smollm, tmp_path):
+    out = tmp_path / "dialogue"
+    args = ("--source", "dialogue", "--split", "val", "--n", "1", "--context", "320", "--future", "reference",
+            "--future-tokens", "6", "--baselines", "none")
+    assert main(traces(out, *args)) == 0
+    reader = TraceReader(out)
+    s = reader.manifest["samples"][0]
+    assert s["id"].startswith("sharegpt/") and s["future_length"] == 6
+    assert "OASST2" in reader.manifest["source_description"]
+    assert reader.baselines == []
+    on_disk = sum(p.stat().st_size for p in shard_paths(out))
+    per_token_head = on_disk / (s["length"] * reader.n_layers * reader.n_kv_heads)
+    assert per_token_head <= 2 * 64 * 2 + 8  # fp16 keys and values + fp32 utility, plus headers
+
+
+def test_bad_requests_fail_cleanly(smollm, tmp_path, capsys):
+    assert main(traces(tmp_path / "a", "--source", "ruler", "--n", "1", "--context", "9000")) == 2
+    assert "refused: --context 9000" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main(traces(tmp_path / "b", "--source", "ruler", "--n", "1", "--context", "40")) == 2
+    assert "too few for RULER task" in capsys.readouterr().err
+    assert not list((tmp_path / "b").glob("*.safetensors"))
+    assert main(traces(tmp_path / "c", "--source", "ruler", "--n", "1", "--baselines", "h2o")) == 2
+    assert "unknown baselines" in capsys.readouterr().err
