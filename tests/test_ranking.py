@@ -60,10 +60,18 @@ def test_plackett_luce_logprob_matches_reference_values_and_gradients(n):
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-5)
 
 
-def test_plackett_luce_is_stable_for_large_scores():
+@pytest.mark.parametrize("spread", [1.0, 50.0, 500.0])  # 500: beyond the linear-domain fast path
+def test_plackett_luce_is_stable_for_large_scores(spread):
+    g = _gen(int(spread))
+    scores = (torch.randn(3, 1, 40, generator=g) * spread).requires_grad_(True)
+    perm = R.gumbel_sort(scores.squeeze(1), n_samples=5, generator=g)
+    fast = R.plackett_luce_logprob(scores, perm)
+    torch.testing.assert_close(fast, R.plackett_luce_logprob_reference(scores, perm), rtol=1e-5, atol=1e-3)
+    (g_fast,) = torch.autograd.grad(fast.sum(), scores)
+    (g_slow,) = torch.autograd.grad(R.plackett_luce_logprob_reference(scores, perm).sum(), scores)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-3)
     s = torch.tensor([1000.0, -1000.0, 0.0, 500.0])
-    perm = R.argsort_desc(s)
-    lp = R.plackett_luce_logprob(s, perm)
+    lp = R.plackett_luce_logprob(s, R.argsort_desc(s))
     assert torch.isfinite(lp) and lp.item() > -1e-6  # the argmax ranking has probability ~1
 
 

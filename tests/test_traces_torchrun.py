@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
-from kvpolicy.traces.record import FutureConfig
+from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.store import TraceReader, shard_paths
 
 pytestmark = pytest.mark.model

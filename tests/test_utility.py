@@ -13,7 +13,8 @@ from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import (BASELINES, baseline_scores, baseline_scores_reference, rows_needed,
                                        window_attention)
-from kvpolicy.traces.record import FutureConfig, greedy_continuation, record_trace
+from kvpolicy.traces.future import FutureConfig
+from kvpolicy.traces.record import greedy_continuation, record_trace
 from kvpolicy.traces.utility import (AttentionInputRecorder, grouped_future_attention,
                                      grouped_future_attention_reference)
 

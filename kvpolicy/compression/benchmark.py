@@ -8,6 +8,7 @@ compressed cache at 2K and 4K context. Text: the Paul Graham essays.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Callable
 
@@ -31,9 +32,8 @@ def timed(fn: Callable, repeats: int = 1):
     return result, best
 
 
-def decode_ms_per_token(handle: ModelHandle, state: KVState, tokens: int) -> float:
-    work = state.branch()
-    _, seconds = timed(lambda: greedy_decode(handle, work, work.logits, tokens, stop_ids=()))
+def decode_ms_per_token(handle: ModelHandle, state: KVState, tokens: int, repeats: int = 2) -> float:
+    _, seconds = timed(lambda: greedy_decode(handle, state.branch(), state.logits, tokens, stop_ids=()), repeats)
     return 1000 * seconds / tokens
 
 
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     handle = load_model(args.model)
     ids = handle.encode(haystack_text()[:40_000])[:, :4096]
     prefill(handle, ids[:, :64])  # warm-up
-    print(f"model {handle.info.name}, {torch.get_num_threads()} threads; prompts from the Paul Graham essays")
+    print(f"model {handle.info.name}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; prompts from the Paul Graham essays; times are the best of repeats")
 
-    (full, _), prefill_s = timed(lambda: prefill(handle, ids[:, :2048]), repeats=2)
+    (full, _), prefill_s = timed(lambda: prefill(handle, ids[:, :2048]), repeats=3)
     (recorded, _), recorded_s = timed(lambda: prefill(handle, ids[:, :2048], record_queries=ALL_QUERIES))
     print(f"\nprefill 2048 tokens: {prefill_s:.2f} s ({recorded_s:.2f} s while recording every query's attention inputs)")
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scorer = make_scorer(name)
         state = full if scorer.attention_free else recorded
-        _, seconds = timed(lambda: evict(state, rank(handle, state, scorer), Budget(tokens=512)), repeats=2)
+        _, seconds = timed(lambda: evict(state, rank(handle, state, scorer), Budget(tokens=512)), repeats=3)
         print(f"   {name:>20} {1000 * seconds:>9.1f} {100 * seconds / prefill_s:>9.2f}%")
 
     print(f"\n3) decode ms/token, full cache vs compressed to {args.decode_budget} (knorm), {args.decode_tokens} tokens each")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ms_full = decode_ms_per_token(handle, state, args.decode_tokens)
         ms_small = decode_ms_per_token(handle, small, args.decode_tokens)
         print(f"   {length:>8} {ms_full:>9.1f} {ms_small:>11.1f}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
 

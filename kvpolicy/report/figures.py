@@ -51,23 +51,29 @@ def _title(fig, title: str, caption: str, width: int) -> None:
     fig.suptitle(f"{title}\n{wrapped}", fontsize=9, y=1.0, va="bottom")
 
 
+MARKERS = "osD^vP*Xhp<>"
+
+
 def curves_figure(group: Group) -> bytes:
-    """One panel per task (and the average), one line per scorer; full cache as a dashed grey line."""
+    """One panel per task (and the average), one line per scorer; full cache as a dashed grey line. Scorers get
+    distinct markers and slight transparency so that lines lying on top of each other stay visible."""
     n = len(group.panels)
     cols = min(n, 4)
     rows = -(-n // cols)
     width = max(6.0, 3.6 * cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width, 3.0 * rows if cols > 1 else 3.6), squeeze=False)
+    scorers = sorted({line.scorer for panel in group.panels for line in panel.lines})
     for ax, panel in zip(axes.flat, group.panels):
-        xs = [p.x for line in panel.lines for p in line.points]
+        xs = sorted({p.x for line in panel.lines for p in line.points})
         for line in panel.lines:
             emphasis = line.scorer.startswith("KVP")
             ax.plot(
                 [p.x for p in line.points],
                 [p.y for p in line.points],
-                marker="o",
-                markersize=3.5 if not emphasis else 5,
+                marker=MARKERS[scorers.index(line.scorer) % len(MARKERS)],
+                markersize=6 if emphasis else 4.5,
                 linewidth=2.4 if emphasis else 1.3,
+                alpha=1.0 if emphasis else 0.8,
                 color=color_of(line.scorer),
                 label=line.scorer,
                 zorder=3 if emphasis else 2,
@@ -76,8 +82,13 @@ def curves_figure(group: Group) -> bytes:
             ax.axhline(panel.reference.y, color="#555555", linestyle="--", linewidth=1, label="full cache")
         if xs and max(xs) / max(min(xs), 1e-9) >= 4:
             ax.set_xscale("log", base=2)
+        if xs:
+            ax.set_xticks(xs, [f"{x:.0f}" for x in xs])
+            ax.minorticks_off()
         ys = [p.y for line in panel.lines for p in line.points]
-        if group.metric != "accuracy" and ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        if group.metric == "accuracy":
+            ax.set_ylim(-4, 104)
+        elif ys and min(ys) > 0 and max(ys) / min(ys) > 20:
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel("KV cache size (entries per head)", fontsize=8)
@@ -92,9 +103,9 @@ def curves_figure(group: Group) -> bytes:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02), frameon=False)
-    fig.tight_layout(rect=(0, 0.07 if rows == 1 else 0.04, 1, 1))
+    fig.tight_layout()
+    fig.legend([handles[lab] for lab in labels], labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
     _title(fig, group.title(), group.caption(), width=int(15 * width))
     return _png(fig)
 

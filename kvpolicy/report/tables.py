@@ -47,10 +47,17 @@ def _budget_columns(panels: list[Panel]) -> list[tuple[str, float]]:
     return sorted(((b, float(np.mean(v))) for b, v in xs.items()), key=lambda bx: bx[1])
 
 
+def _budget_header(label: str, kept: float) -> str:
+    """'64 tok' for a token budget, 'r0.50 (~512 tok)' for a ratio (mean entries kept per head)."""
+    if label.startswith("b") and label[1:].isdigit():
+        return f"{label[1:]} tok"
+    return f"{label} (~{kept:.0f} tok)"
+
+
 def group_table(group: Group) -> Table:
     """Rows (task, scorer), one column per budget, plus the full-cache value and the sample count."""
     budgets = _budget_columns(group.panels)
-    header = ["task", "scorer"] + [f"b={b} (~{x:.0f})" for b, x in budgets] + ["full cache", "n"]
+    header = ["task", "scorer"] + [_budget_header(b, x) for b, x in budgets] + ["full cache", "n"]
     rows = []
     for panel in group.panels:
         full = _fmt(group.metric, panel.reference.y) if panel.reference else "–"

@@ -18,7 +18,7 @@ from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.progress import silence_libraries
 from kvpolicy.traces.baselines import BASELINES
 from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
-from kvpolicy.traces.record import FUTURE_MODES, FutureConfig
+from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES
 from kvpolicy.traces.store import shard_paths
 

@@ -18,7 +18,7 @@ import time
 from kvpolicy.errors import KVPError
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.traces.baselines import BASELINES
-from kvpolicy.traces.record import FUTURE_MODES, FutureConfig
+from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
 
 

@@ -18,7 +18,8 @@ from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
 from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
-from kvpolicy.traces.record import FutureConfig, record_trace
+from kvpolicy.traces.future import FutureConfig
+from kvpolicy.traces.record import record_trace
 from kvpolicy.traces.sources import DESCRIPTIONS, SOURCES, TRACE_SPLITS, source_seeds, trace_prompts
 from kvpolicy.traces.store import DEFAULT_SHARD_BYTES, FORMAT, TraceWriter, write_manifest
 

@@ -19,24 +19,8 @@ from transformers import DynamicCache
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import baseline_scores, rows_needed
+from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.utility import AttentionInputRecorder, future_utility
-
-FUTURE_MODES = ("greedy", "reference")
-
-
-@dataclass(frozen=True)
-class FutureConfig:
-    """What follows the prompt: `mode` greedy | reference, at most `max_tokens` tokens."""
-
-    mode: str = "greedy"
-    max_tokens: int = 300
-
-    def __post_init__(self):
-        if self.mode not in FUTURE_MODES:
-            raise KVPError(f"unknown future mode '{self.mode}'; use one of: {', '.join(FUTURE_MODES)}")
-        if self.max_tokens < 1:
-            raise KVPError(f"future length must be at least 1 token, got {self.max_tokens}")
-
 
 @dataclass
 class Trace:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
@@ -63,14 +62,20 @@ class AttentionInputRecorder:
         self._handles = []
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x (B, heads, R, d) with cos, sin (B, R, d), as Llama-family models apply it
+    (halves rotated: x·cos + [−x₂, x₁]·sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat([-x2, x1], dim=-1) * sin.unsqueeze(1)
+
+
 def project_queries(attn: torch.nn.Module, inputs: AttentionInputs) -> torch.Tensor:
     """Post-RoPE queries (n_query_heads, R, head_dim) of the recorded rows, exactly as the layer computes them."""
     hidden = inputs.hidden_states
     q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (1, Hq, R, d)
     if hasattr(attn, "q_norm"):  # Qwen3/Gemma3-style query norm
         q = attn.q_norm(q)
-    q, _ = apply_rotary_pos_emb(q, q[:, :1], inputs.cos, inputs.sin)
-    return q[0]
+    return apply_rope(q, inputs.cos, inputs.sin)[0]
 
 
 def grouped_future_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_prompt: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ Only the evictable tokens are ranked: the first `sinks` and last `recent` positi
 (kvpolicy.compression.budget), so their scores never matter, and the attention sink's huge utility would
 otherwise dominate every reward. To cut cost, each prompt contributes a random subset of `tokens` of its
 evictable positions per step (ranking a random subset is still a ranking problem with the same optimum order);
-validation ranks every evictable token.
+validation ranks every evictable token. Prompts are kept in RAM after their first (checksum-verified) read, up to
+`cache_bytes`; beyond that they are re-read from the memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -62,10 +63,18 @@ class TraceBatches:
 
     tokens: tokens ranked per prompt and step (0 or more than a prompt's evictable tokens: all of the shortest
     prompt's, so a batch stays rectangular). dtype: of keys/values handed to the policy (bfloat16 halves memory
-    traffic and runs the matmuls on the CPU's bf16 units).
+    traffic and runs the matmuls on the CPU's bf16 units). cache_bytes: RAM for prompts kept after first read.
     """
 
-    def __init__(self, source: TraceSource, tokens: int = 256, sinks: int = 4, recent: int = 16, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        source: TraceSource,
+        tokens: int = 256,
+        sinks: int = 4,
+        recent: int = 16,
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 4 << 30,
+    ):
         if len(source) == 0:
             raise KVPError("the trace set is empty: record traces with `kvp traces ... --n N` first")
         self.source = source
@@ -78,25 +87,45 @@ class TraceBatches:
                 f"{recent} recent); record traces with a longer --context"
             )
         self.tokens = shortest if tokens <= 0 else min(tokens, shortest)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._cached_bytes = 0
 
     @property
     def n_agents(self) -> int:
         return self.source.n_layers * self.source.n_kv_heads
 
+    def _read(self, sample: int) -> tuple[torch.Tensor, ...]:
+        """keys, values (A, T, d) in the storage dtype, utility (A, T), positions (T,) of one prompt (from RAM
+        when cached). Keys and values are converted to bfloat16 once here when training in bfloat16 (converting
+        fp16 -> bf16 at every step cost more than the gather)."""
+        if sample in self._cache:
+            return self._cache[sample]
+        trace = self.source.read_layers(sample)
+        store = self.dtype if self.dtype.itemsize <= 2 else torch.float16
+        a = self.n_agents
+        keys, values = (torch.as_tensor(t).reshape(a, -1, t.shape[-1]).to(store) for t in (trace.keys, trace.values))
+        tensors = (keys, values, torch.as_tensor(trace.utility).reshape(a, -1).float(), torch.as_tensor(trace.positions))
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[sample] = tensors
+            self._cached_bytes += size
+        return tensors
+
     def _rows(self, sample: int, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """keys, values (A, n, d), utility (A, n), positions (n,) of one prompt at token indices `index` (None: all
         evictable)."""
-        trace = self.source.read_layers(sample)
-        length = trace.keys.shape[-2]
+        keys, values, utility, positions = self._read(sample)
         if index is None:
-            start, stop = evictable_range(length, self.sinks, self.recent)
+            start, stop = evictable_range(keys.shape[1], self.sinks, self.recent)
             index = torch.arange(start, stop)
-        a, d = self.n_agents, trace.keys.shape[-1]
-        keys = torch.as_tensor(trace.keys).index_select(-2, index).reshape(a, -1, d).to(self.dtype)
-        values = torch.as_tensor(trace.values).index_select(-2, index).reshape(a, -1, d).to(self.dtype)
-        utility = torch.as_tensor(trace.utility).index_select(-1, index).reshape(a, -1).float()
-        positions = torch.as_tensor(trace.positions)
-        return keys, values, utility, positions.index_select(0, index), positions.max() + 1
+        return (
+            _gather_tokens(keys, index).to(self.dtype),
+            _gather_tokens(values, index).to(self.dtype),
+            utility.index_select(1, index),
+            positions.index_select(0, index),
+            positions.max() + 1,
+        )
 
     def batch(self, samples: Sequence[int], generator: torch.Generator | None = None) -> Batch:
         """A training batch: for each prompt in `samples`, `tokens` random evictable tokens (sorted)."""
@@ -121,6 +150,13 @@ class TraceBatches:
             positions=torch.stack(positions).unsqueeze(0),
             lengths=torch.stack(lengths).reshape(1, -1, 1),
         )
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[:, index] for (A, T, d); 2-byte floats are gathered as int16 (CPU index_select is ~3x faster on them)."""
+    if x.element_size() == 2:
+        return x.view(torch.int16).index_select(1, index).view(x.dtype)
+    return x.index_select(1, index)
 
 
 def check_same_model(train: TraceSource, val: TraceSource) -> None:

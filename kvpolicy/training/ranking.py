@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 _TINY = 1e-12  # below this a total utility counts as zero
+_LINEAR_SPAN = 60.0  # score spans below which exp(s - max) cannot underflow float32 (e^-60 >> 1e-38)
 
 
 def argsort_desc(scores: torch.Tensor) -> torch.Tensor:
@@ -45,11 +46,19 @@ def plackett_luce_logprob(scores: torch.Tensor, perm: torch.Tensor) -> torch.Ten
     """log π(σ | s) of rankings under the Plackett–Luce model, differentiable in `scores`.
 
     scores: (..., n) (broadcast against perm's leading axes, e.g. (A, B, 1, n) with perm (A, B, K, n));
-    perm: (..., n) int64 rankings, best first. Returns (...). The suffix log-sum-exps log Σ_{j≥i} exp s_σj
-    for all i come from one logcumsumexp over the flipped ranking: O(n) after the gather.
+    perm: (..., n) int64 rankings, best first. Returns (...).
+
+    The suffix log-sum-exps log Σ_{j≥i} exp s_σj for every i come from ONE reversed cumulative sum: O(n) after
+    the gather. Where a row's scores span less than `_LINEAR_SPAN` it is summed as exp(s − max) in float32 (a
+    reversed cumsum, whose backward is another cumsum: ~6x cheaper on CPU than torch.logcumsumexp's); rows of
+    a wider span would underflow that, so then the whole batch takes torch.logcumsumexp in log space.
     """
     s = scores.float().expand(*perm.shape[:-1], scores.shape[-1]).gather(-1, perm)
-    suffix_lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    top = s.detach().amax(-1, keepdim=True)
+    if s.numel() and bool((top - s.detach().amin(-1, keepdim=True) < _LINEAR_SPAN).all()):
+        suffix_lse = torch.log((s - top).exp().flip(-1).cumsum(-1).flip(-1)) + top
+    else:
+        suffix_lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
     return (s - suffix_lse).sum(-1)
 
 

@@ -24,7 +24,7 @@ def window_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     offset: int,
 ) -> torch.Tensor:
-    """Causal softmax attention (B, Hq, W, T) of W queries at cache indices offset..offset+W-1 over all T keys.
+    """Causal softmax attention (B, Hq, W, T) of W queries at cache indices offset..offset+W-1 over T keys.
 
     hidden_states: (B, W, hidden) attention inputs; keys: (B, H, T, d) after RoPE; cos/sin: (B, W, d).
     """
@@ -35,7 +35,7 @@ def window_attention(
     logits = queries @ keys.transpose(2, 3) * module.scaling
     query_idx = torch.arange(offset, offset + queries.shape[2], device=keys.device)
     future = torch.arange(keys.shape[2], device=keys.device)[None, :] > query_idx[:, None]
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    return logits.masked_fill_(future, float("-inf")).softmax(dim=-1, dtype=torch.float32)
 
 
 @dataclass
@@ -53,9 +53,10 @@ class H2OScorer(Scorer):
         total = torch.zeros(B, view.module.config.num_attention_heads, T, dtype=torch.float32, device=view.keys.device)
         for start in range(0, W, self.block):
             rows = slice(start, start + self.block)
+            end = min(T, T - W + start + self.block)  # keys after the block's last query get no attention from it
             attn = window_attention(
-                view.module, view.hidden_states[:, rows], view.keys, (cos[:, rows], sin[:, rows]), T - W + start
+                view.module, view.hidden_states[:, rows], view.keys[:, :, :end], (cos[:, rows], sin[:, rows]), T - W + start
             )
-            total += attn.sum(dim=2)
+            total[..., :end] += attn.sum(dim=2)
         seen_by = (T - torch.arange(T, device=total.device)).clamp(max=W)  # queries at cache index >= key index
         return (total / seen_by).view(B, H, -1, T).mean(dim=2)

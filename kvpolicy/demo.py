@@ -1,0 +1,181 @@
+"""`kvp demo`: the whole story on SmolLM2 in one command, in about a quarter of an hour on a 2-core CPU.
+
+1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
+2. train    train the 90 per-head KVP agents on them with RL
+3. evaluate KVP against Random, StreamingLLM, KNorm, KeyDiff, TOVA and SnapKV at a few budgets: RULER-style
+            accuracy (the "eval" split, never seen in training), dialogue perplexity (ShareGPT, a corpus the agents
+            were not trained on) and the reward-level ranking cost on the held-out traces
+4. report   print the tables, write the HTML/Markdown report
+
+Everything is real: the real model, real text, trained agents and measured numbers. Every stage writes into the
+output directory and a re-run reuses what is finished (a killed demo resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kvpolicy.errors import KVPError
+from kvpolicy.models.registry import DEFAULT_MODEL
+
+BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of every stage. The defaults fit ~15 minutes on this 2-core machine (see the note in the README);
+    `QUICK` is a minute-long smoke version of the same pipeline."""
+
+    out: str = "kvp-demo"
+    model: str = DEFAULT_MODEL
+    context_tokens: int = 1024
+    future_tokens: int = 64
+    train_traces: int = 32
+    test_traces: int = 4
+    train_steps: int = 300
+    train_compile: bool = True
+    eval_tasks: tuple[str, ...] = ("ruler:niah_single_2", "ruler:niah_multikey_1", "ruler:niah_multivalue")
+    eval_samples: int = 4
+    dialogue_samples: int = 4
+    budgets: tuple[str, ...] = ("64", "128", "256")
+    max_new_tokens: int = 24
+    baselines: tuple[str, ...] = field(default=BASELINES)
+
+    def __post_init__(self):
+        for name in ("context_tokens", "future_tokens", "train_traces", "test_traces", "train_steps", "eval_samples",
+                     "dialogue_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise KVPError(f"demo: {name} must be at least 1")
+        if self.train_traces < 4:
+            raise KVPError("demo: need at least 4 training traces (some are held out for validation)")
+
+
+QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6, train_compile=False,
+                   eval_tasks=("ruler:niah_single_1",), eval_samples=1, dialogue_samples=1, budgets=("32", "64"),
+                   max_new_tokens=6)
+
+
+@dataclass
+class DemoPaths:
+    root: Path
+
+    @property
+    def train_traces(self) -> Path:
+        return self.root / "traces" / "train"
+
+    @property
+    def test_traces(self) -> Path:
+        return self.root / "traces" / "test"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "kvp-policy"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def _stage(number: int, title: str) -> float:
+    print(f"\n[{number}/4] {title}", flush=True)
+    return time.perf_counter()
+
+
+def _done(start: float, what: str) -> None:
+    print(f"      {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def record_demo_traces(handle, cfg: DemoConfig, paths: DemoPaths) -> None:
+    from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
+    from kvpolicy.traces.record import FutureConfig
+
+    future = FutureConfig("greedy", cfg.future_tokens)
+    for split, n, out in (("train", cfg.train_traces, paths.train_traces), ("test", cfg.test_traces, paths.test_traces)):
+        run = TraceRunConfig(source="ruler", split=split, n=n, context_tokens=cfg.context_tokens, future=future)
+        manifest = record_traces(handle, run, out)
+        print(f"      {split}: {manifest['n_samples']} prompts, {manifest['prompt_tokens']} prompt tokens, "
+              f"{manifest['generation_seconds']:.0f} s of model time in total -> {out}")
+
+
+def train_demo_policy(cfg: DemoConfig, paths: DemoPaths) -> None:
+    from kvpolicy.traces.store import TraceReader
+    from kvpolicy.training.trainer import TrainConfig, Trainer
+
+    every = max(1, cfg.train_steps // 4)
+    config = TrainConfig(steps=cfg.train_steps, val_every=every, checkpoint_every=every, val_samples=4,
+                         warmup=min(100, cfg.train_steps // 5), compile=cfg.train_compile)
+    trainer = Trainer(TraceReader(paths.train_traces), paths.checkpoint, config=config)
+    result = trainer.run()
+    print(f"      {result.steps} steps, {result.n_parameters:,} parameters; best validation reward "
+          f"{result.best_val_reward:.3f} at step {result.best_step} (-1 = oracle) -> {paths.checkpoint}")
+
+
+def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
+    from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
+
+    scorers = [f"kvp:{paths.checkpoint}", *cfg.baselines]
+    common = dict(out=str(paths.results), models=[cfg.model], scorers=scorers, budgets=list(cfg.budgets),
+                  context_tokens=[cfg.context_tokens], seed=0, max_new_tokens=cfg.max_new_tokens)
+    written = 0
+    for tasks, n, protocols in ((list(cfg.eval_tasks), cfg.eval_samples, ["query-aware"]),
+                                (["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"]),
+                                ([f"traces:{paths.test_traces}"], cfg.test_traces, [])):
+        scorers_here = scorers + (["oracle"] if tasks[0].startswith("traces:") else [])
+        result = run_sweep(SweepConfig(tasks=tasks, n_samples=n, protocols=protocols,
+                                       **(common | {"scorers": scorers_here})))
+        written += result.written
+    return written
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or resume) every stage; returns the report's HTML path."""
+    from kvpolicy.models import load_model
+    from kvpolicy.report.render import write_report
+    from kvpolicy.report.summary import print_summary
+
+    paths = DemoPaths(Path(cfg.out))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    handle = load_model(cfg.model)
+    print(f"kvp demo: {handle.info.name} ({handle.info.n_agents} agents = {handle.info.n_layers} layers x "
+          f"{handle.info.n_kv_heads} KV heads), context {cfg.context_tokens} tokens, output in {paths.root}")
+
+    start = _stage(1, f"traces: {cfg.train_traces} train + {cfg.test_traces} held-out test RULER-style prompts, "
+                      f"futures of up to {cfg.future_tokens} greedy tokens")
+    record_demo_traces(handle, cfg, paths)
+    _done(start, "traces ready")
+
+    start = _stage(2, f"train the KVP agents ({cfg.train_steps} RL steps)")
+    train_demo_policy(cfg, paths)
+    _done(start, "policy ready")
+
+    start = _stage(3, f"evaluate KVP vs {', '.join(cfg.baselines)} at budgets {', '.join(cfg.budgets)}")
+    written = evaluate_demo(cfg, paths)
+    _done(start, f"{written} new results in {paths.results}")
+
+    start = _stage(4, "results")
+    print_summary(paths.results)
+    report = write_report(paths.results, paths.report)
+    _done(start, "report written")
+    print(f"\nkvp demo finished in {time.perf_counter() - begin:.0f} s.")
+    print(f"Report: {report.html.resolve()}  (Markdown: {report.markdown.resolve()})")
+    return report.html
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DemoConfig.out, help="output directory (re-running reuses finished stages)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (kvp models)")
+    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run of the same pipeline (tiny sizes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = replace(QUICK if args.quick else DemoConfig(), out=args.out, model=args.model)
+    run_demo(cfg)
+    return 0

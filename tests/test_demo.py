@@ -1,0 +1,36 @@
+"""`kvp demo --quick`: the whole pipeline (traces, training, sweep, report) at tiny sizes, then a re-run that
+reuses every finished stage."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kvpolicy.demo import QUICK, DemoPaths, run_demo
+
+
+@pytest.mark.model
+def test_quick_demo_runs_end_to_end_and_resumes(smollm, tmp_path, capsys):
+    from dataclasses import replace
+
+    cfg = replace(QUICK, out=str(tmp_path / "demo"))
+    html = run_demo(cfg)
+    out = capsys.readouterr().out
+    paths = DemoPaths(tmp_path / "demo")
+    records = [json.loads(line) for line in paths.results.read_text().splitlines()]
+    labels = {r["scorer_label"] for r in records}
+    assert {"KVP", "Random", "StreamingLLM", "KNorm", "KeyDiff", "TOVA", "SnapKV", "full cache", "Oracle"} <= labels
+    assert {r["protocol"] for r in records} == {"query-aware", "prompt-once", "multi-turn", "traces"}
+    assert {r["metric"] for r in records} == {"accuracy", "perplexity", "cost"}
+    kvp = next(r for r in records if r["scorer_kind"] == "learned")
+    assert len(kvp["scorer_identity"]["sha256"]) == 64  # results are keyed by the checkpoint's hash
+    assert html.is_file() and "Report:" in out and str(html.resolve()) in out
+    assert "Accuracy vs KV cache size" in out and "samples/min" in out
+
+    start = time.perf_counter()
+    run_demo(cfg)  # everything is reused: no new trace, training step or result
+    again = capsys.readouterr().out
+    assert "0 new results" in again and len(paths.results.read_text().splitlines()) == len(records)
+    assert time.perf_counter() - start < 60
