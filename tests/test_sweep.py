@@ -54,13 +54,13 @@ def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
     prefill, rank = Counter(qa.prefill), Counter(qa.rank)
     monkeypatch.setattr(qa, "prefill", prefill)
     monkeypatch.setattr(qa, "rank", rank)
-    outcomes = list(qa.run_qa(smollm, task, [sample], protocol, entries, budgets, lambda *_: True, 8))
+    outcomes = list(qa.run_qa(smollm, task, [sample], protocol, entries, budgets, lambda *_: True, 4))
     assert len(outcomes) == 1 + 2 * 2  # the full cache + 2 scorers x 2 budgets
     assert prefill.fresh == 1 and rank.calls == 2  # one prefill per sample, one ranking per scorer
     for o in outcomes:
         entry = None if o.budget == FULL else o.entry.scorer
         budget = None if o.budget == FULL else next(b for b in budgets if b.label == o.budget)
-        ref = generate(smollm, sample.context, sample.question, entry, budget, protocol, 8, sample.answer_prefix)
+        ref = generate(smollm, sample.context, sample.question, entry, budget, protocol, 4, sample.answer_prefix)
         assert o.fields["prediction"] == ref.text, (o.entry.label, o.budget)
         assert o.kept == ref.cache_tokens_compressed and o.cache_bytes == ref.cache_bytes_compressed
         assert o.fields["value"] == task.score(ref.text, sample)
@@ -91,17 +91,17 @@ def test_sweep_resumes_and_skips_done_work(smollm, tmp_path):
 def test_dialogue_protocols(smollm, monkeypatch):
     (task,) = resolve_tasks(["dialogue"])
     sample = task.load(smollm, 1, 384, 0)[0]
+    assert len(perplexity.dialogue_chunks(smollm, sample)[0]) > 1  # a real multi-turn dialogue
     entries = make_entries(["knorm", "snapkv"])
     big, small = Budget(tokens=4096), Budget(tokens=64)
-    rounds, _ = perplexity.dialogue_chunks(smollm, sample, min_chunk=65)  # snapkv needs 65 rows per chunk
-    assert len(rounds) > 1  # a real multi-turn dialogue: multi-turn compression differs from prompt-once
     results = {}
     for protocol in (PROMPT_ONCE, MULTI_TURN):
         prefill = Counter(perplexity.prefill)
         monkeypatch.setattr(perplexity, "prefill", prefill)
         outs = list(perplexity.run_dialogue(smollm, sample, protocol, entries, [big, small], lambda *_: True, 64))
         results[protocol] = {(o.entry.spec, o.budget): o for o in outs}
-        assert prefill.fresh == 1  # the (first round's) prefill is shared by every scorer and budget
+        # the (first round's) prefill is shared by every budget, and by every scorer that splits the rounds alike
+        assert prefill.fresh == (1 if protocol == PROMPT_ONCE else 2)  # knorm + full cache | snapkv (65-row rounds)
         full = results[protocol][(FULL, FULL)]
         for spec in ("knorm", "snapkv"):
             same = results[protocol][(spec, big.label)]  # a budget above the length is no compression at all

@@ -103,7 +103,7 @@ def _forward(handle: ModelHandle, state: KVState, input_ids: torch.Tensor, recor
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
     state.next_position = start + n
     state.recorded = recorded if record_rows else None
-    state.logits = out.logits[:, -1]
+    state.logits = out.logits[:, -1].clone()  # not a view that would keep every position's logits alive
     return out.logits
 
 

@@ -194,8 +194,10 @@ def _needle_task(spec: TaskSpec, rng: random.Random, budget: int) -> Callable[[i
             units = [NOISE] * size
         else:  # distractor needles with other keys
             local = random.Random(salt)
-            units = [f"One of the special magic {spec.value_type} for {_key(local, spec.key_type)} is: "
-                     f"{_value(local, spec.value_type)}." for _ in range(size)]
+            others = _distinct(lambda: _key(local, spec.key_type), size + len(keys))
+            others = [k for k in others if k not in keys][:size]
+            units = [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
+                     for k in others]
         haystack = " ".join(_insert(units, needles, depths))
         tv = spec.value_type
         context = (f"Some special magic {tv} are hidden within the following text. Make sure to memorize it. "

@@ -74,16 +74,26 @@ def run_dialogue(
     active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
     if not active:
         return
-    window = recording_window(active)
-    rounds, answer = dialogue_chunks(handle, sample, max(1, window), max_answer_tokens)
-    if protocol == PROMPT_ONCE:
-        rounds = [torch.cat(rounds, dim=1)]
+    groups: dict[int, list[ScorerEntry]] = {}  # entries that split the dialogue into the same rounds
+    for entry in active:
+        groups.setdefault(1 if protocol == PROMPT_ONCE else max(1, entry.query_window), []).append(entry)
+    for min_chunk, members in groups.items():
+        rounds, answer = dialogue_chunks(handle, sample, min_chunk, max_answer_tokens)
+        if protocol == PROMPT_ONCE:
+            rounds = [torch.cat(rounds, dim=1)]
+        yield from _run_rounds(handle, sample.id, rounds, answer, members, todo)
+
+
+def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor], answer: torch.Tensor,
+                entries: list[ScorerEntry], todo: dict[str, list[Budget]]) -> Iterator[Outcome]:
+    """Prefill the first round once, rank it once per scorer; per budget, cut, then feed (and after each round
+    compress) the remaining rounds, and score the answer."""
     clock = Clock()
-    state, _ = prefill(handle, rounds[0], record_queries=window)
+    state, _ = prefill(handle, rounds[0], record_queries=recording_window(entries))
     prefill_s = clock.lap()
     total_length = sum(r.shape[1] for r in rounds)
     full_bytes = state.nbytes() // state.length * total_length  # bytes grow in proportion to cached entries
-    for entry in active:
+    for entry in entries:
         cuts = todo[entry.id]
         first_length = state.length
         needs_rank = entry is not FULL_ENTRY and any(b.kept(first_length) < first_length for b in cuts)
@@ -97,6 +107,6 @@ def run_dialogue(
                 if entry is not FULL_ENTRY:
                     cut = compress(handle, cut, entry.scorer, budget)
             fields = _nll_fields(handle, cut, answer)
-            yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
+            yield Outcome(sample_id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
                           cut.length, full_bytes, cut.nbytes(), rank_s + clock.lap(), prefill_s, fields)
             clock.lap()

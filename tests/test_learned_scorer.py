@@ -1,0 +1,90 @@
+"""The learned KVP policy as a scorer of the cache engine, of `kvp generate` and of the kvpress press, end to end:
+real SmolLM2 traces -> `kvp train` -> `kvp:CKPT`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpolicy.cli import main
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import BoundedDecoding, compress, greedy_decode, prefill, rank
+from kvpolicy.compression.press import KVPolicyPress
+from kvpolicy.compression.scorers import make_scorer
+from kvpolicy.compression.scorers.learned import KVPScorer
+from kvpolicy.data.essays import load_essays
+from kvpolicy.errors import KVPError
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(smollm, tmp_path_factory):
+    """A policy trained briefly on 3 real SmolLM2 traces (short prompts and futures to stay fast)."""
+    root = tmp_path_factory.mktemp("kvp")
+    traces, out = root / "traces", root / "ckpt"
+    assert main(["traces", "--source", "ruler", "--n", "3", "--context", "160", "--future-tokens", "8",
+                 "--baselines", "none", "--out", str(traces)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--traces", str(traces), "--out", str(out), "--steps", "12", "--batch", "4",
+                     "--tokens", "64", "--hidden", "16", "--val-every", "6", "--warmup", "3", "--no-compile"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_scorer_contract_identity_and_model_check(smollm, checkpoint):
+    scorer = make_scorer(f"kvp:{checkpoint}")
+    assert isinstance(scorer, KVPScorer) and scorer.attention_free and scorer.query_window == 0
+    ident = scorer.identity()
+    assert ident["name"] == "kvp" and len(ident["sha256"]) == 64 and ident["fingerprint"] == smollm.info.fingerprint
+    scorer.check_model(smollm.info)
+    KVPScorer(str(checkpoint), model=smollm.info)
+    other = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")
+    with pytest.raises(KVPError, match="trained for smollm2-135m"):
+        KVPScorer(str(checkpoint), model=other)
+    with pytest.raises(KVPError, match="not a KVP checkpoint"):
+        make_scorer("kvp:/nonexistent/ckpt")
+
+
+def test_engine_compresses_and_decodes_with_the_policy(smollm, checkpoint):
+    scorer = make_scorer(f"kvp:{checkpoint}")
+    prompt = smollm.encode(load_essays()[3].text)[:, :300]
+    state, logits = prefill(smollm, prompt)
+    scores = rank(smollm, state, scorer)
+    assert len(scores) == smollm.info.n_layers and scores[0].shape == (1, smollm.info.n_kv_heads, 300)
+    assert all(torch.isfinite(s).all() for s in scores)
+    direct = scorer.policy.score_layer(7, *state.layer(7), state.positions[7])
+    torch.testing.assert_close(scores[7], direct)
+    small = compress(smollm, state, scorer, Budget(tokens=64))
+    assert small.length == 64 and small.nbytes() < state.nbytes() / 4
+    ids = greedy_decode(smollm, small, logits, max_new_tokens=4)
+    assert len(ids) >= 1
+    # decode-time re-ranking: an attention-free scorer keeps the cache within budget + every
+    bounded = compress(smollm, prefill(smollm, prompt)[0], scorer, Budget(tokens=64))
+    greedy_decode(smollm, bounded, logits, max_new_tokens=10, bounded=BoundedDecoding(scorer, Budget(tokens=64), every=4))
+    assert bounded.length <= 64 + 4
+
+
+def test_kvp_generate_cli(checkpoint, capsys):
+    text = load_essays()[2].text[:900]
+    assert main(["generate", "--scorer", f"kvp:{checkpoint}", "--budget", "64", "--max-new-tokens", "4", text]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_kvpress_press_keeps_what_the_engine_keeps(smollm, checkpoint):
+    scorer = make_scorer(f"kvp:{checkpoint}")
+    prompt = smollm.encode(load_essays()[6].text)[:, :200]
+    full, _ = prefill(smollm, prompt)
+    ours = compress(smollm, full, scorer, Budget(ratio=0.6))
+    cache = DynamicCache()
+    with torch.no_grad(), KVPolicyPress(compression_ratio=0.6, scorer=scorer)(smollm.model):
+        smollm.model.model(input_ids=prompt, past_key_values=cache)
+    for idx, layer in enumerate(cache.layers):
+        theirs = torch.cdist(layer.keys, full.layer(idx)[0]).argmin(dim=-1).sort(dim=-1).values
+        assert torch.equal(ours.positions[idx], theirs), f"layer {idx}"
