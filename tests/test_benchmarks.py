@@ -77,7 +77,7 @@ def test_task_registry_names_and_unknown_tasks():
 
 def test_hub_tasks_load_from_fixtures_in_the_hub_schema():
     tasks = {t.name: t for t in resolve_tasks(["ruler-hub:niah_single_2", "boolq", "arc_challenge", "gov_report",
-                                                "passage_retrieval_en", "oasst2"], LOCAL)}
+                                                "passage_retrieval_en"], LOCAL)}
     (ruler,) = tasks["ruler-hub:niah_single_2"].load(None, 5, None, 0)
     assert ruler.answers == ("7391842",) and tasks["ruler-hub:niah_single_2"].score("it is 7391842", ruler) == 1.0
     boolq = tasks["boolq"].load(None, 5, None, 0)
@@ -92,8 +92,6 @@ def test_hub_tasks_load_from_fixtures_in_the_hub_schema():
     (passage,) = tasks["passage_retrieval_en"].load(None, 5, None, 0)
     prompt = tasks["passage_retrieval_en"].prompt(passage)
     assert "Paragraph 2: A painter" in prompt.context and passage.question in prompt.question
-    conversations = tasks["oasst2"].load(None, 5, None, 0)
-    assert conversations and all(c.turns[-1].role == "assistant" for c in conversations)
 
 
 def test_dialogue_is_cut_after_its_last_assistant_turn():
@@ -117,6 +115,13 @@ def test_dialogue_chunks_rebuild_the_chat_text(smollm):
     assert smollm.tokenizer.decode(answer[0]) == "Goodbye, have a nice day.<|im_end|>"
     merged, _ = dialogue_chunks(smollm, as_sample(smollm, conv), min_chunk=40)  # short rounds merge: >= 40 tokens each
     assert all(r.shape[1] >= 40 for r in merged) and torch.equal(torch.cat(merged, 1), torch.cat(rounds, 1))
+
+
+@pytest.mark.model
+def test_oasst2_threads_become_dialogue_samples(smollm):
+    (task,) = resolve_tasks(["oasst2"], LOCAL)
+    samples = task.load(smollm, 5, None, 0)
+    assert samples and all(s.messages[-1]["role"] == "user" and s.reference.endswith("<|im_end|>") for s in samples)
 
 
 @pytest.mark.model

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
@@ -15,7 +16,7 @@ from kvpolicy.traces.baselines import (BASELINES, baseline_scores, baseline_scor
                                        window_attention)
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import greedy_continuation, record_trace
-from kvpolicy.traces.utility import (AttentionInputRecorder, grouped_future_attention,
+from kvpolicy.traces.utility import (AttentionInputRecorder, apply_rope, future_utility, grouped_future_attention,
                                      grouped_future_attention_reference)
 
 
@@ -28,6 +29,23 @@ def test_grouped_future_attention_matches_reference(n_q, n_kv, n_prompt, n_futur
     slow = grouped_future_attention_reference(queries, keys, 0.3, n_prompt)
     assert fast.shape == (n_kv, n_prompt) and fast.dtype == torch.float32
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_future_attention_batches_over_layers():
+    gen = torch.Generator().manual_seed(2)
+    queries, keys = torch.randn(4, 6, 3, 8, generator=gen), torch.randn(4, 2, 9, 8, generator=gen)
+    batched = grouped_future_attention(queries, keys, 0.5, 6)
+    assert batched.shape == (4, 2, 6)
+    for layer in range(4):
+        torch.testing.assert_close(batched[layer], grouped_future_attention_reference(queries[layer], keys[layer], 0.5, 6))
+
+
+def test_apply_rope_is_the_llama_rotation():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 4, 5, 8, generator=gen)
+    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    expected, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(apply_rope(q, cos, sin), expected)
 
 
 def test_grouped_future_attention_is_the_sum_of_causal_rows():
@@ -63,6 +81,22 @@ def test_baselines_equal_kvpress_presses(smollm, length):
     for name in BASELINES:
         assert fast[name].shape == (30, 3, length)
         torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.model
+def test_future_utility_in_layer_chunks_equals_all_at_once(smollm):
+    ids = torch.randint(100, 5000, (1, 30), generator=torch.Generator().manual_seed(4))
+    cache = DynamicCache(config=smollm.model.config)
+    attn = [layer.self_attn for layer in smollm.layers]
+    with torch.inference_mode():
+        smollm.model.model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
+        with AttentionInputRecorder(smollm.layers, rows=6) as rec:
+            smollm.model.model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True)
+        keys = [c.keys for c in cache.layers]
+        whole = future_utility(attn, rec.records, keys, 24)
+        chunked = future_utility(attn, rec.records, keys, 24, chunk_bytes=1)  # one layer at a time
+    assert whole.shape == (30, 3, 24)
+    torch.testing.assert_close(whole, chunked)
 
 
 def _eager_utility(handle, prompt_ids, future_ids):

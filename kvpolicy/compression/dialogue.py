@@ -40,6 +40,10 @@ class TurnResult:
         return asdict(self)
 
 
+def _size(state: KVState) -> tuple[int, int]:
+    return state.length, state.nbytes()
+
+
 def converse(
     handle: ModelHandle,
     user_turns: Sequence[str],
@@ -73,15 +77,14 @@ def converse(
         if not prompt.startswith(fed_text):
             raise KVPError("the chat template rewrites earlier turns, so turns cannot be appended to the cache")
         chunk = handle.encode(prompt[len(fed_text):])
-        before = (state.length, state.nbytes()) if state is not None else (0, 0)
+        before = after = (0, 0)  # (entries per head, bytes) around this turn's compression
         if protocol == "question-agnostic" and state is not None:
-            state = compress(handle, state, scorer, budget)
-        after = (state.length, state.nbytes()) if state is not None else (0, 0)
+            before, state = _size(state), compress(handle, state, scorer, budget)
+            after = _size(state)
         state, _ = prefill(handle, chunk, state, record_queries=scorer.query_window if protocol == "query-aware" else 0)
         if protocol == "query-aware":
-            before = (state.length, state.nbytes())
-            state = compress(handle, state, scorer, budget)
-            after = (state.length, state.nbytes())
+            before, state = _size(state), compress(handle, state, scorer, budget)
+            after = _size(state)
         if reference_answers is None:
             tokens = greedy_decode(handle, state, state.logits, max_new_tokens, bounded=bounded)
             text, nll = handle.decode(tokens), None

@@ -179,8 +179,10 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget) -> KVState
     for idx, layer_scores in enumerate(scores):
         keys, values = state.layer(idx)
         keep = keep_indices(layer_scores, state.positions[idx], budget, state.next_position)
-        rows = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-        layers.append((keys.gather(2, rows), values.gather(2, rows)))
+        batch = torch.arange(keep.shape[0], device=keep.device)[:, None, None]
+        head = torch.arange(keep.shape[1], device=keep.device)[None, :, None]
+        # advanced indexing copies whole (d,) rows: several times faster than gather with an expanded index
+        layers.append((keys[batch, head, keep], values[batch, head, keep]))
         positions.append(state.positions[idx].gather(2, keep))
     return KVState(cache_from_tensors(layers), positions, state.next_position, None, state.logits)
 

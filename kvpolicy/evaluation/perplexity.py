@@ -18,7 +18,7 @@ from kvpolicy.compression.state import KVState
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, recording_window
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, planned_budgets, recording_window
 from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
 from kvpolicy.models import ModelHandle
 
@@ -69,8 +69,7 @@ def run_dialogue(
     """Outcomes of the wanted (scorer, budget) pairs and the full-cache reference for one dialogue."""
     if protocol not in (MULTI_TURN, PROMPT_ONCE):
         raise KVPError(f"dialogue perplexity runs under {MULTI_TURN} or {PROMPT_ONCE}, not '{protocol}'")
-    todo = {e.id: [b for b in ([Budget(tokens=1 << 30)] if e is FULL_ENTRY else budgets)
-                   if wanted(e.id, FULL if e is FULL_ENTRY else b.label)] for e in [FULL_ENTRY, *entries]}
+    todo = planned_budgets(entries, budgets, wanted)
     active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
     if not active:
         return

@@ -19,7 +19,7 @@ from kvpolicy.compression.state import KVState
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, recording_window
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, planned_budgets, recording_window
 from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QATask
 from kvpolicy.models import ModelHandle
 
@@ -33,7 +33,8 @@ def answer(handle: ModelHandle, task: QATask, sample: QASample, state: KVState, 
     if question_ids is not None:
         prefill(handle, question_ids, state)
     if task.choices:
-        sep = " " if task.prompt(sample).answer_prefix and not task.prompt(sample).answer_prefix.endswith(" ") else ""
+        prefix = task.prompt(sample).answer_prefix
+        sep = " " if prefix and not prefix.endswith(" ") else ""  # "Answer:" is followed by " yes", not "yes"
         nll = [float(continuation_nll(handle, state, handle.encode(sep + c)).sum()) for c in sample.choices]
         prediction = sample.choices[min(range(len(nll)), key=nll.__getitem__)]
     else:
@@ -61,8 +62,7 @@ def run_qa(
     if any(not torch.equal(c[0], chunks[0][0]) for c in chunks):
         raise KVPError("samples grouped for one shared prefill must have the same context")
     first = torch.cat(chunks[0], dim=1) if protocol == QUERY_AWARE else chunks[0][0]
-    todo = {e.id: [b for b in ([Budget(tokens=1 << 30)] if e is FULL_ENTRY else budgets)
-                   if wanted(e.id, FULL if e is FULL_ENTRY else b.label)] for e in [FULL_ENTRY, *entries]}
+    todo = planned_budgets(entries, budgets, wanted)
     active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
     if not active:
         return

@@ -51,6 +51,13 @@ class ScorerEntry:
 
 
 FULL_ENTRY = ScorerEntry(FULL, LABELS[FULL], "reference", {"name": FULL}, None)
+FULL_BUDGET = Budget(tokens=1 << 30)  # the reference's "budget": above any cache length, so nothing is cut
+
+
+def planned_budgets(entries: list[ScorerEntry], budgets: list[Budget], wanted) -> dict[str, list[Budget]]:
+    """Per entry id, the budgets whose results are still wanted (the full-cache reference has the one FULL)."""
+    return {e.id: [b for b in ([FULL_BUDGET] if e is FULL_ENTRY else budgets)
+                   if wanted(e.id, FULL if e is FULL_ENTRY else b.label)] for e in [FULL_ENTRY, *entries]}
 
 
 def make_entries(specs: list[str]) -> list[ScorerEntry]:

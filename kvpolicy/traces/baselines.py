@@ -95,7 +95,7 @@ def baseline_scores(
         return {}
     length, n_kv = keys[0].shape[-2], keys[0].shape[1]
     window = baseline_window(length)
-    queries = torch.stack([project_queries(a, r)[:, -window:] for a, r in zip(attention_modules, recorded)])
+    queries = project_queries(attention_modules, recorded, rows=window)
     probs = window_attention(queries, torch.cat(list(keys)), attention_modules[0].scaling)
     make = {"tova": tova_from_attention, "snapkv": snapkv_from_attention}
     return {name: make[name](probs, n_kv) for name in names}

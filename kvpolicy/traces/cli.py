@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="greedy: the model's own continuation; reference: the data's, teacher-forced")
     parser.add_argument("--seed", type=int, default=0, help="RULER generator seed")
     parser.add_argument("--tasks", help="comma-separated RULER tasks (default: all)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="query-based baseline scores stored per sample: comma list or 'none'")
+    parser.add_argument("--baselines", default="auto",
+                        help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
+                        f"of {', '.join(BASELINES)}, 'none', or 'auto' (all on val/test, none on train)")
     parser.add_argument("--shard-mb", type=int, default=128, help="target shard size in MiB")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
 
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = TraceRunConfig(
             source=args.source, split=args.split, n=args.n, context_tokens=args.context,
-            future=FutureConfig(args.future, args.future_tokens), seed=args.seed,
-            tasks=_names(args.tasks) or None, baselines=_names(args.baselines), shard_bytes=args.shard_mb << 20,
+            future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
+            baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
         )
         handle = load_model(args.model)
         result = run_traces(handle, cfg, args.out, rank=rank, world=world, show_progress=rank == 0)

@@ -46,7 +46,7 @@ class TraceRunConfig:
     future: FutureConfig = field(default_factory=FutureConfig)
     seed: int = 0
     tasks: tuple[str, ...] | None = None
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] | None = None  # None: TOVA + SnapKV on held-out splits (val, test), none on train
     shard_bytes: int = DEFAULT_SHARD_BYTES
 
     def __post_init__(self):
@@ -59,6 +59,8 @@ class TraceRunConfig:
             raise KVPError(f"--n must be at least 1, got {self.n}")
         if self.context_tokens < 16:
             raise KVPError(f"--context must be at least 16 tokens, got {self.context_tokens}")
+        if self.baselines is None:  # the ranking benchmark runs on held-out traces; training never reads them
+            self.baselines = () if self.split == "train" else BASELINES
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise KVPError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")

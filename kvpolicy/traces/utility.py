@@ -69,33 +69,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + torch.cat([-x2, x1], dim=-1) * sin.unsqueeze(1)
 
 
-def project_queries(attn: torch.nn.Module, inputs: AttentionInputs) -> torch.Tensor:
-    """Post-RoPE queries (n_query_heads, R, head_dim) of the recorded rows, exactly as the layer computes them."""
-    hidden = inputs.hidden_states
-    q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (1, Hq, R, d)
-    if hasattr(attn, "q_norm"):  # Qwen3/Gemma3-style query norm
-        q = attn.q_norm(q)
-    return apply_rope(q, inputs.cos, inputs.sin)[0]
+def project_queries(attention_modules: Sequence[torch.nn.Module], recorded: Sequence[AttentionInputs],
+                    rows: int | None = None) -> torch.Tensor:
+    """Post-RoPE queries (L, n_query_heads, R, head_dim) of the recorded rows (the last `rows` of them), exactly as
+    each layer of a Llama/Qwen2-style attention computes them (q_proj, then RoPE); one batched matmul over all
+    layers (their q_proj weights stacked)."""
+    first = attention_modules[0]
+    hidden = torch.cat([r.hidden_states[:, -rows:] if rows else r.hidden_states for r in recorded])  # (L, R, D)
+    weight = torch.stack([a.q_proj.weight for a in attention_modules])  # (L, Hq·d, D)
+    q = torch.bmm(hidden, weight.transpose(1, 2))
+    if first.q_proj.bias is not None:
+        q = q + torch.stack([a.q_proj.bias for a in attention_modules])[:, None]
+    q = q.view(*hidden.shape[:2], -1, first.head_dim).transpose(1, 2)  # (L, Hq, R, d)
+    cos = torch.cat([r.cos[:, -rows:] if rows else r.cos for r in recorded])
+    sin = torch.cat([r.sin[:, -rows:] if rows else r.sin for r in recorded])
+    return apply_rope(q, cos, sin)
 
 
 def grouped_future_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_prompt: int) -> torch.Tensor:
-    """Future utility of the first `n_prompt` keys for one layer.
+    """Future utility of the first `n_prompt` keys, batched over any leading axes (e.g. layers).
 
-    queries: (Hq, F, d) post-RoPE queries of the future rows, which are the LAST F rows of the sequence.
-    keys: (H, K, d) post-RoPE keys of the whole sequence (K = n_prompt + F; Hq = G·H, query head g·… of KV head h
-        is h·G + g as in `repeat_kv`).
-    Returns (H, n_prompt) fp32: Σ_t max_g softmax_j(q_{hg,t}·k_{h,j}·scaling; j ≤ K − F + t)[i].
+    queries: (..., Hq, F, d) post-RoPE queries of the future rows, which are the LAST F rows of the sequence.
+    keys: (..., H, K, d) post-RoPE keys of the whole sequence (K = n_prompt + F; Hq = G·H, query head h·G + g
+        belongs to KV head h, as in `repeat_kv`).
+    Returns (..., H, n_prompt) fp32: Σ_t max_g softmax_j(q_{hg,t}·k_{h,j}·scaling; j ≤ K − F + t)[i].
     """
-    n_q, n_future, dim = queries.shape
-    n_kv, n_keys, _ = keys.shape
+    *lead, n_q, n_future, dim = queries.shape
+    n_kv, n_keys = keys.shape[-3], keys.shape[-2]
     group = n_q // n_kv
-    q = queries.float().reshape(n_kv, group * n_future, dim)
-    logits = torch.bmm(q, keys.float().transpose(1, 2)).view(n_kv, group, n_future, n_keys) * scaling
+    q = queries.float().reshape(-1, group * n_future, dim)
+    k = keys.float().reshape(-1, n_keys, dim)
+    logits = torch.bmm(q, k.transpose(1, 2)).view(-1, group, n_future, n_keys) * scaling
     row_position = torch.arange(n_keys - n_future, n_keys, device=keys.device)  # absolute position of each future row
     hidden = torch.arange(n_keys, device=keys.device)[None, :] > row_position[:, None]  # (F, K): key after the row
     logits.masked_fill_(hidden, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return probs.amax(dim=1).sum(dim=1)[:, :n_prompt]
+    return probs.amax(dim=1).sum(dim=1)[:, :n_prompt].reshape(*lead, n_kv, n_prompt)
 
 
 def grouped_future_attention_reference(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
@@ -122,14 +131,20 @@ def future_utility(
     recorded: Sequence[AttentionInputs],
     keys: Sequence[torch.Tensor],
     n_prompt: int,
+    chunk_bytes: int = 128 << 20,
 ) -> torch.Tensor:
     """Future utility for every layer: (L, H, n_prompt) fp32.
 
     attention_modules: each layer's `self_attn`; recorded: each layer's attention inputs of the future rows;
-    keys: each layer's cached keys (1, H, n_prompt + F, d) after the future rows were fed.
+    keys: each layer's cached keys (1, H, n_prompt + F, d) after the future rows were fed. Layers go through the
+    attention in chunks whose (Hq, F, K) fp32 attention fits in about `chunk_bytes`.
     """
-    rows = []
-    for attn, inputs, layer_keys in zip(attention_modules, recorded, keys):
-        queries = project_queries(attn, inputs)
-        rows.append(grouped_future_attention(queries, layer_keys[0], attn.scaling, n_prompt))
-    return torch.stack(rows)
+    queries = project_queries(attention_modules, recorded)  # (L, Hq, F, d)
+    n_layers, n_q, n_future, _ = queries.shape
+    n_keys = keys[0].shape[-2]
+    step = max(1, chunk_bytes // (4 * n_q * n_future * n_keys))
+    scaling = attention_modules[0].scaling
+    return torch.cat([
+        grouped_future_attention(queries[i : i + step], torch.cat(list(keys[i : i + step])), scaling, n_prompt)
+        for i in range(0, n_layers, step)
+    ])
