@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 from kvpolicy.cli import main
 from kvpolicy.traces.store import TraceReader, shard_paths
 
@@ -51,6 +57,24 @@ def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     # another run's settings into the same directory are refused with a one-line error
     assert main(traces(out, *RULER_RUN, "--future", "reference")) == 2
     assert "holds traces of another run" in capsys.readouterr().err
+
+
+def test_a_killed_run_resumes_where_it_stopped(smollm, tmp_path, capsys):
+    out = tmp_path / "killed"
+    args = ("--source", "ruler", "--n", "4", "--context", "160", "--future-tokens", "2", "--tasks", "niah_single_2",
+            "--shard-mb", "1")
+    run = subprocess.Popen([sys.executable, "-m", "kvpolicy.cli", *traces(out, *args)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not shard_paths(out) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    finished = shard_paths(out)
+    assert 1 <= len(finished) < 4 and not (out / "manifest.json").exists()
+    assert main(traces(out, *args)) == 0
+    assert f"{4 - len(finished)} recorded now, {len(finished)} were already there" in capsys.readouterr().out
+    assert len(TraceReader(out)) == 4 and not list(out.glob(".*"))  # no temporaries left behind
 
 
 def test_dialogue_reference_traces_with_baselines(smollm, tmp_path):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import kvpolicy
+from kvpolicy.data.ruler import RULER_TASKS
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
@@ -66,13 +67,15 @@ class TraceRunConfig:
             raise KVPError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
         if self.tasks is not None and self.source != "ruler":
             raise KVPError("--tasks applies to --source ruler only")
+        unknown = sorted(set(self.tasks or ()) - set(RULER_TASKS))
+        if unknown:
+            raise KVPError(f"unknown RULER tasks {unknown}; known: {', '.join(RULER_TASKS)}")
 
     def manifest_fields(self, handle: ModelHandle) -> dict:
         """The run description stored in every shard and in the manifest."""
-        info = handle.info
         return {
             "format": FORMAT,
-            "model": info.to_dict(),
+            "model": handle.info.to_dict(),
             "source": self.source,
             "source_description": DESCRIPTIONS[self.source],
             "split": self.split,

@@ -116,8 +116,8 @@ def record_trace(
             cache.crop(n_prompt)
         else:
             future_ids = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
-        keys = torch.stack([c.keys[0, :, :n_prompt] for c in layer_caches]).half().cpu()
-        values = torch.stack([c.values[0, :, :n_prompt] for c in layer_caches]).half().cpu()
+        keys = torch.stack([c.keys[0, :, :n_prompt].half() for c in layer_caches]).cpu()
+        values = torch.stack([c.values[0, :, :n_prompt].half() for c in layer_caches]).cpu()
         with stopwatch, AttentionInputRecorder(handle.layers, rows=len(future_ids)) as rec:
             model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
         utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt).cpu()

@@ -72,17 +72,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def project_queries(attention_modules: Sequence[torch.nn.Module], recorded: Sequence[AttentionInputs],
                     rows: int | None = None) -> torch.Tensor:
     """Post-RoPE queries (L, n_query_heads, R, head_dim) of the recorded rows (the last `rows` of them), exactly as
-    each layer of a Llama/Qwen2-style attention computes them (q_proj, then RoPE); one batched matmul over all
-    layers (their q_proj weights stacked)."""
-    first = attention_modules[0]
-    hidden = torch.cat([r.hidden_states[:, -rows:] if rows else r.hidden_states for r in recorded])  # (L, R, D)
-    weight = torch.stack([a.q_proj.weight for a in attention_modules])  # (L, Hq·d, D)
-    q = torch.bmm(hidden, weight.transpose(1, 2))
-    if first.q_proj.bias is not None:
-        q = q + torch.stack([a.q_proj.bias for a in attention_modules])[:, None]
-    q = q.view(*hidden.shape[:2], -1, first.head_dim).transpose(1, 2)  # (L, Hq, R, d)
-    cos = torch.cat([r.cos[:, -rows:] if rows else r.cos for r in recorded])
-    sin = torch.cat([r.sin[:, -rows:] if rows else r.sin for r in recorded])
+    each layer of a Llama/Qwen2-style attention computes them: q_proj, then RoPE (batched over layers)."""
+    window = slice(-rows, None) if rows else slice(None)
+    q = torch.stack([a.q_proj(r.hidden_states[0, window]) for a, r in zip(attention_modules, recorded)])
+    q = q.view(*q.shape[:2], -1, attention_modules[0].head_dim).transpose(1, 2)  # (L, Hq, R, d)
+    cos = torch.cat([r.cos[:, window] for r in recorded])
+    sin = torch.cat([r.sin[:, window] for r in recorded])
     return apply_rope(q, cos, sin)
 
 
