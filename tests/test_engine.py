@@ -19,7 +19,7 @@ from kvpolicy.compression.engine import (
     prefill,
     rank,
 )
-from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
+from kvpolicy.compression.scorers import ALL_QUERIES, KnormScorer, make_scorer
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle, ModelInfo
@@ -66,7 +66,8 @@ def masked_reference_logits(handle, prompt, kept, chunks):
                 n = chunk.shape[1]
                 for idx, positions in enumerate(kept):
                     visible = torch.zeros(positions.shape[0], n, fed + n, dtype=torch.bool)
-                    visible[:, :, :P] = torch.zeros(positions.shape[0], P, dtype=torch.bool).scatter(1, positions, True)[:, None]
+                    kept_old = torch.zeros(positions.shape[0], P, dtype=torch.bool).scatter(1, positions, True)
+                    visible[:, :, :P] = kept_old[:, None]
                     visible[:, :, P:fed] = True  # tokens fed after the compression
                     visible[:, :, fed:] = torch.ones(n, n, dtype=torch.bool).tril()
                     mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
@@ -185,11 +186,11 @@ def test_continuation_nll_matches_a_single_forward(smollm, prompt, full):
 
 def test_generate_labels_protocol_and_shrinks_cache(smollm):
     context = load_essays()[4].text[:600]
-    full = generate(smollm, context, " Summarize.", None, None, max_new_tokens=4)
-    same = generate(smollm, context, " Summarize.", make_scorer("knorm"), Budget(tokens=5000), max_new_tokens=4)
+    full = generate(smollm, context, " Summarize.", None, None, max_new_tokens=3)
+    same = generate(smollm, context, " Summarize.", make_scorer("knorm"), Budget(tokens=5000), max_new_tokens=3)
     assert full.text == same.text and full.cache_bytes_full == same.cache_bytes_compressed
     for protocol in ("query-aware", "question-agnostic"):
-        result = generate(smollm, context, " Summarize.", make_scorer("snapkv"), Budget(tokens=80), protocol, max_new_tokens=2)
+        result = generate(smollm, context, " Summarize.", make_scorer("snapkv"), Budget(tokens=80), protocol, 2)
         assert result.protocol == protocol and result.to_dict()["protocol"] == protocol
         assert result.cache_tokens_compressed == 80
         assert result.cache_bytes_compressed * result.cache_tokens_full == result.cache_bytes_full * 80
@@ -206,7 +207,7 @@ def test_dialogue_compresses_every_turn_and_continues(smollm):
     for r in results:
         assert r.cache_tokens_after == min(48, r.cache_tokens_before) and r.token_ids
     assert state.next_position > results[0].cache_tokens_before + 16 and state.length < state.next_position
-    agnostic, _ = converse(smollm, turns[:2], make_scorer("keydiff"), Budget(tokens=24), "question-agnostic", max_new_tokens=4)
+    agnostic, _ = converse(smollm, turns[:2], make_scorer("keydiff"), Budget(tokens=24), "question-agnostic", 4)
     assert agnostic[0].cache_tokens_before == 0 and agnostic[1].cache_tokens_before > 24
     assert agnostic[1].cache_tokens_after == 24 and agnostic[1].next_position > agnostic[0].next_position
     with pytest.raises(KVPError, match="query-aware"):
@@ -260,8 +261,9 @@ def test_bad_inputs_are_refused(smollm, prompt, full):
 
 
 def test_sliding_window_model_is_refused():
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=2)
     info = ModelInfo("tiny-sliding", "qwen2", 4, 2, 4, 8, 64, "none")
     handle = ModelHandle(info=info, model=Qwen2ForCausalLM(config).eval(), tokenizer=None)
     with pytest.raises(KVPError, match=r"sliding-window attention in layers \[2, 3\]"):
@@ -273,3 +275,12 @@ def test_all_query_scorers_refuse_a_partial_recording(smollm, prompt):
     with pytest.raises(KVPError, match="every token"):
         rank(smollm, partial, make_scorer("expected_attention"))
     rank(smollm, partial, make_scorer("snapkv"))  # 65 rows are what SnapKV needs
+
+
+def test_rank_asks_the_scorer_whether_it_fits_the_model(smollm, full):
+    class OtherModelPolicy(KnormScorer):  # e.g. a learned policy trained on another model
+        def check_model(self, info):
+            raise KVPError(f"policy trained for another model, not {info.name}")
+
+    with pytest.raises(KVPError, match="not smollm2-135m"):
+        rank(smollm, full, OtherModelPolicy())

@@ -10,7 +10,8 @@ from kvpolicy.cli import main
 @pytest.mark.model
 def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
     prompt = "The capital of France is Paris. The capital of Italy is Rome. " * 6
-    code = main(["generate", "--budget", "32", "--max-new-tokens", "3", "--question", " What is the capital of Italy?", prompt])
+    question = " What is the capital of Italy?"
+    code = main(["generate", "--budget", "32", "--max-new-tokens", "3", "--question", question, prompt])
     out = capsys.readouterr().out
     assert code == 0
     before = next(line for line in out.splitlines() if line.startswith("cache before:"))

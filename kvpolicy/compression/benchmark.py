@@ -62,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
 
     (full, _), prefill_s = timed(lambda: prefill(handle, ids[:, :2048]), repeats=3)
     (recorded, _), recorded_s = timed(lambda: prefill(handle, ids[:, :2048], record_queries=ALL_QUERIES))
-    print(f"\nprefill 2048 tokens: {prefill_s:.2f} s ({recorded_s:.2f} s while recording every query's attention inputs)")
+    print(f"\nprefill 2048 tokens: {prefill_s:.2f} s "
+          f"({recorded_s:.2f} s while recording every query's attention inputs)")
 
     print("\n1) cache size on the 2048-token prompt (knorm ranking)")
     scores = rank(handle, full, make_scorer("knorm"))
     print(f"   {'budget':>8} {'bytes before':>14} {'bytes after':>14} {'after/before':>13} {'budget/2048':>12}")
     for b in (256, 512, 1024):
         small = evict(full, scores, Budget(tokens=b))
-        print(f"   {b:>8} {full.nbytes():>14,} {small.nbytes():>14,} {small.nbytes() / full.nbytes():>13.4f} {b / 2048:>12.4f}")
+        before, after = full.nbytes(), small.nbytes()
+        print(f"   {b:>8} {before:>14,} {after:>14,} {after / before:>13.4f} {b / 2048:>12.4f}")
 
     print("\n2) score + evict all layers (budget 512) as a share of the 2048-token prefill")
     names = [n for n in SCORERS if n != "oracle"] + ["oracle"] + ([f"kvp:{args.checkpoint}"] if args.checkpoint else [])
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     for length in (2048, 4096):
         state = full if length == 2048 else prefill(handle, ids[:, :length])[0]
         small = evict(state, rank(handle, state, make_scorer("knorm")), Budget(tokens=args.decode_budget))
-        (full_best, full_mid), (small_best, small_mid) = (decode_ms_per_token(handle, s, args.decode_tokens) for s in (state, small))
+        full_best, full_mid = decode_ms_per_token(handle, state, args.decode_tokens)
+        small_best, small_mid = decode_ms_per_token(handle, small, args.decode_tokens)
         print(f"   {length:>8} {full_best:>8.1f} / {full_mid:>6.1f} {small_best:>8.1f} / {small_mid:>6.1f}")
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     return 0

@@ -19,8 +19,8 @@ class Budget:
     """tokens: entries kept per KV head in total (sinks + recent included); ratio: fraction removed (kvpress).
 
     Exactly one of tokens/ratio. The first `sinks` and the last `recent` positions are always kept (when the
-    budget is smaller than sinks + recent, sinks win, then the most recent by score). A budget >= the cache
-    length keeps everything.
+    budget is smaller than sinks + recent: sinks earliest first, then recent tokens newest first). A budget >=
+    the cache length keeps everything.
     """
 
     tokens: int | None = None
@@ -93,7 +93,8 @@ def keep_indices_reference(scores: torch.Tensor, positions: torch.Tensor, budget
             pos = positions[b, h].tolist()
             val = scores[b, h].tolist()
             sinks = sorted((i for i in range(T) if pos[i] < budget.sinks), key=lambda i: pos[i])
-            recent = sorted((i for i in range(T) if pos[i] >= length - budget.recent and i not in sinks), key=lambda i: -pos[i])
+            recent = [i for i in range(T) if pos[i] >= length - budget.recent and i not in sinks]
+            recent = sorted(recent, key=lambda i: -pos[i])
             rest = sorted((i for i in range(T) if i not in sinks and i not in recent), key=lambda i: -val[i])
             out[b, h] = torch.tensor(sorted((sinks + recent + rest)[:k]))
     return out

@@ -72,7 +72,9 @@ def _check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
         )
 
 
-def _forward(handle: ModelHandle, state: KVState, input_ids: torch.Tensor, record_rows: int = 0, all_logits: bool = False) -> torch.Tensor:
+def _forward(
+    handle: ModelHandle, state: KVState, input_ids: torch.Tensor, record_rows: int = 0, all_logits: bool = False
+) -> torch.Tensor:
     """Feed input_ids (B, n) after the state's tokens, in place; returns logits (B, n or 1, vocab).
 
     position_ids continue from next_position (true positions) while cache_position indexes the (possibly
@@ -84,7 +86,8 @@ def _forward(handle: ModelHandle, state: KVState, input_ids: torch.Tensor, recor
     start, past = state.next_position, state.length
     if start + n > handle.info.max_positions:
         raise KVPError(
-            f"{start + n} tokens exceed the {handle.info.max_positions} positions of {handle.info.name}; shorten the input"
+            f"{start + n} tokens exceed the {handle.info.max_positions} positions of {handle.info.name}; "
+            "shorten the input"
         )
     device = handle.model.device
     recording = record_attention_inputs(handle.layers, record_rows) if record_rows else contextlib.nullcontext(None)
@@ -129,12 +132,15 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
     """Per-layer scores (B, H, T) of every cached entry, higher = keep. Rank once, then evict at any budget."""
     if not state.n_layers:
         raise KVPError("the cache is empty: prefill before ranking")
+    scorer.check_model(handle.info)
     needs = scorer.query_window
     if needs:
         have = state.recorded[0].rows if state.recorded else 0
         whole = bool(state.recorded) and state.recorded[0].whole_chunk
         if not (whole if needs == ALL_QUERIES else have >= needs):
-            rows, setting = ("every token", "ALL_QUERIES") if needs == ALL_QUERIES else (f"the last {needs} tokens", needs)
+            rows, setting = (f"the last {needs} tokens", needs)
+            if needs == ALL_QUERIES:
+                rows, setting = "every token", "ALL_QUERIES"
             raise KVPError(
                 f"scorer '{scorer.name}' needs the attention inputs of {rows} of the latest chunk but the state holds "
                 f"{have} recorded rows; prefill that chunk with record_queries={setting} right before ranking "
@@ -223,7 +229,9 @@ def greedy_decode(
     return tokens
 
 
-def continuation_nll(handle: ModelHandle, state: KVState, continuation_ids: torch.Tensor, append: bool = False) -> torch.Tensor:
+def continuation_nll(
+    handle: ModelHandle, state: KVState, continuation_ids: torch.Tensor, append: bool = False
+) -> torch.Tensor:
     """Teacher-forced negative log-likelihood (F,) of each continuation token (1, F) given the state.
 
     The first token is scored with the state's stored logits; the state is left as it was unless append=True,

@@ -11,7 +11,9 @@ import torch
 from kvpolicy.models import ModelHandle
 
 
-def split_prompt(handle: ModelHandle, context: str, question: str, answer_prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def split_prompt(
+    handle: ModelHandle, context: str, question: str, answer_prefix: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(context_ids (1, Tc), question_ids (1, Tq)); their concatenation is the whole prompt."""
     if handle.tokenizer.chat_template is None:
         context_text = (handle.tokenizer.bos_token or "") + context

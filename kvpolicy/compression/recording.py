@@ -40,7 +40,9 @@ def record_attention_inputs(layers: list[torch.nn.Module], rows: int) -> Iterato
 
         return hook
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [
+        layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         yield recorded
     finally:

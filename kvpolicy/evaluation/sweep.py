@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import kvpolicy
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.costs import run_traces
+from kvpolicy.evaluation.costs import WHOLE_RANKING, run_traces
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import run_dialogue
 from kvpolicy.evaluation.qa import run_qa
@@ -119,7 +119,7 @@ class Sweep:
         if entry is FULL_ENTRY:
             return [FULL]
         labels = [b.label for b in self.budgets]
-        return labels + ["all"] if isinstance(task, TraceTask) else labels
+        return labels + [WHOLE_RANKING] if isinstance(task, TraceTask) else labels
 
     def plan(self, handle: ModelHandle) -> list[Unit]:
         """The units of work for one model, with how many results each still lacks."""

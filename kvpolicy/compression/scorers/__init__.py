@@ -53,7 +53,7 @@ def make_scorer(spec: str, **kw) -> Scorer:
         known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}PATH"])
         raise KVPError(f"unknown scorer '{spec}'; known scorers: {known}")
     if spec == OracleScorer.name and "utility" not in kw:
-        raise KVPError("the oracle scorer needs the true future utility: make_scorer('oracle', utility=per_layer_utility)")
+        raise KVPError("the oracle needs the true future utility: make_scorer('oracle', utility=per_layer_utility)")
     try:
         return SCORERS[spec](**kw)
     except TypeError as err:

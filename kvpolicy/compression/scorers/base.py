@@ -56,6 +56,10 @@ class Scorer:
         """Scores (batch, kv_heads, T), higher = keep."""
         raise NotImplementedError
 
+    def check_model(self, info: Any) -> None:
+        """Raise KVPError if this scorer cannot score the model described by `info` (a ModelInfo); any model by
+        default (a learned policy refuses models it was not trained for)."""
+
     def identity(self) -> dict[str, Any]:
         """What identifies this scorer's results (name + settings, checkpoint hash for learned ones)."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)}

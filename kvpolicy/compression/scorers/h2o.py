@@ -54,9 +54,8 @@ class H2OScorer(Scorer):
         for start in range(0, W, self.block):
             rows = slice(start, start + self.block)
             end = min(T, T - W + start + self.block)  # keys after the block's last query get no attention from it
-            attn = window_attention(
-                view.module, view.hidden_states[:, rows], view.keys[:, :, :end], (cos[:, rows], sin[:, rows]), T - W + start
-            )
+            inputs = view.hidden_states[:, rows], view.keys[:, :, :end], (cos[:, rows], sin[:, rows])
+            attn = window_attention(view.module, *inputs, offset=T - W + start)
             total[..., :end] += attn.sum(dim=2)
         seen_by = (T - torch.arange(T, device=total.device)).clamp(max=W)  # queries at cache index >= key index
         return (total / seen_by).view(B, H, -1, T).mean(dim=2)

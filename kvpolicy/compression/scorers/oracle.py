@@ -26,7 +26,7 @@ class OracleScorer(Scorer):
 
     def score(self, view: LayerView) -> torch.Tensor:
         if view.layer_idx >= len(self.utility):
-            raise KVPError(f"oracle has utility for {len(self.utility)} layers but was asked for layer {view.layer_idx}")
+            raise KVPError(f"oracle has utility for {len(self.utility)} layers, not for layer {view.layer_idx}")
         u = self.utility[view.layer_idx]
         u = u.expand(view.positions.shape[0], *u.shape) if u.dim() == 2 else u
         if u.shape[:2] != view.positions.shape[:2] or int(view.positions.max()) >= u.shape[-1]:
