@@ -150,3 +150,20 @@ def test_benchmark_evaluation_ranks_methods_consistently():
         shares = list(r["evicted_share"].values())
         assert shares[0] >= shares[1] >= shares[2] == 0.0  # 200 >= length: nothing evicted
         assert len(r["per_layer"]) == SHAPE["n_layers"]
+
+
+def test_kvp_train_refuses_a_corrupted_trace_set_without_writing(tmp_path, capsys):
+    from kvpolicy.cli import main
+    from kvpolicy.training.synthetic import write_synthetic_traces
+
+    traces = write_synthetic_traces(tmp_path / "traces", SyntheticTraces(4, length=64, **SHAPE))
+    shard = sorted(traces.glob("shard-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside the last tensor: same size, wrong checksum
+    shard.write_bytes(bytes(data))
+    assert main(["train", "--traces", str(traces), "--out", str(tmp_path / "ckpt"), "--steps", "2", "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted" in err and shard.name in err
+    assert not (tmp_path / "ckpt").exists()
+    assert main(["train", "--traces", str(tmp_path / "nothing"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

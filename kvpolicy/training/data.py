@@ -95,6 +95,12 @@ class TraceBatches:
     def n_agents(self) -> int:
         return self.source.n_layers * self.source.n_kv_heads
 
+    def preload(self, samples: Sequence[int]) -> None:
+        """Read (and so checksum-verify) every sample once up front, keeping what fits in the cache: a damaged
+        trace set fails before training starts, and the first steps do not wait on the disk."""
+        for sample in samples:
+            self._read(sample)
+
     def _read(self, sample: int) -> tuple[torch.Tensor, ...]:
         """keys, values (A, T, d) in the storage dtype, utility (A, T), positions (T,) of one prompt (from RAM
         when cached). Keys and values are converted to bfloat16 once here when training in bfloat16 (converting

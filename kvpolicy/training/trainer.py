@@ -181,6 +181,9 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         self.data = TraceBatches(train, self.cfg.tokens, self.cfg.sinks, self.cfg.recent, dtype)
         self.val_data = TraceBatches(self.val_source, 0, self.cfg.sinks, self.cfg.recent)
+        self.data.preload(self.train_ids)
+        if self.ctx.main:
+            self.val_data.preload(self.val_ids)
         if self.cfg.batch % self.ctx.world:
             raise KVPError(f"batch {self.cfg.batch} must be divisible by the number of processes ({self.ctx.world})")
         self.local_batch = self.cfg.batch // self.ctx.world
