@@ -108,8 +108,8 @@ def test_positions_beyond_the_table_are_clamped_and_relative_features_stay_finit
     v = v[:, :, :1].expand(1, 1, 3, 8)
     scores = net(k, v, torch.tensor([[[15, 100, 100_000]]]), torch.full((1, 1, 1), 100_001))
     assert torch.allclose(scores[0, 0, 0], scores[0, 0, 1]) and torch.allclose(scores[0, 0, 1], scores[0, 0, 2])
-    both = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, max_position=16))
-    far = both(k, v, torch.tensor([[[0, 50_000, 99_999]]]), torch.full((1, 1, 1), 100_000))
+    relative = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, max_position=16, position_encoding="relative"))
+    far = relative(k, v, torch.tensor([[[0, 50_000, 99_999]]]), torch.full((1, 1, 1), 100_000))
     assert torch.isfinite(far).all()
 
 
