@@ -28,7 +28,7 @@ BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 class DemoConfig:
     """Sizes of every stage, planned for an idle 2-core CPU (prefill 1K ≈ 3 s, decode ≈ 0.1 s/token): traces
     28 prompts × ~9 s ≈ 4-5 min, training 200 steps ≈ 2-3 min, evaluation (9 RULER-style samples × 7 scorers ×
-    3 budgets + full cache, 3 dialogues × 2 protocols, 4 held-out traces) ≈ 5-6 min. `QUICK` is a smoke version
+    3 budgets + full cache, 2 dialogues × 2 protocols, 4 held-out traces) ≈ 5-6 min. `QUICK` is a smoke version
     of the same pipeline at tiny sizes."""
 
     out: str = "kvp-demo"
@@ -41,7 +41,7 @@ class DemoConfig:
     train_compile: bool = True
     eval_tasks: tuple[str, ...] = ("ruler:niah_single_1", "ruler:niah_single_2", "ruler:niah_multikey_1")
     eval_samples: int = 3
-    dialogue_samples: int = 3
+    dialogue_samples: int = 2
     budgets: tuple[str, ...] = ("64", "128", "256")
     max_new_tokens: int = 16
     baselines: tuple[str, ...] = field(default=BASELINES)
