@@ -136,14 +136,18 @@ class PolicyNet(nn.Module):
             return torch.baddbmm(cast[f"{name}_b"].unsqueeze(1), x, cast[f"{name}_w"])
 
         def norm(x: torch.Tensor, name: str) -> torch.Tensor:
-            return F.layer_norm(x, x.shape[-1:]) * cast[f"{name}_w"].unsqueeze(1) + cast[f"{name}_b"].unsqueeze(1)
+            return torch.addcmul(cast[f"{name}_b"].unsqueeze(1), F.layer_norm(x, x.shape[-1:]), cast[f"{name}_w"].unsqueeze(1))
 
+        h = self.config.hidden
         k = norm(linear(keys.reshape(a, b * t, d).to(dtype), "key"), "key_ln")
         v = norm(linear(values.reshape(a, b * t, d).to(dtype), "value"), "value_ln")
         pos = self._position_embedding(p, positions.expand(a, b, t).reshape(a, b * t), lengths, (a, b, t), agents)
         pos = norm(pos.to(dtype), "position_ln")
-        x = torch.cat([k, v, pos], -1)
-        x = F.silu(norm(linear(x, "fc1"), "ln1"))
+        # fc1 over concat([k, v, pos]), as three accumulated matmuls: no concatenated copy
+        w1 = cast["fc1_w"]
+        x = torch.baddbmm(cast["fc1_b"].unsqueeze(1), k, w1[:, :h])
+        x = torch.baddbmm(torch.baddbmm(x, v, w1[:, h : 2 * h]), pos, w1[:, 2 * h :])
+        x = F.silu(norm(x, "ln1"))
         x = F.silu(norm(linear(x, "fc2"), "ln2"))
         return linear(x, "out").squeeze(-1).float().reshape(a, b, t)
 
