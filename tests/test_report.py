@@ -10,21 +10,24 @@ import pytest
 
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.report.aggregate import curve_groups, head_maps
+from kvpolicy.report.aggregate import curve_groups, head_maps, training_notes
 from kvpolicy.report.render import write_report
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
 SCORERS = [("knorm", "KNorm", "heuristic"), ("tova", "TOVA", "heuristic"), ("kvp:ck", "KVP", "learned")]
 BUDGETS = [("64", 64), ("128", 128), ("256", 256)]
+CORPUS = {"RULER-style": "ruler", "dialogue": "dialogue", "held-out traces": "ruler"}
+TRAINED_ON = {"source": "ruler", "context_tokens": 512}
 
 
 def _base(scorer, label, kind, budget, kept, task, family, metric, protocol, data, sample):
+    identity = {"name": scorer} | ({"trained_on": TRAINED_ON} if kind == "learned" else {})
     return {
         "model": "smollm2-135m", "model_fingerprint": "abc123", "scorer": scorer, "scorer_label": label,
         "scorer_kind": kind, "scorer_id": f"id-{scorer}", "budget": budget, "kept": kept, "task": task,
         "family": family, "metric": metric, "protocol": protocol, "data": data, "context_tokens": 512, "seed": 0,
-        "sample": sample,
+        "sample": sample, "corpus": CORPUS[family], "scorer_identity": identity,
     }
 
 
@@ -97,6 +100,19 @@ def test_best_heuristic_map_excludes_oracle_and_learned(results):
     expected = np.where(head_map.cost["KNorm"] <= head_map.cost["TOVA"], 0, 1)
     np.testing.assert_array_equal(best, expected)
     assert best.shape == (4, 3)
+
+
+def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(results):
+    captions = {g.family: g.caption() for g in curve_groups(results.records())}
+    assert "KVP trained on ruler traces at 512 tokens: same corpus, held-out prompts" in captions["RULER-style"]
+    assert "KVP trained on ruler traces at 512 tokens: a cross-corpus check" in captions["dialogue"]
+    longer = _base("kvp:ck", "KVP", "learned", "64", 64, "vt", "RULER-style", "accuracy", "query-aware", RULER_DATA,
+                   "s") | {"context_tokens": 2048}
+    assert training_notes([longer]) == [
+        "KVP trained on ruler traces at 512 tokens: same corpus, held-out prompts, at a longer context than trained"]
+    heuristic = _base("tova", "TOVA", "heuristic", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
+                      RULER_DATA, "s")
+    assert training_notes([heuristic]) == []
 
 
 def test_report_writes_html_markdown_and_figures(results, tmp_path):

@@ -191,7 +191,7 @@ class Sweep:
             **self.key_fields(handle, entry, outcome.budget, unit, outcome.sample),
             "model": handle.info.name, "scorer": entry.spec, "scorer_label": entry.label, "scorer_kind": entry.kind,
             "scorer_identity": entry.identity, "budget_tokens": budget.tokens if budget else None,
-            "budget_ratio": budget.ratio if budget else None, "family": task.family, "data": task.data,
+            "budget_ratio": budget.ratio if budget else None, "family": task.family, "data": task.data, "corpus": task.corpus,
             "metric": task.metric, "length": outcome.length, "kept": outcome.kept,
             "cache_bytes_full": outcome.cache_bytes_full, "cache_bytes": outcome.cache_bytes,
             "seconds": round(outcome.seconds, 4), "prefill_seconds": round(outcome.prefill_seconds, 4),

@@ -62,6 +62,7 @@ class Group:
     context_tokens: int | None
     data: str
     panels: list[Panel] = field(default_factory=list)
+    training: list[str] = field(default_factory=list)  # how each learned policy's training data relates to this data
 
     @property
     def n_samples(self) -> tuple[int, int]:
@@ -76,7 +77,25 @@ class Group:
         lo, hi = self.n_samples
         n = f"n = {lo}" if lo == hi else f"n = {lo}–{hi}"
         ctx = f", context {self.context_tokens} tokens" if self.context_tokens else ""
-        return f"model: {self.model} · protocol: {self.protocol} · data: {self.data}{ctx} · {n} samples per point"
+        notes = "".join(f" · {note}" for note in self.training)
+        return f"model: {self.model} · protocol: {self.protocol} · data: {self.data}{ctx} · {n} samples per point{notes}"
+
+
+def training_notes(records: Iterable[dict[str, Any]]) -> list[str]:
+    """For each learned policy among the records: what it was trained on and whether these records are on the
+    same corpus (held-out prompts) or another one (a cross-corpus check), and at a longer context than trained."""
+    notes: dict[str, str] = {}
+    for r in records:
+        trained = (r.get("scorer_identity") or {}).get("trained_on") if r.get("scorer_kind") == "learned" else None
+        if not trained or not trained.get("source") or r["scorer_label"] in notes:
+            continue
+        at = f" at {trained['context_tokens']} tokens" if trained.get("context_tokens") else ""
+        relation = ("same corpus, held-out prompts" if trained["source"] == r.get("corpus")
+                    else "a cross-corpus check: evaluated on data it was not trained on")
+        if trained.get("context_tokens") and r.get("context_tokens") and r["context_tokens"] > trained["context_tokens"]:
+            relation += ", at a longer context than trained"
+        notes[r["scorer_label"]] = f"{r['scorer_label']} trained on {trained['source']} traces{at}: {relation}"
+    return [notes[label] for label in sorted(notes)]
 
 
 def _sample_value(record: dict[str, Any]) -> float:
@@ -159,7 +178,8 @@ def curve_groups(records: Iterable[dict[str, Any]]) -> list[Group]:
         buckets[key].append(r)
     groups = []
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
-        group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data)
+        group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
+                      training=training_notes(rs))
         by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rs:
             by_task[r["task"]].append(r)

@@ -136,6 +136,7 @@ def source_description(source: TraceSource) -> dict[str, Any]:
         "n_samples": len(source),
         "source": manifest.get("source"),
         "split": manifest.get("split"),
+        "context_tokens": manifest.get("context_tokens"),
         "generation_seconds": manifest.get("generation_seconds"),
     }
 

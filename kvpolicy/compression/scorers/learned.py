@@ -51,7 +51,10 @@ class KVPScorer(Scorer):
         return scores.to(view.keys.device)
 
     def identity(self) -> dict[str, Any]:
+        """What the scores depend on, plus the corpus the agents were trained on (so that results on other data
+        can be labelled cross-corpus)."""
         model = self._loaded.config["model"]
+        train = self._loaded.config.get("traces", {}).get("train", {})
         return {
             "name": self.name,
             "checkpoint": str(Path(self.checkpoint)),
@@ -59,4 +62,5 @@ class KVPScorer(Scorer):
             "model": model["name"],
             "fingerprint": model["fingerprint"],
             "dtype": self.dtype,
+            "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens")},
         }

@@ -46,7 +46,9 @@ def plain_prompt(sample: QASample) -> Prompt:
 class Task:
     """name: unique id in results ("ruler:vt"); family: the figure it is drawn in; data: where the samples come
     from (substitutes named as such); metric: accuracy | perplexity | cost; protocols: allowed, default first;
-    sized: whether `context_tokens` sets the sample length (False: the data's own lengths)."""
+    sized: whether `context_tokens` sets the sample length (False: the data's own lengths); corpus: the trace
+    source ("ruler" | "dialogue") whose data the samples come from, None for hub data, so that a policy trained
+    on another corpus is reported as a cross-corpus check."""
 
     name: str
     family: str
@@ -54,6 +56,7 @@ class Task:
     metric: str
     protocols: tuple[str, ...]
     sized: bool
+    corpus: str | None = None
 
     def supports(self, entry: ScorerEntry) -> bool:
         """Whether a scorer can run on this task (the oracle needs a trace's true future)."""

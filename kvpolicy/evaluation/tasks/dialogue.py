@@ -42,7 +42,7 @@ def sharegpt_task() -> DialogueTask:
         return make_dialogues(handle, EVAL_SPLIT, n, context_tokens)
 
     return DialogueTask(name="dialogue", family=FAMILY, data="ShareGPT (stand-in for OASST2)", metric="perplexity",
-                        protocols=(MULTI_TURN, PROMPT_ONCE), sized=True, load=load)
+                        protocols=(MULTI_TURN, PROMPT_ONCE), sized=True, corpus="dialogue", load=load)
 
 
 def oasst2_task(local: str | None = None) -> DialogueTask:

@@ -30,8 +30,8 @@ def offline_task(name: str) -> QATask:
         return [make_sample(name, handle, context_tokens, seed, i, split=EVAL_SPLIT) for i in range(n)]
 
     return QATask(name=f"ruler:{name}", family=FAMILY, data=OFFLINE_DATA, metric="accuracy",
-                  protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=True, load=load, score=ruler_score,
-                  max_new_tokens=spec.max_new_tokens)
+                  protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=True, corpus="ruler", load=load,
+                  score=ruler_score, max_new_tokens=spec.max_new_tokens)
 
 
 def hub_task(name: str, local: str | None = None) -> QATask:

@@ -22,4 +22,4 @@ def trace_task(directory: str) -> TraceTask:
     reader = TraceReader(directory)
     return TraceTask(name=f"traces:{Path(directory).name}", family="ranking cost on held-out traces",
                      data=describe(reader), metric="cost", protocols=(TRACES,), sized=False,
-                     directory=str(directory))
+                     corpus=reader.manifest.get("source"), directory=str(directory))
