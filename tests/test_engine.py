@@ -16,10 +16,12 @@ from kvpolicy.compression.engine import (
     evict,
     generate,
     greedy_decode,
+    greedy_decode_batch,
     prefill,
     rank,
 )
 from kvpolicy.compression.scorers import ALL_QUERIES, KnormScorer, make_scorer
+from kvpolicy.compression.state import stack_states
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle, ModelInfo
@@ -144,6 +146,28 @@ def test_clone_is_independent(smollm, full):
     assert copy.length == full.length + 2 and copy.next_position == full.next_position + 2
     assert full.layer(0)[0].shape[2] == full.length == len(full.positions[0][0, 0])
     assert copy.layer(0)[0].data_ptr() != full.layer(0)[0].data_ptr()
+
+
+def test_cuts_of_one_size_decode_as_one_batch(smollm, full):
+    """Cuts by several scorers at one budget, stacked, decode together: each row gets the tokens of its own greedy
+    decoding, a stop token ends only its own row, and the cuts themselves are left untouched."""
+    budget = Budget(tokens=48)
+    cuts = [compress(smollm, full, make_scorer(name), budget) for name in ("knorm", "keydiff", "streaming_llm")]
+    alone = [greedy_decode(smollm, cut.branch(), cut.logits, 8, stop_ids=()) for cut in cuts]
+    assert len({tuple(a) for a in alone}) > 1  # the scorers' cuts really differ
+    batch = stack_states(cuts)
+    assert batch.layer(0)[0].shape == (3, smollm.info.n_kv_heads, 48, smollm.info.head_dim)
+    assert greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=()) == alone
+    assert batch.length == 48 + 8 and all(cut.length == 48 for cut in cuts)
+
+    stop = alone[1][2]
+    batch = stack_states(cuts)
+    stopped = greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=(stop,))
+    assert stopped == [a[: a.index(stop) + 1] if stop in a else a for a in alone]
+    with pytest.raises(KVPError, match="equal cache lengths"):
+        stack_states([cuts[0], full])
+    with pytest.raises(KVPError, match="one row per cached sequence"):
+        greedy_decode_batch(smollm, stack_states(cuts), cuts[0].logits, 4)
 
 
 def test_bounded_decoding_never_exceeds_budget_plus_every(smollm, full):

@@ -216,16 +216,43 @@ def greedy_decode(
     """
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise KVPError("greedy_decode decodes one sequence: logits must be (1, vocab)")
+    return greedy_decode_batch(handle, state, logits, max_new_tokens, stop_ids, bounded)[0]
+
+
+def greedy_decode_batch(
+    handle: ModelHandle,
+    state: KVState,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Iterable[int] | None = None,
+    bounded: BoundedDecoding | None = None,
+) -> list[list[int]]:
+    """Greedy tokens for every row of a batched state (e.g. `stack_states` of several cuts) from its next-token
+    logits (B, vocab), advancing `state` in place; one forward per step serves all rows.
+
+    Each row stops at its own stop token or after max_new_tokens; decoding ends when every row has stopped.
+    A row that stopped early keeps being fed (its state rows then hold tokens past its answer); the others are
+    exactly what greedy_decode gives for that row alone, up to floating-point summation order in the batched
+    matmuls.
+    """
+    rows = state.positions[0].shape[0] if state.n_layers else 0
+    if logits.dim() != 2 or logits.shape[0] != rows:
+        raise KVPError(f"logits must be (batch, vocab) with one row per cached sequence ({rows}), "
+                       f"got {tuple(logits.shape)}")
     stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
-    tokens: list[int] = []
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
     for _ in range(max_new_tokens):
-        token = int(logits[0].argmax())
-        tokens.append(token)
-        if token in stop:
+        step = logits.argmax(-1).tolist()
+        for row, token in enumerate(step):
+            if not done[row]:
+                tokens[row].append(token)
+                done[row] = token in stop
+        if all(done):
             break
         if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
             state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
-        logits = _forward(handle, state, torch.tensor([[token]]))[:, -1]
+        logits = _forward(handle, state, torch.tensor(step).unsqueeze(1))[:, -1]
     return tokens
 
 

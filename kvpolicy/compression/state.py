@@ -14,6 +14,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvpolicy.errors import KVPError
+
 
 @dataclass
 class AttentionInputs:
@@ -110,3 +112,25 @@ class KVState:
             recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
             logits=self.logits.clone() if self.logits is not None else None,
         )
+
+
+def stack_states(states: list[KVState]) -> KVState:
+    """One state whose batch rows are `states`' rows in order, e.g. the cuts of one cache by several scorers at
+    one budget, so that they decode as a single batch: keys/values (ΣB, H, T, d), positions (ΣB, H, T).
+
+    Every state must hold the same number of entries per head and the same next_position (so that new tokens
+    get one RoPE position for all rows); recorded attention inputs are dropped."""
+    if not states:
+        raise KVPError("stack_states needs at least one state")
+    first = states[0]
+    if any(s.length != first.length or s.next_position != first.next_position or s.n_layers != first.n_layers
+           for s in states):
+        raise KVPError("only states with equal cache lengths, layers and next positions can be stacked")
+    if any(s.logits is None for s in states):
+        raise KVPError("stack_states needs prefilled states (with next-token logits)")
+    layers = [
+        (torch.cat([s.layer(i)[0] for s in states]), torch.cat([s.layer(i)[1] for s in states]))
+        for i in range(first.n_layers)
+    ]
+    positions = [torch.cat([s.positions[i] for s in states]) for i in range(first.n_layers)]
+    return KVState(cache_from_tensors(layers), positions, first.next_position, None, torch.cat([s.logits for s in states]))

@@ -1,21 +1,25 @@
-"""Run a question-answering task on one context: prefill once, rank once per scorer, cut to every budget.
+"""Run a question-answering task on one context: prefill once, rank once per scorer, cut to every budget, and
+decode the cuts of one size together.
 
 Query-aware: the prompt (context + question) is prefilled once; every scorer ranks that one cache once (its
 ranking is budget-agnostic) and each budget is a cut of it, so no prefill is repeated per budget or scorer.
 Question-agnostic: the context alone is prefilled and ranked once; after each cut the question is read on the
 compressed cache, and several questions about one context share the context's prefill and rankings.
+Cuts of equal size (every scorer at one token budget) are stacked into one batch and answered by one batched
+greedy decoding: one forward per new token for all scorers instead of one per scorer.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Iterator
 
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import continuation_nll, evict, greedy_decode, prefill, rank
+from kvpolicy.compression.engine import continuation_nll, evict, greedy_decode_batch, prefill, rank
 from kvpolicy.compression.prompts import split_prompt
-from kvpolicy.compression.state import KVState
+from kvpolicy.compression.state import KVState, stack_states
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
@@ -26,21 +30,28 @@ from kvpolicy.models import ModelHandle
 PREDICTION_CHARS = 400  # how much of an answer a record keeps
 
 
-def answer(handle: ModelHandle, task: QATask, sample: QASample, state: KVState, question_ids: torch.Tensor | None,
-           max_new_tokens: int) -> dict:
-    """Read the question when it was not in the compressed prefill, then answer: greedy decoding, or the choice of
-    lowest total NLL. Advances `state`. Returns the record fields: value, prediction, answers."""
-    if question_ids is not None:
-        prefill(handle, question_ids, state)
+def answer(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
+           question_ids: torch.Tensor | None, max_new_tokens: int) -> list[dict]:
+    """Answer `sample` on each of `states` (equal cache lengths): read the question when it was not in the
+    compressed prefill, then decode all states as one greedy batch, or pick the choice of lowest total NLL.
+    Leaves `states` untouched. Returns per state the record fields: value, prediction, answers."""
     if task.choices:
         prefix = task.prompt(sample).answer_prefix
         sep = " " if prefix and not prefix.endswith(" ") else ""  # "Answer:" is followed by " yes", not "yes"
-        nll = [float(continuation_nll(handle, state, handle.encode(sep + c)).sum()) for c in sample.choices]
-        prediction = sample.choices[min(range(len(nll)), key=nll.__getitem__)]
+        predictions = []
+        for state in states:
+            state = state.branch()
+            if question_ids is not None:
+                prefill(handle, question_ids, state)
+            nll = [float(continuation_nll(handle, state, handle.encode(sep + c)).sum()) for c in sample.choices]
+            predictions.append(sample.choices[min(range(len(nll)), key=nll.__getitem__)])
     else:
-        prediction = handle.decode(greedy_decode(handle, state, state.logits, max_new_tokens))
-    return {"value": float(task.score(prediction, sample)), "prediction": prediction[:PREDICTION_CHARS],
-            "answers": list(sample.answers)[:20]}
+        batch = stack_states(states)
+        if question_ids is not None:
+            prefill(handle, question_ids.expand(len(states), -1), batch)
+        predictions = [handle.decode(t) for t in greedy_decode_batch(handle, batch, batch.logits, max_new_tokens)]
+    return [{"value": float(task.score(p, sample)), "prediction": p[:PREDICTION_CHARS],
+             "answers": list(sample.answers)[:20]} for p in predictions]
 
 
 def run_qa(
@@ -70,17 +81,26 @@ def run_qa(
     state, _ = prefill(handle, first, record_queries=recording_window(active))
     prefill_s = clock.lap() / len(samples)
     full_bytes, length = state.nbytes(), state.length
+    # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch
+    rankings: dict[str, list[torch.Tensor] | None] = {}
+    by_size: dict[int, list[tuple[ScorerEntry, Budget, float]]] = defaultdict(list)
     for entry in active:
         cuts = todo[entry.id]
         needs_rank = entry is not FULL_ENTRY and any(b.kept(length) < length for b in cuts)
-        scores = rank(handle, state, entry.scorer) if needs_rank else None
+        rankings[entry.id] = rank(handle, state, entry.scorer) if needs_rank else None
         rank_s = clock.lap() / len(cuts) / len(samples)
         for budget in cuts:
-            cut = evict(state, scores, budget) if scores is not None and budget.kept(length) < length else state.branch()
-            cut_s = clock.lap() / len(samples)
-            for sample, (_, question_ids) in zip(samples, chunks):
-                fields = answer(handle, task, sample, cut.branch(), None if protocol == QUERY_AWARE else question_ids,
-                                max_new_tokens)
+            size = min(budget.kept(length), length) if rankings[entry.id] is not None else length
+            by_size[size].append((entry, budget, rank_s))
+    for pairs in by_size.values():
+        cuts = [evict(state, rankings[entry.id], budget) if rankings[entry.id] is not None else state.branch()
+                for entry, budget, _ in pairs]
+        cut_s = clock.lap() / len(pairs) / len(samples)
+        for sample, (_, question_ids) in zip(samples, chunks):
+            fields = answer(handle, task, sample, cuts, None if protocol == QUERY_AWARE else question_ids,
+                            max_new_tokens)
+            answer_s = clock.lap() / len(pairs)
+            for (entry, budget, rank_s), cut, result in zip(pairs, cuts, fields):
                 yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, length, cut.length,
-                              full_bytes, cut.nbytes(), rank_s + cut_s + clock.lap(), prefill_s, fields)
-                clock.lap()  # the time the caller spent storing the result is nobody's
+                              full_bytes, cut.nbytes(), rank_s + cut_s + answer_s, prefill_s, result)
+            clock.lap()  # the time the caller spent storing the results is nobody's
