@@ -3,8 +3,9 @@
 1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
 2. train    train the 90 per-head KVP agents on them with RL
 3. evaluate KVP against Random, StreamingLLM, KNorm, KeyDiff, TOVA and SnapKV at a few budgets: RULER-style
-            accuracy (the "eval" split, never seen in training), dialogue perplexity (ShareGPT, a corpus the agents
-            were not trained on) and the reward-level ranking cost on the held-out traces
+            accuracy (the "eval" split, never seen in training) at the trained context and at twice it, dialogue
+            perplexity (ShareGPT, a corpus the agents were not trained on: the cross-corpus check) and the
+            reward-level ranking cost on the held-out traces
 4. report   print the tables, write the HTML/Markdown report
 
 Everything is real: the real model, real text, trained agents and measured numbers. Every stage writes into the
@@ -26,10 +27,11 @@ BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage, planned for an idle 2-core CPU (prefill 1K ≈ 3 s, decode ≈ 0.1 s/token): traces
-    28 prompts × ~9 s ≈ 4-5 min, training 200 steps ≈ 2-3 min, evaluation (9 RULER-style samples × 7 scorers ×
-    3 budgets + full cache, 2 dialogues × 2 protocols, 4 held-out traces) ≈ 5-6 min. `QUICK` is a smoke version
-    of the same pipeline at tiny sizes."""
+    """Sizes of every stage. Measured on an idle 2-core CPU (`time make demo`, see the README): traces (28
+    prompts) ≈ 1.7 min, training ≈ 0.3 min, evaluation ≈ 4 min, about 6.5 min in all, within the 15-minute goal
+    with room for a slower machine. long_context_tokens: the RULER-style tasks again at this longer context
+    than the traces' (0: skip), with long_samples samples per task. `QUICK` is a smoke version of the same
+    pipeline at tiny sizes."""
 
     out: str = "kvp-demo"
     model: str = DEFAULT_MODEL
@@ -40,24 +42,28 @@ class DemoConfig:
     train_steps: int = 200
     train_compile: bool = True
     eval_tasks: tuple[str, ...] = ("ruler:niah_single_1", "ruler:niah_single_2", "ruler:niah_multikey_1")
-    eval_samples: int = 3
-    dialogue_samples: int = 2
+    eval_samples: int = 5
+    long_context_tokens: int = 2048
+    long_samples: int = 3
+    dialogue_samples: int = 3
     budgets: tuple[str, ...] = ("64", "128", "256")
     max_new_tokens: int = 16
     baselines: tuple[str, ...] = field(default=BASELINES)
 
     def __post_init__(self):
         for name in ("context_tokens", "future_tokens", "train_traces", "test_traces", "train_steps", "eval_samples",
-                     "dialogue_samples", "max_new_tokens"):
+                     "long_samples", "dialogue_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise KVPError(f"demo: {name} must be at least 1")
+        if self.long_context_tokens and self.long_context_tokens <= self.context_tokens:
+            raise KVPError("demo: long_context_tokens must exceed context_tokens (or be 0 to skip that check)")
         if self.train_traces < 4:
             raise KVPError("demo: need at least 4 training traces (some are held out for validation)")
 
 
 QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6, train_compile=False,
-                   eval_tasks=("ruler:niah_single_1",), eval_samples=1, dialogue_samples=1, budgets=("32", "64"),
-                   max_new_tokens=6)
+                   eval_tasks=("ruler:niah_single_1",), eval_samples=1, long_context_tokens=384, long_samples=1,
+                   dialogue_samples=1, budgets=("32", "64"), max_new_tokens=6)
 
 
 @dataclass
@@ -139,15 +145,19 @@ def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
 
     scorers = [f"kvp:{paths.checkpoint}", *cfg.baselines]
-    common = dict(out=str(paths.results), models=[cfg.model], scorers=scorers, budgets=list(cfg.budgets),
-                  context_tokens=[cfg.context_tokens], seed=0, max_new_tokens=cfg.max_new_tokens)
+    ruler, at = list(cfg.eval_tasks), [cfg.context_tokens]
+    # (tasks, samples per task, protocols, context lengths, extra scorers)
+    blocks = [(ruler, cfg.eval_samples, ["query-aware"], at, []),
+              (["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"], at, []),
+              ([f"traces:{paths.test_traces}"], cfg.test_traces, [], at, ["oracle"])]
+    if cfg.long_context_tokens:
+        blocks.insert(1, (ruler, cfg.long_samples, ["query-aware"], [cfg.long_context_tokens], []))
     written = 0
-    for tasks, n, protocols in ((list(cfg.eval_tasks), cfg.eval_samples, ["query-aware"]),
-                                (["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"]),
-                                ([f"traces:{paths.test_traces}"], cfg.test_traces, [])):
-        scorers_here = scorers + (["oracle"] if tasks[0].startswith("traces:") else [])
-        result = run_sweep(SweepConfig(tasks=tasks, n_samples=n, protocols=protocols,
-                                       **(common | {"scorers": scorers_here})))
+    for tasks, n, protocols, contexts, extra in blocks:
+        result = run_sweep(SweepConfig(
+            out=str(paths.results), models=[cfg.model], scorers=scorers + extra, budgets=list(cfg.budgets),
+            tasks=tasks, n_samples=n, protocols=protocols, context_tokens=contexts, seed=0,
+            max_new_tokens=cfg.max_new_tokens))
         written += result.written
     return written
 
@@ -174,7 +184,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     train_demo_policy(cfg, paths)
     _done(start, "policy ready")
 
-    start = _stage(3, f"evaluate KVP vs {', '.join(cfg.baselines)} at budgets {', '.join(cfg.budgets)}")
+    longer = f" and {cfg.long_context_tokens}" if cfg.long_context_tokens else ""
+    start = _stage(3, f"evaluate KVP vs {', '.join(cfg.baselines)} at budgets {', '.join(cfg.budgets)} "
+                      f"(RULER-style tasks at {cfg.context_tokens}{longer} tokens, dialogue, held-out traces)")
     written = evaluate_demo(cfg, paths)
     _done(start, f"{written} new results in {paths.results}")
 

@@ -24,6 +24,9 @@ def test_quick_demo_runs_end_to_end_and_resumes(smollm, tmp_path, capsys):
     assert {"KVP", "Random", "StreamingLLM", "KNorm", "KeyDiff", "TOVA", "SnapKV", "full cache", "Oracle"} <= labels
     assert {r["protocol"] for r in records} == {"query-aware", "prompt-once", "multi-turn", "traces"}
     assert {r["metric"] for r in records} == {"accuracy", "perplexity", "cost"}
+    assert {r["context_tokens"] for r in records if r["metric"] == "accuracy"} == {QUICK.context_tokens,
+                                                                                   QUICK.long_context_tokens}
+    assert "at a longer context than trained" in out and "a cross-corpus check" in out
     kvp = next(r for r in records if r["scorer_kind"] == "learned")
     assert len(kvp["scorer_identity"]["sha256"]) == 64  # results are keyed by the checkpoint's hash
     assert html.is_file() and "Report:" in out and str(html.resolve()) in out
