@@ -10,7 +10,7 @@ import pytest
 
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.report.aggregate import curve_groups, head_maps, training_notes
+from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, throughput, training_notes
 from kvpolicy.report.render import write_report
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
@@ -113,6 +113,17 @@ def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(resu
     heuristic = _base("tova", "TOVA", "heuristic", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
                       RULER_DATA, "s")
     assert training_notes([heuristic]) == []
+
+
+def test_throughput_charges_the_prefill_once_per_sample(results):
+    timed = [_base(scorer, label, "heuristic", budget, 64, "vt", "RULER-style", "accuracy", "query-aware",
+                   RULER_DATA, "s0") | {"seconds": seconds, "prefill_seconds": 3.0}
+             for scorer, label, seconds in (("knorm", "KNorm", 0.5), ("tova", "TOVA", 1.0)) for budget in ("64", "128")]
+    speed = {t.scorer: t for t in throughput(timed)}
+    assert speed["KNorm"].seconds_per_sample == 4.0 and speed["KNorm"].results == 2
+    assert speed["TOVA"].seconds_per_sample == 5.0
+    assert speed[ALL_SCORERS].seconds_per_sample == 6.0 and speed[ALL_SCORERS].results == 4
+    assert speed[ALL_SCORERS].samples_per_minute == 10.0
 
 
 def test_report_writes_html_markdown_and_figures(results, tmp_path):

@@ -234,15 +234,15 @@ def head_maps(records: Iterable[dict[str, Any]]) -> list[HeadMap]:
 
 @dataclass
 class Throughput:
-    """Evaluation speed of one scorer on one kind of sample: a sample's shared prefill plus the scorer's ranking,
-    cuts and answers at every budget of the sweep."""
+    """Evaluation speed of one scorer (or of all scorers together) on one kind of sample: a sample's shared
+    prefill plus the scorer's ranking, cuts and answers at every budget of the sweep."""
 
     family: str
     context_tokens: int | None
     protocol: str
     scorer: str
     samples: int
-    budgets: int
+    results: int  # results per sample (budgets of one scorer, or all results of a sample)
     seconds_per_sample: float
 
     @property
@@ -250,20 +250,31 @@ class Throughput:
         return 60.0 / self.seconds_per_sample if self.seconds_per_sample > 0 else float("inf")
 
 
+ALL_SCORERS = "all scorers together"
+
+
 def throughput(records: Iterable[dict[str, Any]]) -> list[Throughput]:
+    """Per scorer (its share of the sweep: answers are decoded in one batch with the other scorers at the same
+    budget) and for all scorers of a sample together (one prefill, every ranking, cut and answer)."""
     per_sample: dict[tuple, dict[str, Any]] = {}
     for r in records:
         if "seconds" not in r:
             continue
         key = (r["model"], r["family"], r.get("context_tokens"), r["protocol"], r["scorer_label"], r["task"], r["sample"])
-        slot = per_sample.setdefault(key, {"prefill": float(r.get("prefill_seconds", 0.0)), "work": 0.0, "budgets": 0})
+        slot = per_sample.setdefault(key, {"prefill": float(r.get("prefill_seconds", 0.0)), "work": 0.0, "results": 0})
         slot["work"] += float(r["seconds"])
-        slot["budgets"] += 1
+        slot["results"] += 1
+    together: dict[tuple, dict[str, Any]] = {}
+    for (model, family, ctx, protocol, _, task, sample), slot in per_sample.items():
+        whole = together.setdefault((model, family, ctx, protocol, ALL_SCORERS, task, sample),
+                                    {"prefill": slot["prefill"], "work": 0.0, "results": 0})
+        whole["work"] += slot["work"]
+        whole["results"] += slot["results"]
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for (model, family, ctx, protocol, scorer, _, _), slot in per_sample.items():
+    for (model, family, ctx, protocol, scorer, _, _), slot in (per_sample | together).items():
         grouped[(family, ctx, protocol, scorer)].append(slot)
     out = []
     for (family, ctx, protocol, scorer), slots in sorted(grouped.items(), key=lambda kv: str(kv[0])):
         seconds = float(np.mean([s["prefill"] + s["work"] for s in slots]))
-        out.append(Throughput(family, ctx, protocol, scorer, len(slots), max(s["budgets"] for s in slots), seconds))
+        out.append(Throughput(family, ctx, protocol, scorer, len(slots), max(s["results"] for s in slots), seconds))
     return out

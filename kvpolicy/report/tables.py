@@ -94,10 +94,12 @@ def head_map_tables(head_map: HeadMap) -> list[Table]:
 
 
 def throughput_table(rows: list[Throughput]) -> Table:
-    """Samples per minute per scorer: shared prefill + that scorer's ranking, cuts and answers at all budgets."""
+    """Samples per minute per scorer (shared prefill + that scorer's ranking, cuts and share of the batched
+    answers at all budgets) and for all scorers of a sample together."""
     return Table(
-        title="evaluation throughput (one sample = its prefill + the scorer's ranking, cuts and answers at every budget)",
-        header=["benchmark", "context", "protocol", "scorer", "samples", "budgets", "s/sample", "samples/min"],
-        rows=[[t.family, str(t.context_tokens or "–"), t.protocol, t.scorer, str(t.samples), str(t.budgets),
+        title="evaluation throughput (one sample = its prefill + the scorer's ranking, cuts and answers at every "
+              "budget; answers of one budget are decoded in one batch, each scorer is charged its share)",
+        header=["benchmark", "context", "protocol", "scorer", "samples", "results", "s/sample", "samples/min"],
+        rows=[[t.family, str(t.context_tokens or "–"), t.protocol, t.scorer, str(t.samples), str(t.results),
                f"{t.seconds_per_sample:.1f}", f"{t.samples_per_minute:.1f}"] for t in rows],
     )
