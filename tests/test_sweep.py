@@ -56,7 +56,8 @@ def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
     monkeypatch.setattr(qa, "rank", rank)
     batches = []
     decode = qa.greedy_decode_batch
-    monkeypatch.setattr(qa, "greedy_decode_batch", lambda h, state, *a: batches.append(len(state.logits)) or decode(h, state, *a))
+    monkeypatch.setattr(qa, "greedy_decode_batch",
+                        lambda h, state, *a: batches.append(len(state.logits)) or decode(h, state, *a))
     outcomes = list(qa.run_qa(smollm, task, [sample], protocol, entries, budgets, lambda *_: True, 4))
     assert len(outcomes) == 1 + 2 * 2  # the full cache + 2 scorers x 2 budgets
     assert prefill.fresh == 1 and rank.calls == 2  # one prefill per sample, one ranking per scorer

@@ -133,4 +133,5 @@ def stack_states(states: list[KVState]) -> KVState:
         for i in range(first.n_layers)
     ]
     positions = [torch.cat([s.positions[i] for s in states]) for i in range(first.n_layers)]
-    return KVState(cache_from_tensors(layers), positions, first.next_position, None, torch.cat([s.logits for s in states]))
+    logits = torch.cat([s.logits for s in states])
+    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits)
