@@ -27,11 +27,12 @@ BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage. Measured on an idle 2-core CPU (`time make demo`, see the README): traces (28
-    prompts) ≈ 1.7 min, training ≈ 0.3 min, evaluation ≈ 4 min, about 6.5 min in all, within the 15-minute goal
-    with room for a slower machine. long_context_tokens: the RULER-style tasks again at this longer context
-    than the traces' (0: skip), with long_samples samples per task. `QUICK` is a smoke version of the same
-    pipeline at tiny sizes."""
+    """Sizes of every stage. Measured on an idle 2-core CPU (see the README): traces (28 prompts) ≈ 1.8 min,
+    training ≈ 0.4 min, evaluation ≈ 6 min, about 8.5 min in all, within the 15-minute goal with room for a
+    slower machine. long_context_tokens: the RULER-style tasks again at this longer context
+    than the traces' (0: skip), with long_samples samples per task. eval_tasks: (RULER task, answer-token cap)
+    pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with room for its four values.
+    `QUICK` is a smoke version of the same pipeline at tiny sizes."""
 
     out: str = "kvp-demo"
     model: str = DEFAULT_MODEL
@@ -41,29 +42,31 @@ class DemoConfig:
     test_traces: int = 4
     train_steps: int = 200
     train_compile: bool = True
-    eval_tasks: tuple[str, ...] = ("ruler:niah_single_1", "ruler:niah_single_2", "ruler:niah_multikey_1")
+    eval_tasks: tuple[tuple[str, int], ...] = (("ruler:niah_single_1", 16), ("ruler:niah_single_2", 16),
+                                               ("ruler:niah_multivalue", 48))
     eval_samples: int = 5
     long_context_tokens: int = 2048
     long_samples: int = 3
     dialogue_samples: int = 3
     budgets: tuple[str, ...] = ("64", "128", "256")
-    max_new_tokens: int = 16
     baselines: tuple[str, ...] = field(default=BASELINES)
 
     def __post_init__(self):
         for name in ("context_tokens", "future_tokens", "train_traces", "test_traces", "train_steps", "eval_samples",
-                     "long_samples", "dialogue_samples", "max_new_tokens"):
+                     "long_samples", "dialogue_samples"):
             if getattr(self, name) < 1:
                 raise KVPError(f"demo: {name} must be at least 1")
         if self.long_context_tokens and self.long_context_tokens <= self.context_tokens:
             raise KVPError("demo: long_context_tokens must exceed context_tokens (or be 0 to skip that check)")
+        if not self.eval_tasks or any(cap < 1 for _, cap in self.eval_tasks):
+            raise KVPError("demo: give at least one (task, answer-token cap >= 1) in eval_tasks")
         if self.train_traces < 4:
             raise KVPError("demo: need at least 4 training traces (some are held out for validation)")
 
 
 QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6, train_compile=False,
-                   eval_tasks=("ruler:niah_single_1",), eval_samples=1, long_context_tokens=384, long_samples=1,
-                   dialogue_samples=1, budgets=("32", "64"), max_new_tokens=6)
+                   eval_tasks=(("ruler:niah_single_1", 6),), eval_samples=1, long_context_tokens=384, long_samples=1,
+                   dialogue_samples=1, budgets=("32", "64"))
 
 
 @dataclass
@@ -145,19 +148,21 @@ def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
 
     scorers = [f"kvp:{paths.checkpoint}", *cfg.baselines]
-    ruler, at = list(cfg.eval_tasks), [cfg.context_tokens]
-    # (tasks, samples per task, protocols, context lengths, extra scorers)
-    blocks = [(ruler, cfg.eval_samples, ["query-aware"], at, []),
-              (["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"], at, []),
-              ([f"traces:{paths.test_traces}"], cfg.test_traces, [], at, ["oracle"])]
+    by_cap: dict[int, list[str]] = {}
+    for task, cap in cfg.eval_tasks:
+        by_cap.setdefault(cap, []).append(task)
+    ruler_runs = [(cfg.eval_samples, cfg.context_tokens)]
     if cfg.long_context_tokens:
-        blocks.insert(1, (ruler, cfg.long_samples, ["query-aware"], [cfg.long_context_tokens], []))
+        ruler_runs.append((cfg.long_samples, cfg.long_context_tokens))
+    # (tasks, samples per task, protocols, context length, extra scorers, answer-token cap (0: the task's own))
+    blocks = [(tasks, n, ["query-aware"], context, [], cap) for n, context in ruler_runs for cap, tasks in by_cap.items()]
+    blocks += [(["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"], cfg.context_tokens, [], 0),
+               ([f"traces:{paths.test_traces}"], cfg.test_traces, [], cfg.context_tokens, ["oracle"], 0)]
     written = 0
-    for tasks, n, protocols, contexts, extra in blocks:
+    for tasks, n, protocols, context, extra, cap in blocks:
         result = run_sweep(SweepConfig(
             out=str(paths.results), models=[cfg.model], scorers=scorers + extra, budgets=list(cfg.budgets),
-            tasks=tasks, n_samples=n, protocols=protocols, context_tokens=contexts, seed=0,
-            max_new_tokens=cfg.max_new_tokens))
+            tasks=tasks, n_samples=n, protocols=protocols, context_tokens=[context], seed=0, max_new_tokens=cap))
         written += result.written
     return written
 
