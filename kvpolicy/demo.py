@@ -105,7 +105,7 @@ def _done(start: float, what: str) -> None:
 
 def record_demo_traces(handle, cfg: DemoConfig, paths: DemoPaths) -> None:
     from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
-    from kvpolicy.traces.record import FutureConfig
+    from kvpolicy.traces.future import FutureConfig
 
     future = FutureConfig("greedy", cfg.future_tokens)
     for split, n, out in (("train", cfg.train_traces, paths.train_traces), ("test", cfg.test_traces, paths.test_traces)):

@@ -14,3 +14,12 @@ def smollm():
     from kvpolicy.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny policy networks: one thread is fastest, and immune to a busy machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

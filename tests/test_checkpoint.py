@@ -17,12 +17,7 @@ from kvpolicy.training.trainer import TrainConfig, Trainer
 SHAPE = dict(n_layers=2, n_kv_heads=2, head_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> TrainConfig:

@@ -12,7 +12,7 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import generate
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation import costs, perplexity, qa
+from kvpolicy.evaluation import costs, perplexity, qa, scorers
 from kvpolicy.evaluation.scorers import FULL, make_entries
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig, run_sweep
 from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
@@ -51,9 +51,9 @@ def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
     sample = task.load(smollm, 1, 320, 0)[0]
     entries = make_entries(["knorm", "tova"])
     budgets = [Budget(tokens=48), Budget(tokens=96)]
-    prefill, rank = Counter(qa.prefill), Counter(qa.rank)
+    prefill, rank = Counter(qa.prefill), Counter(scorers.rank)
     monkeypatch.setattr(qa, "prefill", prefill)
-    monkeypatch.setattr(qa, "rank", rank)
+    monkeypatch.setattr(scorers, "rank", rank)
     batches = []
     decode = qa.greedy_decode_batch
     monkeypatch.setattr(qa, "greedy_decode_batch",
@@ -121,7 +121,7 @@ def test_dialogue_protocols(smollm, monkeypatch):
 @pytest.fixture(scope="module")
 def held_out_traces(smollm, tmp_path_factory):
     from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
-    from kvpolicy.traces.record import FutureConfig
+    from kvpolicy.traces.future import FutureConfig
 
     out = tmp_path_factory.mktemp("traces") / "test"
     record_traces(smollm, TraceRunConfig(source="ruler", split="test", n=2, context_tokens=192,

@@ -17,13 +17,7 @@ from kvpolicy.training.trainer import TrainConfig, Trainer, clip_per_agent, lear
 SHAPE = dict(n_layers=2, n_kv_heads=2, head_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fast(**kw) -> TrainConfig:

@@ -13,12 +13,12 @@ from typing import Iterator
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import compress, continuation_nll, evict, prefill, rank
+from kvpolicy.compression.engine import compress, continuation_nll, prefill
 from kvpolicy.compression.state import KVState
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, planned_budgets, recording_window
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, cut, planned_budgets, rank_for_cuts, recording_window
 from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
 from kvpolicy.models import ModelHandle
 
@@ -93,19 +93,15 @@ def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor],
     total_length = sum(r.shape[1] for r in rounds)
     full_bytes = state.nbytes() // state.length * total_length  # bytes grow in proportion to cached entries
     for entry in entries:
-        cuts = todo[entry.id]
-        first_length = state.length
-        needs_rank = entry is not FULL_ENTRY and any(b.kept(first_length) < first_length for b in cuts)
-        scores = rank(handle, state, entry.scorer) if needs_rank else None
-        rank_s = clock.lap() / len(cuts)
-        for budget in cuts:
-            cut = evict(state, scores, budget) if scores is not None and budget.kept(first_length) < first_length \
-                else state.branch()
+        ranking = rank_for_cuts(handle, state, entry, todo[entry.id])
+        rank_s = clock.lap() / len(todo[entry.id])
+        for budget in todo[entry.id]:
+            small = cut(state, ranking, budget)
             for chunk in rounds[1:]:  # multi-turn: the next round on the compressed cache, then compress again
-                prefill(handle, chunk, cut, record_queries=entry.query_window)
+                prefill(handle, chunk, small, record_queries=entry.query_window)
                 if entry is not FULL_ENTRY:
-                    cut = compress(handle, cut, entry.scorer, budget)
-            fields = _nll_fields(handle, cut, answer)
+                    small = compress(handle, small, entry.scorer, budget)
+            fields = _nll_fields(handle, small, answer)
             yield Outcome(sample_id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
-                          cut.length, full_bytes, cut.nbytes(), rank_s + clock.lap(), prefill_s, fields)
+                          small.length, full_bytes, small.nbytes(), rank_s + clock.lap(), prefill_s, fields)
             clock.lap()

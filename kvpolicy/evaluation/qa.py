@@ -17,13 +17,13 @@ from typing import Iterator
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import continuation_nll, evict, greedy_decode_batch, prefill, rank
+from kvpolicy.compression.engine import continuation_nll, greedy_decode_batch, prefill
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.state import KVState, stack_states
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, planned_budgets, recording_window
+from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, cut, planned_budgets, rank_for_cuts, recording_window
 from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QATask
 from kvpolicy.models import ModelHandle
 
@@ -85,22 +85,19 @@ def run_qa(
     rankings: dict[str, list[torch.Tensor] | None] = {}
     by_size: dict[int, list[tuple[ScorerEntry, Budget, float]]] = defaultdict(list)
     for entry in active:
-        cuts = todo[entry.id]
-        needs_rank = entry is not FULL_ENTRY and any(b.kept(length) < length for b in cuts)
-        rankings[entry.id] = rank(handle, state, entry.scorer) if needs_rank else None
-        rank_s = clock.lap() / len(cuts) / len(samples)
-        for budget in cuts:
+        rankings[entry.id] = rank_for_cuts(handle, state, entry, todo[entry.id])
+        rank_s = clock.lap() / len(todo[entry.id]) / len(samples)
+        for budget in todo[entry.id]:
             size = min(budget.kept(length), length) if rankings[entry.id] is not None else length
             by_size[size].append((entry, budget, rank_s))
     for pairs in by_size.values():
-        cuts = [evict(state, rankings[entry.id], budget) if rankings[entry.id] is not None else state.branch()
-                for entry, budget, _ in pairs]
+        cuts = [cut(state, rankings[entry.id], budget) for entry, budget, _ in pairs]
         cut_s = clock.lap() / len(pairs) / len(samples)
         for sample, (_, question_ids) in zip(samples, chunks):
             fields = answer(handle, task, sample, cuts, None if protocol == QUERY_AWARE else question_ids,
                             max_new_tokens)
             answer_s = clock.lap() / len(pairs)
-            for (entry, budget, rank_s), cut, result in zip(pairs, cuts, fields):
-                yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, length, cut.length,
-                              full_bytes, cut.nbytes(), rank_s + cut_s + answer_s, prefill_s, result)
+            for (entry, budget, rank_s), small, result in zip(pairs, cuts, fields):
+                yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, length, small.length,
+                              full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s, result)
             clock.lap()  # the time the caller spent storing the results is nobody's

@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import evict, rank
 from kvpolicy.compression.scorers import LEARNED_PREFIX, SCORERS, Scorer, make_scorer
 from kvpolicy.compression.scorers.base import ALL_QUERIES
 from kvpolicy.errors import KVPError
+from kvpolicy.compression.state import KVState
 from kvpolicy.io import sha256_json
 
 FULL = "full"  # scorer spec and budget label of the uncompressed reference
@@ -58,6 +62,20 @@ def planned_budgets(entries: list[ScorerEntry], budgets: list[Budget], wanted) -
     """Per entry id, the budgets whose results are still wanted (the full-cache reference has the one FULL)."""
     return {e.id: [b for b in ([FULL_BUDGET] if e is FULL_ENTRY else budgets)
                    if wanted(e.id, FULL if e is FULL_ENTRY else b.label)] for e in [FULL_ENTRY, *entries]}
+
+
+def rank_for_cuts(handle, state: KVState, entry: ScorerEntry, budgets: list[Budget]) -> list[torch.Tensor] | None:
+    """The entry's ranking of `state` (per layer (B, H, T)), once for all its budgets; None when no ranking is
+    needed: the full-cache reference, or budgets that all keep the whole cache."""
+    length = state.length
+    if entry is FULL_ENTRY or all(b.kept(length) >= length for b in budgets):
+        return None
+    return rank(handle, state, entry.scorer)
+
+
+def cut(state: KVState, ranking: list[torch.Tensor] | None, budget: Budget) -> KVState:
+    """`state` cut to `budget` by `ranking` (from rank_for_cuts); an uncut branch of it when ranking is None."""
+    return state.branch() if ranking is None else evict(state, ranking, budget)
 
 
 def make_entries(specs: list[str]) -> list[ScorerEntry]:
