@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from kvpolicy.errors import KVPError
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,14 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     from kvpolicy.progress import silence_libraries
 
     silence_libraries()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` saves progress as Ctrl-C does
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KVPError as err:
         print(f"kvp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # permission, disk full, not a directory... met after the up-front checks
+        from kvpolicy.io import describe_os_error
+
+        print(f"kvp {args.command}: error: {describe_os_error(err)}; free space or fix permissions, then re-run "
+              "the same command to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"kvp {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from kvpolicy.errors import KVPError
         {"ratio": -0.1},
         {"tokens": 64, "sinks": -1},
         {"tokens": 64, "recent": 1.5},
+        {"tokens": 16},  # below the default 4 sinks + 16 recent it promises to keep
+        {"tokens": 10, "sinks": 8, "recent": 8},
     ],
 )
 def test_bad_budgets_are_refused(kwargs):
@@ -51,9 +53,10 @@ def _evicted_positions(B: int, H: int, T: int, length: int, gen: torch.Generator
     return torch.stack(rows).view(B, H, T)
 
 
-@pytest.mark.parametrize("budget", [Budget(tokens=3), Budget(tokens=12), Budget(tokens=40), Budget(tokens=63),
+# ratios 0.95 / 0.81 / 0.53 keep 3 / 12 / 30 of the 64 entries: fewer than sinks + recent, the overflow case
+@pytest.mark.parametrize("budget", [Budget(ratio=0.95), Budget(ratio=0.81), Budget(tokens=40), Budget(tokens=63),
                                     Budget(tokens=100), Budget(ratio=0.5, sinks=0, recent=0),
-                                    Budget(tokens=30, sinks=2, recent=40), Budget(tokens=20, sinks=0, recent=5)])
+                                    Budget(ratio=0.53, sinks=2, recent=40), Budget(tokens=20, sinks=0, recent=5)])
 def test_keep_indices_matches_reference(budget):
     gen = torch.Generator().manual_seed(0)
     B, H, T, length = 2, 3, 64, 150
@@ -81,6 +84,16 @@ def test_protected_entries_always_kept_and_cuts_nest():
         previous = kept
 
 
+def test_a_ratio_that_cannot_keep_every_protected_position_says_which_it_kept():
+    assert Budget(ratio=0.5).shortfall(100) is None
+    assert Budget(tokens=20).shortfall(19) is None  # the whole cache is kept
+    note = Budget(ratio=0.75).shortfall(40)  # keeps 10 < 4 + 16
+    assert note == ("r0.75 keeps 10 of 40 entries per head, fewer than the 4 sinks + 16 recent positions "
+                    "promised: kept 4 sinks and the 6 newest tokens")
+    keep = keep_indices(torch.zeros(1, 1, 40), torch.arange(40).expand(1, 1, 40), Budget(ratio=0.75), 40)
+    assert keep[0, 0].tolist() == [0, 1, 2, 3, 34, 35, 36, 37, 38, 39]
+
+
 def test_shape_mismatch_is_refused():
     with pytest.raises(KVPError):
-        keep_indices(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3), 6)
+        keep_indices(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3, sinks=0, recent=0), 6)

@@ -142,3 +142,89 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(KVPError, match="another policy"):
         Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c", policy=PolicyConfig(**SHAPE, hidden=16, max_position=64),
                 config=_config(steps=10), progress=False)
+
+
+def test_a_run_interrupted_before_its_first_validation_resumes_to_the_same_weights(tmp_path):
+    straight = _trainer(tmp_path / "straight", checkpoint_every=2)
+    straight.run()
+
+    stopped = _trainer(tmp_path / "stopped", checkpoint_every=2)  # validation first comes at step 10
+    step = stopped.train_step
+
+    def ctrl_c_at_5():
+        if stopped.step == 5:
+            raise KeyboardInterrupt
+        return step()
+
+    stopped.train_step = ctrl_c_at_5
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    state = ckpt.read_config(tmp_path / "stopped")["state"]
+    assert state["step"] == 5 and state["best_val_reward"] is None  # saved on the interrupt, no best yet
+
+    resumed = _trainer(tmp_path / "stopped", checkpoint_every=2)
+    assert resumed.step == 5
+    assert resumed.run().steps == 30
+    for a, b in zip(straight.params, resumed.params):
+        torch.testing.assert_close(a, b)
+    assert straight.best_step == resumed.best_step and straight.best_reward == resumed.best_reward
+
+
+def test_a_save_killed_between_the_renames_of_a_fallback_swap_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from kvpolicy import io
+
+    out = tmp_path / "ckpt"
+    _trainer(out, steps=10).run()
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # a file system without renameat2's exchange
+    real_replace, calls = io.os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise _Crash()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", killed_after_first_rename)
+    longer = _trainer(out, steps=20)
+    with pytest.raises(_Crash):
+        longer.run()  # its save at step 20 dies with the old checkpoint parked and the new one not yet in place
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert not out.exists()
+    resumed = _trainer(out, steps=20)  # finds the parked checkpoint and puts it back
+    assert resumed.step == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.pop("model"), "'model' is missing"),
+    (lambda c: c["policy"].update(hidden="abc"), "'policy.hidden' must be an integer"),
+    (lambda c: c["model"].pop("fingerprint"), "'model.fingerprint' is missing"),
+    (lambda c: c.update(weights_sha256=5), "'weights_sha256' must be a string"),
+])
+def test_a_malformed_config_is_refused_naming_the_file_and_field(tmp_path, edit, field):
+    out = tmp_path / "ckpt"
+    _trainer(out, steps=2, val_every=2, checkpoint_every=2).run()
+    config = json.loads((out / ckpt.CONFIG).read_text())
+    edit(config)
+    (out / ckpt.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(KVPError, match=f"config.json: field {field}") as err:
+        ckpt.load_checkpoint(out)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_needs_the_training_state(tmp_path):
+    out = tmp_path / "ckpt"
+    _trainer(out, steps=2, val_every=2, checkpoint_every=2).run()
+    config = json.loads((out / ckpt.CONFIG).read_text())
+    config["state"].pop("step")
+    (out / ckpt.CONFIG).write_text(json.dumps(config))
+    ckpt.load_checkpoint(out)  # the policy itself is still usable
+    with pytest.raises(KVPError, match="field 'state.step' is missing; pass --restart"):
+        _trainer(out, steps=2, val_every=2, checkpoint_every=2)
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_before_any_step(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(KVPError, match="cannot write checkpoint directory: .*file: a part of the path is not a dir"):
+        _trainer(tmp_path / "file" / "ckpt")
+    assert not (tmp_path / "file" / "ckpt").exists()

@@ -27,9 +27,13 @@ def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
     ("argv", "message"),
     [
         (["--budget", "0", "x"], "positive number of tokens"),
-        (["--budget", "8", "--scorer", "nope", "x"], "unknown scorer 'nope'"),
+        (["--budget", "32", "--scorer", "nope", "x"], "unknown scorer 'nope'"),
         (["--ratio", "1.5", "x"], "fraction of entries removed"),
-        (["--budget", "8", "--scorer", "snapkv", "--bounded-every", "4", "x"], "attention-free"),
+        (["--budget", "32", "--scorer", "snapkv", "--bounded-every", "4", "x"], "attention-free"),
+        (["--budget", "16", "x"], "cannot keep the 4 sinks and 16 recent positions it promises"),
+        (["--budget", "32", "--sinks", "8", "--recent", "30", "x"], "use a budget >= 38"),
+        (["--budget", "32", "--max-new-tokens", "-1", "x"], "--max-new-tokens must be >= 0"),
+        (["--budget", "32", " \n "], "the prompt is empty"),
     ],
 )
 def test_generate_bad_input_is_one_clear_line(argv, message, capsys):
@@ -42,3 +46,20 @@ def test_generate_budget_must_be_an_integer(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--budget", "2.5", "x"])
     assert "invalid int value: '2.5'" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_a_policy_for_another_model_is_refused_before_any_work(smollm, tmp_path, capsys, monkeypatch):
+    from kvpolicy.compression import engine
+    from kvpolicy.training import checkpoint as ckpt
+    from kvpolicy.training.policy import PolicyConfig, PolicyNet
+
+    info = smollm.info
+    net = PolicyNet(PolicyConfig(info.n_layers, info.n_kv_heads, info.head_dim, hidden=4))
+    model = {"name": "other", "fingerprint": "0123456789abcdef", "n_layers": info.n_layers,
+             "n_kv_heads": info.n_kv_heads, "head_dim": info.head_dim}
+    ckpt.save_checkpoint(tmp_path / "ckpt", {"model": model, "policy": net.config.to_dict()}, net.state_dict())
+    monkeypatch.setattr(engine, "prefill", lambda *a, **k: pytest.fail("prefilled before refusing the policy"))
+    assert main(["generate", "--budget", "32", "--scorer", f"kvp:{tmp_path / 'ckpt'}", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained for other (fingerprint 0123456789abcdef)" in err and len(err.splitlines()) == 1

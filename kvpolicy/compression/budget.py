@@ -18,9 +18,10 @@ from kvpolicy.errors import KVPError
 class Budget:
     """tokens: entries kept per KV head in total (sinks + recent included); ratio: fraction removed (kvpress).
 
-    Exactly one of tokens/ratio. The first `sinks` and the last `recent` positions are always kept (when the
-    budget is smaller than sinks + recent: sinks earliest first, then recent tokens newest first). A budget >=
-    the cache length keeps everything.
+    Exactly one of tokens/ratio. The first `sinks` and the last `recent` positions are always kept: a token
+    budget below sinks + recent is refused. A ratio can still keep fewer entries than that on a short cache;
+    then the sinks come first (earliest first), then the recent tokens (newest first), and `shortfall` says so.
+    A budget >= the cache length keeps everything.
     """
 
     tokens: int | None = None
@@ -41,6 +42,10 @@ class Budget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise KVPError(f"Budget.{name} must be a non-negative integer, got {value!r}")
+        if self.tokens is not None and self.tokens < self.sinks + self.recent:
+            raise KVPError(f"a budget of {self.tokens} entries per head cannot keep the {self.sinks} sinks and "
+                           f"{self.recent} recent positions it promises; use a budget >= {self.sinks + self.recent} "
+                           "or fewer sinks/recent")
 
     def kept(self, length: int) -> int:
         """Entries kept per head out of `length` (kvpress's rounding for ratios: at least 1)."""
@@ -49,6 +54,16 @@ class Budget:
         if self.ratio == 0:
             return length
         return max(1, int(length * (1 - self.ratio)))
+
+    def shortfall(self, length: int) -> str | None:
+        """None when a cache of `length` entries keeps every promised sink and recent position; else which of
+        the promises was kept (only a ratio budget on a short cache falls short)."""
+        kept, promised = self.kept(length), min(self.sinks + self.recent, length)
+        if kept >= promised:
+            return None
+        sinks = min(self.sinks, kept)
+        return (f"{self.label} keeps {kept} of {length} entries per head, fewer than the {self.sinks} sinks + "
+                f"{self.recent} recent positions promised: kept {sinks} sinks and the {kept - sinks} newest tokens")
 
     @property
     def label(self) -> str:

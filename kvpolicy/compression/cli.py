@@ -36,10 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.models import load_model
 
-    budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
+    from kvpolicy.errors import KVPError
+
+    if args.max_new_tokens < 0:
+        raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (args.prompt + args.question).strip():
+        raise KVPError("the prompt is empty: give the context as the first argument (and a --question)")
     scorer = make_scorer(args.scorer)
+    budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     handle = load_model(args.model)
+    scorer.check_model(handle.info)
     result = generate(handle, args.prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
                       args.answer_prefix, bounded)
     layers, heads = handle.info.n_layers, handle.info.n_kv_heads
@@ -48,4 +55,6 @@ def run(args: argparse.Namespace) -> int:
           f"{result.context_tokens + result.question_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
     print(f"cache before: {_size(result.cache_tokens_full, result.cache_bytes_full)}")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")
+    if result.budget_shortfall:
+        print(f"note: {result.budget_shortfall}")
     return 0

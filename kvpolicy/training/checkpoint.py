@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import atomic_path, sha256_file
+from kvpolicy.io import atomic_path, recover_directory, sha256_file
+from kvpolicy.schema import Optional, validate
 from kvpolicy.training.policy import PolicyConfig, PolicyNet
 
 FORMAT = "kvpolicy-checkpoint/1"
@@ -31,6 +32,26 @@ CONFIG = "config.json"
 WEIGHTS = "policy.safetensors"
 RESUME = "resume.safetensors"
 HISTORY = "history.jsonl"
+
+MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
+# what every reader of config.json relies on; the training sections are written by `kvp train` (a policy
+# saved by other means may lack them) and are required to resume
+CONFIG_SCHEMA = {
+    "format": str,
+    "weights_sha256": str,
+    "model": MODEL_SCHEMA,
+    "policy": {"n_layers": int, "n_kv_heads": int, "head_dim": int, "hidden": Optional(int),
+               "position_dim": Optional(int), "max_position": Optional(int), "position_encoding": Optional(str)},
+    "training": Optional(dict),
+    "traces": Optional({"train": {"manifest_hash": str, "source": Optional((str, None)),
+                                  "context_tokens": Optional((int, None))}}),
+}
+RESUME_SCHEMA = {
+    "training": dict,
+    "traces": {"train": {"manifest_hash": str}},
+    "state": {"step": int, "skipped_batches": int, "elapsed_s": float, "best_step": int,
+              "best_val_reward": (float, None), "val_history": Optional([dict])},
+}
 
 
 def save_checkpoint(
@@ -56,9 +77,11 @@ def save_checkpoint(
     return config
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's config.json, checked for format."""
+def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
+    """The checkpoint's config.json, checked for format and schema (with `resume`, also for the training
+    state a resumed run needs)."""
     path = Path(path)
+    recover_directory(path)  # a save killed between the two renames of a fallback swap
     file = path / CONFIG
     if not file.is_file():
         raise KVPError(f"{path} is not a KVP checkpoint (no {CONFIG}); train one with `kvp train --traces DIR --out {path}`")
@@ -66,9 +89,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except ValueError as err:
         raise KVPError(f"{file} is not valid JSON ({err}); retrain or restore the checkpoint") from None
-    if config.get("format") != FORMAT:
-        raise KVPError(f"{path} has checkpoint format {config.get('format')!r}; this kvpolicy reads {FORMAT!r}")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise KVPError(f"{path} has checkpoint format {found!r}; this kvpolicy reads {FORMAT!r}")
+    validate(config, CONFIG_SCHEMA, str(file), "retrain the policy or restore the checkpoint")
+    if resume:
+        validate(config, RESUME_SCHEMA, str(file), f"pass --restart to train {path} again from scratch")
     return config
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a checkpoint, after finishing a directory swap that a kill interrupted."""
+    recover_directory(path)
+    return (Path(path) / CONFIG).exists()
 
 
 def check_model(config: dict[str, Any], info: Any, where: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import KVPError
+from kvpolicy.io import check_writable
 from kvpolicy.progress import bar
 from kvpolicy.training import checkpoint as ckpt
 from kvpolicy.training.data import Batch, TraceBatches, TraceSource, check_same_model
@@ -178,6 +179,8 @@ class Trainer:
         if (policy.n_layers, policy.n_kv_heads, policy.head_dim) != (train.n_layers, train.n_kv_heads, train.head_dim):
             raise KVPError(f"policy shape {policy.to_dict()} does not match the traces' model {model_description(train)}")
         self.policy_config = policy
+        if self.ctx.main:  # before the traces are read or a step is taken
+            check_writable(self.out, "checkpoint directory", directory=True)
         self.train_ids, self.val_source, self.val_ids = self._split(train, val)
         self.model = model_description(train)
         self.traces = {"train": source_description(train), "val": source_description(self.val_source)}
@@ -210,7 +213,7 @@ class Trainer:
         self.val_history: list[dict] = []
         self.elapsed = 0.0
         self.forward = self._wrap(self.net)
-        if resume and (self.out / ckpt.CONFIG).exists():
+        if resume and ckpt.has_checkpoint(self.out):
             self._resume()
 
     # ----- setup
@@ -249,7 +252,7 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        saved = ckpt.read_config(self.out)
+        saved = ckpt.read_config(self.out, resume=True)
         mine = self.config_dict()
         for key in ("model", "policy"):
             if saved.get(key) != mine[key]:
@@ -274,7 +277,9 @@ class Trainer:
                 self.opt.state[p] = {k: tensors[f"adam.{name}.{k}"].to(self.ctx.device) for k in ("step", "exp_avg", "exp_avg_sq")}
         state = saved["state"]
         self.step, self.skipped, self.elapsed = state["step"], state["skipped_batches"], state["elapsed_s"]
-        self.best_step, self.best_reward = state["best_step"], state["best_val_reward"]
+        # a run stopped before its first validation has no best yet (saved as step -1, reward null)
+        best = state["best_val_reward"]
+        self.best_step, self.best_reward = (state["best_step"], best) if best is not None else (-1, -math.inf)
         self.val_history = state.get("val_history", [])
         self.history = ckpt.load_history(self.out)
 
