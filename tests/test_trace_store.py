@@ -1,8 +1,13 @@
-"""Sharded trace store: round trip, locality of reads, corruption and truncation named, resume, refusals, full disk."""
+"""Sharded trace store: round trip, locality of reads, corruption and truncation named, resume, refusals, full disk,
+manifest and shard header schemas, shard names confined to the directory, shards flushed by count and age."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,3 +181,131 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
     with pytest.raises(KVPError, match="disk full while writing shard-r000-00000.safetensors"):
         writer.add(0, record(0, 5), sample_tensors(0, 5))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_shard_is_one_line_naming_it(tmp_path, monkeypatch):
+    def write_to_read_only_mount(path: Path, data: bytes) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(store, "_write_bytes", write_to_read_only_mount)
+    writer = TraceWriter(tmp_path, config(), shard_samples=1)
+    with pytest.raises(KVPError, match="cannot write trace shard shard-r000-00000.safetensors: .*read-only file "
+                       "system .*re-run the same command") as err:
+        writer.add(0, record(0, 5), sample_tensors(0, 5))
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def edit_manifest(directory: Path, edit) -> None:
+    """Apply `edit` (a function changing the manifest dict in place) to DIR/manifest.json."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    edit(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("shards"), "field 'shards' is missing"),
+    (lambda m: m["model"].update(n_layers="x"), "field 'model.n_layers' must be an integer, got 'x'"),
+    (lambda m: m["model"].pop("fingerprint"), "field 'model.fingerprint' is missing"),
+    (lambda m: m["samples"][2].update(length=7.5), "field 'samples[2].length' must be an integer, got 7.5"),
+    (lambda m: m["shards"][1].pop("bytes"), "field 'shards[1].bytes' is missing"),
+    (lambda m: m["baselines"].update(names="tova"), "field 'baselines.names' must be a list, got 'tova'"),
+    (lambda m: m.update(n_samples=None), "field 'n_samples' must be an integer, got None"),
+])
+def test_manifest_missing_or_mistyped_field_is_named(traces, edit, problem):
+    edit_manifest(traces, edit)
+    with pytest.raises(KVPError, match=re.escape(f"{traces / MANIFEST}: {problem}; re-run the `kvp traces`")) as err:
+        TraceReader(traces)
+    assert "\n" not in str(err.value)
+
+
+def test_shard_header_missing_field_is_named(tmp_path):
+    writer = TraceWriter(tmp_path, config())
+    writer.add(0, {k: v for k, v in record(0, 5).items() if k != "length"}, sample_tensors(0, 5))
+    writer.close()
+    shard = shard_paths(tmp_path)[0]
+    with pytest.raises(KVPError, match=re.escape(f"trace shard {shard}: field 'kvpolicy.samples[0].length' is "
+                                                 "missing; delete it")):
+        TraceWriter(tmp_path, config())
+
+
+@pytest.mark.parametrize("outside", ["relative", "absolute", "link"])
+def test_manifest_cannot_name_a_file_outside_its_directory(tmp_path, monkeypatch, outside):
+    directory = tmp_path / "traces"
+    write_samples(directory, range(len(LENGTHS)))
+    write_manifest(directory, config(), len(LENGTHS))
+    shard = TraceReader(directory).manifest["samples"][0]["shard"]
+    evil = tmp_path / "evil.safetensors"
+    shutil.copy(directory / shard, evil)  # a valid shard: unconfined, the reader would serve it
+    name = {"relative": "../evil.safetensors", "absolute": str(evil), "link": shard}[outside]
+    if outside == "link":
+        (directory / shard).unlink()
+        (directory / shard).symlink_to(evil)
+
+    def rename(manifest: dict) -> None:
+        for entry in manifest["shards"]:
+            entry["file"] = name if entry["file"] == shard else entry["file"]
+        for sample in manifest["samples"]:
+            sample["shard"] = name if sample["shard"] == shard else sample["shard"]
+
+    edit_manifest(directory, rename)
+    opened = []
+    safe_open = store.safe_open
+    monkeypatch.setattr(store, "safe_open", lambda path, **kw: opened.append(path) or safe_open(path, **kw))
+    with pytest.raises(KVPError) as err:
+        TraceReader(directory).read(0, 0)
+    message = str(err.value)
+    assert message.startswith(f"{directory / MANIFEST}: field 'shards[0].file' names {name!r}, not a shard file")
+    assert "\n" not in message and opened == []
+
+
+def test_every_sample_shard_must_be_listed(traces):
+    edit_manifest(traces, lambda m: m["samples"][1].update(shard="shard-r000-00042.safetensors"))
+    with pytest.raises(KVPError, match=re.escape("field 'samples[1].shard' names 'shard-r000-00042.safetensors', "
+                                                 "which 'shards' does not list")):
+        TraceReader(traces)
+    edit_manifest(traces, lambda m: m["samples"][1].update(shard="../shard-r000-00042.safetensors"))
+    with pytest.raises(KVPError, match=re.escape("field 'samples[1].shard' names '../shard-r000-00042.safetensors', "
+                                                 "not a shard file")):
+        TraceReader(traces)
+
+
+def test_a_shard_is_written_every_shard_samples_so_a_killed_run_keeps_them(tmp_path):
+    writer = TraceWriter(tmp_path, config(), shard_samples=2)  # by bytes alone (128 MiB) nothing would be written
+    for i in range(3):
+        writer.add(i, record(i, LENGTHS[i]), sample_tensors(i, LENGTHS[i]))
+    # killed here (SIGKILL: no close); the rerun finds the first two samples done
+    assert TraceWriter(tmp_path, config()).done == {0, 1}
+
+
+def test_a_shard_is_written_shard_seconds_after_its_first_sample(tmp_path):
+    now = [0.0]
+    writer = TraceWriter(tmp_path, config(), shard_seconds=10.0, clock=lambda: now[0])
+    for i, at in enumerate([0.0, 9.0, 10.0, 15.0, 24.0]):  # the second shard's clock starts at 15 s
+        now[0] = at
+        writer.add(i, record(i, LENGTHS[i]), sample_tensors(i, LENGTHS[i]))
+    assert len(writer.written) == 1
+    writer.close()
+    held = [[r["index"] for r in store._shard_metadata(path)[1]] for path in writer.written]
+    assert held == [[0, 1, 2], [3, 4]]
+
+
+def test_many_small_shards_of_several_ranks_merge_and_read(tmp_path):
+    n, length = 40, 4
+    for rank in (0, 1):
+        writer = TraceWriter(tmp_path, config(), rank=rank, shard_samples=1)
+        for i in range(rank, n, 2):
+            writer.add(i, record(i, length), sample_tensors(i, length))
+        writer.close()
+    assert len(write_manifest(tmp_path, config(), n)["shards"]) == len(shard_paths(tmp_path)) == n
+    reader = TraceReader(tmp_path)
+    for i in range(n):
+        assert torch.equal(reader.read(i, 2).keys, sample_tensors(i, length)["keys"][2])
+
+
+def test_a_rerun_rewrites_a_broken_manifest_as_its_error_advises(traces):
+    (traces / MANIFEST).write_text('{"format": "kvpolicy-traces/1", "samp')
+    with pytest.raises(KVPError, match="is not valid JSON .*re-run the `kvp traces` command"):
+        TraceReader(traces)
+    assert TraceWriter(traces, config()).done == set(range(len(LENGTHS)))
+    write_manifest(traces, config(), len(LENGTHS))
+    assert TraceReader(traces).lengths == LENGTHS

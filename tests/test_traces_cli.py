@@ -1,4 +1,5 @@
-"""`kvp traces` end to end on SmolLM2 at tiny sizes: manifest, reader, resume, refusals, bytes on disk."""
+"""`kvp traces` end to end on SmolLM2 at tiny sizes: manifest, reader, resume, refusals, bytes on disk; an
+unwritable --out refused before the model loads."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import sys
 import time
 
 from kvpolicy.cli import main
+from kvpolicy.errors import KVPError
+from kvpolicy.models import loader
+from kvpolicy.traces.pipeline import TraceRunConfig, run_traces
 from kvpolicy.traces.store import TraceReader, shard_paths
-
-pytestmark = pytest.mark.model
 
 
 def traces(out, *extra: str) -> list[str]:
@@ -22,9 +24,10 @@ def traces(out, *extra: str) -> list[str]:
 
 
 RULER_RUN = ("--source", "ruler", "--split", "train", "--n", "2", "--context", "256", "--future-tokens", "4",
-             "--tasks", "niah_single_2,vt", "--shard-mb", "1")  # a sample per shard
+             "--tasks", "niah_single_2,vt", "--shard-samples", "1")  # a sample per shard
 
 
+@pytest.mark.model
 def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     out = tmp_path / "ruler"
     assert main(traces(out, *RULER_RUN)) == 0
@@ -59,6 +62,7 @@ def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     assert "holds traces of another run" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_a_killed_run_resumes_where_it_stopped(smollm, tmp_path, capsys):
     out = tmp_path / "killed"
     args = ("--source", "ruler", "--n", "4", "--context", "160", "--future-tokens", "2", "--tasks", "niah_single_2",
@@ -77,6 +81,7 @@ def test_a_killed_run_resumes_where_it_stopped(smollm, tmp_path, capsys):
     assert len(TraceReader(out)) == 4 and not list(out.glob(".*"))  # no temporaries left behind
 
 
+@pytest.mark.model
 def test_dialogue_reference_traces_with_baselines(smollm, tmp_path):
     out = tmp_path / "dialogue"
     args = ("--source", "dialogue", "--split", "val", "--n", "1", "--context", "320", "--future", "reference",
@@ -92,6 +97,7 @@ def test_dialogue_reference_traces_with_baselines(smollm, tmp_path):
         assert scores.shape == (3, s["length"]) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
 
 
+@pytest.mark.model
 def test_bad_requests_fail_cleanly(smollm, tmp_path, capsys):
     assert main(traces(tmp_path / "a", "--source", "ruler", "--n", "1", "--context", "9000")) == 2
     assert "refused: --context 9000" in capsys.readouterr().err
@@ -101,3 +107,21 @@ def test_bad_requests_fail_cleanly(smollm, tmp_path, capsys):
     assert not list((tmp_path / "b").glob("*.safetensors"))
     assert main(traces(tmp_path / "c", "--source", "ruler", "--n", "1", "--baselines", "h2o")) == 2
     assert "unknown baselines" in capsys.readouterr().err
+    assert main(traces(tmp_path / "d", "--source", "ruler", "--n", "1", "--shard-samples", "0")) == 2
+    assert "--shard-samples must be at least 1" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "traces"  # root ignores permission bits, but not a regular file where a directory must be
+
+    def load_model(name):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    assert main(traces(out, "--source", "ruler", "--n", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write trace directory: {blocker}" in err
+    with pytest.raises(KVPError, match="cannot write trace directory"):
+        run_traces(None, TraceRunConfig(source="ruler", n=1), out)  # the library refuses before touching the model

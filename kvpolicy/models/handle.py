@@ -7,6 +7,10 @@ from typing import Any
 
 import torch
 
+# what a trace manifest or a checkpoint records of the model (a checkpoint keeps the cache shape and identity
+# only), as a kvpolicy.schema
+MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
+
 
 @dataclass(frozen=True)
 class ModelInfo:

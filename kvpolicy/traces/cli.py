@@ -16,10 +16,12 @@ import os
 import time
 
 from kvpolicy.errors import KVPError
+from kvpolicy.io import check_writable
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.traces.baselines import BASELINES
 from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
+from kvpolicy.traces.store import DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
                         f"of {', '.join(BASELINES)}, 'none', or 'auto' (all on val/test, none on train)")
     parser.add_argument("--shard-mb", type=int, default=128, help="target shard size in MiB")
+    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
+                        help="write a shard after at most this many samples (a killed run keeps finished shards)")
+    parser.add_argument("--shard-seconds", type=float, default=DEFAULT_SHARD_SECONDS,
+                        help="write a shard at most this many seconds after its first sample")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
 
 
@@ -82,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             source=args.source, split=args.split, n=args.n, context_tokens=args.context,
             future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
             baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
+            shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
         )
+        check_writable(args.out, "trace directory", directory=True)  # before minutes of model loading
         handle = load_model(args.model)
         result = run_traces(handle, cfg, args.out, rank=rank, world=world, show_progress=rank == 0)
         recorded, skipped = result.recorded, result.skipped

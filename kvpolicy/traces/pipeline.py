@@ -16,13 +16,15 @@ from pathlib import Path
 import kvpolicy
 from kvpolicy.data.ruler import RULER_TASKS
 from kvpolicy.errors import KVPError
+from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
 from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
 from kvpolicy.traces.sources import DESCRIPTIONS, SOURCES, TRACE_SPLITS, source_seeds, trace_prompts
-from kvpolicy.traces.store import DEFAULT_SHARD_BYTES, FORMAT, TraceWriter, write_manifest
+from kvpolicy.traces.store import (DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS, FORMAT,
+                                   TraceWriter, write_manifest)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +51,8 @@ class TraceRunConfig:
     tasks: tuple[str, ...] | None = None
     baselines: tuple[str, ...] | None = None  # None: TOVA + SnapKV on held-out splits (val, test), none on train
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    shard_samples: int = DEFAULT_SHARD_SAMPLES  # a shard is also written after this many samples...
+    shard_seconds: float = DEFAULT_SHARD_SECONDS  # ...or this long after its first one (what a kill can lose)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -60,6 +64,9 @@ class TraceRunConfig:
             raise KVPError(f"--n must be at least 1, got {self.n}")
         if self.context_tokens < 16:
             raise KVPError(f"--context must be at least 16 tokens, got {self.context_tokens}")
+        if self.shard_samples < 1 or self.shard_seconds <= 0:
+            raise KVPError(f"--shard-samples must be at least 1 and --shard-seconds positive, got "
+                           f"{self.shard_samples} and {self.shard_seconds}")
         if self.baselines is None:  # the ranking benchmark runs on held-out traces; training never reads them
             self.baselines = () if self.split == "train" else BASELINES
         unknown = sorted(set(self.baselines) - set(BASELINES))
@@ -102,6 +109,7 @@ class RunResult:
 def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: int = 0, world: int = 1,
                show_progress: bool = True) -> RunResult:
     """Record this rank's missing samples into `out` (no manifest: see `finish`)."""
+    check_writable(out, "trace directory", directory=True)
     if cfg.context_tokens >= handle.info.max_positions:
         raise KVPError(f"refused: --context {cfg.context_tokens} reaches {handle.info.name}'s maximum of "
                        f"{handle.info.max_positions} positions; use at most {handle.info.max_positions - 1}")
@@ -111,7 +119,8 @@ def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: 
                       stacklevel=2)
     start = time.perf_counter()
     config = cfg.manifest_fields(handle)
-    writer = TraceWriter(out, config, rank=rank, shard_bytes=cfg.shard_bytes)
+    writer = TraceWriter(out, config, rank=rank, shard_bytes=cfg.shard_bytes, shard_samples=cfg.shard_samples,
+                         shard_seconds=cfg.shard_seconds)
     mine = [i for i in range(rank, cfg.n, world)]
     todo = [i for i in mine if i not in writer.done]
     progress = bar(total=len(todo), desc=f"traces rank {rank}" if world > 1 else "traces", unit="sample") \

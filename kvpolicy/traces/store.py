@@ -9,7 +9,11 @@ Layout of DIR:
 
 The layer axis leads, so one (sample, layer) is one contiguous slice that `safe_open(...).get_slice` reads from the
 memory map without touching the rest. Shards are written whole under a temporary name and renamed into place:
-a killed run leaves only complete shards, and a rerun skips the samples they hold.
+a killed run leaves only complete shards, and a rerun skips the samples they hold. A shard is closed at about
+`shard_bytes`, or after `shard_samples` samples or `shard_seconds`, whichever comes first, so a kill loses little.
+
+The manifest and every shard header are checked against the schemas below on reading, and a manifest may name
+only shard files of its own directory: a damaged or hand-edited one is a one-line error naming the file and field.
 """
 
 from __future__ import annotations
@@ -17,27 +21,72 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import atomic_path, read_json, sha256_json, write_json
-from kvpolicy.models.handle import ModelInfo
+from kvpolicy.io import atomic_path, describe_os_error, read_json, sha256_json, write_json
+from kvpolicy.models.handle import MODEL_SCHEMA, ModelInfo
+from kvpolicy.schema import Optional, validate
 
 FORMAT = "kvpolicy-traces/1"
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-r*.safetensors"
+SHARD_NAME = re.compile(r"shard-r\d{3,}-\d{5,}\.safetensors")  # what TraceWriter names its shards
 DEFAULT_SHARD_BYTES = 128 << 20
+# A shard is also written after this many samples or seconds since its first sample: at 128 MiB alone a small run
+# buffers everything and a kill (SIGKILL skips the final flush) keeps nothing. 8 samples bound what a kill loses on
+# fast short prompts while keeping shards few (n / 8; a reader maps them lazily, and a map holds no file
+# descriptor); 120 s bound it on slow ones (long contexts, CPU) to two minutes plus the sample in progress.
+DEFAULT_SHARD_SAMPLES = 8
+DEFAULT_SHARD_SECONDS = 120.0
 CORE_TENSORS = ("keys", "values", "utility")
 # what must agree between a run and traces already in its output directory
 COMPATIBILITY_KEYS = ("format", "model", "source", "split", "context_tokens", "future", "seeds", "baselines")
+
+# Schemas (kvpolicy.schema) of what the readers use: required is what every writer (kvp traces, the synthetic traces
+# of kvpolicy.training.synthetic) writes; Optional what only some write.
+TRACE_MODEL_SCHEMA = MODEL_SCHEMA | {"family": Optional(str), "n_query_heads": Optional(int),
+                                    "max_positions": Optional(int)}
+# the run description, stored in every shard header and at the top of the manifest
+CONFIG_SCHEMA = {
+    "format": str,
+    "model": TRACE_MODEL_SCHEMA,
+    "source": str,
+    "source_description": Optional(str),
+    "split": str,
+    "context_tokens": Optional(int),
+    "future": {"mode": str, "max_tokens": Optional(int)},
+    "seeds": dict,
+    "baselines": {"names": [str]},
+    "code_version": Optional(str),
+}
+# one sample as TraceWriter.add records it (plus the prompt's own meta fields)
+RECORD_SCHEMA = {"index": int, "id": Optional(str), "length": int, "future_length": Optional(int), "seconds": float,
+                 "model_seconds": float, "code_version": str, "warnings": Optional([str])}
+# a shard header, as `_shard_metadata` parses it: per sample, a CRC32 per layer of each tensor
+SHARD_HEADER_SCHEMA = {"kvpolicy.config": CONFIG_SCHEMA,
+                       "kvpolicy.samples": [RECORD_SCHEMA | {"crc": {name: [int] for name in CORE_TENSORS}}]}
+MANIFEST_SCHEMA = CONFIG_SCHEMA | {
+    "samples": [RECORD_SCHEMA | {"shard": str}],
+    "shards": [{"file": str, "bytes": int, "samples": int}],
+    "n_samples": int,
+    "prompt_tokens": int,
+    "generation_seconds": float,
+    "model_seconds": float,
+    "code_versions": [str],
+    "last_run": Optional({"world_size": int, "wall_seconds": float, "recorded": int, "skipped": int}),
+}
+MANIFEST_FIX = "re-run the `kvp traces` command that recorded this directory to rewrite it from its shards"
 
 
 def tensor_name(index: int, tensor: str) -> str:
@@ -56,7 +105,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
-    return sorted(Path(directory).glob(SHARD_GLOB))
+    return sorted(p for p in Path(directory).glob(SHARD_GLOB) if SHARD_NAME.fullmatch(p.name))
 
 
 def _open_shard(path: Path):
@@ -68,15 +117,18 @@ def _open_shard(path: Path):
 
 
 def _shard_metadata(path: Path) -> tuple[dict, list[dict]]:
-    """(run config, sample records) stored in a shard's header."""
+    """(run config, sample records) stored in a shard's header, checked against SHARD_HEADER_SCHEMA."""
     meta = _open_shard(path).metadata() or {}
     try:
         if meta.get("kvpolicy.format") != FORMAT:
             raise ValueError(f"format {meta.get('kvpolicy.format')!r}")
-        return json.loads(meta["kvpolicy.config"]), json.loads(meta["kvpolicy.samples"])
+        header = {key: json.loads(meta[key]) for key in SHARD_HEADER_SCHEMA}
     except (KeyError, ValueError) as err:
         raise KVPError(f"trace shard {path} has an unreadable header ({err}); delete it and re-run "
                        "`kvp traces`") from None
+    validate(header, SHARD_HEADER_SCHEMA, f"trace shard {path}",
+             "delete it and re-run the same `kvp traces` command to regenerate its samples")
+    return header["kvpolicy.config"], header["kvpolicy.samples"]
 
 
 def _describe_model(model: dict) -> str:
@@ -95,18 +147,34 @@ def check_compatible(existing: dict, config: dict, where: str) -> None:
                        "choose another --out directory")
 
 
-class TraceWriter:
-    """Buffers traces and writes them as shards of about `shard_bytes`; `done` holds the sample indices that
-    complete shards in the directory already hold (any rank), so a rerun skips them."""
+def _previous_run(directory: Path) -> dict | None:
+    """The run description in DIR's manifest; None without one or when it is broken (the run rewrites it)."""
+    try:
+        manifest = read_json(directory / MANIFEST)
+        validate(manifest, CONFIG_SCHEMA, str(directory / MANIFEST), MANIFEST_FIX)
+    except (OSError, ValueError, KVPError):
+        return None
+    return manifest
 
-    def __init__(self, directory: str | Path, config: dict, rank: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES):
+
+class TraceWriter:
+    """Buffers traces and writes them as shards of about `shard_bytes`, or of `shard_samples` samples, or of what
+    was buffered within `shard_seconds` of `clock()` after a shard's first sample, whichever comes first; `done`
+    holds the sample indices that complete shards in the directory already hold (any rank), so a rerun skips them."""
+
+    def __init__(self, directory: str | Path, config: dict, rank: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 shard_samples: int = DEFAULT_SHARD_SAMPLES, shard_seconds: float = DEFAULT_SHARD_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.directory = Path(directory)
         self.config = config
         self.rank = rank
         self.shard_bytes = shard_bytes
+        self.shard_samples = shard_samples
+        self.shard_seconds = shard_seconds
+        self.clock = clock
         self.directory.mkdir(parents=True, exist_ok=True)
-        if (self.directory / MANIFEST).exists():
-            check_compatible(read_json(self.directory / MANIFEST), config, str(self.directory))
+        if (existing := _previous_run(self.directory)) is not None:
+            check_compatible(existing, config, str(self.directory))
         self.done: set[int] = set()
         for path in shard_paths(self.directory):
             existing, records = _shard_metadata(path)
@@ -115,23 +183,31 @@ class TraceWriter:
         prefix = f"shard-r{rank:03d}-"
         for stale in self.directory.glob(f".{prefix}*.tmp"):  # temporaries of a killed run of this rank
             shutil.rmtree(stale, ignore_errors=True)
-        mine = [int(p.stem.rsplit("-", 1)[1]) for p in self.directory.glob(f"{prefix}*.safetensors")]
+        mine = [int(p.stem.rsplit("-", 1)[1]) for p in shard_paths(self.directory) if p.name.startswith(prefix)]
         self._next_seq = max(mine, default=-1) + 1
         self._tensors: dict[str, torch.Tensor] = {}
         self._records: list[dict] = []
         self._bytes = 0
+        self._started = 0.0  # clock() when the buffered shard got its first sample
         self.written: list[Path] = []
 
     def add(self, index: int, record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Queue sample `index`: record = its JSON-able description; tensors = {"keys", "values", "utility",
         "baseline.NAME"...}, each with a leading layer axis."""
+        if not self._records:
+            self._started = self.clock()
         crc = {name: [_layer_crc(t, layer) for layer in range(t.shape[0])] for name, t in tensors.items()}
         self._records.append({**record, "index": index, "crc": crc})
         for name, t in tensors.items():
             self._tensors[tensor_name(index, name)] = t.contiguous()
             self._bytes += t.numel() * t.element_size()
-        if self._bytes >= self.shard_bytes:
+        if self._shard_complete():
             self.flush()
+
+    def _shard_complete(self) -> bool:
+        """Whether the buffer makes a shard: big enough, enough samples, or its first sample old enough."""
+        return (self._bytes >= self.shard_bytes or len(self._records) >= self.shard_samples
+                or self.clock() - self._started >= self.shard_seconds)
 
     def flush(self) -> None:
         if not self._records:
@@ -147,7 +223,9 @@ class TraceWriter:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise KVPError(f"disk full while writing {path.name} in {self.directory} (no partial shard left); "
                                "free some space and re-run the same command to resume") from None
-            raise
+            raise KVPError(f"cannot write trace shard {path.name}: {describe_os_error(err, path)} (no partial "
+                           "shard left); fix the directory (permissions, mount) and re-run the same command to "
+                           "resume") from None
         self.written.append(path)
         self._next_seq += 1
         self._tensors, self._records, self._bytes = {}, [], 0
@@ -188,6 +266,37 @@ def write_manifest(directory: str | Path, config: dict, n_samples: int, extra: d
     return manifest
 
 
+def _check_shard_name(directory: Path, name: str, where: Path, field: str) -> None:
+    """Refuse a shard name that is not a plain writer-made file name resolving inside `directory`."""
+    if not SHARD_NAME.fullmatch(name) or (directory / name).resolve().parent != directory.resolve():
+        raise KVPError(f"{where}: field '{field}' names {name!r}, not a shard file of this directory (shard-rRRR-"
+                       f"SSSSS.safetensors, no path, no link out of it); {MANIFEST_FIX}")
+
+
+def _load_manifest(directory: Path) -> dict:
+    """DIR/manifest.json, checked against MANIFEST_SCHEMA, with every shard it names confined to DIR and listed."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise KVPError(f"no {MANIFEST} in {directory}: not a finished trace directory; run "
+                       "`kvp traces ... --out DIR` until it completes")
+    try:
+        manifest = read_json(path)
+    except ValueError as err:
+        raise KVPError(f"{path} is not valid JSON ({err}); {MANIFEST_FIX}") from None
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+        raise KVPError(f"{path} has format {manifest.get('format')!r}, this kvpolicy reads {FORMAT!r}")
+    validate(manifest, MANIFEST_SCHEMA, str(path), MANIFEST_FIX)
+    for i, shard in enumerate(manifest["shards"]):
+        _check_shard_name(directory, shard["file"], path, f"shards[{i}].file")
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for i, sample in enumerate(manifest["samples"]):
+        if sample["shard"] not in listed:
+            _check_shard_name(directory, sample["shard"], path, f"samples[{i}].shard")
+            raise KVPError(f"{path}: field 'samples[{i}].shard' names {sample['shard']!r}, which 'shards' does not "
+                           f"list; {MANIFEST_FIX}")
+    return manifest
+
+
 @dataclass
 class TraceSample:
     """One sample's trace. keys, values: ([L,] H, T, d) fp16; utility: ([L,] H, T) fp32; positions: (T,) int64."""
@@ -201,22 +310,14 @@ class TraceSample:
 class TraceReader:
     """Read traces one (sample, layer) at a time from memory-mapped shards.
 
+    The manifest is checked on opening (MANIFEST_SCHEMA; every shard it names a listed file of this directory).
     Every slice read is checked against the CRC32 recorded at write time (`verify=False` skips that); a shard whose
     size differs from the manifest's, or whose header or data does not check out, raises a KVPError naming it.
     """
 
     def __init__(self, directory: str | Path, verify: bool = True):
         self.directory = Path(directory)
-        path = self.directory / MANIFEST
-        if not path.is_file():
-            raise KVPError(f"no {MANIFEST} in {self.directory}: not a finished trace directory; run "
-                           "`kvp traces ... --out DIR` until it completes")
-        try:
-            self.manifest: dict = read_json(path)
-        except ValueError as err:
-            raise KVPError(f"{path} is not valid JSON ({err}); re-run `kvp traces` to rewrite it") from None
-        if self.manifest.get("format") != FORMAT:
-            raise KVPError(f"{path} has format {self.manifest.get('format')!r}, this kvpolicy reads {FORMAT!r}")
+        self.manifest: dict = _load_manifest(self.directory)
         self.verify = verify
         self._shard_bytes = {s["file"]: s["bytes"] for s in self.manifest["shards"]}
         self._handles: dict[str, Any] = {}

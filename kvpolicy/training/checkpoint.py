@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import atomic_path, recover_directory, sha256_file
+from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
 from kvpolicy.training.policy import PolicyConfig, PolicyNet
 
@@ -33,7 +34,6 @@ WEIGHTS = "policy.safetensors"
 RESUME = "resume.safetensors"
 HISTORY = "history.jsonl"
 
-MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
 # what every reader of config.json relies on; the training sections are written by `kvp train` (a policy
 # saved by other means may lack them) and are required to resume
 CONFIG_SCHEMA = {
