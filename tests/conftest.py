@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,3 +29,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def as_nobody():
+    """A context manager that runs its block with the effective uid of `nobody`: the tests run as root, and root
+    ignores permission bits, an ordinary user does not."""
+
+    @contextlib.contextmanager
+    def switch():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+
+    return switch
+
+
+@pytest.fixture
+def public_tmp():
+    """A temporary directory that `nobody` can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="kvp-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)

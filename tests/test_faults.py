@@ -1,4 +1,4 @@
-"""Fault injection: kill `kvp traces`, `kvp train` and `kvp sweep` at random points (SIGKILL, or SIGTERM as a
+"""Fault injection. Read-only outputs are refused before any work; and kill `kvp traces`, `kvp train` and `kvp sweep` at random points (SIGKILL, or SIGTERM as a
 user's `kill`/Ctrl-C), re-run the same command, and compare with an uninterrupted run: identical results.
 
 Each stage runs for real on SmolLM2 at a tiny size; the kill lands at a random moment after the stage has
@@ -7,6 +7,7 @@ started writing (the random stream is seeded, so a failure reproduces).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -22,8 +23,7 @@ from safetensors.torch import load_file
 
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.traces.store import TraceReader
-
-pytestmark = pytest.mark.model
+from kvpolicy.training.synthetic import SyntheticTraces, write_synthetic_traces
 
 TRACES = ["traces", "--source", "ruler", "--split", "train", "--n", "6", "--context", "160", "--future-tokens", "6",
           "--tasks", "niah_single_1", "--shard-samples", "1"]
@@ -101,6 +101,7 @@ def _results(path: Path) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.model
 def test_killed_runs_resume_to_the_results_of_an_uninterrupted_run(tmp_path):
     rng = random.Random(20261129)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -135,3 +136,37 @@ def test_killed_runs_resume_to_the_results_of_an_uninterrupted_run(tmp_path):
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == expected[key], key
+
+
+@pytest.fixture
+def read_only_dir(public_tmp):
+    """Synthetic traces and an empty results file beside a directory `ro` that nobody may write into."""
+    write_synthetic_traces(public_tmp / "traces", SyntheticTraces(4, length=64, n_layers=2, n_kv_heads=2, head_dim=16))
+    (public_tmp / "results.jsonl").write_text("")
+    (public_tmp / "ro").mkdir(mode=0o555)
+    return public_tmp
+
+
+@pytest.mark.parametrize("command", [
+    ["traces", "--source", "ruler", "--n", "2", "--context", "64", "--out", "{ro}/traces"],
+    ["train", "--traces", "{dir}/traces", "--out", "{ro}/ckpt", "--steps", "2", "--no-compile"],
+    ["sweep", "--out", "{ro}/results.jsonl", "--task", "traces:{dir}/traces", "--scorer", "knorm"],
+    ["report", "{dir}/results.jsonl", "--out", "{ro}/report"],
+])
+def test_a_read_only_output_directory_fails_fast_in_one_line(read_only_dir, as_nobody, command, capsys, monkeypatch):
+    from kvpolicy import cli
+    from kvpolicy.models import loader
+
+    for module in ("traces", "training", "evaluation", "report"):  # imported as root: nobody cannot read the stdlib
+        importlib.import_module(f"kvpolicy.{module}.cli")
+    for module in ("traces.pipeline", "training.trainer", "training.distributed", "evaluation.sweep", "report.render",
+                   "report.summary", "traces.store"):
+        importlib.import_module(f"kvpolicy.{module}")
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    argv = [a.format(dir=read_only_dir, ro=read_only_dir / "ro") for a in command]
+    with as_nobody():
+        code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "permission denied" in err and str(read_only_dir / "ro") in err
+    assert list((read_only_dir / "ro").iterdir()) == []

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from kvpolicy import io
 from kvpolicy.errors import KVPError
-
-
-@contextlib.contextmanager
-def as_nobody():
-    """Run the block with the effective uid of `nobody`: root ignores permission bits, an ordinary user does not."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
-@pytest.fixture
-def open_dir():
-    """A directory that `nobody` can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="kvp-io-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def _write_dir(path: Path, content: str) -> None:
@@ -95,8 +70,8 @@ def test_check_writable_refuses_in_one_line(tmp_path, target, directory, message
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
 
-def test_check_writable_refuses_a_read_only_directory(open_dir):
-    ro = open_dir / "ro"
+def test_check_writable_refuses_a_read_only_directory(public_tmp, as_nobody):
+    ro = public_tmp / "ro"
     ro.mkdir()
     (ro / "existing").mkdir()
     ro.chmod(0o555)

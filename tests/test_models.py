@@ -94,3 +94,16 @@ def test_concurrent_first_loads_rebuild_a_broken_cache_once(smollm, tmp_path):
     assert outputs == [smollm.info.fingerprint] * 2  # same weights, same fingerprint, in both processes
     assert loader._cache_is_valid(target, spec)
     assert sorted(p.name for p in target.parent.iterdir()) == [f".{spec.name}.lock", spec.name]
+
+
+def test_an_unusable_cache_directory_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from kvpolicy.cli import main
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(KVPError, match=r"the model cache \(\$KVP_CACHE_DIR\): .*file: a part of the path is not"):
+        loader.load_model.__wrapped__("smollm2-135m")  # past the per-process cache of loaded models
+    loader.load_model.cache_clear()
+    assert main(["models", "--load", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "KVP_CACHE_DIR" in err and str(tmp_path / "file") in err and len(err.splitlines()) == 1
