@@ -92,10 +92,8 @@ def _checkpoints_equal(a: Path, b: Path) -> None:
 
 
 def _results(path: Path) -> dict[str, dict]:
-    records = read_results(path)
-    records = getattr(records, "records", records)
     out = {}
-    for r in records:
+    for r in read_results(path).records:
         assert r["key"] not in out, "a key was written twice"
         out[r["key"]] = {k: v for k, v in r.items() if k not in VOLATILE}
     return out

@@ -1,7 +1,9 @@
-"""The report: aggregation maths, figures and pages from a synthetic results file (no model needed)."""
+"""The report: aggregation maths, figures and pages from a synthetic results file (no model needed); repeated,
+malformed and unwritable files."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -27,7 +29,7 @@ def _base(scorer, label, kind, budget, kept, task, family, metric, protocol, dat
         "model": "smollm2-135m", "model_fingerprint": "abc123", "scorer": scorer, "scorer_label": label,
         "scorer_kind": kind, "scorer_id": f"id-{scorer}", "budget": budget, "kept": kept, "task": task,
         "family": family, "metric": metric, "protocol": protocol, "data": data, "context_tokens": 512, "seed": 0,
-        "sample": sample, "corpus": CORPUS[family], "scorer_identity": identity,
+        "sample": sample, "corpus": CORPUS[family], "scorer_identity": identity, "seconds": 0.5,
     }
 
 
@@ -52,9 +54,10 @@ def synthetic_records(store: ResultStore, n: int = 3) -> None:
         for scorer, label, kind in SCORERS + [("oracle", "Oracle", "oracle")]:
             for budget, kept in BUDGETS + [("all", 0)]:
                 per_head = rng.uniform(1, 3, size=(4, 3)) if scorer != "oracle" else np.ones((4, 3))
+                pooled = {} if budget == "all" else {"lost": 0.1 * float(per_head.mean()), "best": 0.1}
                 store.append(_base(scorer, label, kind, budget, kept, "traces", "held-out traces", "cost", "traces",
                                    "held-out RULER-style traces", f"t-{s}")
-                             | {"value": float(per_head.mean()), "per_head": per_head.tolist()})
+                             | {"value": float(per_head.mean()), "per_head": per_head.tolist()} | pooled)
 
 
 @pytest.fixture
@@ -157,3 +160,50 @@ def test_report_cli(results, tmp_path, capsys):
     assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 0
     assert "report.html" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_report_notes_dropped_repeats(results, tmp_path, capsys):
+    from kvpolicy.cli import main
+
+    lines = results.path.read_text().splitlines(keepends=True)
+    results.path.write_text("".join(lines + lines[:3]))  # two sweeps that once both wrote the first records
+    paths = write_report(results.path, tmp_path / "report")
+    note = f"dropped 3 repeated records (same key) from {results.path}"
+    assert paths.note == note
+    assert f"Note: {note}." in paths.markdown.read_text() and note in paths.html.read_text()
+    assert "n = 3 samples" in paths.markdown.read_text() and "n = 4" not in paths.markdown.read_text()
+    assert main(["report", str(results.path), "--out", str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().err == f"note: {note}\n"
+
+
+def test_unwritable_report_directory_fails_before_reading(results, tmp_path, monkeypatch, capsys):
+    from kvpolicy.cli import main
+    from kvpolicy.report import render
+
+    monkeypatch.setattr(render, "read_results", lambda path: pytest.fail("read the results before the check"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(KVPError, match=f"cannot write report directory: {blocker}: a part of the path is not a dir"):
+        write_report(results.path, blocker / "report")
+    assert main(["report", str(results.path), "--out", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err
+    assert main(["report", str(results.path), "--out", str(results.path)]) == 2  # a file, not a directory
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"format": 1}, "field 'model_fingerprint' is missing"),
+    ({"seed": "x"}, "field 'seed' must be an integer, got 'x'"),
+    ({"metric": "perplexity"}, "field 'nll_sum' is missing"),
+])
+def test_malformed_results_are_one_line_naming_file_line_and_field(results, tmp_path, capsys, record, problem):
+    from kvpolicy.cli import main
+
+    good = results.path.read_text().splitlines(keepends=True)
+    bad = record if record.get("format") else json.loads(good[0]) | record
+    results.path.write_text("".join(good[:4]) + json.dumps(bad) + "\n")
+    assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvp report: error: {results.path}:5: {problem}; ") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

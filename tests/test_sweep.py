@@ -1,10 +1,15 @@
 """The sweep on the real model at short context: rank once / cut many agrees with the engine's own generate(),
-nothing is prefilled twice, results resume, dialogue protocols and trace costs behave, bad input is refused."""
+nothing is prefilled twice, results resume, concurrent sweeps share the work, dialogue protocols and trace costs
+behave, bad input and unwritable outputs are refused before any work."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,9 +17,10 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import generate
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation import costs, perplexity, qa, scorers
+from kvpolicy.evaluation import costs, perplexity, qa, scorers, sweep
 from kvpolicy.evaluation.scorers import FULL, make_entries
-from kvpolicy.evaluation.sweep import Sweep, SweepConfig, run_sweep
+from kvpolicy.evaluation.store import read_results
+from kvpolicy.evaluation.sweep import Sweep, SweepConfig, Unit, run_sweep
 from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
 
 
@@ -42,6 +48,47 @@ def test_bad_input_lists_the_known_names(tmp_path):
         SweepConfig(out=out, protocols=["sideways"])
     with pytest.raises(KVPError, match="budget"):
         Sweep(SweepConfig(out=out, budgets=["-3"]))
+
+
+SMALL_SWEEP = ["--task", "ruler:niah_single_1", "--context", "256", "--n", "2", "--scorer", "knorm", "random",
+               "--budget", "64", "--max-new-tokens", "4"]
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    from kvpolicy.cli import main
+
+    for name in ("load_model", "resolve_tasks"):
+        monkeypatch.setattr(sweep, name, lambda *a, **k: pytest.fail("work started before the output check"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(KVPError, match=f"cannot write results file: {blocker}: a part of the path is not a dir"):
+        Sweep(SweepConfig(out=str(blocker / "r.jsonl")))
+    assert main(["sweep", "--out", str(blocker / "r.jsonl"), *SMALL_SWEEP]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvp sweep: error: cannot write results file: ") and err.count("\n") == 1
+    assert str(blocker) in err
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", "--out", str(out), "--report", str(blocker / "report"), *SMALL_SWEEP]) == 2
+    assert "cannot write report directory" in capsys.readouterr().err
+    assert blocker.read_text() == "" and list(tmp_path.iterdir()) == [blocker]  # nothing written
+
+
+@pytest.mark.model
+def test_concurrent_sweeps_share_the_work_and_write_each_result_once(tmp_path):
+    out = tmp_path / "r.jsonl"
+    command = [sys.executable, "-m", "kvpolicy.cli", "sweep", "--out", str(out), *SMALL_SWEEP]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    sweeps = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    finished = [s.communicate(timeout=600) for s in sweeps]
+    for s, (stdout, stderr) in zip(sweeps, finished):
+        assert s.returncode == 0, stderr
+        assert "n = 2 samples per point" in stdout and "repeated" not in stderr  # each summary sees every sample
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 2 * 3  # 2 samples x (full cache + 2 scorers at 1 budget)
+    counts = [[int(n) for n in re.search(r"sweep: (\d+) new results, (\d+) already done", o).groups()]
+              for o, _ in finished]
+    assert sum(new for new, _ in counts) == 6 and all(new + done == 6 for new, done in counts)
 
 
 @pytest.mark.model
@@ -93,8 +140,9 @@ def test_sweep_resumes_and_skips_done_work(smollm, tmp_path):
 
 
 @pytest.mark.model
-def test_dialogue_protocols(smollm, monkeypatch):
+def test_dialogue_protocols(smollm, monkeypatch, tmp_path):
     (task,) = resolve_tasks(["dialogue"])
+    writer = Sweep(SweepConfig(out=str(tmp_path / "r.jsonl"), scorers=["knorm", "snapkv"], tasks=["dialogue"]))
     sample = task.load(smollm, 1, 384, 0)[0]
     assert len(perplexity.dialogue_chunks(smollm, sample)[0]) > 1  # a real multi-turn dialogue
     entries = make_entries(["knorm", "snapkv"])
@@ -104,6 +152,8 @@ def test_dialogue_protocols(smollm, monkeypatch):
         prefill = Counter(perplexity.prefill)
         monkeypatch.setattr(perplexity, "prefill", prefill)
         outs = list(perplexity.run_dialogue(smollm, sample, protocol, entries, [big, small], lambda *_: True, 64))
+        for o in outs:  # the records a sweep writes pass the store's checks
+            writer.store.append(writer.record(smollm, Unit(task, protocol, 384, [sample], entries, 0), o))
         results[protocol] = {(o.entry.spec, o.budget): o for o in outs}
         # the (first round's) prefill is shared by every budget, and by every scorer that splits the rounds alike
         assert prefill.fresh == (1 if protocol == PROMPT_ONCE else 2)  # knorm + full cache | snapkv (65-row rounds)
@@ -116,6 +166,7 @@ def test_dialogue_protocols(smollm, monkeypatch):
     assert results[PROMPT_ONCE][(FULL, FULL)].fields["nll_sum"] == pytest.approx(
         results[MULTI_TURN][(FULL, FULL)].fields["nll_sum"], rel=1e-4)  # chunked prefill = one prefill
     assert results[PROMPT_ONCE][("knorm", "b64")].fields["nll_sum"] != results[MULTI_TURN][("knorm", "b64")].fields["nll_sum"]
+    assert len(read_results(writer.store.path).records) == 2 * (1 + 2 * 2)  # per protocol: full + 2 scorers x 2
 
 
 @pytest.fixture(scope="module")

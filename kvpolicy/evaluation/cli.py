@@ -48,6 +48,7 @@ def _hub_local(pairs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.io import check_writable
     from kvpolicy.report.summary import print_summary
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
 
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
         hub_local=_hub_local(args.hub_local),
     )
+    if args.report:
+        check_writable(args.report, "report directory", directory=True)  # before the sweep, not after it
     result = run_sweep(config)
     print(f"sweep: {result.written} new results, {result.skipped} already done, {result.seconds:.0f}s -> {result.path}")
     print_summary(result.path)

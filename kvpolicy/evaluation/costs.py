@@ -18,11 +18,10 @@ from kvpolicy.compression.scorers.base import LayerView
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
 from kvpolicy.evaluation.scorers import ScorerEntry
+from kvpolicy.evaluation.store import WHOLE_RANKING
 from kvpolicy.models import ModelHandle
 from kvpolicy.traces.store import TraceReader
 from kvpolicy.training.ranking import argsort_desc, budget_cost_curve, evicted_fraction, normalized_cost
-
-WHOLE_RANKING = "all"  # budget label of the whole-ranking cost
 
 
 def trace_scorable(entry: ScorerEntry, reader: TraceReader) -> bool:

@@ -2,7 +2,9 @@
 
 Every result is one JSONL record keyed by its full configuration; a key already in the store is never
 recomputed, so a killed sweep resumes where it stopped. Work is organised so that nothing is computed twice: one
-prefill per sample (or per shared context) and protocol, one ranking per scorer, one cut per budget.
+prefill per sample (or per shared context) and protocol, one ranking per scorer, one cut per budget. Sweeps
+started together on one results file share the work: each claims a unit before computing it and leaves the units
+claimed by others for last, when it waits for them and computes only what is still missing.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 import kvpolicy
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.costs import WHOLE_RANKING, run_traces
+from kvpolicy.evaluation.costs import run_traces
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import run_dialogue
 from kvpolicy.evaluation.qa import run_qa
 from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, make_entries, parse_budget
-from kvpolicy.evaluation.store import ResultStore, record_key
+from kvpolicy.evaluation.store import WHOLE_RANKING, ResultStore, record_key
 from kvpolicy.evaluation.tasks import PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, Task, TraceTask, resolve_tasks
+from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
 from kvpolicy.progress import bar
 
@@ -73,7 +78,7 @@ class Unit:
     context_tokens: int | None
     samples: list[Any]  # QASample | Conversation | trace index
     entries: list[ScorerEntry]
-    pending: int  # results still missing
+    pending: int  # results missing when planned
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Sweep:
     """Plans and runs a SweepConfig against its store."""
 
     def __init__(self, config: SweepConfig):
+        check_writable(config.out, "results file")
         self.config = config
         self.store = ResultStore(config.out)
         self.budgets: list[Budget] = [parse_budget(b) for b in config.budgets]
@@ -144,14 +150,20 @@ class Sweep:
                 for protocol in protocols:
                     for group in self._groups(task, protocol, samples):
                         unit = Unit(task, protocol, context_tokens, group, entries, 0)
-                        unit.pending = sum(self._missing(handle, unit, e, label)
-                                           for e in entries for label in self._labels(e, task))
+                        unit.pending = self._missing(handle, unit)
                         units.append(unit)
         return units
 
-    def _missing(self, handle: ModelHandle, unit: Unit, entry: ScorerEntry, label: str) -> int:
-        return sum(record_key(self.key_fields(handle, entry, label, unit, _sample_id(unit.task, s))) not in self.store
-                   for s in unit.samples)
+    def _missing(self, handle: ModelHandle, unit: Unit) -> int:
+        """How many results of `unit` the store lacks."""
+        return sum(record_key(self.key_fields(handle, e, label, unit, _sample_id(unit.task, s))) not in self.store
+                   for e in unit.entries for label in self._labels(e, unit.task) for s in unit.samples)
+
+    def _unit_id(self, handle: ModelHandle, unit: Unit) -> dict[str, Any]:
+        """What names a unit across sweeps: its prefill (model, task, protocol, context, seed, samples)."""
+        return {"model_fingerprint": handle.info.fingerprint, "task": unit.task.name, "protocol": unit.protocol,
+                "context_tokens": unit.context_tokens, "seed": self.config.seed,
+                "samples": [_sample_id(unit.task, s) for s in unit.samples]}
 
     def _load(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
         if isinstance(task, TraceTask):
@@ -199,36 +211,58 @@ class Sweep:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": kvpolicy.__version__,
         }
 
+    def _compute(self, handle: ModelHandle, unit: Unit, progress: tqdm, wait: bool) -> int | None:
+        """Claim `unit` and write the results it still lacks (a concurrent sweep may have written some since the
+        plan): how many this sweep wrote, or None when another process holds the unit and not `wait`."""
+        with self.store.claim(self._unit_id(handle, unit), wait) as held:
+            if not held:
+                return None
+            self.store.refresh()
+            missing = self._missing(handle, unit)
+            progress.update(unit.pending - missing)  # written by another sweep meanwhile
+            if not missing:
+                return 0
+            ids = [_sample_id(unit.task, s) for s in unit.samples]
+            by_id = {e.id: e for e in unit.entries}
+
+            def wanted(scorer_id: str, label: str) -> bool:
+                entry = by_id.get(scorer_id)
+                return entry is not None and any(
+                    record_key(self.key_fields(handle, entry, label, unit, sid)) not in self.store for sid in ids)
+
+            written = 0
+            for outcome in self._outcomes(handle, unit, wanted):
+                if self.store.append(self.record(handle, unit, outcome)) is not None:
+                    written += 1
+                    progress.update(1)
+            return written
+
+    def _run_model(self, handle: ModelHandle) -> tuple[int, int]:
+        """(results written, results already done) for one model. One pass computes the units no concurrent sweep
+        holds; then each held unit is waited for and only what it still lacks is computed (normally nothing): what
+        another sweep wrote counts as already done."""
+        units = self.plan(handle)
+        planned = sum(len(u.samples) * sum(len(self._labels(e, u.task)) for e in u.entries) for u in units)
+        todo = [u for u in units if u.pending]
+        with bar(desc=f"sweep {handle.info.name}", total=sum(u.pending for u in todo), unit="result") as progress:
+            counts = [self._compute(handle, u, progress, wait=False) for u in todo]
+            counts = [self._compute(handle, u, progress, wait=True) if n is None else n for u, n in zip(todo, counts)]
+        written = sum(counts)
+        return written, planned - written
+
     def run(self) -> SweepResult:
         start = time.perf_counter()
         written = skipped = 0
-        for name in self.config.models:
-            try:
-                handle = load_model(name)
-            except OSError as err:
-                raise KVPError(f"cannot load model '{name}': {err}") from None
-            units = self.plan(handle)
-            total = sum(u.pending for u in units)
-            skipped += sum(len(u.samples) * sum(len(self._labels(e, u.task)) for e in u.entries) for u in units) - total
-            with bar(desc=f"sweep {handle.info.name}", total=total, unit="result") as progress:
-                for unit in units:
-                    if not unit.pending:
-                        continue
-                    ids = [_sample_id(unit.task, s) for s in unit.samples]
-                    by_id = {e.id: e for e in unit.entries}
-
-                    def wanted(scorer_id: str, label: str, unit=unit, ids=ids, by_id=by_id) -> bool:
-                        entry = by_id.get(scorer_id)
-                        return entry is not None and any(
-                            record_key(self.key_fields(handle, entry, label, unit, sid)) not in self.store for sid in ids)
-
-                    for outcome in self._outcomes(handle, unit, wanted):
-                        record = self.record(handle, unit, outcome)
-                        if record_key(record) in self.store:
-                            continue
-                        self.store.append(record)
-                        written += 1
-                        progress.update(1)
+        try:
+            for name in self.config.models:
+                try:
+                    handle = load_model(name)
+                except OSError as err:
+                    raise KVPError(f"cannot load model '{name}': {err}") from None
+                new, done = self._run_model(handle)
+                written, skipped = written + new, skipped + done
+        finally:
+            self.store.close()
         return SweepResult(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
 
 

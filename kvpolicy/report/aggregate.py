@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from kvpolicy.evaluation.store import WHOLE_RANKING
+
 FULL_CACHE = "full"  # scorer spec and budget label of the uncompressed reference
 
 METRICS = {
@@ -98,10 +100,6 @@ def training_notes(records: Iterable[dict[str, Any]]) -> list[str]:
     return [notes[label] for label in sorted(notes)]
 
 
-def _sample_value(record: dict[str, Any]) -> float:
-    return float(record["value"])
-
-
 def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, float]) -> list[Point]:
     """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or pooled cost."""
     by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -112,11 +110,9 @@ def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, flo
         if metric == "perplexity":
             y = math.exp(sum(r["nll_sum"] for r in rs) / max(1, sum(r["n_tokens"] for r in rs)))
         elif metric == "accuracy":
-            y = 100.0 * float(np.mean([_sample_value(r) for r in rs]))
-        elif all("lost" in r for r in rs):  # cost: pooled over samples, Σ lost / Σ oracle's lost
+            y = 100.0 * float(np.mean([r["value"] for r in rs]))
+        else:  # cost: pooled over samples, Σ lost / Σ oracle's lost
             y = sum(r["lost"] for r in rs) / max(sum(r["best"] for r in rs), 1e-12)
-        else:
-            y = float(np.mean([_sample_value(r) for r in rs]))
         points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs)))
     return sorted(points, key=lambda p: p.x)
 
@@ -172,7 +168,7 @@ def curve_groups(records: Iterable[dict[str, Any]]) -> list[Group]:
     """Groups (figures) of quality-vs-cache-size curves for accuracy, perplexity and per-budget cost."""
     buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["budget"] == "all":  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
+        if r["budget"] == WHOLE_RANKING:  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
             continue
         key = (r["model"], r["family"], r["metric"], r["protocol"], r.get("context_tokens"), r["data"])
         buckets[key].append(r)
@@ -215,7 +211,7 @@ def head_maps(records: Iterable[dict[str, Any]]) -> list[HeadMap]:
     """One HeadMap per (model, trace set) from the whole-ranking ('all' budget) cost records."""
     buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["metric"] == "cost" and r["budget"] == "all" and r.get("per_head") is not None:
+        if r["metric"] == "cost" and r["budget"] == WHOLE_RANKING:
             buckets[(r["model"], r["data"])].append(r)
     maps = []
     for (model, data), rs in sorted(buckets.items()):
@@ -258,8 +254,6 @@ def throughput(records: Iterable[dict[str, Any]]) -> list[Throughput]:
     budget) and for all scorers of a sample together (one prefill, every ranking, cut and answer)."""
     per_sample: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        if "seconds" not in r:
-            continue
         key = (r["model"], r["family"], r.get("context_tokens"), r["protocol"], r["scorer_label"], r["task"], r["sample"])
         slot = per_sample.setdefault(key, {"prefill": float(r.get("prefill_seconds", 0.0)), "work": 0.0, "results": 0})
         slot["work"] += float(r["seconds"])

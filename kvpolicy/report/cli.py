@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.report.render import write_report
 
     paths = write_report(args.results, args.out)
+    if paths.note:
+        print(f"note: {paths.note}", file=sys.stderr)
     print(f"report: {paths.html}")
     print(f"summary: {paths.markdown} ({len(paths.figures)} figures in {paths.markdown.parent / 'figures'})")
     return 0

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.store import read_results
-from kvpolicy.io import atomic_path
+from kvpolicy.evaluation.store import Results, read_results
+from kvpolicy.io import atomic_path, check_writable
 from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
 from kvpolicy.report.figures import curves_figure, head_map_figure
 from kvpolicy.report.tables import Table, group_table, head_map_tables, throughput_table
@@ -39,9 +39,12 @@ class Section:
 
 @dataclass
 class ReportPaths:
+    """What was written; note: what the reader left out of the results (also stated in the report), if anything."""
+
     html: Path
     markdown: Path
     figures: list[Path]
+    note: str | None
 
 
 def _slug(text: str) -> str:
@@ -81,9 +84,13 @@ def _setup_table(records: list[dict[str, Any]]) -> Table:
     )
 
 
-def _markdown(sections: list[Section], setup: list[Table], n_records: int, source: Path) -> str:
+def _markdown(sections: list[Section], setup: list[Table], results: Results) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = ["# kvpolicy evaluation report", "", f"{n_records} results from `{source}`, written {stamp}.", "", NOTES, ""]
+    source = f"{len(results.records)} results from `{results.path}`, written {stamp}."
+    out = ["# kvpolicy evaluation report", "", source, ""]
+    if results.note:
+        out += [f"Note: {results.note}.", ""]
+    out += [NOTES, ""]
     for s in sections:
         out += [f"## {s.title}", "", f"*{s.caption}*", "", f"![{s.title}](figures/{s.slug}.png)", ""]
         for t in s.tables:
@@ -101,14 +108,16 @@ CSS = (
 )
 
 
-def _html(sections: list[Section], setup: list[Table], n_records: int, source: Path) -> str:
+def _html(sections: list[Section], setup: list[Table], results: Results) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kvpolicy evaluation report</title>",
         f"<style>{CSS}</style></head><body><h1>kvpolicy evaluation report</h1>",
-        f"<p>{n_records} results from <code>{html.escape(str(source))}</code>, written {stamp}.</p>",
-        f"<p>{html.escape(NOTES)}</p>",
+        f"<p>{len(results.records)} results from <code>{html.escape(str(results.path))}</code>, written {stamp}.</p>",
     ]
+    if results.note:
+        parts.append(f"<p><strong>Note:</strong> {html.escape(results.note)}.</p>")
+    parts.append(f"<p>{html.escape(NOTES)}</p>")
     for s in sections:
         data = base64.b64encode(s.png).decode()
         parts += [f"<h2>{html.escape(s.title)}</h2>", f"<p class='caption'>{html.escape(s.caption)}</p>",
@@ -122,9 +131,12 @@ def _html(sections: list[Section], setup: list[Table], n_records: int, source: P
 
 
 def write_report(results: str | Path, out: str | Path) -> ReportPaths:
-    """Read a results file and write report.html, report.md and figures/*.png into `out`."""
-    results, out = Path(results), Path(out)
-    records = read_results(results)
+    """Read a results file and write report.html, report.md and figures/*.png into `out` (refused before any
+    reading when `out` cannot be written)."""
+    out = Path(out)
+    check_writable(out, "report directory", directory=True)
+    loaded = read_results(results)
+    records = loaded.records
     if not records:
         raise KVPError(f"results file {results} holds no results yet; run `kvp sweep --out {results} ...` first")
     sections = build_sections(records)
@@ -135,9 +147,9 @@ def write_report(results: str | Path, out: str | Path) -> ReportPaths:
         with atomic_path(path) as tmp:
             tmp.write_bytes(s.png)
         figures.append(path)
-    paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", figures=figures)
+    paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", figures=figures, note=loaded.note)
     with atomic_path(paths.html) as tmp:
-        tmp.write_text(_html(sections, setup, len(records), results))
+        tmp.write_text(_html(sections, setup, loaded))
     with atomic_path(paths.markdown) as tmp:
-        tmp.write_text(_markdown(sections, setup, len(records), results))
+        tmp.write_text(_markdown(sections, setup, loaded))
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,4 +27,8 @@ def summary_text(records: list[dict[str, Any]]) -> str:
 
 
 def print_summary(results: str | Path) -> None:
-    print(summary_text(read_results(results)))
+    """The summary on stdout; what the reader left out of the results as a note on stderr."""
+    loaded = read_results(results)
+    if loaded.note:
+        print(f"note: {loaded.note}", file=sys.stderr)
+    print(summary_text(loaded.records))
