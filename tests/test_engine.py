@@ -221,7 +221,7 @@ def test_generate_labels_protocol_and_shrinks_cache(smollm):
         expected_full = result.context_tokens + (result.question_tokens if protocol == "query-aware" else 0)
         assert result.cache_tokens_full == expected_full and result.token_ids
     with pytest.raises(KVPError, match="protocol"):
-        generate(smollm, context, "?", make_scorer("knorm"), Budget(tokens=8), "sideways")
+        generate(smollm, context, "?", make_scorer("knorm"), Budget(tokens=32), "sideways")
 
 
 def test_dialogue_compresses_every_turn_and_continues(smollm):
@@ -279,7 +279,7 @@ def test_bad_inputs_are_refused(smollm, prompt, full):
     with pytest.raises(KVPError, match="positions"):
         prefill(smollm, torch.ones(1, smollm.info.max_positions, dtype=torch.long), full.clone())
     with pytest.raises(KVPError, match="layers"):
-        evict(full, rank(smollm, full, make_scorer("knorm"))[:3], Budget(tokens=8))
+        evict(full, rank(smollm, full, make_scorer("knorm"))[:3], Budget(tokens=32))
     with pytest.raises(KVPError, match="empty"):
         prefill(smollm, torch.zeros(1, 0, dtype=torch.long))
 
