@@ -21,7 +21,7 @@ from kvpolicy.evaluation.scorers import ScorerEntry
 from kvpolicy.evaluation.store import WHOLE_RANKING
 from kvpolicy.models import ModelHandle
 from kvpolicy.traces.store import TraceReader
-from kvpolicy.training.ranking import argsort_desc, budget_cost_curve, evicted_fraction, normalized_cost
+from kvpolicy.policy.ranking import argsort_desc, budget_cost_curve, evicted_fraction, normalized_cost
 
 
 def trace_scorable(entry: ScorerEntry, reader: TraceReader) -> bool:

@@ -28,10 +28,10 @@ import torch
 from kvpolicy.compression.scorers import make_scorer
 from kvpolicy.compression.scorers.base import LayerView
 from kvpolicy.errors import KVPError
-from kvpolicy.training import checkpoint as ckpt
+from kvpolicy.policy import checkpoint as ckpt
 from kvpolicy.training.data import evictable_range
-from kvpolicy.training.policy import PolicyNet
-from kvpolicy.training.ranking import argsort_desc, evicted_fraction, normalized_cost
+from kvpolicy.policy.network import PolicyNet
+from kvpolicy.policy.ranking import argsort_desc, evicted_fraction, normalized_cost
 
 HEURISTICS = {"StreamingLLM": "streaming_llm", "KNorm": "knorm", "KeyDiff": "keydiff", "LagKV": "lagkv", "Random": "random"}
 QUERY_BASELINES = {"TOVA": "tova", "SnapKV": "snapkv"}  # scores recorded with the traces

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from kvpolicy.training.policy import POSITION_ENCODINGS, PolicyConfig
+from kvpolicy.policy.network import POSITION_ENCODINGS, PolicyConfig
 from kvpolicy.training.trainer import PAPER, TrainConfig
 
 _DEFAULTS = TrainConfig()

@@ -26,11 +26,11 @@ import torch
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.progress import bar
-from kvpolicy.training import checkpoint as ckpt
+from kvpolicy.policy import checkpoint as ckpt
 from kvpolicy.training.data import Batch, TraceBatches, TraceSource, check_same_model
 from kvpolicy.training.distributed import DistContext
-from kvpolicy.training.policy import PolicyConfig, PolicyNet
-from kvpolicy.training.ranking import argsort_desc, gumbel_sort, normalized_cost, plackett_luce_logprob, reward, rloo_advantages
+from kvpolicy.policy.network import PolicyConfig, PolicyNet
+from kvpolicy.policy.ranking import argsort_desc, gumbel_sort, normalized_cost, plackett_luce_logprob, reward, rloo_advantages
 
 
 @dataclass

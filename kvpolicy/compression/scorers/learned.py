@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kvpolicy.compression.scorers.base import LayerView, Scorer
-from kvpolicy.training.checkpoint import Checkpoint, check_model, load_checkpoint
+from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
 
 
 @dataclass

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvpolicy.errors import KVPError
-from kvpolicy.training import ranking as R
+from kvpolicy.policy import ranking as R
 from kvpolicy.training.data import TraceBatches
-from kvpolicy.training.policy import PolicyConfig
+from kvpolicy.policy.network import PolicyConfig
 from kvpolicy.training.synthetic import SyntheticTraces
 from kvpolicy.training.trainer import TrainConfig, Trainer, clip_per_agent, learning_rate
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from kvpolicy.training import checkpoint as ckpt
+from kvpolicy.policy import checkpoint as ckpt
 from kvpolicy.training.synthetic import SyntheticTraces, write_synthetic_traces
 
 SHAPE = dict(n_layers=2, n_kv_heads=2, head_dim=16)

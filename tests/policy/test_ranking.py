@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvpolicy.training import ranking as R
+from kvpolicy.policy import ranking as R
 
 
 def _gen(seed: int = 0) -> torch.Generator:

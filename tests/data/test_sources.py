@@ -14,7 +14,7 @@ from kvpolicy.data.records import Conversation, QASample
 from kvpolicy.data.sharegpt import iter_conversations, iter_json_array
 from kvpolicy.errors import KVPError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 
 
 def test_essays_are_real_and_clean():

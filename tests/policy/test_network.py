@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvpolicy.errors import KVPError
-from kvpolicy.training.policy import PolicyConfig, PolicyNet
+from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:

@@ -51,8 +51,8 @@ def test_generate_budget_must_be_an_integer(capsys):
 @pytest.mark.model
 def test_a_policy_for_another_model_is_refused_before_any_work(smollm, tmp_path, capsys, monkeypatch):
     from kvpolicy.compression import engine
-    from kvpolicy.training import checkpoint as ckpt
-    from kvpolicy.training.policy import PolicyConfig, PolicyNet
+    from kvpolicy.policy import checkpoint as ckpt
+    from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
     info = smollm.info
     net = PolicyNet(PolicyConfig(info.n_layers, info.n_kv_heads, info.head_dim, hidden=4))

@@ -9,8 +9,8 @@ import torch
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelInfo
-from kvpolicy.training import checkpoint as ckpt
-from kvpolicy.training.policy import PolicyConfig, PolicyNet
+from kvpolicy.policy import checkpoint as ckpt
+from kvpolicy.policy.network import PolicyConfig, PolicyNet
 from kvpolicy.training.synthetic import SyntheticTraces
 from kvpolicy.training.trainer import TrainConfig, Trainer
 

@@ -17,7 +17,7 @@ from kvpolicy.evaluation.tasks import QUESTION_AGNOSTIC, resolve_tasks
 from kvpolicy.evaluation.tasks.dialogue import ending_with_answer
 from kvpolicy.evaluation.tasks.ruler import ruler_score
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 LOCAL = {"ruler-4k": str(FIXTURES / "ruler.jsonl"), "boolq": str(FIXTURES / "boolq.jsonl"),
          "arc_challenge": str(FIXTURES / "arc_challenge.jsonl"), "gov_report": str(FIXTURES / "gov_report.jsonl"),
          "passage_retrieval_en": str(FIXTURES / "passage_retrieval_en.jsonl"), "oasst2": str(FIXTURES / "oasst2.jsonl")}

@@ -26,7 +26,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.io import atomic_path, recover_directory, sha256_file
 from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
-from kvpolicy.training.policy import PolicyConfig, PolicyNet
+from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
 FORMAT = "kvpolicy-checkpoint/1"
 CONFIG = "config.json"
