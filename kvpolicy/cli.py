@@ -28,11 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        try:
-            importlib.import_module(module_name).add_arguments(p)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
+        importlib.import_module(module_name).add_arguments(p)
     return parser
 
 

@@ -49,7 +49,10 @@ def _probe_directory(directory: Path) -> None:
     mounts and full disks all answer truthfully)."""
     if not directory.is_dir():
         raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
-    fd, probe = tempfile.mkstemp(prefix=".kvp-probe-", dir=directory)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kvp-probe-", dir=directory)
+    except OSError as err:  # name the directory, not the probe's random name
+        raise OSError(err.errno, err.strerror, str(directory)) from None
     try:
         os.write(fd, b"\0")
     finally:

@@ -42,12 +42,8 @@ def make_scorer(spec: str, **kw) -> Scorer:
     The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError listing the known ones.
     """
     if spec.startswith(LEARNED_PREFIX):
-        try:
-            from kvpolicy.compression.scorers.learned import KVPScorer
-        except ModuleNotFoundError as err:
-            if err.name != "kvpolicy.compression.scorers.learned":
-                raise
-            raise KVPError("this install has no learned-policy scorer (kvpolicy.compression.scorers.learned)") from None
+        from kvpolicy.compression.scorers.learned import KVPScorer
+
         return KVPScorer(spec[len(LEARNED_PREFIX) :], **kw)
     if spec not in SCORERS:
         known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}PATH"])

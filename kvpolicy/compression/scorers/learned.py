@@ -20,14 +20,12 @@ from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
 @dataclass
 class KVPScorer(Scorer):
     """checkpoint: a `kvp train` output directory. model: optional ModelInfo the policy will be applied to;
-    when given, a checkpoint trained for another model (fingerprint or shape) is refused at construction.
-    dtype: "float32" or "bfloat16" for the policy's matmuls."""
+    when given, a checkpoint trained for another model (fingerprint or shape) is refused at construction."""
 
     name = "kvp"
     query_window = 0
     checkpoint: str = ""
     model: Any = field(default=None, repr=False)
-    dtype: str = "float32"
     _loaded: Checkpoint = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,12 +40,10 @@ class KVPScorer(Scorer):
         check_model(self._loaded.config, info, self.checkpoint)
 
     def score(self, view: LayerView) -> torch.Tensor:
-        dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         device = next(self.policy.parameters()).device
+        keys, values = (x.to(device, torch.float32) for x in (view.keys, view.values))
         with torch.no_grad():
-            scores = self.policy.score_layer(
-                view.layer_idx, view.keys.to(device, dtype), view.values.to(device, dtype), view.positions.to(device)
-            )
+            scores = self.policy.score_layer(view.layer_idx, keys, values, view.positions.to(device))
         return scores.to(view.keys.device)
 
     def identity(self) -> dict[str, Any]:
@@ -61,6 +57,5 @@ class KVPScorer(Scorer):
             "sha256": self._loaded.sha256,
             "model": model["name"],
             "fingerprint": model["fingerprint"],
-            "dtype": self.dtype,
             "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens")},
         }
