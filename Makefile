@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvp demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check kvpolicy tests
 	$(PY) -m pytest -q
 
 clean:

@@ -1,4 +1,5 @@
-"""`kvp demo`: the whole story on SmolLM2 in one command, in about a quarter of an hour on a 2-core CPU.
+"""`kvp demo`: the whole story on SmolLM2 in one command, about 8 minutes on an idle 2-core CPU (measured by running
+`kvp demo`; the stages' times are in DemoConfig).
 
 1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
 2. train    train the 90 per-head KVP agents on them with RL
@@ -16,20 +17,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.lineup import BASELINE_SCORERS
 from kvpolicy.models.registry import DEFAULT_MODEL
-
-BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage. Measured on an idle 2-core CPU (see the README): traces (28 prompts) ≈ 1.8 min,
-    training ≈ 0.4 min, evaluation ≈ 6 min, about 8.5 min in all, within the 15-minute goal with room for a
-    slower machine. long_context_tokens: the RULER-style tasks again at this longer context
+    """Sizes of every stage. `kvp demo` with these took, on an idle 2-core CPU with the model already converted:
+    traces (28 prompts) 107 s, training 22 s, evaluation 363 s, 8 min 19 s in all, within the 15-minute goal
+    with room for a slower machine. long_context_tokens: the RULER-style tasks again at this longer context
     than the traces' (0: skip), with long_samples samples per task. eval_tasks: (RULER task, answer-token cap)
     pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with room for its four values.
     `QUICK` is a smoke version of the same pipeline at tiny sizes."""
@@ -49,7 +49,7 @@ class DemoConfig:
     long_samples: int = 3
     dialogue_samples: int = 3
     budgets: tuple[str, ...] = ("64", "128", "256")
-    baselines: tuple[str, ...] = field(default=BASELINES)
+    baselines: tuple[str, ...] = BASELINE_SCORERS
 
     def __post_init__(self):
         for name in ("context_tokens", "future_tokens", "train_traces", "test_traces", "train_steps", "eval_samples",
@@ -64,7 +64,8 @@ class DemoConfig:
             raise KVPError("demo: need at least 4 training traces (some are held out for validation)")
 
 
-QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6, train_compile=False,
+QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6,
+                   train_compile=False,
                    eval_tasks=(("ruler:niah_single_1", 6),), eval_samples=1, long_context_tokens=384, long_samples=1,
                    dialogue_samples=1, budgets=("32", "64"))
 
@@ -108,7 +109,8 @@ def record_demo_traces(handle, cfg: DemoConfig, paths: DemoPaths) -> None:
     from kvpolicy.traces.future import FutureConfig
 
     future = FutureConfig("greedy", cfg.future_tokens)
-    for split, n, out in (("train", cfg.train_traces, paths.train_traces), ("test", cfg.test_traces, paths.test_traces)):
+    splits = (("train", cfg.train_traces, paths.train_traces), ("test", cfg.test_traces, paths.test_traces))
+    for split, n, out in splits:
         run = TraceRunConfig(source="ruler", split=split, n=n, context_tokens=cfg.context_tokens, future=future)
         manifest = _finished_traces(out, run)
         if manifest is None:  # (re)record: a killed run resumes from its complete shards
@@ -127,7 +129,8 @@ def _finished_traces(out: Path, run) -> dict | None:
     except KVPError:
         return None
     same = (manifest.get("n_samples") == run.n and manifest.get("context_tokens") == run.context_tokens
-            and manifest.get("split") == run.split and manifest.get("future", {}).get("max_tokens") == run.future.max_tokens)
+            and manifest.get("split") == run.split
+            and manifest.get("future", {}).get("max_tokens") == run.future.max_tokens)
     return manifest if same else None
 
 
@@ -155,7 +158,8 @@ def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     if cfg.long_context_tokens:
         ruler_runs.append((cfg.long_samples, cfg.long_context_tokens))
     # (tasks, samples per task, protocols, context length, extra scorers, answer-token cap (0: the task's own))
-    blocks = [(tasks, n, ["query-aware"], context, [], cap) for n, context in ruler_runs for cap, tasks in by_cap.items()]
+    blocks = [(tasks, n, ["query-aware"], context, [], cap)
+              for n, context in ruler_runs for cap, tasks in by_cap.items()]
     blocks += [(["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"], cfg.context_tokens, [], 0),
                ([f"traces:{paths.test_traces}"], cfg.test_traces, [], cfg.context_tokens, ["oracle"], 0)]
     written = 0
@@ -207,7 +211,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DemoConfig.out, help="output directory (re-running reuses finished stages)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (kvp models)")
-    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run of the same pipeline (tiny sizes)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at tiny sizes")
 
 
 def run(args: argparse.Namespace) -> int:

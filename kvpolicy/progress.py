@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterable, TypeVar
+from typing import TypeVar
+from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 

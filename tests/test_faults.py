@@ -1,5 +1,6 @@
-"""Fault injection. Read-only outputs are refused before any work; and kill `kvp traces`, `kvp train` and `kvp sweep` at random points (SIGKILL, or SIGTERM as a
-user's `kill`/Ctrl-C), re-run the same command, and compare with an uninterrupted run: identical results.
+"""Fault injection. Read-only outputs are refused before any work; and kill `kvp traces`, `kvp train` and
+`kvp sweep` at random points (SIGKILL, or SIGTERM as a user's `kill`/Ctrl-C), re-run the same command, and compare
+with an uninterrupted run: identical results.
 
 Each stage runs for real on SmolLM2 at a tiny size; the kill lands at a random moment after the stage has
 started writing (the random stream is seeded, so a failure reproduces).
@@ -94,8 +95,8 @@ def _checkpoints_equal(a: Path, b: Path) -> None:
 def _results(path: Path) -> dict[str, dict]:
     out = {}
     for r in read_results(path).records:
-        assert r["key"] not in out, "a key was written twice"
-        out[r["key"]] = {k: v for k, v in r.items() if k not in VOLATILE}
+        assert r.key not in out, "a key was written twice"
+        out[r.key] = {k: v for k, v in r.to_json().items() if k not in VOLATILE}
     return out
 
 
@@ -157,7 +158,7 @@ def test_a_read_only_output_directory_fails_fast_in_one_line(read_only_dir, as_n
 
     for module in ("traces", "training", "evaluation", "report"):  # imported as root: nobody cannot read the stdlib
         importlib.import_module(f"kvpolicy.{module}.cli")
-    for module in ("traces.pipeline", "training.trainer", "training.distributed", "evaluation.sweep", "report.render",
+    for module in ("traces.pipeline", "training.trainer", "distributed", "evaluation.sweep", "report.render",
                    "report.summary", "traces.store"):
         importlib.import_module(f"kvpolicy.{module}")
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))

@@ -1,7 +1,8 @@
 """Compression: cut a model's KV cache to a budget with any scorer and keep generating on it.
 
 budget.py (Budget, keep_indices) → scorers/ (the registry of eviction methods) → state.py (KVState: cache +
-true positions) → recording.py (attention inputs for query-based scorers) → engine.py (prefill, rank, evict,
+true positions + the attention inputs recorded for query-based scorers) → engine.py (prefill, rank, evict,
 compress, greedy_decode, continuation_nll, generate) → dialogue.py (multi-turn) → press.py (KVPolicyPress for
-kvpress) → cli.py (`kvp generate`) and benchmark.py.
+kvpress) → cli.py (`kvp generate`) and benchmark.py. Recording attention inputs and the greedy loop are shared
+with traces and live in models/ (attention.py, decoding.py).
 """

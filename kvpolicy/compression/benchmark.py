@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import evict, greedy_decode, prefill, rank
+from kvpolicy.compression.engine import evict, prefill, rank
 from kvpolicy.compression.scorers import ALL_QUERIES, SCORERS, make_scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.data.essays import haystack_text
@@ -36,7 +36,7 @@ def decode_ms_per_token(handle: ModelHandle, state: KVState, tokens: int) -> tup
     """(fastest, median) milliseconds of one greedy decode step over `tokens` steps on a branch of `state`."""
     work, token, steps = state.branch(), state.logits.argmax(-1, keepdim=True), []
     for _ in range(tokens):
-        (_, logits), seconds = timed(lambda: prefill(handle, token, work))
+        (_, logits), seconds = timed(lambda token=token: prefill(handle, token, work))
         token = logits.argmax(-1, keepdim=True)
         steps.append(1000 * seconds)
     steps.sort()
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scorer = make_scorer(name)
         state = full if scorer.attention_free else recorded
-        _, seconds = timed(lambda: evict(state, rank(handle, state, scorer), Budget(tokens=512)), repeats=3)
+        _, seconds = timed(
+            lambda state=state, scorer=scorer: evict(state, rank(handle, state, scorer), Budget(tokens=512)), repeats=3
+        )
         print(f"   {name:>20} {1000 * seconds:>9.1f} {100 * seconds / prefill_s:>9.2f}%")
 
     print(f"\n3) decode ms/token, full cache vs compressed to {args.decode_budget} (knorm), fastest / median of "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy.errors import KVPError
+from kvpolicy.policy.protocol import RECENT, SINKS
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class Budget:
 
     tokens: int | None = None
     ratio: float | None = None
-    sinks: int = 4
-    recent: int = 16
+    sinks: int = SINKS
+    recent: int = RECENT
 
     def __post_init__(self):
         if (self.tokens is None) == (self.ratio is None):

@@ -7,6 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.models.registry import DEFAULT_MODEL
+    from kvpolicy.policy.protocol import RECENT, SINKS
 
     parser.add_argument("prompt", help="the context (or the whole prompt when no --question is given)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or HF directory (default {DEFAULT_MODEL})")
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default="", help="question appended after the context")
     parser.add_argument("--answer-prefix", default="", help="text the answer starts with")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--sinks", type=int, default=4, help="first positions always kept (default 4)")
-    parser.add_argument("--recent", type=int, default=16, help="last positions always kept (default 16)")
+    parser.add_argument("--sinks", type=int, default=SINKS, help=f"first positions always kept (default {SINKS})")
+    parser.add_argument("--recent", type=int, default=RECENT, help=f"last positions always kept (default {RECENT})")
     parser.add_argument("--bounded-every", type=int, default=0, metavar="N",
                         help="also keep the cache within budget + N while decoding (attention-free scorers)")
 

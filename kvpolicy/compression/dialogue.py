@@ -10,7 +10,8 @@ the user turn and answer (the first turn therefore runs on the full cache).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import PROTOCOLS, BoundedDecoding, compress, continuation_nll, greedy_decode, prefill

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvpolicy.compression.budget import Budget, keep_indices
 from kvpolicy.compression.prompts import split_prompt
-from kvpolicy.compression.recording import record_attention_inputs
-from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
+from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.compression.state import KVState, cache_from_tensors
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
+from kvpolicy.models.decoding import greedy_tokens
 
 PROTOCOLS = ("query-aware", "question-agnostic")
 
@@ -239,21 +241,14 @@ def greedy_decode_batch(
     if logits.dim() != 2 or logits.shape[0] != rows:
         raise KVPError(f"logits must be (batch, vocab) with one row per cached sequence ({rows}), "
                        f"got {tuple(logits.shape)}")
-    stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    for _ in range(max_new_tokens):
-        step = logits.argmax(-1).tolist()
-        for row, token in enumerate(step):
-            if not done[row]:
-                tokens[row].append(token)
-                done[row] = token in stop
-        if all(done):
-            break
+
+    def feed(step: torch.Tensor) -> torch.Tensor:
         if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
             state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
-        logits = _forward(handle, state, torch.tensor(step).unsqueeze(1))[:, -1]
-    return tokens
+        return _forward(handle, state, step)[:, -1]
+
+    stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
+    return greedy_tokens(feed, logits, max_new_tokens, stop)
 
 
 def continuation_nll(

@@ -19,6 +19,7 @@ from kvpress import ScorerPress
 from kvpolicy.compression.budget import Budget, protected_scores
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
+from kvpolicy.policy.protocol import RECENT, SINKS
 
 
 @dataclass
@@ -27,8 +28,8 @@ class KVPolicyPress(ScorerPress):
     sinks/recent: entries always kept (first / last positions)."""
 
     scorer: Scorer | None = None
-    sinks: int = 4
-    recent: int = 16
+    sinks: int = SINKS
+    recent: int = RECENT
 
     def __post_init__(self):
         super().__post_init__()

@@ -15,27 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpolicy.errors import KVPError
-
-
-@dataclass
-class AttentionInputs:
-    """Inputs to one layer's attention for the last W tokens of the latest forward chunk (for query-based scorers).
-
-    hidden_states: (B, W, hidden); position_embeddings: RoPE (cos, sin), each (B, W, head_dim);
-    whole_chunk: whether the W rows are every token of the chunk.
-    """
-
-    hidden_states: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    whole_chunk: bool
-
-    @property
-    def rows(self) -> int:
-        return self.hidden_states.shape[1]
-
-    def clone(self) -> AttentionInputs:
-        cos, sin = self.position_embeddings
-        return AttentionInputs(self.hidden_states.clone(), (cos.clone(), sin.clone()), self.whole_chunk)
+from kvpolicy.models.attention import AttentionInputs
 
 
 def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvpolicy.data.records import Conversation
 from kvpolicy.data.sharegpt import SOURCE, iter_conversations

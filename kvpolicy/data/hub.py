@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from kvpolicy.data.records import Conversation, QASample, Turn
 from kvpolicy.errors import KVPError
@@ -36,7 +36,8 @@ def _ruler(rows: Iterable[dict]) -> Iterator[QASample]:
 
 def _boolq(rows: Iterable[dict]) -> Iterator[QASample]:
     for i, row in enumerate(rows):
-        yield QASample(id=f"boolq-{i}", task="boolq", context=row["passage"], question=row["question"].rstrip("?") + "?",
+        yield QASample(id=f"boolq-{i}", task="boolq", context=row["passage"],
+                       question=row["question"].rstrip("?") + "?",
                        answers=("yes" if row["answer"] else "no",), answer_prefix="Answer:", choices=("yes", "no"),
                        source="BoolQ (google/boolq)")
 
@@ -45,7 +46,8 @@ def _arc(rows: Iterable[dict]) -> Iterator[QASample]:
     for row in rows:
         labels, texts = row["choices"]["label"], row["choices"]["text"]
         options = "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
-        yield QASample(id=f"arc-{row['id']}", task="arc_challenge", context="", question=f"{row['question']}\n{options}",
+        yield QASample(id=f"arc-{row['id']}", task="arc_challenge", context="",
+                       question=f"{row['question']}\n{options}",
                        answers=(row["answerKey"],), answer_prefix="Answer:", choices=tuple(labels),
                        source="ARC-Challenge (allenai/ai2_arc)")
 
@@ -53,8 +55,9 @@ def _arc(rows: Iterable[dict]) -> Iterator[QASample]:
 def _longbench(task: str) -> Callable[[Iterable[dict]], Iterator[QASample]]:
     def normalize(rows: Iterable[dict]) -> Iterator[QASample]:
         for row in rows:
-            yield QASample(id=f"{task}-{row['_id']}", task=task, context=row["context"], question=row.get("input") or "",
-                           answers=tuple(row["answers"]), source=f"LongBench {task} (THUDM/LongBench)")
+            yield QASample(id=f"{task}-{row['_id']}", task=task, context=row["context"],
+                           question=row.get("input") or "", answers=tuple(row["answers"]),
+                           source=f"LongBench {task} (THUDM/LongBench)")
 
     return normalize
 

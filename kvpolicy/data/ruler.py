@@ -19,8 +19,8 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kvpolicy.data.essays import haystack_text
 from kvpolicy.data.records import QASample
@@ -167,11 +167,13 @@ def _sentences(text: str) -> list[str]:
     return re.split(r"(?<=[.!?]) ", text)
 
 
-# ---------------------------------------------------------------- task builders: size -> (context, question, answers)
+# ---------------------------------------------------------------- task builders
+# BUILDERS[kind](spec, rng, context_tokens) draws a sample's content and returns build(size): its text with `size`
+# filler units (sentences, noise lines, distractor needles, list words), which make_sample sizes to the context
 Built = tuple[str, str, str, list[str]]  # context, question, answer prefix, answers
 
 
-def _needle_task(spec: TaskSpec, rng: random.Random, budget: int) -> Callable[[int], Built]:
+def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Callable[[int], Built]:
     keys = _distinct(lambda: _key(rng, spec.key_type), spec.n_keys)
     values = [[_value(rng, spec.value_type) for _ in range(spec.n_values)] for _ in keys]
     needles = [f"One of the special magic {spec.value_type} for {k} is: {v}."
@@ -183,7 +185,7 @@ def _needle_task(spec: TaskSpec, rng: random.Random, budget: int) -> Callable[[i
     answers = [v for vs in values[: spec.n_queries] for v in vs]
     query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
     words, starts = _essay_words()
-    start = rng.choice([s for s in starts if s <= max(0, len(words) - budget)])
+    start = rng.choice([s for s in starts if s <= max(0, len(words) - context_tokens)])
     salt = rng.getrandbits(64)
 
     def build(size: int) -> Built:
@@ -209,7 +211,8 @@ def _needle_task(spec: TaskSpec, rng: random.Random, budget: int) -> Callable[[i
     return build
 
 
-def _variable_tracking(spec: TaskSpec, rng: random.Random, budget: int, hops: int = 4) -> Callable[[int], Built]:
+def _variable_tracking(spec: TaskSpec, rng: random.Random, context_tokens: int,
+                       hops: int = 4) -> Callable[[int], Built]:
     names = _distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), hops + 1)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
@@ -227,9 +230,10 @@ def _variable_tracking(spec: TaskSpec, rng: random.Random, budget: int, hops: in
     return build
 
 
-def _common_words(spec: TaskSpec, rng: random.Random, budget: int, n_common: int = 10) -> Callable[[int], Built]:
-    freq_common, freq_rare = (30, 3) if budget >= 4096 else (max(4, budget // 256), 1)
-    pool = rng.sample(_vocabulary(), min(len(_vocabulary()), n_common + budget))
+def _common_words(spec: TaskSpec, rng: random.Random, context_tokens: int,
+                  n_common: int = 10) -> Callable[[int], Built]:
+    freq_common, freq_rare = (30, 3) if context_tokens >= 4096 else (max(4, context_tokens // 256), 1)
+    pool = rng.sample(_vocabulary(), min(len(_vocabulary()), n_common + context_tokens))
     common, rare = pool[:n_common], pool[n_common:]
     salt = rng.getrandbits(64)
 
@@ -246,7 +250,7 @@ def _common_words(spec: TaskSpec, rng: random.Random, budget: int, n_common: int
     return build
 
 
-def _frequent_words(spec: TaskSpec, rng: random.Random, budget: int, alpha: float = 2.0,
+def _frequent_words(spec: TaskSpec, rng: random.Random, context_tokens: int, alpha: float = 2.0,
                     vocab_size: int = 2000) -> Callable[[int], Built]:
     coded = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=6)), vocab_size)
     coded[0] = "...."  # the most frequent "word" is noise, as in RULER

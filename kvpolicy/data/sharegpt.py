@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
+from collections.abc import Iterator
 
 from kvpolicy.data.records import Conversation, Turn
 from kvpolicy.models.assets import package_dir

@@ -13,20 +13,20 @@ def _split(values: list[str]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvpolicy.evaluation.sweep import DEFAULT_SCORERS
+    from kvpolicy.compression.scorers import LEARNED_PREFIX, SCORERS
+    from kvpolicy.evaluation.lineup import BASELINE_SCORERS
+    from kvpolicy.evaluation.tasks import PROTOCOLS, known_tasks
+    from kvpolicy.models.registry import DEFAULT_MODEL
 
     parser.add_argument("--out", required=True, help="JSONL results file (created, or resumed when it exists)")
-    parser.add_argument("--model", nargs="+", default=["smollm2-135m"], help="model names (kvp models)")
-    parser.add_argument("--scorer", nargs="+", default=list(DEFAULT_SCORERS),
-                        help="scorers: random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention "
-                             "oracle (traces only) kvp:CHECKPOINT")
+    parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], help="model names (kvp models)")
+    parser.add_argument("--scorer", nargs="+", default=list(BASELINE_SCORERS),
+                        help=f"scorers: {' '.join(SCORERS)} (oracle: traces only) {LEARNED_PREFIX}CHECKPOINT")
     parser.add_argument("--budget", nargs="+", default=["128", "256", "512"],
                         help="tokens kept per KV head (256) or compression ratios (0.5 or r0.5)")
-    parser.add_argument("--task", nargs="+", default=["ruler"],
-                        help="ruler, ruler:TASK, ruler-hub[:TASK], dialogue, oasst2, boolq, arc_challenge, "
-                             "gov_report, passage_retrieval_en, traces:DIR")
+    parser.add_argument("--task", nargs="+", default=["ruler"], help=known_tasks())
     parser.add_argument("--protocol", nargs="+", default=[],
-                        help="query-aware, question-agnostic, multi-turn, prompt-once (default: each task's own)")
+                        help=f"{', '.join(PROTOCOLS)} (default: each task's own)")
     parser.add_argument("--context", nargs="+", default=["2048"], help="context lengths in tokens (sized tasks)")
     parser.add_argument("--n", type=int, default=5, help="samples per task (and context length)")
     parser.add_argument("--seed", type=int, default=0, help="sample seed")

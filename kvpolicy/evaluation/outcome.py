@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from kvpolicy.evaluation.scorers import ScorerEntry
-
-# (scorer id, budget label) -> whether that result is still missing for the sample at hand
-Wanted = Callable[[str, str], bool]
+from kvpolicy.evaluation.lineup import Contender
 
 
 @dataclass
 class Outcome:
-    """sample: the sample id; length: cache entries per head before compression; kept: after; seconds: the time
-    this result took beyond the shared prefill (its share of the ranking, the cut, the answer); prefill_seconds:
-    the prefill it shared; fields: the metric's own values (value, prediction, nll_sum, per_head, ...)."""
+    """sample: the sample id; budget: the budget label (FULL for the full-cache reference); length: cache entries
+    per head before compression; kept: after; seconds: the time this result took beyond the shared prefill (its
+    share of the ranking, the cut, the answer); prefill_seconds: the prefill it shared; fields: the metric's own
+    values, named as Result's fields (value, prediction, nll_sum, per_head, ...)."""
 
     sample: str
-    entry: ScorerEntry
+    contender: Contender
     budget: str
     length: int
     kept: int

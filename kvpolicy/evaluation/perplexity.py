@@ -8,7 +8,7 @@ compressions kept; the first round's prefill and ranking are shared by every bud
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -17,8 +17,10 @@ from kvpolicy.compression.engine import compress, continuation_nll, prefill
 from kvpolicy.compression.state import KVState
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, cut, planned_budgets, rank_for_cuts, recording_window
+from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, missing_budgets, rank_for_cuts,
+                                        recording_window)
+from kvpolicy.evaluation.outcome import Clock, Outcome
+from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
 from kvpolicy.models import ModelHandle
 
@@ -61,47 +63,45 @@ def run_dialogue(
     handle: ModelHandle,
     sample: DialogueSample,
     protocol: str,
-    entries: list[ScorerEntry],
+    contenders: list[Contender],
     budgets: list[Budget],
-    wanted: Wanted,
+    is_missing: IsMissing,
     max_answer_tokens: int,
 ) -> Iterator[Outcome]:
-    """Outcomes of the wanted (scorer, budget) pairs and the full-cache reference for one dialogue."""
+    """Outcomes of the missing (contender, budget) pairs (and of the full-cache reference) for one dialogue."""
     if protocol not in (MULTI_TURN, PROMPT_ONCE):
         raise KVPError(f"dialogue perplexity runs under {MULTI_TURN} or {PROMPT_ONCE}, not '{protocol}'")
-    todo = planned_budgets(entries, budgets, wanted)
-    active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
-    if not active:
-        return
-    groups: dict[int, list[ScorerEntry]] = {}  # entries that split the dialogue into the same rounds
-    for entry in active:
-        groups.setdefault(1 if protocol == PROMPT_ONCE else max(1, entry.query_window), []).append(entry)
-    for min_chunk, members in groups.items():
+    missing = missing_budgets(contenders, budgets, is_missing)
+    to_run = [c for c in [FULL_CACHE, *contenders] if missing[c.id]]
+    by_chunk: dict[int, list[Contender]] = {}  # contenders that split the dialogue into the same rounds
+    for contender in to_run:
+        by_chunk.setdefault(1 if protocol == PROMPT_ONCE else max(1, contender.query_window), []).append(contender)
+    for min_chunk, members in by_chunk.items():
         rounds, answer = dialogue_chunks(handle, sample, min_chunk, max_answer_tokens)
         if protocol == PROMPT_ONCE:
             rounds = [torch.cat(rounds, dim=1)]
-        yield from _run_rounds(handle, sample.id, rounds, answer, members, todo)
+        yield from _run_rounds(handle, sample.id, rounds, answer, members, missing)
 
 
 def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor], answer: torch.Tensor,
-                entries: list[ScorerEntry], todo: dict[str, list[Budget]]) -> Iterator[Outcome]:
-    """Prefill the first round once, rank it once per scorer; per budget, cut, then feed (and after each round
+                contenders: list[Contender], missing: dict[str, list[Budget]]) -> Iterator[Outcome]:
+    """Prefill the first round once, rank it once per contender; per budget, cut, then feed (and after each round
     compress) the remaining rounds, and score the answer."""
     clock = Clock()
-    state, _ = prefill(handle, rounds[0], record_queries=recording_window(entries))
+    state, _ = prefill(handle, rounds[0], record_queries=recording_window(contenders))
     prefill_s = clock.lap()
     total_length = sum(r.shape[1] for r in rounds)
     full_bytes = state.nbytes() // state.length * total_length  # bytes grow in proportion to cached entries
-    for entry in entries:
-        ranking = rank_for_cuts(handle, state, entry, todo[entry.id])
-        rank_s = clock.lap() / len(todo[entry.id])
-        for budget in todo[entry.id]:
+    for contender in contenders:
+        ranking = rank_for_cuts(handle, state, contender, missing[contender.id])
+        rank_s = clock.lap() / len(missing[contender.id])
+        for budget in missing[contender.id]:
             small = cut(state, ranking, budget)
             for chunk in rounds[1:]:  # multi-turn: the next round on the compressed cache, then compress again
-                prefill(handle, chunk, small, record_queries=entry.query_window)
-                if entry is not FULL_ENTRY:
-                    small = compress(handle, small, entry.scorer, budget)
+                prefill(handle, chunk, small, record_queries=contender.query_window)
+                if contender is not FULL_CACHE:
+                    small = compress(handle, small, contender.scorer, budget)
             fields = _nll_fields(handle, small, answer)
-            yield Outcome(sample_id, entry, FULL if entry is FULL_ENTRY else budget.label, total_length,
+            yield Outcome(sample_id, contender, FULL if contender is FULL_CACHE else budget.label, total_length,
                           small.length, full_bytes, small.nbytes(), rank_s + clock.lap(), prefill_s, fields)
             clock.lap()

@@ -12,7 +12,7 @@ greedy decoding: one forward per new token for all scorers instead of one per sc
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -22,8 +22,10 @@ from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.state import KVState, stack_states
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.outcome import Clock, Outcome, Wanted
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, cut, planned_budgets, rank_for_cuts, recording_window
+from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, missing_budgets, rank_for_cuts,
+                                        recording_window)
+from kvpolicy.evaluation.outcome import Clock, Outcome
+from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QATask
 from kvpolicy.models import ModelHandle
 
@@ -59,12 +61,12 @@ def run_qa(
     task: QATask,
     samples: list[QASample],
     protocol: str,
-    entries: list[ScorerEntry],
+    contenders: list[Contender],
     budgets: list[Budget],
-    wanted: Wanted,
+    is_missing: IsMissing,
     max_new_tokens: int,
 ) -> Iterator[Outcome]:
-    """Outcomes of the wanted (scorer, budget) pairs (and the full-cache reference) for samples sharing one
+    """Outcomes of the missing (contender, budget) pairs (and of the full-cache reference) for samples sharing one
     context. Query-aware takes exactly one sample."""
     if protocol == QUERY_AWARE and len(samples) != 1:
         raise KVPError("query-aware evaluation prefills each sample's own question: pass one sample at a time")
@@ -73,31 +75,31 @@ def run_qa(
     if any(not torch.equal(c[0], chunks[0][0]) for c in chunks):
         raise KVPError("samples grouped for one shared prefill must have the same context")
     first = torch.cat(chunks[0], dim=1) if protocol == QUERY_AWARE else chunks[0][0]
-    todo = planned_budgets(entries, budgets, wanted)
-    active = [e for e in [FULL_ENTRY, *entries] if todo[e.id]]
-    if not active:
+    missing = missing_budgets(contenders, budgets, is_missing)
+    to_run = [c for c in [FULL_CACHE, *contenders] if missing[c.id]]
+    if not to_run:
         return
     clock = Clock()
-    state, _ = prefill(handle, first, record_queries=recording_window(active))
+    state, _ = prefill(handle, first, record_queries=recording_window(to_run))
     prefill_s = clock.lap() / len(samples)
     full_bytes, length = state.nbytes(), state.length
     # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch
     rankings: dict[str, list[torch.Tensor] | None] = {}
-    by_size: dict[int, list[tuple[ScorerEntry, Budget, float]]] = defaultdict(list)
-    for entry in active:
-        rankings[entry.id] = rank_for_cuts(handle, state, entry, todo[entry.id])
-        rank_s = clock.lap() / len(todo[entry.id]) / len(samples)
-        for budget in todo[entry.id]:
-            size = min(budget.kept(length), length) if rankings[entry.id] is not None else length
-            by_size[size].append((entry, budget, rank_s))
+    by_size: dict[int, list[tuple[Contender, Budget, float]]] = defaultdict(list)
+    for contender in to_run:
+        rankings[contender.id] = rank_for_cuts(handle, state, contender, missing[contender.id])
+        rank_s = clock.lap() / len(missing[contender.id]) / len(samples)
+        for budget in missing[contender.id]:
+            size = min(budget.kept(length), length) if rankings[contender.id] is not None else length
+            by_size[size].append((contender, budget, rank_s))
     for pairs in by_size.values():
-        cuts = [cut(state, rankings[entry.id], budget) for entry, budget, _ in pairs]
+        cuts = [cut(state, rankings[contender.id], budget) for contender, budget, _ in pairs]
         cut_s = clock.lap() / len(pairs) / len(samples)
         for sample, (_, question_ids) in zip(samples, chunks):
             fields = answer(handle, task, sample, cuts, None if protocol == QUERY_AWARE else question_ids,
                             max_new_tokens)
             answer_s = clock.lap() / len(pairs)
-            for (entry, budget, rank_s), small, result in zip(pairs, cuts, fields):
-                yield Outcome(sample.id, entry, FULL if entry is FULL_ENTRY else budget.label, length, small.length,
-                              full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s, result)
+            for (contender, budget, rank_s), small, answered in zip(pairs, cuts, fields):
+                yield Outcome(sample.id, contender, FULL if contender is FULL_CACHE else budget.label, length,
+                              small.length, full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s, answered)
             clock.lap()  # the time the caller spent storing the results is nobody's

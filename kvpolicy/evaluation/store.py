@@ -1,8 +1,8 @@
-"""The results store: one JSON line per evaluated (model, scorer, budget, task, protocol, seed, sample).
+"""The results store: one JSON line per `Result` (kvpolicy.evaluation.result), keyed by its configuration.
 
 Append-only JSONL with a flush + fsync after every record, so a killed sweep loses at most the record it was
-writing. Every record carries the format version and is checked against RECORD on every read; a file holding
-records of another format is refused, never silently mixed. Re-running a sweep skips every key already in the file.
+writing. Every record is checked on every read (its schema version and each field); a file holding records of
+another schema is refused, never silently mixed. Re-running a sweep skips every key already in the file.
 
 Several sweeps may share one file. A sidecar lock file (`FILE.lock`) serialises them: byte 0 is held while a
 process takes in what the others appended, cuts a torn tail (a record half-written by a killed process) and
@@ -17,66 +17,14 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.result import Result, check_record
 from kvpolicy.io import sha256_json
-from kvpolicy.schema import Optional, validate
-
-FORMAT = 1
-
-# the fields of a record that identify it (with their schema, see kvpolicy.schema); everything else is a measurement
-KEY = {"model_fingerprint": str, "scorer_id": str, "budget": str, "task": str, "context_tokens": (int, None),
-       "protocol": str, "seed": int, "sample": str}
-KEY_FIELDS = tuple(KEY)
-
-WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
-
-# what every record holds: its key and every field the report reads (Optional: the report copes without it)
-RECORD = {
-    **KEY,
-    "model": str, "scorer": str, "scorer_label": str, "family": str, "data": str, "metric": str, "kept": int,
-    "value": float, "seconds": float,
-    "scorer_kind": Optional(str), "corpus": Optional((str, None)), "prefill_seconds": Optional(float),
-    "scorer_identity": Optional({"trained_on": Optional({"source": (str, None), "context_tokens": (int, None)})}),
-}
-# what a record of each metric holds beyond RECORD; a cost record holds `per_head` ((L, H) per-head cost) and, at a
-# budget (not the whole ranking), the mean evicted utility `lost` and the oracle's `best`
-METRIC_FIELDS = {
-    "accuracy": {},
-    "perplexity": {"nll_sum": float, "n_tokens": int},
-    "cost": {"lost": float, "best": float, "per_head": [[float]]},
-}
-WHOLE_RANKING_FIELDS = {"per_head": [[float]]}
-
-DAMAGED = "a results file holds only records written by `kvp sweep`; re-run the sweep into a new results file"
-
-
-def record_key(fields: dict[str, Any]) -> str:
-    """Stable key of a configuration: sha256 over the KEY_FIELDS (all required)."""
-    missing = [f for f in KEY_FIELDS if f not in fields]
-    if missing:
-        raise KVPError(f"result record lacks key fields {missing}; a record needs all of {list(KEY_FIELDS)}")
-    return sha256_json({f: fields[f] for f in KEY_FIELDS})[:24]
-
-
-def check_record(record: dict[str, Any], where: str) -> None:
-    """Refuse a record of another format, or one missing or mistyping a field: one KVPError naming `where`
-    (FILE:LINE) and the field."""
-    found = record.get("format")
-    if found != FORMAT:
-        raise KVPError(
-            f"{where} holds a results record of format {found!r}, this kvpolicy reads format {FORMAT}; "
-            "re-run the sweep into a new results file (older results cannot be mixed in)"
-        )
-    validate(record, RECORD, where, DAMAGED)
-    metric = record["metric"]
-    if metric not in METRIC_FIELDS:
-        raise KVPError(f"{where}: field 'metric' must be one of {', '.join(METRIC_FIELDS)}, got {metric!r}; {DAMAGED}")
-    whole = metric == "cost" and record["budget"] == WHOLE_RANKING
-    validate(record, WHOLE_RANKING_FIELDS if whole else METRIC_FIELDS[metric], where, DAMAGED)
 
 
 def _split_tail(data: bytes) -> tuple[bytes, bytes]:
@@ -86,8 +34,8 @@ def _split_tail(data: bytes) -> tuple[bytes, bytes]:
 
 
 def _tail_record(tail: bytes) -> dict[str, Any] | None:
-    """The bytes after the last newline as a record when they are one written completely but without its newline
-    (None for a record torn by a kill)."""
+    """The bytes after the last newline as a JSON object when they are a record written completely but without
+    its newline (None for a record torn by a kill)."""
     try:
         record = json.loads(tail)
     except json.JSONDecodeError:
@@ -95,8 +43,8 @@ def _tail_record(tail: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _parse(lines: bytes, path: Path, first: int) -> Iterator[dict[str, Any]]:
-    """The checked records of complete `lines` of `path`, the first of which is line number `first`."""
+def _parse(lines: bytes, path: Path, first: int) -> Iterator[Result]:
+    """The checked results of complete `lines` of `path`, the first of which is line number `first`."""
     for number, raw in enumerate(lines.split(b"\n")[:-1], start=first):
         if not raw.strip():
             continue
@@ -104,19 +52,16 @@ def _parse(lines: bytes, path: Path, first: int) -> Iterator[dict[str, Any]]:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
             raise KVPError(f"{path}:{number} is not valid JSON ({err.msg}); the results file is damaged") from None
-        if not isinstance(record, dict):
-            raise KVPError(f"{path}:{number} is not a result record (expected a JSON object)")
-        check_record(record, f"{path}:{number}")
-        yield record
+        yield Result.from_json(record, f"{path}:{number}")
 
 
 @dataclass
 class Results:
-    """The records of a results file, each key once (the first of repeated records), and how many repeated
+    """The results of a results file, each key once (the first of repeated records), and how many repeated
     records were dropped (two sweeps that once wrote into one file without sharing the work leave them)."""
 
     path: Path
-    records: list[dict[str, Any]]
+    records: list[Result]
     duplicates: int
 
     @property
@@ -128,8 +73,8 @@ class Results:
 
 
 def read_results(path: str | Path) -> Results:
-    """The checked records of a results file, without repeated keys. A missing file is an error; an empty one
-    has no records. A torn final line (a sweep killed mid-write, or one writing right now) is left out."""
+    """The checked results of a results file, without repeated keys. A missing file is an error; an empty one
+    has none. A torn final line (a sweep killed mid-write, or one writing right now) is left out."""
     path = Path(path)
     if not path.is_file():
         raise KVPError(f"results file {path} does not exist; create it with `kvp sweep --out {path} ...`")
@@ -137,11 +82,10 @@ def read_results(path: str | Path) -> Results:
     parsed = list(_parse(lines, path, 1))
     if (record := _tail_record(tail)) is not None:
         last = lines.count(b"\n") + 1
-        check_record(record, f"{path}:{last}")
-        parsed.append(record)
-    unique: dict[str, dict[str, Any]] = {}
-    for record in parsed:
-        unique.setdefault(record_key(record), record)
+        parsed.append(Result.from_json(record, f"{path}:{last}"))
+    unique: dict[str, Result] = {}
+    for result in parsed:
+        unique.setdefault(result.key, result)
     return Results(path, list(unique.values()), len(parsed) - len(unique))
 
 
@@ -202,7 +146,7 @@ class ResultStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = _LockFile(self.path.with_name(self.path.name + ".lock"))
-        self._records: dict[str, dict[str, Any]] = {}
+        self._records: dict[str, Result] = {}
         self._offset = 0  # bytes of the file taken in so far
         self._lines = 0  # lines of the file taken in so far
         if self.path.exists():
@@ -230,8 +174,8 @@ class ResultStore:
                     f.truncate(self._offset + len(lines))
                 f.flush()
                 os.fsync(f.fileno())
-        for record in _parse(lines, self.path, self._lines + 1):
-            self._records.setdefault(record_key(record), record)
+        for result in _parse(lines, self.path, self._lines + 1):
+            self._records.setdefault(result.key, result)
         self._offset += len(lines)
         self._lines += lines.count(b"\n")
 
@@ -241,19 +185,18 @@ class ResultStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Result]:
         return list(self._records.values())
 
-    def append(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """Write one record (its key and format added) and make it durable before returning it; None (and
-        nothing written) when its key is in the file already, e.g. written by a concurrent sweep."""
-        record = {"format": FORMAT, **record}
-        record["key"] = record_key(record)
+    def append(self, result: Result) -> Result | None:
+        """Write one result (checked like a read one) and make it durable before returning it; None (and nothing
+        written) when its key is in the file already, e.g. written by a concurrent sweep."""
+        record = result.to_json()
         check_record(record, f"{self.path} (the record being appended)")
         line = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
         with self._lock.hold(_APPEND_BYTE):
             self._read_new()
-            if record["key"] in self._records:
+            if result.key in self._records:
                 return None
             with open(self.path, "ab") as f:
                 f.write(line)
@@ -261,8 +204,8 @@ class ResultStore:
                 os.fsync(f.fileno())
             self._offset += len(line)
             self._lines += 1
-        self._records[record["key"]] = record
-        return record
+        self._records[result.key] = result
+        return result
 
     def claim(self, unit: Any, wait: bool = False) -> contextlib.AbstractContextManager[bool]:
         """Claim work unit `unit` (any JSON value naming it) for the block, so that concurrent sweeps compute it

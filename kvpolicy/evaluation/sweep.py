@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import datetime, UTC
+from typing import Any
 
 from tqdm import tqdm
 
 import kvpolicy
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.costs import run_traces
+from kvpolicy.evaluation.costs import trace_costs
+from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender, IsMissing, make_contenders,
+                                        parse_budget)
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import run_dialogue
 from kvpolicy.evaluation.qa import run_qa
-from kvpolicy.evaluation.scorers import FULL, FULL_ENTRY, ScorerEntry, make_entries, parse_budget
-from kvpolicy.evaluation.store import WHOLE_RANKING, ResultStore, record_key
+from kvpolicy.evaluation.result import FULL, WHOLE_RANKING, Result, record_key
+from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.evaluation.tasks import PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, Task, TraceTask, resolve_tasks
 from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
+from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.progress import bar
-
-DEFAULT_SCORERS = ["random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv"]
 
 
 @dataclass
@@ -42,8 +44,8 @@ class SweepConfig:
     full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub dataset -> local file."""
 
     out: str
-    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    scorers: list[str] = field(default_factory=lambda: list(DEFAULT_SCORERS))
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    scorers: list[str] = field(default_factory=lambda: list(BASELINE_SCORERS))
     budgets: list[str] = field(default_factory=lambda: ["128", "256", "512"])
     tasks: list[str] = field(default_factory=lambda: ["ruler"])
     protocols: list[str] = field(default_factory=list)
@@ -70,19 +72,22 @@ class SweepConfig:
 
 
 @dataclass
-class Unit:
-    """One prefill's worth of work: samples sharing a context under one (task, protocol, context length)."""
+class WorkUnit:
+    """One prefill's worth of work: samples sharing a context under one (task, protocol, context length), and the
+    contenders evaluated on it."""
 
     task: Task
     protocol: str
     context_tokens: int | None
-    samples: list[Any]  # QASample | Conversation | trace index
-    entries: list[ScorerEntry]
-    pending: int  # results missing when planned
+    samples: list[Any]  # QASample | DialogueSample | trace index
+    contenders: list[Contender]
+    missing: int  # results the store lacked when the unit was planned
 
 
 @dataclass
-class SweepResult:
+class SweepRun:
+    """What one run of a sweep did: results written into `path`, results found already there, seconds taken."""
+
     path: str
     written: int
     skipped: int
@@ -90,10 +95,11 @@ class SweepResult:
     notes: list[str]
 
 
-def _protocols(task: Task, wanted: list[str]) -> list[str]:
-    if not wanted:
+def _protocols(task: Task, requested: list[str]) -> list[str]:
+    """The requested protocols the task supports (none requested: the task's default)."""
+    if not requested:
         return [task.protocols[0]]
-    return [p for p in wanted if p in task.protocols]
+    return [p for p in requested if p in task.protocols]
 
 
 def _sample_id(task: Task, sample: Any) -> str:
@@ -113,59 +119,62 @@ class Sweep:
         self.tasks = resolve_tasks(config.tasks, config.hub_local)
         for name in config.models:
             resolve_model(name)  # unknown names fail now, listing the known models
-        self.entries = make_entries(config.scorers)
+        self.contenders = make_contenders(config.scorers)
         self.notes: list[str] = []
 
-    def key_fields(self, handle: ModelHandle, entry: ScorerEntry, budget: str, unit: Unit, sample: str) -> dict:
-        return {"model_fingerprint": handle.info.fingerprint, "scorer_id": entry.id, "budget": budget,
+    def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:
+        """The key fields (result.KEY_FIELDS) of one result of `unit`."""
+        return {"model_fingerprint": handle.info.fingerprint, "scorer_id": contender.id, "budget": budget,
                 "task": unit.task.name, "context_tokens": unit.context_tokens, "protocol": unit.protocol,
                 "seed": self.config.seed, "sample": sample}
 
-    def _labels(self, entry: ScorerEntry, task: Task) -> list[str]:
-        if entry is FULL_ENTRY:
+    def _budget_labels(self, contender: Contender, task: Task) -> list[str]:
+        """The budget labels of a contender's results on `task` (a trace task adds the whole ranking)."""
+        if contender is FULL_CACHE:
             return [FULL]
         labels = [b.label for b in self.budgets]
         return labels + [WHOLE_RANKING] if isinstance(task, TraceTask) else labels
 
-    def plan(self, handle: ModelHandle) -> list[Unit]:
+    def plan(self, handle: ModelHandle) -> list[WorkUnit]:
         """The units of work for one model, with how many results each still lacks."""
-        for entry in self.entries:
-            if entry.kind == "learned":
-                entry.scorer.check_model(handle.info)  # a policy trained for another model is refused
+        for contender in self.contenders:
+            if contender.kind == "learned":
+                contender.scorer.check_model(handle.info)  # a policy trained for another model is refused
         units = []
         for task in self.tasks:
-            entries = [e for e in self.entries if task.supports(e)]
-            skipped = [e.label for e in self.entries if e not in entries]
+            contenders = [c for c in self.contenders if task.supports(c)]
+            skipped = [c.label for c in self.contenders if c not in contenders]
             if skipped:
                 self.notes.append(f"{task.name}: skipped {', '.join(skipped)} (cannot run on this task)")
             if self.config.full_cache and not isinstance(task, TraceTask):
-                entries = [FULL_ENTRY, *entries]
+                contenders = [FULL_CACHE, *contenders]
             protocols = _protocols(task, self.config.protocols)
             if not protocols:
                 self.notes.append(f"{task.name}: none of the protocols {self.config.protocols} applies "
                                   f"(it supports {', '.join(task.protocols)})")
             contexts = self.config.context_tokens if task.sized else [None]
             for context_tokens in contexts:
-                samples = self._load(task, handle, context_tokens)
+                samples = self._samples(task, handle, context_tokens)
                 for protocol in protocols:
-                    for group in self._groups(task, protocol, samples):
-                        unit = Unit(task, protocol, context_tokens, group, entries, 0)
-                        unit.pending = self._missing(handle, unit)
+                    for group in self._prefill_groups(task, protocol, samples):
+                        unit = WorkUnit(task, protocol, context_tokens, group, contenders, 0)
+                        unit.missing = self._missing(handle, unit)
                         units.append(unit)
         return units
 
-    def _missing(self, handle: ModelHandle, unit: Unit) -> int:
+    def _missing(self, handle: ModelHandle, unit: WorkUnit) -> int:
         """How many results of `unit` the store lacks."""
-        return sum(record_key(self.key_fields(handle, e, label, unit, _sample_id(unit.task, s))) not in self.store
-                   for e in unit.entries for label in self._labels(e, unit.task) for s in unit.samples)
+        return sum(record_key(self.key_fields(handle, c, label, unit, _sample_id(unit.task, s))) not in self.store
+                   for c in unit.contenders for label in self._budget_labels(c, unit.task) for s in unit.samples)
 
-    def _unit_id(self, handle: ModelHandle, unit: Unit) -> dict[str, Any]:
+    def _unit_id(self, handle: ModelHandle, unit: WorkUnit) -> dict[str, Any]:
         """What names a unit across sweeps: its prefill (model, task, protocol, context, seed, samples)."""
         return {"model_fingerprint": handle.info.fingerprint, "task": unit.task.name, "protocol": unit.protocol,
                 "context_tokens": unit.context_tokens, "seed": self.config.seed,
                 "samples": [_sample_id(unit.task, s) for s in unit.samples]}
 
-    def _load(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
+    def _samples(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
+        """The task's samples at `context_tokens` (a trace task's: trace indices)."""
         if isinstance(task, TraceTask):
             task.reader.check_model(handle.info)
             return list(range(min(self.config.n_samples, len(task.reader))))
@@ -175,7 +184,7 @@ class Sweep:
         return samples
 
     @staticmethod
-    def _groups(task: Task, protocol: str, samples: list[Any]) -> list[list[Any]]:
+    def _prefill_groups(task: Task, protocol: str, samples: list[Any]) -> list[list[Any]]:
         """Samples that share one prefill: question-agnostic QA samples with the same context; else one each."""
         if not isinstance(task, QATask) or protocol == QUERY_AWARE:
             return [[s] for s in samples]
@@ -184,34 +193,35 @@ class Sweep:
             groups.setdefault(task.prompt(s).context, []).append(s)
         return list(groups.values())
 
-    def _outcomes(self, handle: ModelHandle, unit: Unit, wanted) -> Iterator[Outcome]:
-        task, entries = unit.task, [e for e in unit.entries if e is not FULL_ENTRY]
+    def _outcomes(self, handle: ModelHandle, unit: WorkUnit, is_missing: IsMissing) -> Iterator[Outcome]:
+        """The task's runner on `unit`: outcomes of its missing results."""
+        task, contenders = unit.task, [c for c in unit.contenders if c is not FULL_CACHE]
         if isinstance(task, QATask):
             cap = self.config.max_new_tokens
             max_new = min(task.max_new_tokens, cap) if cap else task.max_new_tokens
-            yield from run_qa(handle, task, unit.samples, unit.protocol, entries, self.budgets, wanted, max_new)
+            yield from run_qa(handle, task, unit.samples, unit.protocol, contenders, self.budgets, is_missing, max_new)
         elif isinstance(task, DialogueTask):
-            yield from run_dialogue(handle, unit.samples[0], unit.protocol, entries, self.budgets, wanted,
+            yield from run_dialogue(handle, unit.samples[0], unit.protocol, contenders, self.budgets, is_missing,
                                     task.max_answer_tokens)
         else:
-            yield from run_traces(handle, task.reader, unit.samples[0], entries, self.budgets, wanted)
+            yield from trace_costs(task.reader, unit.samples[0], contenders, self.budgets, is_missing)
 
-    def record(self, handle: ModelHandle, unit: Unit, outcome: Outcome) -> dict[str, Any]:
-        entry, task = outcome.entry, unit.task
+    def result(self, handle: ModelHandle, unit: WorkUnit, outcome: Outcome) -> Result:
+        """The result record of one outcome of `unit`."""
+        contender, task = outcome.contender, unit.task
         budget = next((b for b in self.budgets if b.label == outcome.budget), None)
-        return {
-            **self.key_fields(handle, entry, outcome.budget, unit, outcome.sample),
-            "model": handle.info.name, "scorer": entry.spec, "scorer_label": entry.label, "scorer_kind": entry.kind,
-            "scorer_identity": entry.identity, "budget_tokens": budget.tokens if budget else None,
-            "budget_ratio": budget.ratio if budget else None, "family": task.family, "data": task.data,
-            "corpus": task.corpus, "metric": task.metric, "length": outcome.length, "kept": outcome.kept,
-            "cache_bytes_full": outcome.cache_bytes_full, "cache_bytes": outcome.cache_bytes,
-            "seconds": round(outcome.seconds, 4), "prefill_seconds": round(outcome.prefill_seconds, 4),
-            **outcome.fields,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": kvpolicy.__version__,
-        }
+        return Result(
+            **self.key_fields(handle, contender, outcome.budget, unit, outcome.sample),
+            model=handle.info.name, scorer=contender.spec, scorer_label=contender.label, scorer_kind=contender.kind,
+            scorer_identity=contender.identity, budget_tokens=budget.tokens if budget else None,
+            budget_ratio=budget.ratio if budget else None, family=task.family, data=task.data, corpus=task.corpus,
+            metric=task.metric, length=outcome.length, kept=outcome.kept, cache_bytes_full=outcome.cache_bytes_full,
+            cache_bytes=outcome.cache_bytes, seconds=round(outcome.seconds, 4),
+            prefill_seconds=round(outcome.prefill_seconds, 4), **outcome.fields,
+            created=datetime.now(UTC).isoformat(timespec="seconds"), code_version=kvpolicy.__version__,
+        )
 
-    def _compute(self, handle: ModelHandle, unit: Unit, progress: tqdm, wait: bool) -> int | None:
+    def _compute(self, handle: ModelHandle, unit: WorkUnit, progress: tqdm, wait: bool) -> int | None:
         """Claim `unit` and write the results it still lacks (a concurrent sweep may have written some since the
         plan): how many this sweep wrote, or None when another process holds the unit and not `wait`."""
         with self.store.claim(self._unit_id(handle, unit), wait) as held:
@@ -219,20 +229,20 @@ class Sweep:
                 return None
             self.store.refresh()
             missing = self._missing(handle, unit)
-            progress.update(unit.pending - missing)  # written by another sweep meanwhile
+            progress.update(unit.missing - missing)  # written by another sweep meanwhile
             if not missing:
                 return 0
             ids = [_sample_id(unit.task, s) for s in unit.samples]
-            by_id = {e.id: e for e in unit.entries}
+            by_id = {c.id: c for c in unit.contenders}
 
-            def wanted(scorer_id: str, label: str) -> bool:
-                entry = by_id.get(scorer_id)
-                return entry is not None and any(
-                    record_key(self.key_fields(handle, entry, label, unit, sid)) not in self.store for sid in ids)
+            def is_missing(contender_id: str, label: str) -> bool:
+                contender = by_id.get(contender_id)
+                return contender is not None and any(
+                    record_key(self.key_fields(handle, contender, label, unit, sid)) not in self.store for sid in ids)
 
             written = 0
-            for outcome in self._outcomes(handle, unit, wanted):
-                if self.store.append(self.record(handle, unit, outcome)) is not None:
+            for outcome in self._outcomes(handle, unit, is_missing):
+                if self.store.append(self.result(handle, unit, outcome)) is not None:
                     written += 1
                     progress.update(1)
             return written
@@ -242,15 +252,16 @@ class Sweep:
         holds; then each held unit is waited for and only what it still lacks is computed (normally nothing): what
         another sweep wrote counts as already done."""
         units = self.plan(handle)
-        planned = sum(len(u.samples) * sum(len(self._labels(e, u.task)) for e in u.entries) for u in units)
-        todo = [u for u in units if u.pending]
-        with bar(desc=f"sweep {handle.info.name}", total=sum(u.pending for u in todo), unit="result") as progress:
-            counts = [self._compute(handle, u, progress, wait=False) for u in todo]
-            counts = [self._compute(handle, u, progress, wait=True) if n is None else n for u, n in zip(todo, counts)]
-        written = sum(counts)
+        planned = sum(len(u.samples) * sum(len(self._budget_labels(c, u.task)) for c in u.contenders) for u in units)
+        unfinished = [u for u in units if u.missing]
+        with bar(desc=f"sweep {handle.info.name}", total=sum(u.missing for u in unfinished), unit="result") as progress:
+            per_unit = [self._compute(handle, u, progress, wait=False) for u in unfinished]
+            per_unit = [self._compute(handle, u, progress, wait=True) if n is None else n
+                        for u, n in zip(unfinished, per_unit)]
+        written = sum(per_unit)
         return written, planned - written
 
-    def run(self) -> SweepResult:
+    def run(self) -> SweepRun:
         start = time.perf_counter()
         written = skipped = 0
         try:
@@ -263,12 +274,12 @@ class Sweep:
                 written, skipped = written + new, skipped + done
         finally:
             self.store.close()
-        return SweepResult(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
+        return SweepRun(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
+def run_sweep(config: SweepConfig) -> SweepRun:
     """Run (or resume) a sweep; returns what was written and what was already there."""
-    result = Sweep(config).run()
-    for note in result.notes:
+    done = Sweep(config).run()
+    for note in done.notes:
         print(f"note: {note}", file=sys.stderr)
-    return result
+    return done

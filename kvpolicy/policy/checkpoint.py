@@ -67,11 +67,13 @@ def save_checkpoint(
         raise KVPError(f"{path} exists and is not a checkpoint directory; choose another --out")
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": FORMAT})
         config = {**config, "format": FORMAT, "weights_sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if resume is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in resume.items()}, str(tmp / RESUME), metadata={"format": FORMAT})
+            save_file({k: v.detach().contiguous().cpu() for k, v in resume.items()}, str(tmp / RESUME),
+                      metadata={"format": FORMAT})
         if history:
             (tmp / HISTORY).write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
     return config
@@ -84,7 +86,8 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
     recover_directory(path)  # a save killed between the two renames of a fallback swap
     file = path / CONFIG
     if not file.is_file():
-        raise KVPError(f"{path} is not a KVP checkpoint (no {CONFIG}); train one with `kvp train --traces DIR --out {path}`")
+        raise KVPError(f"{path} is not a KVP checkpoint (no {CONFIG}); "
+                       f"train one with `kvp train --traces DIR --out {path}`")
     try:
         config = json.loads(file.read_text())
     except ValueError as err:

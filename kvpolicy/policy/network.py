@@ -1,8 +1,9 @@
 """All KVP eviction agents of a model as ONE batched network (parameters stacked on an agent axis).
 
-One agent per (layer, KV head), agent index = layer * n_kv_heads + head. Each agent is the paper's network
-(KVP-METHOD.md, "What is scored"): key → Linear+LayerNorm, value → Linear+LayerNorm, position → embedding
-+LayerNorm, concatenate → 2 × [Linear, LayerNorm, SiLU] → Linear → one score per cached token. Every weight
+One agent per (layer, KV head), agent index = layer * n_kv_heads + head. Each agent is the paper's network and
+reads only what the cache holds, a token's key, value and position (no queries, no attention weights), so it can
+score the cache at any time: key → Linear+LayerNorm, value → Linear+LayerNorm, position → embedding+LayerNorm,
+concatenate → 2 × [Linear, LayerNorm, SiLU] → Linear → one score per cached token. Every weight
 carries a leading agent axis and every layer is a batched matmul (`torch.baddbmm`), so a single forward
 scores all heads of all layers; there is no Python loop over agents.
 
@@ -12,8 +13,18 @@ Position features (`PolicyConfig.position_encoding`):
   distance from the end, log(1+p)) through a linear map: defined at any length, for contexts longer than
   the training ones;
 - "both": the sum of the two.
-Default "relative": trained on 1K-token traces, it ranked best both at 1K and at 2K (longer than trained),
-with a third of the parameters (measurements in kvpolicy/training/benchmark.py).
+Default "relative": trained on 1K-token traces, it ranked best both at 1K and at 2K (longer than trained), with a
+third of the parameters: normalized cost 1.204 / 1.219 / 1.211 (relative / absolute / both) at 1K, 2.113 / 2.239
+/ 2.205 at 2K, 0.74M / 2.2M / 2.2M parameters for SmolLM2's 90 agents.
+
+Measurements here and in kvpolicy/training/trainer.py were taken on SmolLM2 on a 2-core CPU, with
+    kvp traces --source ruler --future-tokens 48 --split train --n 24 --context 1024 --out T
+    kvp traces --source ruler --future-tokens 48 --split val --n 8 --context 1024 --out V
+    kvp traces --source ruler --future-tokens 48 --split test --n 4 --context 2048 --out T2K
+    kvp train --traces T --val V --out C [--position-encoding E | --hidden N | ...]
+    python -m kvpolicy.evaluation.ranking_benchmark --traces T --val V [--test T2K] --checkpoint C
+(`kvp train` prints its time and best validation reward, minus the cost at 1K; the benchmark prints the costs on
+--test and the share of a 2K-token prefill that scoring every layer takes).
 """
 
 from __future__ import annotations
@@ -36,9 +47,9 @@ N_RELATIVE_FEATURES = 3
 class PolicyConfig:
     """Shape of the agents' network.
 
-    hidden: width of every hidden layer (paper: 256). Default 32: width 16 / 32 / 64 gave validation costs
-        1.286 / 1.267 / 1.257 for 0.75x / 1x / 1.6x the CPU time per step (benchmark.py docstring); 32 is the
-        knee, and small enough that scoring every layer stays far below 1% of a prefill.
+    hidden: width of every hidden layer (paper: 256). Default 32, the knee of widths 16 / 32 / 64: validation
+        cost 1.207 / 1.204 / 1.200, 0.30M / 0.74M / 2.0M parameters, scoring every layer in 1.2% / 1.8% / 3.4%
+        of a 2K-token prefill (`kvp train ... --hidden N`, then the ranking benchmark: module docstring).
     position_dim: width of the position embedding (paper: 32).
     max_position: rows of the learned absolute-position table ("absolute"/"both" encodings); larger positions
         are clamped to the last row.
@@ -57,7 +68,8 @@ class PolicyConfig:
             if int(getattr(self, name)) < 1:
                 raise KVPError(f"policy config: {name} must be a positive integer, got {getattr(self, name)}")
         if self.position_encoding not in POSITION_ENCODINGS:
-            raise KVPError(f"policy config: position_encoding must be one of {POSITION_ENCODINGS}, got '{self.position_encoding}'")
+            raise KVPError(f"policy config: position_encoding must be one of {POSITION_ENCODINGS}, "
+                           f"got '{self.position_encoding}'")
 
     @property
     def n_agents(self) -> int:
@@ -136,7 +148,9 @@ class PolicyNet(nn.Module):
             return torch.baddbmm(cast[f"{name}_b"].unsqueeze(1), x, cast[f"{name}_w"])
 
         def norm(x: torch.Tensor, name: str) -> torch.Tensor:
-            return torch.addcmul(cast[f"{name}_b"].unsqueeze(1), F.layer_norm(x, x.shape[-1:]), cast[f"{name}_w"].unsqueeze(1))
+            return torch.addcmul(
+                cast[f"{name}_b"].unsqueeze(1), F.layer_norm(x, x.shape[-1:]), cast[f"{name}_w"].unsqueeze(1)
+            )
 
         h = self.config.hidden
         k = norm(linear(keys.reshape(a, b * t, d).to(dtype), "key"), "key_ln")
@@ -159,7 +173,8 @@ class PolicyNet(nn.Module):
         out = 0
         if "position_table" in p:
             table = p["position_table"]  # (A', P, pe)
-            idx = positions.clamp(0, self.config.max_position - 1) + torch.arange(a, device=positions.device)[:, None] * table.shape[1]
+            offsets = torch.arange(a, device=positions.device)[:, None] * table.shape[1]
+            idx = positions.clamp(0, self.config.max_position - 1) + offsets
             out = F.embedding(idx, table.reshape(-1, table.shape[-1]))
         if "position_w" in p:
             feats = self.position_features(positions.reshape(a, b, t), lengths).reshape(a, b * t, N_RELATIVE_FEATURES)

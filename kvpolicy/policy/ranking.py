@@ -9,12 +9,14 @@ correct slow `*_reference` beside it that the tests compare against.
 - `ranking_cost`: Σ_k k·u_σk (k = 1..n) = the future attention evicted, summed over every budget.
 - `normalized_cost`, `reward`: cost(σ)/cost(sort u) ≥ 1 (1 = oracle) and its negative, the RL reward.
 - `rloo_advantages`: leave-one-out baselines, standardized per agent, clipped to ±2.
-- `budget_cost_curve`, `evicted_fraction`: the per-budget view of the same cost.
+- `evicted_fraction`, `relative_loss`: the per-budget view of the same cost.
+
+protocol.py applies these to the tokens inference may evict (sinks and recent tokens are always kept).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +29,9 @@ def argsort_desc(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def gumbel_sort(scores: torch.Tensor, n_samples: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def gumbel_sort(
+    scores: torch.Tensor, n_samples: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample Plackett–Luce rankings: argsort_desc(s + g), g ~ Gumbel(0, 1) i.i.d.
 
     scores: (..., n). Returns (..., n) int64, or (..., n_samples, n) when `n_samples` is given (several
@@ -50,9 +54,14 @@ def plackett_luce_logprob(scores: torch.Tensor, perm: torch.Tensor) -> torch.Ten
 
     The suffix log-sum-exps log Σ_{j≥i} exp s_σj for every i come from ONE reversed cumulative sum: O(n) after
     the gather. Where a row's scores span less than `_LINEAR_SPAN` it is summed as exp(s − max) in float32 (a
-    reversed cumsum, whose backward is another cumsum: ~6x cheaper on CPU than torch.logcumsumexp's); rows of
-    a wider span would underflow that, so then the whole batch takes torch.logcumsumexp in log space.
+    reversed cumsum, whose backward is another cumsum: over 6x cheaper on a CPU thread than torch.logcumsumexp's,
+    see the note below); rows of a wider span would underflow that, so then the whole batch takes
+    torch.logcumsumexp in log space.
     """
+    # Timed (forward + backward at a training step's shape, one thread): 8 ms linear vs 124 ms in log space with
+    #   python -m timeit -s "import torch; torch.set_num_threads(1); s = torch.randn(90, 16, 32, 32,
+    #   requires_grad=True)" "s.exp().cumsum(-1).log().sum().backward()"
+    # and the same with "torch.logcumsumexp(s, -1).sum().backward()".
     s = scores.float().expand(*perm.shape[:-1], scores.shape[-1]).gather(-1, perm)
     top = s.detach().amax(-1, keepdim=True)
     if s.numel() and bool((top - s.detach().amin(-1, keepdim=True) < _LINEAR_SPAN).all()):
@@ -153,7 +162,7 @@ def evicted_fraction(scores: torch.Tensor, utility: torch.Tensor, budgets: Seque
     u = utility.float().gather(-1, argsort_desc(scores))
     n = u.shape[-1]
     tail = u.flip(-1).cumsum(-1).flip(-1)  # tail[..., k] = Σ_{j ≥ k} u_σj = what is lost keeping the first k
-    tail = torch.cat([tail, torch.zeros_like(tail[..., :1])], -1)
+    tail = torch.cat([tail, tail.new_zeros(*tail.shape[:-1], 1)], -1)  # keeping all n loses 0 (also for n = 0)
     idx = torch.tensor([min(max(int(b), 0), n) for b in budgets], device=u.device)
     lost = tail.index_select(-1, idx)
     total = tail[..., :1]
@@ -173,15 +182,12 @@ def evicted_fraction_reference(scores: torch.Tensor, utility: torch.Tensor, budg
     return torch.stack(out, -1)
 
 
-def budget_cost_curve(scores: torch.Tensor, utility: torch.Tensor, budgets: Sequence[int]) -> torch.Tensor:
-    """Per-budget cost relative to the oracle: lost utility at budget b over the least possible loss at b.
+def relative_loss(lost: torch.Tensor, best: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Per-budget cost relative to the oracle: `lost`, the share of the utility a ranking evicts at a budget, over
+    `best`, the least share any ranking evicts there (`evicted_fraction` of the utility itself); any shape.
 
-    1.0 = as good as keeping the b truly most-attended tokens. Where the oracle loses (almost) nothing at a
-    budget, the ratio is taken on losses floored at 1e-6 of the total, so it stays finite. For averaging over
-    prompts prefer ratios of mean `evicted_fraction`s (what the benchmark prints); this is the per-head view.
-    scores, utility: (..., n). Returns (..., len(budgets)).
+    1.0 = as good as keeping the truly most-attended tokens. Where the oracle loses (almost) nothing, the ratio is
+    taken on shares floored at `floor`, so it stays finite. This is the per-head view; for averaging over prompts
+    prefer ratios of mean shares.
     """
-    floor = 1e-6
-    lost = evicted_fraction(scores, utility, budgets).clamp_min(floor)
-    best = evicted_fraction(utility, utility, budgets).clamp_min(floor)
-    return lost / best
+    return lost.clamp_min(floor) / best.clamp_min(floor)

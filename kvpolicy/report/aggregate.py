@@ -1,4 +1,4 @@
-"""Turn result records into the tables behind every figure: one `Panel` per plotted quantity.
+"""Turn results into the tables behind every figure: one `Panel` per plotted quantity.
 
 Records of one model, benchmark family, protocol, context length and data source form a `Group` (one figure);
 inside it, one `Panel` per task (plus an average panel for accuracy), one `Line` per scorer, one point per
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
 
 import numpy as np
 
-from kvpolicy.evaluation.store import WHOLE_RANKING
-
-FULL_CACHE = "full"  # scorer spec and budget label of the uncompressed reference
+from kvpolicy.evaluation.result import FULL, WHOLE_RANKING, Result
 
 METRICS = {
     "accuracy": "accuracy (%)",
@@ -80,59 +78,60 @@ class Group:
         n = f"n = {lo}" if lo == hi else f"n = {lo}–{hi}"
         ctx = f", context {self.context_tokens} tokens" if self.context_tokens else ""
         notes = "".join(f" · {note}" for note in self.training)
-        return f"model: {self.model} · protocol: {self.protocol} · data: {self.data}{ctx} · {n} samples per point{notes}"
+        return (f"model: {self.model} · protocol: {self.protocol} · data: {self.data}{ctx} · {n} samples per point"
+                f"{notes}")
 
 
-def training_notes(records: Iterable[dict[str, Any]]) -> list[str]:
-    """For each learned policy among the records: what it was trained on and whether these records are on the
+def training_notes(results: Iterable[Result]) -> list[str]:
+    """For each learned policy among the results: what it was trained on and whether these results are on the
     same corpus (held-out prompts) or another one (a cross-corpus check), and at a longer context than trained."""
     notes: dict[str, str] = {}
-    for r in records:
-        trained = (r.get("scorer_identity") or {}).get("trained_on") if r.get("scorer_kind") == "learned" else None
-        if not trained or not trained.get("source") or r["scorer_label"] in notes:
+    for r in results:
+        trained = r.trained_on
+        if trained is None or not trained.source or r.scorer_label in notes:
             continue
-        at = f" at {trained['context_tokens']} tokens" if trained.get("context_tokens") else ""
-        relation = ("same corpus, held-out prompts" if trained["source"] == r.get("corpus")
+        at = f" at {trained.context_tokens} tokens" if trained.context_tokens else ""
+        relation = ("same corpus, held-out prompts" if trained.source == r.corpus
                     else "a cross-corpus check: evaluated on data it was not trained on")
-        if trained.get("context_tokens") and r.get("context_tokens") and r["context_tokens"] > trained["context_tokens"]:
+        if trained.context_tokens and r.context_tokens and r.context_tokens > trained.context_tokens:
             relation += ", at a longer context than trained"
-        notes[r["scorer_label"]] = f"{r['scorer_label']} trained on {trained['source']} traces{at}: {relation}"
+        notes[r.scorer_label] = f"{r.scorer_label} trained on {trained.source} traces{at}: {relation}"
     return [notes[label] for label in sorted(notes)]
 
 
-def _mean_points(records: list[dict[str, Any]], metric: str, x_of: dict[str, float]) -> list[Point]:
+def _mean_points(results: list[Result], metric: str, x_of: dict[str, float]) -> list[Point]:
     """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or pooled cost."""
-    by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_budget[r["budget"]].append(r)
+    by_budget: dict[str, list[Result]] = defaultdict(list)
+    for r in results:
+        by_budget[r.budget].append(r)
     points = []
     for budget, rs in by_budget.items():
         if metric == "perplexity":
-            y = math.exp(sum(r["nll_sum"] for r in rs) / max(1, sum(r["n_tokens"] for r in rs)))
+            y = math.exp(sum(r.nll_sum for r in rs) / max(1, sum(r.n_tokens for r in rs)))
         elif metric == "accuracy":
-            y = 100.0 * float(np.mean([r["value"] for r in rs]))
+            y = 100.0 * float(np.mean([r.value for r in rs]))
         else:  # cost: pooled over samples, Σ lost / Σ oracle's lost
-            y = sum(r["lost"] for r in rs) / max(sum(r["best"] for r in rs), 1e-12)
+            y = sum(r.lost for r in rs) / max(sum(r.best for r in rs), 1e-12)
         points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs)))
     return sorted(points, key=lambda p: p.x)
 
 
-def _budget_x(records: list[dict[str, Any]]) -> dict[str, float]:
+def _budget_x(results: list[Result]) -> dict[str, float]:
     kept: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        kept[r["budget"]].append(float(r["kept"]))
+    for r in results:
+        kept[r.budget].append(float(r.kept))
     return {b: float(np.mean(v)) for b, v in kept.items()}
 
 
-def _panel(title: str, metric: str, records: list[dict[str, Any]]) -> Panel:
-    x_of = _budget_x(records)
-    by_scorer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _panel(title: str, metric: str, results: list[Result]) -> Panel:
+    x_of = _budget_x(results)
+    by_scorer: dict[str, list[Result]] = defaultdict(list)
     reference = None
-    for r in records:
-        by_scorer[r["scorer_label"]].append(r)
+    for r in results:
+        by_scorer[r.scorer_label].append(r)
     lines = []
     for label, rs in sorted(by_scorer.items()):
-        if rs[0]["scorer"] == FULL_CACHE:
+        if rs[0].scorer == FULL:
             reference = _mean_points(rs, metric, x_of)[0]
         else:
             lines.append(Line(scorer=label, points=_mean_points(rs, metric, x_of)))
@@ -151,7 +150,8 @@ def _average_panel(panels: list[Panel]) -> Panel | None:
     lines = []
     for scorer, per_budget in sorted(common.items()):
         pts = [
-            Point(budget=b, x=float(np.mean([p.x for p in ps])), y=float(np.mean([p.y for p in ps])), n=min(p.n for p in ps))
+            Point(budget=b, x=float(np.mean([p.x for p in ps])), y=float(np.mean([p.y for p in ps])),
+                  n=min(p.n for p in ps))
             for b, ps in per_budget.items()
             if len(ps) == len(panels)
         ]
@@ -160,25 +160,24 @@ def _average_panel(panels: list[Panel]) -> Panel | None:
     refs = [p.reference for p in panels if p.reference is not None]
     reference = None
     if len(refs) == len(panels):
-        reference = Point(FULL_CACHE, max(r.x for r in refs), float(np.mean([r.y for r in refs])), min(r.n for r in refs))
+        reference = Point(FULL, max(r.x for r in refs), float(np.mean([r.y for r in refs])), min(r.n for r in refs))
     return Panel(title=f"average over {len(panels)} tasks", metric="accuracy", lines=lines, reference=reference)
 
 
-def curve_groups(records: Iterable[dict[str, Any]]) -> list[Group]:
+def curve_groups(results: Iterable[Result]) -> list[Group]:
     """Groups (figures) of quality-vs-cache-size curves for accuracy, perplexity and per-budget cost."""
-    buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        if r["budget"] == WHOLE_RANKING:  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
+    buckets: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        if r.budget == WHOLE_RANKING:  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
             continue
-        key = (r["model"], r["family"], r["metric"], r["protocol"], r.get("context_tokens"), r["data"])
-        buckets[key].append(r)
+        buckets[(r.model, r.family, r.metric, r.protocol, r.context_tokens, r.data)].append(r)
     groups = []
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
         group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
                       training=training_notes(rs))
-        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        by_task: dict[str, list[Result]] = defaultdict(list)
         for r in rs:
-            by_task[r["task"]].append(r)
+            by_task[r.task].append(r)
         group.panels = [_panel(task, metric, trs) for task, trs in sorted(by_task.items())]
         if metric == "accuracy":
             average = _average_panel(group.panels)
@@ -204,22 +203,23 @@ class HeadMap:
         return stacked.argmin(axis=0), self.heuristics
 
     def caption(self) -> str:
-        return f"model: {self.model} · protocol: held-out traces, whole-ranking cost · data: {self.data} · n = {self.n} samples"
+        return (f"model: {self.model} · protocol: held-out traces, whole-ranking cost of the evictable tokens "
+                f"(sinks and recent kept by every method) · data: {self.data} · n = {self.n} samples")
 
 
-def head_maps(records: Iterable[dict[str, Any]]) -> list[HeadMap]:
-    """One HeadMap per (model, trace set) from the whole-ranking ('all' budget) cost records."""
-    buckets: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        if r["metric"] == "cost" and r["budget"] == WHOLE_RANKING:
-            buckets[(r["model"], r["data"])].append(r)
+def head_maps(results: Iterable[Result]) -> list[HeadMap]:
+    """One HeadMap per (model, trace set) from the whole-ranking (WHOLE_RANKING budget) cost results."""
+    buckets: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        if r.metric == "cost" and r.budget == WHOLE_RANKING:
+            buckets[(r.model, r.data)].append(r)
     maps = []
     for (model, data), rs in sorted(buckets.items()):
         by_scorer: dict[str, list[np.ndarray]] = defaultdict(list)
         kinds: dict[str, str] = {}
         for r in rs:
-            by_scorer[r["scorer_label"]].append(np.asarray(r["per_head"], dtype=np.float64))
-            kinds[r["scorer_label"]] = r.get("scorer_kind", "heuristic")
+            by_scorer[r.scorer_label].append(np.asarray(r.per_head, dtype=np.float64))
+            kinds[r.scorer_label] = r.scorer_kind
         cost = {s: np.mean(v, axis=0) for s, v in by_scorer.items()}
         heuristics = sorted(s for s in cost if kinds[s] == "heuristic")
         if heuristics:
@@ -249,26 +249,35 @@ class Throughput:
 ALL_SCORERS = "all scorers together"
 
 
-def throughput(records: Iterable[dict[str, Any]]) -> list[Throughput]:
+@dataclass
+class _SampleTime:
+    """The time one sample took: its shared prefill, and the work of `results` results on it."""
+
+    prefill: float
+    work: float = 0.0
+    results: int = 0
+
+
+def throughput(results: Iterable[Result]) -> list[Throughput]:
     """Per scorer (its share of the sweep: answers are decoded in one batch with the other scorers at the same
     budget) and for all scorers of a sample together (one prefill, every ranking, cut and answer)."""
-    per_sample: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        key = (r["model"], r["family"], r.get("context_tokens"), r["protocol"], r["scorer_label"], r["task"], r["sample"])
-        slot = per_sample.setdefault(key, {"prefill": float(r.get("prefill_seconds", 0.0)), "work": 0.0, "results": 0})
-        slot["work"] += float(r["seconds"])
-        slot["results"] += 1
-    together: dict[tuple, dict[str, Any]] = {}
-    for (model, family, ctx, protocol, _, task, sample), slot in per_sample.items():
+    per_sample: dict[tuple, _SampleTime] = {}
+    for r in results:
+        key = (r.model, r.family, r.context_tokens, r.protocol, r.scorer_label, r.task, r.sample)
+        spent = per_sample.setdefault(key, _SampleTime(float(r.prefill_seconds)))
+        spent.work += float(r.seconds)
+        spent.results += 1
+    together: dict[tuple, _SampleTime] = {}
+    for (model, family, ctx, protocol, _, task, sample), spent in per_sample.items():
         whole = together.setdefault((model, family, ctx, protocol, ALL_SCORERS, task, sample),
-                                    {"prefill": slot["prefill"], "work": 0.0, "results": 0})
-        whole["work"] += slot["work"]
-        whole["results"] += slot["results"]
-    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for (model, family, ctx, protocol, scorer, _, _), slot in (per_sample | together).items():
-        grouped[(family, ctx, protocol, scorer)].append(slot)
+                                    _SampleTime(spent.prefill))
+        whole.work += spent.work
+        whole.results += spent.results
+    grouped: dict[tuple, list[_SampleTime]] = defaultdict(list)
+    for (_, family, ctx, protocol, scorer, _, _), spent in (per_sample | together).items():
+        grouped[(family, ctx, protocol, scorer)].append(spent)
     out = []
-    for (family, ctx, protocol, scorer), slots in sorted(grouped.items(), key=lambda kv: str(kv[0])):
-        seconds = float(np.mean([s["prefill"] + s["work"] for s in slots]))
-        out.append(Throughput(family, ctx, protocol, scorer, len(slots), max(s["results"] for s in slots), seconds))
+    for (family, ctx, protocol, scorer), times in sorted(grouped.items(), key=lambda kv: str(kv[0])):
+        seconds = float(np.mean([t.prefill + t.work for t in times]))
+        out.append(Throughput(family, ctx, protocol, scorer, len(times), max(t.results for t in times), seconds))
     return out

@@ -7,11 +7,12 @@ import base64
 import html
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any
 
+from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import atomic_path, check_writable
 from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
@@ -21,10 +22,10 @@ from kvpolicy.report.tables import Table, group_table, head_map_tables, throughp
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
     "models, slightly below their fp16 originals. Data marked 'stand-in' substitutes for the paper's hub data, "
-    "which is not reachable offline. Budgets keep the first 4 (sink) and last 16 tokens of every head; "
-    "'query-aware' compresses after context and question (the KVP paper), 'question-agnostic' compresses the "
-    "context before the question is read (kvpress). TOVA and SnapKV see the question's attention (privileged "
-    "information); KVP and the other heuristics see only the cache."
+    f"which is not reachable offline. Budgets keep the first {Budget.sinks} (sink) and last {Budget.recent} tokens "
+    "of every head; 'query-aware' compresses after context and question (the KVP paper), 'question-agnostic' "
+    "compresses the context before the question is read (kvpress). TOVA and SnapKV see the question's attention "
+    "(privileged information); KVP and the other heuristics see only the cache."
 )
 
 
@@ -51,14 +52,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def build_sections(records: list[dict[str, Any]]) -> list[Section]:
+def build_sections(results: list[Result]) -> list[Section]:
     sections = []
-    for i, group in enumerate(curve_groups(records), start=1):
+    for i, group in enumerate(curve_groups(results), start=1):
         title = group.title()
         slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
         sections.append(Section(title, group.caption(), curves_figure(group), [group_table(group)], slug))
-    learned_labels = {r["scorer_label"] for r in records if r.get("scorer_kind") == "learned"}
-    for j, head_map in enumerate(head_maps(records), start=len(sections) + 1):
+    learned_labels = {r.scorer_label for r in results if r.scorer_kind == "learned"}
+    for j, head_map in enumerate(head_maps(results), start=len(sections) + 1):
         learned = next((s for s in sorted(head_map.cost) if s in learned_labels), None)
         sections.append(
             Section(
@@ -72,10 +73,10 @@ def build_sections(records: list[dict[str, Any]]) -> list[Section]:
     return sections
 
 
-def _setup_table(records: list[dict[str, Any]]) -> Table:
+def _setup_table(results: list[Result]) -> Table:
     seen: dict[tuple, int] = {}
-    for r in records:
-        key = (r["model"], r["model_fingerprint"], r["scorer_label"], r["scorer_id"])
+    for r in results:
+        key = (r.model, r.model_fingerprint, r.scorer_label, r.scorer_id)
         seen[key] = seen.get(key, 0) + 1
     return Table(
         title="what was evaluated",
@@ -85,7 +86,7 @@ def _setup_table(records: list[dict[str, Any]]) -> Table:
 
 
 def _markdown(sections: list[Section], setup: list[Table], results: Results) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     source = f"{len(results.records)} results from `{results.path}`, written {stamp}."
     out = ["# kvpolicy evaluation report", "", source, ""]
     if results.note:
@@ -109,7 +110,7 @@ CSS = (
 
 
 def _html(sections: list[Section], setup: list[Table], results: Results) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kvpolicy evaluation report</title>",
         f"<style>{CSS}</style></head><body><h1>kvpolicy evaluation report</h1>",

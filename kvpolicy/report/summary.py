@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
+from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
 from kvpolicy.report.tables import group_table, head_map_tables, throughput_table
 
 
-def summary_text(records: list[dict[str, Any]]) -> str:
-    if not records:
+def summary_text(results: list[Result]) -> str:
+    if not results:
         return "no results yet"
     blocks = []
-    for group in curve_groups(records):
+    for group in curve_groups(results):
         table = group_table(group)
         blocks.append(f"{group.title()}\n{group.caption()}\n\n{table.text()}")
-    for head_map in head_maps(records):
+    for head_map in head_maps(results):
         overall = head_map_tables(head_map)[0]
         blocks.append(f"{overall.title}\n\n{overall.text()}")
-    speed = throughput_table(throughput(records))
+    speed = throughput_table(throughput(results))
     blocks.append(f"{speed.title}\n\n{speed.text()}")
     return "\n\n".join(blocks)
 

@@ -2,8 +2,8 @@
 
 Traces keep no queries, but the ranking-quality benchmark compares the learned policy against TOVA and SnapKV,
 which see the attention of the prompt's last rows (the question). Those rows' attention inputs are recorded during
-the prefill, so both scores come from ONE window attention (W = 64 rows, kvpress's SnapKV default) batched over
-all layers. The definitions follow kvpress exactly; `baseline_scores_reference` calls kvpress's own
+the prefill, so both scores come from ONE causal window attention (W = 64 rows, kvpress's SnapKV default; fp32)
+batched over all layers. The definitions follow kvpress exactly; `baseline_scores_reference` calls kvpress's own
 `TOVAPress.score` / `SnapKVPress.score` layer by layer and the tests compare the two.
 
 TOVA (https://arxiv.org/abs/2401.06104): attention of the last prompt row, averaged over all query heads.
@@ -14,13 +14,13 @@ token) the score max + 1, as kvpress does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kvpolicy.errors import KVPError
-from kvpolicy.traces.utility import AttentionInputs, project_queries
+from kvpolicy.models.attention import AttentionInputs, causal_window_attention, recorded_queries
 
 SNAPKV_WINDOW = 64  # kvpress default observation window
 SNAPKV_KERNEL = 5
@@ -42,19 +42,6 @@ def _check(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise KVPError(f"unknown baselines {unknown}; known baselines: {', '.join(BASELINES)}")
-
-
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """queries (L, Hq, W, d) of the prompt's last W rows, keys (L, H, T, d) -> causal softmax (L, Hq, W, T) fp32."""
-    n_layers, n_q, window, dim = queries.shape
-    n_kv, length = keys.shape[1], keys.shape[2]
-    group = n_q // n_kv
-    q = queries.float().reshape(n_layers * n_kv, group * window, dim)
-    k = keys.float().reshape(n_layers * n_kv, length, dim)
-    logits = torch.bmm(q, k.transpose(1, 2)).view(n_layers, n_q, window, length) * scaling
-    rows = torch.arange(length - window, length, device=keys.device)
-    logits.masked_fill_(torch.arange(length, device=keys.device)[None, :] > rows[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1)
 
 
 def _pad_window(scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -95,8 +82,8 @@ def baseline_scores(
         return {}
     length, n_kv = keys[0].shape[-2], keys[0].shape[1]
     window = baseline_window(length)
-    queries = project_queries(attention_modules, recorded, rows=window)
-    probs = window_attention(queries, torch.cat(list(keys)), attention_modules[0].scaling)
+    queries = recorded_queries(attention_modules, recorded, rows=window)  # (L, Hq, W, d)
+    probs = causal_window_attention(queries.float(), torch.cat(list(keys)).float(), attention_modules[0].scaling)
     make = {"tova": tova_from_attention, "snapkv": snapkv_from_attention}
     return {name: make[name](probs, n_kv) for name in names}
 
@@ -118,7 +105,7 @@ def baseline_scores_reference(
     scores = {}
     for name in names:
         per_layer = [
-            presses[name].score(a, r.hidden_states, k, v, None, {"position_embeddings": (r.cos, r.sin)})[0]
+            presses[name].score(a, r.hidden_states, k, v, None, {"position_embeddings": r.position_embeddings})[0]
             for a, r, k, v in zip(attention_modules, recorded, keys, values)
         ]
         scores[name] = torch.stack(per_layer).float()

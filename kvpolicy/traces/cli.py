@@ -12,9 +12,9 @@ manifest. Re-running the same command resumes: complete shards are kept and thei
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
+from kvpolicy.distributed import init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.registry import DEFAULT_MODEL
@@ -51,35 +51,11 @@ def _names(text: str | None) -> tuple[str, ...]:
     return tuple(t.strip() for t in (text or "").split(",") if t.strip() and t.strip() != "none")
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): from torchrun's environment, with a gloo process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world
-
-
-def _reduce(values: list[int], world: int, op: str) -> list[int]:
-    """Element-wise "min" or "sum" of `values` over all ranks (a collective: every rank must call it)."""
-    if world == 1:
-        return values
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.models.loader import load_model
-    from kvpolicy.traces.pipeline import TraceRunConfig, finish, run_traces
+    from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
 
-    rank, world = _distributed()
+    ctx = init_distributed("cpu")  # the model runs on the CPU; gloo carries the ranks' status
     start = time.perf_counter()
     failure: BaseException | None = None
     recorded = skipped = 0
@@ -92,32 +68,29 @@ def run(args: argparse.Namespace) -> int:
         )
         check_writable(args.out, "trace directory", directory=True)  # before minutes of model loading
         handle = load_model(args.model)
-        result = run_traces(handle, cfg, args.out, rank=rank, world=world, show_progress=rank == 0)
+        result = record_shards(handle, cfg, args.out, rank=ctx.rank, world=ctx.world, show_progress=ctx.main)
         recorded, skipped = result.recorded, result.skipped
     except (KVPError, OSError, KeyboardInterrupt) as err:
         failure = err
     try:
         # every rank reaches this point even after an error, so no rank waits forever on the others
-        all_ok = _reduce([int(failure is None)], world, "min")[0]
-        recorded, skipped = _reduce([recorded, skipped], world, "sum")
+        all_ok = ctx.all_reduce([int(failure is None)], "min")[0]
+        recorded, skipped = ctx.all_reduce([recorded, skipped], "sum")
         manifest = None
-        if all_ok and rank == 0:
+        if all_ok and ctx.main:
             try:
                 wall = time.perf_counter() - start
                 manifest = finish(handle, cfg, args.out, {"last_run": {
-                    "world_size": world, "wall_seconds": round(wall, 3), "recorded": recorded, "skipped": skipped}})
+                    "world_size": ctx.world, "wall_seconds": round(wall, 3), "recorded": recorded, "skipped": skipped}})
             except KVPError as err:
                 failure = err
-        manifest_ok = _reduce([int(failure is None)], world, "min")[0]
+        manifest_ok = ctx.all_reduce([int(failure is None)], "min")[0]
     finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown_distributed(ctx)
     if failure is not None:
         raise failure
     if not (all_ok and manifest_ok):
-        raise KVPError(f"another rank failed (rank {rank} finished its part); re-run the same command to resume")
+        raise KVPError(f"another rank failed (rank {ctx.rank} finished its part); re-run the same command to resume")
     if manifest is not None:
         print(f"{manifest['n_samples']} traces ({manifest['prompt_tokens']} prompt tokens) of {handle.info.name} in "
               f"{args.out}: {recorded} recorded now, {skipped} were already there; "

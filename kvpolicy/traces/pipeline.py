@@ -19,6 +19,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
+from kvpolicy.signals import deferred_interrupts
 from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
@@ -106,9 +107,9 @@ class RunResult:
     model_seconds: float
 
 
-def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: int = 0, world: int = 1,
-               show_progress: bool = True) -> RunResult:
-    """Record this rank's missing samples into `out` (no manifest: see `finish`)."""
+def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: int = 0, world: int = 1,
+                  show_progress: bool = True) -> RunResult:
+    """Record this rank's missing samples into shards in `out` (no manifest: see `finish`)."""
     check_writable(out, "trace directory", directory=True)
     if cfg.context_tokens >= handle.info.max_positions:
         raise KVPError(f"refused: --context {cfg.context_tokens} reaches {handle.info.name}'s maximum of "
@@ -141,7 +142,8 @@ def run_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, rank: 
                       "code_version": code_version(), "warnings": trace.warnings, **prompt.meta}
             tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
             tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
-            writer.add(prompt.index, record, tensors)
+            with deferred_interrupts():  # a record is queued with its tensors, or not at all
+                writer.add(prompt.index, record, tensors)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(tokens=trace.length, future=len(trace.future_ids))
@@ -159,6 +161,6 @@ def finish(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, extra: dic
 
 def record_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, show_progress: bool = True) -> dict:
     """Single-process convenience: record every missing sample, then write the manifest; returns it."""
-    result = run_traces(handle, cfg, out, show_progress=show_progress)
+    result = record_shards(handle, cfg, out, show_progress=show_progress)
     return finish(handle, cfg, out, {"last_run": {"world_size": 1, "wall_seconds": round(result.seconds, 3),
                                                   "recorded": result.recorded, "skipped": result.skipped}})

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from kvpolicy.errors import KVPError
+from kvpolicy.models.attention import record_attention_inputs
+from kvpolicy.models.decoding import greedy_tokens
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import baseline_scores, rows_needed
 from kvpolicy.traces.future import FutureConfig
-from kvpolicy.traces.utility import AttentionInputRecorder, future_utility
+from kvpolicy.traces.utility import future_utility
+
 
 @dataclass
 class Trace:
@@ -55,17 +58,13 @@ class _Stopwatch:
 
 
 def greedy_continuation(handle: ModelHandle, cache: DynamicCache, logits: torch.Tensor, max_tokens: int) -> list[int]:
-    """Greedy tokens from `logits` (1, vocab) of the last prompt token, decoding on `cache` (which grows by the
-    tokens fed); stops after an end-of-turn token (kept) or `max_tokens` tokens."""
-    stop = handle.eos_token_ids
-    tokens: list[int] = []
-    while True:
-        token = int(logits[0].argmax())
-        tokens.append(token)
-        if token in stop or len(tokens) >= max_tokens:
-            return tokens
-        step = torch.tensor([[token]], device=logits.device)
-        logits = handle.model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+    """Greedy tokens from `logits` (1, vocab) of the last prompt token, decoding on `cache`; stops after an
+    end-of-turn token (kept) or `max_tokens` tokens. The cache grows by every token but a final end-of-turn one."""
+
+    def feed(step: torch.Tensor) -> torch.Tensor:
+        return handle.model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    return greedy_tokens(feed, logits, max_tokens, handle.eos_token_ids)[0]
 
 
 def record_trace(
@@ -102,14 +101,14 @@ def record_trace(
     stopwatch = _Stopwatch()
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        with stopwatch, AttentionInputRecorder(handle.layers, rows=max(1, rows_needed(baselines, n_prompt))) as rec:
+        with stopwatch, record_attention_inputs(handle.layers, max(1, rows_needed(baselines, n_prompt))) as recorded:
             if future.mode == "greedy":
                 out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1]
             else:
                 model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         layer_caches = cache.layers
-        scores = baseline_scores(baselines, attn, rec.records, [c.keys for c in layer_caches])
+        scores = baseline_scores(baselines, attn, recorded, [c.keys for c in layer_caches])
         if future.mode == "greedy":
             with stopwatch:
                 future_ids = greedy_continuation(handle, cache, logits, max_future)
@@ -118,9 +117,9 @@ def record_trace(
             future_ids = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
         keys = torch.stack([c.keys[0, :, :n_prompt].half() for c in layer_caches]).cpu()
         values = torch.stack([c.values[0, :, :n_prompt].half() for c in layer_caches]).cpu()
-        with stopwatch, AttentionInputRecorder(handle.layers, rows=len(future_ids)) as rec:
+        with stopwatch, record_attention_inputs(handle.layers, len(future_ids)) as recorded:
             model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
-        utility = future_utility(attn, rec.records, [c.keys for c in cache.layers], n_prompt).cpu()
+        utility = future_utility(attn, recorded, [c.keys for c in cache.layers], n_prompt).cpu()
     for note in notes:
         warnings.warn(note, stacklevel=2)
     scores = {name: s.cpu() for name, s in scores.items()}

@@ -4,7 +4,8 @@ continuation (end-of-turn included). Prompt i of a (source, split, seed, context
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from kvpolicy.data import dialogue, ruler
 from kvpolicy.data.dialogue import render_continuation

@@ -27,7 +27,8 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,7 +36,7 @@ from safetensors.torch import save as save_safetensors
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import atomic_path, describe_os_error, read_json, sha256_json, write_json
-from kvpolicy.models.handle import MODEL_SCHEMA, ModelInfo
+from kvpolicy.models.handle import MODEL_SCHEMA, ModelIdentity, ModelInfo
 from kvpolicy.schema import Optional, validate
 
 FORMAT = "kvpolicy-traces/1"
@@ -308,7 +309,8 @@ class TraceSample:
 
 
 class TraceReader:
-    """Read traces one (sample, layer) at a time from memory-mapped shards.
+    """Read traces one (sample, layer) at a time from memory-mapped shards. `model`: the model they were recorded
+    from (name, fingerprint, KV-cache shape).
 
     The manifest is checked on opening (MANIFEST_SCHEMA; every shard it names a listed file of this directory).
     Every slice read is checked against the CRC32 recorded at write time (`verify=False` skips that); a shard whose
@@ -318,31 +320,11 @@ class TraceReader:
     def __init__(self, directory: str | Path, verify: bool = True):
         self.directory = Path(directory)
         self.manifest: dict = _load_manifest(self.directory)
+        self.model = ModelIdentity.from_dict(self.manifest["model"])
         self.verify = verify
         self._shard_bytes = {s["file"]: s["bytes"] for s in self.manifest["shards"]}
         self._handles: dict[str, Any] = {}
         self._crcs: dict[int, dict[str, list[int]]] = {}
-
-    # manifest facts
-    @property
-    def model_name(self) -> str:
-        return self.manifest["model"]["name"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["model"]["fingerprint"]
-
-    @property
-    def n_layers(self) -> int:
-        return self.manifest["model"]["n_layers"]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.manifest["model"]["n_kv_heads"]
-
-    @property
-    def head_dim(self) -> int:
-        return self.manifest["model"]["head_dim"]
 
     @property
     def lengths(self) -> list[int]:
@@ -360,10 +342,10 @@ class TraceReader:
         return len(self.manifest["samples"])
 
     def check_model(self, info: ModelInfo) -> None:
-        if info.fingerprint != self.fingerprint:
-            raise KVPError(f"traces in {self.directory} were recorded from {self.model_name} (fingerprint "
-                           f"{self.fingerprint}), not {info.name} (fingerprint {info.fingerprint}); record traces "
-                           "with this model first")
+        if info.fingerprint != self.model.fingerprint:
+            raise KVPError(f"traces in {self.directory} were recorded from {self.model.name} (fingerprint "
+                           f"{self.model.fingerprint}), not {info.name} (fingerprint {info.fingerprint}); record "
+                           "traces with this model first")
 
     # reading
     def _shard(self, sample: int):
@@ -396,7 +378,7 @@ class TraceReader:
             _, records = _shard_metadata(shard)
             self._crcs.update((r["index"], r["crc"]) for r in records if r["index"] < len(self))
         expected = self._crcs[sample][tensor]
-        chosen = [layers] if isinstance(layers, int) else list(range(self.n_layers)[layers])
+        chosen = [layers] if isinstance(layers, int) else list(range(self.model.n_layers)[layers])
         stack = data.unsqueeze(0) if isinstance(layers, int) else data
         for offset, layer in enumerate(chosen):
             if _layer_crc(stack, offset) != expected[layer]:
@@ -409,8 +391,8 @@ class TraceReader:
 
     def read(self, sample: int, layer: int) -> TraceSample:
         """keys, values (H, T, d) fp16, utility (H, T) fp32, positions (T,) of one (sample, layer)."""
-        if not 0 <= layer < self.n_layers:
-            raise KVPError(f"layer {layer} out of range: the traces have {self.n_layers} layers")
+        if not 0 <= layer < self.model.n_layers:
+            raise KVPError(f"layer {layer} out of range: the traces have {self.model.n_layers} layers")
         parts = [self._slice(sample, t, layer) for t in CORE_TENSORS]
         return TraceSample(*parts, positions=self.positions(sample))
 

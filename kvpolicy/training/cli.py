@@ -13,36 +13,49 @@ from kvpolicy.policy.network import POSITION_ENCODINGS, PolicyConfig
 from kvpolicy.training.trainer import PAPER, TrainConfig
 
 _DEFAULTS = TrainConfig()
-_POLICY_DEFAULTS = {f.name: f.default for f in fields(PolicyConfig) if f.name not in ("n_layers", "n_kv_heads", "head_dim")}
+_POLICY_DEFAULTS = {
+    f.name: f.default for f in fields(PolicyConfig) if f.name not in ("n_layers", "n_kv_heads", "head_dim")
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", required=True, metavar="DIR", help="training traces (from `kvp traces`)")
-    parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write (resumed if present)")
+    parser.add_argument("--out", required=True, metavar="CKPT",
+                        help="checkpoint directory to write (resumed if present)")
     parser.add_argument("--val", metavar="DIR", help="held-out validation traces (default: hold out 10%% of --traces)")
-    parser.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"optimizer steps (default {_DEFAULTS.steps})")
+    parser.add_argument("--steps", type=int, default=_DEFAULTS.steps,
+                        help=f"optimizer steps (default {_DEFAULTS.steps})")
     parser.add_argument("--batch", type=int, default=_DEFAULTS.batch, help="prompts per step, over all processes")
-    parser.add_argument("--tokens", type=int, default=_DEFAULTS.tokens, help="random evictable tokens ranked per prompt (0 = all)")
-    parser.add_argument("--samples", type=int, default=_DEFAULTS.samples, help="rankings sampled per prompt (RLOO group)")
-    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"peak learning rate (default {_DEFAULTS.lr}; paper {PAPER['lr']})")
+    parser.add_argument("--tokens", type=int, default=_DEFAULTS.tokens,
+                        help="random evictable tokens ranked per prompt (0 = all)")
+    parser.add_argument("--samples", type=int, default=_DEFAULTS.samples,
+                        help="rankings sampled per prompt (RLOO group)")
+    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr,
+                        help=f"peak learning rate (default {_DEFAULTS.lr}; paper {PAPER['lr']})")
     parser.add_argument("--warmup", type=int, default=_DEFAULTS.warmup, help="linear warm-up steps")
-    parser.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="validate (and keep the best) every N steps")
+    parser.add_argument("--val-every", type=int, default=_DEFAULTS.val_every,
+                        help="validate (and keep the best) every N steps")
     parser.add_argument("--val-samples", type=int, default=_DEFAULTS.val_samples, help="validation prompts")
-    parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every, help="write a resumable checkpoint every N steps")
-    parser.add_argument("--hidden", type=int, default=_POLICY_DEFAULTS["hidden"], help="policy hidden width (paper 256)")
-    parser.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=_POLICY_DEFAULTS["position_encoding"])
-    parser.add_argument("--max-position", type=int, default=None, help="learned position table size (default: longest trace)")
+    parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
+                        help="write a resumable checkpoint every N steps")
+    parser.add_argument("--hidden", type=int, default=_POLICY_DEFAULTS["hidden"],
+                        help="policy hidden width (paper 256)")
+    parser.add_argument("--position-encoding", choices=POSITION_ENCODINGS,
+                        default=_POLICY_DEFAULTS["position_encoding"])
+    parser.add_argument("--max-position", type=int, default=None,
+                        help="learned position table size (default: longest trace)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 matmuls")
     parser.add_argument("--no-compile", action="store_true", help="do not torch.compile the policy")
     parser.add_argument("--paper", action="store_true", help=f"use the paper's training values {PAPER} (slow here)")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--restart", action="store_true", help="overwrite an existing checkpoint instead of resuming it")
+    parser.add_argument("--restart", action="store_true",
+                        help="overwrite an existing checkpoint instead of resuming it")
 
 
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.traces.store import TraceReader
-    from kvpolicy.training.distributed import init_distributed, shutdown_distributed
+    from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.training.trainer import Trainer
 
     train = TraceReader(args.traces)
@@ -53,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
         bf16=not args.no_bf16, compile=not args.no_compile, seed=args.seed,
     )
     config = TrainConfig(**(values | PAPER if args.paper else values))
+    model = train.model
     policy = PolicyConfig(
-        train.n_layers, train.n_kv_heads, train.head_dim, hidden=args.hidden,
+        model.n_layers, model.n_kv_heads, model.head_dim, hidden=args.hidden,
         position_encoding=args.position_encoding, max_position=args.max_position or max(train.lengths),
     )
     ctx = init_distributed(args.device)
@@ -67,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed(ctx)
     if ctx.main:
         print(
-            f"trained {train.n_layers * train.n_kv_heads} agents of {train.model_name} for {result.steps} steps "
+            f"trained {model.n_agents} agents of {model.name} for {result.steps} steps "
             f"in {result.seconds:.0f} s ({result.steps_per_s:.2f} steps/s, {result.tokens_per_s:,.0f} tokens/s, "
             f"{ctx.world} process(es)); best validation reward {result.best_val_reward:.4f} at step {result.best_step} "
             f"(-1 = oracle); {result.skipped_batches} batches skipped; {result.n_parameters:,} parameters -> {args.out}"

@@ -1,31 +1,35 @@
 """Training batches from traces: every agent's (key, value, position, utility) rows for a few prompts.
 
-A source is anything with the TraceReader interface (kvpolicy/traces/store.py): `n_layers`, `n_kv_heads`,
-`head_dim`, `lengths`, `len()` and `read_layers(sample) -> TraceSample` with keys/values (L, H, T, d) and
-utility (L, H, T); `SyntheticTraces` is another. Agents are flattened layer-major: agent = layer * H + head.
+A source is anything with the TraceReader interface (kvpolicy/traces/store.py): `model` (a ModelIdentity:
+name, fingerprint, layers, KV heads, head dim), `lengths`, `len()` and `read_layers(sample) -> TraceSample` with
+keys/values (L, H, T, d) and utility (L, H, T); `SyntheticTraces` is another. Agents are flattened layer-major:
+agent = layer * H + head.
 
-Only the evictable tokens are ranked: the first `sinks` and last `recent` positions are always kept at inference
-(kvpolicy.compression.budget), so their scores never matter, and the attention sink's huge utility would
-otherwise dominate every reward. To cut cost, each prompt contributes a random subset of `tokens` of its
-evictable positions per step (ranking a random subset is still a ranking problem with the same optimum order);
-validation ranks every evictable token. Prompts are kept in RAM after their first (checksum-verified) read, up to
-`cache_bytes`; beyond that they are re-read from the memory-mapped shards.
+Training ranks only evictable tokens (kvpolicy.policy.protocol): the first `sinks` and last `recent` positions
+are always kept at inference, so their scores never matter. To cut cost, each prompt contributes a random subset
+of `tokens` of its evictable positions per step (ranking a random subset is still a ranking problem with the same
+optimum order). Validation reads whole prompts and leaves sinks and recent out in the protocol's cost. Prompts are
+kept in RAM after their first (checksum-verified) read, up to `CACHE_BYTES`; beyond that they are re-read from the
+memory-mapped shards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelIdentity
+from kvpolicy.policy.protocol import RECENT, SINKS, evictable_range
+
+CACHE_BYTES = 4 << 30  # RAM for prompts kept after their first read
 
 
 class TraceSource(Protocol):
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
+    model: ModelIdentity
 
     @property
     def lengths(self) -> list[int]: ...
@@ -47,33 +51,27 @@ class Batch:
     lengths: torch.Tensor
 
     def finite(self) -> bool:
-        return bool(torch.isfinite(self.keys).all() and torch.isfinite(self.values).all() and torch.isfinite(self.utility).all())
+        return all(bool(torch.isfinite(t).all()) for t in (self.keys, self.values, self.utility))
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in (self.keys, self.values, self.utility, self.positions, self.lengths)))
 
 
-def evictable_range(length: int, sinks: int, recent: int) -> tuple[int, int]:
-    """[start, stop) of the positions a budget can evict in a prompt of `length` tokens."""
-    return min(sinks, length), max(min(sinks, length), length - recent)
-
-
 class TraceBatches:
-    """Draws training batches (random token subsets) and validation batches (whole prompts) from a source.
+    """Draws training batches (random evictable token subsets) and validation batches (whole prompts) from a source.
 
     tokens: tokens ranked per prompt and step (0 or more than a prompt's evictable tokens: all of the shortest
     prompt's, so a batch stays rectangular). dtype: of keys/values handed to the policy (bfloat16 halves memory
-    traffic and runs the matmuls on the CPU's bf16 units). cache_bytes: RAM for prompts kept after first read.
+    traffic and runs the matmuls on the CPU's bf16 units).
     """
 
     def __init__(
         self,
         source: TraceSource,
         tokens: int = 256,
-        sinks: int = 4,
-        recent: int = 16,
+        sinks: int = SINKS,
+        recent: int = RECENT,
         dtype: torch.dtype = torch.float32,
-        cache_bytes: int = 4 << 30,
     ):
         if len(source) == 0:
             raise KVPError("the trace set is empty: record traces with `kvp traces ... --n N` first")
@@ -87,13 +85,8 @@ class TraceBatches:
                 f"{recent} recent); record traces with a longer --context"
             )
         self.tokens = shortest if tokens <= 0 else min(tokens, shortest)
-        self.cache_bytes = cache_bytes
         self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
         self._cached_bytes = 0
-
-    @property
-    def n_agents(self) -> int:
-        return self.source.n_layers * self.source.n_kv_heads
 
     def preload(self, samples: Sequence[int]) -> None:
         """Read (and so checksum-verify) every sample once up front, keeping what fits in the cache: a damaged
@@ -103,31 +96,30 @@ class TraceBatches:
 
     def _read(self, sample: int) -> tuple[torch.Tensor, ...]:
         """keys, values (A, T, d) in the storage dtype, utility (A, T), positions (T,) of one prompt (from RAM
-        when cached). Keys and values are converted to bfloat16 once here when training in bfloat16 (converting
-        fp16 -> bf16 at every step cost more than the gather)."""
+        when cached). When training in bfloat16, keys and values are converted once here, not at every step."""
         if sample in self._cache:
             return self._cache[sample]
         trace = self.source.read_layers(sample)
         store = self.dtype if self.dtype.itemsize <= 2 else torch.float16
-        a = self.n_agents
+        a = self.source.model.n_agents
         keys, values = (torch.as_tensor(t).reshape(a, -1, t.shape[-1]).to(store) for t in (trace.keys, trace.values))
-        tensors = (keys, values, torch.as_tensor(trace.utility).reshape(a, -1).float(), torch.as_tensor(trace.positions))
+        utility = torch.as_tensor(trace.utility).reshape(a, -1).float()
+        tensors = (keys, values, utility, torch.as_tensor(trace.positions))
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if self._cached_bytes + size <= self.cache_bytes:
+        if self._cached_bytes + size <= CACHE_BYTES:
             self._cache[sample] = tensors
             self._cached_bytes += size
         return tensors
 
     def _rows(self, sample: int, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """keys, values (A, n, d), utility (A, n), positions (n,) of one prompt at token indices `index` (None: all
-        evictable)."""
+        """keys, values (A, n, d), utility (A, n), positions (n,) of one prompt at token indices `index` (None:
+        every token), and the prompt's length."""
         keys, values, utility, positions = self._read(sample)
         if index is None:
-            start, stop = evictable_range(keys.shape[1], self.sinks, self.recent)
-            index = torch.arange(start, stop)
+            index = torch.arange(keys.shape[1])
         return (
-            _gather_tokens(keys, index).to(self.dtype),
-            _gather_tokens(values, index).to(self.dtype),
+            keys.index_select(1, index).to(self.dtype),
+            values.index_select(1, index).to(self.dtype),
             utility.index_select(1, index),
             positions.index_select(0, index),
             positions.max() + 1,
@@ -143,7 +135,7 @@ class TraceBatches:
         return self._stack(rows)
 
     def full(self, sample: int) -> Batch:
-        """Every evictable token of one prompt (B = 1), for validation and benchmarks."""
+        """Every token of one prompt (B = 1), for validation: the protocol's cost ranks its evictable ones."""
         return self._stack([self._rows(sample, None)])
 
     @staticmethod
@@ -158,20 +150,11 @@ class TraceBatches:
         )
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[:, index] for (A, T, d); 2-byte floats are gathered as int16 (CPU index_select is ~3x faster on them)."""
-    if x.element_size() == 2:
-        return x.view(torch.int16).index_select(1, index).view(x.dtype)
-    return x.index_select(1, index)
-
-
 def check_same_model(train: TraceSource, val: TraceSource) -> None:
-    """Validation traces must come from the model the training traces came from."""
-    fp_train, fp_val = getattr(train, "fingerprint", None), getattr(val, "fingerprint", None)
-    shape_train = (train.n_layers, train.n_kv_heads, train.head_dim)
-    shape_val = (val.n_layers, val.n_kv_heads, val.head_dim)
-    if fp_train != fp_val or shape_train != shape_val:
+    """Validation traces must come from the model the training traces came from (fingerprint and cache shape)."""
+    a, b = train.model, val.model
+    if (a.fingerprint, a.n_layers, a.n_kv_heads, a.head_dim) != (b.fingerprint, b.n_layers, b.n_kv_heads, b.head_dim):
         raise KVPError(
-            f"validation traces come from another model ({getattr(val, 'model_name', '?')}, fingerprint {fp_val}) than "
-            f"the training traces ({getattr(train, 'model_name', '?')}, fingerprint {fp_train}); record both with one model"
+            f"validation traces come from another model ({b.name}, fingerprint {b.fingerprint}) than the training "
+            f"traces ({a.name}, fingerprint {a.fingerprint}); record both with one model"
         )

@@ -1,27 +1,27 @@
 """Synthetic traces whose future utility is a known function of the key: a learning problem with a known answer.
 
 Each agent a has a hidden query direction w_a; a prompt's keys and values are Gaussian and the utility of token i
-is the attention a query along w_a pays it, u_i = softmax_i(sharpness · k_i·w_a) (|w_a| = 1, k ~ N(0, I)), so a few tokens matter
-and a network that reads the key can rank exactly like the oracle. Used to test that training works (a broken
-gradient, sign or baseline leaves the reward far from the oracle) and to measure training speed without a model.
-Implements the TraceReader reading interface (kvpolicy/traces/store.py).
+is the attention a query along w_a pays it, u_i = softmax_i(sharpness · k_i·w_a) (|w_a| = 1, k ~ N(0, I)), so a
+few tokens matter and a network that reads the key can rank exactly like the oracle. Used to test that training
+works (a broken gradient, sign or baseline leaves the reward far from the oracle) and to exercise `kvp train`
+without a model.
+Implements the TraceReader reading interface (kvpolicy/traces/store.py), with a made-up `model`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from kvpolicy.models.handle import ModelIdentity
 from kvpolicy.traces.store import TraceSample
 
 
 class SyntheticTraces:
     """n_samples prompts of `length` tokens for n_layers × n_kv_heads agents; deterministic in `seed`.
     `query_seed` fixes the hidden directions, so train and validation sets share them (same "model")."""
-
-    model_name = "synthetic"
 
     def __init__(
         self,
@@ -34,12 +34,12 @@ class SyntheticTraces:
         seed: int = 0,
         query_seed: int = 1234,
     ):
-        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.model = ModelIdentity("synthetic", f"synthetic-{query_seed}-{n_layers}x{n_kv_heads}x{head_dim}",
+                                   n_layers, n_kv_heads, head_dim)
         self.n_samples, self.length, self.sharpness, self.seed = n_samples, length, sharpness, seed
         g = torch.Generator().manual_seed(query_seed)
         w = torch.randn(n_layers, n_kv_heads, head_dim, generator=g)
         self.directions = w / w.norm(dim=-1, keepdim=True)
-        self.fingerprint = f"synthetic-{query_seed}-{n_layers}x{n_kv_heads}x{head_dim}"
         self.manifest_hash = f"synthetic-{seed}-{n_samples}x{length}"
 
     @property
@@ -55,11 +55,12 @@ class SyntheticTraces:
 
     def read_layers(self, sample: int, layers: Sequence[int] | None = None) -> TraceSample:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
-        shape = (self.n_layers, self.n_kv_heads, self.length, self.head_dim)
+        m = self.model
+        shape = (m.n_layers, m.n_kv_heads, self.length, m.head_dim)
         keys = torch.randn(shape, generator=g).half()
         values = torch.randn(shape, generator=g).half()
         utility = self.utility_of(keys)
-        chosen = list(range(self.n_layers)) if layers is None else list(layers)
+        chosen = list(range(m.n_layers)) if layers is None else list(layers)
         return TraceSample(keys[chosen], values[chosen], utility[chosen], torch.arange(self.length))
 
 
@@ -70,8 +71,7 @@ def write_synthetic_traces(directory: str | Path, source: SyntheticTraces) -> Pa
 
     config = {
         "format": FORMAT,
-        "model": {"name": source.model_name, "fingerprint": source.fingerprint, "n_layers": source.n_layers,
-                  "n_kv_heads": source.n_kv_heads, "head_dim": source.head_dim},
+        "model": source.model.to_dict(),
         "source": "synthetic",
         "split": f"seed{source.seed}",
         "future": {"mode": "synthetic"},

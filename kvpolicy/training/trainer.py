@@ -1,15 +1,18 @@
 """Train every KVP agent of a model at once with REINFORCE + leave-one-out baselines over Plackett–Luce rankings.
 
-One step (KVP-METHOD.md, "Policy and training"): draw `batch` prompts and `tokens` evictable tokens of each,
-score them with all agents in one forward, sample `samples` rankings per prompt by Gumbel-sort, reward each
-by −normalized ranking cost, turn rewards into RLOO advantages (standardized, clipped ±2) and minimise
-−mean(log π(σ)·advantage) per agent. AdamW with warm-up + cosine decay, per-agent gradient-norm clipping (each
-agent is its own network, as in the paper's one-by-one training), and an EMA of the weights that is validated
-with deterministic argsort on held-out traces; the best EMA by validation reward is the deployed checkpoint.
+Each agent's scores define a Plackett–Luce distribution over rankings of a prompt's evictable tokens; a ranking
+is rewarded by −(future attention it evicts, summed over every budget) / (the least any ranking evicts), so −1 is
+the oracle (kvpolicy.policy.ranking). One step: draw `batch` prompts and `tokens` evictable tokens of each, score
+them with all agents in one forward, sample `samples` rankings per prompt by Gumbel-sort, reward each, turn
+rewards into RLOO advantages (standardized, clipped ±2) and minimise −mean(log π(σ)·advantage) per agent. AdamW
+with warm-up + cosine decay, per-agent gradient-norm clipping (each agent is its own network, as in the paper's
+one-by-one training), and an EMA of the weights that is validated with deterministic argsort on held-out traces
+under the inference protocol (kvpolicy.policy.protocol); the best EMA by validation reward is the deployed
+checkpoint.
 
 Under torchrun every rank draws its own share of the batch, DistributedDataParallel averages the gradients and
 rank 0 validates and writes checkpoints. A run restarted with the same arguments resumes from its last
-checkpoint (weights, EMA, AdamW state, step; per-step random streams are derived from (seed, rank, step)).
+checkpoint (kvpolicy.training.state; per-step random streams are derived from (seed, rank, step)).
 """
 
 from __future__ import annotations
@@ -23,20 +26,26 @@ from typing import Any
 
 import torch
 
+from kvpolicy.distributed import DistContext
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
-from kvpolicy.progress import bar
 from kvpolicy.policy import checkpoint as ckpt
-from kvpolicy.training.data import Batch, TraceBatches, TraceSource, check_same_model
-from kvpolicy.training.distributed import DistContext
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
-from kvpolicy.policy.ranking import argsort_desc, gumbel_sort, normalized_cost, plackett_luce_logprob, reward, rloo_advantages
+from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost
+from kvpolicy.policy.ranking import gumbel_sort, plackett_luce_logprob, reward, rloo_advantages
+from kvpolicy.progress import bar
+from kvpolicy.signals import deferred_interrupts
+from kvpolicy.training.data import TraceBatches, TraceSource, check_same_model
+from kvpolicy.training.forward import training_forward, with_eager_fallback
+from kvpolicy.training.state import pack_resume, read_resume, unpack_resume
 
 
 @dataclass
 class TrainConfig:
-    """Training hyperparameters. Defaults are chosen by measurement on this 2-core CPU (see
-    kvpolicy/training/benchmark.py); `PAPER` holds the paper's values where they differ.
+    """Training hyperparameters; `PAPER` holds the paper's values where they differ.
+
+    With the defaults, `kvp train` trains SmolLM2's 90 agents to validation cost 1.204 in 87 s on a 2-core CPU
+    (600 steps; traces and commands in kvpolicy/policy/network.py's docstring).
 
     batch: prompts per step over all ranks; tokens: evictable tokens ranked per prompt (0 = all);
     samples: rankings sampled per prompt from one forward (RLOO group size; 1 = baseline over the batch);
@@ -59,8 +68,8 @@ class TrainConfig:
     val_samples: int = 16
     checkpoint_every: int = 100
     log_every: int = 10
-    sinks: int = 4
-    recent: int = 16
+    sinks: int = SINKS
+    recent: int = RECENT
     bf16: bool = True
     compile: bool = True
     seed: int = 0
@@ -78,14 +87,12 @@ class TrainConfig:
             raise KVPError("training: tokens, warmup, ema_start, sinks and recent must be >= 0")
 
 
-# The paper's values where our measured defaults differ (`kvp train --paper`). lr 5e-5 learns far too slowly for
-# runs of a few hundred steps; 128 whole sequences with one ranking each is ~100x the compute of our step, and
-# REINFORCE's variance, not the number of tokens seen, limited learning in our measurements: 32 random tokens
-# with 32 rankings each beat 256 tokens with 4 rankings at a fifth of the cost (benchmark.py docstring).
+# The paper's values where our defaults differ (`kvp train --paper`). Measured as in TrainConfig's docstring:
+# `--lr 5e-5` learns far too slowly for runs of a few hundred steps (validation cost 1.810 after 600 steps, against
+# 1.204 at lr 1e-2). 128 whole prompts with one ranking each score 128 x T tokens per step where ours score 16 x 32,
+# and REINFORCE's variance, not the number of tokens seen, limits learning: `--tokens 256 --samples 4` reached
+# 1.267 in 250 s where the defaults (32 tokens, 32 rankings each) reach 1.204 in 87 s.
 PAPER = {"lr": 5e-5, "batch": 128, "tokens": 0, "samples": 1, "steps": 4000, "bf16": False}
-
-# settings that may change when a run is resumed (everything else must match the checkpoint)
-RESUMABLE = ("steps", "val_every", "checkpoint_every", "log_every", "compile")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -142,16 +149,6 @@ def source_description(source: TraceSource) -> dict[str, Any]:
     }
 
 
-def model_description(source: TraceSource) -> dict[str, Any]:
-    return {
-        "name": getattr(source, "model_name", "?"),
-        "fingerprint": getattr(source, "fingerprint", "?"),
-        "n_layers": source.n_layers,
-        "n_kv_heads": source.n_kv_heads,
-        "head_dim": source.head_dim,
-    }
-
-
 class Trainer:
     """Holds the networks, optimizer, EMA and data of one training run; `run()` trains to `config.steps`."""
 
@@ -166,7 +163,7 @@ class Trainer:
         resume: bool = True,
         progress: bool = True,
     ):
-        self.cfg = config or TrainConfig()
+        self.cfg = cfg = config or TrainConfig()
         self.ctx = ctx or DistContext()
         self.out = Path(out)
         self.progress = progress
@@ -174,49 +171,53 @@ class Trainer:
             raise KVPError("the training trace set is empty: record traces with `kvp traces ... --n N` first")
         if val is not None:
             check_same_model(train, val)
-        if policy is None:
-            policy = PolicyConfig(train.n_layers, train.n_kv_heads, train.head_dim, max_position=max(train.lengths))
-        if (policy.n_layers, policy.n_kv_heads, policy.head_dim) != (train.n_layers, train.n_kv_heads, train.head_dim):
-            raise KVPError(f"policy shape {policy.to_dict()} does not match the traces' model {model_description(train)}")
+        m = train.model
+        policy = policy or PolicyConfig(m.n_layers, m.n_kv_heads, m.head_dim, max_position=max(train.lengths))
+        if (policy.n_layers, policy.n_kv_heads, policy.head_dim) != (m.n_layers, m.n_kv_heads, m.head_dim):
+            raise KVPError(f"policy shape {policy.to_dict()} does not match the traces' model {m.to_dict()}")
         self.policy_config = policy
         if self.ctx.main:  # before the traces are read or a step is taken
             check_writable(self.out, "checkpoint directory", directory=True)
+        if cfg.batch % self.ctx.world:
+            raise KVPError(f"batch {cfg.batch} must be divisible by the number of processes ({self.ctx.world})")
+        self.local_batch = cfg.batch // self.ctx.world
+        if cfg.samples == 1 and self.local_batch < 2:
+            raise KVPError(f"batch {cfg.batch} over {self.ctx.world} processes leaves {self.local_batch} prompt per "
+                           "rank; the leave-one-out baseline needs >= 2 (raise --batch or --samples)")
+
+        # data: random evictable tokens of the training prompts, whole held-out prompts for validation
         self.train_ids, self.val_source, self.val_ids = self._split(train, val)
-        self.model = model_description(train)
+        self.model = m.to_dict()
         self.traces = {"train": source_description(train), "val": source_description(self.val_source)}
-        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
-        self.data = TraceBatches(train, self.cfg.tokens, self.cfg.sinks, self.cfg.recent, dtype)
-        self.val_data = TraceBatches(self.val_source, 0, self.cfg.sinks, self.cfg.recent)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        self.data = TraceBatches(train, cfg.tokens, cfg.sinks, cfg.recent, dtype)
+        self.val_data = TraceBatches(self.val_source, 0, cfg.sinks, cfg.recent)
         self.data.preload(self.train_ids)
         if self.ctx.main:
             self.val_data.preload(self.val_ids)
-        if self.cfg.batch % self.ctx.world:
-            raise KVPError(f"batch {self.cfg.batch} must be divisible by the number of processes ({self.ctx.world})")
-        self.local_batch = self.cfg.batch // self.ctx.world
-        if self.cfg.samples == 1 and self.local_batch < 2:
-            raise KVPError(f"batch {self.cfg.batch} over {self.ctx.world} processes leaves {self.local_batch} prompt per rank; "
-                           "the leave-one-out baseline needs >= 2 (raise --batch or --samples)")
 
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        # networks: the trained one (identical initial weights on every rank), its EMA and best EMA, and the
+        # network validation loads them into
+        torch.manual_seed(cfg.seed)
         self.net = PolicyNet(policy).to(self.ctx.device)
         self.params = list(self.net.parameters())
         self.names = [name for name, _ in self.net.named_parameters()]
-        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = [p.detach().clone() for p in self.params]
         self.best = [p.detach().clone() for p in self.params]
         self.eval_net = PolicyNet(policy).to(self.ctx.device).eval().requires_grad_(False)
+        self.forward = training_forward(self.net, self.ctx, cfg.compile)
+
         self.step = 0
         self.skipped = 0
-        self.best_step = -1
+        self.best_step = -1  # no validation yet
         self.best_reward = -math.inf
         self.history: list[dict] = []
         self.val_history: list[dict] = []
         self.elapsed = 0.0
-        self.forward = self._wrap(self.net)
         if resume and ckpt.has_checkpoint(self.out):
             self._resume()
 
-    # ----- setup
     def _split(self, train: TraceSource, val: TraceSource | None) -> tuple[list[int], TraceSource, list[int]]:
         """Training sample ids, the validation source and its ids (held out from `train` when no `val`)."""
         n_val = self.cfg.val_samples
@@ -225,22 +226,10 @@ class Trainer:
                 raise KVPError("the validation trace set is empty: record traces with `kvp traces --split val`")
             return list(range(len(train))), val, list(range(min(n_val, len(val))))
         if len(train) < 2:
-            warnings.warn("only one training trace and no --val: validating on the training trace itself")
+            warnings.warn("only one training trace and no --val: validating on the training trace itself", stacklevel=3)
             return [0], train, [0]
         held = min(n_val, max(1, len(train) // 10))
         return list(range(len(train) - held)), train, list(range(len(train) - held, len(train)))
-
-    def _wrap(self, net: PolicyNet):
-        """The forward used for training: DDP-wrapped under torchrun, compiled when asked."""
-        module = net
-        if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            module = DistributedDataParallel(net, device_ids=ids)
-        if self.cfg.compile:
-            module = torch.compile(module)
-        return module
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -252,33 +241,10 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        saved = ckpt.read_config(self.out, resume=True)
-        mine = self.config_dict()
-        for key in ("model", "policy"):
-            if saved.get(key) != mine[key]:
-                raise KVPError(f"{self.out} holds a checkpoint with another {key} ({saved.get(key)}), not {mine[key]}; "
-                               "choose another --out or pass --restart to overwrite it")
-        if saved["traces"]["train"]["manifest_hash"] != mine["traces"]["train"]["manifest_hash"]:
-            raise KVPError(f"{self.out} was trained on other traces; choose another --out or pass --restart")
-        differing = [k for k in mine["training"] if k not in RESUMABLE and saved["training"].get(k) != mine["training"][k]]
-        if differing:
-            raise KVPError(f"{self.out} was trained with other settings ({', '.join(differing)}); use the same settings "
-                           "to resume, or pass --restart")
-        tensors = ckpt.load_resume(self.out)
-        if tensors is None:
-            raise KVPError(f"{self.out} has no resume state; pass --restart to train it again from scratch")
-        with torch.no_grad():
-            for name, p, e, b in zip(self.names, self.params, self.ema, self.best):
-                p.copy_(tensors[f"param.{name}"])
-                e.copy_(tensors[f"ema.{name}"])
-                b.copy_(tensors[f"best.{name}"])
-        for name, p in zip(self.names, self.params):
-            if f"adam.{name}.step" in tensors:
-                self.opt.state[p] = {k: tensors[f"adam.{name}.{k}"].to(self.ctx.device) for k in ("step", "exp_avg", "exp_avg_sq")}
-        state = saved["state"]
+        state, tensors = read_resume(self.out, self.config_dict())
+        unpack_resume(tensors, self.names, self.params, self.ema, self.best, self.opt, self.ctx.device)
         self.step, self.skipped, self.elapsed = state["step"], state["skipped_batches"], state["elapsed_s"]
-        # a run stopped before its first validation has no best yet (saved as step -1, reward null)
-        best = state["best_val_reward"]
+        best = state["best_val_reward"]  # null for a run stopped before its first validation
         self.best_step, self.best_reward = (state["best_step"], best) if best is not None else (-1, -math.inf)
         self.val_history = state.get("val_history", [])
         self.history = ckpt.load_history(self.out)
@@ -288,57 +254,61 @@ class Trainer:
         """The random stream of this (seed, rank, step): resuming replays exactly the same batches and noise."""
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.ctx.rank * 10_007 + self.step)
 
-    def losses(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The policy-gradient loss of one batch (summed over agents: each agent's own objective) and stats."""
-        scores = self.forward(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, B, n)
-        perms = gumbel_sort(scores, n_samples=self.cfg.samples, generator=generator)
-        logp = plackett_luce_logprob(scores.unsqueeze(2), perms)  # (A, B, K)
-        rewards = reward(batch.utility.unsqueeze(2), perms)
-        adv = rloo_advantages(rewards, clip=self.cfg.advantage_clip)
-        loss = -(logp * adv).mean(dim=(1, 2)).sum()
-        return loss, {"reward": rewards.mean(dim=(1, 2)), "adv_abs": adv.abs().mean(dim=(1, 2)),
-                      "adv_clipped": (adv.abs() >= self.cfg.advantage_clip).float().mean(dim=(1, 2))}
-
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; None when the batch was skipped (non-finite data or gradients)."""
-        g = self.generator()
+        cfg, g = self.cfg, self.generator()
         pick = torch.randint(len(self.train_ids), (self.local_batch,), generator=g).tolist()
         batch = self.data.batch([self.train_ids[i] for i in pick], g).to(self.ctx.device)
         if self.ctx.any(not batch.finite()):
             return self._skip("non-finite values in the batch")
-        lr = learning_rate(self.step, self.cfg)
+
+        scores = self.forward(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, B, n)
+        perms = gumbel_sort(scores, n_samples=cfg.samples, generator=g)  # (A, B, K, n)
+        rewards = reward(batch.utility.unsqueeze(2), perms)  # (A, B, K)
+        adv = rloo_advantages(rewards, clip=cfg.advantage_clip)
+        logp = plackett_luce_logprob(scores.unsqueeze(2), perms)  # (A, B, K)
+        loss = -(logp * adv).mean(dim=(1, 2)).sum()  # summed over agents: each agent's own objective
+
+        lr = learning_rate(self.step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss, stats = self.losses(batch, g)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norms = clip_per_agent(self.params, self.cfg.grad_clip)  # gradients are already averaged over ranks
+        norms = clip_per_agent(self.params, cfg.grad_clip)  # gradients are already averaged over ranks
         if not bool(torch.isfinite(norms).all()):
             self.opt.zero_grad(set_to_none=True)
             return self._skip("non-finite gradients")
         self.opt.step()
+
         with torch.no_grad():
-            if self.step < self.cfg.ema_start:
+            if self.step < cfg.ema_start:
                 torch._foreach_copy_(self.ema, [p.detach() for p in self.params])
             else:
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.ema_decay)
-        return {"lr": lr, "loss": float(loss.detach()), "grad_norm": norms, **stats}
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - cfg.ema_decay)
+        return {"lr": lr, "loss": float(loss.detach()), "grad_norm": norms, "reward": rewards.mean(dim=(1, 2)),
+                "adv_abs": adv.abs().mean(dim=(1, 2)),
+                "adv_clipped": (adv.abs() >= cfg.advantage_clip).float().mean(dim=(1, 2))}
 
     def _skip(self, why: str) -> None:
         self.skipped += 1
-        warnings.warn(f"step {self.step}: skipped a batch with {why} ({self.skipped} skipped so far)")
+        warnings.warn(f"step {self.step}: skipped a batch with {why} ({self.skipped} skipped so far)", stacklevel=3)
         return None
+
+    def _train_eagerly(self) -> None:
+        """Give up torch.compile (it could not build on this machine): the forward runs uncompiled from now on."""
+        self.cfg.compile = False
+        self.forward = training_forward(self.net, self.ctx, compile=False)
 
     # ----- validation and checkpoints
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Deterministic argsort of the EMA policy on every held-out prompt: per-agent mean normalized cost."""
+        """Deterministic argsort of the EMA policy on every held-out prompt: per-agent mean protocol cost."""
         torch._foreach_copy_(list(self.eval_net.parameters()), self.ema)
         costs = torch.zeros(self.net.config.n_agents, device=self.ctx.device)
         for sample in self.val_ids:
             batch = self.val_data.full(sample).to(self.ctx.device)
-            scores = self.eval_net(batch.keys, batch.values, batch.positions, batch.lengths)
-            costs += normalized_cost(batch.utility, argsort_desc(scores))[:, 0]
+            scores = self.eval_net(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, 1, T)
+            costs += evictable_cost(scores, batch.utility, self.cfg.sinks, self.cfg.recent)[:, 0]
         costs /= len(self.val_ids)
         val_reward = float(-costs.mean())
         entry = {"step": self.step, "val_reward": round(val_reward, 5),
@@ -350,6 +320,8 @@ class Trainer:
         return entry
 
     def save(self) -> None:
+        """Write the checkpoint: the deployed weights (the best EMA; the EMA before any validation), the resume
+        state and the training log."""
         state = {
             "step": self.step,
             "skipped_batches": self.skipped,
@@ -359,13 +331,10 @@ class Trainer:
             "best_val_reward": self.best_reward if self.best_step >= 0 else None,
             "val_history": self.val_history,
         }
-        resume: dict[str, torch.Tensor] = {}
-        for name, p, e, b in zip(self.names, self.params, self.ema, self.best):
-            resume[f"param.{name}"], resume[f"ema.{name}"], resume[f"best.{name}"] = p, e, b
-            for k, v in self.opt.state.get(p, {}).items():
-                resume[f"adam.{name}.{k}"] = v.reshape(1) if v.dim() == 0 else v
+        resume = pack_resume(self.names, self.params, self.ema, self.best, self.opt)
         deployed = self.best if self.best_step >= 0 else self.ema
-        ckpt.save_checkpoint(self.out, {**self.config_dict(), "state": state}, dict(zip(self.names, deployed)), resume, self.history)
+        config = {**self.config_dict(), "state": state}
+        ckpt.save_checkpoint(self.out, config, dict(zip(self.names, deployed)), resume, self.history)
 
     # ----- the loop
     def run(self) -> TrainResult:
@@ -377,23 +346,27 @@ class Trainer:
             pbar.update(self.step)
         last_saved = self.step
         try:
-            while self.step < cfg.steps:
-                stats = self._step_with_fallback(first_step)
-                self.step += 1
-                if stats is not None and main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    self._log(stats)
-                if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
-                    entry = self.validate()
+            with deferred_interrupts() as interrupted:  # an interrupt stops between two whole steps
+                while self.step < cfg.steps and not interrupted():
+                    if self.step == first_step and cfg.compile:  # the compiler builds (or fails) on the first step
+                        stats = with_eager_fallback(self.train_step, self._train_eagerly)
+                    else:
+                        stats = self.train_step()
+                    self.step += 1
+                    if stats is not None and main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                        self._log(stats)
+                    if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                        entry = self.validate()
+                        if pbar is not None:
+                            pbar.set_postfix(val_reward=entry["val_reward"], best=round(self.best_reward, 4))
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.elapsed = elapsed_before + time.perf_counter() - t0
+                        if main:
+                            self.save()
+                            last_saved = self.step
+                        self.ctx.barrier()
                     if pbar is not None:
-                        pbar.set_postfix(val_reward=entry["val_reward"], best=round(self.best_reward, 4))
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.elapsed = elapsed_before + time.perf_counter() - t0
-                    if main:
-                        self.save()
-                        last_saved = self.step
-                    self.ctx.barrier()
-                if pbar is not None:
-                    pbar.update(1)
+                        pbar.update(1)
         except KeyboardInterrupt:
             if main and self.step > last_saved:
                 self.elapsed = elapsed_before + time.perf_counter() - t0
@@ -403,19 +376,6 @@ class Trainer:
             if pbar is not None:
                 pbar.close()
         return self.result(time.perf_counter() - t0, self.step - first_step)
-
-    def _step_with_fallback(self, first_step: int) -> dict[str, Any] | None:
-        """train_step(); if torch.compile cannot build on this machine (first step only), continue eagerly."""
-        try:
-            return self.train_step()
-        except Exception as err:
-            compiler_error = type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
-            if not (self.cfg.compile and self.step == first_step and compiler_error):
-                raise
-            warnings.warn(f"torch.compile failed here ({type(err).__name__}); training without compilation")
-            self.cfg.compile = False
-            self.forward = self._wrap(self.net)
-            return self.train_step()
 
     def result(self, seconds: float, steps_done: int) -> TrainResult:
         rate = steps_done / seconds if seconds > 0 else 0.0

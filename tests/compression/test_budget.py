@@ -96,4 +96,6 @@ def test_a_ratio_that_cannot_keep_every_protected_position_says_which_it_kept():
 
 def test_shape_mismatch_is_refused():
     with pytest.raises(KVPError):
-        keep_indices(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3, sinks=0, recent=0), 6)
+        keep_indices(
+            torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3, sinks=0, recent=0), 6
+        )

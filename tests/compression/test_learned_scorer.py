@@ -68,7 +68,8 @@ def test_engine_compresses_and_decodes_with_the_policy(smollm, checkpoint):
     assert len(ids) >= 1
     # decode-time re-ranking: an attention-free scorer keeps the cache within budget + every
     bounded = compress(smollm, prefill(smollm, prompt)[0], scorer, Budget(tokens=64))
-    greedy_decode(smollm, bounded, logits, max_new_tokens=10, bounded=BoundedDecoding(scorer, Budget(tokens=64), every=4))
+    greedy_decode(smollm, bounded, logits, max_new_tokens=10,
+                  bounded=BoundedDecoding(scorer, Budget(tokens=64), every=4))
     assert bounded.length <= 64 + 4
 
 

@@ -58,7 +58,8 @@ def test_hub_loaders_on_schema_fixtures(name):
     elif name == "boolq":
         assert [r.answers for r in records] == [("yes",), ("no",)] and first.question.endswith("?")
     elif name == "arc_challenge":
-        assert first.answers == ("C",) and first.choices == ("A", "B", "C", "D") and "C. Planetary days" in first.question
+        assert first.answers == ("C",) and first.choices == ("A", "B", "C", "D")
+        assert "C. Planetary days" in first.question
     elif name == "oasst2":
         assert len(records) == 1  # the Spanish tree is dropped
         assert [t.text for t in first.turns] == ["How do I boil an egg?", "Place it in boiling water for 9 minutes.",

@@ -12,7 +12,7 @@ import torch
 from kvpolicy.data.records import Conversation, QASample, Turn
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.metrics import lcs_length, lcs_length_reference, retrieval_score, rouge_l
-from kvpolicy.evaluation.scorers import parse_budget
+from kvpolicy.evaluation.lineup import parse_budget
 from kvpolicy.evaluation.tasks import QUESTION_AGNOSTIC, resolve_tasks
 from kvpolicy.evaluation.tasks.dialogue import ending_with_answer
 from kvpolicy.evaluation.tasks.ruler import ruler_score
@@ -35,7 +35,8 @@ def test_rouge_l_values():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     assert rouge_l("dogs bark", "cats meow") == 0.0
     # LCS "the cat the mat" = 4 of 6 predicted and 4 of 5 reference words
-    assert rouge_l("the cat sat on the mat", "the cat and the mat") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+    f1 = 2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5)
+    assert rouge_l("the cat sat on the mat", "the cat and the mat") == pytest.approx(f1)
     assert rouge_l("", "anything") == 0.0
 
 
@@ -135,10 +136,10 @@ def test_sharegpt_dialogues_come_from_the_eval_split(smollm):
 @pytest.mark.model
 def test_choice_tasks_pick_the_likeliest_option(smollm):
     from kvpolicy.evaluation.qa import run_qa
-    from kvpolicy.evaluation.scorers import FULL_ENTRY
+    from kvpolicy.evaluation.lineup import FULL_CACHE
 
     (task,) = resolve_tasks(["boolq"], LOCAL)
     sample = task.load(None, 1, None, 0)[0]
     (outcome,) = run_qa(smollm, task, [sample], QUESTION_AGNOSTIC, [], [], lambda *_: True, 8)
-    assert outcome.entry is FULL_ENTRY and outcome.fields["prediction"] in ("yes", "no")
+    assert outcome.contender is FULL_CACHE and outcome.fields["prediction"] in ("yes", "no")
     assert outcome.fields["value"] == float(outcome.fields["prediction"] == "yes")

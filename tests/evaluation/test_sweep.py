@@ -17,10 +17,11 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import generate
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation import costs, perplexity, qa, scorers, sweep
-from kvpolicy.evaluation.scorers import FULL, make_entries
+from kvpolicy.evaluation import costs, lineup, perplexity, qa, sweep
+from kvpolicy.evaluation.lineup import make_contenders
+from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.store import read_results
-from kvpolicy.evaluation.sweep import Sweep, SweepConfig, Unit, run_sweep
+from kvpolicy.evaluation.sweep import Sweep, SweepConfig, WorkUnit, run_sweep
 from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
 
 
@@ -96,24 +97,24 @@ def test_concurrent_sweeps_share_the_work_and_write_each_result_once(tmp_path):
 def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
     (task,) = resolve_tasks(["ruler:niah_single_1"])
     sample = task.load(smollm, 1, 320, 0)[0]
-    entries = make_entries(["knorm", "tova"])
+    contenders = make_contenders(["knorm", "tova"])
     budgets = [Budget(tokens=48), Budget(tokens=96)]
-    prefill, rank = Counter(qa.prefill), Counter(scorers.rank)
+    prefill, rank = Counter(qa.prefill), Counter(lineup.rank)
     monkeypatch.setattr(qa, "prefill", prefill)
-    monkeypatch.setattr(scorers, "rank", rank)
+    monkeypatch.setattr(lineup, "rank", rank)
     batches = []
     decode = qa.greedy_decode_batch
     monkeypatch.setattr(qa, "greedy_decode_batch",
                         lambda h, state, *a: batches.append(len(state.logits)) or decode(h, state, *a))
-    outcomes = list(qa.run_qa(smollm, task, [sample], protocol, entries, budgets, lambda *_: True, 4))
+    outcomes = list(qa.run_qa(smollm, task, [sample], protocol, contenders, budgets, lambda *_: True, 4))
     assert len(outcomes) == 1 + 2 * 2  # the full cache + 2 scorers x 2 budgets
     assert prefill.fresh == 1 and rank.calls == 2  # one prefill per sample, one ranking per scorer
     assert sorted(batches) == [1, 2, 2]  # one decoding per cache size: both scorers' cuts at a budget together
     for o in outcomes:
-        entry = None if o.budget == FULL else o.entry.scorer
+        scorer = None if o.budget == FULL else o.contender.scorer
         budget = None if o.budget == FULL else next(b for b in budgets if b.label == o.budget)
-        ref = generate(smollm, sample.context, sample.question, entry, budget, protocol, 4, sample.answer_prefix)
-        assert o.fields["prediction"] == ref.text, (o.entry.label, o.budget)
+        ref = generate(smollm, sample.context, sample.question, scorer, budget, protocol, 4, sample.answer_prefix)
+        assert o.fields["prediction"] == ref.text, (o.contender.label, o.budget)
         assert o.kept == ref.cache_tokens_compressed and o.cache_bytes == ref.cache_bytes_compressed
         assert o.fields["value"] == task.score(ref.text, sample)
 
@@ -145,16 +146,16 @@ def test_dialogue_protocols(smollm, monkeypatch, tmp_path):
     writer = Sweep(SweepConfig(out=str(tmp_path / "r.jsonl"), scorers=["knorm", "snapkv"], tasks=["dialogue"]))
     sample = task.load(smollm, 1, 384, 0)[0]
     assert len(perplexity.dialogue_chunks(smollm, sample)[0]) > 1  # a real multi-turn dialogue
-    entries = make_entries(["knorm", "snapkv"])
+    contenders = make_contenders(["knorm", "snapkv"])
     big, small = Budget(tokens=4096), Budget(tokens=64)
     results = {}
     for protocol in (PROMPT_ONCE, MULTI_TURN):
         prefill = Counter(perplexity.prefill)
         monkeypatch.setattr(perplexity, "prefill", prefill)
-        outs = list(perplexity.run_dialogue(smollm, sample, protocol, entries, [big, small], lambda *_: True, 64))
+        outs = list(perplexity.run_dialogue(smollm, sample, protocol, contenders, [big, small], lambda *_: True, 64))
         for o in outs:  # the records a sweep writes pass the store's checks
-            writer.store.append(writer.record(smollm, Unit(task, protocol, 384, [sample], entries, 0), o))
-        results[protocol] = {(o.entry.spec, o.budget): o for o in outs}
+            writer.store.append(writer.result(smollm, WorkUnit(task, protocol, 384, [sample], contenders, 0), o))
+        results[protocol] = {(o.contender.spec, o.budget): o for o in outs}
         # the (first round's) prefill is shared by every budget, and by every scorer that splits the rounds alike
         assert prefill.fresh == (1 if protocol == PROMPT_ONCE else 2)  # knorm + full cache | snapkv (65-row rounds)
         full = results[protocol][(FULL, FULL)]
@@ -165,7 +166,8 @@ def test_dialogue_protocols(smollm, monkeypatch, tmp_path):
             assert cut.kept == 64 and math.isfinite(cut.fields["nll_sum"]) and cut.fields["n_tokens"] == 64
     assert results[PROMPT_ONCE][(FULL, FULL)].fields["nll_sum"] == pytest.approx(
         results[MULTI_TURN][(FULL, FULL)].fields["nll_sum"], rel=1e-4)  # chunked prefill = one prefill
-    assert results[PROMPT_ONCE][("knorm", "b64")].fields["nll_sum"] != results[MULTI_TURN][("knorm", "b64")].fields["nll_sum"]
+    once, multi = (results[protocol][("knorm", "b64")].fields["nll_sum"] for protocol in (PROMPT_ONCE, MULTI_TURN))
+    assert once != multi
     assert len(read_results(writer.store.path).records) == 2 * (1 + 2 * 2)  # per protocol: full + 2 scorers x 2
 
 
@@ -184,11 +186,11 @@ def held_out_traces(smollm, tmp_path_factory):
 @pytest.mark.model
 def test_trace_costs_oracle_is_one_and_random_is_worse(smollm, held_out_traces):
     (task,) = resolve_tasks([f"traces:{held_out_traces}"])
-    entries = [e for e in make_entries(["oracle", "random", "knorm", "tova", "h2o"]) if task.supports(e)]
-    assert [e.spec for e in entries] == ["oracle", "random", "knorm", "tova"]  # h2o needs queries the traces lack
-    outs = list(costs.run_traces(smollm, task.reader, 0, entries, [Budget(tokens=32), Budget(ratio=0.5)],
-                                 lambda *_: True))
-    by = {(o.entry.spec, o.budget): o.fields for o in outs}
+    contenders = [c for c in make_contenders(["oracle", "random", "knorm", "tova", "h2o"]) if task.supports(c)]
+    assert [c.spec for c in contenders] == ["oracle", "random", "knorm", "tova"]  # h2o needs queries the traces lack
+    outs = list(costs.trace_costs(task.reader, 0, contenders, [Budget(tokens=32), Budget(ratio=0.5)],
+                                  lambda *_: True))
+    by = {(o.contender.spec, o.budget): o.fields for o in outs}
     for budget in ("b32", "r0.50", "all"):
         assert by[("oracle", budget)]["value"] == pytest.approx(1.0)
         assert by[("random", budget)]["value"] > 1.0

@@ -29,7 +29,8 @@ def _config(**kw) -> TrainConfig:
 def _trainer(out, **kw) -> Trainer:
     train = SyntheticTraces(8, length=64, **SHAPE, seed=0)
     val = SyntheticTraces(2, length=64, **SHAPE, seed=1)
-    return Trainer(train, out, val=val, policy=PolicyConfig(**SHAPE, hidden=8, max_position=64), config=_config(**kw), progress=False)
+    return Trainer(train, out, val=val, policy=PolicyConfig(**SHAPE, hidden=8, max_position=64), config=_config(**kw),
+                   progress=False)
 
 
 def _info(fingerprint: str = "synthetic-1234-2x2x16", **kw) -> ModelInfo:
@@ -44,8 +45,10 @@ def test_trained_checkpoint_round_trip_and_config(tmp_path):
     result = trainer.run()
     loaded = ckpt.load_checkpoint(out, model=_info())
     config = loaded.config
-    assert config["model"] == {"name": "synthetic", "fingerprint": "synthetic-1234-2x2x16", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16}
-    assert config["policy"]["hidden"] == 8 and config["training"]["lr"] == 1e-2 and config["training"]["grad_clip"] == 5.0
+    assert config["model"] == {"name": "synthetic", "fingerprint": "synthetic-1234-2x2x16", "n_layers": 2,
+                               "n_kv_heads": 2, "head_dim": 16}
+    assert config["policy"]["hidden"] == 8
+    assert config["training"]["lr"] == 1e-2 and config["training"]["grad_clip"] == 5.0
     assert config["traces"]["train"]["manifest_hash"] == "synthetic-0-8x64"
     assert config["state"]["step"] == 30 and config["state"]["best_step"] == result.best_step
     # the deployed weights are the best EMA weights
@@ -86,13 +89,14 @@ def test_refuses_other_model_other_shape_and_damage(tmp_path):
 def test_failed_write_leaves_no_partial_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     net = PolicyNet(PolicyConfig(**SHAPE, hidden=8, max_position=64))
-    config = {"model": {"name": "s", "fingerprint": "f", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16}, "policy": net.config.to_dict()}
-    with pytest.raises(Exception):
+    config = {"model": {"name": "s", "fingerprint": "f", "n_layers": 2, "n_kv_heads": 2, "head_dim": 16},
+              "policy": net.config.to_dict()}
+    with pytest.raises(AttributeError):  # a str has no .detach()
         ckpt.save_checkpoint(out, config, net.state_dict(), resume={"x": "not a tensor"})
     assert not out.exists() and list(tmp_path.iterdir()) == []
     ckpt.save_checkpoint(out, config, net.state_dict())
     first = (out / ckpt.WEIGHTS).read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         ckpt.save_checkpoint(out, config | {"x": object()}, net.state_dict())  # not JSON-able
     assert (out / ckpt.WEIGHTS).read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -136,12 +140,13 @@ def test_resume_refuses_other_settings(tmp_path):
         _trainer(tmp_path / "c", lr=1e-3)
     longer = _trainer(tmp_path / "c", steps=20)  # more steps is a resumable change
     assert longer.step == 10
-    fresh = Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c", policy=PolicyConfig(**SHAPE, hidden=8, max_position=64),
-                    config=_config(lr=1e-3), resume=False, progress=False)
+    fresh = Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c",
+                    policy=PolicyConfig(**SHAPE, hidden=8, max_position=64), config=_config(lr=1e-3), resume=False,
+                    progress=False)
     assert fresh.step == 0
     with pytest.raises(KVPError, match="another policy"):
-        Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c", policy=PolicyConfig(**SHAPE, hidden=16, max_position=64),
-                config=_config(steps=10), progress=False)
+        Trainer(SyntheticTraces(8, length=64, **SHAPE), tmp_path / "c",
+                policy=PolicyConfig(**SHAPE, hidden=16, max_position=64), config=_config(steps=10), progress=False)
 
 
 def test_a_run_interrupted_before_its_first_validation_resumes_to_the_same_weights(tmp_path):
@@ -228,3 +233,28 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_any_step(tmp_path)
     with pytest.raises(KVPError, match="cannot write checkpoint directory: .*file: a part of the path is not a dir"):
         _trainer(tmp_path / "file" / "ckpt")
     assert not (tmp_path / "file" / "ckpt").exists()
+
+
+def test_a_signal_in_the_middle_of_a_step_saves_the_state_between_two_whole_steps(tmp_path):
+    import os
+    import signal
+
+    straight = _trainer(tmp_path / "straight")
+    straight.run()
+    stopped = _trainer(tmp_path / "stopped")
+    optimizer_step = stopped.opt.step
+
+    def signal_mid_step(*args, **kwargs):  # after the optimizer's update, before this step's EMA update
+        out = optimizer_step(*args, **kwargs)
+        if stopped.step == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    stopped.opt.step = signal_mid_step
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    assert ckpt.read_config(tmp_path / "stopped")["state"]["step"] == 14  # step 13 completed, then stopped
+    resumed = _trainer(tmp_path / "stopped")
+    resumed.run()
+    for a, b in zip(straight.params + straight.ema, resumed.params + resumed.ema):
+        assert torch.equal(a, b)

@@ -48,7 +48,8 @@ def reference_agent(net: PolicyNet, a: int, keys, values, positions, length) -> 
 @pytest.mark.parametrize("encoding", ["absolute", "relative", "both"])
 def test_batched_forward_equals_per_agent_reference(encoding):
     torch.manual_seed(0)
-    cfg = PolicyConfig(n_layers=3, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, max_position=40, position_encoding=encoding)
+    cfg = PolicyConfig(n_layers=3, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, max_position=40,
+                       position_encoding=encoding)
     net = PolicyNet(cfg)
     a, b, t = cfg.n_agents, 2, 30
     keys, values = torch.randn(a, b, t, 8), torch.randn(a, b, t, 8)
@@ -71,10 +72,11 @@ def test_score_layer_uses_that_layers_agents_and_shared_positions():
     positions = torch.arange(t).expand(bsz, h, t)
     out = net.score_layer(2, keys, values, positions)
     assert out.shape == (bsz, h, t)
-    direct = net(keys.transpose(0, 1), values.transpose(0, 1), positions.transpose(0, 1), torch.full((1, bsz, 1), t), slice(6, 9))
+    lengths = torch.full((1, bsz, 1), t)
+    direct = net(keys.transpose(0, 1), values.transpose(0, 1), positions.transpose(0, 1), lengths, slice(6, 9))
     torch.testing.assert_close(out, direct.transpose(0, 1))
     # shared positions (1, B, T) broadcast over agents
-    shared = net(keys.transpose(0, 1), values.transpose(0, 1), positions[:, 0].unsqueeze(0), torch.full((1, bsz, 1), t), slice(6, 9))
+    shared = net(keys.transpose(0, 1), values.transpose(0, 1), positions[:, 0].unsqueeze(0), lengths, slice(6, 9))
     torch.testing.assert_close(shared, direct)
     with pytest.raises(KVPError, match="4 layers x 3 KV heads"):
         net.score_layer(4, keys, values, positions)
@@ -108,7 +110,9 @@ def test_positions_beyond_the_table_are_clamped_and_relative_features_stay_finit
     v = v[:, :, :1].expand(1, 1, 3, 8)
     scores = net(k, v, torch.tensor([[[15, 100, 100_000]]]), torch.full((1, 1, 1), 100_001))
     assert torch.allclose(scores[0, 0, 0], scores[0, 0, 1]) and torch.allclose(scores[0, 0, 1], scores[0, 0, 2])
-    relative = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, max_position=16, position_encoding="relative"))
+    relative = PolicyNet(
+        PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, max_position=16, position_encoding="relative")
+    )
     far = relative(k, v, torch.tensor([[[0, 50_000, 99_999]]]), torch.full((1, 1, 1), 100_000))
     assert torch.isfinite(far).all()
 
@@ -131,4 +135,5 @@ def test_config_validation():
         PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8, position_encoding="rope")
     net = PolicyNet(PolicyConfig(n_layers=1, n_kv_heads=1, head_dim=8))
     with pytest.raises(KVPError, match="head_dim 8"):
-        net(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.arange(4).reshape(1, 1, 4), torch.full((1, 1, 1), 4))
+        net(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.arange(4).reshape(1, 1, 4),
+            torch.full((1, 1, 1), 4))

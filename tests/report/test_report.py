@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, throughput, training_notes
 from kvpolicy.report.render import write_report
@@ -33,6 +34,11 @@ def _base(scorer, label, kind, budget, kept, task, family, metric, protocol, dat
     }
 
 
+def result(fields: dict) -> Result:
+    """A Result from _base fields (value 0.0 unless given)."""
+    return Result(**({"value": 0.0} | fields))
+
+
 def synthetic_records(store: ResultStore, n: int = 3) -> None:
     rng = np.random.default_rng(0)
     for task in ("niah_single_1", "vt"):
@@ -41,23 +47,23 @@ def synthetic_records(store: ResultStore, n: int = 3) -> None:
                 budgets = [("full", 500)] if scorer == "full" else BUDGETS
                 for budget, kept in budgets:
                     value = float(rng.random() < kept / 300)
-                    store.append(_base(scorer, label, kind, budget, kept, task, "RULER-style", "accuracy",
-                                       "query-aware", RULER_DATA, f"{task}-{s}") | {"value": value})
+                    store.append(result(_base(scorer, label, kind, budget, kept, task, "RULER-style", "accuracy",
+                                              "query-aware", RULER_DATA, f"{task}-{s}") | {"value": value}))
     for s in range(n):
         for scorer, label, kind in SCORERS:
             for budget, kept in BUDGETS:
                 nll = float(rng.uniform(1, 3)) * 20
-                store.append(_base(scorer, label, kind, budget, kept, "dialogue", "dialogue", "perplexity",
-                                   "multi-turn", DIALOGUE_DATA, f"d-{s}") | {"nll_sum": nll, "n_tokens": 20,
-                                                                             "value": math.exp(nll / 20)})
+                store.append(result(_base(scorer, label, kind, budget, kept, "dialogue", "dialogue", "perplexity",
+                                          "multi-turn", DIALOGUE_DATA, f"d-{s}") | {"nll_sum": nll, "n_tokens": 20,
+                                                                                    "value": math.exp(nll / 20)}))
     for s in range(n):
         for scorer, label, kind in SCORERS + [("oracle", "Oracle", "oracle")]:
             for budget, kept in BUDGETS + [("all", 0)]:
                 per_head = rng.uniform(1, 3, size=(4, 3)) if scorer != "oracle" else np.ones((4, 3))
                 pooled = {} if budget == "all" else {"lost": 0.1 * float(per_head.mean()), "best": 0.1}
-                store.append(_base(scorer, label, kind, budget, kept, "traces", "held-out traces", "cost", "traces",
-                                   "held-out RULER-style traces", f"t-{s}")
-                             | {"value": float(per_head.mean()), "per_head": per_head.tolist()} | pooled)
+                store.append(result(_base(scorer, label, kind, budget, kept, "traces", "held-out traces", "cost",
+                                          "traces", "held-out RULER-style traces", f"t-{s}")
+                                    | {"value": float(per_head.mean()), "per_head": per_head.tolist()} | pooled))
 
 
 @pytest.fixture
@@ -75,15 +81,15 @@ def test_accuracy_is_mean_over_samples_and_average_over_tasks(results):
     for panel in acc.panels[:2]:
         for line in panel.lines:
             for p in line.points:
-                vals = [r["value"] for r in records if r["task"] == panel.title and r["scorer_label"] == line.scorer
-                        and r["budget"] == p.budget]
+                vals = [r.value for r in records if r.task == panel.title and r.scorer_label == line.scorer
+                        and r.budget == p.budget]
                 assert p.y == pytest.approx(100 * np.mean(vals)) and p.n == len(vals) == 3
         assert panel.reference is not None and panel.reference.x == 500
     avg = acc.panels[2]
     for line in avg.lines:
         for p in line.points:
-            per_task = [next(q for l in pan.lines if l.scorer == line.scorer for q in l.points if q.budget == p.budget).y
-                        for pan in acc.panels[:2]]
+            per_task = [next(q for other in pan.lines if other.scorer == line.scorer
+                             for q in other.points if q.budget == p.budget).y for pan in acc.panels[:2]]
             assert p.y == pytest.approx(np.mean(per_task))
 
 
@@ -91,8 +97,8 @@ def test_perplexity_pools_tokens_before_exponentiating(results):
     records = results.records()
     ppl = next(g for g in curve_groups(records) if g.metric == "perplexity")
     line = ppl.panels[0].lines[0]
-    rs = [r for r in records if r["metric"] == "perplexity" and r["scorer_label"] == line.scorer and r["budget"] == "64"]
-    expected = math.exp(sum(r["nll_sum"] for r in rs) / sum(r["n_tokens"] for r in rs))
+    rs = [r for r in records if r.metric == "perplexity" and r.scorer_label == line.scorer and r.budget == "64"]
+    expected = math.exp(sum(r.nll_sum for r in rs) / sum(r.n_tokens for r in rs))
     assert next(p for p in line.points if p.budget == "64").y == pytest.approx(expected)
 
 
@@ -109,18 +115,18 @@ def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(resu
     captions = {g.family: g.caption() for g in curve_groups(results.records())}
     assert "KVP trained on ruler traces at 512 tokens: same corpus, held-out prompts" in captions["RULER-style"]
     assert "KVP trained on ruler traces at 512 tokens: a cross-corpus check" in captions["dialogue"]
-    longer = _base("kvp:ck", "KVP", "learned", "64", 64, "vt", "RULER-style", "accuracy", "query-aware", RULER_DATA,
-                   "s") | {"context_tokens": 2048}
+    longer = result(_base("kvp:ck", "KVP", "learned", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
+                          RULER_DATA, "s") | {"context_tokens": 2048})
     assert training_notes([longer]) == [
         "KVP trained on ruler traces at 512 tokens: same corpus, held-out prompts, at a longer context than trained"]
-    heuristic = _base("tova", "TOVA", "heuristic", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
-                      RULER_DATA, "s")
+    heuristic = result(_base("tova", "TOVA", "heuristic", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
+                             RULER_DATA, "s"))
     assert training_notes([heuristic]) == []
 
 
 def test_throughput_charges_the_prefill_once_per_sample(results):
-    timed = [_base(scorer, label, "heuristic", budget, 64, "vt", "RULER-style", "accuracy", "query-aware",
-                   RULER_DATA, "s0") | {"seconds": seconds, "prefill_seconds": 3.0}
+    timed = [result(_base(scorer, label, "heuristic", budget, 64, "vt", "RULER-style", "accuracy", "query-aware",
+                          RULER_DATA, "s0") | {"seconds": seconds, "prefill_seconds": 3.0})
              for scorer, label, seconds in (("knorm", "KNorm", 0.5), ("tova", "TOVA", 1.0)) for budget in ("64", "128")]
     speed = {t.scorer: t for t in throughput(timed)}
     assert speed["KNorm"].seconds_per_sample == 4.0 and speed["KNorm"].results == 2
@@ -193,7 +199,7 @@ def test_unwritable_report_directory_fails_before_reading(results, tmp_path, mon
 
 
 @pytest.mark.parametrize("record, problem", [
-    ({"format": 1}, "field 'model_fingerprint' is missing"),
+    ({"schema": SCHEMA}, "field 'model_fingerprint' is missing"),
     ({"seed": "x"}, "field 'seed' must be an integer, got 'x'"),
     ({"metric": "perplexity"}, "field 'nll_sum' is missing"),
 ])
@@ -201,7 +207,7 @@ def test_malformed_results_are_one_line_naming_file_line_and_field(results, tmp_
     from kvpolicy.cli import main
 
     good = results.path.read_text().splitlines(keepends=True)
-    bad = record if record.get("format") else json.loads(good[0]) | record
+    bad = record if record.get("schema") else json.loads(good[0]) | record
     results.path.write_text("".join(good[:4]) + json.dumps(bad) + "\n")
     assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import time
 from kvpolicy.cli import main
 from kvpolicy.errors import KVPError
 from kvpolicy.models import loader
-from kvpolicy.traces.pipeline import TraceRunConfig, run_traces
+from kvpolicy.traces.pipeline import TraceRunConfig, record_shards
 from kvpolicy.traces.store import TraceReader, shard_paths
 
 
@@ -45,7 +45,7 @@ def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     assert sample.keys.shape == (3, m["samples"][1]["length"], 64) and (sample.utility >= 0).all()
     assert reader.baselines == []  # training traces carry no baseline scores by default
     on_disk = sum(p.stat().st_size for p in shard_paths(out))
-    per_token_head = on_disk / (m["prompt_tokens"] * reader.n_layers * reader.n_kv_heads)
+    per_token_head = on_disk / (m["prompt_tokens"] * reader.model.n_agents)
     assert per_token_head <= 2 * 64 * 2 + 8  # fp16 keys and values + fp32 utility, plus headers
 
     # killed after the first shard: the rerun records only what is missing
@@ -124,4 +124,4 @@ def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write trace directory: {blocker}" in err
     with pytest.raises(KVPError, match="cannot write trace directory"):
-        run_traces(None, TraceRunConfig(source="ruler", n=1), out)  # the library refuses before touching the model
+        record_shards(None, TraceRunConfig(source="ruler", n=1), out)  # the library refuses before touching the model

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvpolicy.errors import KVPError
-from kvpolicy.models.handle import ModelInfo
+from kvpolicy.models.handle import ModelIdentity, ModelInfo
 from kvpolicy.traces import store
 from kvpolicy.traces.store import MANIFEST, TraceReader, TraceWriter, shard_paths, write_manifest
 
@@ -63,8 +63,8 @@ def traces(tmp_path) -> Path:
 def test_round_trip_over_several_shards(traces):
     assert len(shard_paths(traces)) >= 2
     reader = TraceReader(traces)
-    assert len(reader) == 5 and reader.lengths == LENGTHS and reader.n_layers == L and reader.n_kv_heads == H
-    assert reader.model_name == "tiny" and reader.fingerprint == "f00d" and reader.head_dim == D
+    assert len(reader) == 5 and reader.lengths == LENGTHS
+    assert reader.model == ModelIdentity(name="tiny", fingerprint="f00d", n_layers=L, n_kv_heads=H, head_dim=D)
     assert reader.baselines == ["tova"] and len(reader.manifest_hash) == 64
     for i, length in enumerate(LENGTHS):
         expected = sample_tensors(i, length)

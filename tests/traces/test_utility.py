@@ -8,16 +8,14 @@ import dataclasses
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvpolicy.errors import KVPError
+from kvpolicy.models.attention import record_attention_inputs
 from kvpolicy.models.handle import ModelHandle
-from kvpolicy.traces.baselines import (BASELINES, baseline_scores, baseline_scores_reference, rows_needed,
-                                       window_attention)
+from kvpolicy.traces.baselines import BASELINES, baseline_scores, baseline_scores_reference, rows_needed
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import greedy_continuation, record_trace
-from kvpolicy.traces.utility import (AttentionInputRecorder, apply_rope, future_utility, grouped_future_attention,
-                                     grouped_future_attention_reference)
+from kvpolicy.traces.utility import future_utility, grouped_future_attention, grouped_future_attention_reference
 
 
 @pytest.mark.parametrize("n_q,n_kv,n_prompt,n_future", [(9, 3, 11, 5), (4, 4, 7, 1), (6, 2, 1, 3)])
@@ -37,15 +35,8 @@ def test_grouped_future_attention_batches_over_layers():
     batched = grouped_future_attention(queries, keys, 0.5, 6)
     assert batched.shape == (4, 2, 6)
     for layer in range(4):
-        torch.testing.assert_close(batched[layer], grouped_future_attention_reference(queries[layer], keys[layer], 0.5, 6))
-
-
-def test_apply_rope_is_the_llama_rotation():
-    gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 4, 5, 8, generator=gen)
-    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
-    expected, _ = apply_rotary_pos_emb(q, k, cos, sin)
-    torch.testing.assert_close(apply_rope(q, cos, sin), expected)
+        reference = grouped_future_attention_reference(queries[layer], keys[layer], 0.5, 6)
+        torch.testing.assert_close(batched[layer], reference)
 
 
 def test_grouped_future_attention_is_the_sum_of_causal_rows():
@@ -59,25 +50,17 @@ def test_grouped_future_attention_is_the_sum_of_causal_rows():
     assert (rows.sum(-1) <= n_future * 3 + 1e-5).all()  # per row: the max of 3 distributions sums to <= 3
 
 
-def test_window_attention_rows_are_causal_distributions():
-    gen = torch.Generator().manual_seed(1)
-    probs = window_attention(torch.randn(2, 6, 4, 8, generator=gen), torch.randn(2, 3, 9, 8, generator=gen), 0.5)
-    assert probs.shape == (2, 6, 4, 9)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6, 4))
-    assert (probs[..., 0, 6:] == 0).all() and (probs[..., 2, 8:] == 0).all() and (probs[..., 3, :] > 0).all()
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("length", [40, 150])
 def test_baselines_equal_kvpress_presses(smollm, length):
     ids = torch.randint(100, 5000, (1, length), generator=torch.Generator().manual_seed(length))
     cache = DynamicCache(config=smollm.model.config)
     attn = [layer.self_attn for layer in smollm.layers]
-    with torch.inference_mode(), AttentionInputRecorder(smollm.layers, rows_needed(BASELINES, length)) as rec:
+    with torch.inference_mode(), record_attention_inputs(smollm.layers, rows_needed(BASELINES, length)) as recorded:
         smollm.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
-        fast = baseline_scores(BASELINES, attn, rec.records, keys)
-        slow = baseline_scores_reference(BASELINES, attn, rec.records, keys, values)
+        fast = baseline_scores(BASELINES, attn, recorded, keys)
+        slow = baseline_scores_reference(BASELINES, attn, recorded, keys, values)
     for name in BASELINES:
         assert fast[name].shape == (30, 3, length)
         torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4)
@@ -90,11 +73,11 @@ def test_future_utility_in_layer_chunks_equals_all_at_once(smollm):
     attn = [layer.self_attn for layer in smollm.layers]
     with torch.inference_mode():
         smollm.model.model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
-        with AttentionInputRecorder(smollm.layers, rows=6) as rec:
+        with record_attention_inputs(smollm.layers, rows=6) as recorded:
             smollm.model.model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True)
         keys = [c.keys for c in cache.layers]
-        whole = future_utility(attn, rec.records, keys, 24)
-        chunked = future_utility(attn, rec.records, keys, 24, chunk_bytes=1)  # one layer at a time
+        whole = future_utility(attn, recorded, keys, 24)
+        chunked = future_utility(attn, recorded, keys, 24, chunk_bytes=1)  # one layer at a time
     assert whole.shape == (30, 3, 24)
     torch.testing.assert_close(whole, chunked)
 

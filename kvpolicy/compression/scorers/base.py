@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+from kvpolicy.models.attention import ALL_QUERIES  # a query_window value: every query of the latest chunk
+
+__all__ = ["ALL_QUERIES", "LayerView", "Scorer"]
+
 
 @dataclass
 class LayerView:
@@ -36,9 +40,6 @@ class LayerView:
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     rotary_emb: Any = None
-
-
-ALL_QUERIES = -1  # query_window value: every query of the latest forward chunk (e.g. H2O accumulated attention)
 
 
 @dataclass

@@ -7,7 +7,7 @@ the upper bound every other scorer is measured against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,12 +8,12 @@ pick the likeliest of fixed choices), `DialogueTask` (perplexity of the final as
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.data.records import QASample
-from kvpolicy.evaluation.scorers import ScorerEntry
+from kvpolicy.evaluation.lineup import Contender
 from kvpolicy.traces.store import TraceReader
 
 QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
@@ -58,9 +58,9 @@ class Task:
     sized: bool
     corpus: str | None = None
 
-    def supports(self, entry: ScorerEntry) -> bool:
+    def supports(self, contender: Contender) -> bool:
         """Whether a scorer can run on this task (the oracle needs a trace's true future)."""
-        return entry.kind != "oracle"
+        return contender.kind != "oracle"
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class TraceTask(Task):
     def reader(self) -> TraceReader:
         return TraceReader(self.directory)
 
-    def supports(self, entry: ScorerEntry) -> bool:
+    def supports(self, contender: Contender) -> bool:
         from kvpolicy.evaluation.costs import trace_scorable
 
-        return trace_scorable(entry, self.reader)
+        return trace_scorable(contender, self.reader)

@@ -12,7 +12,8 @@ def describe(reader: TraceReader) -> str:
     """'held-out <source> traces (<split> split, n at ~T tokens)' from the manifest, substitutes named."""
     m = reader.manifest
     source = str(m.get("source", "?"))
-    named = {"ruler": "RULER-style tasks over Paul Graham essays", "dialogue": "ShareGPT dialogues (stand-in for OASST2)"}
+    named = {"ruler": "RULER-style tasks over Paul Graham essays",
+             "dialogue": "ShareGPT dialogues (stand-in for OASST2)"}
     ctx = m.get("context_tokens")
     size = f", ~{ctx} tokens" if ctx else ""
     return f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size})"

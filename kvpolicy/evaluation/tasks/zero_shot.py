@@ -55,7 +55,8 @@ def zero_shot_tasks(local: dict[str, str] | None = None) -> dict[str, QATask]:
     local = local or {}
     return {
         "boolq": QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="accuracy",
-                        protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False, load=_loader("boolq", local.get("boolq")),
+                        protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
+                        load=_loader("boolq", local.get("boolq")),
                         prompt=_boolq_prompt, score=choice_score, choices=True),
         "arc_challenge": QATask(name="arc_challenge", family=FAMILY, data="ARC-Challenge (allenai/ai2_arc, test)",
                                 metric="accuracy", protocols=(QUERY_AWARE,), sized=False,

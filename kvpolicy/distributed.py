@@ -1,8 +1,8 @@
-"""Which process am I under `torchrun`? One small context for data-parallel training.
+"""Which process am I under `torchrun`? One small context for every stage that runs on several processes.
 
 Under `torchrun --nproc_per_node K` (WORLD_SIZE > 1) the process group is started with gloo on CPU and nccl on
-GPU; every rank trains on its share of each batch and DistributedDataParallel averages the gradients. A plain
-`python`/`kvp` run is a world of one.
+GPU: `kvp traces` splits the prompts between the ranks, `kvp train` splits each batch and averages the gradients.
+A plain `python`/`kvp` run is a world of one, where every collective is the identity.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_REDUCE_OPS = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
 @dataclass
@@ -26,16 +28,20 @@ class DistContext:
 
     @property
     def main(self) -> bool:
-        """Rank 0: the one that validates, logs and writes checkpoints."""
+        """Rank 0: the one that validates, logs and writes checkpoints and manifests."""
         return self.rank == 0
+
+    def all_reduce(self, values: list[int], op: str) -> list[int]:
+        """Element-wise "min", "max" or "sum" of `values` over all ranks (a collective: every rank must call it)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op])
+        return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (so all ranks take the same branch)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return self.all_reduce([int(flag)], "max")[0] > 0
 
     def barrier(self) -> None:
         if self.distributed:
@@ -43,7 +49,8 @@ class DistContext:
 
 
 def init_distributed(device: str | None = None) -> DistContext:
-    """Join the torchrun process group if there is one; pick the device (cuda:LOCAL_RANK when CUDA is there)."""
+    """Join the torchrun process group if there is one; pick the device (cuda:LOCAL_RANK when CUDA is there and
+    `device` does not say "cpu")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,5 +64,6 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
+    """Leave the process group (every rank, after its last collective)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

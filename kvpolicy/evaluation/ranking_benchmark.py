@@ -1,13 +1,16 @@
 """Benchmark of the learned policy on held-out traces: ranking quality against every baseline, and cost.
 
-    python -m kvpolicy.training.benchmark --traces TRAIN_DIR --val VAL_DIR [--test TEST_DIR] [--checkpoint CKPT]
+    python -m kvpolicy.evaluation.ranking_benchmark --traces TRAIN_DIR --val VAL_DIR [--test TEST_DIR]
+        [--checkpoint CKPT]
 
 Trains with the default settings (unless --checkpoint is given), then prints
 - the mean normalized ranking cost cost(σ)/cost(sorted u) (1.0 = oracle) of KVP, StreamingLLM, KNorm, KeyDiff,
   LagKV, Random, TOVA, SnapKV and the oracle, over every (held-out prompt, layer, KV head), and the per-budget
   curve (share of the future attention evicted at each absolute budget, sinks and recent window included in
-  the budget as in `Budget`). Only the evictable tokens are ranked: the first `sinks` and last `recent` are
-  always kept, by every method. TOVA and SnapKV see the question's attention (scores stored with the traces);
+  the budget as in `Budget`). Costs follow the inference protocol (kvpolicy.policy.protocol): only the evictable
+  tokens are ranked, the first `sinks` and last `recent` (the checkpoint's training settings) are always kept, by
+  every method. Scores come from the evaluation's `trace_scores`, so TOVA and SnapKV use the question's attention
+  stored with the traces, and the figures are those `kvp sweep` records for traces;
 - training wall time against the time it took to generate the training traces (from their manifest),
   steps/s and tokens/s, parameters and checkpoint bytes, and the time to score all layers at 2K tokens as a
   share of the 2K prefill (with the real model; --no-timing skips it).
@@ -21,61 +24,31 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from kvpolicy.compression.scorers import make_scorer
-from kvpolicy.compression.scorers.base import LayerView
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.costs import trace_scorable, trace_scores
+from kvpolicy.evaluation.lineup import Contender, make_contenders
 from kvpolicy.policy import checkpoint as ckpt
-from kvpolicy.training.data import evictable_range
-from kvpolicy.policy.network import PolicyNet
-from kvpolicy.policy.ranking import argsort_desc, evicted_fraction, normalized_cost
+from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost, evicted_shares
+from kvpolicy.traces.store import TraceReader, TraceSample
 
-HEURISTICS = {"StreamingLLM": "streaming_llm", "KNorm": "knorm", "KeyDiff": "keydiff", "LagKV": "lagkv", "Random": "random"}
-QUERY_BASELINES = {"TOVA": "tova", "SnapKV": "snapkv"}  # scores recorded with the traces
-ATTENTION_FREE = ("StreamingLLM", "KNorm", "KeyDiff", "LagKV", "Random")
+HEURISTICS = ("streaming_llm", "knorm", "keydiff", "lagkv", "random")  # attention-free
+QUERY_BASELINES = ("tova", "snapkv")  # scores recorded with held-out traces
 DEFAULT_BUDGETS = (64, 128, 256, 512)
 
-def policy_method(policy: PolicyNet) -> Callable:
-    """Scores (L, H, T) of every agent on a trace, in one forward."""
-
-    def scores(trace, sample: int) -> torch.Tensor:
-        n_layers, h, t, d = trace.keys.shape
-        a = n_layers * h
-        positions = torch.as_tensor(trace.positions)
-        with torch.no_grad():
-            out = policy(trace.keys.float().reshape(a, 1, t, d), trace.values.float().reshape(a, 1, t, d),
-                         positions.reshape(1, 1, t), (positions.max() + 1).reshape(1, 1, 1))
-        return out.reshape(n_layers, h, t)
-
-    return scores
+# (trace, sample index) -> scores (L, H, T), higher = keep
+Method = Callable[[TraceSample, int], torch.Tensor]
 
 
-def heuristic_method(spec: str) -> Callable:
-    """Scores (L, H, T) of a registered attention-free scorer, layer by layer, exactly as the engine calls it."""
-    scorer = make_scorer(spec)
-
-    def scores(trace, sample: int) -> torch.Tensor:
-        n_layers, h, t, _ = trace.keys.shape
-        positions = torch.as_tensor(trace.positions).expand(1, h, t)
-        return torch.cat([
-            scorer.score(LayerView(layer, trace.keys[layer][None].float(), trace.values[layer][None].float(), positions))
-            for layer in range(n_layers)
-        ]).float()
-
-    return scores
+def scorer_method(reader: TraceReader, contender: Contender) -> Method:
+    """A contender's scores on the traces of `reader`, exactly as the evaluation's trace costs compute them."""
+    return lambda trace, sample: trace_scores(reader, sample, contender, trace)
 
 
-def stored_method(reader, name: str) -> Callable:
-    def scores(trace, sample: int) -> torch.Tensor:
-        return torch.stack([reader.read_baseline(sample, layer, name) for layer in range(reader.n_layers)])
-
-    return scores
-
-
-def evaluate(reader, methods: dict[str, Callable], budgets: Sequence[int], sinks: int = 4, recent: int = 16,
+def evaluate(reader, methods: dict[str, Method], budgets: Sequence[int], sinks: int = SINKS, recent: int = RECENT,
              samples: Sequence[int] | None = None) -> dict[str, dict]:
     """Per method: mean normalized cost over (prompt, layer, head), its per-layer means, and the mean share of
     future utility evicted at each budget (budgets count sinks and recent). Oracle included as "Oracle"."""
@@ -86,15 +59,11 @@ def evaluate(reader, methods: dict[str, Callable], budgets: Sequence[int], sinks
     lost: dict[str, list[torch.Tensor]] = {name: [] for name in costs}
     for sample in samples:
         trace = reader.read_layers(sample)
-        length = trace.keys.shape[-2]
-        start, stop = evictable_range(length, sinks, recent)
-        utility = trace.utility.float()[..., start:stop]
-        evictable_budgets = [max(b - (length - (stop - start)), 0) for b in budgets]
+        utility = trace.utility.float()
         for name in costs:
-            scores = trace.utility.float() if name == "Oracle" else methods[name](trace, sample)
-            scores = scores[..., start:stop]
-            costs[name].append(normalized_cost(utility, argsort_desc(scores)))  # (L, H)
-            lost[name].append(evicted_fraction(scores, utility, evictable_budgets))  # (L, H, n_budgets)
+            scores = utility if name == "Oracle" else methods[name](trace, sample)
+            costs[name].append(evictable_cost(scores, utility, sinks, recent))  # (L, H)
+            lost[name].append(evicted_shares(scores, utility, budgets, sinks, recent)[0])  # (L, H, n_budgets)
     results = {}
     for name in costs:
         c = torch.stack(costs[name])  # (S, L, H)
@@ -110,6 +79,7 @@ def evaluate(reader, methods: dict[str, Callable], budgets: Sequence[int], sinks
 def scoring_overhead(checkpoint: Path, context: int = 2048, repeats: int = 3) -> dict[str, float]:
     """Median time to score every layer with KVP on a `context`-token prefill, and the prefill itself."""
     from kvpolicy.compression.engine import prefill, rank
+    from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.data.essays import load_essays
     from kvpolicy.models import load_model
 
@@ -127,7 +97,8 @@ def scoring_overhead(checkpoint: Path, context: int = 2048, repeats: int = 3) ->
         prefill_s.append(t1 - t0)
         score_s.append(t2 - t1)
     p, s = statistics.median(prefill_s), statistics.median(score_s)
-    return {"context": ids.shape[1], "prefill_s": round(p, 4), "score_all_layers_s": round(s, 4), "share_of_prefill": round(s / p, 5)}
+    return {"context": ids.shape[1], "prefill_s": round(p, 4), "score_all_layers_s": round(s, 4),
+            "share_of_prefill": round(s / p, 5)}
 
 
 def _print_table(results: dict[str, dict], budgets: Sequence[int]) -> None:
@@ -137,7 +108,8 @@ def _print_table(results: dict[str, dict], budgets: Sequence[int]) -> None:
     for name in order:
         r = results[name]
         print(f"{name:<14}{r['normalized_cost']:>11.3f}" + "".join(f"{r['evicted_share'][b]:>9.3f}" for b in budgets))
-    print("(norm. cost: cost(σ)/cost(sorted u), 1 = oracle; b=N: share of future attention evicted keeping N tokens/head)")
+    print("(norm. cost: cost(σ)/cost(sorted u), 1 = oracle; "
+          "b=N: share of future attention evicted keeping N tokens/head)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
 
     from kvpolicy.progress import silence_libraries
-    from kvpolicy.traces.store import TraceReader
     from kvpolicy.training.trainer import TrainConfig, Trainer
 
     silence_libraries()
@@ -184,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     report["checkpoint_bytes"] = (path / ckpt.WEIGHTS).stat().st_size
     train_cfg = loaded.config["training"]
 
-    methods = {"KVP": policy_method(loaded.policy)}
-    methods |= {label: heuristic_method(spec) for label, spec in HEURISTICS.items()}
-    stored = getattr(test, "baselines", [])
-    methods |= {label: stored_method(test, name) for label, name in QUERY_BASELINES.items() if name in stored}
+    contenders = [c for c in make_contenders([f"kvp:{path}", *HEURISTICS, *QUERY_BASELINES]) if trace_scorable(c, test)]
+    methods = {c.label: scorer_method(test, c) for c in contenders}
+    attention_free = [c.label for c in contenders if c.kind == "heuristic" and c.query_window == 0]
+    query_based = [c.label for c in contenders if c.kind == "heuristic" and c.query_window != 0]
     t0 = time.perf_counter()
     results = evaluate(test, methods, budgets, train_cfg["sinks"], train_cfg["recent"])
     report["evaluation_seconds"] = round(time.perf_counter() - t0, 1)
@@ -196,18 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         report["scoring"] = scoring_overhead(path)
 
     _print_table(results, budgets)
-    best_free = min(ATTENTION_FREE, key=lambda n: results[n]["normalized_cost"])
+    best_free = min(attention_free, key=lambda n: results[n]["normalized_cost"])
     kvp = results["KVP"]["normalized_cost"]
     free = results[best_free]["normalized_cost"]
     print(f"KVP {kvp:.3f} vs best attention-free {best_free} {free:.3f}: ratio {kvp / free:.2f}, "
           f"excess over oracle ratio {(kvp - 1) / max(free - 1, 1e-9):.2f}")
-    for label in QUERY_BASELINES:
-        if label in results:
-            print(f"KVP vs {label}: {kvp:.3f} vs {results[label]['normalized_cost']:.3f}")
+    for label in query_based:
+        print(f"KVP vs {label}: {kvp:.3f} vs {results[label]['normalized_cost']:.3f}")
     t = report["training"]
+    ratio = f"; trace generation took {generation:.0f} s (training/generation = {t['seconds'] / generation:.2f})"
     print(f"training: {t['steps']} steps in {t['seconds']:.0f} s ({t['steps_per_s']} steps/s"
-          + (f", {t['tokens_per_s']:,} tokens/s" if "tokens_per_s" in t else "") + ")"
-          + (f"; trace generation took {generation:.0f} s (training/generation = {t['seconds'] / generation:.2f})" if generation else ""))
+          + (f", {t['tokens_per_s']:,} tokens/s" if "tokens_per_s" in t else "") + ")" + (ratio if generation else ""))
     print(f"policy: {report['parameters']:,} parameters, checkpoint {report['checkpoint_bytes']:,} bytes")
     if "scoring" in report:
         s = report["scoring"]

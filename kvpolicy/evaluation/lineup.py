@@ -1,0 +1,129 @@
+"""A sweep's line-up: the scorers it compares and the full-cache reference they are measured against (what each is
+called in results and figures, and what identifies it), the budgets every ranking is cut to, and the
+rank-once / cut-per-budget step the runners share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import evict, rank
+from kvpolicy.compression.scorers import LEARNED_PREFIX, Scorer, make_scorer
+from kvpolicy.compression.scorers.base import ALL_QUERIES
+from kvpolicy.compression.state import KVState
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.result import FULL
+from kvpolicy.io import sha256_json
+
+# the heuristic scorers a sweep (and the demo) compares by default
+BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
+ORACLE = "oracle"
+
+LABELS = {
+    "random": "Random",
+    "streaming_llm": "StreamingLLM",
+    "knorm": "KNorm",
+    "keydiff": "KeyDiff",
+    "lagkv": "LagKV",
+    "tova": "TOVA",
+    "snapkv": "SnapKV",
+    "h2o": "H2O",
+    "expected_attention": "ExpectedAttention",
+    ORACLE: "Oracle",
+    FULL: "full cache",
+}
+
+
+@dataclass
+class Contender:
+    """One scorer of a sweep's line-up. scorer is None for the oracle (it needs a trace's utility, supplied per
+    sample) and for the full-cache reference.
+
+    kind: "heuristic" (a baseline), "learned" (a KVP checkpoint), "oracle" or "reference" (the full cache)."""
+
+    spec: str
+    label: str
+    kind: str
+    identity: dict
+    scorer: Scorer | None
+
+    @property
+    def id(self) -> str:
+        return sha256_json(self.identity)[:16]
+
+    @property
+    def query_window(self) -> int:
+        return self.scorer.query_window if self.scorer is not None else 0
+
+
+# (contender id, budget label) -> whether that result is still missing for the sample(s) at hand
+IsMissing = Callable[[str, str], bool]
+
+FULL_CACHE = Contender(FULL, LABELS[FULL], "reference", {"name": FULL}, None)
+FULL_BUDGET = Budget(tokens=1 << 30)  # the reference's "budget": above any cache length, so nothing is cut
+
+
+def make_contenders(specs: list[str]) -> list[Contender]:
+    """Contenders from registry names and `kvp:PATH` specs; several checkpoints are told apart by path."""
+    learned = [s for s in specs if s.startswith(LEARNED_PREFIX)]
+    contenders = []
+    for spec in dict.fromkeys(specs):  # drop repeats, keep order
+        if spec == ORACLE:
+            contenders.append(Contender(spec, LABELS[ORACLE], "oracle", {"name": ORACLE}, None))
+            continue
+        scorer = make_scorer(spec)
+        if spec.startswith(LEARNED_PREFIX):
+            path = Path(spec[len(LEARNED_PREFIX) :])
+            label = "KVP" if len(learned) == 1 else f"KVP ({path.name or path})"
+            contenders.append(Contender(spec, label, "learned", scorer.identity(), scorer))
+        else:
+            contenders.append(Contender(spec, LABELS.get(spec, spec), "heuristic", scorer.identity(), scorer))
+    return contenders
+
+
+def parse_budget(text: str) -> Budget:
+    """'256' -> 256 tokens per head; '0.5' or 'r0.5' -> compression ratio 0.5 (fraction removed)."""
+    raw = text.strip().lower().removeprefix("b")
+    try:
+        if raw.startswith("r"):
+            return Budget(ratio=float(raw[1:]))
+        if raw.lstrip("+-").isdigit():
+            return Budget(tokens=int(raw))
+        return Budget(ratio=float(raw))
+    except ValueError:
+        raise KVPError(f"cannot read budget '{text}': give tokens per head (e.g. 256) or a ratio removed "
+                       "(e.g. 0.5 or r0.5)") from None
+
+
+def missing_budgets(contenders: list[Contender], budgets: list[Budget],
+                    is_missing: IsMissing) -> dict[str, list[Budget]]:
+    """Per contender id, the budgets whose results are still missing (the full-cache reference has the one
+    FULL_BUDGET); the reference is always among the contenders."""
+    return {c.id: [b for b in ([FULL_BUDGET] if c is FULL_CACHE else budgets)
+                   if is_missing(c.id, FULL if c is FULL_CACHE else b.label)] for c in [FULL_CACHE, *contenders]}
+
+
+def recording_window(contenders: list[Contender]) -> int:
+    """Rows of attention inputs a prefill must record so that every contender can rank (0: none needed)."""
+    windows = [c.query_window for c in contenders]
+    if ALL_QUERIES in windows:
+        return ALL_QUERIES
+    return max(windows, default=0)
+
+
+def rank_for_cuts(handle, state: KVState, contender: Contender, budgets: list[Budget]) -> list[torch.Tensor] | None:
+    """The contender's ranking of `state` (per layer (B, H, T)), once for all its budgets; None when no ranking is
+    needed: the full-cache reference, or budgets that all keep the whole cache."""
+    length = state.length
+    if contender is FULL_CACHE or all(b.kept(length) >= length for b in budgets):
+        return None
+    return rank(handle, state, contender.scorer)
+
+
+def cut(state: KVState, ranking: list[torch.Tensor] | None, budget: Budget) -> KVState:
+    """`state` cut to `budget` by `ranking` (from rank_for_cuts); an uncut branch of it when ranking is None."""
+    return state.branch() if ranking is None else evict(state, ranking, budget)

@@ -1,0 +1,180 @@
+"""A result: one evaluated (model, scorer, budget, task, context length, protocol, seed, sample), as the typed
+`Result` the sweep builds and the report reads, and as the JSON object that is one line of a results file.
+
+Every record carries the schema version it was written with (schema 1 called that field "format"); a reader
+refuses any other version, and checks every field against the type `Result` declares for it (kvpolicy.schema),
+so a damaged record is one error naming FILE:LINE and the field, never a traceback later.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from kvpolicy.errors import KVPError
+from kvpolicy.io import sha256_json
+from kvpolicy.schema import Optional, validate
+
+SCHEMA = 2
+
+FULL = "full"  # scorer spec and budget label of the uncompressed reference
+WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
+
+# the fields that identify a result (its configuration); every other field is a measurement or a description
+KEY_FIELDS = ("model_fingerprint", "scorer_id", "budget", "task", "context_tokens", "protocol", "seed", "sample")
+
+# what a record of each metric must hold beyond the fields without a default: a cost record holds `per_head` ((L, H)
+# per-head cost) and, at a budget (not the whole ranking), the mean evicted utility `lost` and the oracle's `best`
+METRIC_FIELDS = {"accuracy": (), "perplexity": ("nll_sum", "n_tokens"), "cost": ("lost", "best", "per_head")}
+WHOLE_RANKING_FIELDS = ("per_head",)
+
+DAMAGED = "a results file holds only records written by `kvp sweep`; re-run the sweep into a new results file"
+
+# what the report reads of a learned scorer's identity (see TrainedOn)
+_IDENTITY = {"trained_on": Optional({"source": (str, None), "context_tokens": (int, None)})}
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a learned policy was trained on: its trace source ("ruler" | "dialogue") and context length."""
+
+    source: str | None
+    context_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One result. The key (KEY_FIELDS): model_fingerprint, scorer_id (hash of the scorer's identity), budget
+    (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths), protocol,
+    seed, sample. What the report names and draws: model, scorer (spec), scorer_label, scorer_kind ("heuristic" |
+    "learned" | "oracle" | "reference"), family, data, corpus, metric ("accuracy" | "perplexity" | "cost"), kept
+    (cache entries per head after the cut), value (the sample's score), seconds (this result's own work) and
+    prefill_seconds (its share of the prefill). Per metric: prediction and answers (accuracy); nll_sum and
+    n_tokens (perplexity, pooled as exp(Σ nll_sum / Σ n_tokens)); lost, best and per_head (cost, see
+    METRIC_FIELDS). `schema` is the version this kvpolicy writes; `key` is derived from the key fields."""
+
+    model_fingerprint: str
+    scorer_id: str
+    budget: str
+    task: str
+    context_tokens: int | None
+    protocol: str
+    seed: int
+    sample: str
+    model: str
+    scorer: str
+    scorer_label: str
+    family: str
+    data: str
+    metric: str
+    kept: int
+    value: float
+    seconds: float
+    scorer_kind: str = "heuristic"
+    scorer_identity: dict = field(default_factory=dict, metadata={"schema": _IDENTITY})
+    corpus: str | None = None
+    prefill_seconds: float = 0.0
+    budget_tokens: int | None = None
+    budget_ratio: float | None = None
+    length: int | None = None  # cache entries per head before the cut
+    cache_bytes_full: int | None = None
+    cache_bytes: int | None = None
+    prediction: str | None = None
+    answers: list[str] | None = None
+    nll_sum: float | None = None
+    n_tokens: int | None = None
+    lost: float | None = None
+    best: float | None = None
+    per_head: list[list[float]] | None = None
+    created: str | None = None  # ISO time of writing
+    code_version: str | None = None
+    schema: int = field(default=SCHEMA, init=False)
+
+    @property
+    def key(self) -> str:
+        return record_key({name: getattr(self, name) for name in KEY_FIELDS})
+
+    @property
+    def trained_on(self) -> TrainedOn | None:
+        """What a learned scorer was trained on, as its checkpoint states it (None for any other scorer)."""
+        trained = self.scorer_identity.get("trained_on") if self.scorer_kind == "learned" else None
+        return TrainedOn(trained.get("source"), trained.get("context_tokens")) if trained else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a results file holds it: every field but those null by default and null here (a
+        perplexity record holds no `per_head`), and the key."""
+        record = {name: value for name, value in asdict(self).items() if value is not None or name not in _NULL}
+        return {**record, "key": self.key}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> Result:
+        """The result a JSON record holds, checked (see check_record); `where` (FILE:LINE) names it in errors."""
+        check_record(obj, where)
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.init and f.name in obj})
+
+
+def record_key(key_fields: dict[str, Any]) -> str:
+    """Stable key of a configuration: sha256 over the KEY_FIELDS (all required)."""
+    missing = [f for f in KEY_FIELDS if f not in key_fields]
+    if missing:
+        raise KVPError(f"result record lacks key fields {missing}; a record needs all of {list(KEY_FIELDS)}")
+    return sha256_json({f: key_fields[f] for f in KEY_FIELDS})[:24]
+
+
+def _spec(hint: Any) -> Any:
+    """The kvpolicy.schema spec of a field type: str, int, float, dict, X | None, list[X]."""
+    if hint is type(None):
+        return None
+    if get_origin(hint) in (Union, types.UnionType):
+        return tuple(_spec(arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return [_spec(get_args(hint)[0])]
+    return get_origin(hint) or hint
+
+
+def _record_schema() -> dict[str, Any]:
+    """The schema of a record, from Result's field types: a field without a default is required, any other may be
+    absent (and null where its type allows)."""
+    hints = get_type_hints(Result)
+    schema = {}
+    for f in fields(Result):
+        spec = f.metadata.get("schema", _spec(hints[f.name]))
+        schema[f.name] = spec if f.default is MISSING and f.default_factory is MISSING else Optional(spec)
+    return schema
+
+
+RECORD = _record_schema()
+_NULL = {f.name for f in fields(Result) if f.default is None}  # null unless set: left out of a record when null
+_PER_METRIC = {name for names in METRIC_FIELDS.values() for name in names}
+
+
+def _present(name: str) -> Any:
+    """The spec of a field that a record's metric requires: RECORD's, neither absent nor null."""
+    spec = RECORD[name].schema
+    if not isinstance(spec, tuple):
+        return spec
+    rest = tuple(s for s in spec if s is not None)
+    return rest[0] if len(rest) == 1 else rest
+
+
+def check_record(obj: Any, where: str) -> None:
+    """Refuse a record of another schema version, or one missing or mistyping a field: one KVPError naming `where`
+    (FILE:LINE) and the version or the field. The fields its metric requires are checked before the others of
+    that kind, so that a bad value deep in one (per_head[0][1]) is named exactly."""
+    if not isinstance(obj, dict):
+        raise KVPError(f"{where} is not a result record (expected a JSON object)")
+    found = obj.get("schema", obj.get("format"))  # schema 1 called its version "format"
+    if found is None:
+        raise KVPError(f"{where} holds a record without a schema version; this kvpolicy reads schema {SCHEMA}; "
+                       "re-run the sweep into a new results file")
+    if found != SCHEMA:
+        raise KVPError(f"{where} holds results of schema {found!r}; this kvpolicy reads schema {SCHEMA}; "
+                       "re-run the sweep into a new results file")
+    validate(obj, {name: spec for name, spec in RECORD.items() if name not in _PER_METRIC}, where, DAMAGED)
+    metric = obj["metric"]
+    if metric not in METRIC_FIELDS:
+        raise KVPError(f"{where}: field 'metric' must be one of {', '.join(METRIC_FIELDS)}, got {metric!r}; {DAMAGED}")
+    required = WHOLE_RANKING_FIELDS if metric == "cost" and obj["budget"] == WHOLE_RANKING else METRIC_FIELDS[metric]
+    validate(obj, {name: _present(name) for name in required}, where, DAMAGED)
+    validate(obj, RECORD, where, DAMAGED)

@@ -1,0 +1,37 @@
+"""Deferred interrupts: a signal inside the section sets a flag, the section completes, then KeyboardInterrupt."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from kvpolicy.signals import deferred_interrupts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_waits_for_the_end_of_the_section(sig):
+    before = signal.getsignal(sig)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts() as requested:
+            assert not requested()
+            os.kill(os.getpid(), sig)
+            assert requested()
+            done.append("the rest of the section")
+    assert done == ["the rest of the section"]
+    assert signal.getsignal(sig) is before
+
+
+def test_no_signal_no_interrupt_and_an_ignored_signal_stays_ignored():
+    with deferred_interrupts() as requested:
+        pass
+    assert not requested()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with deferred_interrupts() as requested:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not requested()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
