@@ -8,6 +8,7 @@ import importlib
 import signal
 import sys
 
+from kvpolicy import __version__
 from kvpolicy.errors import KVPError
 
 # subcommand -> (module, one-line help); the module is imported only when its command runs
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvp", description="Learned KV-cache eviction (KV Policy).")
+    parser.add_argument("--version", action="version", version=f"kvp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -37,6 +39,8 @@ def _interrupt(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 on success, 1 on an error (a KVPError or OSError), 2 on a usage error (argparse exits),
+    130 on an interrupt. Library logging and warnings are quietened here, in the CLI only."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -50,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KVPError as err:
         print(f"kvp {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as err:  # permission, disk full, not a directory... met after the up-front checks
         from kvpolicy.io import describe_os_error
 
         print(f"kvp {args.command}: error: {describe_os_error(err)}; free space or fix permissions, then re-run "
               "the same command to resume", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         print(f"kvp {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

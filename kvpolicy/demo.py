@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.lineup import BASELINE_SCORERS
+from kvpolicy.evaluation.names import BASELINE_SCORERS
 from kvpolicy.models.registry import DEFAULT_MODEL
 
 

@@ -166,6 +166,6 @@ def test_a_read_only_output_directory_fails_fast_in_one_line(read_only_dir, as_n
     with as_nobody():
         code = cli.main(argv)
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
+    assert code == 1 and len(err.splitlines()) == 1, err
     assert "permission denied" in err and str(read_only_dir / "ro") in err
     assert list((read_only_dir / "ro").iterdir()) == []

@@ -6,13 +6,15 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
     from kvpolicy.models.registry import DEFAULT_MODEL
-    from kvpolicy.policy.protocol import RECENT, SINKS
+    from kvpolicy.policy.config import RECENT, SINKS
 
     parser.add_argument("prompt", help="the context (or the whole prompt when no --question is given)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--scorer", default="knorm", help="eviction scorer: random, streaming_llm, knorm, keydiff, "
-                        "lagkv, tova, snapkv, h2o, expected_attention, or kvp:CHECKPOINT (default knorm)")
+    scorers = ", ".join(n for n in SCORER_NAMES if n != "oracle")  # the oracle needs traces: sweeps only
+    parser.add_argument("--scorer", default="knorm",
+                        help=f"eviction scorer: {scorers}, or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", type=int, help="entries kept per KV head (sinks and recent included)")
     size.add_argument("--ratio", type=float, help="fraction of entries removed instead (kvpress compression ratio)")

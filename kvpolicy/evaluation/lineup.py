@@ -16,11 +16,11 @@ from kvpolicy.compression.scorers import LEARNED_PREFIX, Scorer, make_scorer
 from kvpolicy.compression.scorers.base import ALL_QUERIES
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.names import BASELINE_SCORERS  # noqa: F401 (re-exported)
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.io import sha256_json
 
 # the heuristic scorers a sweep (and the demo) compares by default
-BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 ORACLE = "oracle"
 
 LABELS = {

@@ -27,7 +27,6 @@ from kvpolicy.io import check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
 from kvpolicy.models.handle import ModelHandle, ModelInfo
 from kvpolicy.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
-from kvpolicy.progress import silence_libraries
 
 MARKER = "kvpolicy-cache.json"
 CACHE_FORMAT = 1
@@ -175,7 +174,6 @@ def load_model(name: str = DEFAULT_MODEL) -> ModelHandle:
 
     The result is cached per process: later calls with the same name return the same handle.
     """
-    silence_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = resolve_model(name)

@@ -30,53 +30,15 @@ Measurements here and in kvpolicy/training/trainer.py were taken on SmolLM2 on a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvpolicy.errors import KVPError
+from kvpolicy.policy.config import PolicyConfig
 
-POSITION_ENCODINGS = ("absolute", "relative", "both")
 N_RELATIVE_FEATURES = 3
-
-
-@dataclass
-class PolicyConfig:
-    """Shape of the agents' network.
-
-    hidden: width of every hidden layer (paper: 256). Default 32, the knee of widths 16 / 32 / 64: validation
-        cost 1.207 / 1.204 / 1.200, 0.30M / 0.74M / 2.0M parameters, scoring every layer in 1.2% / 1.8% / 3.4%
-        of a 2K-token prefill (`kvp train ... --hidden N`, then the ranking benchmark: module docstring).
-    position_dim: width of the position embedding (paper: 32).
-    max_position: rows of the learned absolute-position table ("absolute"/"both" encodings); larger positions
-        are clamped to the last row.
-    """
-
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    hidden: int = 32
-    position_dim: int = 16
-    max_position: int = 2048
-    position_encoding: str = "relative"
-
-    def __post_init__(self) -> None:
-        for name in ("n_layers", "n_kv_heads", "head_dim", "hidden", "position_dim", "max_position"):
-            if int(getattr(self, name)) < 1:
-                raise KVPError(f"policy config: {name} must be a positive integer, got {getattr(self, name)}")
-        if self.position_encoding not in POSITION_ENCODINGS:
-            raise KVPError(f"policy config: position_encoding must be one of {POSITION_ENCODINGS}, "
-                           f"got '{self.position_encoding}'")
-
-    @property
-    def n_agents(self) -> int:
-        return self.n_layers * self.n_kv_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _linear(a: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:

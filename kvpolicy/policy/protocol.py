@@ -19,10 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kvpolicy.policy.config import RECENT, SINKS
 from kvpolicy.policy.ranking import argsort_desc, evicted_fraction, normalized_cost
-
-SINKS = 4  # first positions always kept
-RECENT = 16  # last positions always kept
 _TINY = 1e-12  # below this a total utility counts as zero (as in ranking.py)
 
 

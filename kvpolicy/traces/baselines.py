@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy.errors import KVPError
+from kvpolicy.traces.config import BASELINES
 from kvpolicy.models.attention import AttentionInputs, causal_window_attention, recorded_queries
 
 SNAPKV_WINDOW = 64  # kvpress default observation window
 SNAPKV_KERNEL = 5
-BASELINES = ("tova", "snapkv")
 
 
 def baseline_window(prompt_length: int) -> int:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from kvpolicy.distributed import init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.registry import DEFAULT_MODEL
-from kvpolicy.traces.baselines import BASELINES
+from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
-from kvpolicy.traces.store import DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +50,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.models.loader import load_model
     from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
 

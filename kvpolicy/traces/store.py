@@ -38,18 +38,12 @@ from kvpolicy.errors import KVPError
 from kvpolicy.io import atomic_path, describe_os_error, read_json, sha256_json, write_json
 from kvpolicy.models.handle import MODEL_SCHEMA, ModelIdentity, ModelInfo
 from kvpolicy.schema import Optional, validate
+from kvpolicy.traces.config import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 
 FORMAT = "kvpolicy-traces/1"
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-r*.safetensors"
 SHARD_NAME = re.compile(r"shard-r\d{3,}-\d{5,}\.safetensors")  # what TraceWriter names its shards
-DEFAULT_SHARD_BYTES = 128 << 20
-# A shard is also written after this many samples or seconds since its first sample: at 128 MiB alone a small run
-# buffers everything and a kill (SIGKILL skips the final flush) keeps nothing. 8 samples bound what a kill loses on
-# fast short prompts while keeping shards few (n / 8; a reader maps them lazily, and a map holds no file
-# descriptor); 120 s bound it on slow ones (long contexts, CPU) to two minutes plus the sample in progress.
-DEFAULT_SHARD_SAMPLES = 8
-DEFAULT_SHARD_SECONDS = 120.0
 CORE_TENSORS = ("keys", "values", "utility")
 # what must agree between a run and traces already in its output directory
 COMPATIBILITY_KEYS = ("format", "model", "source", "split", "context_tokens", "future", "seeds", "baselines")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from kvpolicy.policy.network import POSITION_ENCODINGS, PolicyConfig
-from kvpolicy.training.trainer import PAPER, TrainConfig
+from kvpolicy.policy.config import POSITION_ENCODINGS, PolicyConfig
+from kvpolicy.training.config import PAPER, TrainConfig
 
 _DEFAULTS = TrainConfig()
 _POLICY_DEFAULTS = {

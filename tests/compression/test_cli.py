@@ -37,14 +37,15 @@ def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
     ],
 )
 def test_generate_bad_input_is_one_clear_line(argv, message, capsys):
-    assert main(["generate", *argv]) == 2
+    assert main(["generate", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
 
 def test_generate_budget_must_be_an_integer(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["generate", "--budget", "2.5", "x"])
+    assert exit_.value.code == 2  # a usage error, as argparse says it
     assert "invalid int value: '2.5'" in capsys.readouterr().err
 
 
@@ -60,6 +61,6 @@ def test_a_policy_for_another_model_is_refused_before_any_work(smollm, tmp_path,
              "n_kv_heads": info.n_kv_heads, "head_dim": info.head_dim}
     ckpt.save_checkpoint(tmp_path / "ckpt", {"model": model, "policy": net.config.to_dict()}, net.state_dict())
     monkeypatch.setattr(engine, "prefill", lambda *a, **k: pytest.fail("prefilled before refusing the policy"))
-    assert main(["generate", "--budget", "32", "--scorer", f"kvp:{tmp_path / 'ckpt'}", "x"]) == 2
+    assert main(["generate", "--budget", "32", "--scorer", f"kvp:{tmp_path / 'ckpt'}", "x"]) == 1
     err = capsys.readouterr().err.strip()
     assert "was trained for other (fingerprint 0123456789abcdef)" in err and len(err.splitlines()) == 1

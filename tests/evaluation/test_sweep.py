@@ -64,12 +64,12 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
     blocker.write_text("")
     with pytest.raises(KVPError, match=f"cannot write results file: {blocker}: a part of the path is not a dir"):
         Sweep(SweepConfig(out=str(blocker / "r.jsonl")))
-    assert main(["sweep", "--out", str(blocker / "r.jsonl"), *SMALL_SWEEP]) == 2
+    assert main(["sweep", "--out", str(blocker / "r.jsonl"), *SMALL_SWEEP]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kvp sweep: error: cannot write results file: ") and err.count("\n") == 1
     assert str(blocker) in err
     out = tmp_path / "r.jsonl"
-    assert main(["sweep", "--out", str(out), "--report", str(blocker / "report"), *SMALL_SWEEP]) == 2
+    assert main(["sweep", "--out", str(out), "--report", str(blocker / "report"), *SMALL_SWEEP]) == 1
     assert "cannot write report directory" in capsys.readouterr().err
     assert blocker.read_text() == "" and list(tmp_path.iterdir()) == [blocker]  # nothing written
 

@@ -165,7 +165,7 @@ def test_report_cli(results, tmp_path, capsys):
 
     assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 0
     assert "report.html" in capsys.readouterr().out
-    assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 1
 
 
 def test_report_notes_dropped_repeats(results, tmp_path, capsys):
@@ -191,10 +191,10 @@ def test_unwritable_report_directory_fails_before_reading(results, tmp_path, mon
     blocker.write_text("")
     with pytest.raises(KVPError, match=f"cannot write report directory: {blocker}: a part of the path is not a dir"):
         write_report(results.path, blocker / "report")
-    assert main(["report", str(results.path), "--out", str(blocker / "report")]) == 2
+    assert main(["report", str(results.path), "--out", str(blocker / "report")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(blocker) in err
-    assert main(["report", str(results.path), "--out", str(results.path)]) == 2  # a file, not a directory
+    assert main(["report", str(results.path), "--out", str(results.path)]) == 1  # a file, not a directory
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -209,7 +209,7 @@ def test_malformed_results_are_one_line_naming_file_line_and_field(results, tmp_
     good = results.path.read_text().splitlines(keepends=True)
     bad = record if record.get("schema") else json.loads(good[0]) | record
     results.path.write_text("".join(good[:4]) + json.dumps(bad) + "\n")
-    assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(results.path), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"kvp report: error: {results.path}:5: {problem}; ") and err.count("\n") == 1
     assert not (tmp_path / "r").exists()

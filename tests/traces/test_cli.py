@@ -58,7 +58,7 @@ def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     assert "0 recorded now, 2 were already there" in capsys.readouterr().out
 
     # another run's settings into the same directory are refused with a one-line error
-    assert main(traces(out, *RULER_RUN, "--future", "reference")) == 2
+    assert main(traces(out, *RULER_RUN, "--future", "reference")) == 1
     assert "holds traces of another run" in capsys.readouterr().err
 
 
@@ -99,15 +99,15 @@ def test_dialogue_reference_traces_with_baselines(smollm, tmp_path):
 
 @pytest.mark.model
 def test_bad_requests_fail_cleanly(smollm, tmp_path, capsys):
-    assert main(traces(tmp_path / "a", "--source", "ruler", "--n", "1", "--context", "9000")) == 2
+    assert main(traces(tmp_path / "a", "--source", "ruler", "--n", "1", "--context", "9000")) == 1
     assert "refused: --context 9000" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    assert main(traces(tmp_path / "b", "--source", "ruler", "--n", "1", "--context", "40")) == 2
+    assert main(traces(tmp_path / "b", "--source", "ruler", "--n", "1", "--context", "40")) == 1
     assert "too few for RULER task" in capsys.readouterr().err
     assert not list((tmp_path / "b").glob("*.safetensors"))
-    assert main(traces(tmp_path / "c", "--source", "ruler", "--n", "1", "--baselines", "h2o")) == 2
+    assert main(traces(tmp_path / "c", "--source", "ruler", "--n", "1", "--baselines", "h2o")) == 1
     assert "unknown baselines" in capsys.readouterr().err
-    assert main(traces(tmp_path / "d", "--source", "ruler", "--n", "1", "--shard-samples", "0")) == 2
+    assert main(traces(tmp_path / "d", "--source", "ruler", "--n", "1", "--shard-samples", "0")) == 1
     assert "--shard-samples must be at least 1" in capsys.readouterr().err
 
 
@@ -120,7 +120,7 @@ def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch,
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(loader, "load_model", load_model)
-    assert main(traces(out, "--source", "ruler", "--n", "1")) == 2
+    assert main(traces(out, "--source", "ruler", "--n", "1")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write trace directory: {blocker}" in err
     with pytest.raises(KVPError, match="cannot write trace directory"):

@@ -15,6 +15,7 @@ from kvpolicy.compression.scorers.kvpress_backed import (
 )
 from kvpolicy.compression.scorers.oracle import OracleScorer
 from kvpolicy.compression.scorers.streaming_llm import StreamingLLMScorer
+from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES  # noqa: F401 (re-exported)
 from kvpolicy.errors import KVPError
 
 SCORERS: dict[str, type[Scorer]] = {
@@ -32,9 +33,6 @@ SCORERS: dict[str, type[Scorer]] = {
         OracleScorer,
     )
 }
-
-LEARNED_PREFIX = "kvp:"
-
 
 def make_scorer(spec: str, **kw) -> Scorer:
     """A scorer from its registry name (settings as keyword arguments) or `kvp:PATH` (a learned policy checkpoint).

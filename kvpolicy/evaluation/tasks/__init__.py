@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kvpolicy.data.ruler import RULER_TASKS
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.names import known_tasks
 from kvpolicy.evaluation.tasks.base import (
     MULTI_TURN,
     PROMPT_ONCE,
@@ -29,12 +30,6 @@ from kvpolicy.evaluation.tasks.dialogue import oasst2_task, sharegpt_task
 from kvpolicy.evaluation.tasks.ruler import HUB_TASKS, hub_task, offline_task
 from kvpolicy.evaluation.tasks.traces import trace_task
 from kvpolicy.evaluation.tasks.zero_shot import zero_shot_tasks
-
-
-def known_tasks() -> str:
-    zero_shot = ", ".join(zero_shot_tasks())
-    return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, dialogue, oasst2, "
-            f"{zero_shot}, traces:DIR")
 
 
 def resolve_tasks(names: list[str], hub_local: dict[str, str] | None = None) -> list[Task]:

@@ -16,17 +16,9 @@ from kvpolicy.data.records import QASample
 from kvpolicy.evaluation.lineup import Contender
 from kvpolicy.traces.store import TraceReader
 
-QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
-MULTI_TURN, PROMPT_ONCE = "multi-turn", "prompt-once"
-TRACES = "traces"
-
-PROTOCOLS = {
-    QUERY_AWARE: "compress after context and question (the KVP paper)",
-    QUESTION_AGNOSTIC: "compress the context, then read the question (kvpress)",
-    MULTI_TURN: "compress after every turn; the dialogue continues on the compressed cache",
-    PROMPT_ONCE: "compress once after the whole dialogue prompt (the KVP paper)",
-    TRACES: "rank the prompt tokens of held-out traces; cost of the evicted future attention",
-}
+from kvpolicy.evaluation.names import (  # noqa: F401 (re-exported)
+    MULTI_TURN, PROMPT_ONCE, PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC, TRACES,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,25 @@
+"""The names `kvp sweep` offers (baseline scorers, protocols, tasks), as plain values (no torch), so its help never
+imports the tasks. `ZERO_SHOT_TASKS` lists `tasks.zero_shot.zero_shot_tasks()`'s keys (a test keeps them equal)."""
+
+from __future__ import annotations
+
+from kvpolicy.data.ruler import RULER_TASKS
+
+BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
+QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
+MULTI_TURN, PROMPT_ONCE = "multi-turn", "prompt-once"
+TRACES = "traces"
+
+PROTOCOLS = {
+    QUERY_AWARE: "compress after context and question (the KVP paper)",
+    QUESTION_AGNOSTIC: "compress the context, then read the question (kvpress)",
+    MULTI_TURN: "compress after every turn; the dialogue continues on the compressed cache",
+    PROMPT_ONCE: "compress once after the whole dialogue prompt (the KVP paper)",
+    TRACES: "rank the prompt tokens of held-out traces; cost of the evicted future attention",
+}
+ZERO_SHOT_TASKS = ("boolq", "arc_challenge", "gov_report", "passage_retrieval_en")
+
+
+def known_tasks() -> str:
+    return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, dialogue, oasst2, "
+            f"{', '.join(ZERO_SHOT_TASKS)}, traces:DIR")
