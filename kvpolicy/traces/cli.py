@@ -17,7 +17,7 @@ import time
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.registry import DEFAULT_MODEL
-from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
+from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", default="auto",
                         help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
                         f"of {', '.join(BASELINES)}, 'none', or 'auto' (all on val/test, none on train)")
-    parser.add_argument("--shard-mb", type=int, default=128, help="target shard size in MiB")
+    parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="target shard size in MiB")
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
                         help="write a shard after at most this many samples (a killed run keeps finished shards)")
     parser.add_argument("--shard-seconds", type=float, default=DEFAULT_SHARD_SECONDS,
