@@ -24,6 +24,7 @@ from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.compression.state import KVState, cache_from_tensors
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.handle import refuse_sliding_window
 from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
 from kvpolicy.models.decoding import greedy_tokens
 
@@ -53,15 +54,7 @@ class BoundedDecoding:
 
 def check_supported(handle: ModelHandle) -> None:
     """Refuse models whose cache is not one full-attention DynamicLayer per layer (sliding/chunked windows)."""
-    config = handle.model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None) or []
-    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
-    if windowed or getattr(config, "use_sliding_window", False):
-        where = f"layers {windowed}" if windowed else "every layer"
-        raise KVPError(
-            f"model '{handle.info.name}' uses sliding-window attention in {where}; kvpolicy evicts only from "
-            "full-attention caches: use a model without sliding windows (e.g. smollm2-135m, qwen2.5-0.5b)"
-        )
+    refuse_sliding_window(handle.model.config.get_text_config(decoder=True), handle.info.name)
 
 
 def _check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

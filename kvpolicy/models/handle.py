@@ -7,9 +7,24 @@ from typing import Any
 
 import torch
 
+from kvpolicy.errors import KVPError
+
 # what a trace manifest or a checkpoint records of the model (a checkpoint keeps the cache shape and identity
 # only), as a kvpolicy.schema
 MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
+
+
+def refuse_sliding_window(config: Any, name: str) -> None:
+    """Raise KVPError for a decoder config (a transformers PretrainedConfig) with sliding-window or chunked layers:
+    kvpolicy evicts from full-attention caches only (every layer one DynamicLayer)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if windowed or getattr(config, "use_sliding_window", False):
+        where = f"layers {windowed}" if windowed else "every layer"
+        raise KVPError(
+            f"model '{name}' uses sliding-window attention in {where}; kvpolicy evicts only from full-attention "
+            "caches: use a model without sliding windows (e.g. smollm2-135m, qwen2.5-0.5b)"
+        )
 
 
 @dataclass(frozen=True)

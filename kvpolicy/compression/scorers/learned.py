@@ -15,6 +15,7 @@ import torch
 
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
+from kvpolicy.policy.network import HALF_DTYPES
 
 
 @dataclass
@@ -40,11 +41,16 @@ class KVPScorer(Scorer):
         check_model(self._loaded.config, info, self.checkpoint)
 
     def score(self, view: LayerView) -> torch.Tensor:
-        device = next(self.policy.parameters()).device
-        keys, values = (x.to(device, torch.float32) for x in (view.keys, view.values))
+        self._place(view.keys)
         with torch.no_grad():
-            scores = self.policy.score_layer(view.layer_idx, keys, values, view.positions.to(device))
-        return scores.to(view.keys.device)
+            return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions)
+
+    def _place(self, keys: torch.Tensor) -> None:
+        """Move the policy to the cache's device and (half) dtype: once per model, not per layer."""
+        dtype = keys.dtype if keys.dtype in HALF_DTYPES else torch.float32
+        weight = self.policy.key_w
+        if weight.device != keys.device or weight.dtype != dtype:
+            self.policy.to(device=keys.device, dtype=dtype)
 
     def identity(self) -> dict[str, Any]:
         """What the scores depend on, plus the corpus the agents were trained on (so that results on other data
