@@ -1,7 +1,9 @@
 """Loaders for the paper's Hugging Face hub datasets (online users), normalized to our record types.
 
 Each loader reads through `datasets.load_dataset`: from the hub by default, or from a local JSON/JSONL/Parquet
-file in the same schema (`local=PATH`), which is how the tests exercise the exact same code offline.
+file in the same schema (`local=PATH`), which is how the tests exercise the exact same code offline. Every failure
+to load (no network, a dataset or file not found, a script-based dataset, the hub refusing, rows in another schema)
+is one KVPError line that says what to do.
 """
 
 from __future__ import annotations

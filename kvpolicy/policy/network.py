@@ -166,7 +166,8 @@ class PolicyNet(nn.Module):
                 f"got layer {layer} with {h} KV heads: use a checkpoint trained on this model"
             )
         if lengths is None:
-            lengths = positions.reshape(bsz, -1).amax(-1) + 1 if t else torch.ones(bsz, dtype=torch.long, device=keys.device)
+            empty = torch.ones(bsz, dtype=torch.long, device=keys.device)
+            lengths = positions.reshape(bsz, -1).amax(-1) + 1 if t else empty
         agents = slice(layer * cfg.n_kv_heads, (layer + 1) * cfg.n_kv_heads)
         scores = self(
             keys.transpose(0, 1),
