@@ -1,6 +1,35 @@
 """kvpolicy: learned per-head KV-cache eviction (KV Policy, KVP).
 
-Pipeline: models → data → traces → training → compression → evaluation → report.
+Pipeline: models → data → traces → training → compression → evaluation → report. The Python API:
+
+    import kvpolicy as kvp
+    model = kvp.load_model("smollm2-135m")                  # CUDA + bf16 where available, else CPU + fp32
+    policy = kvp.load_policy("kvp-demo/kvp-policy", model)  # a `kvp train` checkpoint
+    result = kvp.generate(model, context, question, policy, kvp.Budget(tokens=128))
+    press = kvp.KVPolicyPress(compression_ratio=0.5, scorer=policy)  # the same policy inside kvpress
+
+The names are imported on first use, so `import kvpolicy` (and `kvp --help`) stays light.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_HOMES = {
+    "load_model": "kvpolicy.models.loader",
+    "load_policy": "kvpolicy.compression.scorers.learned",
+    "make_scorer": "kvpolicy.compression.scorers",
+    "Budget": "kvpolicy.compression.budget",
+    "generate": "kvpolicy.compression.engine",
+    "GenerationResult": "kvpolicy.compression.engine",
+    "KVPolicyPress": "kvpolicy.compression.press",
+    "KVPError": "kvpolicy.errors",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kvpolicy' has no attribute '{name}'")
+    return getattr(importlib.import_module(_HOMES[name]), name)

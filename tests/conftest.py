@@ -22,6 +22,25 @@ def smollm():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def trained_policy(smollm, tmp_path_factory):
+    """A KVP policy trained briefly on 3 real SmolLM2 traces (short prompts and futures to stay fast)."""
+    from kvpolicy.cli import main
+
+    root = tmp_path_factory.mktemp("kvp")
+    traces, out = root / "traces", root / "ckpt"
+    assert main(["traces", "--source", "ruler", "--n", "3", "--context", "160", "--future-tokens", "8",
+                 "--baselines", "none", "--out", str(traces)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--traces", str(traces), "--out", str(out), "--steps", "12", "--batch", "4",
+                     "--tokens", "64", "--hidden", "16", "--val-every", "6", "--warmup", "3", "--no-compile"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """For tests of tiny policy networks: one thread is fastest, and immune to a busy machine's thread contention."""

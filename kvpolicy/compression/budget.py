@@ -76,14 +76,16 @@ def protected_scores(scores: torch.Tensor, positions: torch.Tensor, budget: Budg
     """Selection keys (B, H, T) float32: sinks above recent tokens above every score.
 
     Sinks rank earliest first, recent tokens newest first, so even a budget below sinks + recent is well
-    defined. Unprotected entries keep their score unchanged (ties break exactly as in kvpress's topk).
+    defined. Unprotected entries keep their score unchanged (ties break exactly as in kvpress's topk). Protected
+    keys lie within 4x (largest finite |score| of their row + 1), so a kvpress press that rescales or adds to
+    these scores can neither overflow them nor reorder them.
     positions: (B, H, T) true positions; length: tokens fed so far (recent = positions >= length - recent).
     """
     key = scores.float()
-    top = torch.finfo(torch.float32).max / 4
+    base = key.masked_fill(~key.isfinite(), 0).abs().amax(-1, keepdim=True) + 1  # above every finite score
     age = (length - 1 - positions).float()  # 0 for the newest token
-    key = torch.where(positions >= length - budget.recent, top * (2 - age / max(budget.recent, 1)), key)
-    return torch.where(positions < budget.sinks, top * (4 - positions.float() / max(budget.sinks, 1)), key)
+    key = torch.where(positions >= length - budget.recent, base * (2 - age / max(budget.recent, 1)), key)
+    return torch.where(positions < budget.sinks, base * (4 - positions.float() / max(budget.sinks, 1)), key)
 
 
 def keep_indices(scores: torch.Tensor, positions: torch.Tensor, budget: Budget, length: int) -> torch.Tensor:

@@ -1,9 +1,16 @@
 """`KVPolicyPress`: any kvpolicy scorer (the learned KVP policy included) as a kvpress press.
 
-kvpress calls `score` from its forward hook after each layer's prefill, with the layer's hidden states and
-RoPE embeddings, so attention-free scorers read the cache and query-based ones recompute their queries from
-those hidden states, exactly as in our engine. Sinks and recent tokens are protected as in `Budget`, so the
-press keeps the same entries as `compress(..., Budget(ratio=compression_ratio, sinks, recent))`.
+kvpress calls the press from its forward hook after a layer's prefill (and, wrapped in kvpress's `DecodingPress`
+or `PrefillDecodingPress`, every few decoding steps), with the layer's hidden states and RoPE embeddings, so
+attention-free scorers read the cache and query-based ones recompute their queries from those hidden states,
+exactly as in our engine. Sinks and recent tokens are protected as in `Budget`, so the press keeps the same
+entries as `compress(..., Budget(ratio=compression_ratio, sinks, recent))`.
+
+kvpress's caches hold no positions, and after a first cut the cached entries are no longer positions 0..T-1.
+The press therefore records on the cache (attribute `kvpolicy_positions`, per layer) the true position of every
+entry it kept, and gives entries appended since then the positions that the model's own `position_ids` gave
+them; so a scorer (and the sink/recent protection) always sees true positions, during decoding included, and a
+prefill press and a decoding press of this class (e.g. in `PrefillDecodingPress`) share that record.
 
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     pipe(context, question=question, press=KVPolicyPress(compression_ratio=0.5, scorer=make_scorer("knorm")))
@@ -16,16 +23,18 @@ from dataclasses import dataclass
 import torch
 from kvpress import ScorerPress
 
-from kvpolicy.compression.budget import Budget, protected_scores
+from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.policy.protocol import RECENT, SINKS
 
+RECORD = "kvpolicy_positions"  # cache attribute: {layer: (B, H, T) true positions of the entries kept at its last cut}
+
 
 @dataclass
 class KVPolicyPress(ScorerPress):
-    """compression_ratio: fraction of entries removed (kvpress); scorer: any kvpolicy `Scorer`;
-    sinks/recent: entries always kept (first / last positions)."""
+    """compression_ratio: fraction of entries removed (kvpress); scorer: any kvpolicy `Scorer` (e.g.
+    make_scorer("kvp:CKPT")); sinks/recent: entries always kept (first / last positions)."""
 
     scorer: Scorer | None = None
     sinks: int = SINKS
@@ -35,20 +44,73 @@ class KVPolicyPress(ScorerPress):
         super().__post_init__()
         if not isinstance(self.scorer, Scorer):
             raise KVPError("KVPolicyPress needs scorer=<a kvpolicy Scorer>, e.g. make_scorer('knorm')")
-        self._budget = Budget(ratio=self.compression_ratio, sinks=self.sinks, recent=self.recent)
+        self._budget()  # refuse bad settings now
+
+    def post_init_from_model(self, model) -> None:
+        """Called by kvpress (directly or through a wrapper press) when the press is applied to `model`: refuse a
+        model the scorer cannot score (a policy trained for another model) before any forward pass."""
+        from kvpolicy.models.loader import identify
+
+        self.scorer.check_model(identify(model))
+
+    def positions(self, module, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """True positions (B, H, T) of the T cached entries of `module`'s layer: those kept at the cache's last cut
+        by a KVPolicyPress, then the entries appended since, the newest at kwargs' position_ids."""
+        B, H, T, _ = keys.shape
+        latest = int(kwargs["position_ids"][0, -1]) if kwargs.get("position_ids") is not None else T - 1
+        kept = getattr(kwargs.get("past_key_values"), RECORD, {}).get(module.layer_idx)
+        start = kwargs.get("cache_position")
+        if start is not None and int(start[0]) == 0:
+            kept = None  # a new prefill: whatever was recorded belongs to an earlier use of this cache
+        if kept is not None and (kept.shape[:2] != (B, H) or kept.shape[-1] > T):
+            kept = None  # the cache was cut or reset by something else: fall back to contiguous positions
+        n_old = 0 if kept is None else kept.shape[-1]
+        appended = torch.arange(latest - (T - n_old) + 1, latest + 1, device=keys.device).expand(B, H, -1)
+        return appended if kept is None else torch.cat([kept.to(keys.device), appended], dim=-1)
+
+    def _remember(self, module, kwargs: dict, positions: torch.Tensor) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            if not hasattr(cache, RECORD):
+                setattr(cache, RECORD, {})
+            getattr(cache, RECORD)[module.layer_idx] = positions
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        """Scores (B, H, T) of a freshly prefilled layer (positions 0..T-1), protected sinks/recent on top."""
-        B, H, T, _ = keys.shape
-        positions = torch.arange(T, device=keys.device).expand(B, H, T)
-        view = LayerView(
+        """Selection keys (B, H, T): the scorer's scores at true positions, protected sinks and recent on top (for
+        kvpress presses that wrap this one and select themselves, e.g. AdaKVPress)."""
+        positions = self.positions(module, keys, kwargs)
+        scores = self.scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
+        return protected_scores(scores, positions, self._budget(), int(positions.max()) + 1)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep budget.kept(T) entries per head in position order, and remember their true positions."""
+        positions = self.positions(module, keys, kwargs)
+        if self.compression_ratio == 0:
+            self._remember(module, kwargs, positions)
+            return keys, values
+        scores = self.scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
+        keep = keep_indices(scores, positions, self._budget(), int(positions.max()) + 1)
+        self._remember(module, kwargs, positions.gather(2, keep))
+        index = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        return keys.gather(2, index).contiguous(), values.gather(2, index).contiguous()
+
+    def _budget(self) -> Budget:
+        """The budget at the current ratio (kvpress's decoding presses change compression_ratio between calls)."""
+        return Budget(ratio=self.compression_ratio, sinks=self.sinks, recent=self.recent)
+
+    def _view(self, module, hidden_states, keys, values, kwargs, positions) -> LayerView:
+        rope = kwargs.get("position_embeddings")
+        if self.scorer.query_window and (rope is None or rope[0].shape[-2] != hidden_states.shape[1]):
+            raise KVPError(f"scorer '{self.scorer.name}' needs the RoPE embeddings of the hidden states it is given, "
+                           "which kvpress's decoding presses do not pass; wrap an attention-free scorer (knorm, "
+                           "keydiff, streaming_llm, kvp:...) in DecodingPress")
+        return LayerView(
             layer_idx=module.layer_idx,
             keys=keys,
             values=values,
             positions=positions,
             module=module,
             hidden_states=hidden_states,
-            position_embeddings=kwargs.get("position_embeddings"),
+            position_embeddings=rope,
             rotary_emb=getattr(module, "rotary_emb", None),
         )
-        return protected_scores(self.scorer.score(view), positions, self._budget, T)

@@ -9,9 +9,9 @@ is one KVPError line that says what to do.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator
 
 from kvpolicy.data.records import Conversation, QASample, Turn
 from kvpolicy.errors import KVPError
@@ -19,13 +19,21 @@ from kvpolicy.errors import KVPError
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where a dataset lives on the hub and how its rows become our records."""
+    """Where a dataset lives on the hub and how its rows become our records. `files`: a data_files pattern read
+    with the parquet builder instead of the dataset's own loader (the hub's parquet export of a script-based
+    dataset)."""
 
     hub_id: str
     config: str | None
     split: str
     normalize: Callable[[Iterable[dict]], Iterator[QASample | Conversation]]
     description: str
+    files: str | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the rows are read from, for messages."""
+        return self.files or self.hub_id + (f", config {self.config}" if self.config else "")
 
 
 def _ruler(rows: Iterable[dict]) -> Iterator[QASample]:
@@ -37,20 +45,19 @@ def _ruler(rows: Iterable[dict]) -> Iterator[QASample]:
 
 
 def _boolq(rows: Iterable[dict]) -> Iterator[QASample]:
+    """Choices in lm-eval's order, "no" then "yes"; the question without a final "?" (the prompt adds one)."""
     for i, row in enumerate(rows):
-        yield QASample(id=f"boolq-{i}", task="boolq", context=row["passage"],
-                       question=row["question"].rstrip("?") + "?",
-                       answers=("yes" if row["answer"] else "no",), answer_prefix="Answer:", choices=("yes", "no"),
+        yield QASample(id=f"boolq-{i}", task="boolq", context=row["passage"], question=row["question"].rstrip("?"),
+                       answers=("yes" if row["answer"] else "no",), choices=("no", "yes"),
                        source="BoolQ (google/boolq)")
 
 
 def _arc(rows: Iterable[dict]) -> Iterator[QASample]:
+    """The choices are the answer texts (lm-eval scores the text, not the letter); the answer is the keyed text."""
     for row in rows:
         labels, texts = row["choices"]["label"], row["choices"]["text"]
-        options = "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
-        yield QASample(id=f"arc-{row['id']}", task="arc_challenge", context="",
-                       question=f"{row['question']}\n{options}",
-                       answers=(row["answerKey"],), answer_prefix="Answer:", choices=tuple(labels),
+        yield QASample(id=f"arc-{row['id']}", task="arc_challenge", context="", question=row["question"],
+                       answers=(texts[labels.index(row["answerKey"])],), choices=tuple(texts),
                        source="ARC-Challenge (allenai/ai2_arc)")
 
 
@@ -62,6 +69,18 @@ def _longbench(task: str) -> Callable[[Iterable[dict]], Iterator[QASample]]:
                            source=f"LongBench {task} (THUDM/LongBench)")
 
     return normalize
+
+
+# THUDM/LongBench is script-based (LongBench.py), which datasets >= 4 refuses ("Dataset scripts are no longer
+# supported, but found LongBench.py"). The hub's parquet-converter bot exports every config of it to the branch
+# refs/convert/parquet as {config}/test/0000.parquet, in the script's features (input, context, answers, length,
+# dataset, language, all_classes, _id): the hub's file listings huggingface.co/datasets/THUDM/LongBench/tree/<rev>/
+# gov_report/test and .../passage_retrieval_en/test show "0000.parquet", committed by parquet-converter ("Update
+# parquet files", Aug 2023). An earlier export (Jul 2023) named the file {config}/long_bench-test.parquet; the glob
+# reads only the current layout. Community parquet mirrors in the same schema exist (GinkgoQ/LongBench,
+# data/{config}/test-00000-of-00001.parquet; lm-eval reads Xnhyacinth/LongBench), but the export is the original.
+def _longbench_export(config: str) -> str:
+    return f"hf://datasets/THUDM/LongBench@refs/convert/parquet/{config}/test/*.parquet"
 
 
 def _oasst2(rows: Iterable[dict]) -> Iterator[Conversation]:
@@ -87,35 +106,71 @@ HUB_SOURCES: dict[str, HubSource] = {
     "boolq": HubSource("google/boolq", None, "validation", _boolq, "BoolQ yes/no reading comprehension"),
     "arc_challenge": HubSource("allenai/ai2_arc", "ARC-Challenge", "test", _arc, "ARC-Challenge multiple choice"),
     "gov_report": HubSource("THUDM/LongBench", "gov_report", "test", _longbench("gov_report"),
-                            "LongBench GovReport summarization (ROUGE-L)"),
+                            "LongBench GovReport summarization (ROUGE-L)", files=_longbench_export("gov_report")),
     "passage_retrieval_en": HubSource("THUDM/LongBench", "passage_retrieval_en", "test",
-                                      _longbench("passage_retrieval_en"), "LongBench passage retrieval"),
+                                      _longbench("passage_retrieval_en"), "LongBench passage retrieval",
+                                      files=_longbench_export("passage_retrieval_en")),
 }
+
+LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _read_table(datasets, source: HubSource, local: Path | None):
+    """The rows, through the one `datasets.load_dataset` call that fits: a local file, a parquet export, or the
+    hub dataset's own loader."""
+    if local is not None:
+        return datasets.load_dataset(LOCAL_KINDS[local.suffix], data_files=str(local), split="train")
+    if source.files is not None:
+        return datasets.load_dataset("parquet", data_files={source.split: source.files}, split=source.split)
+    return datasets.load_dataset(source.hub_id, source.config, split=source.split)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's type and message on one line (messages of the hub's libraries span lines)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}{'...' * (len(text) > 300)}"
+
+
+def _advice(err: Exception, name: str) -> str:
+    """What to do about a failed load from the hub, by kind of failure."""
+    import httpx
+
+    or_local = f"or pass a local copy in its schema (kvp sweep --hub-local {name}=FILE.parquet|.jsonl)"
+    if isinstance(err, RuntimeError) and "Dataset scripts are no longer supported" in str(err):
+        return (f"the installed datasets runs no loading scripts: read the dataset's parquet export "
+                f"(revision refs/convert/parquet) instead, {or_local}")
+    if isinstance(err, (ConnectionError, httpx.TransportError)):
+        return f"connect to the internet (and unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), {or_local}"
+    return (f"check that the dataset still exists under that name and that you may read it (`hf auth login` for a "
+            f"gated one), {or_local}")
 
 
 def load_hub(name: str, limit: int | None = None, local: str | Path | None = None) -> list[QASample | Conversation]:
     """Records of a hub dataset (first `limit`), from the hub or from a local file in the hub's schema."""
     if name not in HUB_SOURCES:
         raise KVPError(f"unknown hub dataset '{name}'; known: {', '.join(HUB_SOURCES)}")
+    source = HUB_SOURCES[name]
+    path = None if local is None else Path(local)
+    if path is not None and (path.suffix not in LOCAL_KINDS or not path.is_file()):
+        raise KVPError(f"local file for '{name}' must be an existing .json/.jsonl/.parquet file: {path}")
     import datasets
 
     datasets.disable_progress_bars()
-    source = HUB_SOURCES[name]
     try:
-        if local is not None:
-            path = Path(local)
-            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-            if kind is None or not path.is_file():
-                raise KVPError(f"local file for '{name}' must be an existing .json/.jsonl/.parquet file: {path}")
-            table = datasets.load_dataset(kind, data_files=str(path), split="train")
-        else:
-            table = datasets.load_dataset(source.hub_id, source.config, split=source.split)
-    except (ConnectionError, OSError) as err:
-        raise KVPError(f"cannot load '{name}' from the hub ({source.hub_id}): {err}; you need network access, or "
-                       f"pass a local file in its schema") from err
+        table = _read_table(datasets, source, path)
+    except Exception as err:  # only the loading call is inside: every failure here is one of loading
+        if path is not None:
+            raise KVPError(f"cannot read local file {path} for '{name}': {_one_line(err)}; it must be a "
+                           f"{'/'.join(LOCAL_KINDS)} file in the schema of {source.hub_id}") from err
+        raise KVPError(f"cannot load '{name}' from the Hugging Face hub ({source.location}): {_one_line(err)}; "
+                       f"{_advice(err, name)}") from err
     records = []
-    for record in source.normalize(table):
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
+    try:
+        for record in source.normalize(table):
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+    except KeyError as err:
+        raise KVPError(f"rows of '{name}' ({path or source.location}) lack the field {err} of the schema of "
+                       f"{source.hub_id}; pass a file in that schema") from err
     return records

@@ -32,7 +32,7 @@ class Conversation:
 class QASample:
     """A question over a context with reference answers (RULER, BoolQ, ARC, LongBench).
 
-    `choices` is set for multiple-choice tasks (answers then holds the correct choice label).
+    `choices` is set for multiple-choice tasks (answers then holds the correct choice, as its text).
     """
 
     id: str

@@ -1,10 +1,15 @@
 """Official-style metrics of the zero-shot benchmarks (RULER's string matching lives with its generator in
-kvpolicy.data.ruler): LongBench's ROUGE-L for GovReport and its retrieval score for passage retrieval."""
+kvpolicy.data.ruler): lm-eval-harness's multiple-choice acc and acc_norm, LongBench's ROUGE-L for GovReport and
+its retrieval score for passage retrieval, and lm-eval's standard error of a mean over samples."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
+from collections.abc import Sequence
+
+import numpy as np
 
 _WORD = re.compile(r"\w+")
 
@@ -41,7 +46,9 @@ def lcs_length_reference(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased words (LongBench's GovReport metric)."""
+    """ROUGE-L F1 over lower-cased words: the measure of LongBench's GovReport metric, which LongBench (and lm-eval)
+    call rouge_score and compute with the `rouge` package (case kept, whitespace tokens, LCS unioned over sentences),
+    so values are close to LongBench's, not identical."""
     p, r = words(prediction), words(reference)
     lcs = lcs_length(p, r)
     if lcs == 0:
@@ -55,8 +62,39 @@ def best_rouge_l(prediction: str, references: tuple[str, ...] | list[str]) -> fl
 
 
 def retrieval_score(prediction: str, references: tuple[str, ...] | list[str]) -> float:
-    """LongBench passage retrieval: the share of numbers in the prediction equal to the true paragraph number."""
-    match = re.search(r"Paragraph (\d+)", references[0])
-    target = match.group(1) if match else references[0].strip()
+    """LongBench passage retrieval: the share of numbers in the prediction equal to the true paragraph number, the
+    best over the references (as LongBench's get_retrieval_score)."""
     numbers = re.findall(r"\d+", prediction)
-    return sum(n == target for n in numbers) / len(numbers) if numbers else 0.0
+    if not numbers:
+        return 0.0
+    best = 0.0
+    for reference in references:
+        match = re.search(r"Paragraph (\d+)", reference)
+        target = match.group(1) if match else reference.strip()
+        best = max(best, sum(n == target for n in numbers) / len(numbers))
+    return best
+
+
+def choice_metrics(loglikelihoods: Sequence[float], choices: Sequence[str], gold: int) -> dict[str, float]:
+    """lm-eval-harness's multiple-choice metrics of one question, from each choice's summed log-likelihood as the
+    continuation of the prompt: `acc`, whether the likeliest choice is the gold one, and `acc_norm`, the same with
+    each log-likelihood divided by the length of its choice text (lm-eval divides by len(choice), the characters of
+    the choice without the space put before it; its documentation calls this byte-length normalization, the same
+    for ASCII text). Ties go to the first choice, as numpy's argmax."""
+    lls = np.asarray(loglikelihoods, dtype=np.float64)
+    lengths = np.array([len(choice) for choice in choices], dtype=np.float64)
+    return {"acc": float(np.argmax(lls) == gold), "acc_norm": float(np.argmax(lls / lengths) == gold)}
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of per-sample values, as lm-eval's `stderr`: the sample standard deviation
+    (ddof=1) over sqrt(n). None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    return float(np.std(np.asarray(values, dtype=np.float64), ddof=1) / math.sqrt(len(values)))
+
+
+def mean_stderr_reference(values: Sequence[float]) -> float:
+    """lm-eval's mean_stderr written out: sqrt(Σ (x − mean)² / (n − 1)) / sqrt(n)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) / math.sqrt(len(values))

@@ -6,7 +6,8 @@ ranking is budget-agnostic) and each budget is a cut of it, so no prefill is rep
 Question-agnostic: the context alone is prefilled and ranked once; after each cut the question is read on the
 compressed cache, and several questions about one context share the context's prefill and rankings.
 Cuts of equal size (every scorer at one token budget) are stacked into one batch and answered by one batched
-greedy decoding: one forward per new token for all scorers instead of one per scorer.
+greedy decoding: one forward per new token for all scorers instead of one per scorer. Multiple-choice tasks
+decode nothing: each choice is scored by its log-likelihood after the prompt, as lm-eval-harness scores them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from kvpolicy.compression.budget import Budget
@@ -24,34 +26,53 @@ from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, missing_budgets, rank_for_cuts,
                                         recording_window)
+from kvpolicy.evaluation.metrics import choice_metrics
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QATask
 from kvpolicy.models import ModelHandle
 
 PREDICTION_CHARS = 400  # how much of an answer a record keeps
+TARGET_DELIMITER = " "  # lm-eval-harness's default between a prompt and each choice ("Answer:" + " yes")
+
+
+def continuations(sample: QASample) -> list[str]:
+    """The text scored after the prompt for each choice: lm-eval's target delimiter (a space) and the choice."""
+    return [TARGET_DELIMITER + choice for choice in sample.choices]
+
+
+def choose(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
+           question_ids: torch.Tensor | None) -> list[dict]:
+    """Score every choice of `sample` by its summed log-likelihood as the continuation of the prompt on each of
+    `states` (read the question first when it was not in the compressed prefill). Leaves `states` untouched.
+    Returns per state the record fields: value (the task's metric), extra_metrics, prediction (the likeliest
+    choice), answers."""
+    choice_ids = [handle.encode(text) for text in continuations(sample)]
+    gold = sample.choices.index(sample.answers[0])
+    fields = []
+    for state in states:
+        state = state.branch()
+        if question_ids is not None:
+            prefill(handle, question_ids, state)
+        lls = [-float(continuation_nll(handle, state, ids).sum()) for ids in choice_ids]
+        scores = choice_metrics(lls, sample.choices, gold)
+        extra = {name: scores[name] for name in task.extra_metrics}
+        fields.append({"value": scores[task.metric], "prediction": sample.choices[int(np.argmax(lls))],
+                       "answers": list(sample.answers), **({"extra_metrics": extra} if extra else {})})
+    return fields
 
 
 def answer(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
            question_ids: torch.Tensor | None, max_new_tokens: int) -> list[dict]:
-    """Answer `sample` on each of `states` (equal cache lengths): read the question when it was not in the
-    compressed prefill, then decode all states as one greedy batch, or pick the choice of lowest total NLL.
-    Leaves `states` untouched. Returns per state the record fields: value, prediction, answers."""
+    """Answer `sample` on each of `states` (equal cache lengths): score its choices (see choose), or read the
+    question when it was not in the compressed prefill and decode all states as one greedy batch. Leaves `states`
+    untouched. Returns per state the record fields: value, prediction, answers (and extra_metrics)."""
     if task.choices:
-        prefix = task.prompt(sample).answer_prefix
-        sep = " " if prefix and not prefix.endswith(" ") else ""  # "Answer:" is followed by " yes", not "yes"
-        predictions = []
-        for state in states:
-            state = state.branch()
-            if question_ids is not None:
-                prefill(handle, question_ids, state)
-            nll = [float(continuation_nll(handle, state, handle.encode(sep + c)).sum()) for c in sample.choices]
-            predictions.append(sample.choices[min(range(len(nll)), key=nll.__getitem__)])
-    else:
-        batch = stack_states(states)
-        if question_ids is not None:
-            prefill(handle, question_ids.expand(len(states), -1), batch)
-        predictions = [handle.decode(t) for t in greedy_decode_batch(handle, batch, batch.logits, max_new_tokens)]
+        return choose(handle, task, sample, states, question_ids)
+    batch = stack_states(states)
+    if question_ids is not None:
+        prefill(handle, question_ids.expand(len(states), -1), batch)
+    predictions = [handle.decode(t) for t in greedy_decode_batch(handle, batch, batch.logits, max_new_tokens)]
     return [{"value": float(task.score(p, sample)), "prediction": p[:PREDICTION_CHARS],
              "answers": list(sample.answers)[:20]} for p in predictions]
 

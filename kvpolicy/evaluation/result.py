@@ -3,20 +3,26 @@
 
 Every record carries the schema version it was written with (schema 1 called that field "format"); a reader
 refuses any other version, and checks every field against the type `Result` declares for it (kvpolicy.schema),
-so a damaged record is one error naming FILE:LINE and the field, never a traceback later.
+so a damaged record is one error naming FILE:LINE and the field, never a traceback later. Schema 3 names each
+metric as lm-eval-harness or LongBench does (acc, acc_norm, rouge_l, retrieval_score) and records further metrics
+of the same answer in `extra_metrics`; schema 2 records are read too, except those of the zero-shot tasks, which
+schema 3 scores otherwise (see RESCORED).
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import sha256_json
 from kvpolicy.schema import Optional, validate
 
-SCHEMA = 2
+SCHEMA = 3
+# zero-shot tasks that schema 2 scored otherwise (ARC on its letter labels, BoolQ with another prompt, every metric
+# called "accuracy"): their schema-2 records are refused, never mixed with records of the same key scored now
+RESCORED = ("boolq", "arc_challenge", "gov_report", "passage_retrieval_en")
 
 FULL = "full"  # scorer spec and budget label of the uncompressed reference
 WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
@@ -24,9 +30,14 @@ WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
 # the fields that identify a result (its configuration); every other field is a measurement or a description
 KEY_FIELDS = ("model_fingerprint", "scorer_id", "budget", "task", "context_tokens", "protocol", "seed", "sample")
 
+# metrics whose value is a per-sample score in [0, 1], reported as a mean over samples with its standard error:
+# RULER's string match ("accuracy"), lm-eval's multiple-choice acc and acc_norm, LongBench's ROUGE-L F1 (GovReport)
+# and retrieval score (passage retrieval)
+SCORES = ("accuracy", "acc", "acc_norm", "rouge_l", "retrieval_score")
 # what a record of each metric must hold beyond the fields without a default: a cost record holds `per_head` ((L, H)
 # per-head cost) and, at a budget (not the whole ranking), the mean evicted utility `lost` and the oracle's `best`
-METRIC_FIELDS = {"accuracy": (), "perplexity": ("nll_sum", "n_tokens"), "cost": ("lost", "best", "per_head")}
+METRIC_FIELDS = {**dict.fromkeys(SCORES, ()), "perplexity": ("nll_sum", "n_tokens"),
+                 "cost": ("lost", "best", "per_head")}
 WHOLE_RANKING_FIELDS = ("per_head",)
 
 DAMAGED = "a results file holds only records written by `kvp sweep`; re-run the sweep into a new results file"
@@ -48,11 +59,12 @@ class Result:
     """One result. The key (KEY_FIELDS): model_fingerprint, scorer_id (hash of the scorer's identity), budget
     (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths), protocol,
     seed, sample. What the report names and draws: model, scorer (spec), scorer_label, scorer_kind ("heuristic" |
-    "learned" | "oracle" | "reference"), family, data, corpus, metric ("accuracy" | "perplexity" | "cost"), kept
+    "learned" | "oracle" | "reference"), family, data, corpus, metric (a name of METRIC_FIELDS), kept
     (cache entries per head after the cut), value (the sample's score), seconds (this result's own work) and
-    prefill_seconds (its share of the prefill). Per metric: prediction and answers (accuracy); nll_sum and
+    prefill_seconds (its share of the prefill). Per metric: prediction and answers (SCORES); nll_sum and
     n_tokens (perplexity, pooled as exp(Σ nll_sum / Σ n_tokens)); lost, best and per_head (cost, see
-    METRIC_FIELDS). `schema` is the version this kvpolicy writes; `key` is derived from the key fields."""
+    METRIC_FIELDS). extra_metrics: further score metrics of the same answer by name, beside `metric` (lm-eval's
+    acc_norm beside acc). `schema` is the version this kvpolicy writes; `key` is derived from the key fields."""
 
     model_fingerprint: str
     scorer_id: str
@@ -87,6 +99,7 @@ class Result:
     lost: float | None = None
     best: float | None = None
     per_head: list[list[float]] | None = None
+    extra_metrics: dict[str, float] | None = None
     created: str | None = None  # ISO time of writing
     code_version: str | None = None
     schema: int = field(default=SCHEMA, init=False)
@@ -100,6 +113,11 @@ class Result:
         """What a learned scorer was trained on, as its checkpoint states it (None for any other scorer)."""
         trained = self.scorer_identity.get("trained_on") if self.scorer_kind == "learned" else None
         return TrainedOn(trained.get("source"), trained.get("context_tokens")) if trained else None
+
+    def per_metric(self) -> list[Result]:
+        """The result once per metric it holds: itself, then one copy per extra metric with that metric's value."""
+        extra = self.extra_metrics or {}
+        return [self] + [replace(self, metric=name, value=value, extra_metrics=None) for name, value in extra.items()]
 
     def to_json(self) -> dict[str, Any]:
         """The record as a results file holds it: every field but those null by default and null here (a
@@ -159,16 +177,19 @@ def _present(name: str) -> Any:
 
 
 def check_record(obj: Any, where: str) -> None:
-    """Refuse a record of another schema version, or one missing or mistyping a field: one KVPError naming `where`
-    (FILE:LINE) and the version or the field. The fields its metric requires are checked before the others of
-    that kind, so that a bad value deep in one (per_head[0][1]) is named exactly."""
+    """Refuse a record of a schema version this kvpolicy cannot read, or one missing or mistyping a field: one
+    KVPError naming `where` (FILE:LINE) and the version or the field. The fields its metric requires are checked
+    before the others of that kind, so that a bad value deep in one (per_head[0][1]) is named exactly."""
     if not isinstance(obj, dict):
         raise KVPError(f"{where} is not a result record (expected a JSON object)")
     found = obj.get("schema", obj.get("format"))  # schema 1 called its version "format"
     if found is None:
         raise KVPError(f"{where} holds a record without a schema version; this kvpolicy reads schema {SCHEMA}; "
                        "re-run the sweep into a new results file")
-    if found != SCHEMA:
+    if found == 2 and obj.get("task") in RESCORED:
+        raise KVPError(f"{where} holds a {obj['task']} result of schema 2, scored before this kvpolicy (schema "
+                       f"{SCHEMA}) followed lm-eval-harness; re-run the sweep into a new results file")
+    if found not in (2, SCHEMA):
         raise KVPError(f"{where} holds results of schema {found!r}; this kvpolicy reads schema {SCHEMA}; "
                        "re-run the sweep into a new results file")
     validate(obj, {name: spec for name, spec in RECORD.items() if name not in _PER_METRIC}, where, DAMAGED)
@@ -178,3 +199,10 @@ def check_record(obj: Any, where: str) -> None:
     required = WHOLE_RANKING_FIELDS if metric == "cost" and obj["budget"] == WHOLE_RANKING else METRIC_FIELDS[metric]
     validate(obj, {name: _present(name) for name in required}, where, DAMAGED)
     validate(obj, RECORD, where, DAMAGED)
+    extra = obj.get("extra_metrics") or {}
+    unknown = [name for name in extra if name not in SCORES]
+    if unknown:
+        raise KVPError(f"{where}: field 'extra_metrics' names {unknown[0]!r}, not one of {', '.join(SCORES)}; "
+                       f"{DAMAGED}")
+    if extra:
+        validate(obj, {"extra_metrics": {name: float for name in extra}}, where, DAMAGED)

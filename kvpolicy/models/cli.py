@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL, MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", metavar="NAME", help="load this model and print its cache shape and fingerprint")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,8 +19,10 @@ def run(args: argparse.Namespace) -> int:
         from kvpolicy.models.loader import load_model
 
         start = time.perf_counter()
-        info = load_model(args.load).info
-        print(f"loaded {info.name} in {time.perf_counter() - start:.1f}s")
+        handle = load_model(args.load, device=args.device, dtype=args.dtype)
+        info = handle.info
+        print(f"loaded {info.name} in {time.perf_counter() - start:.1f}s on {handle.model.device}, "
+              f"{str(handle.model.dtype).removeprefix('torch.')}")
         for key, value in info.to_dict().items():
             print(f"  {key:14s} {value}")
         return 0

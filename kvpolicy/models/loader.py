@@ -27,9 +27,10 @@ from kvpolicy.models.assets import install_command, package_dir
 from kvpolicy.models.fingerprint import files_fingerprint, weights_fingerprint
 from kvpolicy.models.handle import ModelHandle, ModelInfo, refuse_sliding_window
 from kvpolicy.models.placement import resolve_device, resolve_dtype
-from kvpolicy.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
+from kvpolicy.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, resolve_model
 
 MARKER = "kvpolicy-cache.json"
+INFO_ATTRIBUTE = "kvpolicy_info"  # set on every model load_model returns
 CACHE_FORMAT = 1
 
 
@@ -189,7 +190,34 @@ def _load(name: str, device: str, dtype: str) -> ModelHandle:
         fingerprint = files_fingerprint(_hf_directory(source), model.config.to_dict(), memo)
     else:
         fingerprint = json.loads((Path(source) / MARKER).read_text())["fingerprint"]
-    return ModelHandle(info=_model_info(spec, model, fingerprint), model=model, tokenizer=tokenizer)
+    info = _model_info(spec, model, fingerprint)
+    setattr(model, INFO_ATTRIBUTE, info)  # so that `identify` knows a model loaded here without hashing anything
+    return ModelHandle(info=info, model=model, tokenizer=tokenizer)
+
+
+def identify(model) -> ModelInfo:
+    """The `ModelInfo` of a transformers causal LM however it was loaded (e.g. handed to kvpress's pipeline).
+
+    A model from `load_model` carries its own; a model read from kvpolicy's converted cache has the fingerprint
+    of its marker; one read from a Hugging Face directory or hub id is fingerprinted from its files (cached);
+    any other (built in memory) from its weights."""
+    known = getattr(model, INFO_ATTRIBUTE, None)
+    if isinstance(known, ModelInfo):
+        return known
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    spec = ModelSpec(name=source or type(model).__name__, kind="hf", family="", description="in memory")
+    if source and (Path(source) / MARKER).is_file():
+        marker = json.loads((Path(source) / MARKER).read_text())
+        spec, fingerprint = MODELS.get(marker["name"], spec), marker["fingerprint"]
+    else:
+        try:
+            directory = _hf_directory(source) if source else None
+        except (OSError, ValueError):  # neither a directory nor in the hub cache: fingerprint the weights
+            directory = None
+        memo = cache_root().parent / "fingerprints.json"
+        fingerprint = (files_fingerprint(directory, model.config.to_dict(), memo) if directory is not None
+                       else weights_fingerprint(model))
+    return _model_info(spec, model, fingerprint)
 
 
 def _converted(spec: ModelSpec) -> Path:

@@ -1,9 +1,11 @@
 """Turn results into the tables behind every figure: one `Panel` per plotted quantity.
 
 Records of one model, benchmark family, protocol, context length and data source form a `Group` (one figure);
-inside it, one `Panel` per task (plus an average panel for accuracy), one `Line` per scorer, one point per
-budget. Cache size on the x axis is the mean number of KV entries kept per head at that budget (the same for
-every scorer at a token budget; ratio budgets give the mean over samples).
+inside it, one `Panel` per task (plus an average panel for a score such as accuracy), one `Line` per scorer, one
+point per budget; a score's point carries the standard error of its mean over samples (lm-eval's stderr). A result
+holding several metrics (acc and acc_norm) is counted in the group of each. Cache size on the x axis is the mean
+number of KV entries kept per head at that budget (the same for every scorer at a token budget; ratio budgets give
+the mean over samples).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvpolicy.evaluation.result import FULL, WHOLE_RANKING, Result
+from kvpolicy.evaluation.metrics import mean_stderr
+from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
 
 METRICS = {
     "accuracy": "accuracy (%)",
+    "acc": "acc: the likeliest choice is right (%)",
+    "acc_norm": "acc_norm: likeliest per character (%)",
+    "rouge_l": "ROUGE-L F1 (%)",
+    "retrieval_score": "retrieval_score (%)",
     "perplexity": "perplexity of the final assistant turn",
     "cost": "normalized cost −R_b (1 = oracle, lower is better)",
 }
@@ -30,6 +37,7 @@ class Point:
     x: float  # mean KV entries kept per head
     y: float
     n: int
+    stderr: float | None = None  # standard error of y, a mean over samples (scores only, n >= 2)
 
 
 @dataclass
@@ -70,7 +78,8 @@ class Group:
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
 
     def title(self) -> str:
-        what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}[self.metric]
+        what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}.get(
+            self.metric, self.metric)
         return f"{what} vs KV cache size — {self.family}"
 
     def caption(self) -> str:
@@ -100,19 +109,23 @@ def training_notes(results: Iterable[Result]) -> list[str]:
 
 
 def _mean_points(results: list[Result], metric: str, x_of: dict[str, float]) -> list[Point]:
-    """One point per budget: mean accuracy (in %), pooled perplexity exp(Σ nll / Σ tokens), or pooled cost."""
+    """One point per budget: a score's mean (in %, with its standard error), pooled perplexity
+    exp(Σ nll / Σ tokens), or pooled cost."""
     by_budget: dict[str, list[Result]] = defaultdict(list)
     for r in results:
         by_budget[r.budget].append(r)
     points = []
     for budget, rs in by_budget.items():
+        stderr = None
         if metric == "perplexity":
             y = math.exp(sum(r.nll_sum for r in rs) / max(1, sum(r.n_tokens for r in rs)))
-        elif metric == "accuracy":
-            y = 100.0 * float(np.mean([r.value for r in rs]))
+        elif metric in SCORES:
+            values = [r.value for r in rs]
+            y, se = 100.0 * float(np.mean(values)), mean_stderr(values)
+            stderr = None if se is None else 100.0 * se
         else:  # cost: pooled over samples, Σ lost / Σ oracle's lost
             y = sum(r.lost for r in rs) / max(sum(r.best for r in rs), 1e-12)
-        points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs)))
+        points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs), stderr=stderr))
     return sorted(points, key=lambda p: p.x)
 
 
@@ -138,8 +151,8 @@ def _panel(title: str, metric: str, results: list[Result]) -> Panel:
     return Panel(title=title, metric=metric, lines=lines, reference=reference)
 
 
-def _average_panel(panels: list[Panel]) -> Panel | None:
-    """Mean over tasks of per-task accuracy, at the (scorer, budget) points every task has."""
+def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
+    """Mean over tasks of a per-task score, at the (scorer, budget) points every task has (no standard error)."""
     if len(panels) < 2:
         return None
     common: dict[str, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
@@ -161,16 +174,17 @@ def _average_panel(panels: list[Panel]) -> Panel | None:
     reference = None
     if len(refs) == len(panels):
         reference = Point(FULL, max(r.x for r in refs), float(np.mean([r.y for r in refs])), min(r.n for r in refs))
-    return Panel(title=f"average over {len(panels)} tasks", metric="accuracy", lines=lines, reference=reference)
+    return Panel(title=f"average over {len(panels)} tasks", metric=metric, lines=lines, reference=reference)
 
 
 def curve_groups(results: Iterable[Result]) -> list[Group]:
-    """Groups (figures) of quality-vs-cache-size curves for accuracy, perplexity and per-budget cost."""
+    """Groups (figures) of quality-vs-cache-size curves for every score, perplexity and per-budget cost."""
     buckets: dict[tuple, list[Result]] = defaultdict(list)
-    for r in results:
-        if r.budget == WHOLE_RANKING:  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
+    for result in results:
+        if result.budget == WHOLE_RANKING:  # whole-ranking cost: drawn as the per-head heatmap, not as a curve
             continue
-        buckets[(r.model, r.family, r.metric, r.protocol, r.context_tokens, r.data)].append(r)
+        for r in result.per_metric():
+            buckets[(r.model, r.family, r.metric, r.protocol, r.context_tokens, r.data)].append(r)
     groups = []
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
         group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
@@ -179,8 +193,8 @@ def curve_groups(results: Iterable[Result]) -> list[Group]:
         for r in rs:
             by_task[r.task].append(r)
         group.panels = [_panel(task, metric, trs) for task, trs in sorted(by_task.items())]
-        if metric == "accuracy":
-            average = _average_panel(group.panels)
+        if metric in SCORES:
+            average = _average_panel(group.panels, metric)
             if average is not None:
                 group.panels.append(average)
         groups.append(group)

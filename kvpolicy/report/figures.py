@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
 
+from kvpolicy.evaluation.result import SCORES  # noqa: E402
 from kvpolicy.report.aggregate import METRICS, Group, HeadMap  # noqa: E402
 
 # fixed colours so a scorer looks the same in every figure; the learned policy stands out in black
@@ -86,7 +87,7 @@ def curves_figure(group: Group) -> bytes:
             ax.set_xticks(xs, [f"{x:.0f}" for x in xs])
             ax.minorticks_off()
         ys = [p.y for line in panel.lines for p in line.points]
-        if group.metric == "accuracy":
+        if group.metric in SCORES:
             ax.set_ylim(-4, 104)
         elif ys and min(ys) > 0 and max(ys) / min(ys) > 20:
             ax.set_yscale("log")

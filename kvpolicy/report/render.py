@@ -25,7 +25,9 @@ NOTES = (
     f"which is not reachable offline. Budgets keep the first {Budget.sinks} (sink) and last {Budget.recent} tokens "
     "of every head; 'query-aware' compresses after context and question (the KVP paper), 'question-agnostic' "
     "compresses the context before the question is read (kvpress). TOVA and SnapKV see the question's attention "
-    "(privileged information); KVP and the other heuristics see only the cache."
+    "(privileged information); KVP and the other heuristics see only the cache. Zero-shot metrics carry the "
+    "names and definitions of lm-eval-harness (acc, acc_norm) and LongBench (rouge_l, retrieval_score); ± is the "
+    "standard error of the mean over samples (lm-eval's stderr)."
 )
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpolicy.report.aggregate import Group, HeadMap, Panel, Throughput
+from kvpolicy.evaluation.result import SCORES
+from kvpolicy.report.aggregate import Group, HeadMap, Panel, Point, Throughput
 
 
 @dataclass
@@ -33,8 +34,11 @@ class Table:
         return "\n".join([fmt(self.header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in self.rows])
 
 
-def _fmt(metric: str, y: float) -> str:
-    return f"{y:.1f}" if metric == "accuracy" else f"{y:.3f}" if metric == "cost" else f"{y:.2f}"
+def _fmt(metric: str, point: Point) -> str:
+    """The point's value, and its standard error when it has one ('45.0 ± 2.1')."""
+    digits = 1 if metric in SCORES else 3 if metric == "cost" else 2
+    stderr = f" ± {point.stderr:.{digits}f}" if point.stderr is not None else ""
+    return f"{point.y:.{digits}f}{stderr}"
 
 
 def _budget_columns(panels: list[Panel]) -> list[tuple[str, float]]:
@@ -55,18 +59,20 @@ def _budget_header(label: str, kept: float) -> str:
 
 
 def group_table(group: Group) -> Table:
-    """Rows (task, scorer), one column per budget, plus the full-cache value and the sample count."""
+    """Rows (task, scorer), one column per budget, plus the full-cache value and the sample count; a score is
+    shown with the standard error of its mean over samples (lm-eval's stderr)."""
     budgets = _budget_columns(group.panels)
     header = ["task", "scorer"] + [_budget_header(b, x) for b, x in budgets] + ["full cache", "n"]
     rows = []
     for panel in group.panels:
-        full = _fmt(group.metric, panel.reference.y) if panel.reference else "–"
+        full = _fmt(group.metric, panel.reference) if panel.reference else "–"
         for line in panel.lines:
             at = {p.budget: p for p in line.points}
-            cells = [_fmt(group.metric, at[b].y) if b in at else "–" for b, _ in budgets]
+            cells = [_fmt(group.metric, at[b]) if b in at else "–" for b, _ in budgets]
             n = min(p.n for p in line.points)
             rows.append([panel.title, line.scorer] + cells + [full, str(n)])
-    return Table(title=group.caption(), header=header, rows=rows)
+    stderr = " · ± standard error of the mean over samples" if group.metric in SCORES else ""
+    return Table(title=group.caption() + stderr, header=header, rows=rows)
 
 
 def head_map_tables(head_map: HeadMap) -> list[Table]:

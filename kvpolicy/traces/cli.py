@@ -16,6 +16,7 @@ import time
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
+from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
 from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-seconds", type=float, default=DEFAULT_SHARD_SECONDS,
                         help="write a shard at most this many seconds after its first sample")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
+    add_placement_arguments(parser)
 
 
 def _names(text: str | None) -> tuple[str, ...]:
@@ -52,9 +54,12 @@ def _names(text: str | None) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.models.loader import load_model
+    from kvpolicy.models.placement import resolve_device, resolve_dtype
     from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
 
-    ctx = init_distributed("cpu")  # the model runs on the CPU; gloo carries the ranks' status
+    device = resolve_device(args.device)  # a CUDA request without CUDA, a bad dtype: one line before any work
+    resolve_dtype(args.dtype, device)
+    ctx = init_distributed(device.type)  # CUDA: one GPU per rank (cuda:LOCAL_RANK)
     start = time.perf_counter()
     failure: BaseException | None = None
     recorded = skipped = 0
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
         )
         check_writable(args.out, "trace directory", directory=True)  # before minutes of model loading
-        handle = load_model(args.model)
+        handle = load_model(args.model, device=ctx.device, dtype=args.dtype)
         result = record_shards(handle, cfg, args.out, rank=ctx.rank, world=ctx.world, show_progress=ctx.main)
         recorded, skipped = result.recorded, result.skipped
     except (KVPError, OSError, KeyboardInterrupt) as err:

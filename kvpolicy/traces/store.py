@@ -46,7 +46,9 @@ SHARD_GLOB = "shard-r*.safetensors"
 SHARD_NAME = re.compile(r"shard-r\d{3,}-\d{5,}\.safetensors")  # what TraceWriter names its shards
 CORE_TENSORS = ("keys", "values", "utility")
 # what must agree between a run and traces already in its output directory
-COMPATIBILITY_KEYS = ("format", "model", "source", "split", "context_tokens", "future", "seeds", "baselines")
+COMPATIBILITY_KEYS = ("format", "model", "model_dtype", "source", "split", "context_tokens", "future", "seeds",
+                      "baselines")
+UNRECORDED = {"model_dtype": "float32"}  # what traces written before a field existed ran with
 
 # Schemas (kvpolicy.schema) of what the readers use: required is what every writer (kvp traces, the synthetic traces
 # of kvpolicy.training.synthetic) writes; Optional what only some write.
@@ -58,6 +60,7 @@ CONFIG_SCHEMA = {
     "model": TRACE_MODEL_SCHEMA,
     "source": str,
     "source_description": Optional(str),
+    "model_dtype": Optional(str),
     "split": str,
     "context_tokens": Optional(int),
     "future": {"mode": str, "max_tokens": Optional(int)},
@@ -135,9 +138,10 @@ def check_compatible(existing: dict, config: dict, where: str) -> None:
     if existing.get("model", {}).get("fingerprint") != config["model"]["fingerprint"]:
         raise KVPError(f"{where} holds traces of model {_describe_model(existing.get('model', {}))}, not "
                        f"{_describe_model(config['model'])}; choose another --out directory")
-    differing = [k for k in COMPATIBILITY_KEYS if existing.get(k) != config.get(k)]
+    there, now = ({k: run.get(k, UNRECORDED.get(k)) for k in COMPATIBILITY_KEYS} for run in (existing, config))
+    differing = [k for k in COMPATIBILITY_KEYS if there[k] != now[k]]
     if differing:
-        detail = "; ".join(f"{k}: {existing.get(k)} there vs {config.get(k)} now" for k in differing)
+        detail = "; ".join(f"{k}: {there[k]} there vs {now[k]} now" for k in differing)
         raise KVPError(f"{where} holds traces of another run ({detail}); use the same settings to resume, or "
                        "choose another --out directory")
 

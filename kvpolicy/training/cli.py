@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="do not torch.compile the policy")
     parser.add_argument("--paper", action="store_true", help=f"use the paper's training values {PAPER} (slow here)")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--restart", action="store_true",
                         help="overwrite an existing checkpoint instead of resuming it")
 
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.traces.store import TraceReader
     from kvpolicy.distributed import init_distributed, shutdown_distributed
+    from kvpolicy.models.placement import resolve_device
     from kvpolicy.training.trainer import Trainer
 
     train = TraceReader(args.traces)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         model.n_layers, model.n_kv_heads, model.head_dim, hidden=args.hidden,
         position_encoding=args.position_encoding, max_position=args.max_position or max(train.lengths),
     )
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(resolve_device(args.device).type)  # a CUDA request without CUDA: one line
     try:
         trainer = Trainer(train, args.out, val=val, policy=policy, config=config, ctx=ctx, resume=not args.restart)
         if ctx.main and trainer.step:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kvpress.utils import compute_n_kept
 
-from kvpolicy.compression.budget import Budget, keep_indices, keep_indices_reference
+from kvpolicy.compression.budget import Budget, keep_indices, keep_indices_reference, protected_scores
 from kvpolicy.errors import KVPError
 
 
@@ -99,3 +99,18 @@ def test_shape_mismatch_is_refused():
         keep_indices(
             torch.zeros(1, 2, 5), torch.zeros(1, 2, 6, dtype=torch.long), Budget(tokens=3, sinks=0, recent=0), 6
         )
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e6])
+def test_protected_keys_survive_a_wrapper_that_rescales_or_adds(scale):
+    """kvpress presses that wrap ours rescale or shift its scores: protected keys stay finite and keep their order
+    above every score, whatever the scores' magnitude."""
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 3, 120, generator=gen) * scale
+    positions = torch.arange(120).expand(2, 3, 120)
+    budget = Budget(tokens=40)
+    keys = protected_scores(scores, positions, budget, 120)
+    expected = keep_indices_reference(scores, positions, budget, 120)
+    for wrapped in (keys, keys * 4, keys * 1e-3, keys + 3 * scale, keys * 2 - 5 * scale):
+        assert torch.isfinite(wrapped).all()
+        assert torch.equal(wrapped.topk(40, dim=-1).indices.sort(dim=-1).values, expected)

@@ -22,20 +22,8 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def checkpoint(smollm, tmp_path_factory):
-    """A policy trained briefly on 3 real SmolLM2 traces (short prompts and futures to stay fast)."""
-    root = tmp_path_factory.mktemp("kvp")
-    traces, out = root / "traces", root / "ckpt"
-    assert main(["traces", "--source", "ruler", "--n", "3", "--context", "160", "--future-tokens", "8",
-                 "--baselines", "none", "--out", str(traces)]) == 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", "--traces", str(traces), "--out", str(out), "--steps", "12", "--batch", "4",
-                     "--tokens", "64", "--hidden", "16", "--val-every", "6", "--warmup", "3", "--no-compile"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def checkpoint(trained_policy):
+    return trained_policy
 
 
 def test_scorer_contract_identity_and_model_check(smollm, checkpoint):
@@ -90,3 +78,32 @@ def test_kvpress_press_keeps_what_the_engine_keeps(smollm, checkpoint):
     for idx, layer in enumerate(cache.layers):
         theirs = torch.cdist(layer.keys, full.layer(idx)[0]).argmin(dim=-1).sort(dim=-1).values
         assert torch.equal(ours.positions[idx], theirs), f"layer {idx}"
+
+
+def test_kvp_press_in_kvpress_pipeline_answers_like_the_engine(smollm, checkpoint):
+    """The learned policy through kvpress's own text-generation pipeline gives kvpolicy's answer."""
+    from transformers import pipeline
+
+    from kvpolicy.compression.engine import generate
+
+    context, question = load_essays()[7].text[:700], " What is the main point of this text?"
+    pipe = pipeline("kv-press-text-generation", model=smollm.model, tokenizer=smollm.tokenizer, device="cpu")
+    press = KVPolicyPress(compression_ratio=0.5, scorer=make_scorer(f"kvp:{checkpoint}"))
+    answer = pipe(context, question=question, press=press, max_new_tokens=6)["answer"]
+    ours = generate(smollm, context, question, make_scorer(f"kvp:{checkpoint}"), Budget(ratio=0.5),
+                    "question-agnostic", 6)
+    assert answer and answer == ours.text
+
+
+def test_kvp_press_refuses_another_model(checkpoint):
+    """A policy trained on SmolLM2, applied through kvpress to another model (same cache shape, other weights), is
+    refused when the press is applied, before any forward pass."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64 * 3, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=3, num_key_value_heads=3, head_dim=64)
+    other = LlamaForCausalLM(config).eval()
+    press = KVPolicyPress(compression_ratio=0.5, scorer=make_scorer(f"kvp:{checkpoint}"))
+    with pytest.raises(KVPError, match="trained for smollm2-135m"):
+        with press(other):
+            pass

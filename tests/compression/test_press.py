@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from transformers import DynamicCache, pipeline
@@ -10,6 +12,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import compress, generate, prefill
 from kvpolicy.compression.press import KVPolicyPress
 from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
+from kvpolicy.compression.scorers.base import Scorer
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
 
@@ -45,3 +48,59 @@ def test_press_in_kvpress_pipeline_answers_like_the_engine(smollm, name):
     ours = generate(smollm, context, question, make_scorer(name), Budget(ratio=0.5), "question-agnostic", 6)
     assert answer and answer == ours.text
     assert ours.cache_tokens_compressed == Budget(ratio=0.5).kept(ours.context_tokens)
+
+
+@dataclass
+class EverySeventh(Scorer):
+    """Prefers entries whose TRUE position is a multiple of 7 (the latest first): a choice that only a press which
+    knows true positions after earlier cuts can make."""
+
+    name = "every-seventh"
+
+    def score(self, view):
+        return (view.positions % 7 == 0).float() * 1e4 + view.positions.float()
+
+
+@pytest.mark.model
+def test_decoding_presses_score_true_positions(smollm):
+    """kvpress's PrefillDecodingPress: our press cuts the context at prefill, a second one of ours cuts again every
+    4 decoding steps. The second sees true positions (not 0..T-1 of the cut cache): it keeps sinks, recent tokens and
+    multiples of 7, and every kept context entry is the context's own key at that position."""
+    from kvpress import DecodingPress, PrefillDecodingPress
+
+    context, question = load_essays()[7].text[:700], " Continue the essay."
+    pipe = pipeline("kv-press-text-generation", model=smollm.model, tokenizer=smollm.tokenizer, device="cpu")
+    full, _ = prefill(smollm, pipe.preprocess(context, [question], "", 10_000)["context_ids"])  # the pipeline's own
+    target = 36  # 4 sinks + 16 recent + 16 others, fewer than the multiples of 7 the prefill cut kept
+    press = PrefillDecodingPress(
+        prefilling_press=KVPolicyPress(compression_ratio=0.5, scorer=EverySeventh()),
+        decoding_press=DecodingPress(base_press=KVPolicyPress(compression_ratio=0.0, scorer=EverySeventh()),
+                                     compression_interval=4, target_size=target, hidden_states_buffer_size=0),
+    )
+    cache = DynamicCache()
+    pipe(context, question=question, press=press, max_new_tokens=10, cache=cache)
+    record = cache.kvpolicy_positions
+    P = full.length
+    for idx, positions in record.items():
+        kept = positions[0]
+        assert kept.shape[-1] == target, "a decoding cut happened"
+        newest = int(kept.max())
+        for head in kept.tolist():
+            assert head == sorted(set(head)) and set(range(4)) <= set(head)
+            others = [p for p in head if 4 <= p <= newest - 16]
+            assert others and all(p % 7 == 0 for p in others), others
+        keys = cache.layers[idx].keys[:, :, :target]
+        context_entries = kept < P
+        reference = full.layer(idx)[0][0].gather(1, kept.clamp(max=P - 1).unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+        assert torch.allclose(keys[0][context_entries], reference[context_entries], atol=1e-5)
+
+
+@pytest.mark.model
+def test_a_query_scorer_cannot_be_wrapped_for_decoding(smollm):
+    from kvpress import DecodingPress
+
+    press = DecodingPress(base_press=KVPolicyPress(compression_ratio=0.0, scorer=make_scorer("snapkv")),
+                          compression_interval=2, target_size=24, hidden_states_buffer_size=4)
+    pipe = pipeline("kv-press-text-generation", model=smollm.model, tokenizer=smollm.tokenizer, device="cpu")
+    with pytest.raises(KVPError, match="attention-free scorer"):
+        pipe(load_essays()[7].text[:300], question=" Why?", press=press, max_new_tokens=6)

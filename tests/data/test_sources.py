@@ -56,10 +56,11 @@ def test_hub_loaders_on_schema_fixtures(name):
         assert first.answers == ("7391842",) and first.answer_prefix.startswith(" The special magic")
         assert records[1].answers == ("AAAAA", "BBBBB")
     elif name == "boolq":
-        assert [r.answers for r in records] == [("yes",), ("no",)] and first.question.endswith("?")
+        assert [r.answers for r in records] == [("yes",), ("no",)] and first.choices == ("no", "yes")
+        assert first.question == "is the sky blue on a clear day"  # the prompt adds lm-eval's "?"
     elif name == "arc_challenge":
-        assert first.answers == ("C",) and first.choices == ("A", "B", "C", "D")
-        assert "C. Planetary days" in first.question
+        assert first.answers == ("Planetary days will become shorter.",) and len(first.choices) == 4
+        assert first.choices[2] == first.answers[0] and first.question.endswith("rotation?")
     elif name == "oasst2":
         assert len(records) == 1  # the Spanish tree is dropped
         assert [t.text for t in first.turns] == ["How do I boil an egg?", "Place it in boiling water for 9 minutes.",

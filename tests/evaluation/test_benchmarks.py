@@ -44,6 +44,7 @@ def test_retrieval_score_is_share_of_correct_numbers():
     assert retrieval_score("Paragraph 2", ["Paragraph 2"]) == 1.0
     assert retrieval_score("Paragraph 2 or Paragraph 5", ["Paragraph 2"]) == 0.5
     assert retrieval_score("I do not know", ["Paragraph 2"]) == 0.0
+    assert retrieval_score("Paragraph 5", ["Paragraph 2", "Paragraph 5"]) == 1.0  # the best reference, as LongBench
 
 
 def test_ruler_score_all_vs_part():
@@ -84,8 +85,11 @@ def test_hub_tasks_load_from_fixtures_in_the_hub_schema():
     boolq = tasks["boolq"].load(None, 5, None, 0)
     assert [s.answers[0] for s in boolq] == ["yes", "no"] and tasks["boolq"].choices
     assert tasks["boolq"].protocols[0] == QUESTION_AGNOSTIC  # the paper compresses before the question
+    assert (tasks["boolq"].metric, tasks["boolq"].extra_metrics) == ("acc", ())  # lm-eval's boolq reports acc only
     (arc,) = tasks["arc_challenge"].load(None, 5, None, 0)
-    assert arc.choices == ("A", "B", "C", "D") and tasks["arc_challenge"].score("C", arc) == 1.0
+    assert arc.answers[0] in arc.choices and tasks["arc_challenge"].choices
+    assert (tasks["arc_challenge"].metric, tasks["arc_challenge"].extra_metrics) == ("acc", ("acc_norm",))
+    assert tasks["gov_report"].metric == "rouge_l" and tasks["passage_retrieval_en"].metric == "retrieval_score"
     (gov,) = tasks["gov_report"].load(None, 5, None, 0)
     prompt = tasks["gov_report"].prompt(gov)
     assert gov.context in prompt.context and "summary" in prompt.question and prompt.answer_prefix == "Summary:"
@@ -143,3 +147,4 @@ def test_choice_tasks_pick_the_likeliest_option(smollm):
     (outcome,) = run_qa(smollm, task, [sample], QUESTION_AGNOSTIC, [], [], lambda *_: True, 8)
     assert outcome.contender is FULL_CACHE and outcome.fields["prediction"] in ("yes", "no")
     assert outcome.fields["value"] == float(outcome.fields["prediction"] == "yes")
+    assert "extra_metrics" not in outcome.fields  # BoolQ reports acc only

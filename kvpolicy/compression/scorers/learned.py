@@ -65,3 +65,11 @@ class KVPScorer(Scorer):
             "fingerprint": model["fingerprint"],
             "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens")},
         }
+
+
+def load_policy(checkpoint: str | Path, model: Any = None) -> KVPScorer:
+    """The learned KVP policy of a `kvp train` checkpoint directory, as a scorer for `generate`, `compress` and
+    `KVPolicyPress`. model: a ModelHandle or ModelInfo; when given, a policy trained for another model (fingerprint
+    or cache shape) is refused here, before any work."""
+    info = getattr(model, "info", model)
+    return KVPScorer(str(checkpoint), model=info)

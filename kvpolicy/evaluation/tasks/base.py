@@ -1,8 +1,8 @@
 """What a benchmark is to the sweep: a loader, a prompt builder and a metric, plus the facts a figure states.
 
 Three kinds, each run by its own runner: `QATask` (a question over a context: generate and score the answer, or
-pick the likeliest of fixed choices), `DialogueTask` (perplexity of the final assistant turn) and `TraceTask`
-(reward-level ranking cost on held-out traces).
+score each of fixed choices by its log-likelihood, as lm-eval-harness does), `DialogueTask` (perplexity of the final
+assistant turn) and `TraceTask` (reward-level ranking cost on held-out traces).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.data.records import QASample
+from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import Contender
 from kvpolicy.traces.store import TraceReader
 
@@ -30,6 +31,9 @@ class Prompt:
     answer_prefix: str = ""
 
 
+CHOICE_METRICS = ("acc", "acc_norm")  # lm-eval-harness's multiple-choice metrics
+
+
 def plain_prompt(sample: QASample) -> Prompt:
     return Prompt(sample.context, sample.question, sample.answer_prefix)
 
@@ -37,7 +41,8 @@ def plain_prompt(sample: QASample) -> Prompt:
 @dataclass(frozen=True)
 class Task:
     """name: unique id in results ("ruler:vt"); family: the figure it is drawn in; data: where the samples come
-    from (substitutes named as such); metric: accuracy | perplexity | cost; protocols: allowed, default first;
+    from (substitutes named as such); metric: what a result's value is (a name of result.METRIC_FIELDS: a score
+    such as accuracy, acc or rouge_l, or perplexity, or cost); protocols: allowed, default first;
     sized: whether `context_tokens` sets the sample length (False: the data's own lengths); corpus: the trace
     source ("ruler" | "dialogue") whose data the samples come from, None for hub data, so that a policy trained
     on another corpus is reported as a cross-corpus check."""
@@ -58,13 +63,24 @@ class Task:
 @dataclass(frozen=True)
 class QATask(Task):
     """load(handle, n, context_tokens, seed) -> samples; prompt(sample) -> Prompt; score(prediction, sample) ->
-    float in [0, 1]. With `choices`, the answer is the choice of lowest negative log-likelihood (no decoding)."""
+    float in [0, 1] of a generated answer. With `choices` nothing is generated: each choice is scored by its
+    log-likelihood after the prompt and `metric` is one of CHOICE_METRICS (lm-eval's acc or acc_norm, see
+    evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside `metric`."""
 
     load: Callable[..., list[QASample]] = field(default=None, repr=False)
     prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
     score: Callable[[str, QASample], float] = field(default=None, repr=False)
     max_new_tokens: int = 64
     choices: bool = False
+    extra_metrics: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        metrics = (self.metric, *self.extra_metrics)
+        if self.choices and not set(metrics) <= set(CHOICE_METRICS):
+            raise KVPError(f"task {self.name}: a multiple-choice task reports {', '.join(CHOICE_METRICS)}, not "
+                           f"{', '.join(m for m in metrics if m not in CHOICE_METRICS)}")
+        if not self.choices and self.extra_metrics:
+            raise KVPError(f"task {self.name}: only a multiple-choice task records extra metrics")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,19 @@
-"""Zero-shot benchmarks of the paper through their hub loaders (online): BoolQ and ARC-Challenge (answer = the
-likeliest choice), LongBench GovReport (ROUGE-L) and passage retrieval (LongBench's retrieval score), with
-LongBench's own prompts. For BoolQ and GovReport the paper compresses before the question is known, so their
-default protocol is question-agnostic."""
+"""Zero-shot benchmarks of the paper through their hub loaders (online), scored as the ecosystem scores them so
+that numbers compare with published ones. BoolQ and ARC-Challenge follow lm-eval-harness (super_glue/boolq/
+default.yaml, arc/arc_easy.yaml): its prompts, each choice scored as the continuation " {choice}" by its
+log-likelihood, and its metrics, acc for BoolQ and acc with acc_norm for ARC. LongBench GovReport and passage
+retrieval keep LongBench's prompts and metrics (ROUGE-L F1, retrieval_score). For BoolQ and GovReport the paper
+compresses before the question is known, so their default protocol is question-agnostic.
+
+The prompt's text is lm-eval's; the model reads it through its chat template when it has one
+(compression.prompts.split_prompt), as lm-eval does only when asked to (--apply_chat_template).
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from kvpolicy.data.records import QASample
 from kvpolicy.evaluation.metrics import best_rouge_l, retrieval_score
-from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, Prompt, QATask, plain_prompt
+from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, Prompt, QATask
 
 FAMILY = "zero-shot (hub)"
 
@@ -23,9 +27,14 @@ def _loader(hub_name: str, local: str | None):
     return load
 
 
-def choice_score(prediction: str, sample: QASample) -> float:
-    """1 if the chosen option (the prediction) is the correct one."""
-    return float(prediction.strip() == sample.answers[0])
+def boolq_prompt(sample: QASample) -> Prompt:
+    """lm-eval's "{passage}\\nQuestion: {question}?\\nAnswer:"; the passage is the context."""
+    return Prompt(context=f"{sample.context}\n", question=f"Question: {sample.question}?", answer_prefix="Answer:")
+
+
+def arc_prompt(sample: QASample) -> Prompt:
+    """lm-eval's "Question: {question}\\nAnswer:"; there is no context."""
+    return Prompt(context="", question=f"Question: {sample.question}", answer_prefix="Answer:")
 
 
 def gov_report_prompt(sample: QASample) -> Prompt:
@@ -47,28 +56,25 @@ def passage_retrieval_prompt(sample: QASample) -> Prompt:
     )
 
 
-def _boolq_prompt(sample: QASample) -> Prompt:
-    return replace(plain_prompt(sample), context=f"{sample.context}\n\n")
-
-
 def zero_shot_tasks(local: dict[str, str] | None = None) -> dict[str, QATask]:
     local = local or {}
     return {
-        "boolq": QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="accuracy",
+        "boolq": QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="acc",
                         protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
-                        load=_loader("boolq", local.get("boolq")),
-                        prompt=_boolq_prompt, score=choice_score, choices=True),
+                        load=_loader("boolq", local.get("boolq")), prompt=boolq_prompt, choices=True),
         "arc_challenge": QATask(name="arc_challenge", family=FAMILY, data="ARC-Challenge (allenai/ai2_arc, test)",
-                                metric="accuracy", protocols=(QUERY_AWARE,), sized=False,
-                                load=_loader("arc_challenge", local.get("arc_challenge")), score=choice_score,
-                                choices=True),
-        "gov_report": QATask(name="gov_report", family=FAMILY, data="LongBench GovReport (THUDM/LongBench), ROUGE-L",
-                             metric="accuracy", protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
+                                metric="acc", protocols=(QUERY_AWARE,), sized=False,
+                                load=_loader("arc_challenge", local.get("arc_challenge")), prompt=arc_prompt,
+                                choices=True, extra_metrics=("acc_norm",)),
+        "gov_report": QATask(name="gov_report", family=FAMILY,
+                             data="LongBench GovReport (THUDM/LongBench, parquet export)", metric="rouge_l",
+                             protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
                              load=_loader("gov_report", local.get("gov_report")), prompt=gov_report_prompt,
                              score=lambda text, s: best_rouge_l(text, s.answers), max_new_tokens=256),
         "passage_retrieval_en": QATask(name="passage_retrieval_en", family=FAMILY,
-                                       data="LongBench passage retrieval (THUDM/LongBench)", metric="accuracy",
-                                       protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=False,
+                                       data="LongBench passage retrieval (THUDM/LongBench, parquet export)",
+                                       metric="retrieval_score", protocols=(QUERY_AWARE, QUESTION_AGNOSTIC),
+                                       sized=False,
                                        load=_loader("passage_retrieval_en", local.get("passage_retrieval_en")),
                                        prompt=passage_retrieval_prompt,
                                        score=lambda text, s: retrieval_score(text, s.answers), max_new_tokens=32),

@@ -1,0 +1,48 @@
+"""The Python API at the package top level, and the README's Python example run exactly as written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import kvpolicy
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_the_top_level_names_resolve():
+    assert {"load_model", "load_policy", "make_scorer", "Budget", "generate", "KVPolicyPress"} <= set(kvpolicy.__all__)
+    for name in kvpolicy.__all__:
+        assert getattr(kvpolicy, name) is not None
+    with pytest.raises(AttributeError):
+        kvpolicy.no_such_name  # noqa: B018
+
+
+def readme_python() -> str:
+    """The README's one ```python block."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) == 1, "the README has one Python example"
+    return blocks[0]
+
+
+@pytest.mark.model
+def test_the_readme_example_runs_as_written(smollm, trained_policy, tmp_path):
+    """Where `make demo` leaves its policy (kvp-demo/kvp-policy), a small trained one stands in."""
+    shutil.copytree(trained_policy, tmp_path / "kvp-demo" / "kvp-policy")
+    out, here = io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(readme_python(), "README.md", "exec"), {})
+    finally:
+        os.chdir(here)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "cache" in lines[0] and lines[1].strip(), lines
+    full, compressed = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) -> ([\d,]+) bytes", lines[0])[0])
+    assert compressed < full / 4
