@@ -15,6 +15,7 @@ def _split(values: list[str]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
     from kvpolicy.evaluation.names import BASELINE_SCORERS, PROTOCOLS, known_tasks
+    from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
 
     parser.add_argument("--out", required=True, help="JSONL results file (created, or resumed when it exists)")
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub-local", nargs="*", default=[], metavar="NAME=FILE",
                         help="read a hub dataset from a local file in its schema (e.g. boolq=boolq.jsonl)")
     parser.add_argument("--report", metavar="DIR", help="also write the report into DIR when the sweep is done")
+    add_placement_arguments(parser)
 
 
 def _hub_local(pairs: list[str]) -> dict[str, str]:
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, models=_split(args.model), scorers=_split(args.scorer), budgets=_split(args.budget),
         tasks=_split(args.task), protocols=_split(args.protocol), context_tokens=contexts, n_samples=args.n,
         seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
-        hub_local=_hub_local(args.hub_local),
+        hub_local=_hub_local(args.hub_local), device=args.device, dtype=args.dtype,
     )
     if args.report:
         check_writable(args.report, "report directory", directory=True)  # before the sweep, not after it

@@ -28,7 +28,11 @@ FULL = "full"  # scorer spec and budget label of the uncompressed reference
 WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
 
 # the fields that identify a result (its configuration); every other field is a measurement or a description
-KEY_FIELDS = ("model_fingerprint", "scorer_id", "budget", "task", "context_tokens", "protocol", "seed", "sample")
+KEY_FIELDS = ("model_fingerprint", "model_dtype", "scorer_id", "budget", "task", "context_tokens", "protocol", "seed",
+              "sample")
+# key fields added after the first results were written: at these values they are left out of the key's hash, so
+# records written before them keep their keys (every earlier result ran in float32)
+KEY_DEFAULTS = {"model_dtype": "float32"}
 
 # metrics whose value is a per-sample score in [0, 1], reported as a mean over samples with its standard error:
 # RULER's string match ("accuracy"), lm-eval's multiple-choice acc and acc_norm, LongBench's ROUGE-L F1 (GovReport)
@@ -56,10 +60,10 @@ class TrainedOn:
 
 @dataclass(frozen=True)
 class Result:
-    """One result. The key (KEY_FIELDS): model_fingerprint, scorer_id (hash of the scorer's identity), budget
-    (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths), protocol,
-    seed, sample. What the report names and draws: model, scorer (spec), scorer_label, scorer_kind ("heuristic" |
-    "learned" | "oracle" | "reference"), family, data, corpus, metric (a name of METRIC_FIELDS), kept
+    """One result. The key (KEY_FIELDS): model_fingerprint, model_dtype, scorer_id (hash of the scorer's identity),
+    budget (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths),
+    protocol, seed, sample. What the report names and draws: model, scorer (spec), scorer_label, scorer_kind
+    ("heuristic" | "learned" | "oracle" | "reference"), family, data, corpus, metric (a name of METRIC_FIELDS), kept
     (cache entries per head after the cut), value (the sample's score), seconds (this result's own work) and
     prefill_seconds (its share of the prefill). Per metric: prediction and answers (SCORES); nll_sum and
     n_tokens (perplexity, pooled as exp(Σ nll_sum / Σ n_tokens)); lost, best and per_head (cost, see
@@ -100,6 +104,7 @@ class Result:
     best: float | None = None
     per_head: list[list[float]] | None = None
     extra_metrics: dict[str, float] | None = None
+    model_dtype: str = KEY_DEFAULTS["model_dtype"]  # the dtype the model ran in
     created: str | None = None  # ISO time of writing
     code_version: str | None = None
     schema: int = field(default=SCHEMA, init=False)
@@ -133,11 +138,12 @@ class Result:
 
 
 def record_key(key_fields: dict[str, Any]) -> str:
-    """Stable key of a configuration: sha256 over the KEY_FIELDS (all required)."""
-    missing = [f for f in KEY_FIELDS if f not in key_fields]
+    """Stable key of a configuration: sha256 over the KEY_FIELDS (all required but those of KEY_DEFAULTS)."""
+    missing = [f for f in KEY_FIELDS if f not in key_fields and f not in KEY_DEFAULTS]
     if missing:
         raise KVPError(f"result record lacks key fields {missing}; a record needs all of {list(KEY_FIELDS)}")
-    return sha256_json({f: key_fields[f] for f in KEY_FIELDS})[:24]
+    values = {f: key_fields.get(f, KEY_DEFAULTS.get(f)) for f in KEY_FIELDS}
+    return sha256_json({f: v for f, v in values.items() if f not in KEY_DEFAULTS or v != KEY_DEFAULTS[f]})[:24]
 
 
 def _spec(hint: Any) -> Any:

@@ -27,7 +27,7 @@ from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender,
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import run_dialogue
 from kvpolicy.evaluation.qa import run_qa
-from kvpolicy.evaluation.result import FULL, WHOLE_RANKING, Result, record_key
+from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, WHOLE_RANKING, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.evaluation.tasks import PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, Task, TraceTask, resolve_tasks
 from kvpolicy.io import check_writable
@@ -41,7 +41,8 @@ class SweepConfig:
     """out: the JSONL results file. budgets: tokens per head ('256') or compression ratios ('0.5' / 'r0.5').
     protocols: empty = each task's default. context_tokens: lengths for tasks sized in tokens (RULER-style,
     dialogue); others use their data's own lengths. max_new_tokens: 0 = each task's own limit, else a cap.
-    full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub dataset -> local file."""
+    full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub dataset -> local file.
+    device, dtype: where the models run (kvpolicy.models.placement's defaults when None)."""
 
     out: str
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
@@ -55,6 +56,8 @@ class SweepConfig:
     max_new_tokens: int = 0
     full_cache: bool = True
     hub_local: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self):
         for name in ("models", "scorers", "budgets", "tasks", "context_tokens"):
@@ -124,7 +127,8 @@ class Sweep:
 
     def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:
         """The key fields (result.KEY_FIELDS) of one result of `unit`."""
-        return {"model_fingerprint": handle.info.fingerprint, "scorer_id": contender.id, "budget": budget,
+        return {"model_fingerprint": handle.info.fingerprint, "model_dtype": _dtype(handle), "scorer_id": contender.id,
+                "budget": budget,
                 "task": unit.task.name, "context_tokens": unit.context_tokens, "protocol": unit.protocol,
                 "seed": self.config.seed, "sample": sample}
 
@@ -212,7 +216,7 @@ class Sweep:
         budget = next((b for b in self.budgets if b.label == outcome.budget), None)
         return Result(
             **self.key_fields(handle, contender, outcome.budget, unit, outcome.sample),
-            model=handle.info.name, scorer=contender.spec, scorer_label=contender.label, scorer_kind=contender.kind,
+            model=_model_label(handle), scorer=contender.spec, scorer_label=contender.label, scorer_kind=contender.kind,
             scorer_identity=contender.identity, budget_tokens=budget.tokens if budget else None,
             budget_ratio=budget.ratio if budget else None, family=task.family, data=task.data, corpus=task.corpus,
             metric=task.metric, length=outcome.length, kept=outcome.kept, cache_bytes_full=outcome.cache_bytes_full,
@@ -267,7 +271,7 @@ class Sweep:
         try:
             for name in self.config.models:
                 try:
-                    handle = load_model(name)
+                    handle = load_model(name, device=self.config.device, dtype=self.config.dtype)
                 except OSError as err:
                     raise KVPError(f"cannot load model '{name}': {err}") from None
                 new, done = self._run_model(handle)
@@ -275,6 +279,17 @@ class Sweep:
         finally:
             self.store.close()
         return SweepRun(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
+
+
+def _dtype(handle: ModelHandle) -> str:
+    return str(handle.model.dtype).removeprefix("torch.")
+
+
+def _model_label(handle: ModelHandle) -> str:
+    """The model as results and the report name it: its name, and its dtype when not float32 (so that the report
+    never pools results of one model run in two dtypes)."""
+    dtype = _dtype(handle)
+    return handle.info.name if dtype == KEY_DEFAULTS["model_dtype"] else f"{handle.info.name} ({dtype})"
 
 
 def run_sweep(config: SweepConfig) -> SweepRun:

@@ -246,3 +246,10 @@ def test_a_claim_excludes_other_processes_and_dies_with_its_holder(tmp_path):
         assert store.append(result()) is None  # already there
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line) for line in lines)
+
+
+def test_the_dtype_is_part_of_the_key_and_float32_keeps_the_old_keys():
+    old = fields()
+    assert "model_dtype" not in old  # written before dtypes were recorded: every such run was float32
+    assert record_key(old | {"model_dtype": "float32"}) == record_key(old)
+    assert record_key(old | {"model_dtype": "bfloat16"}) != record_key(old)
