@@ -107,3 +107,24 @@ def test_kvp_press_refuses_another_model(checkpoint):
     with pytest.raises(KVPError, match="trained for smollm2-135m"):
         with press(other):
             pass
+
+
+def test_the_policy_moves_once_to_the_caches_device_and_dtype(smollm, checkpoint):
+    """On a bf16 model the policy is cast to bf16 once (not per layer, not per call), and keeps nearly the same
+    entries as in fp32."""
+    from kvpolicy.models import load_model
+
+    half = load_model("smollm2-135m", dtype="bfloat16")
+    prompt = smollm.encode(load_essays()[3].text)[:, :300]
+    scorer = make_scorer(f"kvp:{checkpoint}")
+    state, _ = prefill(half, prompt)
+    rank(half, state, scorer)
+    weight = scorer.policy.key_w
+    assert weight.dtype == torch.bfloat16
+    half_kept = compress(half, state, scorer, Budget(tokens=96)).positions
+    assert scorer.policy.key_w.data_ptr() == weight.data_ptr()  # the second ranking moved nothing
+    fp32 = make_scorer(f"kvp:{checkpoint}")
+    full_kept = compress(smollm, prefill(smollm, prompt)[0], fp32, Budget(tokens=96)).positions
+    same = [(a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean() for a, b in zip(half_kept, full_kept)]
+    overlap = sum(same) / len(same)  # per head: the share of fp32's kept entries that bf16 keeps too
+    assert overlap > 0.85, overlap
