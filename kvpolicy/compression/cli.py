@@ -1,17 +1,23 @@
-"""`kvp generate`: answer a prompt with a compressed KV cache and show how much the cache shrank."""
+"""`kvp generate`: answer a prompt with a compressed KV cache, streaming the answer, and show how much the cache
+shrank (or print one JSON record with --json)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
+    from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
     from kvpolicy.policy.config import RECENT, SINKS
 
-    parser.add_argument("prompt", help="the context (or the whole prompt when no --question is given)")
+    parser.add_argument("prompt", nargs="?",
+                        help="the context (or the whole prompt when no --question is given); - reads it from stdin")
+    parser.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 text file instead")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or HF directory (default {DEFAULT_MODEL})")
+    add_placement_arguments(parser)
     scorers = ", ".join(n for n in SCORER_NAMES if n != "oracle")  # the oracle needs traces: sweeps only
     parser.add_argument("--scorer", default="knorm",
                         help=f"eviction scorer: {scorers}, or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
@@ -23,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default="", help="question appended after the context")
     parser.add_argument("--answer-prefix", default="", help="text the answer starts with")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 (default) picks the most likely token (greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="sample from the smallest set of likeliest tokens whose probability reaches P (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a reproducible answer")
+    parser.add_argument("--stop", action="append", default=[], metavar="STRING",
+                        help="stop when the answer contains STRING, and cut it there (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (answer, tokens, cache sizes, timings) instead of streaming")
     parser.add_argument("--sinks", type=int, default=SINKS, help=f"first positions always kept (default {SINKS})")
     parser.add_argument("--recent", type=int, default=RECENT, help=f"last positions always kept (default {RECENT})")
     parser.add_argument("--bounded-every", type=int, default=0, metavar="N",
@@ -33,31 +48,71 @@ def _size(tokens: int, nbytes: int) -> str:
     return f"{tokens} entries per KV head, {nbytes:,} bytes ({nbytes / 2**20:.2f} MiB)"
 
 
-def run(args: argparse.Namespace) -> int:
-    from kvpolicy.compression.budget import Budget
-    from kvpolicy.compression.engine import BoundedDecoding, generate
-    from kvpolicy.compression.scorers import make_scorer
-    from kvpolicy.models import load_model
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The context from exactly one source: the argument, stdin (argument `-`) or --prompt-file."""
+    from pathlib import Path
 
     from kvpolicy.errors import KVPError
 
+    if args.prompt is not None and args.prompt_file is not None:
+        raise KVPError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise KVPError(f"prompt file {path} does not exist or is not a file; give the path of a UTF-8 text file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise KVPError(f"prompt file {path} is not UTF-8 text; convert it to UTF-8 first") from None
+    if args.prompt is None:
+        raise KVPError("no prompt: give it as an argument, - to read it from stdin, or --prompt-file PATH")
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kvpolicy.compression.budget import Budget
+    from kvpolicy.compression.engine import BoundedDecoding, generate
+    from kvpolicy.compression.scorers import make_scorer
+    from kvpolicy.errors import KVPError
+    from kvpolicy.models import load_model
+    from kvpolicy.models.decoding import Sampling, check_stop_strings
+    from kvpolicy.models.streaming import TextStream
+
     if args.max_new_tokens < 0:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not (args.prompt + args.question).strip():
-        raise KVPError("the prompt is empty: give the context as the first argument (and a --question)")
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    stops = check_stop_strings(args.stop)
     scorer = make_scorer(args.scorer)
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
-    handle = load_model(args.model)
+    prompt = _read_prompt(args)
+    if not (prompt + args.question).strip():
+        raise KVPError("the prompt is empty: give the context (an argument, - for stdin, or --prompt-file PATH) "
+                       "and/or a --question")
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
     scorer.check_model(handle.info)
-    result = generate(handle, args.prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
-                      args.answer_prefix, bounded)
+    stream = None if args.json else TextStream(handle.decode, stops)
+    on_token = None if stream is None else (lambda token: _write(stream.push(token)))
+    result = generate(handle, prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
+                      args.answer_prefix, bounded, sampling, stops, on_token)
+    if args.json:
+        print(json.dumps({"model": handle.info.name, **result.to_dict()}))
+        return 0
+    _write(stream.finish(result.text) + "\n")
     layers, heads = handle.info.n_layers, handle.info.n_kv_heads
-    print(result.text)
     print(f"\nscorer {args.scorer}, budget {budget.label}, protocol {result.protocol}, "
-          f"{result.context_tokens + result.question_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
+          f"{result.prompt_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
     print(f"cache before: {_size(result.cache_tokens_full, result.cache_bytes_full)}")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")
+    print(f"decode: {len(result.token_ids)} tokens in {result.timings['decode_s']:.2f} s "
+          f"({result.timings['decode_tokens_per_s']:.1f} tokens/s), stopped by {result.stop_reason}")
     if result.budget_shortfall:
         print(f"note: {result.budget_shortfall}")
     return 0

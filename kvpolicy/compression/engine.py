@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.handle import refuse_sliding_window
 from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
-from kvpolicy.models.decoding import greedy_tokens
+from kvpolicy.models.decoding import GREEDY, Decoded, Sampling, check_stop_strings, cut_at_stop, decode_tokens
 
 PROTOCOLS = ("query-aware", "question-agnostic")
 
@@ -195,6 +195,42 @@ def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget
     return evict(state, rank(handle, state, scorer), budget)
 
 
+def decode_answers(
+    handle: ModelHandle,
+    state: KVState,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Iterable[int] | None = None,
+    bounded: BoundedDecoding | None = None,
+    sampling: Sampling = GREEDY,
+    stop_strings: Sequence[str] = (),
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[Decoded]:
+    """The answer of every row of a (possibly batched, e.g. `stack_states` of several cuts) state from its
+    next-token logits (B, vocab), advancing `state` in place; one forward per step serves all rows.
+
+    Each row stops at its own stop token (default: the model's end-of-turn ids), when its decoded text contains a
+    stop string, or after max_new_tokens; decoding ends when every row has stopped. Every generated token except a
+    final stop is fed, so afterwards a row's state holds prompt + answer; a row that stopped early keeps being fed
+    (its state rows then hold tokens past its answer). The others are exactly what decoding that row alone gives,
+    up to floating-point summation order in the batched matmuls (sampled rows too: see `Sampling`).
+    With `bounded`, the cache is cut back to the budget whenever it reaches budget + every entries.
+    on_token(row, token) sees every kept token as it is chosen.
+    """
+    rows = state.positions[0].shape[0] if state.n_layers else 0
+    if logits.dim() != 2 or logits.shape[0] != rows:
+        raise KVPError(f"logits must be (batch, vocab) with one row per cached sequence ({rows}), "
+                       f"got {tuple(logits.shape)}")
+
+    def feed(step: torch.Tensor) -> torch.Tensor:
+        if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
+            state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
+        return _forward(handle, state, step)[:, -1]
+
+    stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
+    return decode_tokens(feed, logits, max_new_tokens, stop, sampling, stop_strings, handle.decode, on_token)
+
+
 def greedy_decode(
     handle: ModelHandle,
     state: KVState,
@@ -203,12 +239,8 @@ def greedy_decode(
     stop_ids: Iterable[int] | None = None,
     bounded: BoundedDecoding | None = None,
 ) -> list[int]:
-    """Greedy tokens from next-token logits (1, vocab), advancing `state` in place.
-
-    Stops after a stop token (default: the model's end-of-turn ids) or max_new_tokens. Every generated token
-    except a final stop token is fed, so afterwards the state holds prompt + answer and its logits.
-    With `bounded`, the cache is cut back to the budget whenever it reaches budget + every entries.
-    """
+    """Greedy tokens of one sequence from next-token logits (1, vocab), advancing `state` in place (see
+    `decode_answers`): afterwards the state holds prompt + answer and its logits."""
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise KVPError("greedy_decode decodes one sequence: logits must be (1, vocab)")
     return greedy_decode_batch(handle, state, logits, max_new_tokens, stop_ids, bounded)[0]
@@ -222,26 +254,9 @@ def greedy_decode_batch(
     stop_ids: Iterable[int] | None = None,
     bounded: BoundedDecoding | None = None,
 ) -> list[list[int]]:
-    """Greedy tokens for every row of a batched state (e.g. `stack_states` of several cuts) from its next-token
-    logits (B, vocab), advancing `state` in place; one forward per step serves all rows.
-
-    Each row stops at its own stop token or after max_new_tokens; decoding ends when every row has stopped.
-    A row that stopped early keeps being fed (its state rows then hold tokens past its answer); the others are
-    exactly what greedy_decode gives for that row alone, up to floating-point summation order in the batched
-    matmuls.
-    """
-    rows = state.positions[0].shape[0] if state.n_layers else 0
-    if logits.dim() != 2 or logits.shape[0] != rows:
-        raise KVPError(f"logits must be (batch, vocab) with one row per cached sequence ({rows}), "
-                       f"got {tuple(logits.shape)}")
-
-    def feed(step: torch.Tensor) -> torch.Tensor:
-        if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
-            state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
-        return _forward(handle, state, step)[:, -1]
-
-    stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
-    return greedy_tokens(feed, logits, max_new_tokens, stop)
+    """Greedy tokens for every row of a batched state from its next-token logits (B, vocab): `decode_answers`
+    without sampling or stop strings, each row stopping at its own stop token or after max_new_tokens."""
+    return [answer.tokens for answer in decode_answers(handle, state, logits, max_new_tokens, stop_ids, bounded)]
 
 
 def continuation_nll(
@@ -263,9 +278,12 @@ def continuation_nll(
 
 @dataclass
 class GenerationResult:
-    """One answer, with the protocol and how big the cache was before and after compression.
+    """One answer, with the protocol, how it was decoded and how big the cache was before and after compression.
 
-    cache_tokens_*: entries per KV head; cache_bytes_*: bytes of all cached keys and values."""
+    text: the answer, cut before a stop string; token_ids: up to the stop token or the token that completed the
+    stop string. cache_tokens_*: entries per KV head; cache_bytes_*: bytes of all cached keys and values.
+    timings: prefill_s (every prefill, the question's too under question-agnostic), compress_s, decode_s and
+    decode_tokens_per_s."""
 
     text: str
     token_ids: list[int]
@@ -278,11 +296,24 @@ class GenerationResult:
     cache_tokens_compressed: int
     cache_bytes_full: int
     cache_bytes_compressed: int
+    stop_reason: str  # "stop_token", "stop_string" or "max_new_tokens"
+    sampling: Sampling = GREEDY
     timings: dict[str, float] = field(default_factory=dict)
     budget_shortfall: str | None = None  # a ratio budget that could not keep every sink and recent position
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.context_tokens + self.question_tokens
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"prompt_tokens": self.prompt_tokens}
+
+
+def _seconds_since(handle: ModelHandle, start: float) -> float:
+    """Wall time since `start`, once the model's device has finished its queued work (CUDA runs asynchronously)."""
+    if handle.model.device.type == "cuda":
+        torch.cuda.synchronize(handle.model.device)
+    return time.perf_counter() - start
 
 
 def generate(
@@ -295,11 +326,16 @@ def generate(
     max_new_tokens: int = 64,
     answer_prefix: str = "",
     bounded: BoundedDecoding | None = None,
+    sampling: Sampling = GREEDY,
+    stop_strings: Sequence[str] = (),
+    on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Answer `question` about `context` with a compressed cache (scorer/budget None: the full cache).
 
     query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
     question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
+    Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
+    token as it is chosen (e.g. to stream it with `models.streaming.TextStream`).
     """
     if protocol not in PROTOCOLS:
         raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
@@ -309,6 +345,9 @@ def generate(
         raise KVPError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if not (context + question).strip():
         raise KVPError("the prompt is empty: give a context or a question")
+    if not isinstance(sampling, Sampling):
+        raise KVPError(f"sampling must be a Sampling(temperature, top_p, seed), got {sampling!r}")
+    stop_strings = check_stop_strings(stop_strings)
     for used in (scorer, bounded.scorer if bounded else None):
         if used is not None:
             used.check_model(handle.info)  # a policy trained for another model is refused before any work
@@ -317,22 +356,27 @@ def generate(
     timings = {}
     clock = time.perf_counter()
     state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
-    timings["prefill_s"] = time.perf_counter() - clock
+    timings["prefill_s"] = _seconds_since(handle, clock)
     full_tokens, full_bytes = state.length, state.nbytes()
     clock = time.perf_counter()
     if scorer is not None:
         state = compress(handle, state, scorer, budget)
-    timings["compress_s"] = time.perf_counter() - clock
+    timings["compress_s"] = _seconds_since(handle, clock)
     compressed_tokens, compressed_bytes = state.length, state.nbytes()
     shortfall = budget.shortfall(full_tokens) if budget is not None else None
-    clock = time.perf_counter()
     if protocol == "question-agnostic":
+        clock = time.perf_counter()
         prefill(handle, question_ids, state)
-    tokens = greedy_decode(handle, state, state.logits, max_new_tokens, bounded=bounded)
-    timings["decode_s"] = time.perf_counter() - clock
+        timings["prefill_s"] += _seconds_since(handle, clock)
+    per_row = None if on_token is None else (lambda _row, token: on_token(token))
+    clock = time.perf_counter()
+    answer = decode_answers(handle, state, state.logits, max_new_tokens, bounded=bounded, sampling=sampling,
+                            stop_strings=stop_strings, on_token=per_row)[0]
+    timings["decode_s"] = _seconds_since(handle, clock)
+    timings["decode_tokens_per_s"] = len(answer.tokens) / timings["decode_s"] if timings["decode_s"] else 0.0
     return GenerationResult(
-        text=handle.decode(tokens),
-        token_ids=tokens,
+        text=cut_at_stop(handle.decode(answer.tokens), stop_strings),
+        token_ids=answer.tokens,
         protocol=protocol,
         scorer=scorer.identity() if scorer else None,
         budget=budget.label if budget else None,
@@ -342,6 +386,8 @@ def generate(
         cache_tokens_compressed=compressed_tokens,
         cache_bytes_full=full_bytes,
         cache_bytes_compressed=compressed_bytes,
+        stop_reason=answer.stop_reason,
+        sampling=sampling,
         timings=timings,
         budget_shortfall=shortfall,
     )

@@ -12,10 +12,15 @@ from kvpolicy.models import ModelHandle
 
 
 def split_prompt(
-    handle: ModelHandle, context: str, question: str, answer_prefix: str = ""
+    handle: ModelHandle, context: str, question: str, answer_prefix: str = "", template: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context_ids (1, Tc), question_ids (1, Tq)); their concatenation is the whole prompt."""
-    if handle.tokenizer.chat_template is None:
+    """(context_ids (1, Tc), question_ids (1, Tq)); their concatenation is the whole prompt.
+
+    template=False feeds the plain text "{context}{question}\n{answer_prefix}" without chat template or BOS, as
+    lm-eval-harness does by default (so that zero-shot scores compare with published ones)."""
+    if not template:
+        context_text, tail = context, "\n"
+    elif handle.tokenizer.chat_template is None:
         context_text = (handle.tokenizer.bos_token or "") + context
         tail = "\n"
     else:

@@ -92,7 +92,7 @@ def run_qa(
     if protocol == QUERY_AWARE and len(samples) != 1:
         raise KVPError("query-aware evaluation prefills each sample's own question: pass one sample at a time")
     prompts = [task.prompt(s) for s in samples]
-    chunks = [split_prompt(handle, p.context, p.question, p.answer_prefix) for p in prompts]
+    chunks = [split_prompt(handle, p.context, p.question, p.answer_prefix, task.template) for p in prompts]
     if any(not torch.equal(c[0], chunks[0][0]) for c in chunks):
         raise KVPError("samples grouped for one shared prefill must have the same context")
     first = torch.cat(chunks[0], dim=1) if protocol == QUERY_AWARE else chunks[0][0]

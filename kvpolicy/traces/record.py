@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import record_attention_inputs
-from kvpolicy.models.decoding import greedy_tokens
+from kvpolicy.models.decoding import decode_tokens
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import baseline_scores, rows_needed
 from kvpolicy.traces.future import FutureConfig
@@ -64,7 +64,7 @@ def greedy_continuation(handle: ModelHandle, cache: DynamicCache, logits: torch.
     def feed(step: torch.Tensor) -> torch.Tensor:
         return handle.model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
 
-    return greedy_tokens(feed, logits, max_tokens, handle.eos_token_ids)[0]
+    return decode_tokens(feed, logits, max_tokens, handle.eos_token_ids)[0].tokens
 
 
 def record_trace(

@@ -65,7 +65,8 @@ class QATask(Task):
     """load(handle, n, context_tokens, seed) -> samples; prompt(sample) -> Prompt; score(prediction, sample) ->
     float in [0, 1] of a generated answer. With `choices` nothing is generated: each choice is scored by its
     log-likelihood after the prompt and `metric` is one of CHOICE_METRICS (lm-eval's acc or acc_norm, see
-    evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside `metric`."""
+    evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside `metric`.
+    template: read the prompt through the model's chat template (False: the plain text, as lm-eval does)."""
 
     load: Callable[..., list[QASample]] = field(default=None, repr=False)
     prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
@@ -73,6 +74,7 @@ class QATask(Task):
     max_new_tokens: int = 64
     choices: bool = False
     extra_metrics: tuple[str, ...] = ()
+    template: bool = True
 
     def __post_init__(self):
         metrics = (self.metric, *self.extra_metrics)

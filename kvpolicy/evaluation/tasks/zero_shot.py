@@ -5,8 +5,9 @@ log-likelihood, and its metrics, acc for BoolQ and acc with acc_norm for ARC. Lo
 retrieval keep LongBench's prompts and metrics (ROUGE-L F1, retrieval_score). For BoolQ and GovReport the paper
 compresses before the question is known, so their default protocol is question-agnostic.
 
-The prompt's text is lm-eval's; the model reads it through its chat template when it has one
-(compression.prompts.split_prompt), as lm-eval does only when asked to (--apply_chat_template).
+BoolQ and ARC read lm-eval's plain text (no chat template, no BOS), as lm-eval does by default; the LongBench tasks
+read their prompts through the model's chat template (compression.prompts.split_prompt), as LongBench does for chat
+models.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def zero_shot_tasks(local: dict[str, str] | None = None) -> dict[str, QATask]:
     return {
         "boolq": QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="acc",
                         protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
-                        load=_loader("boolq", local.get("boolq")), prompt=boolq_prompt, choices=True),
+                        load=_loader("boolq", local.get("boolq")), prompt=boolq_prompt, choices=True,
+                        template=False),
         "arc_challenge": QATask(name="arc_challenge", family=FAMILY, data="ARC-Challenge (allenai/ai2_arc, test)",
                                 metric="acc", protocols=(QUERY_AWARE,), sized=False,
                                 load=_loader("arc_challenge", local.get("arc_challenge")), prompt=arc_prompt,
-                                choices=True, extra_metrics=("acc_norm",)),
+                                choices=True, extra_metrics=("acc_norm",), template=False),
         "gov_report": QATask(name="gov_report", family=FAMILY,
                              data="LongBench GovReport (THUDM/LongBench, parquet export)", metric="rouge_l",
                              protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
