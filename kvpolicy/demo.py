@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import BASELINE_SCORERS
+from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL
 
 
@@ -36,6 +37,8 @@ class DemoConfig:
 
     out: str = "kvp-demo"
     model: str = DEFAULT_MODEL
+    device: str | None = None  # kvpolicy.models.placement's defaults: CUDA + bf16 where available, else CPU + fp32
+    dtype: str | None = None
     context_tokens: int = 1024
     future_tokens: int = 48
     train_traces: int = 24
@@ -135,13 +138,16 @@ def _finished_traces(out: Path, run) -> dict | None:
 
 
 def train_demo_policy(cfg: DemoConfig, paths: DemoPaths) -> None:
+    from kvpolicy.distributed import DistContext
+    from kvpolicy.models.placement import resolve_device
     from kvpolicy.traces.store import TraceReader
     from kvpolicy.training.trainer import TrainConfig, Trainer
 
     every = max(1, cfg.train_steps // 4)
     config = TrainConfig(steps=cfg.train_steps, val_every=every, checkpoint_every=every, val_samples=4,
                          warmup=min(100, cfg.train_steps // 5), compile=cfg.train_compile)
-    trainer = Trainer(TraceReader(paths.train_traces), paths.checkpoint, config=config)
+    trainer = Trainer(TraceReader(paths.train_traces), paths.checkpoint, config=config,
+                      ctx=DistContext(device=resolve_device(cfg.device)))
     result = trainer.run()
     print(f"      {result.steps} steps, {result.n_parameters:,} parameters; best validation reward "
           f"{result.best_val_reward:.3f} at step {result.best_step} (-1 = oracle) -> {paths.checkpoint}")
@@ -166,7 +172,8 @@ def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     for tasks, n, protocols, context, extra, cap in blocks:
         result = run_sweep(SweepConfig(
             out=str(paths.results), models=[cfg.model], scorers=scorers + extra, budgets=list(cfg.budgets),
-            tasks=tasks, n_samples=n, protocols=protocols, context_tokens=[context], seed=0, max_new_tokens=cap))
+            tasks=tasks, n_samples=n, protocols=protocols, context_tokens=[context], seed=0, max_new_tokens=cap,
+            device=cfg.device, dtype=cfg.dtype))
         written += result.written
     return written
 
@@ -180,9 +187,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     paths = DemoPaths(Path(cfg.out))
     paths.root.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
-    handle = load_model(cfg.model)
+    handle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     print(f"kvp demo: {handle.info.name} ({handle.info.n_agents} agents = {handle.info.n_layers} layers x "
-          f"{handle.info.n_kv_heads} KV heads), context {cfg.context_tokens} tokens, output in {paths.root}")
+          f"{handle.info.n_kv_heads} KV heads) on {handle.model.device} in {str(handle.model.dtype)[6:]}, context "
+          f"{cfg.context_tokens} tokens, output in {paths.root}")
 
     start = _stage(1, f"traces: {cfg.train_traces} train + {cfg.test_traces} held-out test RULER-style prompts, "
                       f"futures of up to {cfg.future_tokens} greedy tokens")
@@ -212,9 +220,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DemoConfig.out, help="output directory (re-running reuses finished stages)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (kvp models)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at tiny sizes")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = replace(QUICK if args.quick else DemoConfig(), out=args.out, model=args.model)
+    cfg = replace(QUICK if args.quick else DemoConfig(), out=args.out, model=args.model, device=args.device,
+                  dtype=args.dtype)
     run_demo(cfg)
     return 0
