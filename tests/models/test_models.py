@@ -107,3 +107,21 @@ def test_an_unusable_cache_directory_is_one_line_naming_it(tmp_path, monkeypatch
     assert main(["models", "--load", "smollm2-135m"]) == 1
     err = capsys.readouterr().err.strip()
     assert "KVP_CACHE_DIR" in err and str(tmp_path / "file") in err and len(err.splitlines()) == 1
+
+
+def test_a_sliding_window_model_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
+    """A Hugging Face directory of a model with sliding-window layers: one line, and from_pretrained never runs."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
+                max_window_layers=2).save_pretrained(tmp_path)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(KVPError, match=r"sliding-window attention in layers \[2, 3\]"):
+        loader.load_model(str(tmp_path))
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KVPError, match="cannot read the config of model 'no-such-org/no-such-model'"):
+        loader.load_model("no-such-org/no-such-model")
