@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kvpolicy.training.cli", "train the per-head KVP eviction policies on traces"),
     "sweep": ("kvpolicy.evaluation.cli", "evaluate scorers x budgets x tasks into a resumable JSONL store"),
     "report": ("kvpolicy.report.cli", "write the HTML/Markdown report with figures from a results file"),
+    "bench": ("kvpolicy.evaluation.bench.cli", "measure costs and savings side by side: scoring, memory, decode, "
+              "answers vs kvpress, traces and training"),
     "demo": ("kvpolicy.demo", "the whole story on SmolLM2: traces, training, evaluation, report"),
 }
 

@@ -90,4 +90,4 @@ def test_importing_the_library_leaves_logging_and_warnings_alone():
 @pytest.mark.model
 def test_loading_a_model_leaves_logging_and_warnings_alone():
     _unchanged("from kvpolicy.models.loader import load_model\n"
-               "load_model.__wrapped__('smollm2-135m')  # uncached: a real load")
+               "load_model('smollm2-135m')  # a fresh process: a real load")

@@ -22,9 +22,9 @@ Measurements here and in kvpolicy/training/trainer.py were taken on SmolLM2 on a
     kvp traces --source ruler --future-tokens 48 --split val --n 8 --context 1024 --out V
     kvp traces --source ruler --future-tokens 48 --split test --n 4 --context 2048 --out T2K
     kvp train --traces T --val V --out C [--position-encoding E | --hidden N | ...]
-    python -m kvpolicy.evaluation.ranking_benchmark --traces T --val V [--test T2K] --checkpoint C
-(`kvp train` prints its time and best validation reward, minus the cost at 1K; the benchmark prints the costs on
---test and the share of a 2K-token prefill that scoring every layer takes).
+    kvp bench --sections ranking --traces T --val V [--test T2K] --policy C
+(`kvp train` prints its time and best validation reward, minus the cost at 1K; the bench prints the costs on
+--test; `kvp bench --sections a --policy C` the share of a 2K-token prefill that scoring every layer takes).
 """
 
 from __future__ import annotations

@@ -1,0 +1,157 @@
+"""`kvp bench`: one command that prints kvpolicy's costs and savings, each a ratio of two figures measured side by
+side in one run (sections a-e; the ranking section with --traces and --val), and writes them all with --json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvpolicy.evaluation.bench.config import SECTIONS, BenchConfig
+
+if TYPE_CHECKING:
+    from kvpolicy.models import ModelHandle
+
+_DEFAULTS = BenchConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvpolicy.models.placement import add_placement_arguments
+    from kvpolicy.models.registry import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or HF directory (default {DEFAULT_MODEL})")
+    add_placement_arguments(parser)
+    parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="S",
+                        help="run only these: a (scoring cost), b (memory), c (decode speed), d (answers vs kvpress), "
+                             "e (traces + training), ranking; default a-e, plus ranking with --traces and --val")
+    parser.add_argument("--policy", metavar="CKPT",
+                        help="the KVP policy sections a and d time (a `kvp train` checkpoint); default: the one "
+                             "section e trains on its short traces (timing does not depend on its quality)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(_DEFAULTS.contexts), metavar="T",
+                        help="prompt lengths of sections a and c; d uses the first, b the longest (default "
+                             f"{' '.join(map(str, _DEFAULTS.contexts))})")
+    parser.add_argument("--keep", type=float, default=_DEFAULTS.keep,
+                        help=f"share of the cache a compressed run keeps in a, c and d (default {_DEFAULTS.keep}: a "
+                             f"{100 * _DEFAULTS.keep:.0f}%% budget, kvpress compression ratio {1 - _DEFAULTS.keep})")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(_DEFAULTS.budgets), metavar="B",
+                        help="entries kept per KV head in section b and the ranking section (default "
+                             f"{' '.join(map(str, _DEFAULTS.budgets))})")
+    parser.add_argument("--decode-tokens", type=int, default=_DEFAULTS.decode_tokens,
+                        help=f"decode steps timed per cache in section c (default {_DEFAULTS.decode_tokens})")
+    parser.add_argument("--answer-tokens", type=int, default=_DEFAULTS.answer_tokens,
+                        help=f"max_new_tokens of section d's answers (default {_DEFAULTS.answer_tokens})")
+    parser.add_argument("--repeats", type=int, default=_DEFAULTS.repeats,
+                        help=f"timings are the best of this many runs (default {_DEFAULTS.repeats})")
+    parser.add_argument("--trace-n", type=int, default=_DEFAULTS.trace_n,
+                        help=f"training traces section e records (default {_DEFAULTS.trace_n})")
+    parser.add_argument("--trace-context", type=int, default=_DEFAULTS.trace_context,
+                        help=f"their prompt tokens (default {_DEFAULTS.trace_context})")
+    parser.add_argument("--trace-future", type=int, default=_DEFAULTS.trace_future,
+                        help=f"their greedy future's maximum tokens (default {_DEFAULTS.trace_future})")
+    parser.add_argument("--train-steps", type=int, default=_DEFAULTS.train_steps,
+                        help=f"training steps of section e (default {_DEFAULTS.train_steps})")
+    parser.add_argument("--traces", metavar="DIR", help="ranking section: training traces (from `kvp traces`)")
+    parser.add_argument("--val", metavar="DIR", help="ranking section: validation traces")
+    parser.add_argument("--test", metavar="DIR", help="ranking section: held-out traces to report on (default --val)")
+    parser.add_argument("--threads", type=int, help="torch threads (on a shared machine fewer avoid contention)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+
+
+def _load_average() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argparse.Namespace, policy: Path | None,
+             work: Path) -> dict:
+    """Measure one section, print its table and return its figures (policy: the KVP checkpoint a and d time)."""
+    from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
+    from kvpolicy.evaluation.bench import answers, decode, memory, ranking, scoring, throughput
+
+    contexts = list(config.contexts)
+    if section in ("a", "d"):
+        origin = "--policy" if args.policy else "trained in section e; timing does not depend on its quality"
+        print(f"   KVP policy: {policy} ({origin})")
+        kvp = make_scorer(f"{LEARNED_PREFIX}{policy}", model=handle.info)
+    if section == "a":
+        scorers = scoring.bench_scorers(handle, kvp, max(contexts))
+        figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats)
+        scoring.print_scoring(figures)
+    elif section == "b":
+        figures = memory.measure_memory(handle, max(contexts), list(config.budgets))
+        memory.print_memory(figures)
+    elif section == "c":
+        figures = decode.measure_decode(handle, contexts, config.keep, config.decode_tokens)
+        decode.print_decode(figures)
+    elif section == "d":
+        figures = answers.measure_answers(handle, kvp, contexts[0], 1 - config.keep, config.answer_tokens,
+                                          config.repeats)
+        answers.print_answers(figures)
+    elif section == "e":
+        traces = work / "traces"
+        figures = {
+            "traces": throughput.measure_traces(handle, config.trace_n, config.trace_context, config.trace_future,
+                                                traces),
+            "training": throughput.measure_training(handle, traces, config.train_steps, work / "kvp"),
+        }
+        throughput.print_throughput(figures)
+    else:
+        figures = ranking.measure_ranking(args.traces, args.val, args.test, args.policy and Path(args.policy),
+                                          list(config.budgets), work)
+        ranking.print_ranking(figures)
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    import time
+    from dataclasses import asdict
+
+    import torch
+
+    from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
+    from kvpolicy.errors import KVPError
+    from kvpolicy.evaluation.bench.config import plan_sections
+    from kvpolicy.io import check_writable, write_json
+    from kvpolicy.models import load_model
+
+    config = BenchConfig(tuple(args.contexts), args.keep, tuple(args.budgets), args.decode_tokens, args.answer_tokens,
+                         args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps)
+    if (args.traces is None) != (args.val is None):
+        raise KVPError("the ranking section needs both --traces DIR and --val DIR")
+    if args.threads is not None and args.threads < 1:
+        raise KVPError(f"--threads must be >= 1, got {args.threads}")
+    if args.json:
+        check_writable(args.json, "the --json file")
+    policy = Path(args.policy) if args.policy else None
+    order = plan_sections(args.sections, args.traces is not None, policy is not None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started, load_start = time.perf_counter(), _load_average()
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    if policy is not None:
+        make_scorer(f"{LEARNED_PREFIX}{policy}", model=handle.info)  # a policy for another model: refused now
+    dtype = str(handle.model.dtype).removeprefix("torch.")
+    machine = {"model": handle.info.name, "device": str(handle.model.device), "dtype": dtype,
+               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": load_start}
+    print(f"kvp bench: {handle.info.name} on {machine['device']} ({dtype}), torch {machine['torch_threads']} threads, "
+          f"{machine['cpu_count']} CPUs, load average {' '.join(map(str, load_start))} (1, 5, 15 min)")
+    print(f"sections {' '.join(order)}; prompts cut from the Paul Graham essays; times are the best of "
+          f"{config.repeats} runs; progress on stderr")
+    report = {"machine": machine, "config": asdict(config), "sections": {}}
+    with tempfile.TemporaryDirectory(prefix="kvp-bench-") as tmp:
+        work = Path(tmp)
+        for section in order:
+            print(f"\n{section}) {SECTIONS[section]}")
+            report["sections"][section] = _section(section, handle, config, args, policy, work)
+            policy = policy or (work / "kvp" if section == "e" else None)
+    machine["load_average_end"] = _load_average()
+    machine["wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"\nload average at the end {' '.join(map(str, machine['load_average_end']))}; "
+          f"bench took {machine['wall_s']:.0f} s")
+    if args.json:
+        write_json(args.json, report)
+        print(f"figures written to {args.json}")
+    return 0

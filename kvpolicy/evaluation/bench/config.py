@@ -1,0 +1,67 @@
+"""`kvp bench`'s settings and section names as plain values (no torch), so `kvp bench --help` imports nothing heavy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvpolicy.errors import KVPError
+
+# section -> the one-line header printed above it: what it measures
+SECTIONS = {
+    "a": "score + evict time of all layers as a share of the prefill, KVP and every baseline, per context",
+    "b": "cache bytes and process peak memory at each budget vs the full cache",
+    "c": "decode ms/token with the full cache vs a compressed one, per context",
+    "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
+    "e": "trace recording and policy training throughput",
+    "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
+}
+DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given
+NEEDS_POLICY = ("a", "d")  # sections that time the KVP policy
+
+
+@dataclass
+class BenchConfig:
+    """What `kvp bench` measures.
+
+    contexts: prompt lengths (tokens) of sections a and c; d answers about a prompt of the first, b measures at the
+    longest. keep: share of the context a compressed cache keeps in a, c and d (d removes 1 - keep, kvpress's
+    compression ratio). budgets: entries kept per KV head in b and in the ranking section. decode_tokens: decode
+    steps timed per cache in c; answer_tokens: max_new_tokens in d; repeats: timings are the best of this many.
+    trace_n / trace_context / trace_future: the training traces section e records; train_steps: its training run.
+    """
+
+    contexts: tuple[int, ...] = (2048, 4096)
+    keep: float = 0.25
+    budgets: tuple[int, ...] = (128, 256, 512, 1024)
+    decode_tokens: int = 32
+    answer_tokens: int = 16
+    repeats: int = 3
+    trace_n: int = 6
+    trace_context: int = 1024
+    trace_future: int = 32
+    train_steps: int = 100
+
+    def __post_init__(self):
+        if not self.contexts or min(self.contexts) < 64:
+            raise KVPError(f"--contexts must be at least 64 tokens each, got {list(self.contexts)}")
+        if not 0 < self.keep < 1:
+            raise KVPError(f"--keep is the share of the cache kept, in (0, 1); got {self.keep}")
+        if not self.budgets or min(self.budgets) < 1:
+            raise KVPError(f"--budgets are entries kept per KV head, each >= 1; got {list(self.budgets)}")
+        for name in ("decode_tokens", "answer_tokens", "repeats", "trace_n", "train_steps"):
+            if getattr(self, name) < 1:
+                raise KVPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.trace_context < 16 or self.trace_future < 1:
+            raise KVPError("--trace-context must be >= 16 tokens and --trace-future >= 1")
+
+
+def plan_sections(chosen: list[str] | None, ranking_traces: bool, have_policy: bool) -> list[str]:
+    """The sections to run, in order. chosen: --sections (None: a-e, plus ranking when its traces are given).
+    Without a --policy, section e runs first: it trains the policy sections a and d time."""
+    chosen = chosen or [*DEFAULT_SECTIONS, *(["ranking"] if ranking_traces else [])]
+    if "ranking" in chosen and not ranking_traces:
+        raise KVPError("the ranking section needs held-out traces: give --traces DIR and --val DIR")
+    order = [s for s in SECTIONS if s in chosen]
+    if not have_policy and any(s in NEEDS_POLICY for s in order):
+        order = ["e", *(s for s in order if s != "e")]
+    return order

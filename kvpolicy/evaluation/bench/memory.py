@@ -1,0 +1,133 @@
+"""Section b: what the cache occupies at each budget, against the full cache: exact bytes and the peak memory.
+
+The bytes are exact (`KVState.nbytes`: every cached key and value). The peak is the process's high-water mark:
+on CPU each budget runs in a fresh process (its VmHWM on Linux, `resource.getrusage` ru_maxrss elsewhere), so no
+run inherits another's; on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) after a reset. The cache
+is cut after the prefill (query-aware compression), so during the prefill the full cache exists and the peak
+holds it whatever the budget: what a budget saves is the memory the cache holds after the cut, which this section
+prints beside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import compress, prefill
+from kvpolicy.compression.scorers import make_scorer
+from kvpolicy.compression.state import KVState
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.bench.timing import CUT_SCORER, essay_ids
+from kvpolicy.models import ModelHandle
+from kvpolicy.progress import bar
+
+BASE = "1 token"  # the row whose peak is the model and runtime alone
+CHILD = "from kvpolicy.evaluation.bench.memory import child_main; child_main()"
+
+
+def cut_cache(handle: ModelHandle, ids: torch.Tensor, budget: Budget | None) -> tuple[int, KVState]:
+    """Prefill ids (1, T) and cut the cache to `budget` (None: keep it whole); the full state is dropped.
+    Returns (bytes of the full cache, the state kept)."""
+    state, _ = prefill(handle, ids)
+    full = state.nbytes()
+    if budget is not None:
+        state = compress(handle, state, make_scorer(CUT_SCORER), budget)
+    return full, state
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes. On Linux its VmHWM: ru_maxrss of a process started from a large
+    one also counts the parent's memory (exec folds the replaced image's high-water mark into it), so there it
+    would report the bench's own memory; elsewhere ru_maxrss (bytes on macOS, KiB on the BSDs)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def child_main() -> None:
+    """In a fresh process: load the model, cut one cache as the JSON spec in argv[1] says (budget null: the full
+    cache), print the figures as one JSON line."""
+    from kvpolicy.models import load_model
+    from kvpolicy.progress import silence_libraries
+
+    spec = json.loads(sys.argv[1])
+    silence_libraries()
+    torch.set_num_threads(spec["threads"])
+    handle = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    budget = Budget(tokens=spec["budget"]) if spec["budget"] is not None else None
+    full, state = cut_cache(handle, essay_ids(handle, spec["context"]), budget)
+    print(json.dumps({"full_bytes": full, "cache_bytes": state.nbytes(), "peak_bytes": peak_rss_bytes()}))
+
+
+def in_fresh_process(handle: ModelHandle, context: int, budget: int | None) -> dict:
+    """child_main's figures for one cut, run in a new interpreter with this process's model, placement and threads."""
+    spec = {"model": handle.info.name, "device": str(handle.model.device),
+            "dtype": str(handle.model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "context": context, "budget": budget}
+    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise KVPError(f"the memory measurement of budget {budget} failed in its own process:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def in_this_process(handle: ModelHandle, context: int, budget: int | None) -> dict:
+    """The same figures on CUDA from the allocator: the peak since a reset, and what the kept cache still holds."""
+    device = handle.model.device
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    full, state = cut_cache(handle, essay_ids(handle, context), Budget(tokens=budget) if budget is not None else None)
+    gc.collect()
+    return {"full_bytes": full, "cache_bytes": state.nbytes(), "peak_bytes": torch.cuda.max_memory_allocated(device),
+            "held_bytes": torch.cuda.memory_allocated(device) - before}
+
+
+def measure_memory(handle: ModelHandle, context: int, budgets: list[int]) -> dict:
+    """Rows for a 1-token prompt (the model's weights, all read once, and the runtime), the full cache and each
+    budget at a `context`-token prompt, each with its exact cache bytes and peak memory, and both as shares of
+    the full cache's."""
+    cuda = handle.model.device.type == "cuda"
+    measure = in_this_process if cuda else in_fresh_process
+    runs = {BASE: (1, None), "full": (context, None)} | {str(b): (context, b) for b in budgets}
+    rows = {}
+    for label, (tokens, budget) in bar(runs.items(), desc="b) memory", total=len(runs), unit="process"):
+        rows[label] = measure(handle, tokens, budget)
+    full = rows["full"]
+    for row in rows.values():
+        row["cache_share"] = row["cache_bytes"] / full["cache_bytes"]
+        row["peak_share"] = row["peak_bytes"] / full["peak_bytes"]
+    how = ("torch.cuda.max_memory_allocated after a reset (tensors on the GPU)" if cuda
+           else "peak resident memory (VmHWM / ru_maxrss) of a fresh process per row (the whole process)")
+    return {"context": context, "scorer": CUT_SCORER, "peak_measured_by": how, "rows": rows}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def print_memory(fig: dict) -> None:
+    """The table: per row exact cache bytes and peak memory, each also as a share of the full cache's."""
+    rows = fig["rows"]
+    cuda = "held_bytes" in rows["full"]
+    print(f"   {fig['context']}-token prompt, cut by {fig['scorer']}; peak: {fig['peak_measured_by']}")
+    print(f"   {'budget':>10} {'cache bytes':>14} {'/ full':>7} {'peak memory':>14} {'/ full':>7}"
+          + (f" {'held after cut':>15}" if cuda else ""))
+    for label, row in rows.items():
+        held = f" {_mib(row['held_bytes']):>15}" if cuda else ""
+        print(f"   {label:>10} {row['cache_bytes']:>14,} {row['cache_share']:>7.4f} {_mib(row['peak_bytes']):>14} "
+              f"{row['peak_share']:>7.3f}{held}")
+    model = rows[BASE]["peak_bytes"]
+    print(f"   the peak includes the model weights and runtime ({_mib(model)} with a 1-token prompt), the prefill's "
+          "activations and the FULL cache, which exists during the prefill before the cut; the memory the cache "
+          "holds after the cut is the 'cache bytes' column" + (" (measured: 'held after cut')" if cuda else ""))

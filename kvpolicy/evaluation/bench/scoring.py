@@ -1,0 +1,95 @@
+"""Section a: the time to score and evict every layer, as a share of the prefill, for KVP and every baseline.
+
+Query-based scorers need the attention inputs of the prompt's last tokens (or all of them), which the prefill
+records: that recording is part of their cost, so it is timed too and shown as its own share of the prefill.
+The oracle's cost is a lookup of the true future utility; a random utility of the right shape times it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.compression.engine import evict, prefill, rank
+from kvpolicy.compression.scorers import SCORERS, Scorer, make_scorer
+from kvpolicy.compression.scorers.oracle import OracleScorer
+from kvpolicy.evaluation.bench.timing import essay_ids, kept_budget, timed
+from kvpolicy.models import ModelHandle
+from kvpolicy.models.attention import ALL_QUERIES
+from kvpolicy.progress import bar
+
+WARM_UP_TOKENS = 256  # the warm-up prompt's length (shorter when every context is)
+
+
+def bench_scorers(handle: ModelHandle, kvp: Scorer, max_context: int) -> dict[str, Scorer]:
+    """Name -> scorer: the KVP policy `kvp` and every registered scorer; the oracle with a random utility
+    (L, H, max_context), enough for any prompt up to max_context tokens."""
+    info = handle.info
+    scorers = {"kvp": kvp}
+    for name in SCORERS:
+        if name == OracleScorer.name:
+            scorers[name] = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max_context))
+        else:
+            scorers[name] = make_scorer(name)
+    return scorers
+
+
+def window_label(window: int) -> str:
+    """How a prefill's recorded rows are named in the figures: 'none', 'all' or the number of last tokens."""
+    return {0: "none", ALL_QUERIES: "all"}.get(window, str(window))
+
+
+def time_context(handle: ModelHandle, scorers: dict[str, Scorer], windows: list[int], context: int, keep: float,
+                 repeats: int, progress) -> dict:
+    """One context's figures: the prefill time without and with each recording in `windows`, and per scorer the
+    best time to rank every layer and evict to keep·context entries per head, as shares of the plain prefill."""
+    device = handle.model.device
+    ids, budget = essay_ids(handle, context), kept_budget(context, keep)
+    prefill(handle, ids)  # warm-up: the first run at a new length sets up kernels
+    states, prefill_s = {}, {}
+    for window in windows:
+        (states[window], _), prefill_s[window] = timed(
+            lambda window=window: prefill(handle, ids, record_queries=window), device, repeats)
+        progress.update(1)
+    plain = prefill_s[0]
+    rows = {}
+    for name, scorer in scorers.items():
+        state = states[scorer.query_window]
+        _, seconds = timed(lambda state=state, scorer=scorer: evict(state, rank(handle, state, scorer), budget),
+                           device, repeats)
+        rows[name] = {"recorded_queries": window_label(scorer.query_window), "score_evict_s": seconds,
+                      "share_of_prefill": seconds / plain,
+                      "recording_share_of_prefill": (prefill_s[scorer.query_window] - plain) / plain}
+        progress.update(1)
+    return {"budget": budget.tokens, "prefill_s": plain,
+            "prefill_recording_s": {window_label(w): prefill_s[w] for w in windows if w != 0}, "scorers": rows}
+
+
+def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, keep: float) -> None:
+    """Run every scorer once, untimed, on a `context`-token prompt: first calls load and place what they need (the
+    policy on the cache's device, kvpress's presses), which no later call repeats."""
+    ids, budget = essay_ids(handle, context), kept_budget(context, keep)
+    state, _ = prefill(handle, ids, record_queries=ALL_QUERIES)  # every row: enough for any query-based scorer
+    for scorer in scorers.values():
+        evict(state, rank(handle, state, scorer), budget)
+
+
+def measure_scoring(handle: ModelHandle, scorers: dict[str, Scorer], contexts: list[int], keep: float,
+                    repeats: int) -> dict[str, dict]:
+    """`time_context` for every context, keyed by its length, after a warm-up of every scorer."""
+    windows = sorted({s.query_window for s in scorers.values()} | {0}, key=lambda w: (w == ALL_QUERIES, w))
+    warm_up(handle, scorers, min(*contexts, WARM_UP_TOKENS), keep)
+    with bar(desc="a) scoring", total=len(contexts) * (len(windows) + len(scorers)), unit="timing") as progress:
+        return {str(c): time_context(handle, scorers, windows, c, keep, repeats, progress) for c in contexts}
+
+
+def print_scoring(figures: dict[str, dict]) -> None:
+    """One table per context: ms, share of the prefill, and the recording's share for query-based scorers."""
+    for context, fig in figures.items():
+        recorded = ", ".join(f"{'all tokens' if rows == 'all' else f'the last {rows}'} {seconds:.2f} s"
+                             for rows, seconds in fig["prefill_recording_s"].items())
+        print(f"   context {context}: prefill {fig['prefill_s']:.2f} s; recording the query inputs query-based scorers "
+              f"need: {recorded}; evict to {fig['budget']} entries per head")
+        print(f"   {'scorer':>20} {'score+evict ms':>15} {'% prefill':>10} {'+ recording %':>14}")
+        for name, row in fig["scorers"].items():
+            extra = f"{100 * row['recording_share_of_prefill']:>13.2f}%" if row["recorded_queries"] != "none" else ""
+            print(f"   {name:>20} {1000 * row['score_evict_s']:>15.1f} {100 * row['share_of_prefill']:>9.2f}% {extra}")

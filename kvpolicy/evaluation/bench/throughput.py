@@ -1,0 +1,71 @@
+"""Section e: how fast traces are recorded and a policy is trained on them, and what the traces take on disk.
+
+Trace recording runs the real pipeline (prompt generation, model runs, utility, shards, manifest); its speed is
+prompt tokens per second of wall time. Training is `Trainer` as `kvp train` runs it; its first step, where torch.compile
+builds its kernels, is timed apart from the rest (validation and checkpoint writing included); its tokens are the
+evictable tokens it ranks.
+The policy this section trains is the one sections a and d time when no --policy is given: their timing does
+not depend on how well it ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kvpolicy.distributed import init_distributed
+from kvpolicy.models import ModelHandle
+from kvpolicy.traces.future import FutureConfig
+from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
+from kvpolicy.traces.store import TraceReader, shard_paths
+from kvpolicy.training.config import TrainConfig
+from kvpolicy.training.trainer import Trainer
+
+SOURCE = "ruler"
+
+
+def measure_traces(handle: ModelHandle, n: int, context: int, future: int, out: Path) -> dict:
+    """Record n greedy-future training traces of `context` tokens into `out`: prompt tokens per second, the share
+    of the wall time inside the model, and bytes on disk per prompt token per KV head (the goal: fp16 key and value,
+    2·head_dim·2 bytes, plus 8 for utility and position)."""
+    cfg = TraceRunConfig(SOURCE, n=n, context_tokens=context, future=FutureConfig("greedy", future))
+    start = time.perf_counter()
+    manifest = record_traces(handle, cfg, out)
+    wall = time.perf_counter() - start
+    info = handle.info
+    cells = manifest["prompt_tokens"] * info.n_layers * info.n_kv_heads  # (token, layer, KV head) entries
+    return {"source": SOURCE, "samples": n, "context": context, "future_tokens": future,
+            "prompt_tokens": manifest["prompt_tokens"], "seconds": wall,
+            "tokens_per_s": manifest["prompt_tokens"] / wall, "model_share": manifest["model_seconds"] / wall,
+            "bytes_per_token_head": sum(p.stat().st_size for p in shard_paths(out)) / cells,
+            "goal_bytes_per_token_head": 2 * info.head_dim * 2 + 8}
+
+
+def measure_training(handle: ModelHandle, traces: Path, steps: int, out: Path) -> dict:
+    """Train a policy on `traces` with the default settings into `out` (on the model's device): one first step,
+    which builds torch.compile's kernels, then `steps` more, timed apart: steps and ranked tokens per second."""
+    config = TrainConfig(steps=1, val_every=1 + steps, checkpoint_every=1 + steps)
+    trainer = Trainer(TraceReader(traces), out, config=config, ctx=init_distributed(handle.model.device.type),
+                      resume=False)
+    start = time.perf_counter()
+    trainer.run()
+    first = time.perf_counter() - start
+    config.steps = 1 + steps  # the same run goes on: its compiled forward is reused
+    result = trainer.run()
+    return {"steps": steps, "batch": config.batch, "tokens": config.tokens, "first_step_s": first,
+            "seconds": steps / result.steps_per_s, "steps_per_s": result.steps_per_s,
+            "tokens_per_s": result.tokens_per_s, "parameters": result.n_parameters}
+
+
+def print_throughput(fig: dict) -> None:
+    """Three lines: trace recording speed, bytes on disk, training speed."""
+    t, r = fig["traces"], fig["training"]
+    print(f"   traces: {t['samples']} {t['source']} prompts of {t['context']} tokens, greedy futures up to "
+          f"{t['future_tokens']} tokens: {t['prompt_tokens']:,} prompt tokens in {t['seconds']:.1f} s = "
+          f"{t['tokens_per_s']:,.0f} tokens/s ({t['model_share']:.0%} inside the model)")
+    print(f"   on disk: {t['bytes_per_token_head']:.1f} bytes per prompt token per KV head "
+          f"(goal {t['goal_bytes_per_token_head']})")
+    print(f"   training ({r['parameters']:,} parameters): first step {r['first_step_s']:.1f} s (torch.compile builds "
+          f"its kernels), then {r['steps']} steps of {r['batch']} prompts x {r['tokens']} tokens in "
+          f"{r['seconds']:.1f} s = {r['steps_per_s']:.2f} steps/s, {r['tokens_per_s']:,.0f} ranked tokens/s "
+          "(validation and checkpoint included)")

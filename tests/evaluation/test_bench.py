@@ -1,0 +1,186 @@
+"""`kvp bench`: every section run once through the CLI on the real SmolLM2 at tiny sizes (the printed sections, the
+--json figures and their ratios against the raw numbers), and the ranking section's evaluation, where training's
+validation, the ranking section and the evaluation's trace costs give one policy one cost."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.scorers import SCORERS
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation import costs
+from kvpolicy.evaluation.bench.config import SECTIONS, plan_sections
+from kvpolicy.evaluation.bench.ranking import evaluate, measure_ranking, print_ranking, scorer_method
+from kvpolicy.evaluation.lineup import make_contenders
+from kvpolicy.evaluation.result import WHOLE_RANKING
+from kvpolicy.policy.network import PolicyConfig
+from kvpolicy.traces.store import TraceReader
+from kvpolicy.training.synthetic import SyntheticTraces, write_synthetic_traces
+from kvpolicy.training.trainer import TrainConfig, Trainer
+
+SHAPE = dict(n_layers=2, n_kv_heads=2, head_dim=16)
+CONTEXT, BUDGET, KEEP = 128, 48, 0.25
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny `kvp bench` of every default section: (printed text, --json figures)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["bench", "--contexts", str(CONTEXT), "--keep", str(KEEP), "--budgets", str(BUDGET),
+                     "--decode-tokens", "2", "--answer-tokens", "3", "--repeats", "1", "--trace-n", "2",
+                     "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--json", str(out)])
+    assert code == 0
+    return printed.getvalue(), json.loads(out.read_text())
+
+
+@pytest.mark.model
+def test_bench_prints_every_section_with_its_header(bench):
+    text, figures = bench
+    assert text.startswith("kvp bench: smollm2-135m on cpu (float32), torch ")
+    assert "load average" in text.splitlines()[0] and "load average at the end" in text
+    for section in "abcde":
+        assert f"\n{section}) {SECTIONS[section]}\n" in text
+    assert text.index("\ne) ") < text.index("\na) ")  # without --policy, e trains the policy a and d time
+    assert "trained in section e; timing does not depend on its quality" in text
+    assert "the FULL cache, which exists during the prefill before the cut" in text
+    machine = figures["machine"]
+    assert machine["device"] == "cpu" and machine["dtype"] == "float32" and machine["cpu_count"] >= 1
+    assert len(machine["load_average_start"]) == len(machine["load_average_end"]) == 3
+    assert set(figures["sections"]) == set("abcde")
+
+
+@pytest.mark.model
+def test_scoring_shares_are_times_over_the_prefill(bench):
+    a = bench[1]["sections"]["a"][str(CONTEXT)]
+    assert a["budget"] == CONTEXT * KEEP
+    assert set(a["scorers"]) == {"kvp", *SCORERS}
+    for row in a["scorers"].values():
+        assert row["share_of_prefill"] == pytest.approx(row["score_evict_s"] / a["prefill_s"])
+    assert a["scorers"]["h2o"]["recorded_queries"] == "all" and a["scorers"]["kvp"]["recorded_queries"] == "none"
+    tova = a["scorers"]["tova"]
+    assert tova["recording_share_of_prefill"] == pytest.approx(a["prefill_recording_s"]["1"] / a["prefill_s"] - 1)
+
+
+@pytest.mark.model
+def test_memory_bytes_are_exact_and_shares_consistent(bench):
+    b = bench[1]["sections"]["b"]
+    rows = b["rows"]
+    per_entry = 30 * 3 * 64 * 2 * 4  # SmolLM2 layers x KV heads x head_dim x (key, value) x fp32 bytes
+    assert b["context"] == CONTEXT and set(rows) == {"1 token", "full", str(BUDGET)}
+    assert rows["full"]["cache_bytes"] == CONTEXT * per_entry and rows[str(BUDGET)]["cache_bytes"] == BUDGET * per_entry
+    assert rows["1 token"]["cache_bytes"] == per_entry
+    for row in rows.values():
+        assert row["cache_share"] == pytest.approx(row["cache_bytes"] / rows["full"]["cache_bytes"])
+        assert row["peak_share"] == pytest.approx(row["peak_bytes"] / rows["full"]["peak_bytes"])
+    # each row ran in its own process: its peak is the model (540 MB of fp32 weights) and runtime, not the bench's
+    assert 540e6 < rows["1 token"]["peak_bytes"] < 2e9 and rows["1 token"]["peak_bytes"] <= rows["full"]["peak_bytes"]
+
+
+@pytest.mark.model
+def test_decode_speedup_is_the_ratio_of_medians(bench):
+    c = bench[1]["sections"]["c"][str(CONTEXT)]
+    assert c["steps"] == 2 and c["budget"] == CONTEXT * KEEP
+    for side in ("full", "compressed"):
+        assert 0 < c[side]["fastest_ms"] <= c[side]["median_ms"]
+    assert c["speedup"] == pytest.approx(c["full"]["median_ms"] / c["compressed"]["median_ms"])
+
+
+@pytest.mark.model
+def test_answers_match_kvpress_and_ratios_are_time_over_time(bench):
+    d = bench[1]["sections"]["d"]
+    assert d["compression_ratio"] == 1 - KEEP and d["protocol"] == "question-agnostic"
+    assert set(d["pairs"]) == {"knorm", "kvp"}
+    for row in d["pairs"].values():
+        assert row["ratio"] == pytest.approx(row["kvpolicy_s"] / row["kvpress_s"])
+        assert row["same_answer"] and row["kvpolicy_answer"] == row["kvpress_answer"] != ""
+
+
+@pytest.mark.model
+def test_trace_and_training_throughput(bench):
+    e = bench[1]["sections"]["e"]
+    traces, training = e["traces"], e["training"]
+    assert traces["samples"] == 2
+    assert traces["tokens_per_s"] == pytest.approx(traces["prompt_tokens"] / traces["seconds"])
+    assert 2 * 64 * 2 < traces["bytes_per_token_head"]  # at least the fp16 key and value of every entry
+    assert training["steps"] == 1 and training["seconds"] == pytest.approx(1 / training["steps_per_s"])
+    assert training["tokens_per_s"] == pytest.approx(training["steps_per_s"] * training["batch"] * training["tokens"])
+
+
+def test_section_plan():
+    assert plan_sections(None, False, False) == ["e", "a", "b", "c", "d"]
+    assert plan_sections(None, True, True) == ["a", "b", "c", "d", "e", "ranking"]
+    assert plan_sections(["c", "b"], False, False) == ["b", "c"]  # no section needs the policy
+    assert plan_sections(["d"], False, False) == ["e", "d"]
+    with pytest.raises(KVPError, match="--traces DIR and --val DIR"):
+        plan_sections(["ranking"], False, True)
+
+
+def test_ranking_without_traces_is_one_error_line(capsys):
+    assert main(["bench", "--sections", "ranking"]) == 1
+    assert "kvp bench: error: the ranking section needs held-out traces" in capsys.readouterr().err
+
+
+@pytest.fixture
+def synthetic_policy(tmp_path):
+    """Synthetic training and validation traces, and a policy trained briefly on them (with its training result)."""
+    train = TraceReader(write_synthetic_traces(tmp_path / "train", SyntheticTraces(8, length=64, **SHAPE, seed=0)))
+    val = TraceReader(write_synthetic_traces(tmp_path / "val", SyntheticTraces(3, length=64, **SHAPE, seed=1)))
+    config = TrainConfig(steps=6, batch=4, tokens=16, samples=2, warmup=2, ema_start=2, val_every=6,
+                         checkpoint_every=6, val_samples=3, compile=False, bf16=False)
+    result = Trainer(train, tmp_path / "ckpt", val=val, policy=PolicyConfig(**SHAPE, hidden=8, max_position=64),
+                     config=config, progress=False).run()
+    return train, val, tmp_path / "ckpt", result
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ranking_evaluation_ranks_methods_consistently():
+    """The oracle scores exactly 1, per-budget shares fall with the budget, and a method that sees the true utility
+    through noise sits between the oracle and random."""
+    source = SyntheticTraces(3, length=96, **SHAPE)
+    noisy = lambda trace, sample: trace.utility.float() + 0.02 * torch.randn(trace.utility.shape)  # noqa: E731
+    (random,) = make_contenders(["random"])
+    results = evaluate(source, {"Noisy": noisy, "Random": scorer_method(source, random)}, budgets=[24, 48, 200])
+    assert results["Oracle"]["normalized_cost"] == pytest.approx(1.0)
+    assert 1.0 < results["Noisy"]["normalized_cost"] < results["Random"]["normalized_cost"]
+    for r in results.values():
+        shares = list(r["evicted_share"].values())
+        assert shares[0] >= shares[1] >= shares[2] == 0.0  # 200 >= length: nothing evicted
+        assert len(r["per_layer"]) == SHAPE["n_layers"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_policy_has_one_cost_in_validation_ranking_section_and_trace_costs(synthetic_policy, tmp_path, capsys):
+    """The deployed policy's validation cost (trainer), its cost in the ranking section and in the evaluation's
+    trace costs are one number, and so are the section's and the trace costs' per-budget shares."""
+    train, val, ckpt, result = synthetic_policy
+    validation = -result.best_val_reward
+
+    (kvp,) = make_contenders([f"kvp:{ckpt}"])
+    benchmark = evaluate(val, {"KVP": scorer_method(val, kvp)}, budgets=[24, 40])["KVP"]
+    outcomes = [o for i in range(len(val))
+                for o in costs.trace_costs(val, i, [kvp], [Budget(tokens=24), Budget(tokens=40)], lambda *_: True)]
+    by_budget = {label: [o.fields for o in outcomes if o.budget == label] for label in ("b24", "b40", WHOLE_RANKING)}
+    trace_cost = sum(f["value"] for f in by_budget[WHOLE_RANKING]) / len(val)
+
+    assert 1.0 < validation < 10.0
+    assert benchmark["normalized_cost"] == pytest.approx(validation, rel=1e-4)
+    assert trace_cost == pytest.approx(validation, rel=1e-4)
+    for budget in (24, 40):
+        lost = sum(f["lost"] for f in by_budget[f"b{budget}"]) / len(val)
+        assert benchmark["evicted_share"][budget] == pytest.approx(lost, rel=1e-4)
+
+    report = measure_ranking(str(train.directory), str(val.directory), None, ckpt, [24, 40], tmp_path)
+    assert report["ranking"]["KVP"]["normalized_cost"] == pytest.approx(validation, rel=1e-4)
+    assert report["parameters"] == result.n_parameters and report["training"]["steps"] == 6
+    print_ranking(report)
+    printed = capsys.readouterr().out
+    assert "KVP" in printed and "vs best attention-free" in printed and "policy: " in printed
