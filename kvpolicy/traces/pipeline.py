@@ -23,7 +23,8 @@ from kvpolicy.signals import deferred_interrupts
 from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
-from kvpolicy.traces.sources import DESCRIPTIONS, SOURCES, TRACE_SPLITS, source_seeds, trace_prompts
+from kvpolicy.traces.sources import (DESCRIPTIONS, SOURCES, TRACE_SPLITS, longest_context, source_seeds,
+                                     trace_prompts)
 from kvpolicy.traces.store import (DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS, FORMAT,
                                    TraceWriter, write_manifest)
 
@@ -32,7 +33,8 @@ from kvpolicy.traces.store import (DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, D
 def code_version() -> str:
     """kvpolicy version + a hash of the code that shapes traces (this package and the prompt generators)."""
     root = Path(kvpolicy.__file__).parent
-    files = sorted((root / "traces").glob("*.py")) + [root / "data" / "ruler.py", root / "data" / "dialogue.py"]
+    files = sorted((root / "traces").glob("*.py")) + [root / "data" / name
+                                                      for name in ("ruler.py", "dialogue.py", "documents.py")]
     h = hashlib.sha256()
     for path in files:
         h.update(path.name.encode() + path.read_bytes())
@@ -112,10 +114,12 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
                   show_progress: bool = True) -> RunResult:
     """Record this rank's missing samples into shards in `out` (no manifest: see `finish`)."""
     check_writable(out, "trace directory", directory=True)
-    if cfg.context_tokens >= handle.info.max_positions:
-        raise KVPError(f"refused: --context {cfg.context_tokens} reaches {handle.info.name}'s maximum of "
-                       f"{handle.info.max_positions} positions; use at most {handle.info.max_positions - 1}")
-    if cfg.context_tokens + cfg.future.max_tokens > handle.info.max_positions:
+    longest = longest_context(cfg.source, cfg.context_tokens)
+    if longest >= handle.info.max_positions:
+        raise KVPError(f"refused: --context {cfg.context_tokens} asks for prompts of {longest} tokens, which "
+                       f"reach {handle.info.name}'s maximum of {handle.info.max_positions} positions; use a shorter "
+                       "--context")
+    if longest + cfg.future.max_tokens > handle.info.max_positions:
         warnings.warn(f"futures will be truncated: --context {cfg.context_tokens} + --future-tokens "
                       f"{cfg.future.max_tokens} exceed {handle.info.name}'s {handle.info.max_positions} positions",
                       stacklevel=2)

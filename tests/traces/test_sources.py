@@ -1,0 +1,68 @@
+"""Trace sources: plain essay continuation and the mix of all sources at several lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicy.cli import main
+from kvpolicy.data.documents import SPLITS, iter_documents, split_of
+from kvpolicy.data.essays import load_essays
+from kvpolicy.errors import KVPError
+from kvpolicy.traces.sources import MIX_CYCLE, longest_context, mix_plan, trace_prompts
+from kvpolicy.traces.store import TraceReader
+
+
+def test_essays_split_by_name_into_disjoint_sets():
+    names = {split: {e.name for e in load_essays() if split_of(e.name) == split} for split in SPLITS}
+    assert all(names.values())  # every split holds essays
+    assert sum(map(len, names.values())) == len(load_essays())
+    assert split_of(load_essays()[0].name) == split_of(load_essays()[0].name)
+
+
+def test_mix_plan_cycles_sources_and_lengths_with_distinct_samples():
+    plan = mix_plan(25, 1000)
+    assert [(s, c) for s, _, c in plan[:len(MIX_CYCLE)]] == [(s, int(1000 * x)) for s, x in MIX_CYCLE]
+    assert len(set(plan)) == 25  # no (source, index, length) twice
+    for source, index, length in plan:  # each stream is numbered 0, 1, 2, ... in order of appearance
+        earlier = [j for s, j, c in plan[: plan.index((source, index, length))] if (s, c) == (source, length)]
+        assert index == len(earlier)
+    assert {s for s, _, _ in plan} == {"ruler", "dialogue", "essays"}
+    assert {c for _, _, c in plan} == {500, 1000, 2000} and longest_context("mix", 1000) == 2000
+    assert longest_context("ruler", 1000) == 1000
+
+
+@pytest.mark.model
+def test_document_prompts_are_windows_followed_by_their_reference(smollm):
+    docs = list(iter_documents(smollm, "test", 128))
+    assert len(docs) > 20 and len({d.id for d in docs}) == len(docs)
+    first, second = docs[0], docs[1]
+    assert abs(smollm.encode(first.prompt).shape[1] - 128) <= 2  # re-encoding decoded text may merge a token
+    assert second.prompt[:40] in first.prompt  # half-window stride: consecutive prompts overlap
+    assert first.reference and first.reference[:40] in second.prompt  # what follows a window starts the next half
+    with pytest.raises(KVPError, match="unknown split"):
+        next(iter_documents(smollm, "dev", 128))
+
+
+@pytest.mark.model
+def test_mix_prompts_carry_their_source_and_length(smollm):
+    prompts = list(trace_prompts(smollm, "mix", "train", 10, 256, indices=[0, 1, 2, 3, 7, 9]))
+    assert [p.index for p in prompts] == [0, 1, 2, 3, 7, 9]
+    assert [p.meta["source"] for p in prompts] == ["ruler", "dialogue", "essays", "ruler", "essays", "ruler"]
+    assert [p.meta["context_tokens"] for p in prompts] == [256, 256, 256, 128, 512, 512]
+    essays = next(trace_prompts(smollm, "essays", "train", 1, 256))
+    assert prompts[2].prompt == essays.prompt  # the mix's first essay prompt is the essays source's first
+
+
+@pytest.mark.model
+def test_mix_traces_record_and_train(smollm, tmp_path, one_thread):
+    out, ckpt = tmp_path / "mix", tmp_path / "ckpt"
+    assert main(["traces", "--source", "mix", "--n", "4", "--context", "256", "--future-tokens", "4",
+                 "--baselines", "none", "--out", str(out)]) == 0
+    reader = TraceReader(out)
+    samples = reader.manifest["samples"]
+    assert [s["source"] for s in samples] == ["ruler", "dialogue", "essays", "ruler"]
+    assert reader.manifest["source"] == "mix" and "essays" in reader.manifest["source_description"]
+    assert samples[3]["length"] < samples[0]["length"]  # the half-length RULER prompt
+    assert main(["train", "--traces", str(out), "--out", str(ckpt), "--steps", "3", "--batch", "2", "--tokens", "32",
+                 "--hidden", "8", "--val-every", "3", "--warmup", "1", "--no-compile"]) == 0
+    assert (ckpt / "policy.safetensors").is_file()
