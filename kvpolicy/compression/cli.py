@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_placement_arguments(parser)
     scorers = ", ".join(n for n in SCORER_NAMES if n != "oracle")  # the oracle needs traces: sweeps only
     parser.add_argument("--scorer", default="knorm",
-                        help=f"eviction scorer: {scorers}, or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
+                        help=f"eviction scorer: {scorers}, kvp (the policy bundled for --model), "
+                        f"{LEARNED_PREFIX}MODEL (a bundled policy) or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", type=int, help="entries kept per KV head (sinks and recent included)")
     size.add_argument("--ratio", type=float, help="fraction of entries removed instead (kvpress compression ratio)")
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.engine import BoundedDecoding, generate
+    from kvpolicy.compression.names import LEARNED_PREFIX
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     stops = check_stop_strings(args.stop)
-    scorer = make_scorer(args.scorer)
+    # plain "kvp": the policy bundled for the model being run
+    scorer = make_scorer(f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED_PREFIX[:-1] else args.scorer)
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     prompt = _read_prompt(args)

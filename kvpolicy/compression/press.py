@@ -33,15 +33,20 @@ RECORD = "kvpolicy_positions"  # cache attribute: {layer: (B, H, T) true positio
 
 @dataclass
 class KVPolicyPress(ScorerPress):
-    """compression_ratio: fraction of entries removed (kvpress); scorer: any kvpolicy `Scorer` (e.g.
-    make_scorer("kvp:CKPT")); sinks/recent: entries always kept (first / last positions)."""
+    """compression_ratio: fraction of entries removed (kvpress); scorer: any kvpolicy `Scorer` or scorer name (e.g.
+    "knorm", "kvp:smollm2-135m" for a bundled policy, "kvp:CKPT"); sinks/recent: entries always kept (first / last
+    positions)."""
 
-    scorer: Scorer | None = None
+    scorer: Scorer | str | None = None
     sinks: int = SINKS
     recent: int = RECENT
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.scorer, str):  # a scorer name: "knorm", "kvp:MODEL" (a bundled policy), "kvp:CKPT"
+            from kvpolicy.compression.scorers import make_scorer
+
+            self.scorer = make_scorer(self.scorer)
         if not isinstance(self.scorer, Scorer):
             raise KVPError("KVPolicyPress needs scorer=<a kvpolicy Scorer>, e.g. make_scorer('knorm')")
         self._budget()  # refuse bad settings now

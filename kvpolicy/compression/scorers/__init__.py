@@ -35,7 +35,8 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 def make_scorer(spec: str, **kw) -> Scorer:
-    """A scorer from its registry name (settings as keyword arguments) or `kvp:PATH` (a learned policy checkpoint).
+    """A scorer from its registry name (settings as keyword arguments), `kvp:PATH` (a learned policy checkpoint) or
+    `kvp:MODEL` (the policy bundled for a model).
 
     The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError listing the known ones.
     """
@@ -43,8 +44,11 @@ def make_scorer(spec: str, **kw) -> Scorer:
         from kvpolicy.compression.scorers.learned import KVPScorer
 
         return KVPScorer(spec[len(LEARNED_PREFIX) :], **kw)
+    if spec == LEARNED_PREFIX[:-1]:
+        raise KVPError(f"'{spec}' names a learned policy: use {LEARNED_PREFIX}MODEL for the policy bundled for a "
+                       f"model (e.g. {LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
     if spec not in SCORERS:
-        known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}PATH"])
+        known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}MODEL", f"{LEARNED_PREFIX}CHECKPOINT"])
         raise KVPError(f"unknown scorer '{spec}'; known scorers: {known}")
     if spec == OracleScorer.name and "utility" not in kw:
         raise KVPError("the oracle needs the true future utility: make_scorer('oracle', utility=per_layer_utility)")

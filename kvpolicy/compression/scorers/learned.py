@@ -1,8 +1,10 @@
-"""KVP: the learned per-(layer, KV head) eviction policy as a scorer (`make_scorer("kvp:CKPT")`).
+"""KVP: the learned per-(layer, KV head) eviction policy as a scorer (`make_scorer("kvp:CKPT")`, or
+`make_scorer("kvp:MODEL")` for the policy bundled with kvpolicy for that model).
 
 Moschella, Manduchi, Sener, "Learning to Evict from Key-Value Cache" (arXiv 2602.10238). Each head's agent
 scores cached tokens from their key, value and position alone, so the scorer is attention-free: it can re-rank
-the cache at any time, during decoding included. The checkpoint comes from `kvp train`.
+the cache at any time, during decoding included. The checkpoint comes from `kvp train`, or ships in the package
+(kvpolicy.policy.bundled).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from typing import Any
 import torch
 
 from kvpolicy.compression.scorers.base import LayerView, Scorer
+from kvpolicy.errors import KVPError
+from kvpolicy.policy.bundled import resolve_policy
 from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
 from kvpolicy.policy.network import HALF_DTYPES
 
 
 @dataclass
 class KVPScorer(Scorer):
-    """checkpoint: a `kvp train` output directory. model: optional ModelInfo the policy will be applied to;
-    when given, a checkpoint trained for another model (fingerprint or shape) is refused at construction."""
+    """checkpoint: a `kvp train` output directory, or a model name with a bundled policy. model: optional
+    ModelInfo the policy will be applied to; when given, a checkpoint trained for another model (fingerprint or
+    shape) is refused at construction."""
 
     name = "kvp"
     query_window = 0
@@ -30,7 +35,7 @@ class KVPScorer(Scorer):
     _loaded: Checkpoint = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._loaded = load_checkpoint(self.checkpoint, model=self.model)
+        self._loaded = load_checkpoint(resolve_policy(self.checkpoint), model=self.model)
 
     @property
     def policy(self):
@@ -59,7 +64,8 @@ class KVPScorer(Scorer):
         train = self._loaded.config.get("traces", {}).get("train", {})
         return {
             "name": self.name,
-            "checkpoint": str(Path(self.checkpoint)),
+            "checkpoint": str(Path(self.checkpoint)),  # a path, or the model name of a bundled policy
+            "bundled": "bundle" in self._loaded.config,
             "sha256": self._loaded.sha256,
             "model": model["name"],
             "fingerprint": model["fingerprint"],
@@ -67,9 +73,14 @@ class KVPScorer(Scorer):
         }
 
 
-def load_policy(checkpoint: str | Path, model: Any = None) -> KVPScorer:
-    """The learned KVP policy of a `kvp train` checkpoint directory, as a scorer for `generate`, `compress` and
-    `KVPolicyPress`. model: a ModelHandle or ModelInfo; when given, a policy trained for another model (fingerprint
-    or cache shape) is refused here, before any work."""
+def load_policy(checkpoint: str | Path | None = None, model: Any = None) -> KVPScorer:
+    """The learned KVP policy as a scorer for `generate`, `compress` and `KVPolicyPress`: a `kvp train` checkpoint
+    directory, a model name with a bundled policy, or (checkpoint None) the policy bundled for `model`.
+    model: a ModelHandle or ModelInfo; when given, a policy trained for another model (fingerprint or cache shape)
+    is refused here, before any work."""
     info = getattr(model, "info", model)
+    if checkpoint is None:
+        if info is None:
+            raise KVPError("load_policy needs a checkpoint, a model name, or model= (for that model's bundled policy)")
+        checkpoint = info.name
     return KVPScorer(str(checkpoint), model=info)

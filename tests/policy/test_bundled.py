@@ -1,0 +1,64 @@
+"""Bundled policies: written from a checkpoint in fp16 with how they were made, found by model name everywhere a
+policy is named (make_scorer, load_policy, KVPolicyPress, kvp generate --scorer kvp), refused on another model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.compression.press import KVPolicyPress
+from kvpolicy.compression.scorers import make_scorer
+from kvpolicy.compression.scorers.learned import KVPScorer, load_policy
+from kvpolicy.errors import KVPError
+from kvpolicy.policy import bundled
+from kvpolicy.policy.checkpoint import WEIGHTS, load_checkpoint
+
+pytestmark = pytest.mark.model
+
+MADE_BY = {"commands": ["kvp traces --source mix ...", "kvp train ..."], "steps": 12}
+
+
+@pytest.fixture
+def shipped(trained_policy, tmp_path, monkeypatch):
+    """The trained test policy bundled into a temporary weights directory."""
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path / "weights")
+    return bundled.bundle(trained_policy, MADE_BY)
+
+
+def test_a_bundled_policy_is_fp16_and_says_how_it_was_made(trained_policy, shipped, smollm):
+    assert shipped.name == "smollm2-135m" and bundled.bundled_policies() == {"smollm2-135m": shipped}
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["bundle"]["commands"] == MADE_BY["commands"] and config["bundle"]["steps"] == 12
+    assert config["bundle"]["model_fingerprint"] == smollm.info.fingerprint
+    original, small = load_checkpoint(trained_policy), load_checkpoint(shipped)
+    assert (shipped / WEIGHTS).stat().st_size < 0.6 * (trained_policy / WEIGHTS).stat().st_size
+    for name, tensor in original.policy.state_dict().items():
+        assert torch.allclose(small.policy.state_dict()[name], tensor, atol=1e-2, rtol=1e-3), name
+
+
+def test_bundled_names_work_wherever_a_policy_is_named(shipped, smollm):
+    by_name = make_scorer("kvp:smollm2-135m")
+    assert isinstance(by_name, KVPScorer) and by_name.identity()["bundled"]
+    assert load_policy(model=smollm).identity()["sha256"] == by_name.identity()["sha256"]
+    assert KVPolicyPress(compression_ratio=0.5, scorer="kvp:smollm2-135m").scorer.identity()["bundled"]
+    with pytest.raises(KVPError, match="kvp:MODEL"):
+        make_scorer("kvp")
+    with pytest.raises(KVPError, match="no bundled KVP policy for model 'qwen2.5-0.5b'"):
+        bundled.bundled_path("qwen2.5-0.5b")
+
+
+def test_a_bundled_policy_is_refused_on_another_model(shipped, smollm):
+    other = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")
+    with pytest.raises(KVPError, match="trained for smollm2-135m"):
+        load_policy("smollm2-135m", model=other)
+
+
+def test_kvp_generate_with_plain_kvp_uses_the_models_bundled_policy(shipped, capsys):
+    assert main(["generate", "The code is 4721. Remember it.", "--question", "What is the code?", "--scorer", "kvp",
+                 "--budget", "24", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scorer"]["name"] == "kvp" and out["scorer"]["bundled"] and out["cache_tokens_compressed"] == 24
