@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=_DEFAULTS.warmup, help="linear warm-up steps")
     parser.add_argument("--val-every", type=int, default=_DEFAULTS.val_every,
                         help="validate (and keep the best) every N steps")
+    parser.add_argument("--prompts", type=int, default=0,
+                        help="train on the first N training traces only (0 = all; for learning curves)")
     parser.add_argument("--val-samples", type=int, default=_DEFAULTS.val_samples, help="validation prompts")
     parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
                         help="write a resumable checkpoint every N steps")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     values = dict(
         steps=args.steps, batch=args.batch, tokens=args.tokens, samples=args.samples, lr=args.lr, warmup=args.warmup,
         val_every=args.val_every, val_samples=args.val_samples, checkpoint_every=args.checkpoint_every,
-        bf16=not args.no_bf16, compile=not args.no_compile, seed=args.seed,
+        bf16=not args.no_bf16, compile=not args.no_compile, seed=args.seed, prompts=args.prompts,
     )
     config = TrainConfig(**(values | PAPER if args.paper else values))
     model = train.model

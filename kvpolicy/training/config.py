@@ -18,7 +18,8 @@ class TrainConfig:
 
     batch: prompts per step over all ranks; tokens: evictable tokens ranked per prompt (0 = all);
     samples: rankings sampled per prompt from one forward (RLOO group size; 1 = baseline over the batch);
-    sinks/recent: positions always kept at inference, left out of the ranking.
+    sinks/recent: positions always kept at inference, left out of the ranking. prompts: train on the first N
+    training traces only (0 = all; for learning curves).
     """
 
     steps: int = 600
@@ -42,9 +43,12 @@ class TrainConfig:
     bf16: bool = True
     compile: bool = True
     seed: int = 0
+    prompts: int = 0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch", "samples", "val_every", "val_samples", "checkpoint_every", "log_every")
+        if isinstance(self.prompts, bool) or not isinstance(self.prompts, int) or self.prompts < 0:
+            raise KVPError(f"prompts is a number of training traces (0 = all), got {self.prompts!r}")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise KVPError(f"training: {name} must be >= 1, got {getattr(self, name)}")

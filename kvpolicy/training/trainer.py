@@ -133,6 +133,11 @@ class Trainer:
 
         # data: random evictable tokens of the training prompts, whole held-out prompts for validation
         self.train_ids, self.val_source, self.val_ids = self._split(train, val)
+        if cfg.prompts:
+            if cfg.prompts > len(self.train_ids):
+                raise KVPError(f"--prompts {cfg.prompts} asks for more training traces than the {len(self.train_ids)} "
+                               "there are; record more or ask for fewer")
+            self.train_ids = self.train_ids[: cfg.prompts]
         self.model = m.to_dict()
         self.traces = {"train": source_description(train), "val": source_description(self.val_source)}
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -181,3 +181,13 @@ def test_a_compiler_failure_falls_back_to_eager_once_and_other_errors_propagate(
 
     with pytest.raises(ValueError, match="a real bug"):
         with_eager_fallback(broken, lambda: pytest.fail("fell back on an error that is not the compiler's"))
+
+
+def test_prompts_trains_on_the_first_traces_only(tmp_path):
+    train, val = SyntheticTraces(8, length=64, **SHAPE), SyntheticTraces(2, length=64, **SHAPE, seed=1)
+    trainer = Trainer(train, tmp_path / "c", val=val, policy=_policy(), config=_fast(prompts=3), progress=False)
+    assert trainer.train_ids == [0, 1, 2]
+    with pytest.raises(KVPError, match="more training traces than the 8"):
+        Trainer(train, tmp_path / "d", val=val, policy=_policy(), config=_fast(prompts=9), progress=False)
+    with pytest.raises(KVPError, match="number of training traces"):
+        TrainConfig(prompts=-1)
