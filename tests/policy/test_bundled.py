@@ -62,3 +62,13 @@ def test_kvp_generate_with_plain_kvp_uses_the_models_bundled_policy(shipped, cap
                  "--budget", "24", "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["scorer"]["name"] == "kvp" and out["scorer"]["bundled"] and out["cache_tokens_compressed"] == 24
+
+
+def test_kvp_policies_bundles_and_lists(trained_policy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path / "weights")
+    assert main(["policies"]) == 0 and "no bundled policies" in capsys.readouterr().out
+    assert main(["policies", "--bundle", str(trained_policy), "--made-by", "kvp traces --source mix",
+                 "--made-by", "kvp train"]) == 0
+    out = capsys.readouterr().out
+    assert "kvp:smollm2-135m" in out and "$ kvp traces --source mix" in out and "$ kvp train" in out
+    assert main(["policies", "--made-by", "x"]) == 1

@@ -1,0 +1,38 @@
+"""`kvp policies`: the KVP policies bundled with kvpolicy, and `--bundle CKPT` to ship a trained one."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", metavar="CKPT", help="write this `kvp train` checkpoint (fp16) as the bundled "
+                        "policy of its model, in the package's kvpolicy/policy/weights/")
+    parser.add_argument("--made-by", action="append", default=[], metavar="CMD",
+                        help="with --bundle: a command that made it (repeat, in order), recorded in the bundle")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kvpolicy.errors import KVPError
+    from kvpolicy.policy.bundled import bundle, bundled_policies
+
+    if args.made_by and not args.bundle:
+        raise KVPError("--made-by describes a policy being bundled: give --bundle CKPT too")
+    if args.bundle:
+        target = bundle(args.bundle, {"commands": args.made_by})
+        print(f"bundled {args.bundle} -> {target}")
+    policies = bundled_policies()
+    if not policies:
+        print("no bundled policies in this install")
+    for model, path in policies.items():
+        config = json.loads((path / "config.json").read_text())
+        made = config.get("bundle", {})
+        training = config.get("training", {})
+        traces = config.get("traces", {}).get("train", {})
+        print(f"{model:14s} kvp:{model}  trained on {traces.get('source')} traces at {traces.get('context_tokens')} "
+              f"tokens, {training.get('steps')} steps; fingerprint {made.get('model_fingerprint')}")
+        for command in made.get("commands", []):
+            print(f"{'':14s}   $ {command}")
+    return 0
