@@ -214,11 +214,12 @@ class Sweep:
         """The result record of one outcome of `unit`."""
         contender, task = outcome.contender, unit.task
         budget = next((b for b in self.budgets if b.label == outcome.budget), None)
+        data, corpus = task.sample_facts(outcome.sample)
         return Result(
             **self.key_fields(handle, contender, outcome.budget, unit, outcome.sample),
             model=_model_label(handle), scorer=contender.spec, scorer_label=contender.label, scorer_kind=contender.kind,
             scorer_identity=contender.identity, budget_tokens=budget.tokens if budget else None,
-            budget_ratio=budget.ratio if budget else None, family=task.family, data=task.data, corpus=task.corpus,
+            budget_ratio=budget.ratio if budget else None, family=task.family, data=data, corpus=corpus,
             metric=task.metric, length=outcome.length, kept=outcome.kept, cache_bytes_full=outcome.cache_bytes_full,
             cache_bytes=outcome.cache_bytes, seconds=round(outcome.seconds, 4),
             prefill_seconds=round(outcome.prefill_seconds, 4), **outcome.fields,

@@ -120,7 +120,7 @@ def _mix_prompts(handle, split: str, n: int, context_tokens: int, seed: int, tas
         count = 1 + max(j for s, j, c in plan if (s, c) == (source, length))
         prompts = trace_prompts(handle, source, split, count, length, seed, tasks, [plan[i][1] for i in members])
         for i, prompt in zip(members, prompts):
-            made[i] = TracePrompt(i, prompt.id, prompt.prompt, prompt.reference,
+            made[i] = TracePrompt(i, f"mix/{i}/{prompt.id}@{length}", prompt.prompt, prompt.reference,
                                   {**prompt.meta, "source": source, "context_tokens": length})
     for i in wanted:
         yield made[i]

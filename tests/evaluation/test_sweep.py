@@ -215,3 +215,18 @@ def test_trace_sweep_and_report(smollm, held_out_traces, tmp_path):
     md = paths.markdown.read_text()
     assert "held-out traces: RULER-style tasks over Paul Graham essays (test split, 2 prompts" in md
     assert "best heuristic" in md and len(paths.figures) == 2
+
+
+@pytest.mark.model
+def test_traces_of_a_mix_are_reported_per_corpus(smollm, tmp_path):
+    from kvpolicy.cli import main
+
+    traces = tmp_path / "mix"
+    assert main(["traces", "--source", "mix", "--split", "test", "--n", "3", "--context", "256", "--future-tokens",
+                 "4", "--baselines", "none", "--out", str(traces)]) == 0
+    out = tmp_path / "r.jsonl"
+    run_sweep(SweepConfig(out=str(out), scorers=["knorm"], budgets=["64"], tasks=[f"traces:{traces}"],
+                          full_cache=False))
+    records = read_results(out).records
+    assert {r.corpus for r in records} == {"ruler", "dialogue", "essays"}
+    assert all(r.data.endswith(f"its {r.corpus} prompts") for r in records)

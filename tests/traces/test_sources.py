@@ -66,3 +66,9 @@ def test_mix_traces_record_and_train(smollm, tmp_path, one_thread):
     assert main(["train", "--traces", str(out), "--out", str(ckpt), "--steps", "3", "--batch", "2", "--tokens", "32",
                  "--hidden", "8", "--val-every", "3", "--warmup", "1", "--no-compile"]) == 0
     assert (ckpt / "policy.safetensors").is_file()
+
+
+@pytest.mark.model
+def test_mix_sample_ids_are_unique_across_lengths(smollm):
+    prompts = list(trace_prompts(smollm, "mix", "train", 10, 256, indices=[0, 3]))  # ruler sample 0 at 1x and 0.5x
+    assert prompts[0].id != prompts[1].id and prompts[0].id.startswith("mix/0/ruler/")

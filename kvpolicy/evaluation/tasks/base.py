@@ -59,6 +59,10 @@ class Task:
         """Whether a scorer can run on this task (the oracle needs a trace's true future)."""
         return contender.kind != "oracle"
 
+    def sample_facts(self, sample: str) -> tuple[str, str | None]:
+        """(data, corpus) of one sample: the task's own, unless its samples come from several corpora."""
+        return self.data, self.corpus
+
 
 @dataclass(frozen=True)
 class QATask(Task):
@@ -107,3 +111,14 @@ class TraceTask(Task):
         from kvpolicy.evaluation.costs import trace_scorable
 
         return trace_scorable(contender, self.reader)
+
+    def sample_facts(self, sample: str) -> tuple[str, str | None]:
+        """A trace of a mix (`kvp traces --source mix`) is reported with the corpus its prompt came from, so that
+        the report shows the ranking cost per corpus."""
+        source = self._sources.get(sample)
+        return (f"{self.data}: its {source} prompts", source) if source else (self.data, self.corpus)
+
+    @functools.cached_property
+    def _sources(self) -> dict[str, str]:
+        """Sample id -> the corpus of its prompt, for traces that record one per sample (a mix)."""
+        return {s["id"]: s["source"] for s in self.reader.manifest["samples"] if "source" in s and "id" in s}

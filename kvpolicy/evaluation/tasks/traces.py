@@ -13,7 +13,9 @@ def describe(reader: TraceReader) -> str:
     m = reader.manifest
     source = str(m.get("source", "?"))
     named = {"ruler": "RULER-style tasks over Paul Graham essays",
-             "dialogue": "ShareGPT dialogues (stand-in for OASST2)"}
+             "dialogue": "ShareGPT dialogues (stand-in for OASST2)",
+             "essays": "plain continuation of Paul Graham essays",
+             "mix": "a mix of RULER-style tasks, ShareGPT dialogues (stand-in for OASST2) and essay continuation"}
     ctx = m.get("context_tokens")
     size = f", ~{ctx} tokens" if ctx else ""
     return f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size})"
