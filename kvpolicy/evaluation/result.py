@@ -47,15 +47,19 @@ WHOLE_RANKING_FIELDS = ("per_head",)
 DAMAGED = "a results file holds only records written by `kvp sweep`; re-run the sweep into a new results file"
 
 # what the report reads of a learned scorer's identity (see TrainedOn)
-_IDENTITY = {"trained_on": Optional({"source": (str, None), "context_tokens": (int, None)})}
+_IDENTITY = {"trained_on": Optional({"source": (str, None), "context_tokens": (int, None),
+                                     "prompts": Optional((int, None)), "steps": Optional((int, None))})}
 
 
 @dataclass(frozen=True)
 class TrainedOn:
-    """What a learned policy was trained on: its trace source ("ruler" | "dialogue") and context length."""
+    """What a learned policy was trained on: its trace source ("ruler" | "dialogue" | "essays" | "mix"), context
+    length, number of training prompts and training steps (None where the checkpoint does not say)."""
 
     source: str | None
     context_tokens: int | None
+    prompts: int | None = None
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,10 @@ class Result:
     def trained_on(self) -> TrainedOn | None:
         """What a learned scorer was trained on, as its checkpoint states it (None for any other scorer)."""
         trained = self.scorer_identity.get("trained_on") if self.scorer_kind == "learned" else None
-        return TrainedOn(trained.get("source"), trained.get("context_tokens")) if trained else None
+        if not trained:
+            return None
+        return TrainedOn(trained.get("source"), trained.get("context_tokens"), trained.get("prompts"),
+                         trained.get("steps"))
 
     def per_metric(self) -> list[Result]:
         """The result once per metric it holds: itself, then one copy per extra metric with that metric's value."""

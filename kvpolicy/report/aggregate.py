@@ -295,3 +295,63 @@ def throughput(results: Iterable[Result]) -> list[Throughput]:
         seconds = float(np.mean([t.prefill + t.work for t in times]))
         out.append(Throughput(family, ctx, protocol, scorer, len(times), max(t.results for t in times), seconds))
     return out
+
+
+@dataclass
+class CurvePoint:
+    x: int  # training prompts or steps
+    cost: float  # mean whole-ranking normalized cost over the held-out samples
+    stderr: float | None
+    n: int
+
+
+@dataclass
+class LearningCurve:
+    """Held-out whole-ranking cost of learned policies of one model against their number of training prompts (at
+    the most steps) and training steps (at the most prompts), on one data set (one corpus of a mix), with the
+    baselines' costs on the same samples as references."""
+
+    model: str
+    data: str
+    by_prompts: list[CurvePoint]
+    by_steps: list[CurvePoint]
+    references: dict[str, float]  # scorer label -> mean cost (heuristics and the oracle)
+
+    def caption(self) -> str:
+        n = max((p.n for p in self.by_prompts + self.by_steps), default=0)
+        return (f"model: {self.model} · data: {self.data} · whole-ranking normalized cost of the evictable tokens "
+                f"(1 = oracle, lower is better) · n = {n} held-out samples per point")
+
+
+def _curve_point(x: int, rs: list[Result]) -> CurvePoint:
+    values = [r.value for r in rs]
+    return CurvePoint(x, float(np.mean(values)), mean_stderr(values), len(values))
+
+
+def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:
+    """One LearningCurve per (model, data) where learned policies trained on different numbers of prompts or
+    steps (but on the same trace source) were evaluated on held-out traces."""
+    buckets: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    for r in results:
+        if r.metric == "cost" and r.budget == WHOLE_RANKING:
+            buckets[(r.model, r.data)].append(r)
+    curves = []
+    for (model, data), rs in sorted(buckets.items()):
+        learned: dict[tuple[int, int], list[Result]] = defaultdict(list)
+        references: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            trained = r.trained_on
+            if r.scorer_kind == "learned" and trained and trained.prompts and trained.steps:
+                learned[(trained.prompts, trained.steps)].append(r)
+            elif r.scorer_kind != "learned":
+                references[r.scorer_label].append(r.value)
+        if len(learned) < 2:
+            continue
+        most_steps = max(steps for _, steps in learned)
+        most_prompts = max(prompts for prompts, _ in learned)
+        by_prompts = [_curve_point(p, learned[(p, s)]) for p, s in sorted(learned) if s == most_steps]
+        by_steps = [_curve_point(s, learned[(p, s)]) for p, s in sorted(learned, key=lambda k: k[1])
+                    if p == most_prompts]
+        curves.append(LearningCurve(model, data, by_prompts, by_steps,
+                                    {label: float(np.mean(v)) for label, v in sorted(references.items())}))
+    return curves

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
 
 from kvpolicy.evaluation.result import SCORES  # noqa: E402
-from kvpolicy.report.aggregate import METRICS, Group, HeadMap  # noqa: E402
+from kvpolicy.report.aggregate import METRICS, Group, HeadMap, LearningCurve  # noqa: E402
 
 # fixed colours so a scorer looks the same in every figure; the learned policy stands out in black
 COLORS = {
@@ -152,3 +152,29 @@ def _head_axes(ax, n_layers: int, n_heads: int) -> None:
     ax.set_xlabel("KV head", fontsize=8)
     ax.set_ylabel("layer", fontsize=8)
     ax.tick_params(labelsize=7)
+
+
+def learning_curve_figure(curve: LearningCurve) -> bytes:
+    """Left: held-out cost against training prompts; right: against training steps; the baselines as dashed
+    horizontal lines (error bars: standard error over samples)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    for ax, points, xlabel in ((axes[0, 0], curve.by_prompts, "training prompts"),
+                               (axes[0, 1], curve.by_steps, "training steps")):
+        if points:
+            ax.errorbar([p.x for p in points], [p.cost for p in points],
+                        yerr=[p.stderr or 0.0 for p in points], color=COLORS["KVP"], marker="o", capsize=3,
+                        label="KVP")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([p.x for p in points], [str(p.x) for p in points])
+        for label, cost in curve.references.items():
+            ax.axhline(cost, color=color_of(label), linestyle="--", linewidth=1, label=label)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(METRICS["cost"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
+    _title(fig, "Learning curve: held-out ranking cost vs training prompts and steps", curve.caption(), width=150)
+    return _png(fig)

@@ -15,9 +15,9 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import atomic_path, check_writable
-from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
-from kvpolicy.report.figures import curves_figure, head_map_figure
-from kvpolicy.report.tables import Table, group_table, head_map_tables, throughput_table
+from kvpolicy.report.aggregate import curve_groups, head_maps, learning_curves, throughput
+from kvpolicy.report.figures import curves_figure, head_map_figure, learning_curve_figure
+from kvpolicy.report.tables import Table, group_table, head_map_tables, learning_curve_table, throughput_table
 
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
@@ -60,6 +60,9 @@ def build_sections(results: list[Result]) -> list[Section]:
         title = group.title()
         slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
         sections.append(Section(title, group.caption(), curves_figure(group), [group_table(group)], slug))
+    for k, curve in enumerate(learning_curves(results), start=len(sections) + 1):
+        sections.append(Section("Learning curve", curve.caption(), learning_curve_figure(curve),
+                                [learning_curve_table(curve)], f"{k:02d}-curve-{_slug(curve.data)}"))
     learned_labels = {r.scorer_label for r in results if r.scorer_kind == "learned"}
     for j, head_map in enumerate(head_maps(results), start=len(sections) + 1):
         learned = next((s for s in sorted(head_map.cost) if s in learned_labels), None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvpolicy.evaluation.result import SCORES
-from kvpolicy.report.aggregate import Group, HeadMap, Panel, Point, Throughput
+from kvpolicy.report.aggregate import Group, HeadMap, LearningCurve, Panel, Point, Throughput
 
 
 @dataclass
@@ -109,3 +109,11 @@ def throughput_table(rows: list[Throughput]) -> Table:
         rows=[[t.family, str(t.context_tokens or "–"), t.protocol, t.scorer, str(t.samples), str(t.results),
                f"{t.seconds_per_sample:.1f}", f"{t.samples_per_minute:.1f}"] for t in rows],
     )
+
+
+def learning_curve_table(curve: LearningCurve) -> Table:
+    """The points of a learning curve (cost ± standard error), then the baselines' costs on the same samples."""
+    rows = [[axis, str(p.x), f"{p.cost:.3f}" + (f" ± {p.stderr:.3f}" if p.stderr is not None else ""), str(p.n)]
+            for axis, points in (("prompts", curve.by_prompts), ("steps", curve.by_steps)) for p in points]
+    rows += [["baseline", label, f"{cost:.3f}", ""] for label, cost in curve.references.items()]
+    return Table(title=f"learning curve — {curve.caption()}", header=["axis", "value", "cost", "n"], rows=rows)

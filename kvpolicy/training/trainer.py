@@ -139,7 +139,8 @@ class Trainer:
                                "there are; record more or ask for fewer")
             self.train_ids = self.train_ids[: cfg.prompts]
         self.model = m.to_dict()
-        self.traces = {"train": source_description(train), "val": source_description(self.val_source)}
+        self.traces = {"train": {**source_description(train), "prompts_used": len(self.train_ids)},
+                       "val": source_description(self.val_source)}
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         self.data = TraceBatches(train, cfg.tokens, cfg.sinks, cfg.recent, dtype)
         self.val_data = TraceBatches(self.val_source, 0, cfg.sinks, cfg.recent)

@@ -13,7 +13,7 @@ import pytest
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, throughput, training_notes
+from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, learning_curves, throughput, training_notes
 from kvpolicy.report.render import write_report
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
@@ -213,3 +213,27 @@ def test_malformed_results_are_one_line_naming_file_line_and_field(results, tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"kvp report: error: {results.path}:5: {problem}; ") and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_learning_curve_from_policies_trained_on_more_prompts_and_steps(tmp_path):
+    """Policies trained on 8/16/32 prompts (600 steps) and at 150 steps (32 prompts), evaluated on held-out
+    traces: one curve per data set, costs averaged over samples, the baselines as references."""
+    store = ResultStore(tmp_path / "curve.jsonl")
+    runs = {(8, 600): 1.6, (16, 600): 1.4, (32, 600): 1.3, (32, 150): 1.5}
+    for s in range(3):
+        for (prompts, steps), cost in runs.items():
+            identity = {"name": "kvp", "trained_on": {"source": "mix", "context_tokens": 2048, "prompts": prompts,
+                                                      "steps": steps}}
+            fields = _base(f"kvp:p{prompts}s{steps}", f"KVP (p{prompts}s{steps})", "learned", "all", 0, "traces",
+                           "held-out traces", "cost", "traces", "held-out mix traces: its essays prompts", f"t-{s}")
+            store.append(result(fields | {"scorer_identity": identity, "scorer_id": f"id-{prompts}-{steps}",
+                                          "value": cost + 0.01 * s, "per_head": [[cost]]}))
+        fields = _base("knorm", "KNorm", "heuristic", "all", 0, "traces", "held-out traces", "cost", "traces",
+                       "held-out mix traces: its essays prompts", f"t-{s}")
+        store.append(result(fields | {"value": 2.0, "per_head": [[2.0]]}))
+    [curve] = learning_curves(store.records())
+    assert [(p.x, round(p.cost, 3), p.n) for p in curve.by_prompts] == [(8, 1.61, 3), (16, 1.41, 3), (32, 1.31, 3)]
+    assert [(p.x, round(p.cost, 3)) for p in curve.by_steps] == [(150, 1.51), (600, 1.31)]
+    assert curve.references == {"KNorm": 2.0} and "its essays prompts" in curve.caption()
+    paths = write_report(tmp_path / "curve.jsonl", tmp_path / "report")
+    assert "Learning curve" in paths.markdown.read_text()

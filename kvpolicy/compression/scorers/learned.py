@@ -69,7 +69,9 @@ class KVPScorer(Scorer):
             "sha256": self._loaded.sha256,
             "model": model["name"],
             "fingerprint": model["fingerprint"],
-            "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens")},
+            "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens"),
+                           "prompts": train.get("prompts_used"),
+                           "steps": self._loaded.config.get("training", {}).get("steps")},
         }
 
 
