@@ -3,7 +3,8 @@
 
 1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
 2. train    train the 90 per-head KVP agents on them with RL
-3. evaluate KVP against Random, StreamingLLM, KNorm, KeyDiff, TOVA and SnapKV at a few budgets: RULER-style
+3. evaluate KVP (and, beside it, the policy bundled for the model, trained once on the general mix) against
+            Random, StreamingLLM, KNorm, KeyDiff, TOVA and SnapKV at a few budgets: RULER-style
             accuracy (the "eval" split, never seen in training) at the trained context and at twice it, dialogue
             perplexity (ShareGPT, a corpus the agents were not trained on: the cross-corpus check) and the
             reward-level ranking cost on the held-out traces
@@ -155,8 +156,10 @@ def train_demo_policy(cfg: DemoConfig, paths: DemoPaths) -> None:
 
 def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
+    from kvpolicy.policy.bundled import bundled_policies
 
-    scorers = [f"kvp:{paths.checkpoint}", *cfg.baselines]
+    bundled = [f"kvp:{cfg.model}"] if cfg.model in bundled_policies() else []  # the policy users get by default
+    scorers = [f"kvp:{paths.checkpoint}", *bundled, *cfg.baselines]
     by_cap: dict[int, list[str]] = {}
     for task, cap in cfg.eval_tasks:
         by_cap.setdefault(cap, []).append(task)
@@ -202,7 +205,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     _done(start, "policy ready")
 
     longer = f" and {cfg.long_context_tokens}" if cfg.long_context_tokens else ""
-    start = _stage(3, f"evaluate KVP vs {', '.join(cfg.baselines)} at budgets {', '.join(cfg.budgets)} "
+    start = _stage(3, f"evaluate KVP (and the bundled policy, if any) vs {', '.join(cfg.baselines)} at budgets "
+                      f"{', '.join(cfg.budgets)} "
                       f"(RULER-style tasks at {cfg.context_tokens}{longer} tokens, dialogue, held-out traces)")
     written = evaluate_demo(cfg, paths)
     _done(start, f"{written} new results in {paths.results}")

@@ -67,8 +67,12 @@ FULL_CACHE = Contender(FULL, LABELS[FULL], "reference", {"name": FULL}, None)
 FULL_BUDGET = Budget(tokens=1 << 30)  # the reference's "budget": above any cache length, so nothing is cut
 
 
+BUNDLED_LABEL = "KVP (bundled)"  # the policy shipped with kvpolicy, beside other learned ones
+
+
 def make_contenders(specs: list[str]) -> list[Contender]:
-    """Contenders from registry names and `kvp:PATH` specs; several checkpoints are told apart by path."""
+    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs; several learned policies are told apart
+    by path, a bundled one is BUNDLED_LABEL."""
     learned = [s for s in specs if s.startswith(LEARNED_PREFIX)]
     contenders = []
     for spec in dict.fromkeys(specs):  # drop repeats, keep order
@@ -78,7 +82,8 @@ def make_contenders(specs: list[str]) -> list[Contender]:
         scorer = make_scorer(spec)
         if spec.startswith(LEARNED_PREFIX):
             path = Path(spec[len(LEARNED_PREFIX) :])
-            label = "KVP" if len(learned) == 1 else f"KVP ({path.name or path})"
+            label = ("KVP" if len(learned) == 1 else BUNDLED_LABEL if scorer.identity().get("bundled")
+                     else f"KVP ({path.name or path})")
             contenders.append(Contender(spec, label, "learned", scorer.identity(), scorer))
         else:
             contenders.append(Contender(spec, LABELS.get(spec, spec), "heuristic", scorer.identity(), scorer))

@@ -18,6 +18,7 @@ from kvpolicy.report.aggregate import METRICS, Group, HeadMap, LearningCurve  # 
 # fixed colours so a scorer looks the same in every figure; the learned policy stands out in black
 COLORS = {
     "KVP": "#000000",
+    "KVP (bundled)": "#08519c",
     "Oracle": "#7f7f7f",
     "Random": "#bcbd22",
     "StreamingLLM": "#1f77b4",
@@ -34,6 +35,8 @@ EXTRA = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e65
 
 def color_of(label: str) -> str:
     """Colour of a scorer label: its base name's fixed colour (a learned 'KVP (...)' variant is black)."""
+    if label in COLORS:
+        return COLORS[label]
     base = label.split(" ")[0]
     if base in COLORS:
         return COLORS[base]
