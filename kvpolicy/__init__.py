@@ -4,7 +4,7 @@ Pipeline: models → data → traces → training → compression → evaluation
 
     import kvpolicy as kvp
     model = kvp.load_model("smollm2-135m")                  # CUDA + bf16 where available, else CPU + fp32
-    policy = kvp.load_policy("kvp-demo/kvp-policy", model)  # a `kvp train` checkpoint
+    policy = kvp.load_policy(model=model)                   # bundled for it, or load_policy("CKPT") (kvp train)
     result = kvp.generate(model, context, question, policy, kvp.Budget(tokens=128))
     press = kvp.KVPolicyPress(compression_ratio=0.5, scorer=policy)  # the same policy inside kvpress
 
