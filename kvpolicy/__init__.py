@@ -11,7 +11,7 @@ Pipeline: models → data → traces → training → compression → evaluation
 The names are imported on first use, so `import kvpolicy` (and `kvp --help`) stays light.
 """
 
-import importlib
+from kvpolicy.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,8 +28,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'kvpolicy' has no attribute '{name}'")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

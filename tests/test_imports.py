@@ -9,7 +9,7 @@ from pathlib import Path
 import kvpolicy
 
 PACKAGE = Path(kvpolicy.__file__).parent
-BASE = {"errors", "io", "schema", "progress", "distributed", "signals"}  # plain mechanics every stage may use
+BASE = {"errors", "io", "schema", "progress", "distributed", "signals", "lazy"}  # plain mechanics every stage may use
 BELOW = {
     "models": set(),
     "data": {"models"},

@@ -1,11 +1,12 @@
-"""Models: the registry of supported models, the loader that turns them into a `ModelHandle`, and the mechanics
-every later stage runs on a model: attention.py (recording attention inputs, recomputing queries, causal window
-attention) and decoding.py (the one greedy decoding loop).
+"""Models: the registry of supported models, the loader that turns them into a `ModelHandle` (placement.py: on
+which device and in which dtype; fingerprint.py: which model it is), and the mechanics every later stage runs on a
+model: attention.py (recording attention inputs, recomputing queries, causal window attention), decoding.py (the
+one decoding loop, greedy or sampled) and streaming.py (an answer's text as it is produced).
 
 The names below are imported on first use, so that reading the registry (as `kvp --help` does) never imports torch.
 """
 
-import importlib
+from kvpolicy.lazy import lazy_exports
 
 _HOMES = {
     "ModelHandle": "kvpolicy.models.handle",
@@ -18,8 +19,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'kvpolicy.models' has no attribute '{name}'")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
