@@ -71,18 +71,21 @@ BUNDLED_LABEL = "KVP (bundled)"  # the policy shipped with kvpolicy, beside othe
 
 
 def make_contenders(specs: list[str]) -> list[Contender]:
-    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs; several learned policies are told apart
-    by path, a bundled one is BUNDLED_LABEL."""
-    learned = [s for s in specs if s.startswith(LEARNED_PREFIX)]
+    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs: a bundled policy is BUNDLED_LABEL, one
+    trained policy "KVP", several trained ones are told apart by path."""
+    specs = list(dict.fromkeys(specs))  # drop repeats, keep order
+    scorers = {spec: make_scorer(spec) for spec in specs if spec != ORACLE}
+    bundled = {s for s, scorer in scorers.items() if s.startswith(LEARNED_PREFIX) and scorer.identity().get("bundled")}
+    trained = [s for s in specs if s.startswith(LEARNED_PREFIX) and s not in bundled]
     contenders = []
-    for spec in dict.fromkeys(specs):  # drop repeats, keep order
+    for spec in specs:
         if spec == ORACLE:
             contenders.append(Contender(spec, LABELS[ORACLE], "oracle", {"name": ORACLE}, None))
             continue
-        scorer = make_scorer(spec)
+        scorer = scorers[spec]
         if spec.startswith(LEARNED_PREFIX):
             path = Path(spec[len(LEARNED_PREFIX) :])
-            label = ("KVP" if len(learned) == 1 else BUNDLED_LABEL if scorer.identity().get("bundled")
+            label = (BUNDLED_LABEL if spec in bundled else "KVP" if len(trained) == 1
                      else f"KVP ({path.name or path})")
             contenders.append(Contender(spec, label, "learned", scorer.identity(), scorer))
         else:

@@ -102,8 +102,8 @@ def test_an_unusable_cache_directory_is_one_line_naming_it(tmp_path, monkeypatch
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "file"))
     with pytest.raises(KVPError, match=r"the model cache \(\$KVP_CACHE_DIR\): .*file: a part of the path is not"):
-        loader.load_model.__wrapped__("smollm2-135m")  # past the per-process cache of loaded models
-    loader.load_model.cache_clear()
+        loader._load.__wrapped__("smollm2-135m", "cpu", "float32")  # past the per-process cache of loaded models
+    loader._load.cache_clear()
     assert main(["models", "--load", "smollm2-135m"]) == 1
     err = capsys.readouterr().err.strip()
     assert "KVP_CACHE_DIR" in err and str(tmp_path / "file") in err and len(err.splitlines()) == 1
