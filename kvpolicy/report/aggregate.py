@@ -19,6 +19,9 @@ import numpy as np
 
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
+from kvpolicy.traces.sources import MIX_CYCLE
+
+MIXED = {source for source, _ in MIX_CYCLE}  # the corpora a policy trained on `--source mix` traces has seen
 
 METRICS = {
     "accuracy": "accuracy (%)",
@@ -100,8 +103,12 @@ def training_notes(results: Iterable[Result]) -> list[str]:
         if trained is None or not trained.source or r.scorer_label in notes:
             continue
         at = f" at {trained.context_tokens} tokens" if trained.context_tokens else ""
-        relation = ("same corpus, held-out prompts" if trained.source == r.corpus
-                    else "a cross-corpus check: evaluated on data it was not trained on")
+        if trained.source == r.corpus:
+            relation = "same corpus, held-out prompts"
+        elif trained.source == "mix" and r.corpus in MIXED:
+            relation = f"its training mix includes {r.corpus} prompts: held-out prompts"
+        else:
+            relation = "a cross-corpus check: evaluated on data it was not trained on"
         if trained.context_tokens and r.context_tokens and r.context_tokens > trained.context_tokens:
             relation += ", at a longer context than trained"
         notes[r.scorer_label] = f"{r.scorer_label} trained on {trained.source} traces{at}: {relation}"

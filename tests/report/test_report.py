@@ -122,6 +122,11 @@ def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(resu
     heuristic = result(_base("tova", "TOVA", "heuristic", "64", 64, "vt", "RULER-style", "accuracy", "query-aware",
                              RULER_DATA, "s"))
     assert training_notes([heuristic]) == []
+    mixed = result(_base("kvp:smollm2-135m", "KVP (bundled)", "learned", "64", 64, "vt", "RULER-style", "accuracy",
+                         "query-aware", RULER_DATA, "s")
+                   | {"scorer_identity": {"name": "kvp", "trained_on": {"source": "mix", "context_tokens": 2048}}})
+    assert training_notes([mixed]) == [
+        "KVP (bundled) trained on mix traces at 2048 tokens: its training mix includes ruler prompts: held-out prompts"]
 
 
 def test_throughput_charges_the_prefill_once_per_sample(results):
