@@ -1,4 +1,4 @@
-"""`kvp demo`: the whole story on SmolLM2 in one command, about 8 minutes on an idle 2-core CPU (measured by running
+"""`kvp demo`: the whole story on SmolLM2 in one command, about 10 minutes on a 2-core CPU (measured by running
 `kvp demo`; the stages' times are in DemoConfig).
 
 1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
@@ -29,9 +29,9 @@ from kvpolicy.models.registry import DEFAULT_MODEL
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage. `kvp demo` with these took, on an idle 2-core CPU with the model already converted:
-    traces (28 prompts) 107 s, training 22 s, evaluation 363 s, 8 min 19 s in all, within the 15-minute goal
-    with room for a slower machine. long_context_tokens: the RULER-style tasks again at this longer context
+    """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.4-2.0) with the model already
+    converted and the bundled policy evaluated too: traces (28 prompts) 142 s, training 19 s, evaluation 474 s,
+    10 min 38 s in all (8 min 19 s idle, without the bundled policy). long_context_tokens: the RULER-style tasks again at this longer context
     than the traces' (0: skip), with long_samples samples per task. eval_tasks: (RULER task, answer-token cap)
     pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with room for its four values.
     `QUICK` is a smoke version of the same pipeline at tiny sizes."""
