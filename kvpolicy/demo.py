@@ -31,9 +31,10 @@ from kvpolicy.models.registry import DEFAULT_MODEL
 class DemoConfig:
     """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.4-2.0) with the model already
     converted and the bundled policy evaluated too: traces (28 prompts) 142 s, training 19 s, evaluation 474 s,
-    10 min 38 s in all (8 min 19 s idle, without the bundled policy). long_context_tokens: the RULER-style tasks again at this longer context
-    than the traces' (0: skip), with long_samples samples per task. eval_tasks: (RULER task, answer-token cap)
-    pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with room for its four values.
+    10 min 38 s in all (8 min 19 s idle, without the bundled policy). long_context_tokens: the RULER-style tasks
+    again at this longer context than the traces' (0: skip), with long_samples samples per task. eval_tasks:
+    (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with
+    room for its four values.
     `QUICK` is a smoke version of the same pipeline at tiny sizes."""
 
     out: str = "kvp-demo"
