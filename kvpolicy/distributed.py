@@ -8,12 +8,16 @@ A plain `python`/`kvp` run is a world of one, where every collective is the iden
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 _REDUCE_OPS = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+
+LEAVE_TIMEOUT_S = 60  # how long a leaving rank waits for the others at the final barrier
 
 
 @dataclass
@@ -64,6 +68,13 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
-    """Leave the process group (every rank, after its last collective)."""
+    """Leave the process group (every rank, after its last collective). Under gloo a bounded barrier first, so that
+    no rank tears down the connections while another still finishes the last collective on them (seen once as a
+    SIGABRT, "terminate called without an active exception", in a rank that left early)."""
     if ctx.distributed and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            try:  # bounded: a rank that failed outside a collective never arrives, and the others still leave
+                dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_TIMEOUT_S))
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
