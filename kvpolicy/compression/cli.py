@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.engine import BoundedDecoding, generate
-    from kvpolicy.compression.names import LEARNED_PREFIX
+    from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     stops = check_stop_strings(args.stop)
     # plain "kvp": the policy bundled for the model being run
-    scorer = make_scorer(f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED_PREFIX[:-1] else args.scorer)
+    scorer = make_scorer(f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED else args.scorer)
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     prompt = _read_prompt(args)
@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError("the prompt is empty: give the context (an argument, - for stdin, or --prompt-file PATH) "
                        "and/or a --question")
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    scorer.check_model(handle.info)
     stream = None if args.json else TextStream(handle.decode, stops)
     on_token = None if stream is None else (lambda token: _write(stream.push(token)))
     result = generate(handle, prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,

@@ -3,4 +3,5 @@ the scorers. `SCORER_NAMES` lists `scorers.SCORERS`'s keys in order (a test keep
 
 SCORER_NAMES = ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "h2o", "expected_attention",
                 "oracle")
-LEARNED_PREFIX = "kvp:"  # `kvp:CHECKPOINT` names a learned policy
+LEARNED = "kvp"  # the bare name: `kvp generate --scorer kvp` means the policy bundled for --model
+LEARNED_PREFIX = f"{LEARNED}:"  # `kvp:CHECKPOINT` or `kvp:MODEL` names a learned policy

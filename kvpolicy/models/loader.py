@@ -150,7 +150,8 @@ def _model_info(spec: ModelSpec, model, fingerprint: str) -> ModelInfo:
 
 
 def _hf_directory(source: str) -> Path:
-    """The local directory holding a Hugging Face model's files (its hub-cache snapshot for a hub id)."""
+    """The local directory holding a model's files: `source` itself when it is one (a Hugging Face directory or
+    kvpolicy's converted cache), else the hub-cache snapshot of a hub id."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
@@ -185,11 +186,7 @@ def _load(name: str, device: str, dtype: str) -> ModelHandle:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     model.requires_grad_(False)
-    if spec.kind == "hf":
-        memo = cache_root().parent / "fingerprints.json"
-        fingerprint = files_fingerprint(_hf_directory(source), model.config.to_dict(), memo)
-    else:
-        fingerprint = json.loads((Path(source) / MARKER).read_text())["fingerprint"]
+    fingerprint, _ = _directory_fingerprint(_hf_directory(str(source)), model.config.to_dict())
     info = _model_info(spec, model, fingerprint)
     setattr(model, INFO_ATTRIBUTE, info)  # so that `identify` knows a model loaded here without hashing anything
     return ModelHandle(info=info, model=model, tokenizer=tokenizer)
@@ -206,18 +203,25 @@ def identify(model) -> ModelInfo:
         return known
     source = str(getattr(model.config, "_name_or_path", "") or "")
     spec = ModelSpec(name=source or type(model).__name__, kind="hf", family="", description="in memory")
-    if source and (Path(source) / MARKER).is_file():
-        marker = json.loads((Path(source) / MARKER).read_text())
-        spec, fingerprint = MODELS.get(marker["name"], spec), marker["fingerprint"]
-    else:
-        try:
-            directory = _hf_directory(source) if source else None
-        except (OSError, ValueError):  # neither a directory nor in the hub cache: fingerprint the weights
-            directory = None
-        memo = cache_root().parent / "fingerprints.json"
-        fingerprint = (files_fingerprint(directory, model.config.to_dict(), memo) if directory is not None
-                       else weights_fingerprint(model))
-    return _model_info(spec, model, fingerprint)
+    try:
+        directory = _hf_directory(source) if source else None
+    except (OSError, ValueError):  # neither a directory nor in the hub cache: fingerprint the weights
+        directory = None
+    if directory is None:
+        return _model_info(spec, model, weights_fingerprint(model))
+    fingerprint, registered = _directory_fingerprint(directory, model.config.to_dict())
+    return _model_info(MODELS.get(registered, spec), model, fingerprint)
+
+
+def _directory_fingerprint(directory: Path, config: dict) -> tuple[str, str | None]:
+    """(fingerprint, registered model name or None) of a model directory: kvpolicy's converted cache of a registered
+    model carries both in its marker (the fingerprint is over the dequantized weights); any other directory is
+    fingerprinted from its config and weight files, each file's hash remembered beside the model cache."""
+    marker = directory / MARKER
+    if marker.is_file():
+        written = json.loads(marker.read_text())
+        return written["fingerprint"], written["name"]
+    return files_fingerprint(directory, config, cache_root().parent / "fingerprints.json"), None
 
 
 def _converted(spec: ModelSpec) -> Path:

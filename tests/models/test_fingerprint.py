@@ -57,3 +57,11 @@ def test_identify_a_model_however_it_was_loaded(tmp_path, monkeypatch):
 @pytest.mark.model
 def test_a_loaded_model_carries_its_identity(smollm):
     assert identify(smollm.model) is smollm.info
+
+
+@pytest.mark.model
+def test_a_model_read_from_the_converted_cache_is_the_registered_one(smollm):
+    from kvpolicy.models.loader import cache_root
+
+    direct = LlamaForCausalLM.from_pretrained(cache_root() / "smollm2-135m")  # as a kvpress user might load it
+    assert identify(direct) == smollm.info

@@ -15,7 +15,7 @@ from kvpolicy.compression.scorers.kvpress_backed import (
 )
 from kvpolicy.compression.scorers.oracle import OracleScorer
 from kvpolicy.compression.scorers.streaming_llm import StreamingLLMScorer
-from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES  # noqa: F401 (re-exported)
+from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX, SCORER_NAMES  # noqa: F401 (re-exported)
 from kvpolicy.errors import KVPError
 
 SCORERS: dict[str, type[Scorer]] = {
@@ -44,7 +44,7 @@ def make_scorer(spec: str, **kw) -> Scorer:
         from kvpolicy.compression.scorers.learned import KVPScorer
 
         return KVPScorer(spec[len(LEARNED_PREFIX) :], **kw)
-    if spec == LEARNED_PREFIX[:-1]:
+    if spec == LEARNED:
         raise KVPError(f"'{spec}' names a learned policy: use {LEARNED_PREFIX}MODEL for the policy bundled for a "
                        f"model (e.g. {LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
     if spec not in SCORERS:
