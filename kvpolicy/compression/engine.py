@@ -25,6 +25,7 @@ from kvpolicy.compression.state import KVState, cache_from_tensors
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.handle import refuse_sliding_window
+from kvpolicy.models.placement import synchronize
 from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
 from kvpolicy.models.decoding import GREEDY, Decoded, Sampling, check_stop_strings, cut_at_stop, decode_tokens
 
@@ -311,8 +312,7 @@ class GenerationResult:
 
 def _seconds_since(handle: ModelHandle, start: float) -> float:
     """Wall time since `start`, once the model's device has finished its queued work (CUDA runs asynchronously)."""
-    if handle.model.device.type == "cuda":
-        torch.cuda.synchronize(handle.model.device)
+    synchronize(handle.model.device)
     return time.perf_counter() - start
 
 

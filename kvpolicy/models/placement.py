@@ -55,6 +55,15 @@ def resolve_dtype(dtype: Any, device) -> Any:
     return resolved
 
 
+def synchronize(device) -> None:
+    """Wait until `device` has finished its queued work, so that a clock read next counts it (CUDA runs
+    asynchronously; a CPU needs no wait)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, as every command that loads a model takes them."""
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")

@@ -20,6 +20,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import record_attention_inputs
 from kvpolicy.models.decoding import decode_tokens
 from kvpolicy.models.handle import ModelHandle
+from kvpolicy.models.placement import synchronize
 from kvpolicy.traces.baselines import baseline_scores, rows_needed
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.utility import future_utility
@@ -43,17 +44,17 @@ class Trace:
 
 
 class _Stopwatch:
-    """Accumulates the time spent inside `with stopwatch:` blocks."""
+    """Accumulates the time spent inside `with stopwatch:` blocks, the device's queued work included."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.seconds = 0.0
 
     def __enter__(self):
         self._start = time.perf_counter()
 
     def __exit__(self, *exc):
-        if torch.cuda.is_available():  # GPU work is asynchronous: count it where it runs
-            torch.cuda.synchronize()
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
 
 
@@ -98,7 +99,7 @@ def record_trace(
     attn = [layer.self_attn for layer in handle.layers]
     device = model.device
     prompt_ids = prompt_ids.to(device)
-    stopwatch = _Stopwatch()
+    stopwatch = _Stopwatch(device)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         with stopwatch, record_attention_inputs(handle.layers, max(1, rows_needed(baselines, n_prompt))) as recorded:

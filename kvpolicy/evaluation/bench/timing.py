@@ -12,17 +12,12 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.data.essays import haystack_text
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.placement import synchronize
 from kvpolicy.policy.protocol import RECENT, SINKS
 
 T = TypeVar("T")
 CHARS_PER_TOKEN = 6  # generous: English essays run at about 4.5 characters per token
 CUT_SCORER = "knorm"  # cuts the cache where which entries are kept changes neither its bytes nor its speed
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished its queued work (CUDA runs asynchronously; the CPU needs no wait)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1) -> tuple[T, float]:
