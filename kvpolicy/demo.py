@@ -193,7 +193,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     begin = time.perf_counter()
     handle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     print(f"kvp demo: {handle.info.name} ({handle.info.n_agents} agents = {handle.info.n_layers} layers x "
-          f"{handle.info.n_kv_heads} KV heads) on {handle.model.device} in {str(handle.model.dtype)[6:]}, context "
+          f"{handle.info.n_kv_heads} KV heads) on {handle.model.device} in {handle.dtype_name}, context "
           f"{cfg.context_tokens} tokens, output in {paths.root}")
 
     start = _stage(1, f"traces: {cfg.train_traces} train + {cfg.test_traces} held-out test RULER-style prompts, "

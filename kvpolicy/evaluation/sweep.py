@@ -127,8 +127,8 @@ class Sweep:
 
     def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:
         """The key fields (result.KEY_FIELDS) of one result of `unit`."""
-        return {"model_fingerprint": handle.info.fingerprint, "model_dtype": _dtype(handle), "scorer_id": contender.id,
-                "budget": budget,
+        return {"model_fingerprint": handle.info.fingerprint, "model_dtype": handle.dtype_name,
+                "scorer_id": contender.id, "budget": budget,
                 "task": unit.task.name, "context_tokens": unit.context_tokens, "protocol": unit.protocol,
                 "seed": self.config.seed, "sample": sample}
 
@@ -282,14 +282,10 @@ class Sweep:
         return SweepRun(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
 
 
-def _dtype(handle: ModelHandle) -> str:
-    return str(handle.model.dtype).removeprefix("torch.")
-
-
 def _model_label(handle: ModelHandle) -> str:
     """The model as results and the report name it: its name, and its dtype when not float32 (so that the report
     never pools results of one model run in two dtypes)."""
-    dtype = _dtype(handle)
+    dtype = handle.dtype_name
     return handle.info.name if dtype == KEY_DEFAULTS["model_dtype"] else f"{handle.info.name} ({dtype})"
 
 

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         handle = load_model(args.load, device=args.device, dtype=args.dtype)
         info = handle.info
         print(f"loaded {info.name} in {time.perf_counter() - start:.1f}s on {handle.model.device}, "
-              f"{str(handle.model.dtype).removeprefix('torch.')}")
+              f"{handle.dtype_name}")
         for key, value in info.to_dict().items():
             print(f"  {key:14s} {value}")
         return 0

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import KVPError
+from kvpolicy.models.placement import dtype_name
 
 # what a trace manifest or a checkpoint records of the model (a checkpoint keeps the cache shape and identity
 # only), as a kvpolicy.schema
@@ -86,6 +87,11 @@ class ModelHandle:
     info: ModelInfo
     model: Any  # transformers PreTrainedModel
     tokenizer: Any
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the model runs in, by name ("float32", "bfloat16")."""
+        return dtype_name(self.model.dtype)
 
     @property
     def layers(self) -> list[torch.nn.Module]:

@@ -26,7 +26,7 @@ from kvpolicy.io import check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
 from kvpolicy.models.fingerprint import files_fingerprint, weights_fingerprint
 from kvpolicy.models.handle import ModelHandle, ModelInfo, refuse_sliding_window
-from kvpolicy.models.placement import resolve_device, resolve_dtype
+from kvpolicy.models.placement import dtype_name, resolve_device, resolve_dtype
 from kvpolicy.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, resolve_model
 
 MARKER = "kvpolicy-cache.json"
@@ -167,7 +167,7 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None) -> ModelHandl
     The result is cached per process: later calls with the same name, device and dtype return the same handle.
     """
     placed = resolve_device(device)
-    return _load(name, str(placed), str(resolve_dtype(dtype, placed)).removeprefix("torch."))
+    return _load(name, str(placed), dtype_name(resolve_dtype(dtype, placed)))
 
 
 @functools.lru_cache(maxsize=4)

@@ -17,6 +17,11 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
+def dtype_name(dtype: Any) -> str:
+    """A torch dtype (or its name) by its plain name: "bfloat16", "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_device(device: Any = None):
     """A torch.device: `device` ("cpu", "cuda", "cuda:1", a torch.device) or, when None, CUDA if available."""
     import torch
@@ -46,7 +51,7 @@ def resolve_dtype(dtype: Any, device) -> Any:
 
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name not in DTYPES:
         raise KVPError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)} (or bf16, fp16, fp32)")
     resolved = getattr(torch, DTYPES[name])

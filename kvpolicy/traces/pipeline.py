@@ -93,7 +93,7 @@ class TraceRunConfig:
             "future": {"mode": self.future.mode, "max_tokens": self.future.max_tokens,
                        "stop": "end-of-turn token, included"},
             "seeds": source_seeds(self.source, self.seed, self.tasks),
-            "model_dtype": str(handle.model.dtype).removeprefix("torch."),
+            "model_dtype": handle.dtype_name,
             "baselines": {"names": list(self.baselines), "dtype": "float32", "snapkv_window": SNAPKV_WINDOW,
                           "snapkv_kernel": SNAPKV_KERNEL,
                           "definition": "kvpress TOVAPress/SnapKVPress.score, batched over layers"},

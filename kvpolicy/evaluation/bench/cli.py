@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
     if policy is not None:
         make_scorer(f"{LEARNED_PREFIX}{policy}", model=handle.info)  # a policy for another model: refused now
-    dtype = str(handle.model.dtype).removeprefix("torch.")
+    dtype = handle.dtype_name
     machine = {"model": handle.info.name, "device": str(handle.model.device), "dtype": dtype,
                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": load_start}
     print(f"kvp bench: {handle.info.name} on {machine['device']} ({dtype}), torch {machine['torch_threads']} threads, "

@@ -72,7 +72,7 @@ def child_main() -> None:
 def in_fresh_process(handle: ModelHandle, context: int, budget: int | None) -> dict:
     """child_main's figures for one cut, run in a new interpreter with this process's model, placement and threads."""
     spec = {"model": handle.info.name, "device": str(handle.model.device),
-            "dtype": str(handle.model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "dtype": handle.dtype_name, "threads": torch.get_num_threads(),
             "context": context, "budget": budget}
     run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
     if run.returncode != 0:
