@@ -19,7 +19,8 @@ class PolicyConfig:
 
     hidden: width of every hidden layer (paper: 256). Default 32, the knee of widths 16 / 32 / 64: validation
         cost 1.207 / 1.204 / 1.200, 0.30M / 0.74M / 2.0M parameters, scoring every layer in 1.2% / 1.8% / 3.4%
-        of a 2K-token prefill (`kvp train ... --hidden N`, then the ranking benchmark: module docstring).
+        of a 2K-token prefill (`kvp train ... --hidden N`, then the ranking benchmark: module docstring), before the
+        folded norms of PolicyNet.forward took the default's score + evict to 1.76% (`kvp bench --sections a`).
     position_dim: width of the position embedding (paper: 32).
     max_position: rows of the learned absolute-position table ("absolute"/"both" encodings); larger positions
         are clamped to the last row.

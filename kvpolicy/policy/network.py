@@ -39,6 +39,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.policy.config import PolicyConfig
 
 N_RELATIVE_FEATURES = 3
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's, kept by the folded RMS norms
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # key dtypes the policy computes in directly
 
 
@@ -79,6 +80,48 @@ class PolicyNet(nn.Module):
     def _params(self, agents: slice) -> dict[str, torch.Tensor]:
         return {name: p[agents] for name, p in self.named_parameters()}
 
+    def folded(self, agents: slice, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The weights of agents `agents` rewritten so that the forward needs no layer-norm centring and no
+        key/value/position affine, cast to `dtype` (folded in float32). Exact algebra, per agent:
+        - LayerNorm(Wx + b) centres over the output features, and centring is linear: Wx + b − mean_out(Wx + b) =
+          W'x + b' with W' = W − mean_out(W), b' = b − mean(b); what remains is an RMS norm (same eps, same biased
+          variance);
+        - fc1 reads concat(γ·n + β) of the three branch norms n: fc1(...) = Σ n·(γ ⊙ rows of W1) + (b1 + Σ β·W1),
+          so γ and β move into fc1 (then centred for ln1 like the others).
+        ln1/ln2's affine sits before a SiLU and stays. Without autograd (inference) the result is cached until a
+        parameter changes (in-place updates bump its version), so ranking every layer folds each slice once.
+        """
+        key = (agents.start, agents.stop, dtype)
+        versions = tuple(p._version for p in self.parameters())
+        cached = self.__dict__.get("_folded_cache", {}).get(key)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == versions:
+            return cached[1]
+        p = {name: w.float() for name, w in self._params(agents).items()}
+        h = self.config.hidden
+
+        def centred(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return w - w.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+
+        f: dict[str, torch.Tensor] = {}
+        for name in ("key", "value", "fc2"):
+            f[f"{name}_w"], f[f"{name}_b"] = centred(p[f"{name}_w"], p[f"{name}_b"])
+        if "position_table" in p:
+            f["position_table"] = p["position_table"] - p["position_table"].mean(-1, keepdim=True)
+        if "position_w" in p:
+            f["position_w"], f["position_b"] = centred(p["position_w"], p["position_b"])
+        w1, b1 = p["fc1_w"], p["fc1_b"]
+        pieces = {"key_ln": w1[:, :h], "value_ln": w1[:, h : 2 * h], "position_ln": w1[:, 2 * h :]}
+        for name, rows in pieces.items():
+            b1 = b1 + torch.bmm(p[f"{name}_b"].unsqueeze(1), rows).squeeze(1)
+        w1 = torch.cat([p[f"{name}_w"].unsqueeze(-1) * rows for name, rows in pieces.items()], 1)
+        f["fc1_w"], f["fc1_b"] = centred(w1, b1)
+        for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "out_w", "out_b"):
+            f[name] = p[name]
+        f = {name: w.to(dtype) for name, w in f.items()}
+        if not torch.is_grad_enabled():
+            self.__dict__.setdefault("_folded_cache", {})[key] = (versions, f)
+        return f
+
     def position_features(self, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scale-free features (..., 3): p/L, log(1 + L−1−p), log(1 + p); positions (...), lengths broadcastable."""
         p = positions.float()
@@ -98,50 +141,53 @@ class PolicyNet(nn.Module):
         keys, values: (A', B, T, head_dim), post-RoPE, any float dtype; positions: (A', B, T) int64 true token
         positions (or (1, B, T), shared by all agents); lengths: tokens in each sequence so far (the position
         of the next token), broadcastable to positions, e.g. (1, B, 1). Matmuls run in the dtype of `keys` when it
-        is bfloat16 or float16 (cheaper), otherwise float32.
+        is bfloat16 or float16 (cheaper), otherwise float32. Computed with the folded weights (`folded`): the
+        paper's layer norms become RMS norms, 3.5x cheaper here; tests hold it to the plain per-agent network.
         """
-        p = self._params(agents)
         a, b, t, d = keys.shape
         if d != self.config.head_dim:
             raise KVPError(f"policy expects head_dim {self.config.head_dim}, got keys with last dim {d}")
         dtype = keys.dtype if keys.dtype in HALF_DTYPES else torch.float32
-        cast = {name: w.to(dtype) for name, w in p.items()}  # no copy once the policy is in that dtype
+        f = self.folded(agents, dtype)
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
-            return torch.baddbmm(cast[f"{name}_b"].unsqueeze(1), x, cast[f"{name}_w"])
+            return torch.baddbmm(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"])
 
-        def norm(x: torch.Tensor, name: str) -> torch.Tensor:
-            return torch.addcmul(
-                cast[f"{name}_b"].unsqueeze(1), F.layer_norm(x, x.shape[-1:]), cast[f"{name}_w"].unsqueeze(1)
-            )
+        def rms(x: torch.Tensor) -> torch.Tensor:  # F.rms_norm, in two kernels instead of its CPU decomposition's six
+            mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+            return x * torch.rsqrt(mean_square + LAYER_NORM_EPS)
+
+        def affine(x: torch.Tensor, name: str) -> torch.Tensor:
+            return torch.addcmul(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"].unsqueeze(1))
 
         h = self.config.hidden
-        k = norm(linear(keys.reshape(a, b * t, d).to(dtype), "key"), "key_ln")
-        v = norm(linear(values.reshape(a, b * t, d).to(dtype), "value"), "value_ln")
-        pos = self._position_embedding(p, positions.expand(a, b, t).reshape(a, b * t), lengths, (a, b, t), agents)
-        pos = norm(pos.to(dtype), "position_ln")
-        # fc1 over concat([k, v, pos]), as three accumulated matmuls: no concatenated copy
-        w1 = cast["fc1_w"]
-        x = torch.baddbmm(cast["fc1_b"].unsqueeze(1), k, w1[:, :h])
-        x = torch.baddbmm(torch.baddbmm(x, v, w1[:, h : 2 * h]), pos, w1[:, 2 * h :])
-        x = F.silu(norm(x, "ln1"))
-        x = F.silu(norm(linear(x, "fc2"), "ln2"))
+        k = rms(linear(keys.reshape(a, b * t, d).to(dtype), "key"))
+        v = rms(linear(values.reshape(a, b * t, d).to(dtype), "value"))
+        pos = rms(self._position_embedding(f, positions, lengths, (a, b, t)).to(dtype))
+        # fc1 over concat([k, v, pos]), as three matmuls accumulated in place: no concatenated copy, no extra
+        # output (autograd allows it: a matmul's backward does not read its output)
+        w1 = f["fc1_w"]
+        x = torch.baddbmm(f["fc1_b"].unsqueeze(1), k, w1[:, :h])
+        x = x.baddbmm_(v, w1[:, h : 2 * h]).baddbmm_(pos, w1[:, 2 * h :])
+        x = F.silu(affine(rms(x), "ln1"))
+        x = F.silu(affine(rms(linear(x, "fc2")), "ln2"))
         return linear(x, "out").squeeze(-1).float().reshape(a, b, t)
 
     def _position_embedding(
-        self, p: dict[str, torch.Tensor], positions: torch.Tensor, lengths: torch.Tensor, shape: tuple, agents: slice
+        self, f: dict[str, torch.Tensor], positions: torch.Tensor, lengths: torch.Tensor, shape: tuple
     ) -> torch.Tensor:
-        """(A', B*T, position_dim) from positions (A', B*T)."""
+        """(A', B*T, position_dim) from positions (A' or 1, B, T), with the folded weights `f`."""
         a, b, t = shape
         out = 0
-        if "position_table" in p:
-            table = p["position_table"]  # (A', P, pe)
+        if "position_table" in f:
+            table = f["position_table"]  # (A', P, pe)
             offsets = torch.arange(a, device=positions.device)[:, None] * table.shape[1]
-            idx = positions.clamp(0, self.config.max_position - 1) + offsets
+            idx = positions.expand(a, b, t).reshape(a, b * t).clamp(0, self.config.max_position - 1) + offsets
             out = F.embedding(idx, table.reshape(-1, table.shape[-1]))
-        if "position_w" in p:
-            feats = self.position_features(positions.reshape(a, b, t), lengths).reshape(a, b * t, N_RELATIVE_FEATURES)
-            out = out + torch.baddbmm(p["position_b"].unsqueeze(1), feats.to(p["position_w"].dtype), p["position_w"])
+        if "position_w" in f:
+            feats = self.position_features(positions, lengths).reshape(-1, b * t, N_RELATIVE_FEATURES)
+            w = f["position_w"]
+            out = out + torch.matmul(feats.to(w.dtype), w) + f["position_b"].unsqueeze(1)  # broadcasts shared rows
         return out
 
     def score_layer(

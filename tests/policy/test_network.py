@@ -51,6 +51,10 @@ def test_batched_forward_equals_per_agent_reference(encoding):
     cfg = PolicyConfig(n_layers=3, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, max_position=40,
                        position_encoding=encoding)
     net = PolicyNet(cfg)
+    with torch.no_grad():  # non-trivial norms: their affine is folded into fc1, which must hold for any values
+        for name, p in net.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p))
     a, b, t = cfg.n_agents, 2, 30
     keys, values = torch.randn(a, b, t, 8), torch.randn(a, b, t, 8)
     positions = torch.stack([torch.randperm(60)[:t].sort().values for _ in range(a * b)]).reshape(a, b, t)
@@ -99,6 +103,20 @@ def test_agents_are_independent_and_all_parameters_get_gradients():
     after.sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_inference_folds_once_and_refolds_after_an_in_place_update():
+    torch.manual_seed(5)
+    net = PolicyNet(PolicyConfig(n_layers=2, n_kv_heads=2, head_dim=8, hidden=8, max_position=32))
+    keys, values = torch.randn(2, 1, 10, 8), torch.randn(2, 1, 10, 8)
+    pos, length = torch.arange(10).reshape(1, 1, 10), torch.full((1, 1, 1), 10)
+    with torch.no_grad():
+        first = net(keys, values, pos, length, slice(2, 4))
+        assert net.folded(slice(2, 4), torch.float32) is net.folded(slice(2, 4), torch.float32)
+        net.ln2_w.mul_(-1.0)  # what an optimizer step or an EMA copy does
+        second = net(keys, values, pos, length, slice(2, 4))
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, net(keys, values, pos, length, slice(2, 4)).detach())  # = folding afresh
 
 
 def test_positions_beyond_the_table_are_clamped_and_relative_features_stay_finite():
