@@ -155,7 +155,7 @@ def _distinct(draw: Callable[[], str], n: int) -> list[str]:
     return list(out)
 
 
-def _insert(units: list[str], items: list[str], depths: list[float]) -> list[str]:
+def insert_at_depths(units: list[str], items: list[str], depths: list[float]) -> list[str]:
     """Insert items (in order) into a list of text units at fractional depths (sorted)."""
     out = list(units)
     for offset, (item, depth) in enumerate(zip(items, depths)):
@@ -200,7 +200,7 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
             others = [k for k in others if k not in keys][:size]
             units = [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
                      for k in others]
-        haystack = " ".join(_insert(units, needles, depths))
+        haystack = " ".join(insert_at_depths(units, needles, depths))
         tv = spec.value_type
         context = (f"Some special magic {tv} are hidden within the following text. Make sure to memorize it. "
                    f"I will quiz you about the {tv} afterwards.\n{haystack}\n")
@@ -219,7 +219,7 @@ def _variable_tracking(spec: TaskSpec, rng: random.Random, context_tokens: int,
     depths = sorted(rng.random() for _ in chain)
 
     def build(size: int) -> Built:
-        haystack = " ".join(_insert([NOISE] * size, chain, depths))
+        haystack = " ".join(insert_at_depths([NOISE] * size, chain, depths))
         context = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
                    f"{haystack}\n")
         question = f"Question: Find all variables that are assigned the value {value} in the text above."
@@ -286,6 +286,39 @@ def render(handle, context: str, question: str, answer_prefix: str) -> tuple[tup
     return messages, prompt, prompt[: cut + len(context)]
 
 
+def fit_to_context(build: Callable[[int], Built], handle, context_tokens: int, what: str) -> tuple[Built, int]:
+    """(build(size), size) for the most filler units `size` whose chat-rendered prompt (answer prefix included) has
+    at most `context_tokens` tokens, by bisection (every filler unit is at least one token). `what` names the task in
+    the error raised when even an empty filler does not fit."""
+
+    def length(size: int) -> int:
+        context, question, prefix, _ = build(size)
+        return handle.encode(render(handle, context, question, prefix)[1]).shape[1]
+
+    if length(0) > context_tokens:
+        raise KVPError(f"{context_tokens} tokens are too few for {what}: its instructions and needles alone take "
+                       f"{length(0)}; use a larger context")
+    lo, hi = 0, context_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if length(mid) <= context_tokens else (lo, mid - 1)
+    return build(lo), lo
+
+
+def sample_from(built: Built, handle, *, id: str, task: str, source: str, split: str, seed: int, sample_id: int,
+                metric: str, max_new_tokens: int) -> RulerSample:
+    """The RulerSample of a built (context, question, answer prefix, answers), rendered through the chat template."""
+    context, question, prefix, answers = built
+    messages, prompt, prompt_context = render(handle, context, question, prefix)
+    return RulerSample(
+        id=id, task=task, context=context, question=question, answers=tuple(answers), answer_prefix=prefix,
+        source=source, split=split, seed=seed, sample_id=sample_id, metric=metric, max_new_tokens=max_new_tokens,
+        messages=messages, prompt=prompt, prompt_context=prompt_context,
+        prompt_question=prompt[len(prompt_context):], length=handle.encode(prompt).shape[1],
+        reference=" " + ", ".join(answers) + ".",
+    )
+
+
 def make_sample(task: str, handle, context_tokens: int, seed: int, sample_id: int, split: str = "train") -> RulerSample:
     """The RULER sample (task, split, seed, sample_id) rendered for `handle` (a ModelHandle: .chat, .encode) in
     at most `context_tokens` tokens (chat template and answer prefix included)."""
@@ -295,27 +328,10 @@ def make_sample(task: str, handle, context_tokens: int, seed: int, sample_id: in
         raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
     spec = RULER_TASKS[task]
     build = BUILDERS[spec.kind](spec, _rng(task, split, seed, sample_id), context_tokens)
-
-    def length(size: int) -> int:
-        context, question, prefix, _ = build(size)
-        return handle.encode(render(handle, context, question, prefix)[1]).shape[1]
-
-    if length(0) > context_tokens:
-        raise KVPError(f"{context_tokens} tokens are too few for RULER task {task}: its instructions and needles "
-                       f"alone take {length(0)}; use a larger context")
-    lo, hi = 0, context_tokens  # every filler unit is at least one token
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if length(mid) <= context_tokens else (lo, mid - 1)
-    context, question, prefix, answers = build(lo)
-    messages, prompt, prompt_context = render(handle, context, question, prefix)
-    return RulerSample(
-        id=f"ruler/{split}/{task}/s{seed}/{sample_id}", task=task, context=context, question=question,
-        answers=tuple(answers), answer_prefix=prefix, source=SOURCE, split=split, seed=seed, sample_id=sample_id,
-        metric=spec.metric, max_new_tokens=spec.max_new_tokens, messages=messages, prompt=prompt,
-        prompt_context=prompt_context, prompt_question=prompt[len(prompt_context):],
-        length=handle.encode(prompt).shape[1], reference=" " + ", ".join(answers) + ".",
-    )
+    built, _ = fit_to_context(build, handle, context_tokens, f"RULER task {task}")
+    return sample_from(built, handle, id=f"ruler/{split}/{task}/s{seed}/{sample_id}", task=task, source=SOURCE,
+                       split=split, seed=seed, sample_id=sample_id, metric=spec.metric,
+                       max_new_tokens=spec.max_new_tokens)
 
 
 def make_samples(handle, context_tokens: int, n: int, split: str, seed: int = 0,

@@ -3,6 +3,7 @@ imports the tasks. `ZERO_SHOT_TASKS` lists `tasks.zero_shot.zero_shot_tasks()`'s
 
 from __future__ import annotations
 
+from kvpolicy.data.needles import NEEDLE_TASKS
 from kvpolicy.data.ruler import RULER_TASKS
 
 BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
@@ -21,5 +22,6 @@ ZERO_SHOT_TASKS = ("boolq", "arc_challenge", "gov_report", "passage_retrieval_en
 
 
 def known_tasks() -> str:
-    return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, dialogue, oasst2, "
+    return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, needles, "
+            f"needle:TASK (TASK in {', '.join(NEEDLE_TASKS)}), dialogue, oasst2, "
             f"{', '.join(ZERO_SHOT_TASKS)}, traces:DIR")

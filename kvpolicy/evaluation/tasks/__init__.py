@@ -2,6 +2,7 @@
 
     ruler                  every RULER-style task over the essays (offline); ruler:TASK for one
     ruler-hub              RULER 4K from the hub (online); ruler-hub:TASK for one
+    needles                evaluation-only needle tasks (a phrasing and haystacks no trace uses); needle:TASK for one
     dialogue               ShareGPT dialogues, perplexity of the final assistant turn (offline stand-in for OASST2)
     oasst2                 OASST2 dialogues from the hub (online)
     boolq, arc_challenge, gov_report, passage_retrieval_en   zero-shot hub benchmarks (online)
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+from kvpolicy.data.needles import NEEDLE_TASKS
 from kvpolicy.data.ruler import RULER_TASKS
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import known_tasks
@@ -26,6 +28,7 @@ from kvpolicy.evaluation.tasks.base import (
     Task,
     TraceTask,
 )
+from kvpolicy.evaluation.tasks.needles import needle_task
 from kvpolicy.evaluation.tasks.dialogue import oasst2_task, sharegpt_task
 from kvpolicy.evaluation.tasks.ruler import HUB_TASKS, hub_task, offline_task
 from kvpolicy.evaluation.tasks.traces import trace_task
@@ -44,6 +47,10 @@ def resolve_tasks(names: list[str], hub_local: dict[str, str] | None = None) -> 
             found = [offline_task(t) for t in RULER_TASKS]
         elif head == "ruler" and arg in RULER_TASKS:
             found = [offline_task(arg)]
+        elif name == "needles":
+            found = [needle_task(t) for t in NEEDLE_TASKS]
+        elif head == "needle" and arg in NEEDLE_TASKS:
+            found = [needle_task(arg)]
         elif name == "ruler-hub":
             found = [hub_task(t, hub_local.get("ruler-4k")) for t in HUB_TASKS]
         elif head == "ruler-hub" and arg in HUB_TASKS:

@@ -1,0 +1,140 @@
+"""Needle tasks written for evaluation only: a needle phrasing and a haystack that no training trace uses.
+
+Every trace source (`kvp traces --source ruler | dialogue | essays | mix`) draws its needles from one phrasing ("One
+of the special magic numbers for KEY is: N.") in essays, noise or distractor needles. A policy that learned what
+those needles look like, rather than what the future attends to, would do well on them and fail here:
+
+- needle:chat: the haystack is the assistant replies of ShareGPT conversations of the dialogue "eval" split (the
+  dialogue traces use train/val/test only); the needle is a personal detail in conversational prose, "By the way,
+  NAME's locker combination is 17-42-08.", asked as "What is NAME's locker combination?".
+- needle:code: the haystack is Python source code (the `torch.nn` sources of the pinned torch, a genre no trace
+  source holds); the needle is a module constant, `DEPLOY_TOKEN_WORD = "amber-falcon-42"  # ...`, asked as "What
+  is the value of DEPLOY_TOKEN_WORD?".
+
+A sample is a pure function of (task, seed, sample_id) (for needle:code, of the torch version too), sized to the
+context like the RULER-style tasks and scored with RULER's string_match_all.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpolicy.data.dialogue import split_of
+from kvpolicy.data.records import QASample
+from kvpolicy.data.ruler import Built, fit_to_context, insert_at_depths, sample_from
+from kvpolicy.data.sharegpt import iter_conversations
+from kvpolicy.errors import KVPError
+
+SPLIT = "eval"  # of the dialogue corpus, for the chat haystack; no trace is recorded from it
+CHAT_CONVERSATIONS = 400  # eval-split conversations whose replies form the chat haystack
+FIRST_NAMES = ("Amara", "Bastian", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas",
+               "Kalani", "Leona", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosalind", "Soren", "Talia")
+LAST_NAMES = ("Abernathy", "Brennan", "Castellano", "Dunmore", "Eriksen", "Fairweather", "Galloway", "Haldane",
+              "Iwasaki", "Jovanovic", "Kowalczyk", "Lindqvist", "Marchetti", "Nakamura", "Okonkwo", "Pemberton")
+CODE_WORDS = ("amber", "basalt", "cobalt", "dune", "ember", "falcon", "glacier", "harbor", "indigo", "juniper",
+              "kestrel", "lantern", "meadow", "nimbus", "onyx", "pylon", "quartz", "raven", "sierra", "tundra")
+
+
+@dataclass(frozen=True)
+class NeedleTask:
+    """An evaluation-only needle task: its haystack's name (as outputs state it) and its builder."""
+
+    name: str
+    data: str
+    builder: Callable[[random.Random], Callable[[int], Built]]
+    max_new_tokens: int = 32
+
+
+def _rng(task: str, seed: int, sample_id: int) -> random.Random:
+    digest = hashlib.sha256(f"needle|{task}|{seed}|{sample_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@functools.lru_cache(maxsize=1)
+def chat_units() -> tuple[str, ...]:
+    """Lines of the assistant replies of the first CHAT_CONVERSATIONS eval-split ShareGPT conversations."""
+    units: list[str] = []
+    taken = 0
+    for conversation in iter_conversations():
+        if split_of(conversation.id) != SPLIT:
+            continue
+        units += [line.strip() for t in conversation.turns if t.role == "assistant"
+                  for line in t.text.splitlines() if line.strip()]
+        taken += 1
+        if taken == CHAT_CONVERSATIONS:
+            break
+    return tuple(units)
+
+
+@functools.lru_cache(maxsize=1)
+def code_units() -> tuple[str, ...]:
+    """Non-empty lines of the torch.nn Python sources, files in sorted order (found without importing torch)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise KVPError("needle:code reads the torch package's sources, and torch is not installed")
+    root = Path(spec.submodule_search_locations[0]) / "nn"
+    return tuple(line.rstrip() for path in sorted(root.rglob("*.py"))
+                 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _window(units: tuple[str, ...], start: int, size: int) -> list[str]:
+    """`size` consecutive units from `start`, wrapping around the pool."""
+    return [units[(start + i) % len(units)] for i in range(size)]
+
+
+def _chat(rng: random.Random) -> Callable[[int], Built]:
+    units = chat_units()
+    name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    combination = "-".join(f"{rng.randint(0, 99):02d}" for _ in range(3))
+    needle = f"By the way, {name}'s locker combination is {combination}."
+    start, depth = rng.randrange(len(units)), rng.random()
+
+    def build(size: int) -> Built:
+        notes = "\n".join(insert_at_depths(_window(units, start, size), [needle], [depth]))
+        context = f"Here are notes collected from several conversations with an assistant.\n\n{notes}\n\n"
+        return (context, f"What is {name}'s locker combination?", f"{name}'s locker combination is",
+                [combination])
+
+    return build
+
+
+def _code(rng: random.Random) -> Callable[[int], Built]:
+    units = code_units()
+    constant = f"DEPLOY_TOKEN_{rng.choice(CODE_WORDS).upper()}_{rng.choice(CODE_WORDS).upper()}"
+    token = f"{rng.choice(CODE_WORDS)}-{rng.choice(CODE_WORDS)}-{rng.randint(10, 99)}"
+    needle = f'{constant} = "{token}"  # used by the release job'
+    start, depth = rng.randrange(len(units)), rng.random()
+
+    def build(size: int) -> Built:
+        source = "\n".join(insert_at_depths(_window(units, start, size), [needle], [depth]))
+        context = f"Read this Python code.\n\n```python\n{source}\n```\n\n"
+        return context, f"What is the value of {constant} in the code above?", f'The value of {constant} is "', [token]
+
+    return build
+
+
+NEEDLE_TASKS: dict[str, NeedleTask] = {
+    t.name: t
+    for t in (
+        NeedleTask("chat", "ShareGPT assistant replies of the dialogue eval split (evaluation-only needle)", _chat),
+        NeedleTask("code", "torch.nn Python sources (evaluation-only needle)", _code),
+    )
+}
+
+
+def make_needle_sample(task: str, handle, context_tokens: int, seed: int, sample_id: int) -> QASample:
+    """The evaluation-only needle sample (task, seed, sample_id) rendered for `handle` in at most `context_tokens`
+    tokens (chat template and answer prefix included)."""
+    if task not in NEEDLE_TASKS:
+        raise KVPError(f"unknown evaluation-only needle task '{task}'; known: {', '.join(NEEDLE_TASKS)}")
+    spec = NEEDLE_TASKS[task]
+    built, _ = fit_to_context(spec.builder(_rng(task, seed, sample_id)), handle, context_tokens, f"needle:{task}")
+    return sample_from(built, handle, id=f"needle/{task}/s{seed}/{sample_id}", task=f"needle:{task}",
+                       source=spec.data, split=SPLIT, seed=seed, sample_id=sample_id, metric="all",
+                       max_new_tokens=spec.max_new_tokens)
