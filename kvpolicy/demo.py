@@ -49,9 +49,9 @@ class DemoConfig:
     train_compile: bool = True
     eval_tasks: tuple[tuple[str, int], ...] = (("ruler:niah_single_1", 16), ("ruler:niah_single_2", 16),
                                                ("ruler:niah_multivalue", 48))
-    eval_samples: int = 5
+    eval_samples: int = 4
     long_context_tokens: int = 2048
-    long_samples: int = 3
+    long_samples: int = 2
     dialogue_samples: int = 3
     budgets: tuple[str, ...] = ("64", "128", "256")
     baselines: tuple[str, ...] = BASELINE_SCORERS
