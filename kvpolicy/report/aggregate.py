@@ -2,21 +2,30 @@
 
 Records of one model, benchmark family, protocol, context length and data source form a `Group` (one figure);
 inside it, one `Panel` per task (plus an average panel for a score such as accuracy), one `Line` per scorer, one
-point per budget; a score's point carries the standard error of its mean over samples (lm-eval's stderr). A result
-holding several metrics (acc and acc_norm) is counted in the group of each. Cache size on the x axis is the mean
-number of KV entries kept per head at that budget (the same for every scorer at a token budget; ratio budgets give
-the mean over samples).
+point per budget; a score's point carries the standard error of its mean over samples (lm-eval's stderr), and every
+point of a task its 95% percentile bootstrap interval over samples (kvpolicy.evaluation.intervals). Each task's panel
+also compares every learned policy with every other method at each budget (`Comparison`): the paired difference on
+the samples both were evaluated on, with its bootstrap interval. A result holding several metrics (acc and acc_norm)
+is counted in the group of each. Cache size on the x axis is the mean number of KV entries kept per head at that
+budget (the same for every scorer at a token budget; ratio budgets give the mean over samples).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvpolicy.evaluation.intervals import (
+    Interval,
+    Transform,
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    paired_ratio_difference_ci,
+    pooled_ratio,
+)
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
 from kvpolicy.traces.sources import MIX_CYCLE
@@ -41,6 +50,7 @@ class Point:
     y: float
     n: int
     stderr: float | None = None  # standard error of y, a mean over samples (scores only, n >= 2)
+    ci: Interval | None = None  # 95% bootstrap interval of y over samples, in y's units (n >= 2; not of averages)
 
 
 @dataclass
@@ -50,11 +60,29 @@ class Line:
 
 
 @dataclass
+class Comparison:
+    """A learned policy against another method at one budget of a task, on the samples both were evaluated on
+    (paired by seed and sample): the difference learned − other of the metric, in its units (% points, perplexity,
+    cost), with its 95% paired bootstrap interval; and whether the two methods' own intervals (their points' `ci`,
+    over all their samples) overlap."""
+
+    budget: str
+    x: float  # mean KV entries kept per head at the budget
+    learned: str  # scorer labels
+    other: str
+    difference: float
+    ci: Interval
+    n: int  # paired samples, >= 2
+    overlap: bool
+
+
+@dataclass
 class Panel:
     title: str
     metric: str
     lines: list[Line]
     reference: Point | None = None  # full-cache value (a horizontal line)
+    comparisons: list[Comparison] = field(default_factory=list)  # learned policies vs the others (task panels)
 
     @property
     def n_range(self) -> tuple[int, int]:
@@ -115,25 +143,65 @@ def training_notes(results: Iterable[Result]) -> list[str]:
     return [notes[label] for label in sorted(notes)]
 
 
+def _percent(ratio: np.ndarray) -> np.ndarray:
+    return 100.0 * ratio
+
+
+def _pooled(metric: str, results: list[Result]) -> tuple[tuple[list[float], list[float]], Transform | None]:
+    """Every metric as a pooled ratio transform(Σ num / Σ den) over samples: per-sample numerators and denominators,
+    and the transform into the metric's units. A score is its mean in % (Σ value / Σ 1), perplexity
+    exp(Σ nll / Σ tokens), cost Σ lost / Σ oracle's lost."""
+    if metric == "perplexity":
+        return ([r.nll_sum for r in results], [r.n_tokens for r in results]), np.exp
+    if metric in SCORES:
+        return ([r.value for r in results], [1.0] * len(results)), _percent
+    return ([r.lost for r in results], [r.best for r in results]), None
+
+
 def _mean_points(results: list[Result], metric: str, x_of: dict[str, float]) -> list[Point]:
     """One point per budget: a score's mean (in %, with its standard error), pooled perplexity
-    exp(Σ nll / Σ tokens), or pooled cost."""
+    exp(Σ nll / Σ tokens), or pooled cost; each with its bootstrap interval over samples."""
     by_budget: dict[str, list[Result]] = defaultdict(list)
     for r in results:
         by_budget[r.budget].append(r)
     points = []
     for budget, rs in by_budget.items():
-        stderr = None
-        if metric == "perplexity":
-            y = math.exp(sum(r.nll_sum for r in rs) / max(1, sum(r.n_tokens for r in rs)))
-        elif metric in SCORES:
-            values = [r.value for r in rs]
-            y, se = 100.0 * float(np.mean(values)), mean_stderr(values)
-            stderr = None if se is None else 100.0 * se
-        else:  # cost: pooled over samples, Σ lost / Σ oracle's lost
-            y = sum(r.lost for r in rs) / max(sum(r.best for r in rs), 1e-12)
-        points.append(Point(budget=budget, x=x_of[budget], y=y, n=len(rs), stderr=stderr))
+        ratio, transform = _pooled(metric, rs)
+        se = mean_stderr([r.value for r in rs]) if metric in SCORES else None
+        points.append(Point(budget=budget, x=x_of[budget], y=pooled_ratio(*ratio, transform), n=len(rs),
+                            stderr=None if se is None else 100.0 * se, ci=bootstrap_ratio_ci(*ratio, transform)))
     return sorted(points, key=lambda p: p.x)
+
+
+def _comparisons(metric: str, by_scorer: dict[str, list[Result]], lines: list[Line], x_of: dict[str, float]
+                 ) -> list[Comparison]:
+    """Each learned policy against each other method but the full cache (two learned policies once), at every
+    budget where they share at least two samples (paired by seed and sample)."""
+    kinds = {line.scorer: by_scorer[line.scorer][0].scorer_kind for line in lines}  # the full cache has no line
+    at: dict[tuple[str, str], dict[tuple[int, str], Result]] = defaultdict(dict)
+    for label in kinds:
+        for r in by_scorer[label]:
+            at[(label, r.budget)][(r.seed, r.sample)] = r
+    ci_of = {(line.scorer, p.budget): p.ci for line in lines for p in line.points}
+    comparisons = []
+    for learned in sorted(label for label, kind in kinds.items() if kind == "learned"):
+        for other in sorted(label for label, kind in kinds.items() if kind != "reference" and label != learned):
+            if kinds[other] == "learned" and other < learned:  # already compared the other way round
+                continue
+            for budget in sorted(x_of, key=x_of.get):
+                mine, theirs = at.get((learned, budget), {}), at.get((other, budget), {})
+                pairs = sorted(mine.keys() & theirs.keys())
+                if len(pairs) < 2:
+                    continue
+                a, transform = _pooled(metric, [mine[k] for k in pairs])
+                b, _ = _pooled(metric, [theirs[k] for k in pairs])
+                ci_a, ci_b = ci_of[(learned, budget)], ci_of[(other, budget)]
+                comparisons.append(Comparison(
+                    budget=budget, x=x_of[budget], learned=learned, other=other,
+                    difference=pooled_ratio(*a, transform) - pooled_ratio(*b, transform),
+                    ci=paired_ratio_difference_ci(a, b, transform), n=len(pairs),
+                    overlap=ci_a[0] <= ci_b[1] and ci_b[0] <= ci_a[1]))
+    return comparisons
 
 
 def _budget_x(results: list[Result]) -> dict[str, float]:
@@ -155,11 +223,13 @@ def _panel(title: str, metric: str, results: list[Result]) -> Panel:
             reference = _mean_points(rs, metric, x_of)[0]
         else:
             lines.append(Line(scorer=label, points=_mean_points(rs, metric, x_of)))
-    return Panel(title=title, metric=metric, lines=lines, reference=reference)
+    return Panel(title=title, metric=metric, lines=lines, reference=reference,
+                 comparisons=_comparisons(metric, by_scorer, lines, x_of))
 
 
 def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
-    """Mean over tasks of a per-task score, at the (scorer, budget) points every task has (no standard error)."""
+    """Mean over tasks of a per-task score, at the (scorer, budget) points every task has (no standard error, no
+    interval, no comparisons)."""
     if len(panels) < 2:
         return None
     common: dict[str, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
@@ -310,6 +380,7 @@ class CurvePoint:
     cost: float  # mean whole-ranking normalized cost over the held-out samples
     stderr: float | None
     n: int
+    ci: Interval | None = None  # 95% bootstrap interval of the mean cost over samples (n >= 2)
 
 
 @dataclass
@@ -332,7 +403,7 @@ class LearningCurve:
 
 def _curve_point(x: int, rs: list[Result]) -> CurvePoint:
     values = [r.value for r in rs]
-    return CurvePoint(x, float(np.mean(values)), mean_stderr(values), len(values))
+    return CurvePoint(x, float(np.mean(values)), mean_stderr(values), len(values), bootstrap_ci(values))
 
 
 def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
 
 from kvpolicy.evaluation.result import SCORES  # noqa: E402
-from kvpolicy.report.aggregate import METRICS, Group, HeadMap, LearningCurve  # noqa: E402
+from kvpolicy.report.aggregate import METRICS, CurvePoint, Group, HeadMap, LearningCurve, Point  # noqa: E402
 
 # fixed colours so a scorer looks the same in every figure; the learned policy stands out in black
 COLORS = {
@@ -56,11 +56,24 @@ def _title(fig, title: str, caption: str, width: int) -> None:
 
 
 MARKERS = "osD^vP*Xhp<>"
+DODGE = 0.025  # log2 of the sideways shift between neighbouring scorers' points, so their error bars stay apart
+
+
+def _error_bars(values: list[float], points: list[Point] | list[CurvePoint]) -> np.ndarray | None:
+    """(2, n) asymmetric error bars (below, above) reaching each point's interval from its value, 0 where a point
+    has none; None when no point has one. A percentile interval can leave out its own point (a skewed statistic on
+    few samples): the bar on that side is then 0, as matplotlib refuses negative ones."""
+    if all(p.ci is None for p in points):
+        return None
+    bars = [[y - p.ci[0], p.ci[1] - y] if p.ci is not None else [0.0, 0.0] for y, p in zip(values, points)]
+    return np.maximum(np.array(bars).T, 0.0)
 
 
 def curves_figure(group: Group) -> bytes:
-    """One panel per task (and the average), one line per scorer; full cache as a dashed grey line. Scorers get
-    distinct markers and slight transparency so that lines lying on top of each other stay visible."""
+    """One panel per task (and the average), one line per scorer with error bars reaching its 95% bootstrap
+    interval; full cache as a dashed grey line in a grey band (its interval). Scorers get distinct markers, slight
+    transparency and a small sideways shift (a few % of the cache size) so that lines and error bars lying on top
+    of each other stay visible."""
     n = len(group.panels)
     cols = min(n, 4)
     rows = -(-n // cols)
@@ -71,9 +84,14 @@ def curves_figure(group: Group) -> bytes:
         xs = sorted({p.x for line in panel.lines for p in line.points})
         for line in panel.lines:
             emphasis = line.scorer.startswith("KVP")
-            ax.plot(
-                [p.x for p in line.points],
-                [p.y for p in line.points],
+            values = [p.y for p in line.points]
+            shift = 2.0 ** (DODGE * (scorers.index(line.scorer) - (len(scorers) - 1) / 2))
+            ax.errorbar(
+                [p.x * shift for p in line.points],
+                values,
+                yerr=_error_bars(values, line.points),
+                capsize=2,
+                elinewidth=0.9,
                 marker=MARKERS[scorers.index(line.scorer) % len(MARKERS)],
                 markersize=6 if emphasis else 4.5,
                 linewidth=2.4 if emphasis else 1.3,
@@ -84,6 +102,8 @@ def curves_figure(group: Group) -> bytes:
             )
         if panel.reference is not None:
             ax.axhline(panel.reference.y, color="#555555", linestyle="--", linewidth=1, label="full cache")
+            if panel.reference.ci is not None:
+                ax.axhspan(*panel.reference.ci, color="#555555", alpha=0.12, linewidth=0)
         if xs and max(xs) / max(min(xs), 1e-9) >= 4:
             ax.set_xscale("log", base=2)
         if xs:
@@ -159,14 +179,14 @@ def _head_axes(ax, n_layers: int, n_heads: int) -> None:
 
 def learning_curve_figure(curve: LearningCurve) -> bytes:
     """Left: held-out cost against training prompts; right: against training steps; the baselines as dashed
-    horizontal lines (error bars: standard error over samples)."""
+    horizontal lines (error bars: 95% bootstrap interval over samples)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
     for ax, points, xlabel in ((axes[0, 0], curve.by_prompts, "training prompts"),
                                (axes[0, 1], curve.by_steps, "training steps")):
         if points:
-            ax.errorbar([p.x for p in points], [p.cost for p in points],
-                        yerr=[p.stderr or 0.0 for p in points], color=COLORS["KVP"], marker="o", capsize=3,
-                        label="KVP")
+            costs = [p.cost for p in points]
+            ax.errorbar([p.x for p in points], costs, yerr=_error_bars(costs, points), color=COLORS["KVP"],
+                        marker="o", capsize=3, label="KVP")
             ax.set_xscale("log", base=2)
             ax.set_xticks([p.x for p in points], [str(p.x) for p in points])
         for label, cost in curve.references.items():

@@ -1,5 +1,6 @@
 """Write the report: a self-contained HTML page (figures inlined as base64 PNG) and a Markdown summary (figures
-as PNG files in `figures/` beside it), with the table of numbers behind every figure."""
+as PNG files in `figures/` beside it), with the table of numbers behind every figure and, beside each curve table,
+the learned policies' paired comparisons with the other methods."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from pathlib import Path
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import atomic_path, check_writable
 from kvpolicy.report.aggregate import curve_groups, head_maps, learning_curves, throughput
 from kvpolicy.report.figures import curves_figure, head_map_figure, learning_curve_figure
-from kvpolicy.report.tables import Table, group_table, head_map_tables, learning_curve_table, throughput_table
+from kvpolicy.report.tables import (
+    Table,
+    comparison_table,
+    group_table,
+    head_map_tables,
+    learning_curve_table,
+    throughput_table,
+)
 
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
@@ -27,7 +36,14 @@ NOTES = (
     "compresses the context before the question is read (kvpress). TOVA and SnapKV see the question's attention "
     "(privileged information); KVP and the other heuristics see only the cache. Zero-shot metrics carry the "
     "names and definitions of lm-eval-harness (acc, acc_norm) and LongBench (rouge_l, retrieval_score); ± is the "
-    "standard error of the mean over samples (lm-eval's stderr)."
+    f"standard error of the mean over samples (lm-eval's stderr). [lo, hi] and the error bars are {LEVEL:.0%} "
+    f"percentile bootstrap intervals over samples ({RESAMPLES:,} resamples with replacement, seeded, so the same "
+    "results give the same intervals); perplexity and cost are pooled over the samples of each resample "
+    "(Σ nll / Σ tokens, Σ lost / Σ oracle's lost). Beside each table, the learned policies are compared with every "
+    "other method at each budget: the difference learned − other on the samples both were evaluated on, with its "
+    f"{LEVEL:.0%} paired bootstrap interval (both resampled together, so what a sample's difficulty adds to both "
+    f"cancels); 'separated' means the two methods' own {LEVEL:.0%} intervals do not overlap, 'intervals overlap' "
+    "that they do (the paired interval can still exclude 0 then)."
 )
 
 
@@ -59,7 +75,9 @@ def build_sections(results: list[Result]) -> list[Section]:
     for i, group in enumerate(curve_groups(results), start=1):
         title = group.title()
         slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
-        sections.append(Section(title, group.caption(), curves_figure(group), [group_table(group)], slug))
+        comparison = comparison_table(group)
+        tables = [group_table(group)] + ([comparison] if comparison is not None else [])
+        sections.append(Section(title, group.caption(), curves_figure(group), tables, slug))
     for k, curve in enumerate(learning_curves(results), start=len(sections) + 1):
         sections.append(Section("Learning curve", curve.caption(), learning_curve_figure(curve),
                                 [learning_curve_table(curve)], f"{k:02d}-curve-{_slug(curve.data)}"))

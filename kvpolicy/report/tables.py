@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES, Interval
 from kvpolicy.evaluation.result import SCORES
 from kvpolicy.report.aggregate import Group, HeadMap, LearningCurve, Panel, Point, Throughput
+
+_UNITS = {**dict.fromkeys(SCORES, "% points"), "perplexity": "perplexity", "cost": "normalized cost"}
+INTERVALS = f"[lo, hi]: {LEVEL:.0%} bootstrap CI over samples ({RESAMPLES:,} resamples)"
 
 
 @dataclass
@@ -34,11 +38,20 @@ class Table:
         return "\n".join([fmt(self.header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in self.rows])
 
 
+def _digits(metric: str) -> int:
+    return 1 if metric in SCORES else 3 if metric == "cost" else 2
+
+
+def _interval(ci: Interval | None, digits: int) -> str:
+    """' [lo, hi]', or nothing without an interval."""
+    return f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci is not None else ""
+
+
 def _fmt(metric: str, point: Point) -> str:
-    """The point's value, and its standard error when it has one ('45.0 ± 2.1')."""
-    digits = 1 if metric in SCORES else 3 if metric == "cost" else 2
+    """The point's value, its standard error when it has one, and its interval ('45.0 ± 2.1 [41.0, 49.2]')."""
+    digits = _digits(metric)
     stderr = f" ± {point.stderr:.{digits}f}" if point.stderr is not None else ""
-    return f"{point.y:.{digits}f}{stderr}"
+    return f"{point.y:.{digits}f}{stderr}{_interval(point.ci, digits)}"
 
 
 def _budget_columns(panels: list[Panel]) -> list[tuple[str, float]]:
@@ -60,7 +73,8 @@ def _budget_header(label: str, kept: float) -> str:
 
 def group_table(group: Group) -> Table:
     """Rows (task, scorer), one column per budget, plus the full-cache value and the sample count; a score is
-    shown with the standard error of its mean over samples (lm-eval's stderr)."""
+    shown with the standard error of its mean over samples (lm-eval's stderr), every value of a task with its
+    bootstrap interval."""
     budgets = _budget_columns(group.panels)
     header = ["task", "scorer"] + [_budget_header(b, x) for b, x in budgets] + ["full cache", "n"]
     rows = []
@@ -72,7 +86,30 @@ def group_table(group: Group) -> Table:
             n = min(p.n for p in line.points)
             rows.append([panel.title, line.scorer] + cells + [full, str(n)])
     stderr = " · ± standard error of the mean over samples" if group.metric in SCORES else ""
-    return Table(title=group.caption() + stderr, header=header, rows=rows)
+    return Table(title=f"{group.caption()}{stderr} · {INTERVALS}", header=header, rows=rows)
+
+
+def comparison_table(group: Group) -> Table | None:
+    """Each learned policy against each other method, per task and budget: the paired difference learned − other
+    with its bootstrap interval, and whether the two methods' own intervals overlap ('separated': they do not).
+    None when the group compares nothing."""
+    digits = _digits(group.metric)
+    rows = [[panel.title, _budget_header(c.budget, c.x), c.learned, c.other,
+             f"{c.difference:+.{digits}f}{_interval(c.ci, digits)}", "intervals overlap" if c.overlap else "separated",
+             str(c.n)]
+            for panel in group.panels for c in panel.comparisons]
+    if not rows:
+        return None
+    better, favourable = ("higher", "a positive") if group.metric in SCORES else ("lower", "a negative")
+    return Table(
+        title=f"learned policy − other method, paired by sample ({_UNITS.get(group.metric, group.metric)}; "
+              f"{better} is better, so {favourable} difference favours the learned policy) — {group.caption()} · "
+              f"{INTERVALS}, resampling the pairs · separated: the two methods' own {LEVEL:.0%} intervals do not "
+              "overlap",
+        header=["task", "budget", "learned policy", "other method", f"difference [{LEVEL:.0%} CI]", "intervals",
+                "n pairs"],
+        rows=rows,
+    )
 
 
 def head_map_tables(head_map: HeadMap) -> list[Table]:
@@ -112,8 +149,11 @@ def throughput_table(rows: list[Throughput]) -> Table:
 
 
 def learning_curve_table(curve: LearningCurve) -> Table:
-    """The points of a learning curve (cost ± standard error), then the baselines' costs on the same samples."""
-    rows = [[axis, str(p.x), f"{p.cost:.3f}" + (f" ± {p.stderr:.3f}" if p.stderr is not None else ""), str(p.n)]
+    """The points of a learning curve (cost ± standard error [interval]), then the baselines' costs on the same
+    samples."""
+    rows = [[axis, str(p.x), f"{p.cost:.3f}" + (f" ± {p.stderr:.3f}" if p.stderr is not None else "")
+             + _interval(p.ci, 3), str(p.n)]
             for axis, points in (("prompts", curve.by_prompts), ("steps", curve.by_steps)) for p in points]
     rows += [["baseline", label, f"{cost:.3f}", ""] for label, cost in curve.references.items()]
-    return Table(title=f"learning curve — {curve.caption()}", header=["axis", "value", "cost", "n"], rows=rows)
+    return Table(title=f"learning curve — {curve.caption()} · ± standard error · {INTERVALS}",
+                 header=["axis", "value", "cost", "n"], rows=rows)

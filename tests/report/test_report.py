@@ -1,5 +1,5 @@
-"""The report: aggregation maths, figures and pages from a synthetic results file (no model needed); repeated,
-malformed and unwritable files."""
+"""The report: aggregation maths, bootstrap intervals and comparisons, figures and pages from a synthetic results
+file (no model needed); repeated, malformed and unwritable files."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import json
 import math
 import re
 
+import matplotlib.axes
 import numpy as np
 import pytest
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.intervals import bootstrap_ci, bootstrap_ratio_ci
 from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, learning_curves, throughput, training_notes
+from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
+from kvpolicy.report.tables import comparison_table, group_table
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
@@ -152,9 +156,13 @@ def test_report_writes_html_markdown_and_figures(results, tmp_path):
     for text in (html, md):
         assert RULER_DATA in text and DIALOGUE_DATA in text
         assert "model: smollm2-135m" in text and "protocol: multi-turn" in text and "n = 3 samples" in text
-    # a table behind every figure: one per curve figure + two for the head map
+    # a table behind every figure: one per curve figure + two for the head map; KVP's comparisons beside each
     assert len(re.findall(r"^\| task \| scorer", md, flags=re.M)) == 3
+    assert len(re.findall(r"^\| task \| budget \| learned policy \| other method", md, flags=re.M)) == 3
+    assert html.count("<th>learned policy</th>") == 3
     assert "heads where it is the best heuristic" in md
+    assert "'separated' means the two methods' own 95% intervals do not overlap" in md
+    assert "95% percentile bootstrap intervals over samples (2,000 resamples" in html
 
 
 def test_empty_results_file_is_refused_with_a_message(tmp_path):
@@ -240,5 +248,111 @@ def test_learning_curve_from_policies_trained_on_more_prompts_and_steps(tmp_path
     assert [(p.x, round(p.cost, 3), p.n) for p in curve.by_prompts] == [(8, 1.61, 3), (16, 1.41, 3), (32, 1.31, 3)]
     assert [(p.x, round(p.cost, 3)) for p in curve.by_steps] == [(150, 1.51), (600, 1.31)]
     assert curve.references == {"KNorm": 2.0} and "its essays prompts" in curve.caption()
+    assert curve.by_prompts[0].ci == bootstrap_ci([1.6, 1.61, 1.62])
     paths = write_report(tmp_path / "curve.jsonl", tmp_path / "report")
-    assert "Learning curve" in paths.markdown.read_text()
+    md = paths.markdown.read_text()
+    assert "Learning curve" in md and re.search(r"^\| prompts \| 8 \| 1\.610 ± 0\.006 \[1\.600, 1\.620\] \| 3 \|$", md,
+                                                flags=re.M)
+
+
+def test_every_task_point_carries_its_bootstrap_interval(results):
+    records = results.records()
+    groups = {g.metric: g for g in curve_groups(records)}
+    acc = groups["accuracy"]
+    for panel in acc.panels[:2]:
+        assert panel.reference is not None and panel.reference.ci is not None
+        for line in panel.lines:
+            for p in line.points:
+                vals = [100 * r.value for r in records if r.task == panel.title and r.scorer_label == line.scorer
+                        and r.budget == p.budget]
+                assert p.ci == pytest.approx(bootstrap_ci(vals)) and p.stderr is not None
+    assert all(p.ci is None for line in acc.panels[2].lines for p in line.points)  # the average over tasks
+    for metric, num, den, transform in (("perplexity", "nll_sum", "n_tokens", np.exp), ("cost", "lost", "best", None)):
+        for line in groups[metric].panels[0].lines:
+            for p in line.points:
+                rs = [r for r in records if r.metric == metric and r.scorer_label == line.scorer
+                      and r.budget == p.budget]
+                ratio = [getattr(r, num) for r in rs], [getattr(r, den) for r in rs]
+                assert p.ci == bootstrap_ratio_ci(*ratio, transform) and p.stderr is None
+
+
+def test_group_tables_show_each_value_with_its_interval(results):
+    groups = {g.metric: g for g in curve_groups(results.records())}
+    acc = group_table(groups["accuracy"])
+    assert "standard error of the mean" in acc.title
+    assert "[lo, hi]: 95% bootstrap CI over samples (2,000 resamples)" in acc.title
+    for row in acc.rows:
+        cell = r"\d+\.\d" if row[0].startswith("average") else r"\d+\.\d ± \d+\.\d \[\d+\.\d, \d+\.\d\]"
+        assert all(re.fullmatch(cell, c) for c in row[2:-1]), row
+    for metric, digits in (("perplexity", 2), ("cost", 3)):
+        table = group_table(groups[metric])
+        number = rf"\d+\.\d{{{digits}}}"
+        assert "95% bootstrap CI over samples (2,000 resamples)" in table.title and "standard error" not in table.title
+        for row in table.rows:
+            assert all(re.fullmatch(rf"{number} \[{number}, {number}\]", c) for c in row[2:5]), row
+
+
+def _scored(label: str, kind: str, values: list[float], seed: int = 0, budget: str = "64") -> list[Result]:
+    """One accuracy result per value on the samples s0, s1, ... of task vt."""
+    return [result(_base(label.lower(), label, kind, budget, 64, "vt", "RULER-style", "accuracy", "query-aware",
+                         RULER_DATA, f"s{i}") | {"value": v, "seed": seed}) for i, v in enumerate(values)]
+
+
+def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
+    rng = np.random.default_rng(0)
+    good = [float(v) for v in rng.random(30) < 0.9]
+    poor = [float(v) for v in rng.random(30) < 0.1]
+    records = (_scored("KVP", "learned", good + [1.0])  # a sample no other method has: left out of the pairs
+               + _scored("KVP (bundled)", "learned", good) + _scored("TOVA", "heuristic", good)
+               + _scored("KNorm", "heuristic", poor) + _scored("full", "reference", [1.0] * 30, budget="full"))
+    (group,) = curve_groups(records)
+    (panel,) = group.panels
+    pairs = [(c.learned, c.other) for c in panel.comparisons]
+    assert pairs == [("KVP", "KNorm"), ("KVP", "KVP (bundled)"), ("KVP", "TOVA"), ("KVP (bundled)", "KNorm"),
+                     ("KVP (bundled)", "TOVA")]  # two learned policies once; never the full cache
+    knorm = panel.comparisons[0]
+    assert knorm.n == 30 and knorm.difference == pytest.approx(100 * (np.mean(good) - np.mean(poor)))
+    table = comparison_table(group)
+    assert "higher is better, so a positive difference favours the learned policy" in table.title
+    rows = {(row[2], row[3]): row for row in table.rows}
+    assert rows[("KVP", "KNorm")][4].startswith("+") and rows[("KVP", "KNorm")][5:] == ["separated", "30"]
+    assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "intervals overlap", "30"]
+
+
+def test_comparison_pairs_by_seed_and_sample_and_needs_two_pairs():
+    records = _scored("KVP", "learned", [1.0, 0.0]) + _scored("KNorm", "heuristic", [1.0]) + _scored(
+        "KNorm", "heuristic", [0.0, 1.0], seed=1)  # s1 of seed 1 is another prompt than s1 of seed 0
+    (group,) = curve_groups(records)
+    assert group.panels[0].comparisons == [] and comparison_table(group) is None
+
+
+def test_lower_is_better_metrics_say_so_in_the_comparison_title(results):
+    groups = {g.metric: g for g in curve_groups(results.records())}
+    for metric in ("perplexity", "cost"):
+        table = comparison_table(groups[metric])
+        assert "lower is better, so a negative difference favours the learned policy" in table.title
+        assert {row[2] for row in table.rows} == {"KVP"} and {row[3] for row in table.rows} == (
+            {"KNorm", "TOVA"} if metric == "perplexity" else {"KNorm", "Oracle", "TOVA"})
+        assert all(row[5] in ("separated", "intervals overlap") and row[6] == "3" for row in table.rows)
+
+
+def test_every_line_of_a_budget_figure_has_error_bars_from_its_interval(results, monkeypatch):
+    drawn, bands = [], []
+    errorbar, axhspan = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.axhspan
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda ax, x, y, yerr=None, **kw: drawn.append((kw["label"], y, yerr)) or errorbar(
+                            ax, x, y, yerr=yerr, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhspan",
+                        lambda ax, lo, hi, **kw: bands.append((lo, hi)) or axhspan(ax, lo, hi, **kw))
+    acc = next(g for g in curve_groups(results.records()) if g.metric == "accuracy")
+    assert curves_figure(acc)[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [line for panel in acc.panels for line in panel.lines]
+    assert len(drawn) == len(lines)
+    for line, (label, y, yerr) in zip(lines, drawn):
+        assert label == line.scorer
+        if line.points[0].ci is None:  # the average over tasks
+            assert yerr is None
+            continue
+        np.testing.assert_allclose(np.asarray(y) - yerr[0], [p.ci[0] for p in line.points])
+        np.testing.assert_allclose(np.asarray(y) + yerr[1], [p.ci[1] for p in line.points])
+    assert bands == [panel.reference.ci for panel in acc.panels[:2]]  # the full cache's band
