@@ -1,4 +1,4 @@
-"""Evaluation: benchmarks (tasks/), their runners (qa, perplexity, costs), the sweep over models × scorers ×
+"""Evaluation: benchmarks (tasks/), their runners (qa, perplexity, streaming, costs), the sweep over models × scorers ×
 budgets × tasks × protocols, and the resumable JSONL results store (typed `Result` records) the report reads;
 bench/ is `kvp bench`: costs, memory and speed side by side, and the policy's ranking cost on held-out traces.
 

@@ -14,7 +14,7 @@ def _split(values: list[str]) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
-    from kvpolicy.evaluation.names import BASELINE_SCORERS, PROTOCOLS, known_tasks
+    from kvpolicy.evaluation.names import BASELINE_SCORERS, DEFAULT_EVERY, PROTOCOLS, known_tasks
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
 
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", nargs="+", default=[],
                         help=f"{', '.join(PROTOCOLS)} (default: each task's own)")
     parser.add_argument("--context", nargs="+", default=["2048"], help="context lengths in tokens (sized tasks)")
+    parser.add_argument("--every", nargs="+", default=[str(DEFAULT_EVERY)], metavar="N",
+                        help="longgen tasks: tokens fed between two cuts of the bounded cache (results for each N)")
     parser.add_argument("--n", type=int, default=5, help="samples per task (and context length)")
     parser.add_argument("--seed", type=int, default=0, help="sample seed")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (0: the task's own)")
@@ -36,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read a hub dataset from a local file in its schema (e.g. boolq=boolq.jsonl)")
     parser.add_argument("--report", metavar="DIR", help="also write the report into DIR when the sweep is done")
     add_placement_arguments(parser)
+
+
+def _whole_numbers(option: str, values: list[str]) -> list[int]:
+    """`--option 64 128` or `--option 64,128` as whole numbers of tokens."""
+    try:
+        return [int(v) for v in _split(values)]
+    except ValueError:
+        raise KVPError(f"{option} takes whole numbers of tokens, got {values}") from None
 
 
 def _hub_local(pairs: list[str]) -> dict[str, str]:
@@ -53,15 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.report.summary import print_summary
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
 
-    try:
-        contexts = [int(c) for c in _split(args.context)]
-    except ValueError:
-        raise KVPError(f"--context takes whole numbers of tokens, got {args.context}") from None
+    contexts, every = _whole_numbers("--context", args.context), _whole_numbers("--every", args.every)
     config = SweepConfig(
         out=args.out, models=_split(args.model), scorers=_split(args.scorer), budgets=_split(args.budget),
         tasks=_split(args.task), protocols=_split(args.protocol), context_tokens=contexts, n_samples=args.n,
         seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
-        hub_local=_hub_local(args.hub_local), device=args.device, dtype=args.dtype,
+        hub_local=_hub_local(args.hub_local), device=args.device, dtype=args.dtype, every=every,
     )
     if args.report:
         check_writable(args.report, "report directory", directory=True)  # before the sweep, not after it

@@ -1,5 +1,7 @@
-"""The names `kvp sweep` offers (baseline scorers, protocols, tasks), as plain values (no torch), so its help never
-imports the tasks. `ZERO_SHOT_TASKS` lists `tasks.zero_shot.zero_shot_tasks()`'s keys (a test keeps them equal)."""
+"""The names `kvp sweep` offers (baseline scorers, protocols, tasks, the default re-rank interval of a bounded
+stream), as plain values (no torch), so its help never imports the tasks. `ZERO_SHOT_TASKS` lists
+`tasks.zero_shot.zero_shot_tasks()`'s keys and `LONGGEN_TASKS` those of `tasks.longgen.LONGGEN` (tests keep them
+equal)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snap
 QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
 MULTI_TURN, PROMPT_ONCE = "multi-turn", "prompt-once"
 TRACES = "traces"
+BOUNDED_STREAM = "bounded-stream"
 
 PROTOCOLS = {
     QUERY_AWARE: "compress after context and question (the KVP paper)",
@@ -17,11 +20,15 @@ PROTOCOLS = {
     MULTI_TURN: "compress after every turn; the dialogue continues on the compressed cache",
     PROMPT_ONCE: "compress once after the whole dialogue prompt (the KVP paper)",
     TRACES: "rank the prompt tokens of held-out traces; cost of the evicted future attention",
+    BOUNDED_STREAM: "feed a long text --every tokens at a time, cutting the cache back to the budget after each chunk",
 }
+LONGGEN_TASKS = ("essays", "dialogue")  # long texts streamed under BOUNDED_STREAM (tasks.longgen)
+DEFAULT_EVERY = 64  # tokens fed between two cuts of a bounded stream (`kvp sweep --every`)
 ZERO_SHOT_TASKS = ("boolq", "arc_challenge", "gov_report", "passage_retrieval_en")
 
 
 def known_tasks() -> str:
     return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, needles, "
-            f"needle:TASK (TASK in {', '.join(NEEDLE_TASKS)}), dialogue, oasst2, "
+            f"needle:TASK (TASK in {', '.join(NEEDLE_TASKS)}), dialogue, oasst2, longgen, "
+            f"longgen:TASK (TASK in {', '.join(LONGGEN_TASKS)}), "
             f"{', '.join(ZERO_SHOT_TASKS)}, traces:DIR")

@@ -28,11 +28,11 @@ FULL = "full"  # scorer spec and budget label of the uncompressed reference
 WHOLE_RANKING = "all"  # budget label of a trace's whole-ranking cost
 
 # the fields that identify a result (its configuration); every other field is a measurement or a description
-KEY_FIELDS = ("model_fingerprint", "model_dtype", "scorer_id", "budget", "task", "context_tokens", "protocol", "seed",
-              "sample")
+KEY_FIELDS = ("model_fingerprint", "model_dtype", "scorer_id", "budget", "task", "context_tokens", "protocol", "every",
+              "seed", "sample")
 # key fields added after the first results were written: at these values they are left out of the key's hash, so
-# records written before them keep their keys (every earlier result ran in float32)
-KEY_DEFAULTS = {"model_dtype": "float32"}
+# records written before them keep their keys (every earlier result ran in float32, and none was a bounded stream)
+KEY_DEFAULTS = {"model_dtype": "float32", "every": None}
 
 # metrics whose value is a per-sample score in [0, 1], reported as a mean over samples with its standard error:
 # RULER's string match ("accuracy"), lm-eval's multiple-choice acc and acc_norm, LongBench's ROUGE-L F1 (GovReport)
@@ -66,12 +66,13 @@ class TrainedOn:
 class Result:
     """One result. The key (KEY_FIELDS): model_fingerprint, model_dtype, scorer_id (hash of the scorer's identity),
     budget (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths),
-    protocol, seed, sample. What the report names and draws: model, scorer (spec), scorer_label, scorer_kind
-    ("heuristic" | "learned" | "oracle" | "reference"), family, data, corpus, metric (a name of METRIC_FIELDS), kept
-    (cache entries per head after the cut), value (the sample's score), seconds (this result's own work) and
-    prefill_seconds (its share of the prefill). Per metric: prediction and answers (SCORES); nll_sum and
-    n_tokens (perplexity, pooled as exp(Σ nll_sum / Σ n_tokens)); lost, best and per_head (cost, see
-    METRIC_FIELDS). extra_metrics: further score metrics of the same answer by name, beside `metric` (lm-eval's
+    protocol, every (a bounded stream's re-rank interval, tokens fed between two cuts; None under every other protocol
+    and for a stream's full-cache reference, which cuts nothing), seed, sample. What the report names and draws: model,
+    scorer (spec), scorer_label, scorer_kind ("heuristic" | "learned" | "oracle" | "reference"), family, data, corpus,
+    metric (a name of METRIC_FIELDS), kept (cache entries per head after the cut), value (the sample's score), seconds
+    (this result's own work) and prefill_seconds (its share of the prefill). Per metric: prediction and answers
+    (SCORES); nll_sum and n_tokens (perplexity, pooled as exp(Σ nll_sum / Σ n_tokens)); lost, best and per_head (cost,
+    see METRIC_FIELDS). extra_metrics: further score metrics of the same answer by name, beside `metric` (lm-eval's
     acc_norm beside acc). `schema` is the version this kvpolicy writes; `key` is derived from the key fields."""
 
     model_fingerprint: str
@@ -109,6 +110,7 @@ class Result:
     per_head: list[list[float]] | None = None
     extra_metrics: dict[str, float] | None = None
     model_dtype: str = KEY_DEFAULTS["model_dtype"]  # the dtype the model ran in
+    every: int | None = KEY_DEFAULTS["every"]  # a bounded stream's re-rank interval
     created: str | None = None  # ISO time of writing
     code_version: str | None = None
     schema: int = field(default=SCHEMA, init=False)

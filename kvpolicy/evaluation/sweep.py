@@ -1,8 +1,10 @@
-"""The sweep: models × scorers × budgets × tasks × protocols (× context lengths) into a resumable results store.
+"""The sweep: models × scorers × budgets × tasks × protocols (× context lengths, × the re-rank intervals of bounded
+streams) into a resumable results store.
 
 Every result is one JSONL record keyed by its full configuration; a key already in the store is never
 recomputed, so a killed sweep resumes where it stopped. Work is organised so that nothing is computed twice: one
-prefill per sample (or per shared context) and protocol, one ranking per scorer, one cut per budget. Sweeps
+prefill per sample (or per shared context) and protocol, one ranking per scorer, one cut per budget; a bounded
+stream, whose every cut depends on the scorer, budget and interval before it, is one stream per result. Sweeps
 started together on one results file share the work: each claims a unit before computing it and leaves the units
 claimed by others for last, when it waits for them and computes only what is still missing.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from itertools import product
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from typing import Any
@@ -24,12 +27,15 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.costs import trace_costs
 from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender, IsMissing, make_contenders,
                                         parse_budget)
+from kvpolicy.evaluation.names import DEFAULT_EVERY
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import run_dialogue
 from kvpolicy.evaluation.qa import run_qa
 from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, WHOLE_RANKING, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.evaluation.tasks import PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, Task, TraceTask, resolve_tasks
+from kvpolicy.evaluation.streaming import check_stream, run_stream
+from kvpolicy.evaluation.tasks import (PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, StreamTask, Task, TraceTask,
+                                       resolve_tasks)
 from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
 from kvpolicy.models.registry import DEFAULT_MODEL
@@ -40,9 +46,11 @@ from kvpolicy.progress import bar
 class SweepConfig:
     """out: the JSONL results file. budgets: tokens per head ('256') or compression ratios ('0.5' / 'r0.5').
     protocols: empty = each task's default. context_tokens: lengths for tasks sized in tokens (RULER-style,
-    dialogue); others use their data's own lengths. max_new_tokens: 0 = each task's own limit, else a cap.
-    full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub dataset -> local file.
-    device, dtype: where the models run (kvpolicy.models.placement's defaults when None)."""
+    dialogue; longgen: the stream's length); others use their data's own lengths. max_new_tokens: 0 = each task's
+    own limit, else a cap. full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub
+    dataset -> local file. device, dtype: where the models run (kvpolicy.models.placement's defaults when None).
+    every: the re-rank intervals of bounded streams (longgen tasks): tokens fed between two cuts, one set of
+    results each."""
 
     out: str
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
@@ -58,9 +66,10 @@ class SweepConfig:
     hub_local: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
+    every: list[int] = field(default_factory=lambda: [DEFAULT_EVERY])
 
     def __post_init__(self):
-        for name in ("models", "scorers", "budgets", "tasks", "context_tokens"):
+        for name in ("models", "scorers", "budgets", "tasks", "context_tokens", "every"):
             if not getattr(self, name):
                 raise KVPError(f"a sweep needs at least one entry in {name}")
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -72,19 +81,23 @@ class SweepConfig:
             raise KVPError(f"context lengths must be at least 64 tokens, got {self.context_tokens}")
         if self.max_new_tokens < 0:
             raise KVPError("max_new_tokens must be >= 0 (0: each task's own limit)")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.every):
+            raise KVPError(f"re-rank intervals (--every) are whole numbers of tokens >= 1, got {self.every}")
 
 
 @dataclass
 class WorkUnit:
     """One prefill's worth of work: samples sharing a context under one (task, protocol, context length), and the
-    contenders evaluated on it."""
+    contenders evaluated on it; a bounded stream's unit also has its re-rank interval `every` (None for its
+    full-cache reference, which cuts nothing, and under every other protocol)."""
 
     task: Task
     protocol: str
     context_tokens: int | None
-    samples: list[Any]  # QASample | DialogueSample | trace index
+    samples: list[Any]  # QASample | DialogueSample | StreamSample | trace index
     contenders: list[Contender]
     missing: int  # results the store lacked when the unit was planned
+    every: int | None = None
 
 
 @dataclass
@@ -123,6 +136,10 @@ class Sweep:
         for name in config.models:
             resolve_model(name)  # unknown names fail now, listing the known models
         self.contenders = make_contenders(config.scorers)
+        if any(isinstance(t, StreamTask) for t in self.tasks):  # refused now, not midway through the sweep
+            for contender, budget, every in product(self.contenders, self.budgets, config.every):
+                if contender.scorer is not None:  # the oracle is skipped on these tasks
+                    check_stream(contender.scorer, budget, every)
         self.notes: list[str] = []
 
     def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:
@@ -130,7 +147,7 @@ class Sweep:
         return {"model_fingerprint": handle.info.fingerprint, "model_dtype": handle.dtype_name,
                 "scorer_id": contender.id, "budget": budget,
                 "task": unit.task.name, "context_tokens": unit.context_tokens, "protocol": unit.protocol,
-                "seed": self.config.seed, "sample": sample}
+                "every": unit.every, "seed": self.config.seed, "sample": sample}
 
     def _budget_labels(self, contender: Contender, task: Task) -> list[str]:
         """The budget labels of a contender's results on `task` (a trace task adds the whole ranking)."""
@@ -161,10 +178,20 @@ class Sweep:
                 samples = self._samples(task, handle, context_tokens)
                 for protocol in protocols:
                     for group in self._prefill_groups(task, protocol, samples):
-                        unit = WorkUnit(task, protocol, context_tokens, group, contenders, 0)
-                        unit.missing = self._missing(handle, unit)
-                        units.append(unit)
+                        for every, members in self._intervals(task, contenders):
+                            unit = WorkUnit(task, protocol, context_tokens, group, members, 0, every)
+                            unit.missing = self._missing(handle, unit)
+                            units.append(unit)
         return units
+
+    def _intervals(self, task: Task, contenders: list[Contender]) -> list[tuple[int | None, list[Contender]]]:
+        """(re-rank interval, contenders) of a task's units: a stream task runs its scorers once per interval and
+        its full-cache reference, which cuts nothing, once (interval None); any other task has no interval."""
+        if not isinstance(task, StreamTask):
+            return [(None, contenders)]
+        scorers = [c for c in contenders if c is not FULL_CACHE]
+        reference = [(None, [FULL_CACHE])] if len(scorers) < len(contenders) else []
+        return reference + [(every, scorers) for every in self.config.every]
 
     def _missing(self, handle: ModelHandle, unit: WorkUnit) -> int:
         """How many results of `unit` the store lacks."""
@@ -172,9 +199,10 @@ class Sweep:
                    for c in unit.contenders for label in self._budget_labels(c, unit.task) for s in unit.samples)
 
     def _unit_id(self, handle: ModelHandle, unit: WorkUnit) -> dict[str, Any]:
-        """What names a unit across sweeps: its prefill (model, task, protocol, context, seed, samples)."""
+        """What names a unit across sweeps: its prefill (model, task, protocol, context, re-rank interval, seed,
+        samples)."""
         return {"model_fingerprint": handle.info.fingerprint, "task": unit.task.name, "protocol": unit.protocol,
-                "context_tokens": unit.context_tokens, "seed": self.config.seed,
+                "context_tokens": unit.context_tokens, "every": unit.every, "seed": self.config.seed,
                 "samples": [_sample_id(unit.task, s) for s in unit.samples]}
 
     def _samples(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
@@ -207,6 +235,8 @@ class Sweep:
         elif isinstance(task, DialogueTask):
             yield from run_dialogue(handle, unit.samples[0], unit.protocol, contenders, self.budgets, is_missing,
                                     task.max_answer_tokens)
+        elif isinstance(task, StreamTask):
+            yield from run_stream(handle, unit.samples[0], contenders, self.budgets, unit.every, is_missing)
         else:
             yield from trace_costs(task.reader, unit.samples[0], contenders, self.budgets, is_missing)
 

@@ -254,6 +254,23 @@ def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
     return Panel(title=f"average over {len(panels)} tasks", metric=metric, lines=lines, reference=reference)
 
 
+def _panel_results(results: list[Result]) -> list[tuple[str, list[Result]]]:
+    """(title, results) of each panel: one per task, and per re-rank interval for bounded streams (results at
+    different intervals are different settings); a stream's full-cache reference (every None, it cuts nothing) is
+    drawn in each of its task's panels."""
+    by_panel: dict[tuple[str, int | None], list[Result]] = defaultdict(list)
+    for r in results:
+        by_panel[(r.task, r.every)].append(r)
+    for (task, every), rs in list(by_panel.items()):
+        if every is None and any(t == task and e is not None for t, e in by_panel):
+            del by_panel[(task, every)]
+            for (t, _), others in by_panel.items():
+                if t == task:
+                    others.extend(rs)
+    return [(task if every is None else f"{task}, re-ranked every {every} tokens", rs)
+            for (task, every), rs in sorted(by_panel.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
+
+
 def curve_groups(results: Iterable[Result]) -> list[Group]:
     """Groups (figures) of quality-vs-cache-size curves for every score, perplexity and per-budget cost."""
     buckets: dict[tuple, list[Result]] = defaultdict(list)
@@ -266,10 +283,7 @@ def curve_groups(results: Iterable[Result]) -> list[Group]:
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
         group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
                       training=training_notes(rs))
-        by_task: dict[str, list[Result]] = defaultdict(list)
-        for r in rs:
-            by_task[r.task].append(r)
-        group.panels = [_panel(task, metric, trs) for task, trs in sorted(by_task.items())]
+        group.panels = [_panel(title, metric, trs) for title, trs in _panel_results(rs)]
         if metric in SCORES:
             average = _average_panel(group.panels, metric)
             if average is not None:

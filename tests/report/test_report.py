@@ -356,3 +356,22 @@ def test_every_line_of_a_budget_figure_has_error_bars_from_its_interval(results,
         np.testing.assert_allclose(np.asarray(y) - yerr[0], [p.ci[0] for p in line.points])
         np.testing.assert_allclose(np.asarray(y) + yerr[1], [p.ci[1] for p in line.points])
     assert bands == [panel.reference.ci for panel in acc.panels[:2]]  # the full cache's band
+
+
+def test_bounded_streams_get_a_panel_per_rerank_interval_each_with_the_full_cache():
+    records = []
+    for s in range(2):
+        base = dict(task="longgen:essays", family="dialogue", metric="perplexity", protocol="bounded-stream",
+                    data="essays", sample=f"e-{s}")
+        full = _base("full", "full cache", "reference", "full", 400, **base)
+        records.append(result(full | {"nll_sum": 40.0, "n_tokens": 20, "value": math.exp(2.0)}))
+        for every, nll in ((32, 50.0), (64, 60.0)):
+            fields = _base("knorm", "KNorm", "heuristic", "64", 64, **base) | {"every": every}
+            records.append(result(fields | {"nll_sum": nll, "n_tokens": 20, "value": math.exp(nll / 20)}))
+    (group,) = curve_groups(records)
+    assert [p.title for p in group.panels] == ["longgen:essays, re-ranked every 32 tokens",
+                                               "longgen:essays, re-ranked every 64 tokens"]
+    for panel, nll in zip(group.panels, (50.0, 60.0)):
+        assert panel.reference is not None and panel.reference.y == pytest.approx(math.exp(2.0))
+        (line,) = panel.lines
+        assert line.points[0].y == pytest.approx(math.exp(nll / 20)) and line.points[0].n == 2

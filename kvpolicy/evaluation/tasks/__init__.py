@@ -5,6 +5,8 @@
     needles                evaluation-only needle tasks (a phrasing and haystacks no trace uses); needle:TASK for one
     dialogue               ShareGPT dialogues, perplexity of the final assistant turn (offline stand-in for OASST2)
     oasst2                 OASST2 dialogues from the hub (online)
+    longgen                long texts streamed through a bounded cache, perplexity of every token (offline);
+                           longgen:essays (eval-split essays) or longgen:dialogue (long ShareGPT dialogues) for one
     boolq, arc_challenge, gov_report, passage_retrieval_en   zero-shot hub benchmarks (online)
     traces:DIR             reward-level ranking cost on held-out traces recorded by `kvp traces`
 """
@@ -30,6 +32,7 @@ from kvpolicy.evaluation.tasks.base import (
 )
 from kvpolicy.evaluation.tasks.needles import needle_task
 from kvpolicy.evaluation.tasks.dialogue import oasst2_task, sharegpt_task
+from kvpolicy.evaluation.tasks.longgen import LONGGEN, StreamTask
 from kvpolicy.evaluation.tasks.ruler import HUB_TASKS, hub_task, offline_task
 from kvpolicy.evaluation.tasks.traces import trace_task
 from kvpolicy.evaluation.tasks.zero_shot import zero_shot_tasks
@@ -59,6 +62,10 @@ def resolve_tasks(names: list[str], hub_local: dict[str, str] | None = None) -> 
             found = [sharegpt_task()]
         elif name == "oasst2":
             found = [oasst2_task(hub_local.get("oasst2"))]
+        elif name == "longgen":
+            found = [make() for make in LONGGEN.values()]
+        elif head == "longgen" and arg in LONGGEN:
+            found = [LONGGEN[arg]()]
         elif name in zero_shot:
             found = [zero_shot[name]]
         elif head == "traces" and arg:
@@ -70,4 +77,4 @@ def resolve_tasks(names: list[str], hub_local: dict[str, str] | None = None) -> 
 
 
 __all__ = ["DialogueTask", "MULTI_TURN", "PROMPT_ONCE", "PROTOCOLS", "Prompt", "QATask", "QUERY_AWARE",
-           "QUESTION_AGNOSTIC", "TRACES", "Task", "TraceTask", "known_tasks", "resolve_tasks"]
+           "QUESTION_AGNOSTIC", "StreamTask", "TRACES", "Task", "TraceTask", "known_tasks", "resolve_tasks"]

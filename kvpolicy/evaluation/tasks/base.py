@@ -1,8 +1,9 @@
 """What a benchmark is to the sweep: a loader, a prompt builder and a metric, plus the facts a figure states.
 
-Three kinds, each run by its own runner: `QATask` (a question over a context: generate and score the answer, or
+Four kinds, each run by its own runner: `QATask` (a question over a context: generate and score the answer, or
 score each of fixed choices by its log-likelihood, as lm-eval-harness does), `DialogueTask` (perplexity of the final
-assistant turn) and `TraceTask` (reward-level ranking cost on held-out traces).
+assistant turn), `TraceTask` (reward-level ranking cost on held-out traces) and, in tasks/longgen.py with its
+samples, `StreamTask` (perplexity of a long text streamed through a cache bounded at the budget).
 """
 
 from __future__ import annotations

@@ -1,0 +1,147 @@
+"""Long-generation perplexity on a bounded cache (protocol bounded-stream): eviction while a long text streams in.
+
+A text of T tokens is streamed through the model, teacher-forced: its first token is prefilled alone (nothing
+predicts it), then the rest is fed `every` (N) tokens at a time. After each chunk but the last (no token is left to
+predict from the cache it leaves), a cache holding more than the budget b entries per KV head is re-ranked by the
+scorer and physically cut back to b (the engine's compress: rank, then evict), so no forward reads more than b
+earlier entries and the cache never holds more than b + N per head. A token's NLL comes from the logits of the
+forward that fed the token before it, on the cache as it was then. The tokens of the first chunks, predicted before
+any eviction, count too: all T − 1 tokens after the first.
+
+Attention-free scorers (KVP's kvp:..., StreamingLLM, KNorm, KeyDiff) rank from the cache alone. Query-based ones
+(TOVA, SnapKV; H2O, which takes every row) rank in their decoding form: with the attention inputs of the chunk just
+fed, recorded during its forward, so one that needs more rows than a chunk holds is refused. The full-cache
+reference cuts nothing, so its NLL does not depend on N: one stream per sample, fed FULL_CHUNK tokens at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import compress, continuation_nll, prefill
+from kvpolicy.compression.scorers import ALL_QUERIES, Scorer
+from kvpolicy.compression.state import KVState
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, missing_budgets
+from kvpolicy.evaluation.outcome import Clock, Outcome
+from kvpolicy.evaluation.result import FULL
+from kvpolicy.evaluation.tasks.longgen import StreamSample
+from kvpolicy.models import ModelHandle
+from kvpolicy.models.attention import record_attention_inputs
+
+FULL_CHUNK = 512  # tokens per forward of the full-cache reference: any size gives its NLL; this bounds the logits
+
+
+@dataclass
+class StreamStep:
+    """One chunk of a stream. nll: (n,) NLL of its n tokens; fed: cache entries per KV head right after feeding it,
+    before any cut; state: the cache the next chunk is fed on (cut back to the budget, or as fed when no cut was
+    due), keys and values (1, H, entries, d) per layer; the stream goes on in place from it, so read it before
+    taking the next step."""
+
+    nll: torch.Tensor
+    fed: int
+    state: KVState
+
+
+@dataclass(frozen=True)
+class StreamedNLL:
+    """A whole stream: nll_sum over n_tokens (T − 1) tokens; peak: the most entries per KV head its cache held
+    (<= budget + every); entry_bytes: bytes of one cached position's keys and values over all layers and KV heads."""
+
+    nll_sum: float
+    n_tokens: int
+    peak: int
+    entry_bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.n_tokens)
+
+
+def check_stream(scorer: Scorer | None, budget: Budget | None, every: int) -> None:
+    """Refuse a stream that cannot run: a scorer without a budget (or the reverse: neither is the full cache), a
+    chunk size below 1, a ratio budget (the cache length changes with every chunk), or a scorer that needs the
+    attention inputs of more tokens than a chunk feeds."""
+    if (scorer is None) != (budget is None):
+        raise KVPError("give both a scorer and a budget to bound a stream's cache, or neither for the full cache")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise KVPError(f"a stream is fed N >= 1 tokens at a time; got every={every!r}")
+    if budget is not None and budget.tokens is None:
+        raise KVPError(f"a bounded stream keeps a number of entries per head ('256'), not a ratio ('{budget.label}'): "
+                       "the cache grows with every chunk")
+    window = scorer.query_window if scorer is not None else 0
+    if window != ALL_QUERIES and window > every:
+        raise KVPError(f"scorer '{scorer.name}' ranks with the attention inputs of the last {window} tokens fed, but "
+                       f"a stream re-ranked every {every} tokens feeds only {every} between two rankings; use "
+                       f"--every {window} or more, or another scorer")
+
+
+def _feed(handle: ModelHandle, state: KVState, chunk: torch.Tensor, rows: int) -> torch.Tensor:
+    """NLL (n,) of chunk (1, n) fed on `state`, advanced in place; the attention inputs of its last `rows` tokens
+    (ALL_QUERIES: all; 0: none) stay recorded on the state for the next ranking, as prefill(record_queries=rows)
+    keeps them."""
+    if not rows:
+        return continuation_nll(handle, state, chunk, append=True)
+    with record_attention_inputs(handle.layers, rows) as recorded:
+        nll = continuation_nll(handle, state, chunk, append=True)
+    state.recorded = recorded
+    return nll
+
+
+def stream_steps(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, budget: Budget | None,
+                 every: int) -> Iterator[StreamStep]:
+    """Stream ids (1, T) through the model `every` tokens at a time after the first token, cutting the cache back to
+    `budget` by `scorer` after every chunk but the last (scorer and budget None: the full cache, never cut). The
+    steps' NLLs cover all T − 1 tokens after the first, those of the chunks fed before any cut included."""
+    check_stream(scorer, budget, every)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise KVPError(f"a stream is one sequence of at least 2 tokens, ids (1, T); got {tuple(ids.shape)}")
+    if scorer is not None:
+        scorer.check_model(handle.info)  # a policy trained for another model is refused before any work
+    state, _ = prefill(handle, ids[:, :1])
+    chunks = ids[:, 1:].split(every, dim=1)
+    for i, chunk in enumerate(chunks):
+        cut = budget is not None and i < len(chunks) - 1 and state.length + chunk.shape[1] > budget.tokens
+        nll = _feed(handle, state, chunk, scorer.query_window if cut else 0)
+        fed = state.length
+        if cut:
+            state = compress(handle, state, scorer, budget)
+        yield StreamStep(nll, fed, state)
+
+
+def stream_nll(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, budget: Budget | None,
+               every: int) -> StreamedNLL:
+    """The NLL of every token but the first of ids (1, T) streamed as `stream_steps` streams it."""
+    nll_sum, n_tokens, peak = 0.0, 0, 0
+    for step in stream_steps(handle, ids, scorer, budget, every):
+        nll_sum += float(step.nll.sum())
+        n_tokens += step.nll.numel()
+        peak = max(peak, step.fed)
+    return StreamedNLL(nll_sum, n_tokens, peak, step.state.nbytes() // step.state.length)
+
+
+def run_stream(handle: ModelHandle, sample: StreamSample, contenders: list[Contender], budgets: list[Budget],
+               every: int | None, is_missing: IsMissing) -> Iterator[Outcome]:
+    """Outcomes of one sample's missing (contender, budget) pairs, each its own stream re-ranked every `every`
+    tokens, and of the full-cache reference when it is missing (every None: a unit of the reference alone). kept:
+    the entries per head each cut leaves (the whole stream when the budget holds it)."""
+    missing = missing_budgets(contenders, budgets, is_missing)
+    length = sample.ids.shape[1]
+    for contender in [FULL_CACHE, *contenders]:
+        full = contender is FULL_CACHE
+        for budget in missing[contender.id]:
+            clock = Clock()
+            if full:
+                streamed = stream_nll(handle, sample.ids, None, None, FULL_CHUNK)
+            else:
+                streamed = stream_nll(handle, sample.ids, contender.scorer, budget, every)
+            kept = budget.kept(length)
+            fields = {"nll_sum": streamed.nll_sum, "n_tokens": streamed.n_tokens, "value": streamed.perplexity}
+            yield Outcome(sample.id, contender, FULL if full else budget.label, length, kept,
+                          streamed.entry_bytes * length, streamed.entry_bytes * kept, clock.lap(), 0.0, fields)

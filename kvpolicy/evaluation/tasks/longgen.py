@@ -1,0 +1,120 @@
+"""Long-generation perplexity: a long text streamed through a cache bounded at the budget (protocol bounded-stream,
+run by evaluation.streaming). Sized by --context: every stream is exactly that many tokens; the seed does not apply.
+
+longgen:essays: the Paul Graham essays of the documents' "eval" split (a split no trace reads), in the windows
+data.documents cuts (one every half window), as plain text. longgen:dialogue: ShareGPT conversations of the
+dialogues' "eval" split (the offline stand-in for OASST2) rendered whole with the chat template, the first --context
+tokens of those that reach it; ShareGPT cuts a long conversation into parts (ID_0, ID_1, ...), which are joined
+again in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpolicy.data.dialogue import MIN_USER_TURNS, split_of
+from kvpolicy.data.documents import iter_documents
+from kvpolicy.data.records import Conversation, Turn
+from kvpolicy.data.sharegpt import SOURCE as SHAREGPT, iter_conversations
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.names import BOUNDED_STREAM
+from kvpolicy.evaluation.tasks.base import Task
+
+FAMILY = "long-generation perplexity"
+EVAL_SPLIT = "eval"
+
+
+@dataclass(frozen=True)
+class StreamSample:
+    """A text to stream: its id and token ids (1, T), T = the task's --context."""
+
+    id: str
+    ids: torch.Tensor = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class StreamTask(Task):
+    """load(handle, n, context_tokens, seed) -> n StreamSamples of context_tokens tokens each."""
+
+    load: Callable[..., list[StreamSample]] = field(default=None, repr=False)
+
+
+def _first(streams: Iterator[StreamSample], n: int, what: str, context_tokens: int) -> list[StreamSample]:
+    """The first n streams; KVPError when there are fewer."""
+    samples = list(itertools.islice(streams, n))
+    if len(samples) < n:
+        raise KVPError(f"{what} holds only {len(samples)} texts of {context_tokens} tokens, {n} were asked for; ask "
+                       "for fewer or a shorter --context")
+    return samples
+
+
+def _cut(handle, text: str, context_tokens: int) -> torch.Tensor | None:
+    """The first context_tokens token ids (1, context_tokens) of `text`; None when it is shorter."""
+    ids = handle.encode(text)[:, :context_tokens]
+    return ids if ids.shape[1] == context_tokens else None
+
+
+def essay_streams(handle, context_tokens: int) -> Iterator[StreamSample]:
+    """The essays' eval-split windows of context_tokens tokens (the window's text and the text after it, re-encoded
+    and cut to exactly that length)."""
+    for document in iter_documents(handle, EVAL_SPLIT, context_tokens):
+        ids = _cut(handle, document.prompt + document.reference, context_tokens)
+        if ids is not None:
+            yield StreamSample(document.id, ids)
+
+
+def joined_conversations(split: str) -> Iterator[Conversation]:
+    """ShareGPT conversations of `split`, each with its parts joined in part order, in the file order of their first
+    part. Where the shipped file lacks a part, two turns of one role can meet: they are merged into one, so that
+    chat templates that require alternating roles render the conversation."""
+    parts: dict[str, dict[int, Conversation]] = {}
+    for conversation in iter_conversations():
+        if split_of(conversation.id) == split:
+            base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", conversation.id).groups()
+            parts.setdefault(base, {})[int(part or 0)] = conversation
+    for base, by_part in parts.items():
+        turns: list[Turn] = []
+        for turn in (t for _, c in sorted(by_part.items()) for t in c.turns):
+            if turns and turns[-1].role == turn.role:
+                turns[-1] = Turn(turn.role, f"{turns[-1].text}\n\n{turn.text}")
+            else:
+                turns.append(turn)
+        yield Conversation(id=base, turns=tuple(turns), source=SHAREGPT)
+
+
+def dialogue_streams(handle, context_tokens: int) -> Iterator[StreamSample]:
+    """The first context_tokens chat-rendered tokens of the eval split's multi-turn conversations that reach that
+    length (opening with a user turn, after any system turn)."""
+    for conversation in joined_conversations(EVAL_SPLIT):
+        first = next((t.role for t in conversation.turns if t.role != "system"), None)
+        if first != "user" or conversation.n_user_turns < MIN_USER_TURNS:
+            continue
+        ids = _cut(handle, handle.chat(conversation.messages(), add_generation_prompt=False), context_tokens)
+        if ids is not None:
+            yield StreamSample(f"sharegpt/{conversation.id}", ids)
+
+
+def essays_task() -> StreamTask:
+    def load(handle, n: int, context_tokens: int, seed: int) -> list[StreamSample]:
+        return _first(essay_streams(handle, context_tokens), n, "the essays' eval split", context_tokens)
+
+    return StreamTask(name="longgen:essays", family=FAMILY, metric="perplexity", protocols=(BOUNDED_STREAM,),
+                      data="Paul Graham essays of the eval split (no trace reads it), windows of --context tokens",
+                      sized=True, corpus="essays", load=load)
+
+
+def dialogue_task() -> StreamTask:
+    def load(handle, n: int, context_tokens: int, seed: int) -> list[StreamSample]:
+        return _first(dialogue_streams(handle, context_tokens), n, "ShareGPT's eval split", context_tokens)
+
+    return StreamTask(name="longgen:dialogue", family=FAMILY, metric="perplexity", protocols=(BOUNDED_STREAM,),
+                      data=f"{SHAREGPT}: eval-split conversations (no trace reads them), chat-rendered, their first "
+                           "--context tokens", sized=True, corpus="dialogue", load=load)
+
+
+LONGGEN = {"essays": essays_task, "dialogue": dialogue_task}  # the tasks of names.LONGGEN_TASKS
