@@ -14,10 +14,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from kvpolicy.errors import KVPError
+
 _REDUCE_OPS = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
 LEAVE_TIMEOUT_S = 60  # how long a leaving rank waits for the others at the final barrier
+
+
+class AnotherRankFailed(KVPError):
+    """What a rank that did not fail raises when another rank did (after a status check every rank took part in)."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"another rank failed (rank {rank} stopped too); re-run the same command to resume")
 
 
 @dataclass
@@ -46,6 +55,13 @@ class DistContext:
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (so all ranks take the same branch)."""
         return self.all_reduce([int(flag)], "max")[0] > 0
+
+    def check(self, ok: bool) -> None:
+        """A status check (a collective: every rank takes part in each one, in the same order): raise
+        AnotherRankFailed when this rank is `ok` but another is not; a rank that is not ok raises its own error
+        after it. A world of one passes at once."""
+        if not self.all_reduce([int(ok)], "min")[0] and ok:
+            raise AnotherRankFailed(self.rank)
 
     def barrier(self) -> None:
         if self.distributed:

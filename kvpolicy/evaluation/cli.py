@@ -1,10 +1,17 @@
-"""`kvp sweep`: evaluate models × scorers × budgets × tasks × protocols into a resumable JSONL results file."""
+"""`kvp sweep`: evaluate models × scorers × budgets × tasks × protocols into a resumable JSONL results file; under
+`torchrun --nproc_per_node K` the ranks share the work (kvpolicy.evaluation.sweep)."""
 
 from __future__ import annotations
 
 import argparse
 
 from kvpolicy.errors import KVPError
+
+EPILOG = ("Several processes share one sweep: run `torchrun --nproc_per_node K -m kvpolicy.cli -- sweep ...` (the "
+          '"--" keeps torchrun from reading --n as one of its own options), or start several `kvp sweep` on one --out. '
+          "Each rank starts with its own share of the work units, then takes over what no rank has begun; every "
+          "result is written once into --out, and rank 0 alone shows progress, prints the summary and writes "
+          "--report. Ranks on several nodes need --out on a filesystem they all share, with working POSIX locks.")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -18,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
 
+    parser.epilog = EPILOG
     parser.add_argument("--out", required=True, help="JSONL results file (created, or resumed when it exists)")
     parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], help="model names (kvp models)")
     parser.add_argument("--scorer", nargs="+", default=list(BASELINE_SCORERS),
@@ -72,8 +80,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.report:
         check_writable(args.report, "report directory", directory=True)  # before the sweep, not after it
-    result = run_sweep(config)
-    print(f"sweep: {result.written} new results, {result.skipped} already done, {result.seconds:.0f}s -> {result.path}")
+    result = run_sweep(config)  # under torchrun: returns once every rank's results are in
+    if result.rank:
+        return 0
+    by_rank = ", ".join(f"rank {r}: {n}" for r, n in enumerate(result.per_rank))
+    shares = f" ({by_rank})" if len(result.per_rank) > 1 else ""
+    print(f"sweep: {result.written} new results{shares}, {result.skipped} already done, {result.seconds:.0f}s -> "
+          f"{result.path}")
     print_summary(result.path)
     if args.report:
         from kvpolicy.report.render import write_report

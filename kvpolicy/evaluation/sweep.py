@@ -7,6 +7,16 @@ prefill per sample (or per shared context) and protocol, one ranking per scorer,
 stream, whose every cut depends on the scorer, budget and interval before it, is one stream per result. Sweeps
 started together on one results file share the work: each claims a unit before computing it and leaves the units
 claimed by others for last, when it waits for them and computes only what is still missing.
+
+Under torchrun (WORLD_SIZE > 1) every rank runs the sweep into the one results store. Rank r of W starts with its
+own share of the planned units (r, r + W, r + 2W, ...), so no two ranks contend for a unit at the start, then
+takes the others' shares from their far end, where their owners come last: a rank that finishes early steals the
+work still unclaimed, and the claims keep every result written once. The store's locks are POSIX locks on the
+results file's sidecar, so ranks on several nodes need the results file on a filesystem they all share (with
+working POSIX locks). Only rank 0 shows a progress bar, counting the other ranks' results as it meets their units.
+The ranks meet at status checks: before each model's work (so that they start on their shares together) and at
+the end (after which every rank's results are in the store). A rank that fails goes to the next check and raises
+its error there; every other rank stops at that check with a one-line error that another rank failed.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from itertools import product
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, UTC
 from typing import Any
 
@@ -23,6 +33,7 @@ from tqdm import tqdm
 
 import kvpolicy
 from kvpolicy.compression.budget import Budget
+from kvpolicy.distributed import AnotherRankFailed, DistContext, init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.costs import trace_costs
 from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender, IsMissing, make_contenders,
@@ -38,6 +49,7 @@ from kvpolicy.evaluation.tasks import (PROTOCOLS, QUERY_AWARE, DialogueTask, QAT
                                        resolve_tasks)
 from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
+from kvpolicy.models.placement import resolve_device
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.progress import bar
 
@@ -102,13 +114,17 @@ class WorkUnit:
 
 @dataclass
 class SweepRun:
-    """What one run of a sweep did: results written into `path`, results found already there, seconds taken."""
+    """What one run of a sweep did: results written into `path`, results found already there, seconds taken.
+    Under torchrun `written` counts every rank's results and `per_rank[r]` those of rank r; `rank` is the process
+    the run belongs to (0 outside torchrun)."""
 
     path: str
     written: int
     skipped: int
     seconds: float
     notes: list[str]
+    per_rank: list[int] = field(default_factory=list)
+    rank: int = 0
 
 
 def _protocols(task: Task, requested: list[str]) -> list[str]:
@@ -118,6 +134,13 @@ def _protocols(task: Task, requested: list[str]) -> list[str]:
     return [p for p in requested if p in task.protocols]
 
 
+def rank_order(n: int, rank: int, world: int) -> list[int]:
+    """Indices 0..n-1 in the order rank `rank` of `world` takes them: its own share first (rank, rank + world,
+    rank + 2·world, ...), then the other ranks' shares from the last index back, since their owners reach those
+    last (a world of one: 0..n-1)."""
+    return list(range(rank, n, world)) + [i for i in reversed(range(n)) if i % world != rank]
+
+
 def _sample_id(task: Task, sample: Any) -> str:
     if isinstance(task, TraceTask):
         return task.reader.manifest["samples"][sample].get("id", str(sample))
@@ -125,11 +148,12 @@ def _sample_id(task: Task, sample: Any) -> str:
 
 
 class Sweep:
-    """Plans and runs a SweepConfig against its store."""
+    """Plans and runs a SweepConfig against its store, as rank `ctx.rank` of `ctx.world` (torchrun) or alone."""
 
-    def __init__(self, config: SweepConfig):
+    def __init__(self, config: SweepConfig, ctx: DistContext | None = None):
         check_writable(config.out, "results file")
         self.config = config
+        self.ctx = ctx or DistContext()
         self.store = ResultStore(config.out)
         self.budgets: list[Budget] = [parse_budget(b) for b in config.budgets]
         self.tasks = resolve_tasks(config.tasks, config.hub_local)
@@ -282,14 +306,22 @@ class Sweep:
                     progress.update(1)
             return written
 
+    def _progress(self, handle: ModelHandle, total: int) -> tqdm:
+        """The progress bar of one model's sweep: shown by rank 0 only, so that ranks never draw over each other."""
+        if not self.ctx.main:
+            return tqdm(total=total, disable=True)
+        return bar(desc=f"sweep {handle.info.name}", total=total, unit="result")
+
     def _run_model(self, handle: ModelHandle) -> tuple[int, int]:
-        """(results written, results already done) for one model. One pass computes the units no concurrent sweep
-        holds; then each held unit is waited for and only what it still lacks is computed (normally nothing): what
-        another sweep wrote counts as already done."""
+        """(results written, results already done) for one model. One pass, in this rank's order (`rank_order`),
+        computes the units no concurrent sweep holds; then each held unit is waited for and only what it still
+        lacks is computed (normally nothing): what another sweep wrote counts as already done."""
         units = self.plan(handle)
+        self.ctx.check(ok=True)  # every rank has planned: they start on their own shares together
         planned = sum(len(u.samples) * sum(len(self._budget_labels(c, u.task)) for c in u.contenders) for u in units)
-        unfinished = [u for u in units if u.missing]
-        with bar(desc=f"sweep {handle.info.name}", total=sum(u.missing for u in unfinished), unit="result") as progress:
+        ordered = [units[i] for i in rank_order(len(units), self.ctx.rank, self.ctx.world)]
+        unfinished = [u for u in ordered if u.missing]
+        with self._progress(handle, sum(u.missing for u in unfinished)) as progress:
             per_unit = [self._compute(handle, u, progress, wait=False) for u in unfinished]
             per_unit = [self._compute(handle, u, progress, wait=True) if n is None else n
                         for u, n in zip(unfinished, per_unit)]
@@ -297,19 +329,22 @@ class Sweep:
         return written, planned - written
 
     def run(self) -> SweepRun:
+        """This process's part of the sweep: what it wrote, and what it found done (by earlier runs or others)."""
         start = time.perf_counter()
         written = skipped = 0
+        device = self.ctx.device if self.ctx.distributed else self.config.device  # torchrun on CUDA: a GPU per rank
         try:
             for name in self.config.models:
                 try:
-                    handle = load_model(name, device=self.config.device, dtype=self.config.dtype)
+                    handle = load_model(name, device=device, dtype=self.config.dtype)
                 except OSError as err:
                     raise KVPError(f"cannot load model '{name}': {err}") from None
                 new, done = self._run_model(handle)
                 written, skipped = written + new, skipped + done
         finally:
             self.store.close()
-        return SweepRun(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)))
+        return SweepRun(self.config.out, written, skipped, time.perf_counter() - start, list(dict.fromkeys(self.notes)),
+                        [written], self.ctx.rank)
 
 
 def _model_label(handle: ModelHandle) -> str:
@@ -320,8 +355,23 @@ def _model_label(handle: ModelHandle) -> str:
 
 
 def run_sweep(config: SweepConfig) -> SweepRun:
-    """Run (or resume) a sweep; returns what was written and what was already there."""
-    done = Sweep(config).run()
-    for note in done.notes:
-        print(f"note: {note}", file=sys.stderr)
-    return done
+    """Run (or resume) a sweep; returns what was written and what was already there. Under torchrun every rank
+    calls it (joining the process group here) and gets the whole world's counts once every rank is done, so
+    that rank 0 can read the complete store; a rank that failed raises its error, the others AnotherRankFailed."""
+    ctx = init_distributed(resolve_device(config.device).type)  # a CUDA request without CUDA: one line
+    try:
+        try:
+            done = Sweep(config, ctx).run()
+        except (KVPError, OSError, KeyboardInterrupt) as err:
+            if not isinstance(err, AnotherRankFailed):  # (that one was raised by a check every rank took part in)
+                ctx.check(ok=False)  # so that no rank waits forever on this one: all stop at this check
+            raise
+        ctx.check(ok=True)  # after it, every rank's results are in the store
+        per_rank = ctx.all_reduce([done.written if r == ctx.rank else 0 for r in range(ctx.world)], "sum")
+    finally:
+        shutdown_distributed(ctx)
+    if ctx.main:
+        for note in done.notes:
+            print(f"note: {note}", file=sys.stderr)
+    written = sum(per_rank)  # what the other ranks wrote this rank counted as already done
+    return replace(done, written=written, skipped=done.skipped + done.written - written, per_rank=per_rank)

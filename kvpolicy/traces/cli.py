@@ -53,7 +53,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.distributed import init_distributed, shutdown_distributed
+    from kvpolicy.distributed import AnotherRankFailed, init_distributed, shutdown_distributed
     from kvpolicy.models.loader import load_model
     from kvpolicy.models.placement import resolve_device, resolve_dtype
     from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if failure is not None:
         raise failure
     if not (all_ok and manifest_ok):
-        raise KVPError(f"another rank failed (rank {ctx.rank} finished its part); re-run the same command to resume")
+        raise AnotherRankFailed(ctx.rank)
     if manifest is not None:
         print(f"{manifest['n_samples']} traces ({manifest['prompt_tokens']} prompt tokens) of {handle.info.name} in "
               f"{args.out}: {recorded} recorded now, {skipped} were already there; "
