@@ -29,9 +29,10 @@ from kvpolicy.models.registry import DEFAULT_MODEL
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.4-2.0) with the model already
-    converted and the bundled policy evaluated too: traces (28 prompts) 142 s, training 19 s, evaluation 474 s,
-    10 min 38 s in all (8 min 19 s idle, without the bundled policy). long_context_tokens: the RULER-style tasks
+    """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.5 at the start, 1.9 at the end)
+    with the model already converted and the bundled policy evaluated too: traces (28 prompts) 141 s, training 30 s,
+    evaluation 406 s (744 results), 9 min 46 s in all, peak memory 2.4 GB (5 and 3 samples per RULER task took
+    10 min 38 s). long_context_tokens: the RULER-style tasks
     again at this longer context than the traces' (0: skip), with long_samples samples per task. eval_tasks:
     (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with
     room for its four values.
