@@ -89,10 +89,11 @@ class PolicyNet(nn.Module):
         - fc1 reads concat(γ·n + β) of the three branch norms n: fc1(...) = Σ n·(γ ⊙ rows of W1) + (b1 + Σ β·W1),
           so γ and β move into fc1 (then centred for ln1 like the others).
         ln1/ln2's affine sits before a SiLU and stays. Without autograd (inference) the result is cached until a
-        parameter changes (in-place updates bump its version), so ranking every layer folds each slice once.
+        parameter changes: an in-place update bumps its version, and moving the module (`.to(device or dtype)`)
+        gives it new storage, so ranking every layer folds each slice once.
         """
         key = (agents.start, agents.stop, dtype)
-        versions = tuple(p._version for p in self.parameters())
+        versions = tuple((p._version, p.data_ptr(), p.device) for p in self.parameters())
         cached = self.__dict__.get("_folded_cache", {}).get(key)
         if not torch.is_grad_enabled() and cached is not None and cached[0] == versions:
             return cached[1]

@@ -117,6 +117,10 @@ def test_inference_folds_once_and_refolds_after_an_in_place_update():
         second = net(keys, values, pos, length, slice(2, 4))
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, net(keys, values, pos, length, slice(2, 4)).detach())  # = folding afresh
+    with torch.no_grad():
+        cached = net.folded(slice(2, 4), torch.float32)
+        net.to(torch.float64)  # a move replaces the storage without bumping versions: the cache must not survive it
+        assert net.folded(slice(2, 4), torch.float32) is not cached
 
 
 def test_positions_beyond_the_table_are_clamped_and_relative_features_stay_finite():
