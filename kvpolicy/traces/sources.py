@@ -1,7 +1,8 @@
 """Training prompts for traces: RULER-style tasks, ShareGPT dialogues (chat-rendered, reference continuation up to
-the end of turn), plain essay continuation, or `mix`, a fixed interleaving of the three at several lengths, so that a
-policy trained on it is not tuned to one generator. Prompt i of a (source, split, seed, context) is always the same
-prompt."""
+the end of turn), plain essay continuation, plain continuation of Python source code, or `mix`, a fixed interleaving
+of the first three at several lengths, so that a policy trained on it is not tuned to one generator (code is a
+separate source that `kvp train` can read beside the mix). Prompt i of a (source, split, seed, context) is always
+the same prompt."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from kvpolicy.data import dialogue, documents, ruler
 from kvpolicy.data.dialogue import render_continuation
 from kvpolicy.errors import KVPError
 
-SOURCES = ("ruler", "dialogue", "essays", "mix")
+SOURCES = ("ruler", "dialogue", "essays", "code", "mix")
 TRACE_SPLITS = ("train", "val", "test")  # "eval" prompts belong to the evaluation harness only
 # mix: sample i is MIX_CYCLE[i % len(MIX_CYCLE)] = (source, context length as a multiple of --context); each source's
 # own samples are numbered in order of appearance, so the mix holds distinct prompts of each source
 MIX_CYCLE = (("ruler", 1.0), ("dialogue", 1.0), ("essays", 1.0), ("ruler", 0.5), ("essays", 1.0), ("dialogue", 1.0),
              ("ruler", 1.0), ("essays", 2.0), ("dialogue", 0.5), ("ruler", 2.0))
-DESCRIPTIONS = {"ruler": ruler.SOURCE, "dialogue": dialogue.SOURCE, "essays": documents.SOURCE,
-                "mix": f"a fixed mix of {ruler.SOURCE}; {dialogue.SOURCE}; {documents.SOURCE}, at 0.5x, 1x and 2x the "
-                       "context length"}
+MIX_SOURCES = tuple(dict.fromkeys(source for source, _ in MIX_CYCLE))
+ESSAYS, CODE = documents.CORPORA["essays"].source, documents.CORPORA["code"].source
+DESCRIPTIONS = {"ruler": ruler.SOURCE, "dialogue": dialogue.SOURCE, "essays": ESSAYS, "code": CODE,
+                "mix": f"a fixed mix of {ruler.SOURCE}; {dialogue.SOURCE}; {ESSAYS}, at 0.5x, 1x and 2x the context "
+                       "length"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,14 @@ def source_seeds(source: str, seed: int, tasks: Sequence[str] | None) -> dict[st
     if source == "essays":
         return {"rule": "essays split by sha256 of their name (70/10/10/10 train/val/test/eval), joined in name order; "
                         "sample i = the window of --context tokens at token i * (context // 2)"}
+    if source == "code":
+        return {"rule": "standard library .py files (no tests, site-packages or IDLE) split by sha256 of their path "
+                        "(70/10/10/10 train/val/test/eval), each encoded with its path as a first comment, in path "
+                        "order; sample i = the window of --context tokens at token i * (context // 2)",
+                "python": CODE}
     if source == "mix":
         return {"cycle": [list(c) for c in MIX_CYCLE], "rule": "sample i = cycle[i % len(cycle)]: that source's next "
-                "sample at that multiple of --context", **{s: source_seeds(s, seed, tasks) for s in SOURCES[:3]}}
+                "sample at that multiple of --context", **{s: source_seeds(s, seed, tasks) for s in MIX_SOURCES}}
     return {"rule": "conversations in ShareGPT file order, split by sha256 of the base conversation id "
                     "(80/5/5/10 train/val/test/eval); sample i = the i-th dialogue of the split that fits",
             "min_fraction": dialogue.MIN_FRACTION, "min_user_turns": dialogue.MIN_USER_TURNS}
@@ -86,7 +94,7 @@ def trace_prompts(handle, source: str, split: str, n: int, context_tokens: int, 
             yield TracePrompt(i, s.id, s.prompt, reference, {"task": s.task, "sample_id": i, "seed": seed})
     else:
         samples = (dialogue.iter_dialogues(handle, split, context_tokens) if source == "dialogue"
-                   else documents.iter_documents(handle, split, context_tokens))
+                   else documents.iter_documents(handle, split, context_tokens, corpus=source))
         yield from _first_of(samples, wanted, source, split, n, context_tokens)
 
 

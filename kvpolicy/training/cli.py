@@ -19,10 +19,12 @@ _POLICY_DEFAULTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--traces", required=True, metavar="DIR", help="training traces (from `kvp traces`)")
+    parser.add_argument("--traces", required=True, nargs="+", metavar="DIR",
+                        help="training traces (from `kvp traces`); several sets of one model are read as one")
     parser.add_argument("--out", required=True, metavar="CKPT",
                         help="checkpoint directory to write (resumed if present)")
-    parser.add_argument("--val", metavar="DIR", help="held-out validation traces (default: hold out 10%% of --traces)")
+    parser.add_argument("--val", nargs="+", metavar="DIR",
+                        help="held-out validation traces, one or several sets (default: hold out 10%% of --traces)")
     parser.add_argument("--steps", type=int, default=_DEFAULTS.steps,
                         help=f"optimizer steps (default {_DEFAULTS.steps})")
     parser.add_argument("--batch", type=int, default=_DEFAULTS.batch, help="prompts per step, over all processes")
@@ -56,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.traces.store import TraceReader
+    from kvpolicy.traces.union import open_traces
     from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.models.placement import resolve_device
     from kvpolicy.training.trainer import Trainer
 
-    train = TraceReader(args.traces)
-    val = TraceReader(args.val) if args.val else None
+    train = open_traces(args.traces)
+    val = open_traces(args.val) if args.val else None
     values = dict(
         steps=args.steps, batch=args.batch, tokens=args.tokens, samples=args.samples, lr=args.lr, warmup=args.warmup,
         val_every=args.val_every, val_samples=args.val_samples, checkpoint_every=args.checkpoint_every,

@@ -148,13 +148,3 @@ class TraceBatches:
             positions=torch.stack(positions).unsqueeze(0),
             lengths=torch.stack(lengths).reshape(1, -1, 1),
         )
-
-
-def check_same_model(train: TraceSource, val: TraceSource) -> None:
-    """Validation traces must come from the model the training traces came from (fingerprint and cache shape)."""
-    a, b = train.model, val.model
-    if (a.fingerprint, a.n_layers, a.n_kv_heads, a.head_dim) != (b.fingerprint, b.n_layers, b.n_kv_heads, b.head_dim):
-        raise KVPError(
-            f"validation traces come from another model ({b.name}, fingerprint {b.fingerprint}) than the training "
-            f"traces ({a.name}, fingerprint {a.fingerprint}); record both with one model"
-        )

@@ -36,7 +36,8 @@ from kvpolicy.policy.ranking import gumbel_sort, plackett_luce_logprob, reward, 
 from kvpolicy.progress import bar
 from kvpolicy.signals import deferred_interrupts
 from kvpolicy.training.config import TrainConfig
-from kvpolicy.training.data import TraceBatches, TraceSource, check_same_model
+from kvpolicy.traces.union import check_same_model
+from kvpolicy.training.data import TraceBatches, TraceSource
 from kvpolicy.training.forward import training_forward, with_eager_fallback
 from kvpolicy.training.state import pack_resume, read_resume, unpack_resume
 
@@ -83,6 +84,13 @@ class TrainResult:
 
 
 def source_description(source: TraceSource) -> dict[str, Any]:
+    """What a checkpoint records of its trace sets; a union of sets records each of its parts."""
+    if parts := getattr(source, "parts", None):
+        described = [source_description(p) for p in parts]
+        contexts = {d["context_tokens"] for d in described}
+        return {"manifest_hash": source.manifest_hash, "n_samples": len(source),
+                "source": "+".join(str(d["source"]) for d in described),
+                "context_tokens": contexts.pop() if len(contexts) == 1 else None, "parts": described}
     manifest = getattr(source, "manifest", {}) or {}
     return {
         "directory": str(getattr(source, "directory", "")),

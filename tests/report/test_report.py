@@ -15,7 +15,15 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.intervals import bootstrap_ci, bootstrap_ratio_ci
 from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.report.aggregate import ALL_SCORERS, curve_groups, head_maps, learning_curves, throughput, training_notes
+from kvpolicy.report.aggregate import (
+    ALL_SCORERS,
+    curve_groups,
+    head_maps,
+    learning_curves,
+    throughput,
+    trained_corpora,
+    training_notes,
+)
 from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
 from kvpolicy.report.tables import comparison_table, group_table
@@ -130,7 +138,16 @@ def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(resu
                          "query-aware", RULER_DATA, "s")
                    | {"scorer_identity": {"name": "kvp", "trained_on": {"source": "mix", "context_tokens": 2048}}})
     assert training_notes([mixed]) == [
-        "KVP (bundled) trained on mix traces at 2048 tokens: its training mix includes ruler prompts: held-out prompts"]
+        "KVP (bundled) trained on mix traces at 2048 tokens: its training traces include ruler prompts: held-out "
+        "prompts"]
+    code = result(_base("kvp:q", "KVP (mix+code)", "learned", "64", 64, "vt", "held-out traces", "cost",
+                        "question-agnostic", "code traces", "s") | {"corpus": "code", "scorer_identity": {
+                            "name": "kvp", "trained_on": {"source": "mix+code", "context_tokens": 2048}}})
+    assert training_notes([code]) == [
+        "KVP (mix+code) trained on mix+code traces at 2048 tokens: its training traces include code prompts: held-out "
+        "prompts"]
+    assert trained_corpora("mix+code") == {"ruler", "dialogue", "essays", "code"}
+    assert trained_corpora("dialogue") == {"dialogue"}
 
 
 def test_throughput_charges_the_prefill_once_per_sample(results):

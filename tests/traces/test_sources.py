@@ -1,10 +1,13 @@
-"""Trace sources: plain essay continuation and the mix of all sources at several lengths."""
+"""Trace sources: plain essay and code continuation, and the mix of the sources at several lengths."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
 from kvpolicy.cli import main
+from kvpolicy.data.code import SKIPPED_DIRS, read_source, source_paths, stdlib_root
 from kvpolicy.data.documents import SPLITS, iter_documents, split_of
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
@@ -17,6 +20,18 @@ def test_essays_split_by_name_into_disjoint_sets():
     assert all(names.values())  # every split holds essays
     assert sum(map(len, names.values())) == len(load_essays())
     assert split_of(load_essays()[0].name) == split_of(load_essays()[0].name)
+
+
+def test_code_corpus_is_the_standard_library_split_by_path():
+    paths = source_paths()
+    assert len(paths) > 300 and list(paths) == sorted(paths)
+    assert not any(SKIPPED_DIRS.intersection(p.split("/")[:-1]) for p in paths)
+    assert "json/decoder.py" in paths and not any("torch" in p for p in paths)  # needle:code's haystack is torch.nn
+    by_split = {split: [p for p in paths if split_of(p, "code") == split] for split in SPLITS}
+    assert all(by_split.values()) and sum(map(len, by_split.values())) == len(paths)
+    source = read_source("json/decoder.py")
+    assert source.text.startswith("# json/decoder.py\n") and "class JSONDecoder" in source.text
+    assert (stdlib_root() / "json/decoder.py").is_file()
 
 
 def test_mix_plan_cycles_sources_and_lengths_with_distinct_samples():
@@ -41,6 +56,19 @@ def test_document_prompts_are_windows_followed_by_their_reference(smollm):
     assert first.reference and first.reference[:40] in second.prompt  # what follows a window starts the next half
     with pytest.raises(KVPError, match="unknown split"):
         next(iter_documents(smollm, "dev", 128))
+
+
+@pytest.mark.model
+def test_code_prompts_are_windows_over_the_splits_files_in_path_order(smollm):
+    docs = list(itertools.islice(iter_documents(smollm, "val", 128, corpus="code"), 30))
+    first_file = next(p for p in source_paths() if split_of(p, "code") == "val")
+    assert docs[0].prompt.startswith(f"# {first_file}\n") and docs[0].id == "code-val-128-0"
+    assert docs[1].prompt[:40] in docs[0].prompt and docs[0].reference[:40] in docs[1].prompt
+    assert len({d.prompt for d in docs}) == 30
+    prompts = list(trace_prompts(smollm, "code", "val", 3, 128))
+    assert [p.prompt for p in prompts] == [d.prompt for d in docs[:3]]
+    with pytest.raises(KVPError, match="unknown document corpus"):
+        next(iter_documents(smollm, "val", 128, corpus="rust"))
 
 
 @pytest.mark.model
