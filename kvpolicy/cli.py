@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvpolicy.evaluation.bench.cli", "measure costs and savings side by side: scoring, memory, decode, "
               "answers vs kvpress, traces and training"),
     "demo": ("kvpolicy.demo", "the whole story on SmolLM2: traces, training, evaluation, report"),
+    "experiment": ("kvpolicy.experiment", "every run behind docs/RESULTS.md for one model, resumable (--preset)"),
 }
 
 

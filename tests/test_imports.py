@@ -20,7 +20,8 @@ BELOW = {
     "evaluation": {"models", "data", "traces", "policy", "training", "compression"},
     "report": {"models", "data", "traces", "policy", "training", "compression", "evaluation"},
 }
-TOP = {"demo", "cli", "__init__"}  # the CLI and the demo sit on top of everything, as does each stage's cli.py
+TOP = {"demo", "experiment", "cli", "__init__"}  # the CLI, the demo and the experiment presets sit on top of
+# everything, as does each stage's cli.py
 
 
 def stage_of(path: Path) -> str:

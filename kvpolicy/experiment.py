@@ -1,0 +1,163 @@
+"""`kvp experiment --preset NAME`: every run behind docs/RESULTS.md for one model, as one resumable command.
+
+A preset is a list of stages, each one `kvp` command (traces, train, sweep, report) into one output directory:
+
+1. traces   per-corpus training traces (RULER-style, dialogue) and held-out test traces of the mix
+2. train    the paper's per-corpus policies: KVP-R on RULER-style traces, KVP-D on dialogue traces
+3. costs    held-out ranking cost of every policy (the bundled KVP-mix among them) and baseline, per corpus
+4. sweeps   RULER-style and evaluation-only needle accuracy at 6%–50% of a 2K context (token budgets), both protocols;
+            the same at 4K and 8K by ratio (length transfer); dialogue perplexity, prompt-once and multi-turn;
+            perplexity of long texts streamed through a bounded cache re-ranked every N tokens
+5. report   the tables and figures, with 95% bootstrap intervals
+
+Every command resumes what it finished, so a killed run (or one spread over several sessions) continues where it
+stopped; a stage that completed is skipped outright. `OUT/stages.json` records each finished stage's command, wall
+time and the load average around it (the timings docs/RESULTS.md quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvpolicy.errors import KVPError
+from kvpolicy.io import read_json, write_json
+
+BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv")
+STREAM_BASELINES = ("streaming_llm", "knorm", "keydiff", "tova", "h2o")  # those with a decoding form
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `kvp` command of a preset; `name` identifies it in OUT/stages.json and `--stage`."""
+
+    name: str
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Sizes of a preset. budgets: entries per KV head at `context` (128–1024 of 2048 = 6.25%–50%); ratios: the same
+    shares as kvpress compression ratios (fraction removed), for the longer contexts."""
+
+    model: str
+    context: int = 2048
+    future_tokens: int = 128
+    train_prompts: int = 32
+    val_prompts: int = 8
+    test_prompts: int = 30
+    steps: int = 1000
+    samples: int = 30
+    budgets: tuple[str, ...] = ("128", "256", "512", "1024")
+    long_contexts: tuple[int, ...] = (4096, 8192)
+    ratios: tuple[str, ...] = ("0.9375", "0.875", "0.75", "0.5")
+    stream_context: int = 6144
+    stream_samples: int = 10
+    stream_every: tuple[int, ...] = (64, 256)
+    stream_budgets: tuple[str, ...] = ("256", "512", "1024")
+    corpora: tuple[str, ...] = field(default=("ruler", "dialogue"))
+
+    def __post_init__(self):
+        for name in ("context", "future_tokens", "train_prompts", "val_prompts", "test_prompts", "steps", "samples",
+                     "stream_context", "stream_samples"):
+            if getattr(self, name) < 1:
+                raise KVPError(f"experiment: {name} must be at least 1")
+
+
+PRESETS = {
+    "smollm2": ExperimentConfig("smollm2-135m"),
+    "qwen2.5": ExperimentConfig("qwen2.5-0.5b"),
+}
+
+
+def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
+    """The commands of a preset, in order."""
+    common = ("--model", cfg.model)
+    traces = out / "traces"
+    result: list[Stage] = []
+    policies = [f"kvp:{cfg.model}"]  # the bundled KVP-mix
+    for corpus in cfg.corpora:
+        for split, n in (("train", cfg.train_prompts), ("val", cfg.val_prompts)):
+            result.append(Stage(f"traces-{corpus}-{split}", (
+                "traces", *common, "--source", corpus, "--split", split, "--n", str(n), "--context", str(cfg.context),
+                "--future-tokens", str(cfg.future_tokens), "--out", str(traces / f"{corpus}-{split}"))))
+    result.append(Stage("traces-mix-test", (
+        "traces", *common, "--source", "mix", "--split", "test", "--n", str(cfg.test_prompts), "--context",
+        str(cfg.context), "--future-tokens", str(cfg.future_tokens), "--out", str(traces / "mix-test"))))
+    for corpus in cfg.corpora:
+        name = f"kvp-{corpus[0]}"  # the paper's KVP-R and KVP-D
+        result.append(Stage(f"train-{name}", (
+            "train", "--traces", str(traces / f"{corpus}-train"), "--val", str(traces / f"{corpus}-val"),
+            "--steps", str(cfg.steps), "--out", str(out / name))))
+        policies.append(f"kvp:{out / name}")
+    store = ("--out", str(out / "results.jsonl"))
+    sweep = ("sweep", *common, *store)
+    result += [
+        Stage("costs", (*sweep, "--task", f"traces:{traces / 'mix-test'}", "--n", str(cfg.test_prompts), "--budget",
+                        *cfg.budgets, "--scorer", *policies, *BASELINES, "oracle")),
+        Stage("ruler", (*sweep, "--task", "ruler:niah_single_2", "needles", "--max-new-tokens", "16",
+                        *_qa(cfg, policies, (str(cfg.context),), cfg.budgets))),
+        Stage("ruler-multivalue", (*sweep, "--task", "ruler:niah_multivalue", "--max-new-tokens", "48",
+                                   *_qa(cfg, policies, (str(cfg.context),), cfg.budgets))),
+        Stage("length-transfer", (*sweep, "--task", "ruler:niah_single_2", "needles", "--max-new-tokens", "16",
+                                  *_qa(cfg, policies, tuple(map(str, cfg.long_contexts)), cfg.ratios))),
+        Stage("dialogue", (*sweep, "--task", "dialogue", "--protocol", "prompt-once", "multi-turn", "--context",
+                           str(cfg.context), "--n", str(cfg.samples), "--budget", *cfg.budgets, "--scorer", *policies,
+                           *BASELINES)),
+        Stage("long-generation", (*sweep, "--task", "longgen:essays", "longgen:dialogue", "--context",
+                                  str(cfg.stream_context), "--every", *map(str, cfg.stream_every), "--n",
+                                  str(cfg.stream_samples), "--budget", *cfg.stream_budgets, "--scorer", policies[0],
+                                  *STREAM_BASELINES)),
+        Stage("report", ("report", str(out / "results.jsonl"), "--out", str(out / "report"))),
+    ]
+    return result
+
+
+def _qa(cfg: ExperimentConfig, policies: list[str], contexts: tuple[str, ...], budgets: tuple[str, ...]) -> tuple:
+    return ("--protocol", "query-aware", "question-agnostic", "--context", *contexts, "--n", str(cfg.samples),
+            "--budget", *budgets, "--scorer", *policies, *BASELINES)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model whose results to run")
+    parser.add_argument("--out", help="output directory (default: runs/experiment-PRESET)")
+    parser.add_argument("--stage", nargs="+", metavar="NAME", help="run only these stages (default: all, in order)")
+    parser.add_argument("--list", action="store_true", help="print the stages' commands and what is done; run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.cli import main as kvp
+
+    out = Path(args.out or f"runs/experiment-{args.preset}")
+    plan = stages(PRESETS[args.preset], out)
+    names = [s.name for s in plan]
+    unknown = sorted(set(args.stage or ()) - set(names))
+    if unknown:
+        raise KVPError(f"unknown stage {', '.join(unknown)}; the stages of {args.preset} are: {', '.join(names)}")
+    log_path = out / "stages.json"
+    done: dict = read_json(log_path) if log_path.exists() else {}
+    chosen = [s for s in plan if not args.stage or s.name in args.stage]
+    for stage in chosen:
+        finished = done.get(stage.name, {}).get("argv") == list(stage.argv)
+        if args.list:
+            state = f"done in {done[stage.name]['seconds']:.0f} s" if finished else "to run"
+            print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
+            continue
+        if finished:
+            print(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
+            continue
+        print(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
+        load, start = os.getloadavg()[0], time.perf_counter()
+        code = kvp(list(stage.argv))
+        if code:
+            print(f"[{stage.name}] failed (exit {code}); fix the cause and re-run the same command to resume")
+            return code
+        done[stage.name] = {"argv": list(stage.argv), "seconds": round(time.perf_counter() - start, 1),
+                            "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2),
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(log_path, done)
+    return 0

@@ -1,0 +1,58 @@
+"""`kvp experiment --preset`: every stage is a valid kvp command, stages run in order into one directory, a finished
+stage is recorded with its wall time and skipped on a re-run, and a failing one stops the run unrecorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvpolicy.cli import build_parser, main
+from kvpolicy.errors import KVPError
+from kvpolicy.experiment import PRESETS, ExperimentConfig, stages
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_stage_is_a_kvp_command(preset, tmp_path):
+    plan = stages(PRESETS[preset], tmp_path)
+    parser = build_parser()
+    for stage in plan:
+        parser.parse_args(list(stage.argv))  # argparse exits on a wrong flag or choice
+    names = [s.name for s in plan]
+    assert len(set(names)) == len(names) and names[-1] == "report"
+    trains = {s.name: s.argv for s in plan if s.argv[0] == "train"}
+    assert set(trains) == {"train-kvp-r", "train-kvp-d"}
+    costs = next(s.argv for s in plan if s.name == "costs")
+    assert f"kvp:{tmp_path / 'kvp-r'}" in costs and f"kvp:{PRESETS[preset].model}" in costs and "oracle" in costs
+    ruler = next(s.argv for s in plan if s.name == "ruler")
+    budgets = [int(b) for b in ruler[ruler.index("--budget") + 1: ruler.index("--scorer")]]
+    assert min(budgets) / PRESETS[preset].context == 0.0625 and max(budgets) / PRESETS[preset].context == 0.5
+
+
+def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
+    with pytest.raises(KVPError, match="samples must be at least 1"):
+        ExperimentConfig("smollm2-135m", samples=0)
+    assert main(["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", "nope"]) == 1
+    assert "unknown stage nope" in capsys.readouterr().err
+    assert not (tmp_path / "stages.json").exists()
+
+
+@pytest.mark.model
+def test_stages_run_once_and_record_their_wall_time(tmp_path, monkeypatch, capsys, one_thread):
+    tiny = ExperimentConfig("smollm2-135m", context=256, future_tokens=4, train_prompts=2, val_prompts=1)
+    monkeypatch.setitem(PRESETS, "tiny", tiny)
+    argv = ["experiment", "--preset", "tiny", "--out", str(tmp_path), "--stage", "traces-ruler-train"]
+    assert main(argv) == 0
+    log = json.loads((tmp_path / "stages.json").read_text())
+    assert list(log) == ["traces-ruler-train"] and log["traces-ruler-train"]["seconds"] > 0
+    assert (tmp_path / "traces" / "ruler-train" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "done earlier" in capsys.readouterr().out
+    assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "traces-ruler-train (done in" in listed and "train-kvp-r (to run)" in listed
+    # a stage that fails (training on traces not recorded yet) stops the run and is not recorded as done
+    assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path), "--stage", "train-kvp-d"]) == 1
+    assert "failed" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "stages.json").read_text())) == ["traces-ruler-train"]
