@@ -39,6 +39,13 @@ def source_paths() -> tuple[str, ...]:
     ))
 
 
+@functools.lru_cache(maxsize=1)
+def code_lines() -> tuple[str, ...]:
+    """Non-empty lines of every file of the corpus, in path order: the code haystack of RULER-style needles."""
+    return tuple(line.rstrip() for name in source_paths()
+                 for line in read_source(name).text.splitlines() if line.strip())
+
+
 def read_source(name: str) -> SourceFile:
     """One file of the corpus, with its path as a leading comment."""
     text = (stdlib_root() / name).read_text(encoding="utf-8", errors="replace").strip()

@@ -22,20 +22,23 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvpolicy.data.code import code_lines
 from kvpolicy.data.essays import haystack_text
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
 
 SPLITS = ("train", "val", "test", "eval")  # "eval" is reserved for the evaluation harness
 TASK_KINDS = ("niah", "vt", "cwe", "fwe")
+HAYSTACKS = ("essay", "noise", "needle", "code")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 SOURCE = "RULER-style synthetic tasks (kvpolicy generator, Paul Graham essays haystack)"
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One RULER task. For needle tasks: `haystack` essay | noise | needle (distractor needles), key and value
-    types, and how many keys / values per key / queried keys."""
+    """One RULER task. For needle tasks: `haystack` essay | noise | needle (distractor needles) | code (lines of the
+    Python standard library's files, needles as comments; like the essays, one haystack for every split), key and
+    value types, and how many keys / values per key / queried keys."""
 
     name: str
     kind: str
@@ -53,8 +56,8 @@ class TaskSpec:
             raise ValueError(f"task kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.metric not in ("all", "part"):
             raise ValueError(f"metric must be 'all' or 'part', got {self.metric!r}")
-        if self.haystack not in ("essay", "noise", "needle"):
-            raise ValueError(f"haystack must be essay, noise or needle, got {self.haystack!r}")
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
         if not 1 <= self.n_queries <= self.n_keys:
             raise ValueError("need 1 <= n_queries <= n_keys")
 
@@ -75,6 +78,9 @@ RULER_TASKS: dict[str, TaskSpec] = {
         TaskSpec("fwe", "fwe", 50),
     )
 }
+# beyond RULER's own tasks (never in the default task cycle): needles in source code, for a code model's traces
+EXTRA_TASKS: dict[str, TaskSpec] = {"niah_code": TaskSpec("niah_code", "niah", 128, haystack="code")}
+TASKS = RULER_TASKS | EXTRA_TASKS
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,14 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
     words, starts = _essay_words()
     start = rng.choice([s for s in starts if s <= max(0, len(words) - context_tokens)])
     salt = rng.getrandbits(64)
+    lines = code_lines() if spec.haystack == "code" else ()
+    line = rng.randrange(len(lines)) if lines else 0
+    joiner = "\n" if lines else " "
 
     def build(size: int) -> Built:
-        if spec.haystack == "essay":
+        if spec.haystack == "code":
+            units = [lines[(line + i) % len(lines)] for i in range(size)]
+        elif spec.haystack == "essay":
             text = " ".join((words * (1 + (start + size) // len(words)))[start : start + size])
             units = _sentences(text) if size else []
         elif spec.haystack == "noise":
@@ -200,7 +211,8 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
             others = [k for k in others if k not in keys][:size]
             units = [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
                      for k in others]
-        haystack = " ".join(insert_at_depths(units, needles, depths))
+        shown = [f"# {n}" for n in needles] if lines else needles
+        haystack = joiner.join(insert_at_depths(units, shown, depths))
         tv = spec.value_type
         context = (f"Some special magic {tv} are hidden within the following text. Make sure to memorize it. "
                    f"I will quiz you about the {tv} afterwards.\n{haystack}\n")
@@ -322,11 +334,11 @@ def sample_from(built: Built, handle, *, id: str, task: str, source: str, split:
 def make_sample(task: str, handle, context_tokens: int, seed: int, sample_id: int, split: str = "train") -> RulerSample:
     """The RULER sample (task, split, seed, sample_id) rendered for `handle` (a ModelHandle: .chat, .encode) in
     at most `context_tokens` tokens (chat template and answer prefix included)."""
-    if task not in RULER_TASKS:
-        raise KVPError(f"unknown RULER task '{task}'; known tasks: {', '.join(RULER_TASKS)}")
+    if task not in TASKS:
+        raise KVPError(f"unknown RULER task '{task}'; known tasks: {', '.join(TASKS)}")
     if split not in SPLITS:
         raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
-    spec = RULER_TASKS[task]
+    spec = TASKS[task]
     build = BUILDERS[spec.kind](spec, _rng(task, split, seed, sample_id), context_tokens)
     built, _ = fit_to_context(build, handle, context_tokens, f"RULER task {task}")
     return sample_from(built, handle, id=f"ruler/{split}/{task}/s{seed}/{sample_id}", task=task, source=SOURCE,

@@ -6,7 +6,7 @@ equal)."""
 from __future__ import annotations
 
 from kvpolicy.data.needles import NEEDLE_TASKS
-from kvpolicy.data.ruler import RULER_TASKS
+from kvpolicy.data.ruler import TASKS
 
 BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
 QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
@@ -28,7 +28,7 @@ ZERO_SHOT_TASKS = ("boolq", "arc_challenge", "gov_report", "passage_retrieval_en
 
 
 def known_tasks() -> str:
-    return (f"ruler, ruler:TASK (TASK in {', '.join(RULER_TASKS)}), ruler-hub, ruler-hub:TASK, needles, "
+    return (f"ruler, ruler:TASK (TASK in {', '.join(TASKS)}), ruler-hub, ruler-hub:TASK, needles, "
             f"needle:TASK (TASK in {', '.join(NEEDLE_TASKS)}), dialogue, oasst2, longgen, "
             f"longgen:TASK (TASK in {', '.join(LONGGEN_TASKS)}), "
             f"{', '.join(ZERO_SHOT_TASKS)}, traces:DIR")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import kvpolicy
-from kvpolicy.data.ruler import RULER_TASKS
+from kvpolicy.data.ruler import TASKS
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
@@ -77,9 +77,9 @@ class TraceRunConfig:
             raise KVPError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
         if self.tasks is not None and self.source != "ruler":
             raise KVPError("--tasks applies to --source ruler only")
-        unknown = sorted(set(self.tasks or ()) - set(RULER_TASKS))
+        unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:
-            raise KVPError(f"unknown RULER tasks {unknown}; known: {', '.join(RULER_TASKS)}")
+            raise KVPError(f"unknown RULER tasks {unknown}; known: {', '.join(TASKS)}")
 
     def manifest_fields(self, handle: ModelHandle) -> dict:
         """The run description stored in every shard and in the manifest."""

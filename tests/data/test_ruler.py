@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpolicy.data.ruler import (NOISE, RULER_TASKS, SPLITS, make_sample, make_samples, score_prediction,
-                                 string_match_all, string_match_part)
+from kvpolicy.data.ruler import (EXTRA_TASKS, NOISE, RULER_TASKS, SPLITS, TASKS, make_sample, make_samples,
+                                 score_prediction, string_match_all, string_match_part)
 from kvpolicy.errors import KVPError
 from kvpolicy.traces.record import greedy_continuation
 
@@ -23,24 +23,28 @@ def test_metrics_are_rulers():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("task", sorted(RULER_TASKS))
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_fits_the_context_and_holds_its_answers(smollm, task):
     target = 512
     s = make_sample(task, smollm, target, seed=0, sample_id=3, split="train")
     assert s.length == smollm.encode(s.prompt).shape[1]
-    slack = {"essay": 4, "noise": 30, "needle": 80}[RULER_TASKS[task].haystack]  # filler unit: word, ~25, ~60 tokens
+    # filler unit: a word, ~25 tokens of noise, ~60 of a distractor needle, a line of code
+    slack = {"essay": 4, "noise": 30, "needle": 80, "code": 80}[TASKS[task].haystack]
     assert target - slack <= s.length <= target
     assert s.prompt == s.prompt_context + s.prompt_question and s.prompt.endswith(s.answer_prefix)
     assert s.prompt_context.endswith(s.context) and s.question in s.prompt_question
     assert s.answers and s.metric == "all" and s.max_new_tokens > 0
     assert s.reference.strip(" .") == ", ".join(s.answers)
-    spec = RULER_TASKS[task]
+    spec = TASKS[task]
     if spec.kind == "niah":
         for answer in s.answers:
             assert f"is: {answer}." in s.context
         assert len(s.answers) == spec.n_values * spec.n_queries
         if spec.haystack == "noise":
             assert NOISE in s.context
+        if spec.haystack == "code":  # needles are comment lines among the standard library's lines
+            assert re.search(rf"\n# One of the special magic numbers for .+ is: {s.answers[0]}\.\n", s.context)
+            assert "def " in s.context or "import " in s.context
     elif spec.kind == "vt":
         first, *rest = s.answers
         assert re.search(rf"VAR {first} = \d{{5}}\.", s.context)
@@ -54,6 +58,11 @@ def test_every_task_fits_the_context_and_holds_its_answers(smollm, task):
     else:  # fwe: the three most frequent coded words after the "...." noise
         words = Counter(s.context.split("words. ", 1)[1].split())
         assert [w for w, _ in words.most_common(4)][1:] == list(s.answers)
+
+
+def test_extra_tasks_stay_out_of_the_default_cycle():
+    assert set(EXTRA_TASKS) == {"niah_code"} and not set(EXTRA_TASKS) & set(RULER_TASKS)
+    assert len(RULER_TASKS) == 11  # RULER's own tasks: `--task ruler` and the trace mix cycle over these
 
 
 @pytest.mark.model

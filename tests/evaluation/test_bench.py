@@ -16,7 +16,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers import SCORERS
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
-from kvpolicy.evaluation.bench.config import SECTIONS, plan_sections
+from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
 from kvpolicy.evaluation.bench.ranking import evaluate, measure_ranking, print_ranking, scorer_method
 from kvpolicy.evaluation.lineup import make_contenders
 from kvpolicy.evaluation.result import WHOLE_RANKING
@@ -37,7 +37,8 @@ def bench(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         code = main(["bench", "--contexts", str(CONTEXT), "--keep", str(KEEP), "--budgets", str(BUDGET),
                      "--decode-tokens", "2", "--answer-tokens", "3", "--repeats", "1", "--trace-n", "2",
-                     "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--json", str(out)])
+                     "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--train-shape", "3x2x32",
+                     "--json", str(out)])
     assert code == 0
     return printed.getvalue(), json.loads(out.read_text())
 
@@ -113,6 +114,17 @@ def test_trace_and_training_throughput(bench):
     assert 2 * 64 * 2 < traces["bytes_per_token_head"]  # at least the fp16 key and value of every entry
     assert training["steps"] == 1 and training["seconds"] == pytest.approx(1 / training["steps_per_s"])
     assert training["tokens_per_s"] == pytest.approx(training["steps_per_s"] * training["batch"] * training["tokens"])
+    assert training["shape"] == [30, 3, 64] and "synthetic" not in training  # SmolLM2's own traces
+    (at_shape,) = e["training_at_shape"]
+    assert at_shape["shape"] == [3, 2, 32] and at_shape["synthetic"] and at_shape["steps"] == 1
+    assert "training on synthetic traces of that cache shape, 3 layers x 2 KV heads x head dim 32" in bench[0]
+
+
+def test_train_shape_is_checked():
+    assert parse_shape("28x4x128") == (28, 4, 128)
+    for bad in ("28x4", "28x0x128", "axbxc"):
+        with pytest.raises(KVPError, match="LAYERSxKV_HEADSxHEAD_DIM"):
+            parse_shape(bad)
 
 
 def test_section_plan():

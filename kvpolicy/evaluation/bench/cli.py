@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"their greedy future's maximum tokens (default {_DEFAULTS.trace_future})")
     parser.add_argument("--train-steps", type=int, default=_DEFAULTS.train_steps,
                         help=f"training steps of section e (default {_DEFAULTS.train_steps})")
+    parser.add_argument("--train-shape", nargs="+", default=[], metavar="LxHxD",
+                        help="section e also times training for a model of this KV-cache shape (layers x KV heads x "
+                             "head dim, e.g. 28x4x128 for Qwen2.5-7B) on synthetic traces, without that model")
     parser.add_argument("--traces", metavar="DIR", help="ranking section: training traces (from `kvp traces`)")
     parser.add_argument("--val", metavar="DIR", help="ranking section: validation traces")
     parser.add_argument("--test", metavar="DIR", help="ranking section: held-out traces to report on (default --val)")
@@ -89,11 +92,17 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
                                           config.repeats)
         answers.print_answers(figures)
     elif section == "e":
-        traces = work / "traces"
+        from kvpolicy.traces.store import TraceReader
+
+        traces, device = work / "traces", handle.model.device.type
         figures = {
             "traces": throughput.measure_traces(handle, config.trace_n, config.trace_context, config.trace_future,
                                                 traces),
-            "training": throughput.measure_training(handle, traces, config.train_steps, work / "kvp"),
+            "training": throughput.measure_training(TraceReader(traces), config.train_steps, work / "kvp", device),
+            "training_at_shape": [
+                throughput.measure_training(throughput.synthetic_at_shape(shape), config.train_steps,
+                                            work / f"kvp-{'x'.join(map(str, shape))}", device) | {"synthetic": True}
+                for shape in config.train_shapes],
         }
         throughput.print_throughput(figures)
     else:
@@ -113,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
     from kvpolicy.errors import KVPError
-    from kvpolicy.evaluation.bench.config import plan_sections
+    from kvpolicy.evaluation.bench.config import parse_shape, plan_sections
     from kvpolicy.io import check_writable, write_json
     from kvpolicy.models import load_model
 
     config = BenchConfig(tuple(args.contexts), args.keep, tuple(args.budgets), args.decode_tokens, args.answer_tokens,
-                         args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps)
+                         args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
+                         tuple(parse_shape(s) for s in args.train_shape))
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

@@ -28,6 +28,7 @@ class BenchConfig:
     compression ratio). budgets: entries kept per KV head in b and in the ranking section. decode_tokens: decode
     steps timed per cache in c; answer_tokens: max_new_tokens in d; repeats: timings are the best of this many.
     trace_n / trace_context / trace_future: the training traces section e records; train_steps: its training run.
+    train_shapes: (layers, KV heads, head dim) at which section e also times training, on synthetic traces.
     """
 
     contexts: tuple[int, ...] = (2048, 4096)
@@ -40,6 +41,7 @@ class BenchConfig:
     trace_context: int = 1024
     trace_future: int = 32
     train_steps: int = 100
+    train_shapes: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -53,6 +55,14 @@ class BenchConfig:
                 raise KVPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.trace_context < 16 or self.trace_future < 1:
             raise KVPError("--trace-context must be >= 16 tokens and --trace-future >= 1")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"28x4x128" -> (28, 4, 128): layers, KV heads, head dim."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise KVPError(f"--train-shape takes LAYERSxKV_HEADSxHEAD_DIM, e.g. 28x4x128; got '{text}'")
+    return tuple(map(int, parts))
 
 
 def plan_sections(chosen: list[str] | None, ranking_traces: bool, have_policy: bool) -> list[str]:

@@ -17,8 +17,10 @@ from kvpolicy.distributed import init_distributed
 from kvpolicy.models import ModelHandle
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
-from kvpolicy.traces.store import TraceReader, shard_paths
+from kvpolicy.traces.store import shard_paths
 from kvpolicy.training.config import TrainConfig
+from kvpolicy.training.data import TraceSource
+from kvpolicy.training.synthetic import SyntheticTraces
 from kvpolicy.training.trainer import Trainer
 
 SOURCE = "ruler"
@@ -41,31 +43,49 @@ def measure_traces(handle: ModelHandle, n: int, context: int, future: int, out: 
             "goal_bytes_per_token_head": 2 * info.head_dim * 2 + 8}
 
 
-def measure_training(handle: ModelHandle, traces: Path, steps: int, out: Path) -> dict:
-    """Train a policy on `traces` with the default settings into `out` (on the model's device): one first step,
-    which builds torch.compile's kernels, then `steps` more, timed apart: steps and ranked tokens per second."""
+def measure_training(source: TraceSource, steps: int, out: Path, device: str) -> dict:
+    """Train a policy on `source` with the default settings into `out` (on `device`): one first step, which builds
+    torch.compile's kernels, then `steps` more, timed apart: steps and ranked tokens per second."""
     config = TrainConfig(steps=1, val_every=1 + steps, checkpoint_every=1 + steps)
-    trainer = Trainer(TraceReader(traces), out, config=config, ctx=init_distributed(handle.model.device.type),
-                      resume=False)
+    trainer = Trainer(source, out, config=config, ctx=init_distributed(device), resume=False)
     start = time.perf_counter()
     trainer.run()
     first = time.perf_counter() - start
     config.steps = 1 + steps  # the same run goes on: its compiled forward is reused
     result = trainer.run()
+    m = source.model
     return {"steps": steps, "batch": config.batch, "tokens": config.tokens, "first_step_s": first,
             "seconds": steps / result.steps_per_s, "steps_per_s": result.steps_per_s,
-            "tokens_per_s": result.tokens_per_s, "parameters": result.n_parameters}
+            "tokens_per_s": result.tokens_per_s, "parameters": result.n_parameters,
+            "shape": [m.n_layers, m.n_kv_heads, m.head_dim]}
+
+
+def synthetic_at_shape(shape: tuple[int, int, int], length: int = 512, n: int = 20) -> SyntheticTraces:
+    """Traces for a model with this KV-cache shape (layers, KV heads, head dim), made up rather than recorded: a
+    training step's cost depends on the shape, the batch and the tokens ranked per prompt, not on where the keys
+    came from, so this times the training of a bigger model's policy without that model (prompts are kept short:
+    only validation reads whole prompts, and all of them stay in RAM)."""
+    n_layers, n_kv_heads, head_dim = shape
+    return SyntheticTraces(n, length=length, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim)
 
 
 def print_throughput(fig: dict) -> None:
-    """Three lines: trace recording speed, bytes on disk, training speed."""
-    t, r = fig["traces"], fig["training"]
+    """Trace recording speed, bytes on disk, then training speed on those traces and at each --train-shape."""
+    t = fig["traces"]
     print(f"   traces: {t['samples']} {t['source']} prompts of {t['context']} tokens, greedy futures up to "
           f"{t['future_tokens']} tokens: {t['prompt_tokens']:,} prompt tokens in {t['seconds']:.1f} s = "
           f"{t['tokens_per_s']:,.0f} tokens/s ({t['model_share']:.0%} inside the model)")
     print(f"   on disk: {t['bytes_per_token_head']:.1f} bytes per prompt token per KV head "
           f"(goal {t['goal_bytes_per_token_head']})")
-    print(f"   training ({r['parameters']:,} parameters): first step {r['first_step_s']:.1f} s (torch.compile builds "
-          f"its kernels), then {r['steps']} steps of {r['batch']} prompts x {r['tokens']} tokens in "
+    for r in [fig["training"], *fig.get("training_at_shape", [])]:
+        _print_training(r)
+
+
+def _print_training(r: dict) -> None:
+    layers, heads, dim = r["shape"]
+    what = "synthetic traces of that cache shape" if r.get("synthetic") else "those traces"
+    print(f"   training on {what}, {layers} layers x {heads} KV heads x head dim {dim} ({r['parameters']:,} "
+          f"parameters): first step {r['first_step_s']:.1f} s (torch.compile builds its kernels), then "
+          f"{r['steps']} steps of {r['batch']} prompts x {r['tokens']} tokens in "
           f"{r['seconds']:.1f} s = {r['steps_per_s']:.2f} steps/s, {r['tokens_per_s']:,.0f} ranked tokens/s "
           "(validation and checkpoint included)")

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from kvpolicy.data.needles import NEEDLE_TASKS
-from kvpolicy.data.ruler import RULER_TASKS
+from kvpolicy.data.ruler import RULER_TASKS, TASKS
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import known_tasks
 from kvpolicy.evaluation.tasks.base import (
@@ -48,7 +48,7 @@ def resolve_tasks(names: list[str], hub_local: dict[str, str] | None = None) -> 
         head, _, arg = name.partition(":")
         if name == "ruler":
             found = [offline_task(t) for t in RULER_TASKS]
-        elif head == "ruler" and arg in RULER_TASKS:
+        elif head == "ruler" and arg in TASKS:
             found = [offline_task(arg)]
         elif name == "needles":
             found = [needle_task(t) for t in NEEDLE_TASKS]

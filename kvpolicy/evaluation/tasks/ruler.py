@@ -5,7 +5,7 @@ metrics (string_match_all, string_match_part for the QA tasks) score every answe
 from __future__ import annotations
 
 from kvpolicy.data.records import QASample
-from kvpolicy.data.ruler import RULER_TASKS, make_sample, string_match_all, string_match_part
+from kvpolicy.data.ruler import RULER_TASKS, TASKS, make_sample, string_match_all, string_match_part
 from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, QATask
 
 EVAL_SPLIT = "eval"
@@ -24,7 +24,7 @@ def ruler_score(prediction: str, sample: QASample) -> float:
 
 
 def offline_task(name: str) -> QATask:
-    spec = RULER_TASKS[name]
+    spec = TASKS[name]
 
     def load(handle, n: int, context_tokens: int, seed: int) -> list[QASample]:
         return [make_sample(name, handle, context_tokens, seed, i, split=EVAL_SPLIT) for i in range(n)]
