@@ -334,7 +334,9 @@ class TraceReader:
 
     @property
     def manifest_hash(self) -> str:
-        return sha256_json(self.manifest)
+        """Fixes the trace set: the manifest without `last_run`, the log of the latest `kvp traces` run, which a
+        re-run that records nothing rewrites (a training run resumes on the same traces after such a re-run)."""
+        return sha256_json({k: v for k, v in self.manifest.items() if k != "last_run"})
 
     def __len__(self) -> int:
         return len(self.manifest["samples"])

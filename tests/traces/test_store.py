@@ -309,3 +309,12 @@ def test_a_rerun_rewrites_a_broken_manifest_as_its_error_advises(traces):
     assert TraceWriter(traces, config()).done == set(range(len(LENGTHS)))
     write_manifest(traces, config(), len(LENGTHS))
     assert TraceReader(traces).lengths == LENGTHS
+
+
+def test_manifest_hash_ignores_the_last_runs_log_but_not_the_samples(traces):
+    before = TraceReader(traces).manifest_hash
+    edit_manifest(traces, lambda m: m.update(last_run={"world_size": 1, "wall_seconds": 2.5, "recorded": 0,
+                                                       "skipped": 5}))
+    assert TraceReader(traces).manifest_hash == before  # a re-run that recorded nothing: training still resumes
+    edit_manifest(traces, lambda m: m["samples"][0].update(length=6))
+    assert TraceReader(traces).manifest_hash != before
