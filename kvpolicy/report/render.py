@@ -156,7 +156,8 @@ def _html(sections: list[Section], setup: list[Table], results: Results) -> str:
 
 def write_report(results: str | Path, out: str | Path) -> ReportPaths:
     """Read a results file and write report.html, report.md and figures/*.png into `out` (refused before any
-    reading when `out` cannot be written)."""
+    reading when `out` cannot be written). Figures an earlier report left in `out/figures` that this one does not
+    draw are removed, so the folder holds exactly the report's figures."""
     out = Path(out)
     check_writable(out, "report directory", directory=True)
     loaded = read_results(results)
@@ -171,6 +172,8 @@ def write_report(results: str | Path, out: str | Path) -> ReportPaths:
         with atomic_path(path) as tmp:
             tmp.write_bytes(s.png)
         figures.append(path)
+    for stale in set((out / "figures").glob("*.png")) - set(figures):
+        stale.unlink()
     paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", figures=figures, note=loaded.note)
     with atomic_path(paths.html) as tmp:
         tmp.write_text(_html(sections, setup, loaded))

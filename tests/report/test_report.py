@@ -162,7 +162,11 @@ def test_throughput_charges_the_prefill_once_per_sample(results):
 
 
 def test_report_writes_html_markdown_and_figures(results, tmp_path):
+    stale = tmp_path / "report" / "figures" / "07-from-an-earlier-report.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     paths = write_report(results.path, tmp_path / "report")
+    assert not stale.exists() and sorted((tmp_path / "report" / "figures").iterdir()) == sorted(paths.figures)
     html = paths.html.read_text()
     md = paths.markdown.read_text()
     assert len(paths.figures) == 4  # accuracy, perplexity, cost curves, head map

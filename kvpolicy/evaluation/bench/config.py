@@ -12,7 +12,7 @@ SECTIONS = {
     "b": "cache bytes and process peak memory at each budget vs the full cache",
     "c": "decode ms/token with the full cache vs a compressed one, per context",
     "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
-    "e": "trace recording and policy training throughput",
+    "e": "trace recording and policy training throughput (and training at each --train-shape)",
     "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
 }
 DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given

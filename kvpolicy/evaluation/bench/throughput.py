@@ -3,7 +3,8 @@
 Trace recording runs the real pipeline (prompt generation, model runs, utility, shards, manifest); its speed is
 prompt tokens per second of wall time. Training is `Trainer` as `kvp train` runs it; its first step, where torch.compile
 builds its kernels, is timed apart from the rest (validation and checkpoint writing included); its tokens are the
-evictable tokens it ranks.
+evictable tokens it ranks. `--train-shape` also times training for another model's KV-cache shape, on synthetic
+traces of that shape.
 The policy this section trains is the one sections a and d time when no --policy is given: their timing does
 not depend on how well it ranks.
 """
