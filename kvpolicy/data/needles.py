@@ -8,8 +8,9 @@ those needles look like, rather than what the future attends to, would do well o
   dialogue traces use train/val/test only); the needle is a personal detail in conversational prose, "By the way,
   NAME's locker combination is 17-42-08.", asked as "What is NAME's locker combination?".
 - needle:code: the haystack is Python source code, the `torch.nn` sources of the pinned torch, which no trace reads
-  (the `code` trace source reads the Python standard library; the mix holds no code at all); the needle is a module
-  constant, `DEPLOY_TOKEN_WORD = "amber-falcon-42"  # ...`, asked as "What is the value of DEPLOY_TOKEN_WORD?".
+  (the `code` trace source and the `ruler:niah_code` needles read the Python standard library; the mix holds no
+  code); the needle is a module constant, `DEPLOY_TOKEN_WORD = "amber-falcon-42"  # ...`, asked as "What is the
+  value of DEPLOY_TOKEN_WORD?".
 
 A sample is a pure function of (task, seed, sample_id) (for needle:code, of the torch version too), sized to the
 context like the RULER-style tasks and scored with RULER's string_match_all.
