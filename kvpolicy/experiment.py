@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.names import BASELINE_SCORERS
 from kvpolicy.io import read_json, write_json
 
-BASELINES = ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv")
+BASELINES = (*BASELINE_SCORERS, "lagkv")
 STREAM_BASELINES = ("streaming_llm", "knorm", "keydiff", "tova", "h2o")  # those with a decoding form
 
 
@@ -58,7 +59,7 @@ class ExperimentConfig:
     stream_samples: int = 10
     stream_every: tuple[int, ...] = (64, 256)
     stream_budgets: tuple[str, ...] = ("256", "512", "1024")
-    corpora: tuple[str, ...] = field(default=("ruler", "dialogue"))
+    corpora: tuple[str, ...] = ("ruler", "dialogue")
 
     def __post_init__(self):
         for name in ("context", "future_tokens", "train_prompts", "val_prompts", "test_prompts", "steps", "samples",

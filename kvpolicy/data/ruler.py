@@ -193,12 +193,12 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
     words, starts = _essay_words()
     start = rng.choice([s for s in starts if s <= max(0, len(words) - context_tokens)])
     salt = rng.getrandbits(64)
-    lines = code_lines() if spec.haystack == "code" else ()
-    line = rng.randrange(len(lines)) if lines else 0
-    joiner = "\n" if lines else " "
+    in_code = spec.haystack == "code"
+    lines = code_lines() if in_code else ()
+    line = rng.randrange(len(lines)) if in_code else 0
 
     def build(size: int) -> Built:
-        if spec.haystack == "code":
+        if in_code:
             units = [lines[(line + i) % len(lines)] for i in range(size)]
         elif spec.haystack == "essay":
             text = " ".join((words * (1 + (start + size) // len(words)))[start : start + size])
@@ -211,8 +211,8 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
             others = [k for k in others if k not in keys][:size]
             units = [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
                      for k in others]
-        shown = [f"# {n}" for n in needles] if lines else needles
-        haystack = joiner.join(insert_at_depths(units, shown, depths))
+        shown = [f"# {n}" for n in needles] if in_code else needles  # code: needles as comment lines
+        haystack = ("\n" if in_code else " ").join(insert_at_depths(units, shown, depths))
         tv = spec.value_type
         context = (f"Some special magic {tv} are hidden within the following text. Make sure to memorize it. "
                    f"I will quiz you about the {tv} afterwards.\n{haystack}\n")
