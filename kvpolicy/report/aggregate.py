@@ -345,6 +345,7 @@ class Throughput:
     family: str
     context_tokens: int | None
     protocol: str
+    every: int | None  # a bounded stream's re-rank interval (each interval is its own setting); None otherwise
     scorer: str
     samples: int
     results: int  # results per sample (budgets of one scorer, or all results of a sample)
@@ -372,23 +373,24 @@ def throughput(results: Iterable[Result]) -> list[Throughput]:
     budget) and for all scorers of a sample together (one prefill, every ranking, cut and answer)."""
     per_sample: dict[tuple, _SampleTime] = {}
     for r in results:
-        key = (r.model, r.family, r.context_tokens, r.protocol, r.scorer_label, r.task, r.sample)
+        key = (r.model, r.family, r.context_tokens, r.protocol, r.every, r.scorer_label, r.task, r.sample)
         spent = per_sample.setdefault(key, _SampleTime(float(r.prefill_seconds)))
         spent.work += float(r.seconds)
         spent.results += 1
     together: dict[tuple, _SampleTime] = {}
-    for (model, family, ctx, protocol, _, task, sample), spent in per_sample.items():
-        whole = together.setdefault((model, family, ctx, protocol, ALL_SCORERS, task, sample),
+    for (model, family, ctx, protocol, every, _, task, sample), spent in per_sample.items():
+        whole = together.setdefault((model, family, ctx, protocol, every, ALL_SCORERS, task, sample),
                                     _SampleTime(spent.prefill))
         whole.work += spent.work
         whole.results += spent.results
     grouped: dict[tuple, list[_SampleTime]] = defaultdict(list)
-    for (_, family, ctx, protocol, scorer, _, _), spent in (per_sample | together).items():
-        grouped[(family, ctx, protocol, scorer)].append(spent)
+    for (_, family, ctx, protocol, every, scorer, _, _), spent in (per_sample | together).items():
+        grouped[(family, ctx, protocol, every, scorer)].append(spent)
     out = []
-    for (family, ctx, protocol, scorer), times in sorted(grouped.items(), key=lambda kv: str(kv[0])):
+    for (family, ctx, protocol, every, scorer), times in sorted(grouped.items(), key=lambda kv: str(kv[0])):
         seconds = float(np.mean([t.prefill + t.work for t in times]))
-        out.append(Throughput(family, ctx, protocol, scorer, len(times), max(t.results for t in times), seconds))
+        out.append(Throughput(family, ctx, protocol, every, scorer, len(times), max(t.results for t in times),
+                              seconds))
     return out
 
 

@@ -143,7 +143,8 @@ def throughput_table(rows: list[Throughput]) -> Table:
         title="evaluation throughput (one sample = its prefill + the scorer's ranking, cuts and answers at every "
               "budget; answers of one budget are decoded in one batch, each scorer is charged its share)",
         header=["benchmark", "context", "protocol", "scorer", "samples", "results", "s/sample", "samples/min"],
-        rows=[[t.family, str(t.context_tokens or "–"), t.protocol, t.scorer, str(t.samples), str(t.results),
+        rows=[[t.family, str(t.context_tokens or "–"), t.protocol + (f", every {t.every}" if t.every else ""), t.scorer,
+               str(t.samples), str(t.results),
                f"{t.seconds_per_sample:.1f}", f"{t.samples_per_minute:.1f}"] for t in rows],
     )
 

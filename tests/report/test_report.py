@@ -161,6 +161,15 @@ def test_throughput_charges_the_prefill_once_per_sample(results):
     assert speed[ALL_SCORERS].samples_per_minute == 10.0
 
 
+def test_throughput_keeps_each_rerank_interval_apart(results):
+    timed = [result(_base("knorm", "KNorm", "heuristic", "b256", 256, "longgen:dialogue", "dialogue", "perplexity",
+                          "bounded-stream", "dialogues", "s0")
+                    | {"every": every, "seconds": seconds, "prefill_seconds": 0.0})
+             for every, seconds in ((64, 8.0), (256, 2.0))]
+    speed = {t.every: t for t in throughput(timed) if t.scorer == "KNorm"}
+    assert speed[64].seconds_per_sample == 8.0 and speed[256].seconds_per_sample == 2.0
+
+
 def test_report_writes_html_markdown_and_figures(results, tmp_path):
     stale = tmp_path / "report" / "figures" / "07-from-an-earlier-report.png"
     stale.parent.mkdir(parents=True)
