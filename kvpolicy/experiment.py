@@ -5,7 +5,7 @@ A preset is a list of stages, each one `kvp` command (traces, train, sweep, repo
 1. traces   per-corpus training traces (RULER-style, dialogue) and held-out test traces of the mix
 2. train    the paper's per-corpus policies: KVP-R on RULER-style traces, KVP-D on dialogue traces
 3. costs    held-out ranking cost of every policy (the bundled KVP-mix among them) and baseline, per corpus
-4. sweeps   RULER-style and evaluation-only needle accuracy at 6%–50% of a 2K context (token budgets), both protocols;
+4. sweeps   RULER-style and evaluation-only needle accuracy at 3%–50% of a 2K context (token budgets), both protocols;
             the same at 4K and 8K by ratio (length transfer); dialogue perplexity, prompt-once and multi-turn;
             perplexity of long texts streamed through a bounded cache re-ranked every N tokens
 5. report   the tables and figures, with 95% bootstrap intervals
@@ -41,8 +41,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Sizes of a preset. budgets: entries per KV head at `context` (128–1024 of 2048 = 6.25%–50%); ratios: the same
-    shares as kvpress compression ratios (fraction removed), for the longer contexts."""
+    """Sizes of a preset. budgets: entries per KV head at `context` (64–1024 of 2048 = 3.1%–50%); ratios: the
+    shares 6.25%–50% kept as kvpress compression ratios (fraction removed), for the longer contexts."""
 
     model: str
     context: int = 2048
@@ -52,7 +52,7 @@ class ExperimentConfig:
     test_prompts: int = 30
     steps: int = 1000
     samples: int = 30
-    budgets: tuple[str, ...] = ("128", "256", "512", "1024")
+    budgets: tuple[str, ...] = ("64", "128", "256", "512", "1024")
     long_contexts: tuple[int, ...] = (4096, 8192)
     ratios: tuple[str, ...] = ("0.9375", "0.875", "0.75", "0.5")
     stream_context: int = 6144

@@ -26,7 +26,7 @@ def test_every_stage_is_a_kvp_command(preset, tmp_path):
     assert f"kvp:{tmp_path / 'kvp-r'}" in costs and f"kvp:{PRESETS[preset].model}" in costs and "oracle" in costs
     ruler = next(s.argv for s in plan if s.name == "ruler")
     budgets = [int(b) for b in ruler[ruler.index("--budget") + 1: ruler.index("--scorer")]]
-    assert min(budgets) / PRESETS[preset].context == 0.0625 and max(budgets) / PRESETS[preset].context == 0.5
+    assert min(budgets) / PRESETS[preset].context == 0.03125 and max(budgets) / PRESETS[preset].context == 0.5
 
 
 def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
