@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvpolicy.compression.names import READS_ATTENTION
 from kvpolicy.evaluation.intervals import (
     Interval,
     Transform,
@@ -51,10 +52,22 @@ class Point:
     ci: Interval | None = None  # 95% bootstrap interval of y over samples, in y's units (n >= 2; not of averages)
 
 
+LEARNED_KIND, FREE_KIND, READS_KIND = "learned", "attention-free", "reads attention"
+
+
 @dataclass
 class Line:
     scorer: str  # display label
     points: list[Point]
+    kind: str = FREE_KIND  # LEARNED_KIND, FREE_KIND, READS_KIND, or the oracle's scorer_kind
+
+
+def scorer_class(r: Result) -> str:
+    """What a result's scorer sees: a learned policy, an attention-free heuristic (the cache only), one that reads
+    attention (READS_ATTENTION: the question's, or the chunk's just fed), or the oracle (the true future)."""
+    if r.scorer_kind in (LEARNED_KIND, "oracle"):
+        return r.scorer_kind
+    return READS_KIND if r.scorer_identity.get("name") in READS_ATTENTION else FREE_KIND
 
 
 @dataclass
@@ -226,7 +239,7 @@ def _panel(title: str, metric: str, results: list[Result]) -> Panel:
         if rs[0].scorer == FULL:
             reference = _mean_points(rs, metric, x_of)[0]
         else:
-            lines.append(Line(scorer=label, points=_mean_points(rs, metric, x_of)))
+            lines.append(Line(scorer=label, points=_mean_points(rs, metric, x_of), kind=scorer_class(rs[0])))
     return Panel(title=title, metric=metric, lines=lines, reference=reference,
                  comparisons=_comparisons(metric, by_scorer, lines, x_of))
 
@@ -250,7 +263,8 @@ def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
             if len(ps) == len(panels)
         ]
         if pts:
-            lines.append(Line(scorer=scorer, points=sorted(pts, key=lambda p: p.x)))
+            kind = next(line.kind for panel in panels for line in panel.lines if line.scorer == scorer)
+            lines.append(Line(scorer=scorer, points=sorted(pts, key=lambda p: p.x), kind=kind))
     refs = [p.reference for p in panels if p.reference is not None]
     reference = None
     if len(refs) == len(panels):

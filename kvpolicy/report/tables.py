@@ -9,7 +9,19 @@ import numpy as np
 
 from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES, Interval
 from kvpolicy.evaluation.result import SCORES
-from kvpolicy.report.aggregate import Group, HeadMap, LearningCurve, Panel, Point, Throughput
+from kvpolicy.report.aggregate import (
+    FREE_KIND,
+    LEARNED_KIND,
+    READS_KIND,
+    Comparison,
+    Group,
+    HeadMap,
+    LearningCurve,
+    Line,
+    Panel,
+    Point,
+    Throughput,
+)
 
 _UNITS = {**dict.fromkeys(SCORES, "% points"), "perplexity": "perplexity", "cost": "normalized cost"}
 INTERVALS = f"[lo, hi]: {LEVEL:.0%} bootstrap CI over samples ({RESAMPLES:,} resamples)"
@@ -108,6 +120,56 @@ def comparison_table(group: Group) -> Table | None:
               "overlap",
         header=["task", "budget", "learned policy", "other method", f"difference [{LEVEL:.0%} CI]", "intervals",
                 "n pairs"],
+        rows=rows,
+    )
+
+
+def _strongest(panel: Panel, kind: str, budget: str, higher_is_better: bool) -> tuple[Line, Point] | None:
+    """The method of `kind` with the best value at `budget` in the panel (the first by label on a tie), or None."""
+    sign = 1.0 if higher_is_better else -1.0
+    at = [(line, p) for line in panel.lines if line.kind == kind for p in line.points if p.budget == budget]
+    return max(at, key=lambda lp: sign * lp[1].y) if at else None
+
+
+def _against(metric: str, comparison: Comparison | None, other: tuple[Line, Point] | None) -> list[str]:
+    """Cells naming the other method and its value, the paired difference and whether the intervals overlap."""
+    if other is None or comparison is None:
+        return ["–", "–", "–"]
+    digits = _digits(metric)
+    line, point = other
+    return [f"{line.scorer} {point.y:.{digits}f}{_interval(point.ci, digits)}",
+            f"{comparison.difference:+.{digits}f}{_interval(comparison.ci, digits)}",
+            "intervals overlap" if comparison.overlap else "separated"]
+
+
+def verdict_table(group: Group) -> Table | None:
+    """Each learned policy at each budget against the strongest attention-free method and the strongest method that
+    reads attention at that budget (best value there): its value, theirs, the paired difference and whether the
+    intervals overlap. None when the group has no learned policy with comparisons."""
+    higher = group.metric in SCORES
+    digits = _digits(group.metric)
+    rows = []
+    for panel in group.panels:
+        found = {(c.learned, c.other, c.budget): c for c in panel.comparisons}
+        full = _fmt(group.metric, panel.reference) if panel.reference else "–"
+        for line in (ln for ln in panel.lines if ln.kind == LEARNED_KIND):
+            for point in line.points:
+                cells = []
+                for kind in (FREE_KIND, READS_KIND):
+                    other = _strongest(panel, kind, point.budget, higher)
+                    comparison = found.get((line.scorer, other[0].scorer, point.budget)) if other else None
+                    cells += _against(group.metric, comparison, other)
+                rows.append([panel.title, _budget_header(point.budget, point.x), line.scorer,
+                             f"{point.y:.{digits}f}{_interval(point.ci, digits)}", *cells, full])
+    if not rows:
+        return None
+    return Table(
+        title=f"each learned policy against the strongest attention-free method and the strongest method reading "
+              f"attention at each budget (its best value there) — {group.caption()} · {INTERVALS} · difference: "
+              f"learned − other, paired by sample · separated: the two methods' own {LEVEL:.0%} intervals do not "
+              "overlap",
+        header=["task", "budget", "learned policy", "value", "strongest attention-free", "difference", "intervals",
+                "strongest reading attention", "difference", "intervals", "full cache"],
         rows=rows,
     )
 

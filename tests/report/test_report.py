@@ -26,7 +26,7 @@ from kvpolicy.report.aggregate import (
 )
 from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
-from kvpolicy.report.tables import comparison_table, group_table
+from kvpolicy.report.tables import comparison_table, group_table, verdict_table
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
@@ -189,7 +189,7 @@ def test_report_writes_html_markdown_and_figures(results, tmp_path):
     # a table behind every figure: one per curve figure + two for the head map; KVP's comparisons beside each
     assert len(re.findall(r"^\| task \| scorer", md, flags=re.M)) == 3
     assert len(re.findall(r"^\| task \| budget \| learned policy \| other method", md, flags=re.M)) == 3
-    assert html.count("<th>learned policy</th>") == 3
+    assert html.count("<th>learned policy</th>") == 6  # the verdict and the comparison of each group
     assert "heads where it is the best heuristic" in md
     assert "'separated' means the two methods' own 95% intervals do not overlap" in md
     assert "95% percentile bootstrap intervals over samples (2,000 resamples" in html
@@ -347,6 +347,24 @@ def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
     rows = {(row[2], row[3]): row for row in table.rows}
     assert rows[("KVP", "KNorm")][4].startswith("+") and rows[("KVP", "KNorm")][5:] == ["separated", "30"]
     assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "intervals overlap", "30"]
+
+
+def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget():
+    rng = np.random.default_rng(1)
+    good, fair, poor = ([float(v) for v in rng.random(30) < p] for p in (0.9, 0.5, 0.1))
+    records = (_scored("KVP", "learned", good) + _scored("KNorm", "heuristic", poor)
+               + _scored("StreamingLLM", "heuristic", fair) + _scored("TOVA", "heuristic", fair)
+               + _scored("SnapKV", "heuristic", poor) + _scored("full", "reference", [1.0] * 30, budget="full"))
+    (group,) = curve_groups(records)
+    assert {line.scorer: line.kind for line in group.panels[0].lines} == {
+        "KVP": "learned", "KNorm": "attention-free", "StreamingLLM": "attention-free", "TOVA": "reads attention",
+        "SnapKV": "reads attention"}
+    (row,) = verdict_table(group).rows
+    free = 100 * np.mean(fair)
+    assert row[:3] == ["vt", "64 (~64 tok)", "KVP"] and row[4].startswith(f"StreamingLLM {free:.1f} [")
+    assert row[5].startswith(f"+{100 * (np.mean(good) - np.mean(fair)):.1f} [") and row[6] == "separated"
+    assert row[7].startswith(f"TOVA {free:.1f} [") and row[10].startswith("100.0")
+    assert verdict_table(curve_groups(_scored("KNorm", "heuristic", poor))[0]) is None  # no learned policy
 
 
 def test_comparison_pairs_by_seed_and_sample_and_needs_two_pairs():
