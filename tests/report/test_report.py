@@ -189,6 +189,7 @@ def test_report_writes_html_markdown_and_figures(results, tmp_path):
     # a table behind every figure: one per curve figure + two for the head map; KVP's comparisons beside each
     assert len(re.findall(r"^\| task \| scorer", md, flags=re.M)) == 3
     assert len(re.findall(r"^\| task \| budget \| learned policy \| other method", md, flags=re.M)) == 3
+    assert len(re.findall(r"^\| task \| budget \| learned policy \| value", md, flags=re.M)) == 3
     assert html.count("<th>learned policy</th>") == 6  # the verdict and the comparison of each group
     assert "heads where it is the best heuristic" in md
     assert "'separated' means the two methods' own 95% intervals do not overlap" in md
