@@ -419,20 +419,22 @@ class CurvePoint:
 
 @dataclass
 class LearningCurve:
-    """Held-out whole-ranking cost of learned policies of one model against their number of training prompts (at
-    the most steps) and training steps (at the most prompts), on one data set (one corpus of a mix), with the
-    baselines' costs on the same samples as references."""
+    """Held-out whole-ranking cost of learned policies of one model, trained on one trace source, against their
+    number of training prompts (at the most steps) and training steps (at the most prompts), on one data set (one
+    corpus of a mix), with the baselines' costs on the same samples as references."""
 
     model: str
     data: str
+    source: str  # the trace source every policy of the curve was trained on
     by_prompts: list[CurvePoint]
     by_steps: list[CurvePoint]
     references: dict[str, float]  # scorer label -> mean cost (heuristics and the oracle)
 
     def caption(self) -> str:
         n = max((p.n for p in self.by_prompts + self.by_steps), default=0)
-        return (f"model: {self.model} · data: {self.data} · whole-ranking normalized cost of the evictable tokens "
-                f"(1 = oracle, lower is better) · n = {n} held-out samples per point")
+        return (f"model: {self.model} · policies trained on {self.source} traces · data: {self.data} · whole-ranking "
+                f"normalized cost of the evictable tokens (1 = oracle, lower is better) · n = {n} held-out samples "
+                "per point")
 
 
 def _curve_point(x: int, rs: list[Result]) -> CurvePoint:
@@ -441,29 +443,31 @@ def _curve_point(x: int, rs: list[Result]) -> CurvePoint:
 
 
 def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:
-    """One LearningCurve per (model, data) where learned policies trained on different numbers of prompts or
-    steps (but on the same trace source) were evaluated on held-out traces."""
+    """One LearningCurve per (model, data, trace source) where learned policies trained on that source with
+    different numbers of prompts or steps were evaluated on held-out traces; policies of different sources (KVP-R
+    and KVP-D) are different recipes, not points of one curve."""
     buckets: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for r in results:
         if r.metric == "cost" and r.budget == WHOLE_RANKING:
             buckets[(r.model, r.data)].append(r)
     curves = []
     for (model, data), rs in sorted(buckets.items()):
-        learned: dict[tuple[int, int], list[Result]] = defaultdict(list)
+        learned: dict[str, dict[tuple[int, int], list[Result]]] = defaultdict(lambda: defaultdict(list))
         references: dict[str, list[float]] = defaultdict(list)
         for r in rs:
             trained = r.trained_on
             if r.scorer_kind == "learned" and trained and trained.prompts and trained.steps:
-                learned[(trained.prompts, trained.steps)].append(r)
+                learned[trained.source][(trained.prompts, trained.steps)].append(r)
             elif r.scorer_kind != "learned":
                 references[r.scorer_label].append(r.value)
-        if len(learned) < 2:
-            continue
-        most_steps = max(steps for _, steps in learned)
-        most_prompts = max(prompts for prompts, _ in learned)
-        by_prompts = [_curve_point(p, learned[(p, s)]) for p, s in sorted(learned) if s == most_steps]
-        by_steps = [_curve_point(s, learned[(p, s)]) for p, s in sorted(learned, key=lambda k: k[1])
-                    if p == most_prompts]
-        curves.append(LearningCurve(model, data, by_prompts, by_steps,
-                                    {label: float(np.mean(v)) for label, v in sorted(references.items())}))
+        for source, points in sorted(learned.items()):
+            if len(points) < 2:
+                continue
+            most_steps = max(steps for _, steps in points)
+            most_prompts = max(prompts for prompts, _ in points)
+            by_prompts = [_curve_point(p, points[(p, s)]) for p, s in sorted(points) if s == most_steps]
+            by_steps = [_curve_point(s, points[(p, s)]) for p, s in sorted(points, key=lambda k: k[1])
+                        if p == most_prompts]
+            curves.append(LearningCurve(model, data, source, by_prompts, by_steps,
+                                        {label: float(np.mean(v)) for label, v in sorted(references.items())}))
     return curves

@@ -260,17 +260,20 @@ def test_malformed_results_are_one_line_naming_file_line_and_field(results, tmp_
 
 
 def test_learning_curve_from_policies_trained_on_more_prompts_and_steps(tmp_path):
-    """Policies trained on 8/16/32 prompts (600 steps) and at 150 steps (32 prompts), evaluated on held-out
-    traces: one curve per data set, costs averaged over samples, the baselines as references."""
+    """Policies trained on 8/16/32 mix prompts (600 steps) and at 150 steps (32 prompts), evaluated on held-out
+    traces: one curve per data set and trace source, costs averaged over samples, the baselines as references;
+    per-corpus policies (other sources, one recipe each) are not points of it."""
     store = ResultStore(tmp_path / "curve.jsonl")
-    runs = {(8, 600): 1.6, (16, 600): 1.4, (32, 600): 1.3, (32, 150): 1.5}
+    runs = {("mix", 8, 600): 1.6, ("mix", 16, 600): 1.4, ("mix", 32, 600): 1.3, ("mix", 32, 150): 1.5,
+            ("ruler", 32, 1000): 1.7, ("dialogue", 32, 1000): 1.9}
     for s in range(3):
-        for (prompts, steps), cost in runs.items():
-            identity = {"name": "kvp", "trained_on": {"source": "mix", "context_tokens": 2048, "prompts": prompts,
+        for (source, prompts, steps), cost in runs.items():
+            identity = {"name": "kvp", "trained_on": {"source": source, "context_tokens": 2048, "prompts": prompts,
                                                       "steps": steps}}
-            fields = _base(f"kvp:p{prompts}s{steps}", f"KVP (p{prompts}s{steps})", "learned", "all", 0, "traces",
-                           "held-out traces", "cost", "traces", "held-out mix traces: its essays prompts", f"t-{s}")
-            store.append(result(fields | {"scorer_identity": identity, "scorer_id": f"id-{prompts}-{steps}",
+            fields = _base(f"kvp:{source}{prompts}s{steps}", f"KVP ({source} p{prompts}s{steps})", "learned", "all",
+                           0, "traces", "held-out traces", "cost", "traces", "held-out mix traces: its essays prompts",
+                           f"t-{s}")
+            store.append(result(fields | {"scorer_identity": identity, "scorer_id": f"id-{source}-{prompts}-{steps}",
                                           "value": cost + 0.01 * s, "per_head": [[cost]]}))
         fields = _base("knorm", "KNorm", "heuristic", "all", 0, "traces", "held-out traces", "cost", "traces",
                        "held-out mix traces: its essays prompts", f"t-{s}")
@@ -279,6 +282,7 @@ def test_learning_curve_from_policies_trained_on_more_prompts_and_steps(tmp_path
     assert [(p.x, round(p.cost, 3), p.n) for p in curve.by_prompts] == [(8, 1.61, 3), (16, 1.41, 3), (32, 1.31, 3)]
     assert [(p.x, round(p.cost, 3)) for p in curve.by_steps] == [(150, 1.51), (600, 1.31)]
     assert curve.references == {"KNorm": 2.0} and "its essays prompts" in curve.caption()
+    assert curve.source == "mix" and "policies trained on mix traces" in curve.caption()
     assert curve.by_prompts[0].ci == bootstrap_ci([1.6, 1.61, 1.62])
     paths = write_report(tmp_path / "curve.jsonl", tmp_path / "report")
     md = paths.markdown.read_text()
