@@ -354,7 +354,7 @@ def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
     assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "intervals overlap", "30"]
 
 
-def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget():
+def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget(results):
     rng = np.random.default_rng(1)
     good, fair, poor = ([float(v) for v in rng.random(30) < p] for p in (0.9, 0.5, 0.1))
     records = (_scored("KVP", "learned", good) + _scored("KNorm", "heuristic", poor)
@@ -370,6 +370,9 @@ def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget():
     assert row[5].startswith(f"+{100 * (np.mean(good) - np.mean(fair)):.1f} [") and row[6] == "separated"
     assert row[7].startswith(f"TOVA {free:.1f} [") and row[10].startswith("100.0")
     assert verdict_table(curve_groups(_scored("KNorm", "heuristic", poor))[0]) is None  # no learned policy
+    accuracy = next(g for g in curve_groups(results.records()) if g.metric == "accuracy")
+    assert accuracy.panels[-1].title.startswith("average") and not any(
+        row[0].startswith("average") for row in verdict_table(accuracy).rows)  # it has nothing to compare
 
 
 def test_comparison_pairs_by_seed_and_sample_and_needs_two_pairs():
