@@ -460,6 +460,7 @@ def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:
                 learned[trained.source][(trained.prompts, trained.steps)].append(r)
             elif r.scorer_kind != "learned":
                 references[r.scorer_label].append(r.value)
+        reference_means = {label: float(np.mean(v)) for label, v in sorted(references.items())}
         for source, points in sorted(learned.items()):
             if len(points) < 2:
                 continue
@@ -468,6 +469,5 @@ def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:
             by_prompts = [_curve_point(p, points[(p, s)]) for p, s in sorted(points) if s == most_steps]
             by_steps = [_curve_point(s, points[(p, s)]) for p, s in sorted(points, key=lambda k: k[1])
                         if p == most_prompts]
-            curves.append(LearningCurve(model, data, source, by_prompts, by_steps,
-                                        {label: float(np.mean(v)) for label, v in sorted(references.items())}))
+            curves.append(LearningCurve(model, data, source, by_prompts, by_steps, reference_means))
     return curves

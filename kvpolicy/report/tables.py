@@ -149,7 +149,7 @@ def verdict_table(group: Group) -> Table | None:
     higher = group.metric in SCORES
     digits = _digits(group.metric)
     rows = []
-    for panel in (p for p in group.panels if p.comparisons):  # not the average over tasks
+    for panel in (p for p in group.panels if p.comparisons):  # e.g. not the average over tasks: nothing compared
         found = {(c.learned, c.other, c.budget): c for c in panel.comparisons}
         full = _fmt(group.metric, panel.reference) if panel.reference else "–"
         for line in (ln for ln in panel.lines if ln.kind == LEARNED_KIND):
