@@ -69,7 +69,8 @@ class ExperimentConfig:
 
 
 PRESETS = {
-    "smollm2": ExperimentConfig("smollm2-135m"),
+    # SmolLM2 has 8,192 positions: its "8K" prompts leave room for the 16 answer tokens
+    "smollm2": ExperimentConfig("smollm2-135m", long_contexts=(4096, 8176)),
     "qwen2.5": ExperimentConfig("qwen2.5-0.5b"),
 }
 

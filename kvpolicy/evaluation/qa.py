@@ -62,6 +62,16 @@ def choose(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVS
     return fields
 
 
+def qa_positions(handle: ModelHandle, task: QATask, sample: QASample, max_new_tokens: int) -> int:
+    """Positions `sample` occupies in either protocol: its whole prompt, then its answer (max_new_tokens generated
+    tokens, each fed but a final stop, or the longest choice)."""
+    prompt = task.prompt(sample)
+    context, question = split_prompt(handle, prompt.context, prompt.question, prompt.answer_prefix, task.template)
+    answer = (max(handle.encode(text).shape[1] for text in continuations(sample)) if task.choices
+              else max_new_tokens)
+    return context.shape[1] + question.shape[1] + answer
+
+
 def answer(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
            question_ids: torch.Tensor | None, max_new_tokens: int) -> list[dict]:
     """Answer `sample` on each of `states` (equal cache lengths): score its choices (see choose), or read the

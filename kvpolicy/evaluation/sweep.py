@@ -40,8 +40,8 @@ from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender,
                                         parse_budget)
 from kvpolicy.evaluation.names import DEFAULT_EVERY
 from kvpolicy.evaluation.outcome import Outcome
-from kvpolicy.evaluation.perplexity import run_dialogue
-from kvpolicy.evaluation.qa import run_qa
+from kvpolicy.evaluation.perplexity import dialogue_positions, run_dialogue
+from kvpolicy.evaluation.qa import qa_positions, run_qa
 from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, WHOLE_RANKING, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.evaluation.streaming import check_stream, run_stream
@@ -200,6 +200,7 @@ class Sweep:
             contexts = self.config.context_tokens if task.sized else [None]
             for context_tokens in contexts:
                 samples = self._samples(task, handle, context_tokens)
+                self._check_positions(handle, task, context_tokens, samples)
                 for protocol in protocols:
                     for group in self._prefill_groups(task, protocol, samples):
                         for every, members in self._intervals(task, contenders):
@@ -239,6 +240,31 @@ class Sweep:
             raise KVPError(f"task {task.name} produced no samples; check its data source")
         return samples
 
+    def _max_new_tokens(self, task: QATask) -> int:
+        """The answer tokens a QA task generates: its own maximum, capped by --max-new-tokens."""
+        cap = self.config.max_new_tokens
+        return min(task.max_new_tokens, cap) if cap else task.max_new_tokens
+
+    def _check_positions(self, handle: ModelHandle, task: Task, context_tokens: int | None,
+                         samples: list[Any]) -> None:
+        """Refuse, before any work, samples that need more positions (prompt and answer, or the whole stream) than
+        the model has; trace costs run no model."""
+        what = "prompt and answer"
+        if isinstance(task, QATask):
+            need = max(qa_positions(handle, task, s, self._max_new_tokens(task)) for s in samples)
+        elif isinstance(task, DialogueTask):
+            need = max(dialogue_positions(handle, s, task.max_answer_tokens) for s in samples)
+        elif isinstance(task, StreamTask):
+            need, what = max(s.ids.shape[1] for s in samples), "the whole stream"
+        else:
+            return
+        have = handle.info.max_positions
+        if need > have:
+            at = f" at --context {context_tokens}" if context_tokens else ""
+            fix = (f"use a --context at least {need - have} tokens shorter" if task.sized
+                   else "use a model with more positions")
+            raise KVPError(f"{task.name}{at} needs {need} positions ({what}) but {handle.info.name} has {have}; {fix}")
+
     @staticmethod
     def _prefill_groups(task: Task, protocol: str, samples: list[Any]) -> list[list[Any]]:
         """Samples that share one prefill: question-agnostic QA samples with the same context; else one each."""
@@ -253,9 +279,8 @@ class Sweep:
         """The task's runner on `unit`: outcomes of its missing results."""
         task, contenders = unit.task, [c for c in unit.contenders if c is not FULL_CACHE]
         if isinstance(task, QATask):
-            cap = self.config.max_new_tokens
-            max_new = min(task.max_new_tokens, cap) if cap else task.max_new_tokens
-            yield from run_qa(handle, task, unit.samples, unit.protocol, contenders, self.budgets, is_missing, max_new)
+            yield from run_qa(handle, task, unit.samples, unit.protocol, contenders, self.budgets, is_missing,
+                              self._max_new_tokens(task))
         elif isinstance(task, DialogueTask):
             yield from run_dialogue(handle, unit.samples[0], unit.protocol, contenders, self.budgets, is_missing,
                                     task.max_answer_tokens)

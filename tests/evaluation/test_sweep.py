@@ -1,9 +1,10 @@
 """The sweep on the real model at short context: rank once / cut many agrees with the engine's own generate(),
 nothing is prefilled twice, results resume, concurrent sweeps share the work, dialogue protocols and trace costs
-behave, bad input and unwritable outputs are refused before any work."""
+behave, bad input, unwritable outputs and samples longer than the model are refused before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig, WorkUnit, run_sweep
 from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
+from kvpolicy.experiment import PRESETS
 
 
 class Counter:
@@ -138,6 +140,36 @@ def test_sweep_resumes_and_skips_done_work(smollm, tmp_path):
     out.write_text("".join(lines[:-1]) + lines[-1][:20])
     resumed = run_sweep(config)
     assert resumed.written == 1 and len(out.read_text().splitlines()) == 5
+
+
+@pytest.mark.model
+def test_samples_longer_than_the_model_are_refused_before_any_work(smollm, tmp_path, monkeypatch):
+    (task,) = resolve_tasks(["ruler:niah_single_1"])
+    need = qa.qa_positions(smollm, task, task.load(smollm, 1, 320, 0)[0], 6)
+    config = SweepConfig(out=str(tmp_path / "r.jsonl"), scorers=["knorm"], budgets=["48"],
+                         tasks=["ruler:niah_single_1"], context_tokens=[320], n_samples=1, max_new_tokens=6)
+    sized = {}
+    monkeypatch.setattr(sweep, "load_model", lambda *a, **k: sized["handle"])
+    sized["handle"] = dataclasses.replace(smollm, info=dataclasses.replace(smollm.info, max_positions=need))
+    assert run_sweep(config).written == 2  # prompt and answer fit exactly: the engine accepts every token
+    monkeypatch.setattr(sweep, "run_qa", lambda *a, **k: pytest.fail("work started before the length check"))
+    sized["handle"] = dataclasses.replace(smollm, info=dataclasses.replace(smollm.info, max_positions=need - 1))
+    with pytest.raises(KVPError, match=rf"ruler:niah_single_1 at --context 320 needs {need} positions \(prompt and "
+                                       rf"answer\) but smollm2-135m has {need - 1}; use a --context at least 1 "):
+        run_sweep(dataclasses.replace(config, out=str(tmp_path / "other.jsonl")))
+    assert not (tmp_path / "other.jsonl").exists() or not (tmp_path / "other.jsonl").read_text()
+
+
+@pytest.mark.model
+def test_the_smollm2_preset_fits_its_longest_context(smollm, tmp_path):
+    """SmolLM2's 8,192 positions hold its length-transfer prompts at 8,176 tokens with their 16 answer tokens
+    (the preset's 30 samples are checked when its sweep plans; five here)."""
+    config = SweepConfig(out=str(tmp_path / "r.jsonl"), scorers=["knorm"], budgets=["0.5"],
+                         tasks=["ruler:niah_single_2", "needles"], max_new_tokens=16, n_samples=5)
+    longest = max(PRESETS["smollm2"].long_contexts)
+    assert longest > 8000 and Sweep(dataclasses.replace(config, context_tokens=[longest])).plan(smollm)
+    with pytest.raises(KVPError, match="ruler:niah_single_2 at --context 8192 needs 8"):
+        Sweep(dataclasses.replace(config, context_tokens=[8192], n_samples=1)).plan(smollm)
 
 
 @pytest.mark.model
