@@ -53,7 +53,7 @@ def dialogue_chunks(handle: ModelHandle, sample: DialogueSample, min_chunk: int 
     return rounds, answer
 
 
-def dialogue_positions(handle: ModelHandle, sample: DialogueSample, max_answer_tokens: int = 256) -> int:
+def dialogue_positions(handle: ModelHandle, sample: DialogueSample, max_answer_tokens: int) -> int:
     """Positions a dialogue occupies: every round, then the scored reference answer."""
     rounds, answer = dialogue_chunks(handle, sample, 1, max_answer_tokens)
     return sum(r.shape[1] for r in rounds) + answer.shape[1]

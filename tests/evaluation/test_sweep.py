@@ -161,6 +161,18 @@ def test_samples_longer_than_the_model_are_refused_before_any_work(smollm, tmp_p
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("task, what", [("dialogue", "prompt and answer"), ("longgen:essays", "the whole stream")])
+def test_dialogues_and_streams_longer_than_the_model_are_refused(smollm, tmp_path, task, what):
+    config = SweepConfig(out=str(tmp_path / "r.jsonl"), scorers=["knorm"], budgets=["64"], tasks=[task],
+                         context_tokens=[384], n_samples=1)
+    assert Sweep(config).plan(smollm)
+    short = dataclasses.replace(smollm, info=dataclasses.replace(smollm.info, max_positions=200))
+    with pytest.raises(KVPError, match=rf"{task} at --context 384 needs \d+ positions \({what}\) but "
+                                       rf"smollm2-135m has 200; use a --context at least \d+ tokens shorter"):
+        Sweep(config).plan(short)
+
+
+@pytest.mark.model
 def test_the_smollm2_preset_fits_its_longest_context(smollm, tmp_path):
     """SmolLM2's 8,192 positions hold its length-transfer prompts at 8,176 tokens with their 16 answer tokens
     (the preset's 30 samples are checked when its sweep plans; five here)."""
