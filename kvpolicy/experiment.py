@@ -131,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.cli import EXIT_INTERRUPTED
     from kvpolicy.cli import main as kvp
 
     out = Path(args.out or f"runs/experiment-{args.preset}")
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         load, start = os.getloadavg()[0], time.perf_counter()
         code = kvp(list(stage.argv))
         if code:
-            print(f"[{stage.name}] failed (exit {code}); fix the cause and re-run the same command to resume")
+            why = "interrupted;" if code == EXIT_INTERRUPTED else f"failed (exit {code}); fix the cause and"
+            print(f"[{stage.name}] {why} re-run the same command to resume")
             return code
         done[stage.name] = {"argv": list(stage.argv), "seconds": round(time.perf_counter() - start, 1),
                             "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvpolicy.cli import build_parser, main
+from kvpolicy.cli import EXIT_INTERRUPTED, build_parser, main
 from kvpolicy.errors import KVPError
 from kvpolicy.experiment import PRESETS, ExperimentConfig, stages
 
@@ -34,6 +34,14 @@ def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
         ExperimentConfig("smollm2-135m", samples=0)
     assert main(["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", "nope"]) == 1
     assert "unknown stage nope" in capsys.readouterr().err
+    assert not (tmp_path / "stages.json").exists()
+
+
+def test_an_interrupted_stage_says_so_and_is_not_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvpolicy.cli.main", lambda argv: EXIT_INTERRUPTED)  # the stage's command, interrupted
+    assert main(["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", "costs"]) == EXIT_INTERRUPTED
+    out = capsys.readouterr().out
+    assert "[costs] interrupted; re-run the same command to resume" in out and "failed" not in out
     assert not (tmp_path / "stages.json").exists()
 
 
