@@ -1,8 +1,10 @@
-"""Deferred interrupts: a signal inside the section sets a flag, the section completes, then KeyboardInterrupt."""
+"""Deferred interrupts: a signal inside the section sets a flag, the section completes, then KeyboardInterrupt.
+
+Signals are raised with `signal.raise_signal` (to this thread, its Python handler run before the call returns):
+`os.kill` of the own process may be delivered to another thread, and the handler then runs a moment later."""
 
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -17,7 +19,7 @@ def test_a_signal_waits_for_the_end_of_the_section(sig):
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupts() as requested:
             assert not requested()
-            os.kill(os.getpid(), sig)
+            signal.raise_signal(sig)
             assert requested()
             done.append("the rest of the section")
     assert done == ["the rest of the section"]
@@ -31,7 +33,7 @@ def test_no_signal_no_interrupt_and_an_ignored_signal_stays_ignored():
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with deferred_interrupts() as requested:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         assert not requested()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -236,7 +236,6 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_any_step(tmp_path)
 
 
 def test_a_signal_in_the_middle_of_a_step_saves_the_state_between_two_whole_steps(tmp_path):
-    import os
     import signal
 
     straight = _trainer(tmp_path / "straight")
@@ -247,7 +246,7 @@ def test_a_signal_in_the_middle_of_a_step_saves_the_state_between_two_whole_step
     def signal_mid_step(*args, **kwargs):  # after the optimizer's update, before this step's EMA update
         out = optimizer_step(*args, **kwargs)
         if stopped.step == 13:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return out
 
     stopped.opt.step = signal_mid_step
