@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -50,6 +50,19 @@ class Point:
     n: int
     stderr: float | None = None  # standard error of y, a mean over samples (scores only, n >= 2)
     ci: Interval | None = None  # 95% bootstrap interval of y over samples, in y's units (n >= 2; not of averages)
+
+
+def distinct_labels(results: Iterable[Result]) -> list[Result]:
+    """The results, with each scorer label naming one scorer. Where one label covers several scorer identities (a
+    policy retrained into the same directory: its weights differ), each such result's label gains the first six hex
+    digits of its weights' sha256, or of its scorer_id for a scorer without weights ("KVP (kvp-r) @ea3804"), so that
+    two policies are never pooled into one line. Every other result is returned as it is."""
+    results = list(results)
+    ids: dict[str, set[str]] = defaultdict(set)
+    for r in results:
+        ids[r.scorer_label].add(r.scorer_id)
+    return [replace(r, scorer_label=f"{r.scorer_label} @{r.scorer_identity.get('sha256', r.scorer_id)[:6]}")
+            if len(ids[r.scorer_label]) > 1 else r for r in results]
 
 
 LEARNED_KIND, FREE_KIND, READS_KIND = "learned", "attention-free", "reads attention"

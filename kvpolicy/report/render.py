@@ -17,7 +17,7 @@ from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import atomic_path, check_writable
-from kvpolicy.report.aggregate import curve_groups, head_maps, learning_curves, throughput
+from kvpolicy.report.aggregate import curve_groups, distinct_labels, head_maps, learning_curves, throughput
 from kvpolicy.report.figures import curves_figure, head_map_figure, learning_curve_figure
 from kvpolicy.report.tables import (
     Table,
@@ -161,7 +161,7 @@ def write_report(results: str | Path, out: str | Path) -> ReportPaths:
     out = Path(out)
     check_writable(out, "report directory", directory=True)
     loaded = read_results(results)
-    records = loaded.records
+    records = distinct_labels(loaded.records)
     if not records:
         raise KVPError(f"results file {results} holds no results yet; run `kvp sweep --out {results} ...` first")
     sections = build_sections(records)

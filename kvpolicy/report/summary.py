@@ -7,13 +7,14 @@ from pathlib import Path
 
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import read_results
-from kvpolicy.report.aggregate import curve_groups, head_maps, throughput
+from kvpolicy.report.aggregate import curve_groups, distinct_labels, head_maps, throughput
 from kvpolicy.report.tables import group_table, head_map_tables, throughput_table
 
 
 def summary_text(results: list[Result]) -> str:
     if not results:
         return "no results yet"
+    results = distinct_labels(results)
     blocks = []
     for group in curve_groups(results):
         table = group_table(group)

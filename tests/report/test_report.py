@@ -4,6 +4,7 @@ file (no model needed); repeated, malformed and unwritable files."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import re
 
@@ -18,6 +19,7 @@ from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.report.aggregate import (
     ALL_SCORERS,
     curve_groups,
+    distinct_labels,
     head_maps,
     learning_curves,
     throughput,
@@ -352,6 +354,27 @@ def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
     rows = {(row[2], row[3]): row for row in table.rows}
     assert rows[("KVP", "KNorm")][4].startswith("+") and rows[("KVP", "KNorm")][5:] == ["separated", "30"]
     assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "intervals overlap", "30"]
+
+
+def test_a_policy_retrained_under_the_same_label_is_never_pooled_with_the_first(tmp_path):
+    def instance(sha: str, values: list[float]) -> list[Result]:
+        return [replace(r, scorer_id=f"id-{sha}", scorer_identity={**r.scorer_identity, "sha256": sha})
+                for r in _scored("KVP (kvp-r)", "learned", values)]
+
+    first, second = instance("3fd7e6" + "0" * 58, [1.0] * 4), instance("ea3804" + "1" * 58, [0.0, 1.0, 0.0, 0.0])
+    tova = _scored("TOVA", "heuristic", [1.0, 0.0, 0.0, 0.0])
+    labelled = distinct_labels(first + second + tova)
+    labels = ["KVP (kvp-r) @3fd7e6"] * 4 + ["KVP (kvp-r) @ea3804"] * 4 + ["TOVA"] * 4
+    assert [r.scorer_label for r in labelled] == labels
+    assert distinct_labels(first + tova) == first + tova  # one instance: labels untouched
+    (group,) = curve_groups(labelled)
+    means = {line.scorer: line.points[0].y for line in group.panels[0].lines}
+    assert means == {"KVP (kvp-r) @3fd7e6": 100.0, "KVP (kvp-r) @ea3804": 25.0, "TOVA": 25.0}
+    store = ResultStore(tmp_path / "results.jsonl")
+    for r in first + second + tova:
+        store.append(r)
+    report = write_report(store.path, tmp_path / "report").markdown.read_text()
+    assert "KVP (kvp-r) @3fd7e6" in report and "KVP (kvp-r) @ea3804" in report
 
 
 def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget(results):
