@@ -11,8 +11,9 @@ A preset is a list of stages, each one `kvp` command (traces, train, sweep, repo
 5. report   the tables and figures, with 95% bootstrap intervals
 
 Every command resumes what it finished, so a killed run (or one spread over several sessions) continues where it
-stopped; a stage that completed is skipped outright. `OUT/stages.json` records each finished stage's command, wall
-time and the load average around it (the timings docs/RESULTS.md quotes).
+stopped; a stage that completed is skipped outright, unless what it wrote (its `--out`) is gone, as in a fresh
+checkout given only the results and the stage log: then it runs again. `OUT/stages.json` records each finished
+stage's command, wall time and the load average around it (the timings docs/RESULTS.md quotes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Stage:
 
     name: str
     argv: tuple[str, ...]
+
+    @property
+    def output(self) -> Path:
+        """What the stage writes: the path after `--out` (every stage has one)."""
+        return Path(self.argv[self.argv.index("--out") + 1])
 
 
 @dataclass(frozen=True)
@@ -144,14 +150,19 @@ def run(args: argparse.Namespace) -> int:
     done: dict = read_json(log_path) if log_path.exists() else {}
     chosen = [s for s in plan if not args.stage or s.name in args.stage]
     for stage in chosen:
-        finished = done.get(stage.name, {}).get("argv") == list(stage.argv)
+        recorded = done.get(stage.name, {}).get("argv") == list(stage.argv)
+        finished = recorded and stage.output.exists()
+        gone = f"done earlier, but its output {stage.output} is gone"
         if args.list:
-            state = f"done in {done[stage.name]['seconds']:.0f} s" if finished else "to run"
+            state = (f"done in {done[stage.name]['seconds']:.0f} s" if finished
+                     else f"{gone}; to run again" if recorded else "to run")
             print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
             continue
         if finished:
             print(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
             continue
+        if recorded:
+            print(f"[{stage.name}] {gone}; running it again")
         print(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
         load, start = os.getloadavg()[0], time.perf_counter()
         code = kvp(list(stage.argv))

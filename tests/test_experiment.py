@@ -1,5 +1,6 @@
 """`kvp experiment --preset`: every stage is a valid kvp command, stages run in order into one directory, a finished
-stage is recorded with its wall time and skipped on a re-run, and a failing one stops the run unrecorded."""
+stage is recorded with its wall time and skipped on a re-run (unless its output is gone), and a failing one stops
+the run unrecorded."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def test_an_interrupted_stage_says_so_and_is_not_recorded(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "[costs] interrupted; re-run the same command to resume" in out and "failed" not in out
     assert not (tmp_path / "stages.json").exists()
+
+
+def test_a_recorded_stage_whose_output_is_gone_runs_again(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr("kvpolicy.cli.main", lambda argv: ran.append(argv) or 0)
+    stage = next(s for s in stages(PRESETS["smollm2"], tmp_path) if s.name == "train-kvp-r")
+    (tmp_path / "stages.json").write_text(json.dumps({stage.name: {"argv": list(stage.argv), "seconds": 151.2}}))
+    argv = ["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", stage.name]
+    assert main([*argv, "--list"]) == 0 and not ran
+    assert f"done earlier, but its output {tmp_path / 'kvp-r'} is gone; to run again" in capsys.readouterr().out
+    assert main(argv) == 0 and ran == [list(stage.argv)]  # a fresh checkout given the stage log alone
+    assert f"output {tmp_path / 'kvp-r'} is gone; running it again" in capsys.readouterr().out
+    (tmp_path / "kvp-r").mkdir()  # what the stage wrote (the command here is a stand-in)
+    assert main(argv) == 0 and len(ran) == 1
+    assert "[train-kvp-r] done earlier" in capsys.readouterr().out
 
 
 @pytest.mark.model
