@@ -191,7 +191,8 @@ def test_clone_is_independent(smollm, full):
 
 def test_cuts_of_one_size_decode_as_one_batch(placed, placed_full):
     """Cuts by several scorers at one budget, stacked, decode together: each row gets the tokens of its own greedy
-    decoding, a stop token ends only its own row, and the cuts themselves are left untouched."""
+    decoding (in bf16, up to a tie within its rounding noise), a stop token ends only its own row, and the cuts
+    themselves are left untouched."""
     smollm, full = placed, placed_full
     budget = Budget(tokens=48)
     cuts = [compress(smollm, full, make_scorer(name), budget) for name in ("knorm", "keydiff", "streaming_llm")]
@@ -199,13 +200,21 @@ def test_cuts_of_one_size_decode_as_one_batch(placed, placed_full):
     assert len({tuple(a) for a in alone}) > 1  # the scorers' cuts really differ
     batch = stack_states(cuts)
     assert batch.layer(0)[0].shape == (3, smollm.info.n_kv_heads, 48, smollm.info.head_dim)
-    assert greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=()) == alone
+    together = greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=())
+    if smollm.dtype_name == "float32":
+        assert together == alone
+    else:  # a batch of 3 rounds differently from a batch of 1: rows may part only where two tokens tie in bf16
+        for cut, one, row in zip(cuts, alone, together):
+            t = next((i for i, (a, b) in enumerate(zip(one, row)) if a != b), None)
+            if t is not None:
+                _, logits = prefill(smollm, torch.tensor([one[:t]]), cut.branch()) if t else (None, cut.logits)
+                assert t > 0 and abs(float(logits[0, one[t]] - logits[0, row[t]])) <= TOLERANCE[torch.bfloat16][0]
     assert batch.length == 48 + 8 and all(cut.length == 48 for cut in cuts)
 
-    stop = alone[1][2]
+    stop = together[1][2]
     batch = stack_states(cuts)
     stopped = greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=(stop,))
-    assert stopped == [a[: a.index(stop) + 1] if stop in a else a for a in alone]
+    assert stopped == [a[: a.index(stop) + 1] if stop in a else a for a in together]
     with pytest.raises(KVPError, match="equal cache lengths"):
         stack_states([cuts[0], full])
     with pytest.raises(KVPError, match="one row per cached sequence"):
