@@ -53,16 +53,17 @@ class Point:
 
 
 def distinct_labels(results: Iterable[Result]) -> list[Result]:
-    """The results, with each scorer label naming one scorer. Where one label covers several scorer identities (a
-    policy retrained into the same directory: its weights differ), each such result's label gains the first six hex
-    digits of its weights' sha256, or of its scorer_id for a scorer without weights ("KVP (kvp-r) @ea3804"), so that
-    two policies are never pooled into one line. Every other result is returned as it is."""
+    """The results, with each scorer label naming one scorer per model. Where one label covers several scorer
+    identities on one model (a policy retrained into the same directory: its weights differ), each such result's
+    label gains the first six hex digits of its weights' sha256, or of its scorer_id for a scorer without weights
+    ("KVP (kvp-r) @ea3804"), so that two policies are never pooled into one line. Every other result is returned as
+    it is."""
     results = list(results)
-    ids: dict[str, set[str]] = defaultdict(set)
+    ids: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in results:
-        ids[r.scorer_label].add(r.scorer_id)
+        ids[(r.model_fingerprint, r.scorer_label)].add(r.scorer_id)
     return [replace(r, scorer_label=f"{r.scorer_label} @{r.scorer_identity.get('sha256', r.scorer_id)[:6]}")
-            if len(ids[r.scorer_label]) > 1 else r for r in results]
+            if len(ids[(r.model_fingerprint, r.scorer_label)]) > 1 else r for r in results]
 
 
 LEARNED_KIND, FREE_KIND, READS_KIND = "learned", "attention-free", "reads attention"

@@ -367,6 +367,8 @@ def test_a_policy_retrained_under_the_same_label_is_never_pooled_with_the_first(
     labels = ["KVP (kvp-r) @3fd7e6"] * 4 + ["KVP (kvp-r) @ea3804"] * 4 + ["TOVA"] * 4
     assert [r.scorer_label for r in labelled] == labels
     assert distinct_labels(first + tova) == first + tova  # one instance: labels untouched
+    other_model = [replace(r, model_fingerprint="def456") for r in second]
+    assert distinct_labels(first + other_model) == first + other_model  # one instance per model
     (group,) = curve_groups(labelled)
     means = {line.scorer: line.points[0].y for line in group.panels[0].lines}
     assert means == {"KVP (kvp-r) @3fd7e6": 100.0, "KVP (kvp-r) @ea3804": 25.0, "TOVA": 25.0}
