@@ -4,9 +4,9 @@ file (no model needed); repeated, malformed and unwritable files."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import math
 import re
+from dataclasses import replace
 
 import matplotlib.axes
 import numpy as np
