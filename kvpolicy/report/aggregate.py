@@ -28,6 +28,7 @@ from kvpolicy.evaluation.intervals import (
     pooled_ratio,
 )
 from kvpolicy.evaluation.metrics import mean_stderr
+from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
 from kvpolicy.traces.sources import MIX_SOURCES
 
@@ -132,6 +133,14 @@ class Group:
     def n_samples(self) -> tuple[int, int]:
         ranges = [p.n_range for p in self.panels if p.n_range != (0, 0)]
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
+
+    @property
+    def y_label(self) -> str:
+        """What the y axis shows: the metric; a perplexity says which tokens it is over (a dialogue's final
+        assistant turn, or every token of a stream)."""
+        if self.metric == "perplexity" and self.protocol == BOUNDED_STREAM:
+            return "perplexity of every token of the stream"
+        return METRICS[self.metric]
 
     def title(self) -> str:
         what = {"accuracy": "Accuracy", "perplexity": "Perplexity", "cost": "Per-budget ranking cost −R_b"}.get(

@@ -116,7 +116,7 @@ def curves_figure(group: Group) -> bytes:
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel("KV cache size (entries per head)", fontsize=8)
-        ax.set_ylabel(METRICS[group.metric], fontsize=8)
+        ax.set_ylabel(group.y_label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:

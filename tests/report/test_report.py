@@ -114,6 +114,7 @@ def test_perplexity_pools_tokens_before_exponentiating(results):
     rs = [r for r in records if r.metric == "perplexity" and r.scorer_label == line.scorer and r.budget == "64"]
     expected = math.exp(sum(r.nll_sum for r in rs) / sum(r.n_tokens for r in rs))
     assert next(p for p in line.points if p.budget == "64").y == pytest.approx(expected)
+    assert ppl.y_label == "perplexity of the final assistant turn"
 
 
 def test_best_heuristic_map_excludes_oracle_and_learned(results):
@@ -456,3 +457,4 @@ def test_bounded_streams_get_a_panel_per_rerank_interval_each_with_the_full_cach
         assert panel.reference is not None and panel.reference.y == pytest.approx(math.exp(2.0))
         (line,) = panel.lines
         assert line.points[0].y == pytest.approx(math.exp(nll / 20)) and line.points[0].n == 2
+    assert group.y_label == "perplexity of every token of the stream"
