@@ -30,6 +30,22 @@ def test_every_stage_is_a_kvp_command(preset, tmp_path):
     assert min(budgets) / PRESETS[preset].context == 0.03125 and max(budgets) / PRESETS[preset].context == 0.5
 
 
+def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(smollm, tmp_path):
+    """Each long-generation stage's task yields the --n texts of --context tokens it asks for (asking for more is
+    refused before any work, so a preset asking too many could never run)."""
+    from kvpolicy.evaluation.tasks import resolve_tasks
+
+    streams = [s.argv for s in stages(PRESETS["smollm2"], tmp_path) if s.name.startswith("long-generation")]
+    assert len(streams) == 2
+    for argv in streams:
+        (task,) = resolve_tasks([argv[argv.index("--task") + 1]])
+        n, context = int(argv[argv.index("--n") + 1]), int(argv[argv.index("--context") + 1])
+        samples = task.load(smollm, n, context, 0)
+        assert len(samples) == n and all(s.ids.shape == (1, context) for s in samples)
+        with pytest.raises(KVPError, match="holds only"):
+            task.load(smollm, n + 1 if task.name.endswith("essays") else 10_000, context, 0)
+
+
 def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
     with pytest.raises(KVPError, match="samples must be at least 1"):
         ExperimentConfig("smollm2-135m", samples=0)
