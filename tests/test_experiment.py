@@ -30,6 +30,7 @@ def test_every_stage_is_a_kvp_command(preset, tmp_path):
     assert min(budgets) / PRESETS[preset].context == 0.03125 and max(budgets) / PRESETS[preset].context == 0.5
 
 
+@pytest.mark.model
 def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(smollm, tmp_path):
     """Each long-generation stage's task yields the --n texts of --context tokens it asks for (asking for more is
     refused before any work, so a preset asking too many could never run)."""
