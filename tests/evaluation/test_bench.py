@@ -96,6 +96,34 @@ def test_decode_speedup_is_the_ratio_of_medians(bench):
 
 
 @pytest.mark.model
+def test_decode_steps_take_turns_and_leave_the_states_as_they_were(smollm):
+    """Section c times the full and the compressed cache step by step in turn, each on its own branch: every
+    state gets its steps, each step extends that state's own branch, and the states are left as they were."""
+    from kvpolicy.compression.engine import compress, prefill
+    from kvpolicy.compression.scorers import make_scorer
+    from kvpolicy.evaluation.bench.decode import step_ms
+    from kvpolicy.evaluation.bench.timing import essay_ids
+
+    full, _ = prefill(smollm, essay_ids(smollm, CONTEXT))
+    small = compress(smollm, full, make_scorer("knorm"), Budget(tokens=BUDGET))
+    calls = []
+    original = smollm.model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["past_key_values"].get_seq_length())
+        return original(*args, **kwargs)
+
+    smollm.model.forward = counting
+    try:
+        times = step_ms(smollm, [full, small], 3)
+    finally:
+        del smollm.model.forward
+    assert [len(t) for t in times] == [3, 3] and all(ms > 0 for t in times for ms in t)
+    assert calls == [CONTEXT, BUDGET, CONTEXT + 1, BUDGET + 1, CONTEXT + 2, BUDGET + 2]  # in turn, each its own
+    assert (full.length, small.length) == (CONTEXT, BUDGET)
+
+
+@pytest.mark.model
 def test_answers_match_kvpress_and_ratios_are_time_over_time(bench):
     d = bench[1]["sections"]["d"]
     assert d["compression_ratio"] == 1 - KEEP and d["protocol"] == "question-agnostic"

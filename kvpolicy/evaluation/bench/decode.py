@@ -2,7 +2,10 @@
 
 Each step feeds one greedy token through the model on a branch of the prefilled state (the prefill itself is
 not timed); the fastest step shows the machine's best, the median its typical pace. The cut's scorer does not
-change the decode time.
+change the decode time. The full and the compressed cache take turns step by step: a small model's decode step
+is bound by the host that launches its kernels (on an H200, SmolLM2's GPU work is 2.5 of about 20 ms), and
+that host's pace can change for seconds at a time (measured: 20 ms then 55 ms per step for the same cache), which
+timing one cache after the other would read as a difference between them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ from kvpolicy.models import ModelHandle
 from kvpolicy.progress import bar
 
 
-def step_ms(handle: ModelHandle, state: KVState, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` greedy decode steps on a branch of `state` (left as it was)."""
-    work, token, times = state.branch(), state.logits.argmax(-1, keepdim=True), []
+def step_ms(handle: ModelHandle, states: list[KVState], steps: int) -> list[list[float]]:
+    """Per state, the milliseconds of each of `steps` greedy decode steps on a branch of it (left as it was); the
+    states take turns step by step."""
+    work = [state.branch() for state in states]
+    tokens = [state.logits.argmax(-1, keepdim=True) for state in states]
+    times: list[list[float]] = [[] for _ in states]
     for _ in range(steps):
-        (_, logits), seconds = timed(lambda token=token: prefill(handle, token, work), handle.model.device)
-        token = logits.argmax(-1, keepdim=True)
-        times.append(1000 * seconds)
+        for i, branch in enumerate(work):
+            (_, logits), seconds = timed(lambda t=tokens[i], b=branch: prefill(handle, t, b), handle.model.device)
+            tokens[i] = logits.argmax(-1, keepdim=True)
+            times[i].append(1000 * seconds)
     return times
 
 
@@ -40,7 +47,7 @@ def measure_decode(handle: ModelHandle, contexts: list[int], keep: float, steps:
         budget = kept_budget(context, keep)
         state, _ = prefill(handle, essay_ids(handle, context))
         small = compress(handle, state, make_scorer(CUT_SCORER), budget)
-        full, compressed = summary(step_ms(handle, state, steps)), summary(step_ms(handle, small, steps))
+        full, compressed = map(summary, step_ms(handle, [state, small], steps))
         figures[str(context)] = {"budget": budget.tokens, "steps": steps, "full": full, "compressed": compressed,
                                  "speedup": full["median_ms"] / compressed["median_ms"]}
     return figures
