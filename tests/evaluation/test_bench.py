@@ -97,8 +97,9 @@ def test_decode_speedup_is_the_ratio_of_medians(bench):
 
 @pytest.mark.model
 def test_decode_steps_take_turns_and_leave_the_states_as_they_were(smollm):
-    """Section c times the full and the compressed cache step by step in turn, each on its own branch: every
-    state gets its steps, each step extends that state's own branch, and the states are left as they were."""
+    """Section c times the full and the compressed cache step by step in turn, each on its own branch, on the
+    second of two identical passes: every state gets its steps, each step extends that state's own branch, and
+    the states are left as they were."""
     from kvpolicy.compression.engine import compress, prefill
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.evaluation.bench.decode import step_ms
@@ -119,7 +120,7 @@ def test_decode_steps_take_turns_and_leave_the_states_as_they_were(smollm):
     finally:
         del smollm.model.forward
     assert [len(t) for t in times] == [3, 3] and all(ms > 0 for t in times for ms in t)
-    assert calls == [CONTEXT, BUDGET, CONTEXT + 1, BUDGET + 1, CONTEXT + 2, BUDGET + 2]  # in turn, each its own
+    assert calls == [CONTEXT, BUDGET, CONTEXT + 1, BUDGET + 1, CONTEXT + 2, BUDGET + 2] * 2  # in turn, twice
     assert (full.length, small.length) == (CONTEXT, BUDGET)
 
 

@@ -2,10 +2,12 @@
 
 Each step feeds one greedy token through the model on a branch of the prefilled state (the prefill itself is
 not timed); the fastest step shows the machine's best, the median its typical pace. The cut's scorer does not
-change the decode time. The full and the compressed cache take turns step by step: a small model's decode step
-is bound by the host that launches its kernels (on an H200, SmolLM2's GPU work is 2.5 of about 20 ms), and
-that host's pace can change for seconds at a time (measured: 20 ms then 55 ms per step for the same cache), which
-timing one cache after the other would read as a difference between them.
+change the decode time. Two things make a naive timing read a difference that is not the cache's:
+- the first step at each new cache length can cost far more than later ones at that length (on an H200, about
+  57 against 20 ms per step, where attention ran through cuDNN, which plans per shape), so every step sequence is
+  run once untimed and timed on its second pass, at lengths seen before;
+- the machine's pace can drift, so the full and the compressed cache take turns step by step rather than one
+  after the other, and a drift falls on both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from kvpolicy.progress import bar
 
 def step_ms(handle: ModelHandle, states: list[KVState], steps: int) -> list[list[float]]:
     """Per state, the milliseconds of each of `steps` greedy decode steps on a branch of it (left as it was); the
-    states take turns step by step."""
+    states take turns step by step, on the second of two identical passes (the first warms every cache length)."""
+    _turns(handle, states, steps)
+    return _turns(handle, states, steps)
+
+
+def _turns(handle: ModelHandle, states: list[KVState], steps: int) -> list[list[float]]:
+    """One timed pass of `step_ms`: per state, the milliseconds of each step, the states taking turns."""
     work = [state.branch() for state in states]
     tokens = [state.logits.argmax(-1, keepdim=True) for state in states]
     times: list[list[float]] = [[] for _ in states]
@@ -56,7 +64,8 @@ def measure_decode(handle: ModelHandle, contexts: list[int], keep: float, steps:
 def print_decode(figures: dict[str, dict]) -> None:
     """The table: per context fastest / median ms per token, full and compressed, and the speed-up."""
     first = next(iter(figures.values()))
-    print(f"   fastest / median ms per token over {first['steps']} steps; speed-up = full median / compressed median")
+    print(f"   fastest / median ms per token over {first['steps']} steps (the second of two passes, the caches taking "
+          "turns); speed-up = full median / compressed median")
     print(f"   {'context':>8} {'budget':>7} {'full':>17} {'compressed':>17} {'speed-up':>9}")
     for context, fig in figures.items():
         full, small = fig["full"], fig["compressed"]
