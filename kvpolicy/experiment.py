@@ -3,11 +3,14 @@
 A preset is a list of stages, each one `kvp` command (traces, train, sweep, report) into one output directory:
 
 1. traces   per-corpus training traces (RULER-style, dialogue) and held-out test traces of the mix
-2. train    the paper's per-corpus policies: KVP-R on RULER-style traces, KVP-D on dialogue traces
+2. train    the paper's per-corpus policies: KVP-R on RULER-style traces, KVP-D on dialogue traces; and KVP-D-long,
+            KVP-D's recipe on dialogues cut at up to the long-generation length (traces of their own)
 3. costs    held-out ranking cost of every policy (the bundled KVP-mix among them) and baseline, per corpus
 4. sweeps   RULER-style and evaluation-only needle accuracy at 3%–50% of a 2K context (token budgets), both protocols;
             the same at 4K and 8K by ratio (length transfer); dialogue perplexity, prompt-once and multi-turn;
-            perplexity of long texts (essays, dialogues) streamed through a bounded cache re-ranked every N tokens
+            perplexity of long texts (essays, dialogues) streamed through a bounded cache re-ranked every N tokens,
+            and the long dialogues again with KVP-D and KVP-D-long: does a policy trained at the streams' length rank
+            better inside them?
 5. report   the tables and figures, with 95% bootstrap intervals
 
 Every command resumes what it finished, so a killed run (or one spread over several sessions) continues where it
@@ -91,20 +94,22 @@ def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
     traces = out / "traces"
     result: list[Stage] = []
     policies = [f"kvp:{cfg.model}"]  # the bundled KVP-mix
-    for corpus in cfg.corpora:
+    # (policy, corpus, traces name, prompt length): the paper's KVP-R and KVP-D, and KVP-D-long
+    recipes = [(f"kvp-{corpus[0]}", corpus, corpus, cfg.context) for corpus in cfg.corpora]
+    recipes.append(("kvp-d-long", "dialogue", "dialogue-long", cfg.stream_context))
+    for _, corpus, name, context in recipes:
         for split, n in (("train", cfg.train_prompts), ("val", cfg.val_prompts)):
-            result.append(Stage(f"traces-{corpus}-{split}", (
-                "traces", *common, "--source", corpus, "--split", split, "--n", str(n), "--context", str(cfg.context),
-                "--future-tokens", str(cfg.future_tokens), "--out", str(traces / f"{corpus}-{split}"))))
+            result.append(Stage(f"traces-{name}-{split}", (
+                "traces", *common, "--source", corpus, "--split", split, "--n", str(n), "--context", str(context),
+                "--future-tokens", str(cfg.future_tokens), "--out", str(traces / f"{name}-{split}"))))
     result.append(Stage("traces-mix-test", (
         "traces", *common, "--source", "mix", "--split", "test", "--n", str(cfg.test_prompts), "--context",
         str(cfg.context), "--future-tokens", str(cfg.future_tokens), "--out", str(traces / "mix-test"))))
-    for corpus in cfg.corpora:
-        name = f"kvp-{corpus[0]}"  # the paper's KVP-R and KVP-D
-        result.append(Stage(f"train-{name}", (
-            "train", "--traces", str(traces / f"{corpus}-train"), "--val", str(traces / f"{corpus}-val"),
-            "--steps", str(cfg.steps), "--out", str(out / name))))
-        policies.append(f"kvp:{out / name}")
+    for policy, _, name, _ in recipes:
+        result.append(Stage(f"train-{policy}", (
+            "train", "--traces", str(traces / f"{name}-train"), "--val", str(traces / f"{name}-val"),
+            "--steps", str(cfg.steps), "--out", str(out / policy))))
+    policies += [f"kvp:{out / policy}" for policy, _, _, context in recipes if context == cfg.context]
     store = ("--out", str(out / "results.jsonl"))
     sweep = ("sweep", *common, *store)
     result += [
@@ -119,13 +124,19 @@ def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
         Stage("dialogue", (*sweep, "--task", "dialogue", "--protocol", "prompt-once", "multi-turn", "--context",
                            str(cfg.context), "--n", str(cfg.samples), "--budget", *cfg.budgets, "--scorer", *policies,
                            *BASELINES)),
-        *(Stage(f"long-generation-{text}", (
-            *sweep, "--task", f"longgen:{text}", "--context", str(cfg.stream_context), "--every",
-            *map(str, cfg.stream_every), "--n", str(n), "--budget", *cfg.stream_budgets, "--scorer", policies[0],
-            *STREAM_BASELINES)) for text, n in cfg.stream_samples),
+        *(Stage(f"long-generation-{text}", (*sweep, *_stream(cfg, text, n), "--scorer", policies[0], *STREAM_BASELINES))
+          for text, n in cfg.stream_samples),
+        *(Stage("long-generation-dialogue-kvp-d", (*sweep, *_stream(cfg, text, n), "--scorer", f"kvp:{out / 'kvp-d'}",
+                                                   f"kvp:{out / 'kvp-d-long'}"))
+          for text, n in cfg.stream_samples if text == "dialogue"),
         Stage("report", ("report", str(out / "results.jsonl"), "--out", str(out / "report"))),
     ]
     return result
+
+
+def _stream(cfg: ExperimentConfig, text: str, n: int) -> tuple:
+    return ("--task", f"longgen:{text}", "--context", str(cfg.stream_context), "--every", *map(str, cfg.stream_every),
+            "--n", str(n), "--budget", *cfg.stream_budgets)
 
 
 def _qa(cfg: ExperimentConfig, policies: list[str], contexts: tuple[str, ...], budgets: tuple[str, ...]) -> tuple:

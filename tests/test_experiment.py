@@ -22,9 +22,17 @@ def test_every_stage_is_a_kvp_command(preset, tmp_path):
     names = [s.name for s in plan]
     assert len(set(names)) == len(names) and names[-1] == "report"
     trains = {s.name: s.argv for s in plan if s.argv[0] == "train"}
-    assert set(trains) == {"train-kvp-r", "train-kvp-d"}
+    assert set(trains) == {"train-kvp-r", "train-kvp-d", "train-kvp-d-long"}
+    long_traces = next(s.argv for s in plan if s.name == "traces-dialogue-long-train")
+    assert long_traces[long_traces.index("--context") + 1] == str(PRESETS[preset].stream_context)
     costs = next(s.argv for s in plan if s.name == "costs")
     assert f"kvp:{tmp_path / 'kvp-r'}" in costs and f"kvp:{PRESETS[preset].model}" in costs and "oracle" in costs
+    assert f"kvp:{tmp_path / 'kvp-d-long'}" not in costs  # trained at the streams' length: evaluated on them only
+    by_length = next(s.argv for s in plan if s.name == "long-generation-dialogue-kvp-d")
+    dialogue = next(s.argv for s in plan if s.name == "long-generation-dialogue")
+    scorers = by_length[by_length.index("--scorer") + 1:]
+    assert scorers == (f"kvp:{tmp_path / 'kvp-d'}", f"kvp:{tmp_path / 'kvp-d-long'}")
+    assert by_length[:by_length.index("--scorer")] == dialogue[:dialogue.index("--scorer")]
     ruler = next(s.argv for s in plan if s.name == "ruler")
     budgets = [int(b) for b in ruler[ruler.index("--budget") + 1: ruler.index("--scorer")]]
     assert min(budgets) / PRESETS[preset].context == 0.03125 and max(budgets) / PRESETS[preset].context == 0.5
@@ -33,18 +41,24 @@ def test_every_stage_is_a_kvp_command(preset, tmp_path):
 @pytest.mark.model
 def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(smollm, tmp_path):
     """Each long-generation stage's task yields the --n texts of --context tokens it asks for (asking for more is
-    refused before any work, so a preset asking too many could never run)."""
+    refused before any work, so a preset asking too many could never run), and the long dialogue traces find their
+    --n prompts in their split."""
     from kvpolicy.evaluation.tasks import resolve_tasks
+    from kvpolicy.traces.sources import trace_prompts
 
-    streams = [s.argv for s in stages(PRESETS["smollm2"], tmp_path) if s.name.startswith("long-generation")]
+    plan = stages(PRESETS["smollm2"], tmp_path)
+    streams = {s.argv[s.argv.index("--task") + 1]: s.argv for s in plan if s.name.startswith("long-generation")}
     assert len(streams) == 2
-    for argv in streams:
+    for argv in streams.values():
         (task,) = resolve_tasks([argv[argv.index("--task") + 1]])
         n, context = int(argv[argv.index("--n") + 1]), int(argv[argv.index("--context") + 1])
         samples = task.load(smollm, n, context, 0)
         assert len(samples) == n and all(s.ids.shape == (1, context) for s in samples)
         with pytest.raises(KVPError, match="holds only"):
             task.load(smollm, n + 1 if task.name.endswith("essays") else 10_000, context, 0)
+    for argv in (s.argv for s in plan if s.name.startswith("traces-dialogue-long")):
+        split, n, context = (argv[argv.index(flag) + 1] for flag in ("--split", "--n", "--context"))
+        assert len(list(trace_prompts(smollm, "dialogue", split, int(n), int(context)))) == int(n)
 
 
 def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
