@@ -96,7 +96,7 @@ def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
     policies = [f"kvp:{cfg.model}"]  # the bundled KVP-mix
     # (policy, corpus, traces name, prompt length): the paper's KVP-R and KVP-D, and KVP-D-long
     recipes = [(f"kvp-{corpus[0]}", corpus, corpus, cfg.context) for corpus in cfg.corpora]
-    recipes.append(("kvp-d-long", "dialogue", "dialogue-long", cfg.stream_context))
+    recipes.append(("kvp-d-long", "long-dialogue", "dialogue-long", cfg.stream_context))
     for _, corpus, name, context in recipes:
         for split, n in (("train", cfg.train_prompts), ("val", cfg.val_prompts)):
             result.append(Stage(f"traces-{name}-{split}", (

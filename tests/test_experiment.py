@@ -57,8 +57,8 @@ def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(sm
         with pytest.raises(KVPError, match="holds only"):
             task.load(smollm, n + 1 if task.name.endswith("essays") else 10_000, context, 0)
     for argv in (s.argv for s in plan if s.name.startswith("traces-dialogue-long")):
-        split, n, context = (argv[argv.index(flag) + 1] for flag in ("--split", "--n", "--context"))
-        assert len(list(trace_prompts(smollm, "dialogue", split, int(n), int(context)))) == int(n)
+        source, split, n, context = (argv[argv.index(flag) + 1] for flag in ("--source", "--split", "--n", "--context"))
+        assert len(list(trace_prompts(smollm, source, split, int(n), int(context)))) == int(n)
 
 
 def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):

@@ -3,7 +3,9 @@
 A dialogue sample is a conversation prefix that ends with a user turn, as long as fits in `context_tokens` chat-
 rendered tokens; the reference future is the assistant turn that follows, rendered as the chat template would
 (end-of-turn token included). Conversations go to a split by a hash of their id (80% train, 5% val, 5% test, 10%
-eval), so splits never overlap and the assignment does not depend on how many samples are asked for.
+eval), so splits never overlap and the assignment does not depend on how many samples are asked for. ShareGPT cuts
+a long conversation into parts of about 2K tokens ("ID_0", "ID_1", ...); `joined_conversations` joins them again,
+for prompts and texts longer than one part.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from dataclasses import dataclass
 from collections.abc import Iterator
 
-from kvpolicy.data.records import Conversation
+from kvpolicy.data.records import Conversation, Turn
 from kvpolicy.data.sharegpt import SOURCE, iter_conversations
 from kvpolicy.errors import KVPError
 
@@ -44,6 +46,25 @@ def split_of(conversation_id: str) -> str:
     base = re.sub(r"_\d+$", "", conversation_id)
     bucket = int.from_bytes(hashlib.sha256(f"dialogue|{base}".encode()).digest()[:8], "big") % 100
     return next(name for name, upper in SPLIT_BUCKETS if bucket < upper)
+
+
+def joined_conversations(split: str, limit: int | None = None) -> Iterator[Conversation]:
+    """ShareGPT conversations of `split` (among the file's first `limit` parts), each with its parts joined in part
+    order, in the file order of their first part. Where the shipped file lacks a part, two turns of one role can meet:
+    they are merged into one, so that chat templates that require alternating roles render the conversation."""
+    parts: dict[str, dict[int, Conversation]] = {}
+    for conversation in iter_conversations(limit=limit):
+        if split_of(conversation.id) == split:
+            base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", conversation.id).groups()
+            parts.setdefault(base, {})[int(part or 0)] = conversation
+    for base, by_part in parts.items():
+        turns: list[Turn] = []
+        for turn in (t for _, c in sorted(by_part.items()) for t in c.turns):
+            if turns and turns[-1].role == turn.role:
+                turns[-1] = Turn(turn.role, f"{turns[-1].text}\n\n{turn.text}")
+            else:
+                turns.append(turn)
+        yield Conversation(id=base, turns=tuple(turns), source=SOURCE)
 
 
 def render_continuation(handle, messages: list[dict], prompt: str, assistant_text: str) -> str:
@@ -92,16 +113,20 @@ def cut_dialogue(handle, conversation: Conversation, context_tokens: int, min_to
 
 
 def iter_dialogues(handle, split: str, context_tokens: int, min_fraction: float = MIN_FRACTION,
-                   min_user_turns: int = MIN_USER_TURNS, scan_limit: int | None = None) -> Iterator[DialogueSample]:
+                   min_user_turns: int = MIN_USER_TURNS, scan_limit: int | None = None,
+                   whole: bool = False) -> Iterator[DialogueSample]:
     """Dialogue samples of a split in file order: prompts of min_fraction·context_tokens to context_tokens tokens
-    with at least `min_user_turns` user turns (multi-turn by default)."""
+    with at least `min_user_turns` user turns (multi-turn by default), cut from ShareGPT's parts as shipped, or with
+    `whole`, from whole conversations (their parts joined again: prompts beyond one part's ~2K tokens)."""
     if split not in SPLITS:
         raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
     if not 0 <= min_fraction <= 1:
         raise KVPError(f"min_fraction must be in [0, 1], got {min_fraction}")
     min_tokens = int(min_fraction * context_tokens)
-    for conversation in iter_conversations(limit=scan_limit):
-        if split_of(conversation.id) != split or conversation.n_user_turns < min_user_turns:
+    conversations = (joined_conversations(split, scan_limit) if whole
+                     else (c for c in iter_conversations(limit=scan_limit) if split_of(c.id) == split))
+    for conversation in conversations:
+        if conversation.n_user_turns < min_user_turns:
             continue
         sample = cut_dialogue(handle, conversation, context_tokens, min_tokens, min_user_turns)
         if sample is not None:

@@ -30,7 +30,7 @@ from kvpolicy.evaluation.intervals import (
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
-from kvpolicy.traces.sources import MIX_SOURCES
+from kvpolicy.traces.sources import corpora_of
 
 METRICS = {
     "accuracy": "accuracy (%)",
@@ -158,8 +158,8 @@ class Group:
 
 def trained_corpora(source: str) -> set[str]:
     """The corpora a policy trained on traces of `source` has seen: a union's parts are joined by "+" (as `kvp train
-    --traces A B` records them) and a mix holds each of its sources."""
-    return {corpus for part in source.split("+") for corpus in (MIX_SOURCES if part == "mix" else (part,))}
+    --traces A B` records them), each part's corpora as `traces.sources.corpora_of` names them."""
+    return {corpus for part in source.split("+") for corpus in corpora_of(part)}
 
 
 def training_notes(results: Iterable[Result]) -> list[str]:

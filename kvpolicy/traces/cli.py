@@ -26,9 +26,10 @@ from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or HF directory")
     parser.add_argument("--source", required=True, choices=SOURCES, help="training prompts: RULER-style tasks, "
-                        "ShareGPT dialogues (stand-in for OASST2), plain essay continuation, plain continuation of the "
-                        "Python standard library's sources, or mix (the first three at 0.5x, 1x and 2x --context; "
-                        "with code, the general-purpose policy's recipe)")
+                        "ShareGPT dialogues (stand-in for OASST2), long-dialogue (the same, cut from whole "
+                        "conversations: prompts beyond ShareGPT's ~2K-token parts), plain essay continuation, plain "
+                        "continuation of the Python standard library's sources, or mix (ruler, dialogue and essays "
+                        "at 0.5x, 1x and 2x --context; with code, the general-purpose policy's recipe)")
     parser.add_argument("--split", default="train", choices=TRACE_SPLITS)
     parser.add_argument("--n", type=int, required=True, help="number of prompts (samples 0..n-1 of the split)")
     parser.add_argument("--context", type=int, default=2048, help="prompt length in the model's tokens")

@@ -1,5 +1,6 @@
 """Training prompts for traces: RULER-style tasks, ShareGPT dialogues (chat-rendered, reference continuation up to
-the end of turn), plain essay continuation, plain continuation of Python source code, or `mix`, a fixed interleaving
+the end of turn; `long-dialogue` cuts them from whole conversations, for prompts longer than ShareGPT's ~2K-token
+parts), plain essay continuation, plain continuation of Python source code, or `mix`, a fixed interleaving
 of the first three at several lengths, so that a policy trained on it is not tuned to one generator (code is a
 separate source that `kvp train` can read beside the mix). Prompt i of a (source, split, seed, context) is always
 the same prompt."""
@@ -15,7 +16,8 @@ from kvpolicy.data import dialogue, documents, ruler
 from kvpolicy.data.dialogue import render_continuation
 from kvpolicy.errors import KVPError
 
-SOURCES = ("ruler", "dialogue", "essays", "code", "mix")
+SOURCES = ("ruler", "dialogue", "long-dialogue", "essays", "code", "mix")
+DIALOGUE_SOURCES = ("dialogue", "long-dialogue")
 TRACE_SPLITS = ("train", "val", "test")  # "eval" prompts belong to the evaluation harness only
 # mix: sample i is MIX_CYCLE[i % len(MIX_CYCLE)] = (source, context length as a multiple of --context); each source's
 # own samples are numbered in order of appearance, so the mix holds distinct prompts of each source
@@ -24,6 +26,7 @@ MIX_CYCLE = (("ruler", 1.0), ("dialogue", 1.0), ("essays", 1.0), ("ruler", 0.5),
 MIX_SOURCES = tuple(dict.fromkeys(source for source, _ in MIX_CYCLE))
 ESSAYS, CODE = documents.CORPORA["essays"].source, documents.CORPORA["code"].source
 DESCRIPTIONS = {"ruler": ruler.SOURCE, "dialogue": dialogue.SOURCE, "essays": ESSAYS, "code": CODE,
+                "long-dialogue": f"{dialogue.SOURCE}, whole conversations (their parts joined)",
                 "mix": f"a fixed mix of {ruler.SOURCE}; {dialogue.SOURCE}; {ESSAYS}, at 0.5x, 1x and 2x the context "
                        "length"}
 
@@ -53,9 +56,17 @@ def source_seeds(source: str, seed: int, tasks: Sequence[str] | None) -> dict[st
     if source == "mix":
         return {"cycle": [list(c) for c in MIX_CYCLE], "rule": "sample i = cycle[i % len(cycle)]: that source's next "
                 "sample at that multiple of --context", **{s: source_seeds(s, seed, tasks) for s in MIX_SOURCES}}
-    return {"rule": "conversations in ShareGPT file order, split by sha256 of the base conversation id "
-                    "(80/5/5/10 train/val/test/eval); sample i = the i-th dialogue of the split that fits",
+    order = ("whole conversations (ShareGPT's parts ID_0, ID_1, ... joined in order) in the file order of their "
+             "first part" if source == "long-dialogue" else "conversations in ShareGPT file order")
+    return {"rule": f"{order}, split by sha256 of the base conversation id (80/5/5/10 train/val/test/eval); sample "
+                    "i = the i-th dialogue of the split that fits",
             "min_fraction": dialogue.MIN_FRACTION, "min_user_turns": dialogue.MIN_USER_TURNS}
+
+
+def corpora_of(source: str) -> tuple[str, ...]:
+    """The corpora whose data a trace source's prompts come from: each of the mix's sources for the mix, dialogue
+    for long-dialogue."""
+    return MIX_SOURCES if source == "mix" else ("dialogue",) if source == "long-dialogue" else (source,)
 
 
 def longest_context(source: str, context_tokens: int) -> int:
@@ -93,7 +104,8 @@ def trace_prompts(handle, source: str, split: str, n: int, context_tokens: int, 
             reference = render_continuation(handle, list(s.messages), s.prompt, s.answer_prefix + s.reference)
             yield TracePrompt(i, s.id, s.prompt, reference, {"task": s.task, "sample_id": i, "seed": seed})
     else:
-        samples = (dialogue.iter_dialogues(handle, split, context_tokens) if source == "dialogue"
+        samples = (dialogue.iter_dialogues(handle, split, context_tokens, whole=source == "long-dialogue")
+                   if source in DIALOGUE_SOURCES
                    else documents.iter_documents(handle, split, context_tokens, corpus=source))
         yield from _first_of(samples, wanted, source, split, n, context_tokens)
 
@@ -107,7 +119,7 @@ def _first_of(samples: Iterator, wanted: list[int], source: str, split: str, n: 
     for i, d in enumerate(samples):
         found = i + 1
         if i in wanted:
-            meta = {"n_user_turns": d.n_user_turns} if source == "dialogue" else {}
+            meta = {"n_user_turns": d.n_user_turns} if source in DIALOGUE_SOURCES else {}
             yield TracePrompt(i, d.id, d.prompt, d.reference, meta)
         if i >= wanted[-1]:
             return

@@ -1,12 +1,14 @@
-"""ShareGPT dialogue prompts (stand-in for OASST2): cut at a user turn, reference = next assistant turn."""
+"""ShareGPT dialogue prompts (stand-in for OASST2): cut at a user turn, reference = next assistant turn; whole
+conversations are ShareGPT's parts joined again."""
 
 from __future__ import annotations
 
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 
 import pytest
 
-from kvpolicy.data.dialogue import SPLITS, make_dialogues, render_continuation, split_of
+from kvpolicy.data.dialogue import SPLITS, joined_conversations, make_dialogues, render_continuation, split_of
 from kvpolicy.data.sharegpt import iter_conversations
 from kvpolicy.errors import KVPError
 
@@ -19,6 +21,40 @@ def test_split_assignment_is_fixed_disjoint_and_proportioned():
     assert [split_of(i) for i in ids[:50]] == [split_of(i) for i in ids[:50]]
     assert {split_of(f"abc{i}_0") for i in range(50)} != {"train"}  # ids do spread
     assert all(split_of(f"x{i}_0") == split_of(f"x{i}_3") for i in range(200))  # parts of one conversation
+
+
+def _parts(limit: int) -> dict[str, list]:
+    """The shipped parts of each conversation among the file's first `limit`, in part order."""
+    parts = defaultdict(dict)
+    for c in iter_conversations(limit=limit):
+        base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", c.id).groups()
+        parts[base][int(part or 0)] = c
+    return {base: [by_part[k] for k in sorted(by_part)] for base, by_part in parts.items()}
+
+
+def test_joined_conversations_put_the_parts_back_in_order():
+    parts = _parts(1500)
+    joined = {c.id: c for c in joined_conversations("val", limit=1500)}
+    assert set(joined) == {base for base in parts if split_of(base) == "val"}
+    several = [base for base in joined if len(parts[base]) > 1]
+    assert several  # the file's first 1,500 parts hold val conversations cut in several parts
+    for base in several:
+        turns = joined[base].turns
+        assert all(a.role != b.role for a, b in zip(turns, turns[1:]))  # roles alternate: same-role meetings merged
+        shipped = [t.text for part in parts[base] for t in part.turns]
+        assert "\n\n".join(t.text for t in turns) == "\n\n".join(shipped) and len(turns) <= len(shipped)
+
+
+@pytest.mark.model
+def test_whole_dialogues_reach_beyond_one_part(smollm):
+    samples = make_dialogues(smollm, "train", 2, 4096, scan_limit=1500, whole=True)
+    parts = _parts(1500)
+    for s in samples:
+        base = s.id.split("/")[1]
+        assert 2048 <= s.length <= 4096 and s.messages[-1]["role"] == "user" and split_of(base) == "train"
+        longest_part = max(smollm.encode(smollm.chat(p.messages(), add_generation_prompt=False)).shape[1]
+                           for p in parts[base])
+        assert s.length > longest_part  # no single shipped part holds this prompt
 
 
 @pytest.mark.model

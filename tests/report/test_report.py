@@ -150,7 +150,7 @@ def test_learned_policy_results_say_whether_they_are_on_the_training_corpus(resu
         "KVP (mix+code) trained on mix+code traces at 2048 tokens: its training traces include code prompts: held-out "
         "prompts"]
     assert trained_corpora("mix+code") == {"ruler", "dialogue", "essays", "code"}
-    assert trained_corpora("dialogue") == {"dialogue"}
+    assert trained_corpora("dialogue") == trained_corpora("long-dialogue") == {"dialogue"}
 
 
 def test_throughput_charges_the_prefill_once_per_sample(results):

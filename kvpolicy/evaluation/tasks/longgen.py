@@ -4,23 +4,21 @@ run by evaluation.streaming). Sized by --context: every stream is exactly that m
 longgen:essays: the Paul Graham essays of the documents' "eval" split (a split no trace reads), in the windows
 data.documents cuts (one every half window), as plain text. longgen:dialogue: ShareGPT conversations of the
 dialogues' "eval" split (the offline stand-in for OASST2) rendered whole with the chat template, the first --context
-tokens of those that reach it; ShareGPT cuts a long conversation into parts (ID_0, ID_1, ...), which are joined
-again in order.
+tokens of those that reach it, each whole (data.dialogue.joined_conversations joins again the parts ShareGPT cut
+it into).
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.data.dialogue import MIN_USER_TURNS, split_of
+from kvpolicy.data.dialogue import MIN_USER_TURNS, joined_conversations
 from kvpolicy.data.documents import iter_documents
-from kvpolicy.data.records import Conversation, Turn
-from kvpolicy.data.sharegpt import SOURCE as SHAREGPT, iter_conversations
+from kvpolicy.data.sharegpt import SOURCE as SHAREGPT
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.tasks.base import Task
@@ -66,25 +64,6 @@ def essay_streams(handle, context_tokens: int) -> Iterator[StreamSample]:
         ids = _cut(handle, document.prompt + document.reference, context_tokens)
         if ids is not None:
             yield StreamSample(document.id, ids)
-
-
-def joined_conversations(split: str) -> Iterator[Conversation]:
-    """ShareGPT conversations of `split`, each with its parts joined in part order, in the file order of their first
-    part. Where the shipped file lacks a part, two turns of one role can meet: they are merged into one, so that
-    chat templates that require alternating roles render the conversation."""
-    parts: dict[str, dict[int, Conversation]] = {}
-    for conversation in iter_conversations():
-        if split_of(conversation.id) == split:
-            base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", conversation.id).groups()
-            parts.setdefault(base, {})[int(part or 0)] = conversation
-    for base, by_part in parts.items():
-        turns: list[Turn] = []
-        for turn in (t for _, c in sorted(by_part.items()) for t in c.turns):
-            if turns and turns[-1].role == turn.role:
-                turns[-1] = Turn(turn.role, f"{turns[-1].text}\n\n{turn.text}")
-            else:
-                turns.append(turn)
-        yield Conversation(id=base, turns=tuple(turns), source=SHAREGPT)
 
 
 def dialogue_streams(handle, context_tokens: int) -> Iterator[StreamSample]:
