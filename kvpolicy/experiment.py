@@ -94,13 +94,13 @@ def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
     traces = out / "traces"
     result: list[Stage] = []
     policies = [f"kvp:{cfg.model}"]  # the bundled KVP-mix
-    # (policy, corpus, traces name, prompt length): the paper's KVP-R and KVP-D, and KVP-D-long
+    # (policy, trace source, traces name, prompt length): the paper's KVP-R and KVP-D, and KVP-D-long
     recipes = [(f"kvp-{corpus[0]}", corpus, corpus, cfg.context) for corpus in cfg.corpora]
     recipes.append(("kvp-d-long", "long-dialogue", "dialogue-long", cfg.stream_context))
-    for _, corpus, name, context in recipes:
+    for _, source, name, context in recipes:
         for split, n in (("train", cfg.train_prompts), ("val", cfg.val_prompts)):
             result.append(Stage(f"traces-{name}-{split}", (
-                "traces", *common, "--source", corpus, "--split", split, "--n", str(n), "--context", str(context),
+                "traces", *common, "--source", source, "--split", split, "--n", str(n), "--context", str(context),
                 "--future-tokens", str(cfg.future_tokens), "--out", str(traces / f"{name}-{split}"))))
     result.append(Stage("traces-mix-test", (
         "traces", *common, "--source", "mix", "--split", "test", "--n", str(cfg.test_prompts), "--context",
