@@ -40,10 +40,16 @@ class DialogueSample:
     source: str = SOURCE
 
 
+def part_of(conversation_id: str) -> tuple[str, int]:
+    """(ID, n) of a ShareGPT part "ID_n"; (ID, 0) of an id without a part suffix."""
+    base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", conversation_id).groups()
+    return base, int(part or 0)
+
+
 def split_of(conversation_id: str) -> str:
     """The split a conversation belongs to, fixed by a hash of its id (ShareGPT cuts long conversations into
     parts "ID_0", "ID_1", ...: all parts share the split of ID)."""
-    base = re.sub(r"_\d+$", "", conversation_id)
+    base, _ = part_of(conversation_id)
     bucket = int.from_bytes(hashlib.sha256(f"dialogue|{base}".encode()).digest()[:8], "big") % 100
     return next(name for name, upper in SPLIT_BUCKETS if bucket < upper)
 
@@ -55,8 +61,8 @@ def joined_conversations(split: str, limit: int | None = None) -> Iterator[Conve
     parts: dict[str, dict[int, Conversation]] = {}
     for conversation in iter_conversations(limit=limit):
         if split_of(conversation.id) == split:
-            base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", conversation.id).groups()
-            parts.setdefault(base, {})[int(part or 0)] = conversation
+            base, part = part_of(conversation.id)
+            parts.setdefault(base, {})[part] = conversation
     for base, by_part in parts.items():
         turns: list[Turn] = []
         for turn in (t for _, c in sorted(by_part.items()) for t in c.turns):

@@ -3,12 +3,12 @@ conversations are ShareGPT's parts joined again."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 
 import pytest
 
-from kvpolicy.data.dialogue import SPLITS, joined_conversations, make_dialogues, render_continuation, split_of
+from kvpolicy.data.dialogue import (SPLITS, joined_conversations, make_dialogues, part_of, render_continuation,
+                                    split_of)
 from kvpolicy.data.sharegpt import iter_conversations
 from kvpolicy.errors import KVPError
 
@@ -21,14 +21,16 @@ def test_split_assignment_is_fixed_disjoint_and_proportioned():
     assert [split_of(i) for i in ids[:50]] == [split_of(i) for i in ids[:50]]
     assert {split_of(f"abc{i}_0") for i in range(50)} != {"train"}  # ids do spread
     assert all(split_of(f"x{i}_0") == split_of(f"x{i}_3") for i in range(200))  # parts of one conversation
+    assert [part_of(i) for i in ("abc_12", "a_1_2", "abc", "abc_")] == [("abc", 12), ("a_1", 2), ("abc", 0),
+                                                                          ("abc_", 0)]
 
 
 def _parts(limit: int) -> dict[str, list]:
     """The shipped parts of each conversation among the file's first `limit`, in part order."""
     parts = defaultdict(dict)
     for c in iter_conversations(limit=limit):
-        base, part = re.fullmatch(r"(.*?)(?:_(\d+))?", c.id).groups()
-        parts[base][int(part or 0)] = c
+        base, part = part_of(c.id)
+        parts[base][part] = c
     return {base: [by_part[k] for k in sorted(by_part)] for base, by_part in parts.items()}
 
 
