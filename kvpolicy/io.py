@@ -1,5 +1,16 @@
-"""Atomic file writing, fail-fast output checks and hashing: nothing half-written is ever visible under its
-final name, and an output that cannot be written is refused before any work starts."""
+"""Atomic file writing, fail-fast checks of what is read and written, bounded line reading and hashing: nothing
+half-written is ever visible under its final name, and an input or output that is not what it must be is refused
+before any work starts.
+
+The rule for special paths, applied by every command:
+- a path the user names (an --out, a results file, a trace or checkpoint directory) is followed when it is a
+  symbolic link: kvpolicy reads and writes its target, and an atomic replace lands on the target, so the link
+  survives;
+- an entry inside a directory kvpolicy manages (trace shards, checkpoint files, report figures) is never a link:
+  one is refused by every command that reads or writes that directory;
+- a file kvpolicy reads or writes is a regular file (or, for an output, a new path): a device, FIFO or socket,
+  also behind a link, is refused, naming what it is.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +21,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from collections.abc import Iterator
 
 from kvpolicy.errors import KVPError
@@ -36,6 +48,56 @@ def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
     where = err.filename if err.filename is not None else path
     reason = _REASONS.get(err.errno, err.strerror or str(err))
     return f"{where}: {reason}" if where is not None else reason
+
+
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+MAX_LINE_BYTES = 1 << 20  # no line of a kvpolicy JSONL file comes near this
+
+
+def special_kind(path: str | Path) -> str | None:
+    """What `path` is when it exists and is not a regular file ("a directory", "a character device", "a FIFO
+    (named pipe)", "a socket", "a block device"), links followed; None for a regular file or a missing path."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return next((name for test, name in _SPECIAL if test(mode)), None)
+
+
+def check_regular_file(path: str | Path, what: str, fix: str) -> Path:
+    """Refuse an input file that is missing or is not a regular file (links followed), in one line naming it:
+    "WHAT PATH does not exist; FIX" or "WHAT PATH is a FIFO (named pipe), not a regular file; FIX"."""
+    path = Path(path)
+    if (kind := special_kind(path)) is not None:
+        raise KVPError(f"{what} {path} is {kind}, not a regular file; {fix}")
+    if not path.exists():
+        raise KVPError(f"{what} {path} does not exist; {fix}")
+    return path
+
+
+def refuse_link(path: str | Path, what: str) -> None:
+    """Refuse an entry of a directory kvpolicy manages (a shard, a checkpoint file, a figure) that is a symbolic
+    link: kvpolicy never reads, writes or deletes through one there."""
+    path = Path(path)
+    if path.is_symlink():
+        raise KVPError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); kvpolicy does not follow links "
+                       "inside the directories it manages: put the file itself there, or remove the link")
+
+
+def read_lines(f: BinaryIO, where: str, limit: int = MAX_LINE_BYTES) -> tuple[bytes, bytes]:
+    """(the complete lines, the bytes after the last newline) from `f`'s position to its end, reading one line at
+    a time; a line longer than `limit` bytes is refused (where: the file, for the message), so a file that is not
+    JSONL never fills the memory."""
+    lines: list[bytes] = []
+    while line := f.readline(limit + 1):
+        if len(line) > limit:
+            raise KVPError(f"{where} has a line longer than {limit:,} bytes: not a kvpolicy JSONL file; "
+                           "choose the right file")
+        if not line.endswith(b"\n"):
+            return b"".join(lines), line
+        lines.append(line)
+    return b"".join(lines), b""
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -69,9 +131,12 @@ def check_writable(path: str | Path, what: str, directory: bool = False) -> None
     can be created; the check leaves nothing behind.
     """
     path = Path(path)
-    if path.exists() and path.is_dir() != directory:
-        kind = "is not a directory" if directory else "is a directory"
-        raise KVPError(f"cannot write {what}: {path} {kind}; choose another location")
+    kind = special_kind(path)
+    if directory and path.exists() and kind != "a directory":
+        raise KVPError(f"cannot write {what}: {path} is {kind or 'a regular file'}, not a directory; choose another "
+                       "location")
+    if not directory and kind is not None:
+        raise KVPError(f"cannot write {what}: {path} is {kind}, not a regular file; choose another location")
     try:
         _probe_directory(_nearest_existing(path.parent))  # temporaries and new entries go beside `path`
         if directory and path.is_dir():
@@ -147,11 +212,12 @@ def _replace_directory(new: Path, path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    Works for files and directories (the caller creates whichever it needs at the yielded path). A directory
+    Works for files and directories (the caller creates whichever it needs at the yielded path). When `path` is a
+    symbolic link, its target is replaced and the link kept. A directory
     that already exists is swapped for the new one atomically where the system allows it (renameat2), else
     through a parked copy that `recover_directory` restores after a kill.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # the link survives
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -59,7 +59,7 @@ def test_check_writable_accepts_what_can_be_written(tmp_path):
 @pytest.mark.parametrize("target, directory, message", [
     ("file/out.jsonl", False, "file: a part of the path is not a directory"),
     ("file/sub/ckpt", True, "file: a part of the path is not a directory"),
-    ("file", True, "file is not a directory"),
+    ("file", True, "file is a regular file, not a directory"),
     ("dir", False, "dir is a directory"),
 ])
 def test_check_writable_refuses_in_one_line(tmp_path, target, directory, message):

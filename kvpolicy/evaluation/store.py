@@ -24,13 +24,7 @@ from typing import Any
 
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.result import Result, check_record
-from kvpolicy.io import sha256_json
-
-
-def _split_tail(data: bytes) -> tuple[bytes, bytes]:
-    """(the complete lines, the bytes after the last newline)."""
-    end = data.rfind(b"\n") + 1
-    return data[:end], data[end:]
+from kvpolicy.io import check_regular_file, read_lines, sha256_json, special_kind
 
 
 def _tail_record(tail: bytes) -> dict[str, Any] | None:
@@ -75,10 +69,9 @@ class Results:
 def read_results(path: str | Path) -> Results:
     """The checked results of a results file, without repeated keys. A missing file is an error; an empty one
     has none. A torn final line (a sweep killed mid-write, or one writing right now) is left out."""
-    path = Path(path)
-    if not path.is_file():
-        raise KVPError(f"results file {path} does not exist; create it with `kvp sweep --out {path} ...`")
-    lines, tail = _split_tail(path.read_bytes())
+    path = check_regular_file(path, "results file", f"create it with `kvp sweep --out {path} ...`")
+    with open(path, "rb") as f:
+        lines, tail = read_lines(f, str(path))
     parsed = list(_parse(lines, path, 1))
     if (record := _tail_record(tail)) is not None:
         last = lines.count(b"\n") + 1
@@ -149,6 +142,8 @@ class ResultStore:
         self._records: dict[str, Result] = {}
         self._offset = 0  # bytes of the file taken in so far
         self._lines = 0  # lines of the file taken in so far
+        if (kind := special_kind(self.path)) is not None:
+            raise KVPError(f"results file {self.path} is {kind}, not a regular file; choose another file")
         if self.path.exists():
             self.refresh()
 
@@ -165,7 +160,7 @@ class ResultStore:
             return
         with open(self.path, "rb+") as f:
             f.seek(self._offset)
-            lines, tail = _split_tail(f.read())
+            lines, tail = read_lines(f, str(self.path))
             if tail:
                 if _tail_record(tail) is not None:
                     f.write(b"\n")

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.models.loader import load_model
     from kvpolicy.models.placement import resolve_device, resolve_dtype
     from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
+    from kvpolicy.traces.store import check_trace_directory
 
     device = resolve_device(args.device)  # a CUDA request without CUDA, a bad dtype: one line before any work
     resolve_dtype(args.dtype, device)
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
         )
         check_writable(args.out, "trace directory", directory=True)  # before minutes of model loading
+        check_trace_directory(args.out)
         handle = load_model(args.model, device=ctx.device, dtype=args.dtype)
         result = record_shards(handle, cfg, args.out, rank=ctx.rank, world=ctx.world, show_progress=ctx.main)
         recorded, skipped = result.recorded, result.skipped

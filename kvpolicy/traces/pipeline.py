@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import kvpolicy
 from kvpolicy.data.ruler import TASKS
 from kvpolicy.errors import KVPError
@@ -129,6 +131,12 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
                          shard_seconds=cfg.shard_seconds)
     mine = [i for i in range(rank, cfg.n, world)]
     todo = [i for i in mine if i not in writer.done]
+    threads = torch.get_num_threads()
+    if todo and writer.threads - {threads}:
+        warnings.warn(f"{out} holds samples recorded with {', '.join(map(str, sorted(writer.threads)))} CPU "
+                      f"thread(s), this run uses {threads}: float sums differ with the thread count, so its samples "
+                      "may differ from an uninterrupted run's in the last bits (about 1e-6); resume with the same "
+                      "OMP_NUM_THREADS for bit-identical traces", stacklevel=2)
     progress = bar(total=len(todo), desc=f"traces rank {rank}" if world > 1 else "traces", unit="sample") \
         if show_progress else None
     model_seconds = 0.0
@@ -144,7 +152,8 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
             model_seconds += trace.model_seconds
             record = {"id": prompt.id, "length": trace.length, "future_length": len(trace.future_ids),
                       "seconds": round(seconds, 3), "model_seconds": round(trace.model_seconds, 3),
-                      "code_version": code_version(), "warnings": trace.warnings, **prompt.meta}
+                      "code_version": code_version(), "warnings": trace.warnings, "threads": threads,
+                      **prompt.meta}
             tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
             tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
             with deferred_interrupts():  # a record is queued with its tensors, or not at all

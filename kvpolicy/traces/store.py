@@ -35,7 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import atomic_path, describe_os_error, read_json, sha256_json, write_json
+from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_json, refuse_link, sha256_json,
+                         special_kind, write_json)
 from kvpolicy.models.handle import MODEL_SCHEMA, ModelIdentity, ModelInfo
 from kvpolicy.schema import Optional, validate
 from kvpolicy.traces.config import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
@@ -70,7 +71,7 @@ CONFIG_SCHEMA = {
 }
 # one sample as TraceWriter.add records it (plus the prompt's own meta fields)
 RECORD_SCHEMA = {"index": int, "id": Optional(str), "length": int, "future_length": Optional(int), "seconds": float,
-                 "model_seconds": float, "code_version": str, "warnings": Optional([str])}
+                 "model_seconds": float, "code_version": str, "warnings": Optional([str]), "threads": Optional(int)}
 # a shard header, as `_shard_metadata` parses it: per sample, a CRC32 per layer of each tensor
 SHARD_HEADER_SCHEMA = {"kvpolicy.config": CONFIG_SCHEMA,
                        "kvpolicy.samples": [RECORD_SCHEMA | {"crc": {name: [int] for name in CORE_TENSORS}}]}
@@ -103,7 +104,19 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
-    return sorted(p for p in Path(directory).glob(SHARD_GLOB) if SHARD_NAME.fullmatch(p.name))
+    """The shard files of a trace directory, refused (by every reader and writer alike) when one is a link or
+    not a regular file."""
+    paths = sorted(p for p in Path(directory).glob(SHARD_GLOB) if SHARD_NAME.fullmatch(p.name))
+    for path in paths:
+        _check_shard_file(path)
+    return paths
+
+
+def _check_shard_file(path: Path) -> None:
+    refuse_link(path, "trace shard")
+    if (kind := special_kind(path)) is not None:
+        raise KVPError(f"trace shard {path} is {kind}, not a regular file; remove it and re-run the same "
+                       "`kvp traces` command")
 
 
 def _open_shard(path: Path):
@@ -146,11 +159,27 @@ def check_compatible(existing: dict, config: dict, where: str) -> None:
                        "choose another --out directory")
 
 
+def check_trace_directory(directory: str | Path) -> None:
+    """Refuse, before any work, a trace directory whose shards or manifest a run could neither read nor replace:
+    a link or a file that is not a regular one in their place (the rule of kvpolicy.io)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    shard_paths(directory)
+    path = directory / MANIFEST
+    refuse_link(path, "trace manifest")
+    if (kind := special_kind(path)) is not None:
+        raise KVPError(f"trace manifest {path} is {kind}, not a regular file; remove it and re-run the same "
+                       "`kvp traces` command")
+
+
 def _previous_run(directory: Path) -> dict | None:
     """The run description in DIR's manifest; None without one or when it is broken (the run rewrites it)."""
+    check_trace_directory(directory)
+    path = directory / MANIFEST
     try:
-        manifest = read_json(directory / MANIFEST)
-        validate(manifest, CONFIG_SCHEMA, str(directory / MANIFEST), MANIFEST_FIX)
+        manifest = read_json(path)
+        validate(manifest, CONFIG_SCHEMA, str(path), MANIFEST_FIX)
     except (OSError, ValueError, KVPError):
         return None
     return manifest
@@ -159,7 +188,8 @@ def _previous_run(directory: Path) -> dict | None:
 class TraceWriter:
     """Buffers traces and writes them as shards of about `shard_bytes`, or of `shard_samples` samples, or of what
     was buffered within `shard_seconds` of `clock()` after a shard's first sample, whichever comes first; `done`
-    holds the sample indices that complete shards in the directory already hold (any rank), so a rerun skips them."""
+    holds the sample indices that complete shards in the directory already hold (any rank), so a rerun skips them,
+    and `threads` the CPU thread counts those samples were recorded with."""
 
     def __init__(self, directory: str | Path, config: dict, rank: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  shard_samples: int = DEFAULT_SHARD_SAMPLES, shard_seconds: float = DEFAULT_SHARD_SECONDS,
@@ -175,10 +205,12 @@ class TraceWriter:
         if (existing := _previous_run(self.directory)) is not None:
             check_compatible(existing, config, str(self.directory))
         self.done: set[int] = set()
+        self.threads: set[int] = set()
         for path in shard_paths(self.directory):
             existing, records = _shard_metadata(path)
             check_compatible(existing, config, str(self.directory))
             self.done.update(r["index"] for r in records)
+            self.threads.update(r["threads"] for r in records if "threads" in r)
         prefix = f"shard-r{rank:03d}-"
         for stale in self.directory.glob(f".{prefix}*.tmp"):  # temporaries of a killed run of this rank
             shutil.rmtree(stale, ignore_errors=True)
@@ -236,6 +268,7 @@ class TraceWriter:
 def write_manifest(directory: str | Path, config: dict, n_samples: int, extra: dict | None = None) -> dict:
     """Merge every shard's records into manifest.json (samples 0..n_samples-1, sorted); all must be present."""
     directory = Path(directory)
+    refuse_link(directory / MANIFEST, "trace manifest")
     samples: dict[int, dict] = {}
     shards = []
     for path in shard_paths(directory):
@@ -266,18 +299,21 @@ def write_manifest(directory: str | Path, config: dict, n_samples: int, extra: d
 
 
 def _check_shard_name(directory: Path, name: str, where: Path, field: str) -> None:
-    """Refuse a shard name that is not a plain writer-made file name resolving inside `directory`."""
-    if not SHARD_NAME.fullmatch(name) or (directory / name).resolve().parent != directory.resolve():
+    """Refuse a shard name that is not a plain writer-made file name of `directory`, or names a link."""
+    if not SHARD_NAME.fullmatch(name) or Path(name).name != name:
         raise KVPError(f"{where}: field '{field}' names {name!r}, not a shard file of this directory (shard-rRRR-"
-                       f"SSSSS.safetensors, no path, no link out of it); {MANIFEST_FIX}")
+                       f"SSSSS.safetensors, no path); {MANIFEST_FIX}")
+    _check_shard_file(directory / name)
 
 
 def _load_manifest(directory: Path) -> dict:
     """DIR/manifest.json, checked against MANIFEST_SCHEMA, with every shard it names confined to DIR and listed."""
     path = directory / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise KVPError(f"no {MANIFEST} in {directory}: not a finished trace directory; run "
                        "`kvp traces ... --out DIR` until it completes")
+    refuse_link(path, "trace manifest")
+    check_regular_file(path, "trace manifest", MANIFEST_FIX)
     try:
         manifest = read_json(path)
     except ValueError as err:

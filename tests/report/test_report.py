@@ -242,7 +242,7 @@ def test_unwritable_report_directory_fails_before_reading(results, tmp_path, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(blocker) in err
     assert main(["report", str(results.path), "--out", str(results.path)]) == 1  # a file, not a directory
-    assert "is not a directory" in capsys.readouterr().err
+    assert "is a regular file, not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("record, problem", [
