@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kvpolicy.data.records import Conversation, QASample, Turn
 from kvpolicy.errors import KVPError
+from kvpolicy.io import check_regular_file
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,11 @@ def load_hub(name: str, limit: int | None = None, local: str | Path | None = Non
         raise KVPError(f"unknown hub dataset '{name}'; known: {', '.join(HUB_SOURCES)}")
     source = HUB_SOURCES[name]
     path = None if local is None else Path(local)
-    if path is not None and (path.suffix not in LOCAL_KINDS or not path.is_file()):
-        raise KVPError(f"local file for '{name}' must be an existing .json/.jsonl/.parquet file: {path}")
+    if path is not None:
+        what, fix = f"local file for '{name}'", "give an existing .json/.jsonl/.parquet file"
+        if path.suffix not in LOCAL_KINDS:
+            raise KVPError(f"{what} {path} is not a .json/.jsonl/.parquet file; {fix}")
+        check_regular_file(path, what, fix)
     import datasets
 
     datasets.disable_progress_bars()

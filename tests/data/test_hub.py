@@ -132,5 +132,5 @@ def test_bad_local_files_are_one_line(tmp_path):
     with pytest.raises(KVPError) as err:  # BoolQ rows are not ARC rows
         load_hub("arc_challenge", local=FIXTURES / "boolq.jsonl")
     assert "lack the field 'choices' of the schema of allenai/ai2_arc" in _one_line(err)
-    with pytest.raises(KVPError, match="must be an existing .json/.jsonl/.parquet file"):
+    with pytest.raises(KVPError, match="is not a .json/.jsonl/.parquet file; give an existing"):
         load_hub("boolq", local=tmp_path / "boolq.csv")

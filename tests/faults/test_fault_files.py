@@ -164,3 +164,11 @@ def test_a_trace_run_resumed_with_another_thread_count_says_so(smollm, tmp_path)
     assert len(said) == 1 and "recorded with 1 CPU thread(s), this run uses 2" in said[0]
     # recorded per sample, so the manifest keeps it too
     assert TraceWriter(tmp_path / "t", config(3).manifest_fields(smollm)).threads == {1, 2}
+
+
+def test_a_local_hub_file_that_is_a_fifo_is_refused_by_name(tmp_path):
+    from kvpolicy.data.hub import load_hub
+
+    os.mkfifo(tmp_path / "boolq.jsonl")  # datasets would block on it forever
+    with pytest.raises(KVPError, match=re.escape("is a FIFO (named pipe), not a regular file; give an existing")):
+        load_hub("boolq", local=tmp_path / "boolq.jsonl")
