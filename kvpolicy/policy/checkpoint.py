@@ -2,28 +2,35 @@
 
     CKPT/config.json          format, model (name, fingerprint, layers, KV heads, head dim), policy network shape,
                               training hyperparameters, trace manifest hashes, training state, validation summary,
-                              sha256 of the weights
+                              sha256 of the weights (and of the resume state)
     CKPT/policy.safetensors   the deployed weights: the EMA weights with the best validation reward
     CKPT/resume.safetensors   what a killed run needs to continue: raw weights, EMA, AdamW moments and steps
-    CKPT/history.jsonl        the training log (per-layer reward, advantage, grad norm; validation rewards)
+    CKPT/history.jsonl        the training log, one JSON object per logged step (per-layer reward, advantage, grad norm)
 
 `load_checkpoint` verifies the format, the weights' hash and their shapes against the config, and refuses a
-checkpoint recorded for a different model than the one it is applied to.
+checkpoint recorded for a different model than the one it is applied to; `load_resume` verifies the resume
+state's hash and `load_history` every line of the log. Each file is a regular file, never a link (kvpolicy.io's
+rule for the entries of a directory it manages), refused in one line otherwise. Files are written whole and
+flushed to disk before the directory is swapped in; a write that fails (a full disk) is one KVPError naming the
+checkpoint, which keeps its previous version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import atomic_path, recover_directory, sha256_file
+from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, recover_directory,
+                         refuse_link, sha256_file)
 from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
@@ -47,11 +54,29 @@ CONFIG_SCHEMA = {
                                   "context_tokens": Optional((int, None))}}),
 }
 RESUME_SCHEMA = {
+    "resume_sha256": Optional(str),  # absent from checkpoints written before it was recorded
     "training": dict,
     "traces": {"train": {"manifest_hash": str}},
     "state": {"step": int, "skipped_batches": int, "elapsed_s": float, "best_step": int,
               "best_val_reward": (float, None), "val_history": Optional([dict])},
 }
+# one line of history.jsonl (Trainer._log)
+HISTORY_SCHEMA = {"step": int, "lr": float, "loss": float, "reward": float, "reward_per_layer": [float],
+                  "advantage_abs_per_layer": [float], "advantage_clipped": float, "grad_norm_per_layer": [float],
+                  "skipped_batches": int}
+
+
+def _write(file: Path, data: bytes) -> str:
+    """Write `data` to `file` and flush it to disk (a full disk may only say so here); returns its sha256."""
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
 
 
 def save_checkpoint(
@@ -61,22 +86,33 @@ def save_checkpoint(
     resume: dict[str, torch.Tensor] | None = None,
     history: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """Write the checkpoint directory atomically; returns the config as written (with the weights' sha256)."""
+    """Write the checkpoint directory atomically; returns the config as written (with the sha256 of the weights and
+    of the resume state). A file that cannot be written is a KVPError, the previous checkpoint left in place."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise KVPError(f"{path} exists and is not a checkpoint directory; choose another --out")
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": FORMAT})
-        config = {**config, "format": FORMAT, "weights_sha256": sha256_file(tmp / WEIGHTS)}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if resume is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in resume.items()}, str(tmp / RESUME),
-                      metadata={"format": FORMAT})
-        if history:
-            (tmp / HISTORY).write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+    config = {k: v for k, v in config.items() if k != "resume_sha256"}  # a bundle of a trained checkpoint has none
+    try:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            config |= {"format": FORMAT, "weights_sha256": _write(tmp / WEIGHTS, _tensor_bytes(weights))}
+            if resume is not None:
+                config["resume_sha256"] = _write(tmp / RESUME, _tensor_bytes(resume))
+            if history:
+                _write(tmp / HISTORY, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history).encode())
+            _write(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    except OSError as err:  # the temporary's name would only confuse: name the checkpoint
+        reason = describe_os_error(OSError(err.errno, err.strerror) if err.errno else err)
+        raise KVPError(f"cannot write checkpoint {path}: {reason}; it keeps its previous version (if any): free some "
+                       "space or fix the directory, then re-run the same command to resume") from None
     return config
+
+
+def _entry(path: Path, name: str, what: str, fix: str) -> Path:
+    """The checkpoint file `path/name`, refused in one line when it is a link or not a regular file."""
+    file = path / name
+    refuse_link(file, what)
+    return check_regular_file(file, what, fix)
 
 
 def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -85,9 +121,10 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
     path = Path(path)
     recover_directory(path)  # a save killed between the two renames of a fallback swap
     file = path / CONFIG
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise KVPError(f"{path} is not a KVP checkpoint (no {CONFIG}); "
                        f"train one with `kvp train --traces DIR --out {path}`")
+    _entry(path, CONFIG, "checkpoint config", "retrain the policy or restore the checkpoint")
     try:
         config = json.loads(file.read_text())
     except ValueError as err:
@@ -104,7 +141,7 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
 def has_checkpoint(path: str | Path) -> bool:
     """Whether `path` holds a checkpoint, after finishing a directory swap that a kill interrupted."""
     recover_directory(path)
-    return (Path(path) / CONFIG).exists()
+    return os.path.lexists(Path(path) / CONFIG)  # a link or a FIFO in its place is refused when it is read
 
 
 def check_model(config: dict[str, Any], info: Any, where: str) -> None:
@@ -163,9 +200,7 @@ def load_checkpoint(path: str | Path, model: Any = None, device: str | torch.dev
     config = read_config(path)
     if model is not None:
         check_model(config, model, str(path))
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise KVPError(f"checkpoint {path} has no {WEIGHTS}; retrain or restore it")
+    weights = _entry(path, WEIGHTS, "checkpoint weights", "retrain or restore the checkpoint")
     if sha256_file(weights) != config.get("weights_sha256"):
         raise KVPError(f"{weights} does not match the hash in {CONFIG} (damaged or replaced); retrain or restore it")
     try:
@@ -178,12 +213,42 @@ def load_checkpoint(path: str | Path, model: Any = None, device: str | torch.dev
     return Checkpoint(path, config, net)
 
 
-def load_resume(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """The resume tensors of a checkpoint, or None when it has none."""
-    file = Path(path) / RESUME
-    return _load_tensors(file) if file.is_file() else None
+def _restart(path: Path) -> str:
+    return f"pass --restart to train {path} again from scratch, or restore the checkpoint"
+
+
+def load_resume(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The resume tensors of a checkpoint, or None when it has none; checked against `sha256` (config.json's
+    "resume_sha256") when given."""
+    path = Path(path)
+    if not os.path.lexists(path / RESUME):
+        return None
+    file = _entry(path, RESUME, "resume state", _restart(path))
+    if sha256 is not None and sha256_file(file) != sha256:
+        raise KVPError(f"{file} does not match the hash in {CONFIG}: the resume state is damaged; {_restart(path)}")
+    return _load_tensors(file)
 
 
 def load_history(path: str | Path) -> list[dict]:
-    file = Path(path) / HISTORY
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
+    """The training log, each line checked (HISTORY_SCHEMA); [] when there is none."""
+    path = Path(path)
+    if not os.path.lexists(path / HISTORY):
+        return []
+    file = _entry(path, HISTORY, "training log", _restart(path))
+    with open(file, "rb") as f:
+        lines, tail = read_lines(f, str(file))
+    history = []
+    for number, line in enumerate(lines.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise KVPError(f"{file}:{number} is not valid JSON ({getattr(err, 'msg', err)}); {_restart(path)}") \
+                from None
+        validate(entry, HISTORY_SCHEMA, f"{file}:{number}", _restart(path))
+        history.append(entry)
+    if tail:  # written whole with the checkpoint: a line without its newline is damage
+        last = len(lines.splitlines()) + 1
+        raise KVPError(f"{file}:{last} is cut short (no end of line); {_restart(path)}")
+    return history

@@ -13,10 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from kvpolicy.errors import KVPError
     from kvpolicy.policy.bundled import bundle, bundled_policies
+    from kvpolicy.policy.checkpoint import read_config
 
     if args.made_by and not args.bundle:
         raise KVPError("--made-by describes a policy being bundled: give --bundle CKPT too")
@@ -27,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if not policies:
         print("no bundled policies in this install")
     for model, path in policies.items():
-        config = json.loads((path / "config.json").read_text())
+        config = read_config(path)  # checked: a damaged bundled config is one line, not a traceback
         made = config.get("bundle", {})
         training = config.get("training", {})
         traces = config.get("traces", {}).get("train", {})

@@ -15,6 +15,7 @@ memory-mapped shards.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Protocol
@@ -37,6 +38,33 @@ class TraceSource(Protocol):
     def __len__(self) -> int: ...
 
     def read_layers(self, sample: int, layers: Sequence[int] | None = None): ...
+
+
+def _sets(source: TraceSource) -> list:
+    """The trace sets a source reads: the parts of a union, else the source itself."""
+    return list(getattr(source, "parts", None) or [source])
+
+
+def _identities(trace_set) -> set[tuple[str, str]]:
+    """What makes two trace sets one: the same directory (links followed) or the same manifest (a copy)."""
+    found = set()
+    if directory := getattr(trace_set, "directory", None):
+        found.add(("directory", os.path.realpath(directory)))
+    if manifest_hash := getattr(trace_set, "manifest_hash", None):
+        found.add(("manifest", manifest_hash))
+    return found
+
+
+def check_held_out(train: TraceSource, val: TraceSource) -> None:
+    """Refuse validation traces that are training traces (a set given to both, through a link or as a copy, also as
+    one of several): validating on them would measure memorisation, and pick the best checkpoint by it."""
+    seen = {key: part for part in _sets(train) for key in _identities(part)}
+    for part in _sets(val):
+        if common := next((seen[key] for key in _identities(part) if key in seen), None):
+            name = getattr(part, "directory", None) or part.manifest_hash
+            same = getattr(common, "directory", None) or common.manifest_hash
+            raise KVPError(f"validation traces {name} are also training traces ({same}); validate on held-out "
+                           "traces (`kvp traces --split val`), or leave out --val to hold out 10% of --traces")
 
 
 @dataclass

@@ -5,7 +5,8 @@ CKPT/resume.safetensors holds, per parameter NAME of the policy network: "param.
 "ema.NAME" (their exponential moving average), "best.NAME" (the EMA with the best validation reward so far) and
 AdamW's "adam.NAME.step", "adam.NAME.exp_avg", "adam.NAME.exp_avg_sq"; config.json's "state" section holds the
 counters. A run continues only a checkpoint of the same model, policy shape and training traces, trained with the
-same settings except those in `RESUMABLE`.
+same settings except those in `RESUMABLE`. The resume state must match its hash in config.json ("resume_sha256")
+and hold only finite values: a damaged one would make every later step skip its batch.
 """
 
 from __future__ import annotations
@@ -74,10 +75,16 @@ def check_resumable(saved: dict[str, Any], mine: dict[str, Any], out: Path) -> N
 
 
 def read_resume(out: Path, mine: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The "state" section and resume tensors of the checkpoint in `out`, once `check_resumable` accepts it."""
+    """The "state" section and resume tensors of the checkpoint in `out`, once `check_resumable` accepts it and the
+    tensors check out (hash, finite values)."""
     saved = ckpt.read_config(out, resume=True)
     check_resumable(saved, mine, out)
-    tensors = ckpt.load_resume(out)
+    tensors = ckpt.load_resume(out, saved.get("resume_sha256"))
     if tensors is None:
         raise KVPError(f"{out} has no resume state; pass --restart to train it again from scratch")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise KVPError(f"{out / ckpt.RESUME} holds non-finite values ('{name}'): the run it continues diverged "
+                           f"or the file is damaged; pass --restart to train {out} again from scratch (with a lower "
+                           "--lr if it diverged)")
     return saved["state"], tensors

@@ -12,7 +12,12 @@ checkpoint.
 
 Under torchrun every rank draws its own share of the batch, DistributedDataParallel averages the gradients and
 rank 0 validates and writes checkpoints. A run restarted with the same arguments resumes from its last
-checkpoint (kvpolicy.training.state; per-step random streams are derived from (seed, rank, step)).
+checkpoint (kvpolicy.training.state; per-step random streams are derived from (seed, rank, step)); rank 0 holds
+the checkpoint directory's lock (kvpolicy.training.lock) meanwhile, so a second run on it refuses at once.
+
+A batch with non-finite values or gradients is skipped; a run in which most steps skip theirs (`too_many_skipped`:
+a learning rate far too high, damaged traces or state) fails at its next checkpoint without writing it, so the last
+good checkpoint is never overwritten by a state that cannot train.
 """
 
 from __future__ import annotations
@@ -37,9 +42,18 @@ from kvpolicy.progress import bar
 from kvpolicy.signals import deferred_interrupts
 from kvpolicy.training.config import TrainConfig
 from kvpolicy.traces.union import check_same_model
-from kvpolicy.training.data import TraceBatches, TraceSource
+from kvpolicy.training.data import TraceBatches, TraceSource, check_held_out
 from kvpolicy.training.forward import training_forward, with_eager_fallback
+from kvpolicy.training.lock import CheckpointLock
 from kvpolicy.training.state import pack_resume, read_resume, unpack_resume
+
+MIN_SKIPPED = 5  # fewer skipped steps than this never fail a run: too few to tell a broken run from bad luck
+
+
+def too_many_skipped(skipped: int, steps: int) -> bool:
+    """Whether `skipped` of the `steps` steps a run has taken skipped their batch mark it as broken: more than half,
+    and at least MIN_SKIPPED. A few damaged traces skip a few batches; a diverged run skips nearly all."""
+    return skipped >= MIN_SKIPPED and 2 * skipped > steps
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -125,20 +139,31 @@ class Trainer:
             raise KVPError("the training trace set is empty: record traces with `kvp traces ... --n N` first")
         if val is not None:
             check_same_model(train, val)
+            check_held_out(train, val)
         m = train.model
         policy = policy or PolicyConfig(m.n_layers, m.n_kv_heads, m.head_dim, max_position=max(train.lengths))
         if (policy.n_layers, policy.n_kv_heads, policy.head_dim) != (m.n_layers, m.n_kv_heads, m.head_dim):
             raise KVPError(f"policy shape {policy.to_dict()} does not match the traces' model {m.to_dict()}")
         self.policy_config = policy
-        if self.ctx.main:  # before the traces are read or a step is taken
-            check_writable(self.out, "checkpoint directory", directory=True)
         if cfg.batch % self.ctx.world:
             raise KVPError(f"batch {cfg.batch} must be divisible by the number of processes ({self.ctx.world})")
         self.local_batch = cfg.batch // self.ctx.world
         if cfg.samples == 1 and self.local_batch < 2:
             raise KVPError(f"batch {cfg.batch} over {self.ctx.world} processes leaves {self.local_batch} prompt per "
                            "rank; the leave-one-out baseline needs >= 2 (raise --batch or --samples)")
+        self.lock = CheckpointLock(self.out)
+        if self.ctx.main:  # before the traces are read or a step is taken
+            check_writable(self.out, "checkpoint directory", directory=True)
+            self.lock.acquire()  # held until run() ends
+        try:
+            self._prepare(train, val, resume)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _prepare(self, train: TraceSource, val: TraceSource | None, resume: bool) -> None:
+        """Data, networks, optimizer and the training state (the checkpoint's, when resuming)."""
+        cfg, policy, m = self.cfg, self.policy_config, train.model
         # data: random evictable tokens of the training prompts, whole held-out prompts for validation
         self.train_ids, self.val_source, self.val_ids = self._split(train, val)
         if cfg.prompts:
@@ -175,6 +200,7 @@ class Trainer:
         self.history: list[dict] = []
         self.val_history: list[dict] = []
         self.elapsed = 0.0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk that this run may continue
         if resume and ckpt.has_checkpoint(self.out):
             self._resume()
 
@@ -208,6 +234,7 @@ class Trainer:
         self.best_step, self.best_reward = (state["best_step"], best) if best is not None else (-1, -math.inf)
         self.val_history = state.get("val_history", [])
         self.history = ckpt.load_history(self.out)
+        self.saved_step = self.step
 
     # ----- one step
     def generator(self) -> torch.Generator:
@@ -295,12 +322,26 @@ class Trainer:
         deployed = self.best if self.best_step >= 0 else self.ema
         config = {**self.config_dict(), "state": state}
         ckpt.save_checkpoint(self.out, config, dict(zip(self.names, deployed)), resume, self.history)
+        self.saved_step = self.step
+
+    def check_skipped(self, first_step: int, skipped_before: int) -> None:
+        """Fail the run, before it saves, when most of the steps it took since `first_step` skipped their batch
+        (`skipped_before`: the count then): its state cannot train, and must not replace the last good checkpoint."""
+        steps, skipped = self.step - first_step, self.skipped - skipped_before
+        if not too_many_skipped(skipped, steps):
+            return
+        kept = (f"{self.out} keeps its checkpoint of step {self.saved_step}" if self.saved_step is not None
+                else f"this run wrote nothing to {self.out}")
+        raise KVPError(f"{skipped} of {steps} steps skipped non-finite batches: the learning rate may be too high or "
+                       f"the traces or checkpoint damaged; {kept}: lower --lr, check the traces, or pass --restart")
 
     # ----- the loop
     def run(self) -> TrainResult:
         """Train from the current step to `config.steps`, validating, logging and checkpointing on the way."""
         cfg, main = self.cfg, self.ctx.main
-        first_step, elapsed_before, t0 = self.step, self.elapsed, time.perf_counter()
+        if main:
+            self.lock.acquire()  # a no-op on the run that built this trainer; released when this run ends
+        first_step, skipped_before, elapsed_before, t0 = self.step, self.skipped, self.elapsed, time.perf_counter()
         pbar = bar(desc="train KVP", total=cfg.steps, unit="step") if (main and self.progress) else None
         if pbar is not None and self.step:
             pbar.update(self.step)
@@ -320,6 +361,7 @@ class Trainer:
                         if pbar is not None:
                             pbar.set_postfix(val_reward=entry["val_reward"], best=round(self.best_reward, 4))
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.check_skipped(first_step, skipped_before)  # every rank counts the same skips
                         self.elapsed = elapsed_before + time.perf_counter() - t0
                         if main:
                             self.save()
@@ -328,13 +370,16 @@ class Trainer:
                     if pbar is not None:
                         pbar.update(1)
         except KeyboardInterrupt:
-            if main and self.step > last_saved:
+            healthy = not too_many_skipped(self.skipped - skipped_before, self.step - first_step)
+            if main and self.step > last_saved and healthy:
                 self.elapsed = elapsed_before + time.perf_counter() - t0
                 self.save()
             raise
         finally:
             if pbar is not None:
                 pbar.close()
+            if main:
+                self.lock.release()
         return self.result(time.perf_counter() - t0, self.step - first_step)
 
     def result(self, seconds: float, steps_done: int) -> TrainResult:

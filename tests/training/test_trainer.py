@@ -95,13 +95,13 @@ class _PoisonedTraces(SyntheticTraces):
 
 
 def test_non_finite_batches_are_skipped_and_counted(tmp_path):
-    train = _PoisonedTraces(4, length=128, **SHAPE, seed=0)
+    train = _PoisonedTraces(16, length=128, **SHAPE, seed=0)  # a few batches draw the poisoned sample, most do not
     val = SyntheticTraces(2, length=128, **SHAPE, seed=1)
     trainer = Trainer(train, tmp_path / "ckpt", val=val, policy=_policy(),
-                      config=_fast(steps=12, val_every=6, warmup=2, ema_start=2), progress=False)
+                      config=_fast(steps=12, batch=4, val_every=6, warmup=2, ema_start=2), progress=False)
     with pytest.warns(UserWarning, match="skipped a batch with non-finite values") as caught:
         result = trainer.run()
-    assert result.skipped_batches > 0
+    assert 0 < result.skipped_batches <= 6  # more than half would fail the run (tests/faults/test_fault_training.py)
     assert len([w for w in caught if "skipped a batch" in str(w.message)]) == result.skipped_batches
     assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
     assert all(torch.isfinite(e).all() for e in trainer.ema)
