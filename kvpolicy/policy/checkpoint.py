@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, recover_directory,
-                         refuse_link, sha256_file)
+                         refuse_link, sha256_file, write_durably)
 from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
@@ -67,11 +67,8 @@ HISTORY_SCHEMA = {"step": int, "lr": float, "loss": float, "reward": float, "rew
 
 
 def _write(file: Path, data: bytes) -> str:
-    """Write `data` to `file` and flush it to disk (a full disk may only say so here); returns its sha256."""
-    with open(file, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `data` to `file` durably; returns its sha256."""
+    write_durably(file, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 import time
@@ -36,7 +35,7 @@ from safetensors.torch import save as save_safetensors
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_json, refuse_link, sha256_json,
-                         special_kind, write_json)
+                         special_kind, write_durably, write_json)
 from kvpolicy.models.handle import MODEL_SCHEMA, ModelIdentity, ModelInfo
 from kvpolicy.schema import Optional, validate
 from kvpolicy.traces.config import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
@@ -94,13 +93,6 @@ def tensor_name(index: int, tensor: str) -> str:
 
 def _layer_crc(tensor: torch.Tensor, layer: int) -> int:
     return zlib.crc32(tensor[layer].contiguous().view(torch.uint8).numpy().data)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
@@ -249,7 +241,7 @@ class TraceWriter:
         data = save_safetensors(self._tensors, metadata=metadata)
         try:
             with atomic_path(path) as tmp:
-                _write_bytes(tmp, data)
+                write_durably(tmp, data)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise KVPError(f"disk full while writing {path.name} in {self.directory} (no partial shard left); "

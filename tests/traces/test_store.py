@@ -176,7 +176,7 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
             f.write(data)
             f.flush()
 
-    monkeypatch.setattr(store, "_write_bytes", write_to_full_disk)
+    monkeypatch.setattr(store, "write_durably", write_to_full_disk)
     writer = TraceWriter(tmp_path, config(), shard_bytes=1)
     with pytest.raises(KVPError, match="disk full while writing shard-r000-00000.safetensors"):
         writer.add(0, record(0, 5), sample_tensors(0, 5))
@@ -187,7 +187,7 @@ def test_unwritable_shard_is_one_line_naming_it(tmp_path, monkeypatch):
     def write_to_read_only_mount(path: Path, data: bytes) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(store, "_write_bytes", write_to_read_only_mount)
+    monkeypatch.setattr(store, "write_durably", write_to_read_only_mount)
     writer = TraceWriter(tmp_path, config(), shard_samples=1)
     with pytest.raises(KVPError, match="cannot write trace shard shard-r000-00000.safetensors: .*read-only file "
                        "system .*re-run the same command") as err:
