@@ -4,9 +4,11 @@ that defines `add_arguments(parser)` and `run(args) -> int`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import signal
 import sys
+import warnings
 
 from kvpolicy import __version__
 from kvpolicy.errors import KVPError
@@ -45,6 +47,11 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning that reaches the command line, as one line like its errors (not Python's file:line and source)."""
+    print(f"kvp {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 1 on an error (a KVPError or OSError), 2 on a usage error (argparse exits),
     130 on an interrupt. Library logging and warnings are quietened here, in the CLI only."""
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     silence_libraries()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` saves progress as Ctrl-C does
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_one_line_warning, args.command)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KVPError as err:
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
         raise KVPError(f"{file} is not valid JSON ({err}); retrain or restore the checkpoint") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
+        if not isinstance(found, str) or not found.startswith("kvpolicy-checkpoint/"):
+            raise KVPError(f"{path} is not a KVP checkpoint (its {CONFIG} is not one that `kvp train` writes); give "
+                           "the --out directory of a `kvp train` run")
         raise KVPError(f"{path} has checkpoint format {found!r}; this kvpolicy reads {FORMAT!r}")
     validate(config, CONFIG_SCHEMA, str(file), "retrain the policy or restore the checkpoint")
     if resume:

@@ -172,3 +172,21 @@ def test_a_local_hub_file_that_is_a_fifo_is_refused_by_name(tmp_path):
     os.mkfifo(tmp_path / "boolq.jsonl")  # datasets would block on it forever
     with pytest.raises(KVPError, match=re.escape("is a FIFO (named pipe), not a regular file; give an existing")):
         load_hub("boolq", local=tmp_path / "boolq.jsonl")
+
+
+def test_a_warning_on_the_command_line_is_one_line_like_an_error(tmp_path, capsys):
+    write_synthetic_traces(tmp_path / "one", SyntheticTraces(1, length=48, n_layers=2, n_kv_heads=2, head_dim=8))
+    assert cli.main(["train", "--traces", str(tmp_path / "one"), "--out", str(tmp_path / "ckpt"), "--steps", "2",
+                     "--batch", "2", "--val-every", "2", "--warmup", "1", "--no-compile"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvp train: warning: only one training trace and no --val: validating on the training trace "
+                   "itself"], err
+    assert warnings.showwarning.__module__ == "warnings"  # the library's own display is back after the command
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_named_as_such(tmp_path):
+    from kvpolicy.policy.checkpoint import read_config
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a Hugging Face model directory
+    with pytest.raises(KVPError, match="is not a KVP checkpoint .* give the --out directory of a `kvp train` run"):
+        read_config(tmp_path)
