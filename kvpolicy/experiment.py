@@ -16,12 +16,14 @@ A preset is a list of stages, each one `kvp` command (traces, train, sweep, repo
 Every command resumes what it finished, so a killed run (or one spread over several sessions) continues where it
 stopped; a stage that completed is skipped outright, unless what it wrote (its `--out`) is gone, as in a fresh
 checkout given only the results and the stage log: then it runs again. `OUT/stages.json` records each finished
-stage's command, wall time and the load average around it (the timings docs/RESULTS.md quotes).
+stage's command, wall time and the load average around it (the timings docs/RESULTS.md quotes); a damaged one is
+refused in one line (read_stage_log), never guessed at.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,10 +31,18 @@ from pathlib import Path
 
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import BASELINE_SCORERS
-from kvpolicy.io import read_json, write_json
+from kvpolicy.io import check_regular_file, write_json
+from kvpolicy.schema import Optional, validate
 
 BASELINES = (*BASELINE_SCORERS, "lagkv")
 STREAM_BASELINES = ("streaming_llm", "knorm", "keydiff", "tova", "h2o")  # those with a decoding form
+
+
+# a finished stage in OUT/stages.json: what `run` reads of it (argv, seconds) and what else it writes
+STAGE_RECORD = {"argv": [str], "seconds": float, "load_start": Optional(float), "load_end": Optional(float),
+                "finished_at": Optional(str)}
+STAGE_LOG_FIX = ("delete it to run every stage again (each command resumes what it finished, so little is redone), "
+                 "or fix it")
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,25 @@ def _qa(cfg: ExperimentConfig, policies: list[str], contexts: tuple[str, ...], b
             "--budget", *budgets, "--scorer", *policies, *BASELINES)
 
 
+def read_stage_log(path: Path) -> dict[str, dict]:
+    """The finished stages OUT/stages.json records, by name ({} when there is none yet), checked against
+    STAGE_RECORD: a file that is not a regular file, not JSON or not a stage log is one KVPError naming it."""
+    if not path.exists():
+        return {}
+    check_regular_file(path, "stage log", STAGE_LOG_FIX)
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise KVPError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): the stage log of `kvp experiment` "
+                       f"is damaged; {STAGE_LOG_FIX}") from None
+    except UnicodeDecodeError:
+        raise KVPError(f"{path} is not valid JSON (not UTF-8 text): the stage log of `kvp experiment` is damaged; "
+                       f"{STAGE_LOG_FIX}") from None
+    schema = {name: STAGE_RECORD for name in log} if isinstance(log, dict) else {}
+    validate(log, schema, f"{path} (the stage log of `kvp experiment`)", STAGE_LOG_FIX)
+    return log
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model whose results to run")
     parser.add_argument("--out", help="output directory (default: runs/experiment-PRESET)")
@@ -162,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise KVPError(f"unknown stage {', '.join(unknown)}; the stages of {args.preset} are: {', '.join(names)}")
     log_path = out / "stages.json"
-    done: dict = read_json(log_path) if log_path.exists() else {}
+    done = read_stage_log(log_path)
     chosen = [s for s in plan if not args.stage or s.name in args.stage]
     for stage in chosen:
         recorded = done.get(stage.name, {}).get("argv") == list(stage.argv)

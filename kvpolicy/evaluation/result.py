@@ -3,15 +3,19 @@
 
 Every record carries the schema version it was written with (schema 1 called that field "format"); a reader
 refuses any other version, and checks every field against the type `Result` declares for it (kvpolicy.schema),
-so a damaged record is one error naming FILE:LINE and the field, never a traceback later. Schema 3 names each
-metric as lm-eval-harness or LongBench does (acc, acc_norm, rouge_l, retrieval_score) and records further metrics
-of the same answer in `extra_metrics`; schema 2 records are read too, except those of the zero-shot tasks, which
-schema 3 scores otherwise (see RESCORED).
+and then every value against what the sweep can write (BOUNDS: never NaN or infinite, a score in [0, 1], a count
+never negative, a known budget label), so a damaged record is one error naming FILE:LINE and the field, never a
+traceback or a nonsense figure later. Schema 3 names each metric as lm-eval-harness or LongBench does (acc,
+acc_norm, rouge_l, retrieval_score) and records further metrics of the same answer in `extra_metrics`; schema 2
+records are read too, except those of the zero-shot tasks, which schema 3 scores otherwise (see RESCORED).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import types
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -43,6 +47,9 @@ SCORES = ("accuracy", "acc", "acc_norm", "rouge_l", "retrieval_score")
 METRIC_FIELDS = {**dict.fromkeys(SCORES, ()), "perplexity": ("nll_sum", "n_tokens"),
                  "cost": ("lost", "best", "per_head")}
 WHOLE_RANKING_FIELDS = ("per_head",)
+
+# the budget labels the sweep writes: Budget.label ('b256', 'r0.50'), FULL and WHOLE_RANKING
+BUDGET_LABEL = re.compile(rf"b[0-9]+|r[0-9]+\.[0-9]+|{FULL}|{WHOLE_RANKING}")
 
 DAMAGED = "a results file holds only records written by `kvp sweep`; re-run the sweep into a new results file"
 
@@ -191,10 +198,76 @@ def _present(name: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
-def check_record(obj: Any, where: str) -> None:
-    """Refuse a record of a schema version this kvpolicy cannot read, or one missing or mistyping a field: one
-    KVPError naming `where` (FILE:LINE) and the version or the field. The fields its metric requires are checked
-    before the others of that kind, so that a bad value deep in one (per_head[0][1]) is named exactly."""
+@dataclass(frozen=True)
+class Bounds:
+    """Where a measured number lies: finite, lo <= x (lo < x when `above`) and x <= hi."""
+
+    lo: float = 0.0
+    hi: float = math.inf
+    above: bool = False
+
+    def admits(self, x: float) -> bool:
+        return math.isfinite(x) and (x > self.lo if self.above else x >= self.lo) and x <= self.hi
+
+    def __str__(self) -> str:
+        if math.isfinite(self.hi):
+            return f"in [{self.lo:g}, {self.hi:g}]"
+        return f"{'>' if self.above else '>='} {self.lo:g}"
+
+
+SHARE, NON_NEGATIVE, AT_LEAST_ONE = Bounds(0, 1), Bounds(0), Bounds(1)
+# what the sweep writes into each numeric field (`value` by metric, list and dict fields per item): a score is a
+# per-sample fraction in [0, 1] (never a percentage); a perplexity exp(mean nll) >= 1, so any positive number passes;
+# a cost is a ratio of evicted utility, unbounded above; lost and best are shares of the utility. Nothing is ever NaN
+# or infinite: json.dumps writes NaN by default (the store's allow_nan=True only says so), but no metric produces one
+# from finite model outputs and traces, and one would poison every mean it enters.
+BOUNDS = {"kept": NON_NEGATIVE, "length": NON_NEGATIVE, "cache_bytes_full": NON_NEGATIVE, "cache_bytes": NON_NEGATIVE,
+          "seconds": NON_NEGATIVE, "prefill_seconds": NON_NEGATIVE, "context_tokens": AT_LEAST_ONE,
+          "every": AT_LEAST_ONE, "budget_tokens": AT_LEAST_ONE, "budget_ratio": SHARE, "nll_sum": NON_NEGATIVE,
+          "n_tokens": AT_LEAST_ONE, "lost": SHARE, "best": SHARE, "per_head": NON_NEGATIVE, "extra_metrics": SHARE}
+VALUE_BOUNDS = {**dict.fromkeys(SCORES, SHARE), "perplexity": Bounds(0, above=True), "cost": NON_NEGATIVE}
+PERPLEXITY_TOLERANCE = 0.01  # |log(value) − nll_sum / n_tokens|: the sweep's float32 sum and mean differ by ~1e-7
+
+
+def _numbers(name: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """(field, number) of a field: itself, or each item of a list of lists (per_head) or of an object."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(f"{name}[{i}]", item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(f"{name}.{key}", item)
+    elif value is not None:
+        yield name, value
+
+
+def _value_problem(obj: dict) -> str | None:
+    """What is wrong with a well-typed record's values (None when nothing): a number out of its BOUNDS, a budget
+    label the sweep never writes, more entries kept than the cache held, a perplexity that is not exp(nll_sum /
+    n_tokens)."""
+    if not BUDGET_LABEL.fullmatch(obj["budget"]):
+        return (f"field 'budget' must be a budget label ('b256', 'r0.50', '{FULL}' or '{WHOLE_RANKING}'), "
+                f"got {obj['budget']!r:.60}")
+    checks = [(name, BOUNDS[name]) for name in BOUNDS] + [("value", VALUE_BOUNDS[obj["metric"]])]
+    for name, bounds in checks:
+        for field_name, number in _numbers(name, obj.get(name)):
+            if not bounds.admits(number):
+                return f"field '{field_name}' must be a finite number {bounds}, got {number!r:.60}"
+    if obj.get("length") is not None and obj["kept"] > obj["length"]:
+        return f"field 'kept' must be at most the cache's length before the cut ({obj['length']}), got {obj['kept']}"
+    if obj["metric"] == "perplexity":
+        mean_nll = obj["nll_sum"] / obj["n_tokens"]
+        if abs(math.log(obj["value"]) - mean_nll) > PERPLEXITY_TOLERANCE:
+            return (f"field 'value' must be the perplexity exp(nll_sum / n_tokens) = {math.exp(min(mean_nll, 700)):.4g}"
+                    f", got {obj['value']!r:.60}")
+    return None
+
+
+def check_record(obj: Any, where: str, fix: str = DAMAGED) -> None:
+    """Refuse a record of a schema version this kvpolicy cannot read, or one missing or mistyping a field or holding
+    a value the sweep never writes (_value_problem): one KVPError naming `where` (FILE:LINE) and the version or the
+    field. The fields its metric requires are checked before the others of that kind, so that a bad value deep in
+    one (per_head[0][1]) is named exactly. `fix`: what the user should do about it."""
     if not isinstance(obj, dict):
         raise KVPError(f"{where} is not a result record (expected a JSON object)")
     found = obj.get("schema", obj.get("format"))  # schema 1 called its version "format"
@@ -207,17 +280,19 @@ def check_record(obj: Any, where: str) -> None:
     if found not in (2, SCHEMA):
         raise KVPError(f"{where} holds results of schema {found!r}; this kvpolicy reads schema {SCHEMA}; "
                        "re-run the sweep into a new results file")
-    validate(obj, {name: spec for name, spec in RECORD.items() if name not in _PER_METRIC}, where, DAMAGED)
+    validate(obj, {name: spec for name, spec in RECORD.items() if name not in _PER_METRIC}, where, fix)
     metric = obj["metric"]
     if metric not in METRIC_FIELDS:
-        raise KVPError(f"{where}: field 'metric' must be one of {', '.join(METRIC_FIELDS)}, got {metric!r}; {DAMAGED}")
+        raise KVPError(f"{where}: field 'metric' must be one of {', '.join(METRIC_FIELDS)}, got {metric!r}; {fix}")
     required = WHOLE_RANKING_FIELDS if metric == "cost" and obj["budget"] == WHOLE_RANKING else METRIC_FIELDS[metric]
-    validate(obj, {name: _present(name) for name in required}, where, DAMAGED)
-    validate(obj, RECORD, where, DAMAGED)
+    validate(obj, {name: _present(name) for name in required}, where, fix)
+    validate(obj, RECORD, where, fix)
     extra = obj.get("extra_metrics") or {}
     unknown = [name for name in extra if name not in SCORES]
     if unknown:
         raise KVPError(f"{where}: field 'extra_metrics' names {unknown[0]!r}, not one of {', '.join(SCORES)}; "
-                       f"{DAMAGED}")
+                       f"{fix}")
     if extra:
-        validate(obj, {"extra_metrics": {name: float for name in extra}}, where, DAMAGED)
+        validate(obj, {"extra_metrics": {name: float for name in extra}}, where, fix)
+    if (problem := _value_problem(obj)) is not None:
+        raise KVPError(f"{where}: {problem}; {fix}")

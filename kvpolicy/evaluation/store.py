@@ -187,7 +187,9 @@ class ResultStore:
         """Write one result (checked like a read one) and make it durable before returning it; None (and nothing
         written) when its key is in the file already, e.g. written by a concurrent sweep."""
         record = result.to_json()
-        check_record(record, f"{self.path} (the record being appended)")
+        check_record(record, f"{self.path} (the record being appended)",
+                     "the sweep measured what no result can hold: a numerical failure of the model (float16 "
+                     "overflows; run it in --dtype bfloat16 or float32) or a bug to report; nothing was written")
         line = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
         with self._lock.hold(_APPEND_BYTE):
             self._read_new()

@@ -1,12 +1,17 @@
 """Write the report: a self-contained HTML page (figures inlined as base64 PNG) and a Markdown summary (figures
 as PNG files in `figures/` beside it), with the table of numbers behind every figure and, beside each curve table,
-the learned policies' paired comparisons with the other methods."""
+the learned policies' paired comparisons with the other methods.
+
+`figures/` may hold files of the user's: a report removes only the figures an earlier report recorded in
+FIGURE_MANIFEST and does not draw again, and it never writes or deletes through a symbolic link there."""
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
@@ -16,7 +21,15 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
-from kvpolicy.io import atomic_path, check_writable
+from kvpolicy.io import (
+    atomic_path,
+    check_regular_file,
+    check_writable,
+    describe_os_error,
+    refuse_link,
+    special_kind,
+    write_json,
+)
 from kvpolicy.report.aggregate import curve_groups, distinct_labels, head_maps, learning_curves, throughput
 from kvpolicy.report.figures import curves_figure, head_map_figure, learning_curve_figure
 from kvpolicy.report.tables import (
@@ -25,9 +38,11 @@ from kvpolicy.report.tables import (
     group_table,
     head_map_tables,
     learning_curve_table,
+    markdown_text,
     throughput_table,
     verdict_table,
 )
+from kvpolicy.schema import validate
 
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
@@ -46,6 +61,12 @@ NOTES = (
     f"cancels); 'separated' means the two methods' own {LEVEL:.0%} intervals do not overlap, 'intervals overlap' "
     "that they do (the paired interval can still exclude 0 then)."
 )
+
+
+FIGURES = "figures"  # the folder of report.md's figures, in the report directory
+FIGURE_MANIFEST = "figures.json"  # in the report directory: the figures the last report wrote ({"figures": [names]})
+_FIGURE_NAME = re.compile(r"[0-9]{2,}-[a-z0-9-]*\.png")  # what Section.slug makes, as a file name
+_MANIFEST_FIX = "delete it (a report then removes none of the figures an earlier one left) or fix it"
 
 
 @dataclass
@@ -109,18 +130,22 @@ def _setup_table(results: list[Result]) -> Table:
 
 
 def _markdown(sections: list[Section], setup: list[Table], results: Results) -> str:
+    """The Markdown summary; every text that comes from the results (labels, task and data names, the file's path)
+    goes through markdown_text, so it is literal text there."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    source = f"{len(results.records)} results from `{results.path}`, written {stamp}."
+    source = f"{len(results.records)} results from {markdown_text(str(results.path))}, written {stamp}."
     out = ["# kvpolicy evaluation report", "", source, ""]
     if results.note:
-        out += [f"Note: {results.note}.", ""]
+        out += [f"Note: {markdown_text(results.note)}.", ""]
     out += [NOTES, ""]
     for s in sections:
-        out += [f"## {s.title}", "", f"*{s.caption}*", "", f"![{s.title}](figures/{s.slug}.png)", ""]
+        title = markdown_text(s.title)
+        alt = title.replace("[", "\\[").replace("]", "\\]")
+        out += [f"## {title}", "", f"*{markdown_text(s.caption)}*", "", f"![{alt}]({FIGURES}/{s.slug}.png)", ""]
         for t in s.tables:
-            out += [f"**{t.title}**", "", t.markdown(), ""]
+            out += [f"**{markdown_text(t.title)}**", "", t.markdown(), ""]
     for t in setup:
-        out += [f"## {t.title[0].upper()}{t.title[1:]}", "", t.markdown(), ""]
+        out += [f"## {markdown_text(t.title[0].upper() + t.title[1:])}", "", t.markdown(), ""]
     return "\n".join(out)
 
 
@@ -154,26 +179,74 @@ def _html(sections: list[Section], setup: list[Table], results: Results) -> str:
     return "\n".join(parts)
 
 
+def _recorded_figures(out: Path) -> list[str]:
+    """The figures the last report into `out` wrote, as its FIGURE_MANIFEST names them ([] without one)."""
+    path = out / FIGURE_MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return []
+    refuse_link(path, "figure manifest")
+    check_regular_file(path, "figure manifest", _MANIFEST_FIX)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise KVPError(f"figure manifest {path} is not valid JSON ({err.msg}); {_MANIFEST_FIX}") from None
+    except UnicodeDecodeError:
+        raise KVPError(f"figure manifest {path} is not valid JSON (not UTF-8 text); {_MANIFEST_FIX}") from None
+    validate(recorded, {"figures": [str]}, f"figure manifest {path}", _MANIFEST_FIX)
+    for name in recorded["figures"]:
+        if not _FIGURE_NAME.fullmatch(name):
+            raise KVPError(f"figure manifest {path} names {name!r:.60}, not a figure's file name; {_MANIFEST_FIX}")
+    return recorded["figures"]
+
+
+def _check_figures(out: Path, names: Iterable[str]) -> None:
+    """Refuse a figures folder, or a figure of `names` in it (one to be written or removed), that is a symbolic link
+    or not a directory / regular file: before anything is written or deleted."""
+    folder = out / FIGURES
+    refuse_link(folder, "report figures folder")
+    if folder.exists() and not folder.is_dir():
+        raise KVPError(f"report figures folder {folder} is {special_kind(folder) or 'a file'}, not a directory; "
+                       "move it away or choose another --out")
+    for name in names:
+        refuse_link(folder / name, "report figure")
+        if (kind := special_kind(folder / name)) is not None:
+            raise KVPError(f"report figure {folder / name} is {kind}, not a regular file; move it away or choose "
+                           "another --out")
+
+
 def write_report(results: str | Path, out: str | Path) -> ReportPaths:
     """Read a results file and write report.html, report.md and figures/*.png into `out` (refused before any
-    reading when `out` cannot be written). Figures an earlier report left in `out/figures` that this one does not
-    draw are removed, so the folder holds exactly the report's figures."""
+    reading when `out` cannot be written). A figure that an earlier report recorded in FIGURE_MANIFEST and this one
+    does not draw is removed; any other file in `out/figures` is the user's and stays. A link there (the folder, or
+    a figure written or removed) is refused before anything is written."""
     out = Path(out)
     check_writable(out, "report directory", directory=True)
+    recorded = _recorded_figures(out)
+    _check_figures(out, recorded)
     loaded = read_results(results)
     records = distinct_labels(loaded.records)
     if not records:
         raise KVPError(f"results file {results} holds no results yet; run `kvp sweep --out {results} ...` first")
     sections = build_sections(records)
     setup = [_setup_table(records), throughput_table(throughput(records))]
+    names = [f"{s.slug}.png" for s in sections]
+    _check_figures(out, names)
+    stale = [name for name in recorded if name not in names]
+    manifest = out / FIGURE_MANIFEST
+    write_json(manifest, {"figures": names + stale})  # recorded before written: a killed report leaves none unlisted
     figures = []
-    for s in sections:
-        path = out / "figures" / f"{s.slug}.png"
-        with atomic_path(path) as tmp:
+    for s, name in zip(sections, names):
+        with atomic_path(out / FIGURES / name) as tmp:
             tmp.write_bytes(s.png)
-        figures.append(path)
-    for stale in set((out / "figures").glob("*.png")) - set(figures):
-        stale.unlink()
+        figures.append(out / FIGURES / name)
+    for name in stale:
+        refuse_link(out / FIGURES / name, "report figure")
+        try:
+            (out / FIGURES / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise KVPError(f"cannot remove the earlier report's figure: {describe_os_error(err)}; remove it "
+                           "yourself or fix its permissions, then re-run") from None
+    write_json(manifest, {"figures": names})
     paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", figures=figures, note=loaded.note)
     with atomic_path(paths.html) as tmp:
         tmp.write_text(_html(sections, setup, loaded))

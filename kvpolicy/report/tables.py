@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,17 @@ from kvpolicy.report.aggregate import (
 
 _UNITS = {**dict.fromkeys(SCORES, "% points"), "perplexity": "perplexity", "cost": "normalized cost"}
 INTERVALS = f"[lo, hi]: {LEVEL:.0%} bootstrap CI over samples ({RESAMPLES:,} resamples)"
+# the characters of text from a results file (labels, task and data names) that Markdown or HTML would read as
+# markup, each escaped in one pass
+_MARKDOWN = str.maketrans({"\\": "\\\\", "`": "\\`", "|": "\\|", "&": "&amp;", "<": "&lt;", ">": "&gt;"})
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as literal GitHub-flavoured Markdown, in a table cell or in running text: HTML's special characters
+    as entities (no tag, no <script>), backslash, backtick and pipe backslash-escaped (no code span, no cell
+    boundary), line breaks as <br>. Brackets and emphasis marks are left alone: they cannot break a table."""
+    return _LINE_BREAK.sub("<br>", text.translate(_MARKDOWN))
 
 
 @dataclass
@@ -34,9 +46,10 @@ class Table:
     rows: list[list[str]]
 
     def markdown(self) -> str:
-        lines = [f"| {' | '.join(self.header)} |", "|" + "---|" * len(self.header)]
-        lines += [f"| {' | '.join(row)} |" for row in self.rows]
-        return "\n".join(lines)
+        """A GitHub-flavoured Markdown table, every cell escaped (markdown_text): as many cells in a row as columns."""
+        rows = [self.header, *self.rows]
+        lines = [f"| {' | '.join(markdown_text(cell) for cell in row)} |" for row in rows]
+        return "\n".join([lines[0], "|" + "---|" * len(self.header), *lines[1:]])
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)

@@ -33,7 +33,7 @@ from kvpolicy.report.tables import comparison_table, group_table, verdict_table
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
 SCORERS = [("knorm", "KNorm", "heuristic"), ("tova", "TOVA", "heuristic"), ("kvp:ck", "KVP", "learned")]
-BUDGETS = [("64", 64), ("128", 128), ("256", 256)]
+BUDGETS = [("b64", 64), ("b128", 128), ("b256", 256)]
 CORPUS = {"RULER-style": "ruler", "dialogue": "dialogue", "held-out traces": "ruler"}
 TRAINED_ON = {"source": "ruler", "context_tokens": 512}
 
@@ -111,9 +111,9 @@ def test_perplexity_pools_tokens_before_exponentiating(results):
     records = results.records()
     ppl = next(g for g in curve_groups(records) if g.metric == "perplexity")
     line = ppl.panels[0].lines[0]
-    rs = [r for r in records if r.metric == "perplexity" and r.scorer_label == line.scorer and r.budget == "64"]
+    rs = [r for r in records if r.metric == "perplexity" and r.scorer_label == line.scorer and r.budget == "b64"]
     expected = math.exp(sum(r.nll_sum for r in rs) / sum(r.n_tokens for r in rs))
-    assert next(p for p in line.points if p.budget == "64").y == pytest.approx(expected)
+    assert next(p for p in line.points if p.budget == "b64").y == pytest.approx(expected)
     assert ppl.y_label == "perplexity of the final assistant turn"
 
 
@@ -177,6 +177,7 @@ def test_report_writes_html_markdown_and_figures(results, tmp_path):
     stale = tmp_path / "report" / "figures" / "07-from-an-earlier-report.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
+    (tmp_path / "report" / "figures.json").write_text(json.dumps({"figures": [stale.name]}))  # what that report drew
     paths = write_report(results.path, tmp_path / "report")
     assert not stale.exists() and sorted((tmp_path / "report" / "figures").iterdir()) == sorted(paths.figures)
     html = paths.html.read_text()
@@ -360,10 +361,10 @@ def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
 def test_a_policy_retrained_under_the_same_label_is_never_pooled_with_the_first(tmp_path):
     def instance(sha: str, values: list[float]) -> list[Result]:
         return [replace(r, scorer_id=f"id-{sha}", scorer_identity={**r.scorer_identity, "sha256": sha})
-                for r in _scored("KVP (kvp-r)", "learned", values)]
+                for r in _scored("KVP (kvp-r)", "learned", values, budget="b64")]
 
     first, second = instance("3fd7e6" + "0" * 58, [1.0] * 4), instance("ea3804" + "1" * 58, [0.0, 1.0, 0.0, 0.0])
-    tova = _scored("TOVA", "heuristic", [1.0, 0.0, 0.0, 0.0])
+    tova = _scored("TOVA", "heuristic", [1.0, 0.0, 0.0, 0.0], budget="b64")
     labelled = distinct_labels(first + second + tova)
     labels = ["KVP (kvp-r) @3fd7e6"] * 4 + ["KVP (kvp-r) @ea3804"] * 4 + ["TOVA"] * 4
     assert [r.scorer_label for r in labelled] == labels
