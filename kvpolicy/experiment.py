@@ -180,9 +180,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="print the stages' commands and what is done; run nothing")
 
 
+def run_stage(argv: list[str]) -> int:
+    """One stage's command, run as `kvp` runs it (same exit statuses and one-line errors); the parser knows the
+    pipeline's commands only, so running a stage never loads this module again."""
+    from kvpolicy.commands import STAGE_COMMANDS, build_parser, run_command
+
+    return run_command(build_parser(STAGE_COMMANDS), argv)
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.cli import EXIT_INTERRUPTED
-    from kvpolicy.cli import main as kvp
+    from kvpolicy.commands import EXIT_INTERRUPTED
 
     out = Path(args.out or f"runs/experiment-{args.preset}")
     plan = stages(PRESETS[args.preset], out)
@@ -209,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{stage.name}] {gone}; running it again")
         print(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
         load, start = os.getloadavg()[0], time.perf_counter()
-        code = kvp(list(stage.argv))
+        code = run_stage(list(stage.argv))
         if code:
             why = "interrupted;" if code == EXIT_INTERRUPTED else f"failed (exit {code}); fix the cause and"
             print(f"[{stage.name}] {why} re-run the same command to resume")

@@ -70,7 +70,7 @@ def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
 
 
 def test_an_interrupted_stage_says_so_and_is_not_recorded(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvpolicy.cli.main", lambda argv: EXIT_INTERRUPTED)  # the stage's command, interrupted
+    monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: EXIT_INTERRUPTED)  # the stage, interrupted
     assert main(["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", "costs"]) == EXIT_INTERRUPTED
     out = capsys.readouterr().out
     assert "[costs] interrupted; re-run the same command to resume" in out and "failed" not in out
@@ -79,7 +79,7 @@ def test_an_interrupted_stage_says_so_and_is_not_recorded(tmp_path, monkeypatch,
 
 def test_a_recorded_stage_whose_output_is_gone_runs_again(tmp_path, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr("kvpolicy.cli.main", lambda argv: ran.append(argv) or 0)
+    monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: ran.append(argv) or 0)
     stage = next(s for s in stages(PRESETS["smollm2"], tmp_path) if s.name == "train-kvp-r")
     (tmp_path / "stages.json").write_text(json.dumps({stage.name: {"argv": list(stage.argv), "seconds": 151.2}}))
     argv = ["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", stage.name]

@@ -2,7 +2,7 @@
 
 budget.py (Budget, keep_indices) → scorers/ (the registry of eviction methods) → state.py (KVState: cache +
 true positions + the attention inputs recorded for query-based scorers) → engine.py (prefill, rank, evict,
-compress, greedy_decode, continuation_nll, generate) → dialogue.py (multi-turn) → press.py (KVPolicyPress for
+compress, greedy_decode, continuation_nll, generate) → multi_turn.py (dialogue) → press.py (KVPolicyPress for
 kvpress) → cli.py (`kvp generate`) and benchmark.py. Recording attention inputs and the greedy loop are shared
 with traces and live in models/ (attention.py, decoding.py).
 """

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
     from kvpolicy.models.decoding import Sampling, check_stop_strings
-    from kvpolicy.models.streaming import TextStream
+    from kvpolicy.models.text_stream import TextStream
 
     if args.max_new_tokens < 0:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")

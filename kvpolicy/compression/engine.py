@@ -360,7 +360,7 @@ def generate(
     query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
     question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
     Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
-    token as it is chosen (e.g. to stream it with `models.streaming.TextStream`).
+    token as it is chosen (e.g. to stream it with `models.text_stream.TextStream`).
     """
     if protocol not in PROTOCOLS:
         raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")

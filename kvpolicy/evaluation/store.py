@@ -9,6 +9,10 @@ process takes in what the others appended, cuts a torn tail (a record half-writt
 appends, so a key is written once; one byte per work unit (at an offset hashed from its identity) is a sweep's
 claim on that unit, so sweeps split the work instead of repeating it. The locks are POSIX record locks: they die
 with their process, so a killed sweep never blocks another.
+
+A results file may also be packed into its archive form, `FILE.jsonl.gz` (kvpolicy.evaluation.archive), which is what
+a repository commits: `read_results` reads either, with the same checks; a sweep appends only to a plain file, so
+`unpack_results` turns an archive back into one.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.archive import is_archive, read_archive, record_line, write_archive
 from kvpolicy.evaluation.result import Result, check_record
-from kvpolicy.io import check_regular_file, read_lines, sha256_json, special_kind
+from kvpolicy.io import atomic_path, check_regular_file, check_writable, read_lines, sha256_json, special_kind, \
+    write_durably
 
 
 def _tail_record(tail: bytes) -> dict[str, Any] | None:
@@ -37,8 +43,8 @@ def _tail_record(tail: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _parse(lines: bytes, path: Path, first: int) -> Iterator[Result]:
-    """The checked results of complete `lines` of `path`, the first of which is line number `first`."""
+def _objects(lines: bytes, path: Path, first: int) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, JSON value) of the complete `lines` of `path`, the first of which is line number `first`."""
     for number, raw in enumerate(lines.split(b"\n")[:-1], start=first):
         if not raw.strip():
             continue
@@ -46,7 +52,27 @@ def _parse(lines: bytes, path: Path, first: int) -> Iterator[Result]:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
             raise KVPError(f"{path}:{number} is not valid JSON ({err.msg}); the results file is damaged") from None
-        yield Result.from_json(record, f"{path}:{number}")
+        yield f"{path}:{number}", record
+
+
+def _parse(lines: bytes, path: Path, first: int) -> Iterator[Result]:
+    """The checked results of complete `lines` of `path`, the first of which is line number `first`."""
+    for where, record in _objects(lines, path, first):
+        yield Result.from_json(record, where)
+
+
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, record as written) of a plain results file or an archive, unchecked. A torn final line of a plain
+    file (a sweep killed mid-write, or one writing right now) is left out."""
+    if is_archive(path):
+        yield from read_archive(path)
+        return
+    with open(path, "rb") as f:
+        lines, tail = read_lines(f, str(path))
+    yield from _objects(lines, path, 1)
+    if (record := _tail_record(tail)) is not None:
+        last = lines.count(b"\n") + 1
+        yield f"{path}:{last}", record
 
 
 @dataclass
@@ -67,19 +93,59 @@ class Results:
 
 
 def read_results(path: str | Path) -> Results:
-    """The checked results of a results file, without repeated keys. A missing file is an error; an empty one
-    has none. A torn final line (a sweep killed mid-write, or one writing right now) is left out."""
-    path = check_regular_file(path, "results file", f"create it with `kvp sweep --out {path} ...`")
-    with open(path, "rb") as f:
-        lines, tail = read_lines(f, str(path))
-    parsed = list(_parse(lines, path, 1))
-    if (record := _tail_record(tail)) is not None:
-        last = lines.count(b"\n") + 1
-        parsed.append(Result.from_json(record, f"{path}:{last}"))
+    """The checked results of a results file, plain or packed (`.jsonl.gz`), without repeated keys. A missing file
+    is an error; an empty one has none. A torn final line (a sweep killed mid-write, or one writing right now) is
+    left out."""
+    fix = ("pack one with `kvp results pack RESULTS.jsonl`" if is_archive(path)
+           else f"create it with `kvp sweep --out {path} ...`")
+    path = check_regular_file(path, "results file", fix)
+    parsed = [Result.from_json(record, where) for where, record in _records(path)]
     unique: dict[str, Result] = {}
     for result in parsed:
         unique.setdefault(result.key, result)
     return Results(path, list(unique.values()), len(parsed) - len(unique))
+
+
+def _checked_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for where, record in _records(path):
+        check_record(record, where)
+        records.append(record)
+    return records
+
+
+def pack_results(path: str | Path, out: str | Path | None = None) -> Path:
+    """Pack a plain results file into its archive (default: PATH.gz), every record checked and kept, repeated ones
+    too; the same file gives the same bytes. Returns the archive's path."""
+    path = check_regular_file(path, "results file", "name the JSONL file a sweep wrote")
+    if is_archive(path):
+        raise KVPError(f"results file {path} is packed already; `kvp results unpack` gives its plain form")
+    out = Path(out) if out is not None else path.with_name(path.name + ".gz")
+    if not is_archive(out):
+        raise KVPError(f"a results archive's name ends in .gz, which tells readers its form; got --out {out}")
+    check_writable(out, "results archive")
+    return write_archive(_checked_records(path), out)
+
+
+def unpack_results(path: str | Path, out: str | Path) -> Path:
+    """Unpack a results archive into a new plain results file `out`, which a sweep can append to: the records of
+    the file that was packed, each checked, in its order and bytes. An existing `out` is refused (it may be a
+    sweep's store). Returns `out`."""
+    path = check_regular_file(path, "results archive", "name a .jsonl.gz file that `kvp results pack` wrote")
+    out = Path(out)
+    if not is_archive(path):
+        raise KVPError(f"results file {path} is not an archive (its name does not end in .gz); a sweep reads it as "
+                       "it is")
+    if is_archive(out):
+        raise KVPError(f"--out {out} ends in .gz, but a plain results file is JSONL; name it FILE.jsonl")
+    if out.exists() or out.is_symlink():
+        raise KVPError(f"{out} exists; unpacking never overwrites a results file (a sweep's records may be in it): "
+                       "remove it or choose another --out")
+    check_writable(out, "results file")
+    records = _checked_records(path)
+    with atomic_path(out) as tmp:
+        write_durably(tmp, b"".join(record_line(record) for record in records))
+    return out
 
 
 class _LockFile:
@@ -144,6 +210,9 @@ class ResultStore:
         self._lines = 0  # lines of the file taken in so far
         if (kind := special_kind(self.path)) is not None:
             raise KVPError(f"results file {self.path} is {kind}, not a regular file; choose another file")
+        if is_archive(self.path):
+            raise KVPError(f"results file {self.path} is a packed archive (.gz), which a sweep cannot append to; "
+                           f"unpack it first (`kvp results unpack {self.path} --out FILE.jsonl`) and sweep into that")
         if self.path.exists():
             self.refresh()
 
@@ -190,7 +259,7 @@ class ResultStore:
         check_record(record, f"{self.path} (the record being appended)",
                      "the sweep measured what no result can hold: a numerical failure of the model (float16 "
                      "overflows; run it in --dtype bfloat16 or float32) or a bug to report; nothing was written")
-        line = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
+        line = record_line(record)
         with self._lock.hold(_APPEND_BYTE):
             self._read_new()
             if result.key in self._records:

@@ -44,7 +44,7 @@ from kvpolicy.evaluation.perplexity import dialogue_positions, run_dialogue
 from kvpolicy.evaluation.qa import qa_positions, run_qa
 from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, WHOLE_RANKING, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.evaluation.streaming import check_stream, run_stream
+from kvpolicy.evaluation.bounded_stream import check_stream, run_stream
 from kvpolicy.evaluation.tasks import (PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, StreamTask, Task, TraceTask,
                                        resolve_tasks)
 from kvpolicy.io import check_writable

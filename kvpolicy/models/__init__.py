@@ -2,7 +2,7 @@
 which device and in which dtype; fingerprint.py: which model it is; integrity.py: whether its converted cache is
 intact; directory.py: whether a Hugging Face directory is complete and safe to load), and the mechanics every later
 stage runs on a model: attention.py (recording attention inputs, recomputing queries, causal window attention),
-decoding.py (the one decoding loop, greedy or sampled) and streaming.py (an answer's text as it is produced).
+decoding.py (the one decoding loop, greedy or sampled) and text_stream.py (an answer's text as it is produced).
 
 The names below are imported on first use, so that reading the registry (as `kvp --help` does) never imports torch.
 """

@@ -3,7 +3,7 @@
 Records of one model, benchmark family, protocol, context length and data source form a `Group` (one figure);
 inside it, one `Panel` per task (plus an average panel for a score such as accuracy), one `Line` per scorer, one
 point per budget; a score's point carries the standard error of its mean over samples (lm-eval's stderr), and every
-point of a task its 95% percentile bootstrap interval over samples (kvpolicy.evaluation.intervals). Each task's panel
+point of a task its 95% percentile bootstrap interval over samples (kvpolicy.intervals). Each task's panel
 also compares every learned policy with every other method at each budget (`Comparison`): the paired difference on
 the samples both were evaluated on, with its bootstrap interval. A result holding several metrics (acc and acc_norm)
 is counted in the group of each. Cache size on the x axis is the mean number of KV entries kept per head at that
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kvpolicy.compression.names import READS_ATTENTION
-from kvpolicy.evaluation.intervals import (
+from kvpolicy.intervals import (
     Interval,
     Transform,
     bootstrap_ci,

@@ -1,4 +1,5 @@
-"""`kvp report RESULTS --out DIR`: the HTML page and Markdown summary with figures from a results file."""
+"""`kvp report RESULTS --out DIR`: the HTML page and Markdown summary with figures from a results file, plain or
+packed (RESULTS.jsonl.gz, read as it is)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", help="JSONL results file written by `kvp sweep`")
+    parser.add_argument("results", help="results file: the JSONL `kvp sweep` writes, or its archive (.jsonl.gz) "
+                        "that `kvp results pack` writes")
     parser.add_argument("--out", required=True, help="directory for report.html, report.md and figures/")
 
 

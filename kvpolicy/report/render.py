@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES
+from kvpolicy.intervals import LEVEL, RESAMPLES
 from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import (

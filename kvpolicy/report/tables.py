@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpolicy.evaluation.intervals import LEVEL, RESAMPLES, Interval
+from kvpolicy.intervals import LEVEL, RESAMPLES, Interval
 from kvpolicy.evaluation.result import SCORES
 from kvpolicy.report.aggregate import (
     FREE_KIND,

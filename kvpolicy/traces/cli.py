@@ -5,17 +5,15 @@
 
 (the "--" stops torchrun's own parser from taking `--n` for an abbreviation of its `--nnodes`/`--nproc-per-node`).
 
-Each rank writes its own shards; once all ranks are done (gloo all-reduce of their status) rank 0 writes the one
-manifest. Re-running the same command resumes: complete shards are kept and their samples skipped.
+Each rank writes its own shards; once all ranks are done rank 0 writes the one manifest
+(kvpolicy.traces.pipeline.record_on_every_rank). Re-running the same command resumes: complete shards are kept and
+their samples skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-from kvpolicy.errors import KVPError
-from kvpolicy.io import check_writable
 from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
@@ -55,53 +53,21 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.distributed import AnotherRankFailed, init_distributed, shutdown_distributed
-    from kvpolicy.models.loader import load_model
     from kvpolicy.models.placement import resolve_device, resolve_dtype
-    from kvpolicy.traces.pipeline import TraceRunConfig, finish, record_shards
-    from kvpolicy.traces.store import check_trace_directory
+    from kvpolicy.traces.pipeline import TraceRunConfig, record_on_every_rank
 
     device = resolve_device(args.device)  # a CUDA request without CUDA, a bad dtype: one line before any work
     resolve_dtype(args.dtype, device)
-    ctx = init_distributed(device.type)  # CUDA: one GPU per rank (cuda:LOCAL_RANK)
-    start = time.perf_counter()
-    failure: BaseException | None = None
-    recorded = skipped = 0
-    try:
-        cfg = TraceRunConfig(
-            source=args.source, split=args.split, n=args.n, context_tokens=args.context,
-            future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
-            baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
-            shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
-        )
-        check_writable(args.out, "trace directory", directory=True)  # before minutes of model loading
-        check_trace_directory(args.out)
-        handle = load_model(args.model, device=ctx.device, dtype=args.dtype)
-        result = record_shards(handle, cfg, args.out, rank=ctx.rank, world=ctx.world, show_progress=ctx.main)
-        recorded, skipped = result.recorded, result.skipped
-    except (KVPError, OSError, KeyboardInterrupt) as err:
-        failure = err
-    try:
-        # every rank reaches this point even after an error, so no rank waits forever on the others
-        all_ok = ctx.all_reduce([int(failure is None)], "min")[0]
-        recorded, skipped = ctx.all_reduce([recorded, skipped], "sum")
-        manifest = None
-        if all_ok and ctx.main:
-            try:
-                wall = time.perf_counter() - start
-                manifest = finish(handle, cfg, args.out, {"last_run": {
-                    "world_size": ctx.world, "wall_seconds": round(wall, 3), "recorded": recorded, "skipped": skipped}})
-            except KVPError as err:
-                failure = err
-        manifest_ok = ctx.all_reduce([int(failure is None)], "min")[0]
-    finally:
-        shutdown_distributed(ctx)
-    if failure is not None:
-        raise failure
-    if not (all_ok and manifest_ok):
-        raise AnotherRankFailed(ctx.rank)
-    if manifest is not None:
-        print(f"{manifest['n_samples']} traces ({manifest['prompt_tokens']} prompt tokens) of {handle.info.name} in "
-              f"{args.out}: {recorded} recorded now, {skipped} were already there; "
-              f"{manifest['generation_seconds']:.1f} s of generation in total, {wall:.1f} s wall for this run")
+    cfg = TraceRunConfig(
+        source=args.source, split=args.split, n=args.n, context_tokens=args.context,
+        future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
+        baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
+        shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
+    )
+    result = record_on_every_rank(args.model, cfg, args.out, device, args.dtype)
+    if result.manifest is not None:
+        m = result.manifest
+        print(f"{m['n_samples']} traces ({m['prompt_tokens']} prompt tokens) of {result.model_name} in {args.out}: "
+              f"{result.recorded} recorded now, {result.skipped} were already there; {m['generation_seconds']:.1f} s "
+              f"of generation in total, {result.wall_seconds:.1f} s wall for this run")
     return 0

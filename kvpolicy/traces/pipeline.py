@@ -1,7 +1,8 @@
 """Record a set of traces into a directory: prompts → model runs → shards → manifest, resumable, rank-aware.
 
 Under several processes (torchrun) rank r records the samples i with i % world == r that no complete shard holds
-yet and writes its own shards; `finish` (rank 0, after every rank is done) merges one manifest.
+yet and writes its own shards; `finish` (rank 0, after every rank is done) merges one manifest. `record_on_every_rank`
+is that whole run, with the ranks agreeing on failures so that none waits forever on another (`kvp traces`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.data.ruler import TASKS
+from kvpolicy.distributed import AnotherRankFailed, init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
@@ -178,3 +180,58 @@ def record_traces(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, sho
     result = record_shards(handle, cfg, out, show_progress=show_progress)
     return finish(handle, cfg, out, {"last_run": {"world_size": 1, "wall_seconds": round(result.seconds, 3),
                                                   "recorded": result.recorded, "skipped": result.skipped}})
+
+
+@dataclass
+class RanksResult:
+    """What `record_on_every_rank` did, summed over the ranks."""
+
+    manifest: dict | None  # the manifest rank 0 wrote; None on the other ranks
+    model_name: str
+    recorded: int  # samples recorded now
+    skipped: int  # samples already in complete shards
+    wall_seconds: float  # rank 0's wall time before the manifest
+
+
+def record_on_every_rank(model: str, cfg: TraceRunConfig, out: str | Path, device: torch.device,
+                         dtype: str | None = None) -> RanksResult:
+    """Record `cfg`'s traces of `model` into `out` on this process's share (its rank under torchrun; all of them in a
+    plain run), then, once every rank succeeded, write the manifest on rank 0. Every rank takes part in the same
+    status all-reduces whatever happened to it, so a failure on one rank stops all of them: the failed rank raises
+    its own error (KVPError, OSError or KeyboardInterrupt), the others AnotherRankFailed. Resumable like
+    `record_shards`. `device` is resolved (CUDA: one GPU per rank, cuda:LOCAL_RANK)."""
+    from kvpolicy.models.loader import load_model
+    from kvpolicy.traces.store import check_trace_directory
+
+    ctx = init_distributed(device.type)
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    recorded = skipped = 0
+    try:
+        check_writable(out, "trace directory", directory=True)  # before minutes of model loading
+        check_trace_directory(out)
+        handle = load_model(model, device=ctx.device, dtype=dtype)
+        result = record_shards(handle, cfg, out, rank=ctx.rank, world=ctx.world, show_progress=ctx.main)
+        recorded, skipped = result.recorded, result.skipped
+    except (KVPError, OSError, KeyboardInterrupt) as err:
+        failure = err
+    try:
+        # every rank reaches this point even after an error, so no rank waits forever on the others
+        all_ok = ctx.all_reduce([int(failure is None)], "min")[0]
+        recorded, skipped = ctx.all_reduce([recorded, skipped], "sum")
+        manifest, wall = None, 0.0
+        if all_ok and ctx.main:
+            try:
+                wall = time.perf_counter() - start
+                manifest = finish(handle, cfg, out, {"last_run": {
+                    "world_size": ctx.world, "wall_seconds": round(wall, 3), "recorded": recorded, "skipped": skipped}})
+            except KVPError as err:
+                failure = err
+        manifest_ok = ctx.all_reduce([int(failure is None)], "min")[0]
+    finally:
+        shutdown_distributed(ctx)
+    if failure is not None:
+        raise failure
+    if not (all_ok and manifest_ok):
+        raise AnotherRankFailed(ctx.rank)
+    return RanksResult(manifest, handle.info.name, recorded, skipped, wall)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.dialogue import converse
+from kvpolicy.compression.multi_turn import converse
 from kvpolicy.compression.engine import (
     BoundedDecoding,
     compress,

@@ -20,7 +20,7 @@ DOCS = Path(__file__).parents[2] / "docs" / "results"
 
 @pytest.fixture
 def no_stage_runs(monkeypatch):
-    monkeypatch.setattr("kvpolicy.cli.main", lambda argv: pytest.fail(f"ran a stage: {argv}"))
+    monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: pytest.fail(f"ran a stage: {argv}"))
 
 
 def _costs(tmp_path) -> list[str]:

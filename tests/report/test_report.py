@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.intervals import bootstrap_ci, bootstrap_ratio_ci
+from kvpolicy.intervals import bootstrap_ci, bootstrap_ratio_ci
 from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.report.aggregate import (

@@ -1,5 +1,6 @@
 """Long-generation perplexity: a long text streamed through a cache bounded at the budget (protocol bounded-stream,
-run by evaluation.streaming). Sized by --context: every stream is exactly that many tokens; the seed does not apply.
+run by evaluation.bounded_stream). Sized by --context: every stream is exactly that many tokens; the seed does not
+apply.
 
 longgen:essays: the Paul Graham essays of the documents' "eval" split (a split no trace reads), in the windows
 data.documents cuts (one every half window), as plain text. longgen:dialogue: ShareGPT conversations of the

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvpolicy.evaluation.intervals import (
+from kvpolicy.intervals import (
     bootstrap_ci,
     bootstrap_ci_reference,
     bootstrap_ratio_ci,

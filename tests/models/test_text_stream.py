@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvpolicy.models.decoding import cut_at_stop
-from kvpolicy.models.streaming import REPLACEMENT, TextStream
+from kvpolicy.models.text_stream import REPLACEMENT, TextStream
 
 
 def byte_text(tokens: list[int]) -> str:

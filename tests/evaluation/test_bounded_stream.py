@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation import streaming, sweep
+from kvpolicy.evaluation import bounded_stream, sweep
 from kvpolicy.evaluation.names import BOUNDED_STREAM, LONGGEN_TASKS, PROTOCOLS, known_tasks
 from kvpolicy.evaluation.result import FULL, KEY_FIELDS, record_key
-from kvpolicy.evaluation.streaming import stream_nll, stream_steps
+from kvpolicy.evaluation.bounded_stream import stream_nll, stream_steps
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig
 from kvpolicy.evaluation.tasks import StreamTask, resolve_tasks
 from kvpolicy.evaluation.tasks.longgen import LONGGEN
@@ -88,8 +88,8 @@ def test_query_based_scorers_rank_with_the_chunk_just_fed(smollm, essay, monkeyp
         seen.append((state.recorded[0].rows, state.recorded[0].whole_chunk))
         return real(handle, state, scorer, budget)
 
-    real = streaming.compress
-    monkeypatch.setattr(streaming, "compress", compress)
+    real = bounded_stream.compress
+    monkeypatch.setattr(bounded_stream, "compress", compress)
     result = stream_nll(smollm, essay, scorer, Budget(tokens=BUDGET), EVERY)
     every_row = scorer.query_window == ALL_QUERIES  # H2O: the whole chunk; TOVA: its last token
     assert seen == [(EVERY if every_row else scorer.query_window, every_row)] * 6  # every cut, each on its chunk
@@ -97,7 +97,7 @@ def test_query_based_scorers_rank_with_the_chunk_just_fed(smollm, essay, monkeyp
 
 
 def test_scorers_needing_more_rows_than_a_chunk_are_refused_before_any_work(monkeypatch):
-    monkeypatch.setattr(streaming, "prefill", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr(bounded_stream, "prefill", lambda *a, **k: pytest.fail("work started before the check"))
     ids = torch.zeros(1, 256, dtype=torch.long)
     snapkv = make_scorer("snapkv")  # needs its window + 1 = 65 rows
     with pytest.raises(KVPError, match="'snapkv' ranks with the attention inputs of the last 65 tokens.*--every 65"):

@@ -1,0 +1,40 @@
+"""The repository carries code: what git tracks stays small. Raw results are committed packed (`results.jsonl.gz`,
+`kvp results pack`) and HTML reports not at all (`kvp report` rebuilds them: docs/RESULTS.md), so a plain results
+file or a report page added by mistake shows here."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+# the tracked tree was 122 MB with the studies' plain results and HTML reports, 33 MB after packing them; what remains
+# is mostly the committed study policies (12.5 MB) and the reports' figures (10.5 MB)
+LIMIT_MB = 35
+FILE_LIMIT_MB = 4  # the largest committed file is a study policy's weights (3 MB)
+
+
+def tracked_sizes() -> dict[str, int]:
+    """Size on disk of every file git tracks here (a tracked file deleted in the work tree counts 0)."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ROOT.resolve():
+        pytest.skip("not a git checkout of kvpolicy")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    paths = [ROOT / name for name in names.decode().split("\0") if name]
+    return {str(p.relative_to(ROOT)): p.stat().st_size if p.is_file() else 0 for p in paths}
+
+
+def test_the_tracked_tree_stays_small():
+    sizes = tracked_sizes()
+    by_size = sorted(sizes.items(), key=lambda item: -item[1])
+    largest = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in by_size[:5])
+    total = sum(sizes.values())
+    assert total < LIMIT_MB * 1e6, f"the tracked files hold {total / 1e6:.1f} MB; the largest: {largest}"
+    big = [name for name, size in sizes.items() if size > FILE_LIMIT_MB * 1e6]
+    assert not big, f"files over {FILE_LIMIT_MB} MB are tracked: {big}; pack results (`kvp results pack`), keep " \
+        "what a command rebuilds out of git"
