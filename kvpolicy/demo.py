@@ -4,7 +4,7 @@
 1. traces   record future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
 2. train    train the 90 per-head KVP agents on them with RL
 3. evaluate KVP (and, beside it, the policy bundled for the model, trained once on the general mix) against
-            Random, StreamingLLM, KNorm, KeyDiff, TOVA and SnapKV at a few budgets: RULER-style
+            the sweep's default baselines (compression/catalog.py) at a few budgets: RULER-style
             accuracy (the "eval" split, never seen in training) at the trained context and at twice it, dialogue
             perplexity (ShareGPT, a corpus the agents were not trained on: the cross-corpus check) and the
             reward-level ranking cost on the held-out traces
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.names import BASELINE_SCORERS
+from kvpolicy.compression.catalog import SWEEP, default_lineup
 from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL
 
@@ -55,7 +55,7 @@ class DemoConfig:
     long_samples: int = 2
     dialogue_samples: int = 3
     budgets: tuple[str, ...] = ("64", "128", "256")
-    baselines: tuple[str, ...] = BASELINE_SCORERS
+    baselines: tuple[str, ...] = field(default_factory=lambda: default_lineup(SWEEP))
 
     def __post_init__(self):
         for name in ("context_tokens", "future_tokens", "train_traces", "test_traces", "train_steps", "eval_samples",
@@ -157,6 +157,7 @@ def train_demo_policy(cfg: DemoConfig, paths: DemoPaths) -> None:
 
 
 def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
+    from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
     from kvpolicy.policy.bundled import bundled_policies
 
@@ -169,9 +170,9 @@ def evaluate_demo(cfg: DemoConfig, paths: DemoPaths):
     if cfg.long_context_tokens:
         ruler_runs.append((cfg.long_samples, cfg.long_context_tokens))
     # (tasks, samples per task, protocols, context length, extra scorers, answer-token cap (0: the task's own))
-    blocks = [(tasks, n, ["query-aware"], context, [], cap)
+    blocks = [(tasks, n, [QUERY_AWARE], context, [], cap)
               for n, context in ruler_runs for cap, tasks in by_cap.items()]
-    blocks += [(["dialogue"], cfg.dialogue_samples, ["prompt-once", "multi-turn"], cfg.context_tokens, [], 0),
+    blocks += [(["dialogue"], cfg.dialogue_samples, [PROMPT_ONCE, MULTI_TURN], cfg.context_tokens, [], 0),
                ([f"traces:{paths.test_traces}"], cfg.test_traces, [], cfg.context_tokens, ["oracle"], 0)]
     written = 0
     for tasks, n, protocols, context, extra, cap in blocks:

@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.names import BASELINE_SCORERS
+from kvpolicy.compression.catalog import BENCH, STREAM, SWEEP, default_lineup, needs_utility
+from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC
 from kvpolicy.io import check_regular_file, write_json
 from kvpolicy.schema import Optional, validate
 
-BASELINES = (*BASELINE_SCORERS, "lagkv")
-STREAM_BASELINES = ("streaming_llm", "knorm", "keydiff", "tova", "h2o")  # those with a decoding form
+# the catalog's sweep baselines, then the bench's others (every baseline a trace can score); and those with a
+# decoding form, for the long-generation stages
+BASELINES = (*default_lineup(SWEEP), *[n for n in default_lineup(BENCH) if n not in default_lineup(SWEEP)])
+STREAM_BASELINES = default_lineup(STREAM)
 
 
 # a finished stage in OUT/stages.json: what `run` reads of it (argv, seconds) and what else it writes
@@ -124,14 +127,14 @@ def stages(cfg: ExperimentConfig, out: Path) -> list[Stage]:
     sweep = ("sweep", *common, *store)
     result += [
         Stage("costs", (*sweep, "--task", f"traces:{traces / 'mix-test'}", "--n", str(cfg.test_prompts), "--budget",
-                        *cfg.budgets, "--scorer", *policies, *BASELINES, "oracle")),
+                        *cfg.budgets, "--scorer", *policies, *BASELINES, *needs_utility())),
         Stage("ruler", (*sweep, "--task", "ruler:niah_single_2", "needles", "--max-new-tokens", "16",
                         *_qa(cfg, policies, (str(cfg.context),), cfg.budgets))),
         Stage("ruler-multivalue", (*sweep, "--task", "ruler:niah_multivalue", "--max-new-tokens", "48",
                                    *_qa(cfg, policies, (str(cfg.context),), cfg.budgets))),
         Stage("length-transfer", (*sweep, "--task", "ruler:niah_single_2", "needles", "--max-new-tokens", "16",
                                   *_qa(cfg, policies, tuple(map(str, cfg.long_contexts)), cfg.ratios))),
-        Stage("dialogue", (*sweep, "--task", "dialogue", "--protocol", "prompt-once", "multi-turn", "--context",
+        Stage("dialogue", (*sweep, "--task", "dialogue", "--protocol", PROMPT_ONCE, MULTI_TURN, "--context",
                            str(cfg.context), "--n", str(cfg.samples), "--budget", *cfg.budgets, "--scorer", *policies,
                            *BASELINES)),
         *(Stage(f"long-generation-{text}", (*sweep, *_stream(cfg, text, n), "--scorer", policies[0], *STREAM_BASELINES))
@@ -150,7 +153,7 @@ def _stream(cfg: ExperimentConfig, text: str, n: int) -> tuple:
 
 
 def _qa(cfg: ExperimentConfig, policies: list[str], contexts: tuple[str, ...], budgets: tuple[str, ...]) -> tuple:
-    return ("--protocol", "query-aware", "question-agnostic", "--context", *contexts, "--n", str(cfg.samples),
+    return ("--protocol", QUERY_AWARE, QUESTION_AGNOSTIC, "--context", *contexts, "--n", str(cfg.samples),
             "--budget", *budgets, "--scorer", *policies, *BASELINES)
 
 

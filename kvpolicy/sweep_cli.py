@@ -21,16 +21,18 @@ def _split(values: list[str]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
-    from kvpolicy.evaluation.names import BASELINE_SCORERS, DEFAULT_EVERY, PROTOCOLS, known_tasks
+    from kvpolicy.compression.catalog import SWEEP, default_lineup, needs_utility, scorer_names
+    from kvpolicy.compression.names import LEARNED_PREFIX
+    from kvpolicy.evaluation.names import DEFAULT_EVERY, PROTOCOLS, known_tasks
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
 
     parser.epilog = EPILOG
     parser.add_argument("--out", required=True, help="JSONL results file (created, or resumed when it exists)")
     parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], help="model names (kvp models)")
-    parser.add_argument("--scorer", nargs="+", default=list(BASELINE_SCORERS),
-                        help=f"scorers: {' '.join(SCORER_NAMES)} (oracle: traces only) {LEARNED_PREFIX}CHECKPOINT")
+    parser.add_argument("--scorer", nargs="+", default=list(default_lineup(SWEEP)),
+                        help=f"scorers: {' '.join(scorer_names())} ({', '.join(needs_utility())}: traces only) "
+                        f"{LEARNED_PREFIX}CHECKPOINT (default: {' '.join(default_lineup(SWEEP))})")
     parser.add_argument("--budget", nargs="+", default=["128", "256", "512"],
                         help="tokens kept per KV head (256) or compression ratios (0.5 or r0.5)")
     parser.add_argument("--task", nargs="+", default=["ruler"], help=known_tasks())

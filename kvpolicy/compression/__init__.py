@@ -2,7 +2,8 @@
 
 budget.py (Budget, keep_indices) → scorers/ (the registry of eviction methods) → state.py (KVState: cache +
 true positions + the attention inputs recorded for query-based scorers) → engine.py (prefill, rank, evict,
-compress, greedy_decode, continuation_nll, generate) → multi_turn.py (dialogue) → press.py (KVPolicyPress for
-kvpress) → cli.py (`kvp generate`) and benchmark.py. Recording attention inputs and the greedy loop are shared
-with traces and live in models/ (attention.py, decoding.py).
+compress, greedy_decode, continuation_nll, generate, under a protocol of protocols.py) → multi_turn.py (dialogue:
+feed_turn, continue_dialogue, converse) → press.py (KVPolicyPress for kvpress) → cli.py (`kvp generate`).
+Recording attention inputs, the greedy loop and TOVA's and SnapKV's settings are shared with traces and live in
+models/ (attention.py, decoding.py, baseline_defaults.py).
 """

@@ -8,7 +8,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvpolicy.compression.names import LEARNED_PREFIX, SCORER_NAMES
+    from kvpolicy.compression.catalog import CATALOG
+    from kvpolicy.compression.names import LEARNED_PREFIX
+    from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
     from kvpolicy.policy.config import RECENT, SINKS
@@ -18,15 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 text file instead")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or HF directory (default {DEFAULT_MODEL})")
     add_placement_arguments(parser)
-    scorers = ", ".join(n for n in SCORER_NAMES if n != "oracle")  # the oracle needs traces: sweeps only
+    scorers = ", ".join(n for n, e in CATALOG.items() if not e.needs_utility)  # the oracle needs traces: sweeps only
     parser.add_argument("--scorer", default="knorm",
                         help=f"eviction scorer: {scorers}, kvp (the policy bundled for --model), "
                         f"{LEARNED_PREFIX}MODEL (a bundled policy) or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", type=int, help="entries kept per KV head (sinks and recent included)")
     size.add_argument("--ratio", type=float, help="fraction of entries removed instead (kvpress compression ratio)")
-    parser.add_argument("--protocol", default="query-aware", choices=("query-aware", "question-agnostic"),
-                        help="compress after the question (query-aware) or before reading it (question-agnostic)")
+    parser.add_argument("--protocol", default=QUERY_AWARE, choices=tuple(PROTOCOLS),
+                        help="; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items())
+                        + f" (default {QUERY_AWARE})")
     parser.add_argument("--question", default="", help="question appended after the context")
     parser.add_argument("--answer-prefix", default="", help="text the answer starts with")
     parser.add_argument("--max-new-tokens", type=int, default=64)

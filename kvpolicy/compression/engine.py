@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy.compression.budget import Budget, keep_indices
+from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
+from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.compression.state import KVState, cache_from_tensors
 from kvpolicy.errors import KVPError
@@ -28,8 +30,6 @@ from kvpolicy.models.handle import refuse_sliding_window
 from kvpolicy.models.placement import synchronize
 from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
 from kvpolicy.models.decoding import GREEDY, Decoded, Sampling, check_stop_strings, cut_at_stop, decode_tokens
-
-PROTOCOLS = ("query-aware", "question-agnostic")
 
 
 @dataclass
@@ -45,7 +45,7 @@ class BoundedDecoding:
         if not self.scorer.attention_free:
             raise KVPError(
                 f"scorer '{self.scorer.name}' needs the queries of a prefill chunk, so it cannot re-score the cache "
-                "while decoding; use an attention-free scorer (knorm, keydiff, lagkv, streaming_llm, random, kvp:...)"
+                f"while decoding; use an attention-free scorer ({', '.join(attention_free())}, kvp:...)"
             )
         if self.budget.tokens is None:
             raise KVPError("bounded decoding needs an absolute token budget (Budget(tokens=...)), not a ratio")
@@ -137,8 +137,8 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
             raise KVPError(
                 f"scorer '{scorer.name}' ranks from the queries of the last {needs} tokens of the chunk prefilled "
                 f"before compression, but that chunk (the prompt, or its context under question-agnostic) has only "
-                f"{have} tokens; give at least {needs}, or use a scorer that needs fewer (tova, h2o, or an "
-                "attention-free one such as knorm)"
+                f"{have} tokens; give at least {needs}, or use a scorer that needs fewer, such as an attention-free "
+                f"one ({', '.join(attention_free())}, kvp:...)"
             )
         if not (whole if needs == ALL_QUERIES else have >= needs):
             rows, setting = (f"the last {needs} tokens", needs)
@@ -347,7 +347,7 @@ def generate(
     question: str,
     scorer: Scorer | None,
     budget: Budget | None,
-    protocol: str = "query-aware",
+    protocol: str = QUERY_AWARE,
     max_new_tokens: int = 64,
     answer_prefix: str = "",
     bounded: BoundedDecoding | None = None,
@@ -378,7 +378,7 @@ def generate(
             used.check_model(handle.info)  # a policy trained for another model is refused before any work
     context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
     check_room(handle, context_ids.shape[1] + question_ids.shape[1], max_new_tokens)
-    first = torch.cat([context_ids, question_ids], dim=1) if protocol == "query-aware" else context_ids
+    first = torch.cat([context_ids, question_ids], dim=1) if protocol == QUERY_AWARE else context_ids
     timings = {}
     clock = time.perf_counter()
     state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
@@ -390,7 +390,7 @@ def generate(
     timings["compress_s"] = _seconds_since(handle, clock)
     compressed_tokens, compressed_bytes = state.length, state.nbytes()
     shortfall = budget.shortfall(full_tokens) if budget is not None else None
-    if protocol == "question-agnostic":
+    if protocol == QUESTION_AGNOSTIC:
         clock = time.perf_counter()
         prefill(handle, question_ids, state)
         timings["prefill_s"] += _seconds_since(handle, clock)

@@ -1,10 +1,11 @@
 """Multi-turn dialogue on a compressed cache: after every turn the cache is cut back to the budget and the
 conversation continues on it (the KVP paper compresses once per prompt; long chats need this).
 
-Each turn feeds only the new text of the chat template (the previous turns are already cached), so the chat
-template must render a conversation as an append-only string, as ChatML-style templates do.
-query-aware: prefill the user turn, compress, answer. question-agnostic: compress the history, then prefill
-the user turn and answer (the first turn therefore runs on the full cache).
+`feed_turn` is one turn: query-aware, prefill the turn, then compress; question-agnostic, compress the history,
+then prefill the turn (so the first turn runs on the full cache). `converse` chats with it (a user turn, then a
+generated or teacher-forced answer), and evaluation's multi-turn dialogue perplexity feeds whole rounds (user +
+assistant turn) with `continue_dialogue`. Each turn feeds only the new text of the chat template (the previous turns
+are already cached), so the template must render a conversation as an append-only string, as ChatML-style ones do.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from collections.abc import Sequence
 
+import torch
+
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import PROTOCOLS, BoundedDecoding, compress, continuation_nll, greedy_decode, prefill
+from kvpolicy.compression.engine import BoundedDecoding, compress, continuation_nll, greedy_decode, prefill
+from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC
 from kvpolicy.compression.scorers.base import Scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
@@ -45,12 +49,55 @@ def _size(state: KVState) -> tuple[int, int]:
     return state.length, state.nbytes()
 
 
+def check_protocol(protocol: str, scorer: Scorer | None) -> None:
+    """Refuse an unknown protocol, and a scorer that reads prefill queries under question-agnostic (which
+    compresses after decoding, when no prefill queries are left)."""
+    if protocol not in PROTOCOLS:
+        raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == QUESTION_AGNOSTIC and scorer is not None and not scorer.attention_free:
+        raise KVPError(f"scorer '{scorer.name}' needs prefill queries; question-agnostic dialogue compresses after "
+                       f"decoding, so use protocol {QUERY_AWARE} or an attention-free scorer")
+
+
+def feed_turn(
+    handle: ModelHandle,
+    state: KVState | None,
+    chunk: torch.Tensor,
+    scorer: Scorer | None,
+    budget: Budget | None,
+    protocol: str = QUERY_AWARE,
+) -> tuple[KVState, tuple[int, int], tuple[int, int]]:
+    """Feed one turn's tokens `chunk` (1, T) on the cache (None: a new one) and cut it back to `budget`, before the
+    chunk (question-agnostic) or after it (query-aware); scorer None keeps the full cache. Returns the state and
+    its (entries per head, bytes) just before and after this turn's cut ((0, 0) twice when there was none)."""
+    check_protocol(protocol, scorer)
+    before = after = (0, 0)
+    if protocol == QUESTION_AGNOSTIC and state is not None and scorer is not None:
+        before, state = _size(state), compress(handle, state, scorer, budget)
+        after = _size(state)
+    query_aware = protocol == QUERY_AWARE and scorer is not None
+    state, _ = prefill(handle, chunk, state, record_queries=scorer.query_window if query_aware else 0)
+    if query_aware:
+        before, state = _size(state), compress(handle, state, scorer, budget)
+        after = _size(state)
+    return state, before, after
+
+
+def continue_dialogue(handle: ModelHandle, state: KVState, rounds: Sequence[torch.Tensor], scorer: Scorer | None,
+                      budget: Budget | None) -> KVState:
+    """Feed each round (1, T) on the cache, compressing it back to `budget` after each (query-aware): later rounds
+    run on what earlier cuts kept. scorer None: the full cache."""
+    for chunk in rounds:
+        state, _, _ = feed_turn(handle, state, chunk, scorer, budget)
+    return state
+
+
 def converse(
     handle: ModelHandle,
     user_turns: Sequence[str],
     scorer: Scorer,
     budget: Budget,
-    protocol: str = "query-aware",
+    protocol: str = QUERY_AWARE,
     max_new_tokens: int = 64,
     reference_answers: Sequence[str] | None = None,
     system: str | None = None,
@@ -61,13 +108,9 @@ def converse(
     reference_answers: when given (one per user turn), each answer is teacher-forced instead of generated and
     its per-token NLL recorded (perplexity on dialogue). Returns the turn results and the final state.
     """
-    if protocol not in PROTOCOLS:
-        raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol, scorer)
     if reference_answers is not None and len(reference_answers) != len(user_turns):
         raise KVPError(f"got {len(reference_answers)} reference answers for {len(user_turns)} user turns")
-    if protocol == "question-agnostic" and not scorer.attention_free:
-        raise KVPError(f"scorer '{scorer.name}' needs prefill queries; question-agnostic dialogue compresses after "
-                       "decoding, so use protocol query-aware or an attention-free scorer")
     messages = [{"role": "system", "content": system}] if system else []
     fed_text = ""
     state: KVState | None = None
@@ -77,15 +120,8 @@ def converse(
         prompt = handle.chat(messages)
         if not prompt.startswith(fed_text):
             raise KVPError("the chat template rewrites earlier turns, so turns cannot be appended to the cache")
-        chunk = handle.encode(prompt[len(fed_text):])
-        before = after = (0, 0)  # (entries per head, bytes) around this turn's compression
-        if protocol == "question-agnostic" and state is not None:
-            before, state = _size(state), compress(handle, state, scorer, budget)
-            after = _size(state)
-        state, _ = prefill(handle, chunk, state, record_queries=scorer.query_window if protocol == "query-aware" else 0)
-        if protocol == "query-aware":
-            before, state = _size(state), compress(handle, state, scorer, budget)
-            after = _size(state)
+        state, before, after = feed_turn(handle, state, handle.encode(prompt[len(fed_text):]), scorer, budget,
+                                         protocol)
         if reference_answers is None:
             tokens = greedy_decode(handle, state, state.logits, max_new_tokens, bounded=bounded)
             text, nll = handle.decode(tokens), None

@@ -24,6 +24,7 @@ import torch
 from kvpress import ScorerPress
 
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
+from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.policy.protocol import RECENT, SINKS
@@ -107,8 +108,8 @@ class KVPolicyPress(ScorerPress):
         rope = kwargs.get("position_embeddings")
         if self.scorer.query_window and (rope is None or rope[0].shape[-2] != hidden_states.shape[1]):
             raise KVPError(f"scorer '{self.scorer.name}' needs the RoPE embeddings of the hidden states it is given, "
-                           "which kvpress's decoding presses do not pass; wrap an attention-free scorer (knorm, "
-                           "keydiff, streaming_llm, kvp:...) in DecodingPress")
+                           "which kvpress's decoding presses do not pass; wrap an attention-free scorer "
+                           f"({', '.join(attention_free())}, kvp:...) in DecodingPress")
         return LayerView(
             layer_idx=module.layer_idx,
             keys=keys,

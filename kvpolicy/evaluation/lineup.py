@@ -11,31 +11,16 @@ from pathlib import Path
 import torch
 
 from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.catalog import CATALOG, label
 from kvpolicy.compression.engine import evict, rank
 from kvpolicy.compression.scorers import LEARNED_PREFIX, Scorer, make_scorer
 from kvpolicy.compression.scorers.base import ALL_QUERIES
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.names import BASELINE_SCORERS  # noqa: F401 (re-exported)
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.io import sha256_json
 
-# the heuristic scorers a sweep (and the demo) compares by default
-ORACLE = "oracle"
-
-LABELS = {
-    "random": "Random",
-    "streaming_llm": "StreamingLLM",
-    "knorm": "KNorm",
-    "keydiff": "KeyDiff",
-    "lagkv": "LagKV",
-    "tova": "TOVA",
-    "snapkv": "SnapKV",
-    "h2o": "H2O",
-    "expected_attention": "ExpectedAttention",
-    ORACLE: "Oracle",
-    FULL: "full cache",
-}
+FULL_LABEL = "full cache"  # the reference's label; the scorers' are the catalog's
 
 
 @dataclass
@@ -63,7 +48,7 @@ class Contender:
 # (contender id, budget label) -> whether that result is still missing for the sample(s) at hand
 IsMissing = Callable[[str, str], bool]
 
-FULL_CACHE = Contender(FULL, LABELS[FULL], "reference", {"name": FULL}, None)
+FULL_CACHE = Contender(FULL, FULL_LABEL, "reference", {"name": FULL}, None)
 FULL_BUDGET = Budget(tokens=1 << 30)  # the reference's "budget": above any cache length, so nothing is cut
 
 
@@ -71,25 +56,27 @@ BUNDLED_LABEL = "KVP (bundled)"  # the policy shipped with kvpolicy, beside othe
 
 
 def make_contenders(specs: list[str]) -> list[Contender]:
-    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs: a bundled policy is BUNDLED_LABEL, one
-    trained policy "KVP", several trained ones are told apart by path."""
+    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs, labelled as the catalog says: a bundled
+    policy is BUNDLED_LABEL, one trained policy "KVP", several trained ones are told apart by path. A scorer that
+    needs a trace's utility (the oracle) gets it per sample, so it has no scorer here."""
     specs = list(dict.fromkeys(specs))  # drop repeats, keep order
-    scorers = {spec: make_scorer(spec) for spec in specs if spec != ORACLE}
+    oracles = {spec for spec in specs if spec in CATALOG and CATALOG[spec].needs_utility}
+    scorers = {spec: make_scorer(spec) for spec in specs if spec not in oracles}
     bundled = {s for s, scorer in scorers.items() if s.startswith(LEARNED_PREFIX) and scorer.identity().get("bundled")}
     trained = [s for s in specs if s.startswith(LEARNED_PREFIX) and s not in bundled]
     contenders = []
     for spec in specs:
-        if spec == ORACLE:
-            contenders.append(Contender(spec, LABELS[ORACLE], "oracle", {"name": ORACLE}, None))
+        if spec in oracles:
+            contenders.append(Contender(spec, label(spec), "oracle", {"name": spec}, None))
             continue
         scorer = scorers[spec]
         if spec.startswith(LEARNED_PREFIX):
             path = Path(spec[len(LEARNED_PREFIX) :])
-            label = (BUNDLED_LABEL if spec in bundled else "KVP" if len(trained) == 1
-                     else f"KVP ({path.name or path})")
-            contenders.append(Contender(spec, label, "learned", scorer.identity(), scorer))
+            learned = (BUNDLED_LABEL if spec in bundled else "KVP" if len(trained) == 1
+                       else f"KVP ({path.name or path})")
+            contenders.append(Contender(spec, learned, "learned", scorer.identity(), scorer))
         else:
-            contenders.append(Contender(spec, LABELS.get(spec, spec), "heuristic", scorer.identity(), scorer))
+            contenders.append(Contender(spec, label(spec), "heuristic", scorer.identity(), scorer))
     return contenders
 
 

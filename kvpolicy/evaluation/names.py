@@ -1,22 +1,21 @@
-"""The names `kvp sweep` offers (baseline scorers, protocols, tasks, the default re-rank interval of a bounded
+"""The names `kvp sweep` offers (protocols, tasks, the default re-rank interval of a bounded
 stream), as plain values (no torch), so its help never imports the tasks. `ZERO_SHOT_TASKS` lists
 `tasks.zero_shot.zero_shot_tasks()`'s keys and `LONGGEN_TASKS` those of `tasks.longgen.LONGGEN` (tests keep them
 equal)."""
 
 from __future__ import annotations
 
+from kvpolicy.compression.protocols import PROTOCOLS as COMPRESSION_PROTOCOLS
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC  # noqa: F401 (re-exported)
 from kvpolicy.data.needles import NEEDLE_TASKS
 from kvpolicy.data.ruler import TASKS
 
-BASELINE_SCORERS = ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
-QUERY_AWARE, QUESTION_AGNOSTIC = "query-aware", "question-agnostic"
 MULTI_TURN, PROMPT_ONCE = "multi-turn", "prompt-once"
 TRACES = "traces"
 BOUNDED_STREAM = "bounded-stream"
 
-PROTOCOLS = {
-    QUERY_AWARE: "compress after context and question (the KVP paper)",
-    QUESTION_AGNOSTIC: "compress the context, then read the question (kvpress)",
+PROTOCOLS = {  # compression's two (compression/protocols.py), then evaluation's own
+    **COMPRESSION_PROTOCOLS,
     MULTI_TURN: "compress after every turn; the dialogue continues on the compressed cache",
     PROMPT_ONCE: "compress once after the whole dialogue prompt (the KVP paper)",
     TRACES: "rank the prompt tokens of held-out traces; cost of the evicted future attention",

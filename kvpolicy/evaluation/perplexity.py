@@ -2,8 +2,9 @@
 
 Two protocols. prompt-once (the KVP paper): prefill the whole dialogue before the final answer, rank once per
 scorer, cut to every budget, score the answer. multi-turn: the dialogue is fed one round (user + assistant turn)
-at a time and the cache is compressed back to the budget after every round, so later turns run on what earlier
-compressions kept; the first round's prefill and ranking are shared by every budget.
+at a time and the cache is compressed back to the budget after every round (compression/multi_turn.py's
+`continue_dialogue`), so later turns run on what earlier compressions kept; the first round's prefill and ranking
+are shared by every budget.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Iterator
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import compress, continuation_nll, prefill
+from kvpolicy.compression.engine import continuation_nll, prefill
+from kvpolicy.compression.multi_turn import continue_dialogue
 from kvpolicy.compression.state import KVState
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
@@ -103,10 +105,8 @@ def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor],
         rank_s = clock.lap() / len(missing[contender.id])
         for budget in missing[contender.id]:
             small = cut(state, ranking, budget)
-            for chunk in rounds[1:]:  # multi-turn: the next round on the compressed cache, then compress again
-                prefill(handle, chunk, small, record_queries=contender.query_window)
-                if contender is not FULL_CACHE:
-                    small = compress(handle, small, contender.scorer, budget)
+            # multi-turn: each later round on the compressed cache, then compress again (the full cache: none)
+            small = continue_dialogue(handle, small, rounds[1:], contender.scorer, budget)
             fields = _nll_fields(handle, small, answer)
             yield Outcome(sample_id, contender, FULL if contender is FULL_CACHE else budget.label, total_length,
                           small.length, full_bytes, small.nbytes(), rank_s + clock.lap(), prefill_s, fields)

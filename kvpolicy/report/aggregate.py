@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kvpolicy.compression.names import READS_ATTENTION
+from kvpolicy.compression.catalog import reads_attention
 from kvpolicy.intervals import (
     Interval,
     Transform,
@@ -79,10 +79,11 @@ class Line:
 
 def scorer_class(r: Result) -> str:
     """What a result's scorer sees: a learned policy, an attention-free heuristic (the cache only), one that reads
-    attention (READS_ATTENTION: the question's, or the chunk's just fed), or the oracle (the true future)."""
+    attention (the catalog's `reads_attention`: the question's, or the chunk's just fed), or the oracle (the true
+    future)."""
     if r.scorer_kind in (LEARNED_KIND, "oracle"):
         return r.scorer_kind
-    return READS_KIND if r.scorer_identity.get("name") in READS_ATTENTION else FREE_KIND
+    return READS_KIND if r.scorer_identity.get("name") in reads_attention() else FREE_KIND
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 Traces keep no queries, but the ranking-quality benchmark compares the learned policy against TOVA and SnapKV,
 which see the attention of the prompt's last rows (the question). Those rows' attention inputs are recorded during
-the prefill, so both scores come from ONE causal window attention (W = 64 rows, kvpress's SnapKV default; fp32)
-batched over all layers. The definitions follow kvpress exactly; `baseline_scores_reference` calls kvpress's own
-`TOVAPress.score` / `SnapKVPress.score` layer by layer and the tests compare the two.
+the prefill, so both scores come from ONE causal window attention (W = 64 rows; fp32) batched over all layers. The
+definitions and settings follow kvpress exactly (W and the pool width come from models/baseline_defaults.py, which
+compression's TOVA and SnapKV scorers use too); `baseline_scores_reference` calls kvpress's own `TOVAPress.score` /
+`SnapKVPress.score` layer by layer and the tests compare the two.
 
 TOVA (https://arxiv.org/abs/2401.06104): attention of the last prompt row, averaged over all query heads.
 SnapKV (https://arxiv.org/abs/2404.14469): attention of the last W rows averaged over rows, smoothed by a
@@ -22,9 +23,7 @@ import torch.nn.functional as F
 from kvpolicy.errors import KVPError
 from kvpolicy.traces.config import BASELINES
 from kvpolicy.models.attention import AttentionInputs, causal_window_attention, recorded_queries
-
-SNAPKV_WINDOW = 64  # kvpress default observation window
-SNAPKV_KERNEL = 5
+from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW
 
 
 def baseline_window(prompt_length: int) -> int:

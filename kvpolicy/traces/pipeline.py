@@ -24,7 +24,8 @@ from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
 from kvpolicy.signals import deferred_interrupts
-from kvpolicy.traces.baselines import BASELINES, SNAPKV_KERNEL, SNAPKV_WINDOW
+from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW
+from kvpolicy.traces.baselines import BASELINES
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
 from kvpolicy.traces.sources import (DESCRIPTIONS, SOURCES, TRACE_SPLITS, longest_context, source_seeds,

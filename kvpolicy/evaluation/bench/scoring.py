@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.compression.engine import evict, prefill, rank
-from kvpolicy.compression.scorers import SCORERS, Scorer, make_scorer
-from kvpolicy.compression.scorers.oracle import OracleScorer
+from kvpolicy.compression.catalog import CATALOG
+from kvpolicy.compression.scorers import Scorer, make_scorer
 from kvpolicy.evaluation.bench.timing import essay_ids, kept_budget, timed
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.attention import ALL_QUERIES
@@ -21,12 +21,12 @@ WARM_UP_TOKENS = 256  # the warm-up prompt's length (shorter when every context 
 
 
 def bench_scorers(handle: ModelHandle, kvp: Scorer, max_context: int) -> dict[str, Scorer]:
-    """Name -> scorer: the KVP policy `kvp` and every registered scorer; the oracle with a random utility
+    """Name -> scorer: the KVP policy `kvp` and every scorer of the catalog; the oracle with a random utility
     (L, H, max_context), enough for any prompt up to max_context tokens."""
     info = handle.info
     scorers = {"kvp": kvp}
-    for name in SCORERS:
-        if name == OracleScorer.name:
+    for name, entry in CATALOG.items():
+        if entry.needs_utility:
             scorers[name] = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max_context))
         else:
             scorers[name] = make_scorer(name)

@@ -1,0 +1,128 @@
+"""The scorer catalog: one row per eviction method, as plain values (no torch), so the command line's help and the
+default line-ups never import the scorers. Every list of scorers is derived from it, when it is needed: the registry
+(`scorers.SCORERS`, classes imported on first use), the names `kvp generate` / `kvp sweep` offer and their help, the
+labels of results and figures, what the report counts as reading attention, the default line-ups of the sweep, the
+benchmark and the experiment's long-generation stages, and the errors naming them.
+
+Adding a scorer is its class in `compression/scorers/` and one row here (docs/ARCHITECTURE.md, "Where to add").
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+# the default line-ups a row can join (its `defaults`)
+SWEEP = "sweep"  # `kvp sweep` with no --scorer, the demo, the experiment's sweeps
+BENCH = "bench"  # `kvp bench`'s ranking section; with SWEEP's, the experiment's baselines
+STREAM = "stream"  # the experiment's long-generation stages: methods with a decoding form
+LINEUPS = (SWEEP, BENCH, STREAM)
+
+
+@dataclass(frozen=True)
+class ScorerEntry:
+    """One eviction method.
+
+    name: what `--scorer` takes and results record (the class's `name`); label: what results and figures call it;
+    scorer: its class as "module:Class", imported on first use; reads_attention: it ranks from queries (the
+    question's, or the chunk's just fed), so it cannot re-score the cache while decoding (the class's
+    `query_window` > 0 says the same; a test keeps them equal); press: the kvpress press it wraps, if any;
+    defaults: the default line-ups it joins (LINEUPS); needs_utility: it ranks by a trace's true future utility
+    (the oracle): traces only."""
+
+    name: str
+    label: str
+    scorer: str
+    reads_attention: bool = False
+    press: str | None = None
+    defaults: tuple[str, ...] = ()
+    needs_utility: bool = False
+
+    def __post_init__(self):
+        module, _, cls = self.scorer.partition(":")
+        if not module or not cls:
+            raise ValueError(f"scorer '{self.name}': give its class as 'module:Class', not '{self.scorer}'")
+        unknown = set(self.defaults) - set(LINEUPS)
+        if unknown:
+            raise ValueError(f"scorer '{self.name}': unknown line-ups {sorted(unknown)}; known: {', '.join(LINEUPS)}")
+
+    @property
+    def class_name(self) -> str:
+        return self.scorer.partition(":")[2]
+
+    def load(self) -> Any:
+        """The scorer class (imports its module)."""
+        module, _, cls = self.scorer.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_SCORERS = "kvpolicy.compression.scorers"
+# in the order help texts and errors list them
+CATALOG: dict[str, ScorerEntry] = {e.name: e for e in (
+    ScorerEntry("random", "Random", f"{_SCORERS}.kvpress_backed:RandomScorer", press="RandomPress",
+                defaults=(SWEEP, BENCH)),
+    ScorerEntry("streaming_llm", "StreamingLLM", f"{_SCORERS}.streaming_llm:StreamingLLMScorer",
+                defaults=(SWEEP, BENCH, STREAM)),
+    ScorerEntry("knorm", "KNorm", f"{_SCORERS}.kvpress_backed:KnormScorer", press="KnormPress",
+                defaults=(SWEEP, BENCH, STREAM)),
+    ScorerEntry("keydiff", "KeyDiff", f"{_SCORERS}.kvpress_backed:KeyDiffScorer", press="KeyDiffPress",
+                defaults=(SWEEP, BENCH, STREAM)),
+    ScorerEntry("lagkv", "LagKV", f"{_SCORERS}.kvpress_backed:LagKVScorer", press="LagKVPress", defaults=(BENCH,)),
+    ScorerEntry("tova", "TOVA", f"{_SCORERS}.kvpress_backed:TOVAScorer", reads_attention=True, press="TOVAPress",
+                defaults=(SWEEP, BENCH, STREAM)),
+    ScorerEntry("snapkv", "SnapKV", f"{_SCORERS}.kvpress_backed:SnapKVScorer", reads_attention=True,
+                press="SnapKVPress", defaults=(SWEEP, BENCH)),
+    ScorerEntry("h2o", "H2O", f"{_SCORERS}.h2o:H2OScorer", reads_attention=True, defaults=(STREAM,)),
+    ScorerEntry("expected_attention", "ExpectedAttention", f"{_SCORERS}.kvpress_backed:ExpectedAttentionScorer",
+                reads_attention=True, press="ExpectedAttentionPress"),
+    ScorerEntry("oracle", "Oracle", f"{_SCORERS}.oracle:OracleScorer", needs_utility=True),
+)}
+
+
+def scorer_names() -> tuple[str, ...]:
+    """Every scorer's name, in catalog order."""
+    return tuple(CATALOG)
+
+
+def reads_attention() -> tuple[str, ...]:
+    """The scorers that rank from queries (not attention-free)."""
+    return tuple(e.name for e in CATALOG.values() if e.reads_attention)
+
+
+def attention_free() -> tuple[str, ...]:
+    """The scorers that rank from the cache alone (any time, decoding included); the oracle is not one."""
+    return tuple(e.name for e in CATALOG.values() if not e.reads_attention and not e.needs_utility)
+
+
+def needs_utility() -> tuple[str, ...]:
+    """The scorers that rank by a trace's true future utility (the oracle): traces only."""
+    return tuple(e.name for e in CATALOG.values() if e.needs_utility)
+
+
+def default_lineup(lineup: str) -> tuple[str, ...]:
+    """The scorers a default line-up (SWEEP, BENCH, STREAM) compares, in catalog order."""
+    if lineup not in LINEUPS:
+        raise ValueError(f"unknown line-up '{lineup}'; known: {', '.join(LINEUPS)}")
+    return tuple(e.name for e in CATALOG.values() if lineup in e.defaults)
+
+
+def label(name: str) -> str:
+    """What results and figures call a scorer (its name when the catalog has no row for it)."""
+    entry = CATALOG.get(name)
+    return entry.label if entry is not None else name
+
+
+def main(argv: list[str]) -> None:
+    """`python -m kvpolicy.compression.catalog [LINEUP ...] [--utility]`: the names of the scorers of the given
+    default line-ups (every scorer with none), and with --utility those needing a trace's utility, one line, space
+    separated (for the scripts in scripts/)."""
+    lineups = [a for a in argv if a != "--utility"]
+    names = scorer_names() if not lineups else tuple(n for n in CATALOG if any(n in default_lineup(x) for x in lineups))
+    print(" ".join([*names, *(n for n in needs_utility() if "--utility" in argv and n not in names)]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

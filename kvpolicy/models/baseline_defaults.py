@@ -1,0 +1,7 @@
+"""The settings of the query-based baselines TOVA and SnapKV, kvpress's defaults, in one place: compression runs
+kvpress's presses with them (compression/scorers/kvpress_backed.py) and traces store the same scores batched over
+layers (traces/baselines.py); tests keep them equal to kvpress's own. Plain values (no torch)."""
+
+TOVA_WINDOW = 1  # TOVA reads the attention of the last prompt row (arXiv 2401.06104)
+SNAPKV_WINDOW = 64  # SnapKV averages the attention of the prompt's last 64 rows (arXiv 2404.14469)
+SNAPKV_KERNEL = 5  # and smooths it with an average pool this wide

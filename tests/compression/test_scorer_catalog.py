@@ -1,0 +1,120 @@
+"""The scorer catalog (compression/catalog.py): one row per scorer, from which every list, label, default line-up,
+help text and error is derived. The rows keep the names, labels and defaults results and reports key on, each says
+what its class does, and a scorer added as one row (its class here) is found everywhere a scorer is listed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import kvpress
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.compression import catalog, scorers
+from kvpolicy.compression.catalog import BENCH, CATALOG, STREAM, SWEEP, ScorerEntry, default_lineup, label
+from kvpolicy.compression.scorers import SCORERS, LayerView, Scorer, make_scorer
+from kvpolicy.errors import KVPError
+
+
+def test_names_labels_and_defaults_stay_those_results_key_on():
+    assert catalog.scorer_names() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "h2o",
+                                      "expected_attention", "oracle")
+    assert {n: label(n) for n in CATALOG} == {
+        "random": "Random", "streaming_llm": "StreamingLLM", "knorm": "KNorm", "keydiff": "KeyDiff", "lagkv": "LagKV",
+        "tova": "TOVA", "snapkv": "SnapKV", "h2o": "H2O", "expected_attention": "ExpectedAttention",
+        "oracle": "Oracle"}
+    assert catalog.reads_attention() == ("tova", "snapkv", "h2o", "expected_attention")
+    assert catalog.attention_free() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv")
+    assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
+    assert default_lineup(STREAM) == ("streaming_llm", "knorm", "keydiff", "tova", "h2o")
+    from kvpolicy.evaluation.bench.ranking import baselines
+    from kvpolicy.experiment import BASELINES, STREAM_BASELINES
+
+    assert baselines() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv")
+    assert BASELINES == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv", "lagkv")
+    assert STREAM_BASELINES == default_lineup(STREAM)
+
+
+def test_the_bench_compares_only_query_based_scorers_traces_can_store():
+    from kvpolicy.traces.config import BASELINES  # what traces/baselines.py computes (a stage below compression)
+
+    assert set(BASELINES) <= set(catalog.reads_attention())
+    assert {n for n in default_lineup(BENCH) if CATALOG[n].reads_attention} <= set(BASELINES)
+
+
+@pytest.mark.parametrize("name", list(CATALOG))
+def test_each_row_says_what_its_class_does(name):
+    entry, cls = CATALOG[name], SCORERS[name]
+    assert cls.name == name and getattr(scorers, entry.class_name) is cls
+    assert (cls.query_window != 0) == entry.reads_attention
+    if entry.press is not None:  # the kvpress press it wraps
+        assert isinstance(cls().make_press(), getattr(kvpress, entry.press))
+    else:
+        assert not hasattr(cls, "make_press")
+
+
+def test_a_bad_row_is_refused():
+    with pytest.raises(ValueError, match="module:Class"):
+        ScorerEntry("x", "X", "no_colon")
+    with pytest.raises(ValueError, match="unknown line-ups"):
+        ScorerEntry("x", "X", "m:C", defaults=("nightly",))
+
+
+@dataclass
+class DummyScorer(Scorer):
+    """A scorer added as one catalog row: newest first, ranked from the latest query (so it reads attention)."""
+
+    name = "dummy"
+    query_window = 1
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return view.positions.float()
+
+
+@pytest.fixture
+def dummy(monkeypatch):
+    monkeypatch.setitem(CATALOG, "dummy", ScorerEntry("dummy", "Dummy", f"{__name__}:DummyScorer",
+                                                      reads_attention=True, defaults=(SWEEP, BENCH)))
+
+
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
+    # the registry and make_scorer
+    assert "dummy" in SCORERS and isinstance(make_scorer("dummy"), DummyScorer) and scorers.DummyScorer is DummyScorer
+    with pytest.raises(KVPError, match="known scorers: .*expected_attention, oracle, dummy"):
+        make_scorer("nope")
+    # the command line: `kvp generate --scorer` and `kvp sweep --scorer` offer it, the sweep compares it by default
+    assert "eviction scorer: random, streaming_llm" in _help(capsys, "generate")
+    assert "dummy, kvp (the policy bundled" in _help(capsys, "generate")
+    assert "oracle dummy (oracle: traces only)" in _help(capsys, "sweep")
+    from kvpolicy.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "r.jsonl")])
+    assert args.scorer[-1] == "dummy"
+    assert build_parser().parse_args(["generate", "x", "--budget", "8", "--scorer", "dummy"]).scorer == "dummy"
+    # the sweep's contenders: by default, labelled as the row says
+    from kvpolicy.evaluation.lineup import make_contenders
+    from kvpolicy.evaluation.sweep import SweepConfig
+
+    assert SweepConfig(out=str(tmp_path / "r.jsonl")).scorers == [*default_lineup(SWEEP)] == [*args.scorer]
+    contender = make_contenders(["knorm", "dummy"])[1]
+    assert (contender.label, contender.kind, contender.query_window) == ("Dummy", "heuristic", 1)
+    # the report: a result of it counts as reading attention
+    from kvpolicy.report.aggregate import READS_KIND, scorer_class
+
+    assert scorer_class(SimpleNamespace(scorer_kind="heuristic", scorer_identity=contender.identity)) == READS_KIND
+    # `kvp bench`'s ranking section compares it (after the attention-free baselines)
+    from kvpolicy.evaluation.bench.ranking import baselines
+
+    assert baselines()[-3:] == ("tova", "snapkv", "dummy")
+    # the errors naming the attention-free scorers leave it out; the scripts' list has it
+    assert "dummy" not in catalog.attention_free()
+    catalog.main(["sweep"])
+    assert capsys.readouterr().out.split()[-1] == "dummy"
