@@ -143,6 +143,9 @@ def test_a_sliding_window_model_is_refused_before_its_weights_are_read(tmp_path,
 
 
 def test_a_hub_id_that_cannot_be_reached_is_one_line(monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the variable alone comes too late
     with pytest.raises(KVPError, match="cannot read the config of model 'no-such-org/no-such-model'"):
         loader.load_model("no-such-org/no-such-model")
