@@ -23,7 +23,6 @@ refused in one line (read_stage_log), never guessed at.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 from kvpolicy.errors import KVPError
 from kvpolicy.compression.catalog import BENCH, STREAM, SWEEP, default_lineup, needs_utility
 from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC
-from kvpolicy.io import check_regular_file, write_json
+from kvpolicy.io import read_json_file, write_json
 from kvpolicy.schema import Optional, validate
 
 # the catalog's sweep baselines, then the bench's others (every baseline a trace can score); and those with a
@@ -162,15 +161,7 @@ def read_stage_log(path: Path) -> dict[str, dict]:
     STAGE_RECORD: a file that is not a regular file, not JSON or not a stage log is one KVPError naming it."""
     if not path.exists():
         return {}
-    check_regular_file(path, "stage log", STAGE_LOG_FIX)
-    try:
-        log = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KVPError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): the stage log of `kvp experiment` "
-                       f"is damaged; {STAGE_LOG_FIX}") from None
-    except UnicodeDecodeError:
-        raise KVPError(f"{path} is not valid JSON (not UTF-8 text): the stage log of `kvp experiment` is damaged; "
-                       f"{STAGE_LOG_FIX}") from None
+    log = read_json_file(path, "stage log of `kvp experiment`", STAGE_LOG_FIX)
     schema = {name: STAGE_RECORD for name in log} if isinstance(log, dict) else {}
     validate(log, schema, f"{path} (the stage log of `kvp experiment`)", STAGE_LOG_FIX)
     return log

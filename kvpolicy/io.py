@@ -251,6 +251,19 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_file(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON value in the file `path`, refused in one line when the file is missing or not a regular file
+    (check_regular_file) or does not hold UTF-8 JSON: "PATH is not valid JSON (why): the WHAT is damaged; FIX"."""
+    path = check_regular_file(path, what, fix)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        why = f"{err.msg} at line {err.lineno}"
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    raise KVPError(f"{path} is not valid JSON ({why}): the {what} is damaged; {fix}")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

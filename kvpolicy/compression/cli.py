@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from kvpolicy.compression.budget import Budget
+    from kvpolicy.compression.catalog import CATALOG
     from kvpolicy.compression.engine import BoundedDecoding, generate
     from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
     from kvpolicy.compression.scorers import make_scorer
@@ -94,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     stops = check_stop_strings(args.stop)
-    if args.scorer == "oracle":
-        raise KVPError("scorer 'oracle' ranks by the true future utility, which only recorded traces hold: kvp sweep "
-                       "runs it on traces, kvp generate cannot; choose another scorer")
+    if (entry := CATALOG.get(args.scorer)) is not None and entry.needs_utility:
+        raise KVPError(f"scorer '{args.scorer}' ranks by the true future utility, which only recorded traces hold: "
+                       "kvp sweep runs it on traces, kvp generate cannot; choose another scorer")
     if args.scorer == LEARNED:  # plain "kvp": the policy bundled for the model being run
         from kvpolicy.policy.bundled import bundled_path
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kvpolicy.compression.budget import Budget, keep_indices
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
-from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.compression.state import KVState, cache_from_tensors
 from kvpolicy.errors import KVPError
@@ -362,8 +362,7 @@ def generate(
     Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
     token as it is chosen (e.g. to stream it with `models.text_stream.TextStream`).
     """
-    if protocol not in PROTOCOLS:
-        raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+    check_protocol_name(protocol)
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -18,7 +18,7 @@ import torch
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import BoundedDecoding, compress, continuation_nll, greedy_decode, prefill
-from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
 from kvpolicy.compression.scorers.base import Scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
@@ -52,8 +52,7 @@ def _size(state: KVState) -> tuple[int, int]:
 def check_protocol(protocol: str, scorer: Scorer | None) -> None:
     """Refuse an unknown protocol, and a scorer that reads prefill queries under question-agnostic (which
     compresses after decoding, when no prefill queries are left)."""
-    if protocol not in PROTOCOLS:
-        raise KVPError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+    check_protocol_name(protocol)
     if protocol == QUESTION_AGNOSTIC and scorer is not None and not scorer.attention_free:
         raise KVPError(f"scorer '{scorer.name}' needs prefill queries; question-agnostic dialogue compresses after "
                        f"decoding, so use protocol {QUERY_AWARE} or an attention-free scorer")

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import check_regular_file
+from kvpolicy.io import check_regular_file, read_json_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # where `auto_map` would point transformers at model code
@@ -19,10 +19,7 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise KVPError(f"{what} {path} is not valid JSON ({err}); copy the model's {path.name} again") from None
+    value = read_json_file(path, what, f"copy the model's {path.name} again")
     if not isinstance(value, dict):
         raise KVPError(f"{what} {path} is not a JSON object; copy the model's {path.name} again")
     return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from kvpolicy.evaluation.result import Result
 from kvpolicy.evaluation.store import Results, read_results
 from kvpolicy.io import (
     atomic_path,
-    check_regular_file,
     check_writable,
     describe_os_error,
+    read_json_file,
     refuse_link,
     special_kind,
     write_json,
@@ -185,13 +184,7 @@ def _recorded_figures(out: Path) -> list[str]:
     if not path.exists() and not path.is_symlink():
         return []
     refuse_link(path, "figure manifest")
-    check_regular_file(path, "figure manifest", _MANIFEST_FIX)
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KVPError(f"figure manifest {path} is not valid JSON ({err.msg}); {_MANIFEST_FIX}") from None
-    except UnicodeDecodeError:
-        raise KVPError(f"figure manifest {path} is not valid JSON (not UTF-8 text); {_MANIFEST_FIX}") from None
+    recorded = read_json_file(path, "figure manifest", _MANIFEST_FIX)
     validate(recorded, {"figures": [str]}, f"figure manifest {path}", _MANIFEST_FIX)
     for name in recorded["figures"]:
         if not _FIGURE_NAME.fullmatch(name):
