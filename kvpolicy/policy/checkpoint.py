@@ -29,8 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from kvpolicy.errors import KVPError
-from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, recover_directory,
-                         refuse_link, sha256_file, write_durably)
+from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, read_json_file,
+                         recover_directory, refuse_link, sha256_file, write_durably)
 from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
@@ -121,11 +121,8 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
     if not os.path.lexists(file):
         raise KVPError(f"{path} is not a KVP checkpoint (no {CONFIG}); "
                        f"train one with `kvp train --traces DIR --out {path}`")
-    _entry(path, CONFIG, "checkpoint config", "retrain the policy or restore the checkpoint")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as err:
-        raise KVPError(f"{file} is not valid JSON ({err}); retrain or restore the checkpoint") from None
+    refuse_link(file, "checkpoint config")
+    config = read_json_file(file, "checkpoint config", "retrain the policy or restore the checkpoint")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         if not isinstance(found, str) or not found.startswith("kvpolicy-checkpoint/"):
