@@ -3,6 +3,7 @@ file (no model needed); repeated, malformed and unwritable files."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from dataclasses import replace
 import matplotlib.axes
 import numpy as np
 import pytest
+from PIL import Image
 
 from kvpolicy.errors import KVPError
 from kvpolicy.intervals import bootstrap_ci, bootstrap_ratio_ci
@@ -26,6 +28,7 @@ from kvpolicy.report.aggregate import (
     trained_corpora,
     training_notes,
 )
+from kvpolicy.report import figures
 from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
 from kvpolicy.report.tables import comparison_table, group_table, verdict_table
@@ -439,6 +442,24 @@ def test_every_line_of_a_budget_figure_has_error_bars_from_its_interval(results,
         np.testing.assert_allclose(np.asarray(y) - yerr[0], [p.ci[0] for p in line.points])
         np.testing.assert_allclose(np.asarray(y) + yerr[1], [p.ci[1] for p in line.points])
     assert bands == [panel.reference.ci for panel in acc.panels[:2]]  # the full cache's band
+
+
+def test_figures_are_small_palette_pngs_and_the_same_results_give_the_same_bytes(results, monkeypatch):
+    """Report figures are committed (docs/results/*/figures): a palette PNG is a fraction of matplotlib's RGBA file
+    and differs from it only in antialiasing shades; the same results give the same bytes, so a rebuilt report
+    leaves git's copy as it is."""
+    acc = next(g for g in curve_groups(results.records()) if g.metric == "accuracy")
+    png = curves_figure(acc)
+    assert png == curves_figure(acc)
+    image = Image.open(io.BytesIO(png))
+    assert (image.format, image.mode) == ("PNG", "P") and len(png) < 60_000
+    monkeypatch.setattr(figures, "palette_png", lambda rgba: rgba)
+    rgba = curves_figure(acc)
+    assert Image.open(io.BytesIO(rgba)).mode == "RGBA" and len(png) < len(rgba) / 2
+    original = np.asarray(Image.open(io.BytesIO(rgba)).convert("RGB"), dtype=int)
+    reduced = np.asarray(image.convert("RGB"), dtype=int)
+    error = np.abs(original - reduced).max(axis=2)
+    assert error.mean() < 3 and (error > 32).mean() < 0.005
 
 
 def test_bounded_streams_get_a_panel_per_rerank_interval_each_with_the_full_cache():
