@@ -23,7 +23,8 @@ def _split(values: list[str]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.catalog import SWEEP, default_lineup, needs_utility, scorer_names
     from kvpolicy.compression.names import LEARNED_PREFIX
-    from kvpolicy.evaluation.names import DEFAULT_EVERY, PROTOCOLS, known_tasks
+    from kvpolicy.evaluation.names import DEFAULT_EVERY, PROTOCOLS
+    from kvpolicy.evaluation.tasks import task_help
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{LEARNED_PREFIX}CHECKPOINT (default: {' '.join(default_lineup(SWEEP))})")
     parser.add_argument("--budget", nargs="+", default=["128", "256", "512"],
                         help="tokens kept per KV head (256) or compression ratios (0.5 or r0.5)")
-    parser.add_argument("--task", nargs="+", default=["ruler"], help=known_tasks())
+    parser.add_argument("--task", nargs="+", default=["ruler"], help=task_help())
     parser.add_argument("--protocol", nargs="+", default=[],
                         help=f"{', '.join(PROTOCOLS)} (default: each task's own)")
     parser.add_argument("--context", nargs="+", default=["2048"], help="context lengths in tokens (sized tasks)")

@@ -53,12 +53,15 @@ def test_every_help_answers_without_heavy_imports(argv):
 
 def test_light_name_lists_match_the_registries():
     from kvpolicy.compression.catalog import CATALOG
-    from kvpolicy.evaluation.names import ZERO_SHOT_TASKS
-    from kvpolicy.evaluation.tasks.zero_shot import zero_shot_tasks
+    from kvpolicy.evaluation.tasks import CATALOG as TASKS, resolve_tasks
+    from kvpolicy.evaluation.tasks.longgen import LONGGEN
 
     for name, entry in CATALOG.items():  # the catalog's plain values say what the classes do
         assert entry.load().name == name and (entry.load().query_window != 0) == entry.reads_attention
-    assert tuple(zero_shot_tasks()) == ZERO_SHOT_TASKS
+    for entry in TASKS:  # every row builds the tasks it names (traces:DIR needs a directory of traces)
+        names = [f"{entry.one}:{m}" for m in entry.members] or [entry.name]
+        assert entry.argument or [t.name for t in resolve_tasks([entry.name])] == names
+    assert next(e.members for e in TASKS if e.name == "longgen") == tuple(LONGGEN)
 
 
 # Run in a fresh interpreter: `main` quietens the libraries for the rest of its process, as the CLI should.

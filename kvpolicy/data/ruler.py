@@ -81,6 +81,9 @@ RULER_TASKS: dict[str, TaskSpec] = {
 # beyond RULER's own tasks (never in the default task cycle): needles in source code, for a code model's traces
 EXTRA_TASKS: dict[str, TaskSpec] = {"niah_code": TaskSpec("niah_code", "niah", 128, haystack="code")}
 TASKS = RULER_TASKS | EXTRA_TASKS
+# the tasks of RULER's own generator as the hub set simonjegou/ruler holds them (RULER's QA tasks among them)
+HUB_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+             "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
 
 
 @dataclass(frozen=True)

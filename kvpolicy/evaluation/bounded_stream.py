@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import product
 
 import torch
 
@@ -30,9 +31,44 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, missing_budgets
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
-from kvpolicy.evaluation.tasks.longgen import StreamSample
+from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.attention import record_attention_inputs
+
+
+@dataclass(frozen=True)
+class StreamSample:
+    """A text to stream: its id and token ids (1, T), T = the task's --context."""
+
+    id: str
+    ids: torch.Tensor = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class StreamTask(Task):
+    """Perplexity of long texts streamed through a cache bounded at the budget: load(handle, n, context_tokens,
+    seed) -> n StreamSamples of context_tokens tokens each. Every scorer and budget is its own stream, once per
+    re-rank interval (`kvp sweep --every`); the full-cache reference, which cuts nothing, once."""
+
+    def positions(self, handle: ModelHandle, samples: list[StreamSample], max_new_tokens: int) -> tuple[int, str]:
+        return max(s.ids.shape[1] for s in samples), "the whole stream"
+
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
+        for contender, budget, n in product(contenders, budgets, every):
+            if contender.scorer is not None:  # the oracle is skipped on these tasks
+                check_stream(contender.scorer, budget, n)
+
+    def interval_groups(self, contenders: list[Contender],
+                        every: list[int]) -> list[tuple[int | None, list[Contender]]]:
+        scorers = [c for c in contenders if c is not FULL_CACHE]
+        reference = [(None, [FULL_CACHE])] if len(scorers) < len(contenders) else []
+        return reference + [(n, scorers) for n in every]
+
+    def outcomes(self, handle: ModelHandle, samples: list[StreamSample], protocol: str, contenders: list[Contender],
+                 budgets: list[Budget], is_missing: IsMissing, every: int | None,
+                 max_new_tokens: int) -> Iterator[Outcome]:
+        (sample,) = samples
+        return run_stream(handle, sample, contenders, budgets, every, is_missing)
 
 FULL_CHUNK = 512  # tokens per forward of the full-cache reference: any size gives its NLL; this bounds the logits
 

@@ -12,7 +12,10 @@ head. Training's validation and the ranking benchmark measure with the same func
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,9 +25,56 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import Contender, IsMissing
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import WHOLE_RANKING
+from kvpolicy.evaluation.tasks.base import Task
+from kvpolicy.models import ModelHandle
 from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost, evicted_shares
 from kvpolicy.policy.ranking import relative_loss
 from kvpolicy.traces.store import TraceReader, TraceSample
+
+
+@dataclass(frozen=True)
+class TraceTask(Task):
+    """Held-out traces in `directory` (kvp traces); every trace is a sample (its index), ranked by every scorer
+    with no model run, so there is no full-cache reference, and each scorer's results add the whole-ranking cost."""
+
+    directory: str = ""
+
+    full_cache_reference: ClassVar[bool] = False
+
+    @functools.cached_property
+    def reader(self) -> TraceReader:
+        return TraceReader(self.directory)
+
+    def supports(self, contender: Contender) -> bool:
+        return trace_scorable(contender, self.reader)
+
+    def sample_facts(self, sample: str) -> tuple[str, str | None]:
+        """A trace of a mix (`kvp traces --source mix`) is reported with the corpus its prompt came from, so that
+        the report shows the ranking cost per corpus."""
+        source = self._sources.get(sample)
+        return (f"{self.data}: its {source} prompts", source) if source else (self.data, self.corpus)
+
+    @functools.cached_property
+    def _sources(self) -> dict[str, str]:
+        """Sample id -> the corpus of its prompt, for traces that record one per sample (a mix)."""
+        return {s["id"]: s["source"] for s in self.reader.manifest["samples"] if "source" in s and "id" in s}
+
+    def samples(self, handle: ModelHandle, n: int, context_tokens: int | None, seed: int) -> list[int]:
+        """The first n traces' indices; traces recorded with another model are refused."""
+        self.reader.check_model(handle.info)
+        return list(range(min(n, len(self.reader))))
+
+    def sample_id(self, sample: int) -> str:
+        return self.reader.manifest["samples"][sample].get("id", str(sample))
+
+    def budget_labels(self, labels: list[str]) -> list[str]:
+        return [*labels, WHOLE_RANKING]
+
+    def outcomes(self, handle: ModelHandle, samples: list[int], protocol: str, contenders: list[Contender],
+                 budgets: list[Budget], is_missing: IsMissing, every: int | None,
+                 max_new_tokens: int) -> Iterator[Outcome]:
+        (index,) = samples
+        return trace_costs(self.reader, index, contenders, budgets, is_missing)
 
 
 def trace_scorable(entry: Contender, reader: TraceReader) -> bool:

@@ -10,6 +10,7 @@ are shared by every budget.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +24,26 @@ from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, m
                                         recording_window)
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
-from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE
+from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE
+from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.models import ModelHandle
+
+
+@dataclass(frozen=True)
+class DialogueTask(Task):
+    """Perplexity of a dialogue's final assistant turn: load(handle, n, context_tokens, seed) -> DialogueSamples
+    (prompt turns + the reference assistant turn), each its own prefill."""
+
+    max_answer_tokens: int = 256
+
+    def positions(self, handle: ModelHandle, samples: list[DialogueSample], max_new_tokens: int) -> tuple[int, str]:
+        return max(dialogue_positions(handle, s, self.max_answer_tokens) for s in samples), "prompt and answer"
+
+    def outcomes(self, handle: ModelHandle, samples: list[DialogueSample], protocol: str, contenders: list[Contender],
+                 budgets: list[Budget], is_missing: IsMissing, every: int | None,
+                 max_new_tokens: int) -> Iterator[Outcome]:
+        (sample,) = samples
+        return run_dialogue(handle, sample, protocol, contenders, budgets, is_missing, self.max_answer_tokens)
 
 
 def dialogue_chunks(handle: ModelHandle, sample: DialogueSample, min_chunk: int = 1,

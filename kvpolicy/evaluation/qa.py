@@ -13,7 +13,8 @@ decode nothing: each choice is scored by its log-likelihood after the prompt, as
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,11 +30,74 @@ from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, m
 from kvpolicy.evaluation.metrics import choice_metrics
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
-from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QATask
+from kvpolicy.compression.protocols import QUERY_AWARE
+from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.models import ModelHandle
 
 PREDICTION_CHARS = 400  # how much of an answer a record keeps
 TARGET_DELIMITER = " "  # lm-eval-harness's default between a prompt and each choice ("Answer:" + " yes")
+CHOICE_METRICS = ("acc", "acc_norm")  # lm-eval-harness's multiple-choice metrics
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The text a QA task feeds: `context` (compressed in both protocols), then `question` and `answer_prefix`."""
+
+    context: str
+    question: str
+    answer_prefix: str = ""
+
+
+def plain_prompt(sample: QASample) -> Prompt:
+    return Prompt(sample.context, sample.question, sample.answer_prefix)
+
+
+@dataclass(frozen=True)
+class QATask(Task):
+    """A question over a context: load(handle, n, context_tokens, seed) -> QASamples; prompt(sample) -> Prompt;
+    score(prediction, sample) -> float in [0, 1] of a generated answer. With `choices` nothing is generated: each
+    choice is scored by its log-likelihood after the prompt and `metric` is one of CHOICE_METRICS (lm-eval's acc or
+    acc_norm, see evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside
+    `metric`. template: read the prompt through the model's chat template (False: the plain text, as lm-eval does).
+    Question-agnostic samples with one context share its prefill."""
+
+    prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
+    score: Callable[[str, QASample], float] = field(default=None, repr=False)
+    max_new_tokens: int = 64
+    choices: bool = False
+    extra_metrics: tuple[str, ...] = ()
+    template: bool = True
+
+    def __post_init__(self):
+        metrics = (self.metric, *self.extra_metrics)
+        if self.choices and not set(metrics) <= set(CHOICE_METRICS):
+            raise KVPError(f"task {self.name}: a multiple-choice task reports {', '.join(CHOICE_METRICS)}, not "
+                           f"{', '.join(m for m in metrics if m not in CHOICE_METRICS)}")
+        if not self.choices and self.extra_metrics:
+            raise KVPError(f"task {self.name}: only a multiple-choice task records extra metrics")
+
+    def answer_tokens(self, cap: int) -> int:
+        """The answer tokens generated: the task's own maximum, capped by `cap` (0: no cap)."""
+        return min(self.max_new_tokens, cap) if cap else self.max_new_tokens
+
+    def positions(self, handle: ModelHandle, samples: list[QASample], max_new_tokens: int) -> tuple[int, str]:
+        need = max(qa_positions(handle, self, s, self.answer_tokens(max_new_tokens)) for s in samples)
+        return need, "prompt and answer"
+
+    def prefill_groups(self, protocol: str, samples: list[QASample]) -> list[list[QASample]]:
+        """Question-agnostic samples with the same context share one prefill; query-aware ones prefill alone."""
+        if protocol == QUERY_AWARE:
+            return [[s] for s in samples]
+        groups: dict[str, list[QASample]] = {}
+        for s in samples:
+            groups.setdefault(self.prompt(s).context, []).append(s)
+        return list(groups.values())
+
+    def outcomes(self, handle: ModelHandle, samples: list[QASample], protocol: str, contenders: list[Contender],
+                 budgets: list[Budget], is_missing: IsMissing, every: int | None,
+                 max_new_tokens: int) -> Iterator[Outcome]:
+        return run_qa(handle, self, samples, protocol, contenders, budgets, is_missing,
+                      self.answer_tokens(max_new_tokens))
 
 
 def continuations(sample: QASample) -> list[str]:

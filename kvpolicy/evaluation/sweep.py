@@ -24,7 +24,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from itertools import product
 from dataclasses import dataclass, field, replace
 from datetime import datetime, UTC
 from typing import Any
@@ -36,17 +35,13 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import SWEEP, default_lineup
 from kvpolicy.distributed import AnotherRankFailed, DistContext, init_distributed, shutdown_distributed
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.costs import trace_costs
 from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, make_contenders, parse_budget
-from kvpolicy.evaluation.names import DEFAULT_EVERY
+from kvpolicy.evaluation.names import DEFAULT_EVERY, PROTOCOLS
 from kvpolicy.evaluation.outcome import Outcome
-from kvpolicy.evaluation.perplexity import dialogue_positions, run_dialogue
-from kvpolicy.evaluation.qa import qa_positions, run_qa
-from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, WHOLE_RANKING, Result, record_key
+from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
-from kvpolicy.evaluation.bounded_stream import check_stream, run_stream
-from kvpolicy.evaluation.tasks import (PROTOCOLS, QUERY_AWARE, DialogueTask, QATask, StreamTask, Task, TraceTask,
-                                       resolve_tasks)
+from kvpolicy.evaluation.tasks import resolve_tasks
+from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
 from kvpolicy.models.placement import resolve_device
@@ -106,7 +101,7 @@ class WorkUnit:
     task: Task
     protocol: str
     context_tokens: int | None
-    samples: list[Any]  # QASample | DialogueSample | StreamSample | trace index
+    samples: list[Any]  # what the task's kind loads: QASample, DialogueSample, StreamSample, trace index
     contenders: list[Contender]
     missing: int  # results the store lacked when the unit was planned
     every: int | None = None
@@ -141,12 +136,6 @@ def rank_order(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world)) + [i for i in reversed(range(n)) if i % world != rank]
 
 
-def _sample_id(task: Task, sample: Any) -> str:
-    if isinstance(task, TraceTask):
-        return task.reader.manifest["samples"][sample].get("id", str(sample))
-    return sample.id
-
-
 class Sweep:
     """Plans and runs a SweepConfig against its store, as rank `ctx.rank` of `ctx.world` (torchrun) or alone."""
 
@@ -160,10 +149,8 @@ class Sweep:
         for name in config.models:
             resolve_model(name)  # unknown names fail now, listing the known models
         self.contenders = make_contenders(config.scorers)
-        if any(isinstance(t, StreamTask) for t in self.tasks):  # refused now, not midway through the sweep
-            for contender, budget, every in product(self.contenders, self.budgets, config.every):
-                if contender.scorer is not None:  # the oracle is skipped on these tasks
-                    check_stream(contender.scorer, budget, every)
+        for task in self.tasks:  # a line-up a task cannot run is refused now, not midway through the sweep
+            task.check_lineup(self.contenders, self.budgets, config.every)
         self.notes: list[str] = []
 
     def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:
@@ -174,11 +161,10 @@ class Sweep:
                 "every": unit.every, "seed": self.config.seed, "sample": sample}
 
     def _budget_labels(self, contender: Contender, task: Task) -> list[str]:
-        """The budget labels of a contender's results on `task` (a trace task adds the whole ranking)."""
+        """The budget labels of a contender's results on `task` (the task may add its own)."""
         if contender is FULL_CACHE:
             return [FULL]
-        labels = [b.label for b in self.budgets]
-        return labels + [WHOLE_RANKING] if isinstance(task, TraceTask) else labels
+        return task.budget_labels([b.label for b in self.budgets])
 
     def plan(self, handle: ModelHandle) -> list[WorkUnit]:
         """The units of work for one model, with how many results each still lacks."""
@@ -191,7 +177,7 @@ class Sweep:
             skipped = [c.label for c in self.contenders if c not in contenders]
             if skipped:
                 self.notes.append(f"{task.name}: skipped {', '.join(skipped)} (cannot run on this task)")
-            if self.config.full_cache and not isinstance(task, TraceTask):
+            if self.config.full_cache and task.full_cache_reference:
                 contenders = [FULL_CACHE, *contenders]
             protocols = _protocols(task, self.config.protocols)
             if not protocols:
@@ -199,28 +185,19 @@ class Sweep:
                                   f"(it supports {', '.join(task.protocols)})")
             contexts = self.config.context_tokens if task.sized else [None]
             for context_tokens in contexts:
-                samples = self._samples(task, handle, context_tokens)
+                samples = task.samples(handle, self.config.n_samples, context_tokens, self.config.seed)
                 self._check_positions(handle, task, context_tokens, samples)
                 for protocol in protocols:
-                    for group in self._prefill_groups(task, protocol, samples):
-                        for every, members in self._intervals(task, contenders):
+                    for group in task.prefill_groups(protocol, samples):
+                        for every, members in task.interval_groups(contenders, self.config.every):
                             unit = WorkUnit(task, protocol, context_tokens, group, members, 0, every)
                             unit.missing = self._missing(handle, unit)
                             units.append(unit)
         return units
 
-    def _intervals(self, task: Task, contenders: list[Contender]) -> list[tuple[int | None, list[Contender]]]:
-        """(re-rank interval, contenders) of a task's units: a stream task runs its scorers once per interval and
-        its full-cache reference, which cuts nothing, once (interval None); any other task has no interval."""
-        if not isinstance(task, StreamTask):
-            return [(None, contenders)]
-        scorers = [c for c in contenders if c is not FULL_CACHE]
-        reference = [(None, [FULL_CACHE])] if len(scorers) < len(contenders) else []
-        return reference + [(every, scorers) for every in self.config.every]
-
     def _missing(self, handle: ModelHandle, unit: WorkUnit) -> int:
         """How many results of `unit` the store lacks."""
-        return sum(record_key(self.key_fields(handle, c, label, unit, _sample_id(unit.task, s))) not in self.store
+        return sum(record_key(self.key_fields(handle, c, label, unit, unit.task.sample_id(s))) not in self.store
                    for c in unit.contenders for label in self._budget_labels(c, unit.task) for s in unit.samples)
 
     def _unit_id(self, handle: ModelHandle, unit: WorkUnit) -> dict[str, Any]:
@@ -228,36 +205,16 @@ class Sweep:
         samples)."""
         return {"model_fingerprint": handle.info.fingerprint, "task": unit.task.name, "protocol": unit.protocol,
                 "context_tokens": unit.context_tokens, "every": unit.every, "seed": self.config.seed,
-                "samples": [_sample_id(unit.task, s) for s in unit.samples]}
-
-    def _samples(self, task: Task, handle: ModelHandle, context_tokens: int | None) -> list[Any]:
-        """The task's samples at `context_tokens` (a trace task's: trace indices)."""
-        if isinstance(task, TraceTask):
-            task.reader.check_model(handle.info)
-            return list(range(min(self.config.n_samples, len(task.reader))))
-        samples = task.load(handle, self.config.n_samples, context_tokens, self.config.seed)
-        if not samples:
-            raise KVPError(f"task {task.name} produced no samples; check its data source")
-        return samples
-
-    def _max_new_tokens(self, task: QATask) -> int:
-        """The answer tokens a QA task generates: its own maximum, capped by --max-new-tokens."""
-        cap = self.config.max_new_tokens
-        return min(task.max_new_tokens, cap) if cap else task.max_new_tokens
+                "samples": [unit.task.sample_id(s) for s in unit.samples]}
 
     def _check_positions(self, handle: ModelHandle, task: Task, context_tokens: int | None,
                          samples: list[Any]) -> None:
         """Refuse, before any work, samples that need more positions (prompt and answer, or the whole stream) than
-        the model has; trace costs run no model."""
-        what = "prompt and answer"
-        if isinstance(task, QATask):
-            need = max(qa_positions(handle, task, s, self._max_new_tokens(task)) for s in samples)
-        elif isinstance(task, DialogueTask):
-            need = max(dialogue_positions(handle, s, task.max_answer_tokens) for s in samples)
-        elif isinstance(task, StreamTask):
-            need, what = max(s.ids.shape[1] for s in samples), "the whole stream"
-        else:
+        the model has; a task that runs no model (trace costs) needs none."""
+        needed = task.positions(handle, samples, self.config.max_new_tokens)
+        if needed is None:
             return
+        need, what = needed
         have = handle.info.max_positions
         if need > have:
             at = f" at --context {context_tokens}" if context_tokens else ""
@@ -265,29 +222,11 @@ class Sweep:
                    else "use a model with more positions")
             raise KVPError(f"{task.name}{at} needs {need} positions ({what}) but {handle.info.name} has {have}; {fix}")
 
-    @staticmethod
-    def _prefill_groups(task: Task, protocol: str, samples: list[Any]) -> list[list[Any]]:
-        """Samples that share one prefill: question-agnostic QA samples with the same context; else one each."""
-        if not isinstance(task, QATask) or protocol == QUERY_AWARE:
-            return [[s] for s in samples]
-        groups: dict[str, list[Any]] = {}
-        for s in samples:
-            groups.setdefault(task.prompt(s).context, []).append(s)
-        return list(groups.values())
-
     def _outcomes(self, handle: ModelHandle, unit: WorkUnit, is_missing: IsMissing) -> Iterator[Outcome]:
         """The task's runner on `unit`: outcomes of its missing results."""
-        task, contenders = unit.task, [c for c in unit.contenders if c is not FULL_CACHE]
-        if isinstance(task, QATask):
-            yield from run_qa(handle, task, unit.samples, unit.protocol, contenders, self.budgets, is_missing,
-                              self._max_new_tokens(task))
-        elif isinstance(task, DialogueTask):
-            yield from run_dialogue(handle, unit.samples[0], unit.protocol, contenders, self.budgets, is_missing,
-                                    task.max_answer_tokens)
-        elif isinstance(task, StreamTask):
-            yield from run_stream(handle, unit.samples[0], contenders, self.budgets, unit.every, is_missing)
-        else:
-            yield from trace_costs(task.reader, unit.samples[0], contenders, self.budgets, is_missing)
+        contenders = [c for c in unit.contenders if c is not FULL_CACHE]
+        return unit.task.outcomes(handle, unit.samples, unit.protocol, contenders, self.budgets, is_missing,
+                                  unit.every, self.config.max_new_tokens)
 
     def result(self, handle: ModelHandle, unit: WorkUnit, outcome: Outcome) -> Result:
         """The result record of one outcome of `unit`."""
@@ -316,7 +255,7 @@ class Sweep:
             progress.update(unit.missing - missing)  # written by another sweep meanwhile
             if not missing:
                 return 0
-            ids = [_sample_id(unit.task, s) for s in unit.samples]
+            ids = [unit.task.sample_id(s) for s in unit.samples]
             by_id = {c.id: c for c in unit.contenders}
 
             def is_missing(contender_id: str, label: str) -> bool:

@@ -13,7 +13,8 @@ from kvpolicy.data.records import Conversation, QASample, Turn
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.metrics import lcs_length, lcs_length_reference, retrieval_score, rouge_l
 from kvpolicy.evaluation.lineup import parse_budget
-from kvpolicy.evaluation.tasks import QUESTION_AGNOSTIC, resolve_tasks
+from kvpolicy.evaluation.names import QUESTION_AGNOSTIC
+from kvpolicy.evaluation.tasks import resolve_tasks
 from kvpolicy.evaluation.tasks.dialogue import ending_with_answer
 from kvpolicy.evaluation.tasks.ruler import ruler_score
 

@@ -19,7 +19,9 @@ from kvpolicy.evaluation.metrics import choice_metrics, mean_stderr, mean_stderr
 from kvpolicy.evaluation.qa import continuations
 from kvpolicy.evaluation.result import FULL, Result
 from kvpolicy.evaluation.store import read_results
-from kvpolicy.evaluation.tasks import QUERY_AWARE, QATask, resolve_tasks
+from kvpolicy.evaluation.names import QUERY_AWARE
+from kvpolicy.evaluation.qa import QATask
+from kvpolicy.evaluation.tasks import resolve_tasks
 from kvpolicy.report.aggregate import curve_groups
 from kvpolicy.report.tables import group_table
 

@@ -23,7 +23,8 @@ from kvpolicy.evaluation.lineup import make_contenders
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig, WorkUnit, run_sweep
-from kvpolicy.evaluation.tasks import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, resolve_tasks
+from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.evaluation.tasks import resolve_tasks
 from kvpolicy.experiment import PRESETS
 
 
@@ -152,7 +153,7 @@ def test_samples_longer_than_the_model_are_refused_before_any_work(smollm, tmp_p
     monkeypatch.setattr(sweep, "load_model", lambda *a, **k: sized["handle"])
     sized["handle"] = dataclasses.replace(smollm, info=dataclasses.replace(smollm.info, max_positions=need))
     assert run_sweep(config).written == 2  # prompt and answer fit exactly: the engine accepts every token
-    monkeypatch.setattr(sweep, "run_qa", lambda *a, **k: pytest.fail("work started before the length check"))
+    monkeypatch.setattr(qa, "run_qa", lambda *a, **k: pytest.fail("work started before the length check"))
     sized["handle"] = dataclasses.replace(smollm, info=dataclasses.replace(smollm.info, max_positions=need - 1))
     with pytest.raises(KVPError, match=rf"ruler:niah_single_1 at --context 320 needs {need} positions \(prompt and "
                                        rf"answer\) but smollm2-135m has {need - 1}; use a --context at least 1 "):

@@ -21,7 +21,7 @@ TASK = ["--task", "ruler:niah_single_1", "--context", "160", "--n", "2", "--max-
 FAIL_ON_RANK_1 = """import os, sys
 from kvpolicy.cli import main
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation import sweep
+from kvpolicy.evaluation import qa, sweep
 
 
 def fail(*args, **kwargs):
@@ -76,7 +76,7 @@ def test_two_ranks_share_the_units_and_match_a_single_process(smollm, one_thread
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("owner, name", [("sweep.Sweep", "plan"), ("sweep", "run_qa")])
+@pytest.mark.parametrize("owner, name", [("sweep.Sweep", "plan"), ("qa", "run_qa")])
 def test_a_failing_rank_stops_the_other_without_a_hang(smollm, tmp_path, owner, name):
     program = tmp_path / "fail_on_rank_1.py"
     program.write_text(FAIL_ON_RANK_1.format(owner=owner, name=name))

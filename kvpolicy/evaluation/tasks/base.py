@@ -1,42 +1,26 @@
-"""What a benchmark is to the sweep: a loader, a prompt builder and a metric, plus the facts a figure states.
+"""What a benchmark is to the sweep: a `Task` states its facts (name, data, metric, protocols) and how it is run.
 
-Four kinds, each run by its own runner: `QATask` (a question over a context: generate and score the answer, or
-score each of fixed choices by its log-likelihood, as lm-eval-harness does), `DialogueTask` (perplexity of the final
-assistant turn), `TraceTask` (reward-level ranking cost on held-out traces) and, in tasks/longgen.py with its
-samples, `StreamTask` (perplexity of a long text streamed through a cache bounded at the budget).
+A task kind is a `Task` subclass that carries its own behaviour, so that the sweep (evaluation/sweep.py) holds no
+switch on kinds: how its samples are found and named, how many positions they need, which samples share one
+prefill, which re-rank intervals it runs, and its runner, which turns one unit of work into outcomes. Each kind lives
+beside its runner: `QATask` in evaluation/qa.py (answer a question over a context), `DialogueTask` in
+evaluation/perplexity.py (perplexity of a dialogue's final assistant turn), `StreamTask` in
+evaluation/bounded_stream.py (perplexity of a long text streamed through a bounded cache) and `TraceTask` in
+evaluation/costs.py (reward-level ranking cost on held-out traces). The benchmarks themselves (which data, prompts
+and metric) are in this package, one file per family, reached by name through tasks/catalog.py.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from kvpolicy.data.dialogue import DialogueSample
-from kvpolicy.data.records import QASample
+from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.lineup import Contender
-from kvpolicy.traces.store import TraceReader
-
-from kvpolicy.evaluation.names import (  # noqa: F401 (re-exported)
-    MULTI_TURN, PROMPT_ONCE, PROTOCOLS, QUERY_AWARE, QUESTION_AGNOSTIC, TRACES,
-)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The text a QA task feeds: `context` (compressed in both protocols), then `question` and `answer_prefix`."""
-
-    context: str
-    question: str
-    answer_prefix: str = ""
-
-
-CHOICE_METRICS = ("acc", "acc_norm")  # lm-eval-harness's multiple-choice metrics
-
-
-def plain_prompt(sample: QASample) -> Prompt:
-    return Prompt(sample.context, sample.question, sample.answer_prefix)
+from kvpolicy.evaluation.lineup import Contender, IsMissing
+from kvpolicy.evaluation.outcome import Outcome
+from kvpolicy.models import ModelHandle
 
 
 @dataclass(frozen=True)
@@ -46,7 +30,8 @@ class Task:
     such as accuracy, acc or rouge_l, or perplexity, or cost); protocols: allowed, default first;
     sized: whether `context_tokens` sets the sample length (False: the data's own lengths); corpus: the trace
     source ("ruler" | "dialogue") whose data the samples come from, None for hub data, so that a policy trained
-    on another corpus is reported as a cross-corpus check."""
+    on another corpus is reported as a cross-corpus check; load(handle, n, context_tokens, seed) -> the samples
+    (a kind that finds them otherwise overrides `samples`)."""
 
     name: str
     family: str
@@ -55,6 +40,10 @@ class Task:
     protocols: tuple[str, ...]
     sized: bool
     corpus: str | None = None
+    load: Callable[..., list[Any]] | None = field(default=None, repr=False)
+
+    # whether the sweep compares the scorers with the uncompressed cache (FULL_CACHE) on this task
+    full_cache_reference: ClassVar[bool] = True
 
     def supports(self, contender: Contender) -> bool:
         """Whether a scorer can run on this task (the oracle needs a trace's true future)."""
@@ -64,62 +53,42 @@ class Task:
         """(data, corpus) of one sample: the task's own, unless its samples come from several corpora."""
         return self.data, self.corpus
 
+    def samples(self, handle: ModelHandle, n: int, context_tokens: int | None, seed: int) -> list[Any]:
+        """The first n samples at `context_tokens` for `handle`; KVPError when there are none."""
+        samples = self.load(handle, n, context_tokens, seed)
+        if not samples:
+            raise KVPError(f"task {self.name} produced no samples; check its data source")
+        return samples
 
-@dataclass(frozen=True)
-class QATask(Task):
-    """load(handle, n, context_tokens, seed) -> samples; prompt(sample) -> Prompt; score(prediction, sample) ->
-    float in [0, 1] of a generated answer. With `choices` nothing is generated: each choice is scored by its
-    log-likelihood after the prompt and `metric` is one of CHOICE_METRICS (lm-eval's acc or acc_norm, see
-    evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside `metric`.
-    template: read the prompt through the model's chat template (False: the plain text, as lm-eval does)."""
+    def sample_id(self, sample: Any) -> str:
+        """What results call a sample."""
+        return sample.id
 
-    load: Callable[..., list[QASample]] = field(default=None, repr=False)
-    prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
-    score: Callable[[str, QASample], float] = field(default=None, repr=False)
-    max_new_tokens: int = 64
-    choices: bool = False
-    extra_metrics: tuple[str, ...] = ()
-    template: bool = True
+    def budget_labels(self, labels: list[str]) -> list[str]:
+        """The budget labels of a scorer's results here, given the sweep's."""
+        return labels
 
-    def __post_init__(self):
-        metrics = (self.metric, *self.extra_metrics)
-        if self.choices and not set(metrics) <= set(CHOICE_METRICS):
-            raise KVPError(f"task {self.name}: a multiple-choice task reports {', '.join(CHOICE_METRICS)}, not "
-                           f"{', '.join(m for m in metrics if m not in CHOICE_METRICS)}")
-        if not self.choices and self.extra_metrics:
-            raise KVPError(f"task {self.name}: only a multiple-choice task records extra metrics")
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
+        """Refuse, before any work, a line-up this task cannot run (nothing by default)."""
 
+    def positions(self, handle: ModelHandle, samples: list[Any], max_new_tokens: int) -> tuple[int, str] | None:
+        """(the most positions a sample needs, what they hold) for the model's limit; None when no model runs.
+        max_new_tokens: the sweep's cap on generated tokens (0: the task's own)."""
+        return None
 
-@dataclass(frozen=True)
-class DialogueTask(Task):
-    """load(handle, n, context_tokens, seed) -> DialogueSamples (prompt turns + the reference assistant turn)."""
+    def prefill_groups(self, protocol: str, samples: list[Any]) -> list[list[Any]]:
+        """Samples that share one prefill under `protocol` (one each by default)."""
+        return [[s] for s in samples]
 
-    load: Callable[..., list[DialogueSample]] = field(default=None, repr=False)
-    max_answer_tokens: int = 256
+    def interval_groups(self, contenders: list[Contender],
+                        every: list[int]) -> list[tuple[int | None, list[Contender]]]:
+        """(re-rank interval, contenders) of the units of one prefill group: no interval by default."""
+        return [(None, contenders)]
 
-
-@dataclass(frozen=True)
-class TraceTask(Task):
-    """Held-out traces in `directory` (kvp traces); every trace is a sample."""
-
-    directory: str = ""
-
-    @functools.cached_property
-    def reader(self) -> TraceReader:
-        return TraceReader(self.directory)
-
-    def supports(self, contender: Contender) -> bool:
-        from kvpolicy.evaluation.costs import trace_scorable
-
-        return trace_scorable(contender, self.reader)
-
-    def sample_facts(self, sample: str) -> tuple[str, str | None]:
-        """A trace of a mix (`kvp traces --source mix`) is reported with the corpus its prompt came from, so that
-        the report shows the ranking cost per corpus."""
-        source = self._sources.get(sample)
-        return (f"{self.data}: its {source} prompts", source) if source else (self.data, self.corpus)
-
-    @functools.cached_property
-    def _sources(self) -> dict[str, str]:
-        """Sample id -> the corpus of its prompt, for traces that record one per sample (a mix)."""
-        return {s["id"]: s["source"] for s in self.reader.manifest["samples"] if "source" in s and "id" in s}
+    def outcomes(self, handle: ModelHandle, samples: list[Any], protocol: str, contenders: list[Contender],
+                 budgets: list[Budget], is_missing: IsMissing, every: int | None,
+                 max_new_tokens: int) -> Iterator[Outcome]:
+        """The runner: outcomes of the missing results of one unit of work (a prefill group, under one protocol
+        and re-rank interval), among them the full-cache reference's when is_missing says so. contenders: the
+        scorers (not FULL_CACHE); max_new_tokens: the sweep's cap on generated tokens (0: the task's own)."""
+        raise NotImplementedError(f"{type(self).__name__} has no runner")

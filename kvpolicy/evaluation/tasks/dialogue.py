@@ -11,7 +11,8 @@ from dataclasses import replace
 
 from kvpolicy.data.dialogue import DialogueSample, make_dialogues, render_continuation
 from kvpolicy.data.records import Conversation
-from kvpolicy.evaluation.tasks.base import MULTI_TURN, PROMPT_ONCE, DialogueTask
+from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE
+from kvpolicy.evaluation.perplexity import DialogueTask
 
 FAMILY = "dialogue perplexity"
 EVAL_SPLIT = "eval"

@@ -12,8 +12,7 @@ it into).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import torch
 
@@ -21,26 +20,11 @@ from kvpolicy.data.dialogue import MIN_USER_TURNS, joined_conversations
 from kvpolicy.data.documents import iter_documents
 from kvpolicy.data.sharegpt import SOURCE as SHAREGPT
 from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.bounded_stream import StreamSample, StreamTask
 from kvpolicy.evaluation.names import BOUNDED_STREAM
-from kvpolicy.evaluation.tasks.base import Task
 
 FAMILY = "long-generation perplexity"
 EVAL_SPLIT = "eval"
-
-
-@dataclass(frozen=True)
-class StreamSample:
-    """A text to stream: its id and token ids (1, T), T = the task's --context."""
-
-    id: str
-    ids: torch.Tensor = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class StreamTask(Task):
-    """load(handle, n, context_tokens, seed) -> n StreamSamples of context_tokens tokens each."""
-
-    load: Callable[..., list[StreamSample]] = field(default=None, repr=False)
 
 
 def _first(streams: Iterator[StreamSample], n: int, what: str, context_tokens: int) -> list[StreamSample]:
@@ -97,4 +81,9 @@ def dialogue_task() -> StreamTask:
                            "--context tokens", sized=True, corpus="dialogue", load=load)
 
 
-LONGGEN = {"essays": essays_task, "dialogue": dialogue_task}  # the tasks of names.LONGGEN_TASKS
+LONGGEN = {"essays": essays_task, "dialogue": dialogue_task}  # the members of the catalog's "longgen" row
+
+
+def longgen_task(name: str) -> StreamTask:
+    """longgen:NAME, NAME a key of LONGGEN."""
+    return LONGGEN[name]()

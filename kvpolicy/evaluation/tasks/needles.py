@@ -7,7 +7,8 @@ from __future__ import annotations
 from kvpolicy.data.needles import NEEDLE_TASKS, make_needle_sample
 from kvpolicy.data.records import QASample
 from kvpolicy.data.ruler import string_match_all
-from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, QATask
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.evaluation.qa import QATask
 
 FAMILY = "evaluation-only needles"
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from kvpolicy.data.records import QASample
 from kvpolicy.data.ruler import RULER_TASKS, TASKS, make_sample, string_match_all, string_match_part
-from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, QATask
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.evaluation.qa import QATask
 
 EVAL_SPLIT = "eval"
 OFFLINE_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 HUB_DATA = "RULER 4K (simonjegou/ruler, Hugging Face hub)"
 FAMILY = "RULER-style tasks"
 HUB_FAMILY = "RULER (hub)"
-HUB_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-             "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
 
 
 def ruler_score(prediction: str, sample: QASample) -> float:

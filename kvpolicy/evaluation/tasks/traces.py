@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvpolicy.evaluation.tasks.base import TRACES, TraceTask
+from kvpolicy.evaluation.costs import TraceTask
+from kvpolicy.evaluation.names import TRACES
 from kvpolicy.traces.store import TraceReader
 
 

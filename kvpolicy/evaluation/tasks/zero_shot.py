@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from kvpolicy.data.records import QASample
 from kvpolicy.evaluation.metrics import best_rouge_l, retrieval_score
-from kvpolicy.evaluation.tasks.base import QUERY_AWARE, QUESTION_AGNOSTIC, Prompt, QATask
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.evaluation.qa import Prompt, QATask
 
 FAMILY = "zero-shot (hub)"
 
@@ -57,27 +58,28 @@ def passage_retrieval_prompt(sample: QASample) -> Prompt:
     )
 
 
-def zero_shot_tasks(local: dict[str, str] | None = None) -> dict[str, QATask]:
-    local = local or {}
-    return {
-        "boolq": QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="acc",
-                        protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
-                        load=_loader("boolq", local.get("boolq")), prompt=boolq_prompt, choices=True,
-                        template=False),
-        "arc_challenge": QATask(name="arc_challenge", family=FAMILY, data="ARC-Challenge (allenai/ai2_arc, test)",
-                                metric="acc", protocols=(QUERY_AWARE,), sized=False,
-                                load=_loader("arc_challenge", local.get("arc_challenge")), prompt=arc_prompt,
-                                choices=True, extra_metrics=("acc_norm",), template=False),
-        "gov_report": QATask(name="gov_report", family=FAMILY,
-                             data="LongBench GovReport (THUDM/LongBench, parquet export)", metric="rouge_l",
-                             protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
-                             load=_loader("gov_report", local.get("gov_report")), prompt=gov_report_prompt,
-                             score=lambda text, s: best_rouge_l(text, s.answers), max_new_tokens=256),
-        "passage_retrieval_en": QATask(name="passage_retrieval_en", family=FAMILY,
-                                       data="LongBench passage retrieval (THUDM/LongBench, parquet export)",
-                                       metric="retrieval_score", protocols=(QUERY_AWARE, QUESTION_AGNOSTIC),
-                                       sized=False,
-                                       load=_loader("passage_retrieval_en", local.get("passage_retrieval_en")),
-                                       prompt=passage_retrieval_prompt,
-                                       score=lambda text, s: retrieval_score(text, s.answers), max_new_tokens=32),
-    }
+def boolq_task(local: str | None = None) -> QATask:
+    return QATask(name="boolq", family=FAMILY, data="BoolQ (google/boolq, validation)", metric="acc",
+                  protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False, load=_loader("boolq", local),
+                  prompt=boolq_prompt, choices=True, template=False)
+
+
+def arc_challenge_task(local: str | None = None) -> QATask:
+    return QATask(name="arc_challenge", family=FAMILY, data="ARC-Challenge (allenai/ai2_arc, test)", metric="acc",
+                  protocols=(QUERY_AWARE,), sized=False, load=_loader("arc_challenge", local), prompt=arc_prompt,
+                  choices=True, extra_metrics=("acc_norm",), template=False)
+
+
+def gov_report_task(local: str | None = None) -> QATask:
+    return QATask(name="gov_report", family=FAMILY, data="LongBench GovReport (THUDM/LongBench, parquet export)",
+                  metric="rouge_l", protocols=(QUESTION_AGNOSTIC, QUERY_AWARE), sized=False,
+                  load=_loader("gov_report", local), prompt=gov_report_prompt,
+                  score=lambda text, s: best_rouge_l(text, s.answers), max_new_tokens=256)
+
+
+def passage_retrieval_task(local: str | None = None) -> QATask:
+    return QATask(name="passage_retrieval_en", family=FAMILY,
+                  data="LongBench passage retrieval (THUDM/LongBench, parquet export)", metric="retrieval_score",
+                  protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=False, load=_loader("passage_retrieval_en", local),
+                  prompt=passage_retrieval_prompt, score=lambda text, s: retrieval_score(text, s.answers),
+                  max_new_tokens=32)
