@@ -12,7 +12,7 @@ import kvpolicy
 
 PACKAGE = Path(kvpolicy.__file__).parent
 # plain mechanics every stage may use; they import each other only
-BASE = {"errors", "io", "schema", "progress", "distributed", "signals", "lazy", "intervals"}
+BASE = {"errors", "io", "byte_locks", "schema", "progress", "distributed", "signals", "lazy", "intervals"}
 BELOW = {
     "models": set(),
     "data": {"models"},

@@ -18,7 +18,6 @@ a repository commits: `read_results` reads either, with the same checks; a sweep
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvpolicy.byte_locks import ByteLocks
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.archive import is_archive, read_archive, record_line, write_archive
 from kvpolicy.evaluation.result import Result, check_record
@@ -148,45 +148,6 @@ def unpack_results(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-class _LockFile:
-    """The sidecar lock file of a results file: POSIX record locks on single bytes of it.
-
-    POSIX locks belong to the process, and closing any descriptor of the file drops all of them, so the file is
-    opened once and kept open until `close()`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def _descriptor(self) -> int:
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        return self._fd
-
-    @contextlib.contextmanager
-    def hold(self, offset: int, wait: bool = True) -> Iterator[bool]:
-        """Hold byte `offset` exclusively for the block. wait=False: yield False at once when another process
-        holds it (and hold nothing); else block until it is free and yield True."""
-        fd = self._descriptor()
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held by another process
-            held = False
-        else:
-            held = True
-        try:
-            yield held
-        finally:
-            if held:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 _APPEND_BYTE = 0  # claims live above it
 
 
@@ -204,7 +165,7 @@ class ResultStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock = _LockFile(self.path.with_name(self.path.name + ".lock"))
+        self._lock = ByteLocks(self.path.with_name(self.path.name + ".lock"))
         self._records: dict[str, Result] = {}
         self._offset = 0  # bytes of the file taken in so far
         self._lines = 0  # lines of the file taken in so far
