@@ -16,7 +16,8 @@ __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "build_parser", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     **STAGE_COMMANDS,
     "demo": ("kvpolicy.demo", "the whole story on SmolLM2: traces, training, evaluation, report"),
-    "experiment": ("kvpolicy.experiment", "every run behind docs/RESULTS.md for one model, resumable (--preset)"),
+    "experiment": ("kvpolicy.experiment", "a run the project reports, resumable (--preset): a study behind "
+                   "docs/RESULTS.md, a bundled policy's recipe, the demo (--list shows them)"),
 }
 
 

@@ -36,14 +36,16 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_INTERRUPTED = 130  # a command's exit status after Ctrl-C or `kill`, its progress saved
 
 
-def build_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
-    """The `kvp` parser for `commands` (name -> (module, help)); each module adds its own arguments."""
+def build_parser(commands: dict[str, tuple[str, str]], in_experiment: bool = False) -> argparse.ArgumentParser:
+    """The `kvp` parser for `commands` (name -> (module, help)); each module adds its own arguments. in_experiment:
+    the command runs as a stage of `kvp experiment` (its args say so as `args.in_experiment`), which reports at
+    the end, so a command leaves out what it prints for a user who runs it alone (the sweep's summary)."""
     parser = argparse.ArgumentParser(prog="kvp", description="Learned KV-cache eviction (KV Policy).")
     parser.add_argument("--version", action="version", version=f"kvp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
+        p.set_defaults(_module=module_name, in_experiment=in_experiment)
         importlib.import_module(module_name).add_arguments(p)
     return parser
 

@@ -91,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
     shares = f" ({by_rank})" if len(result.per_rank) > 1 else ""
     print(f"sweep: {result.written} new results{shares}, {result.skipped} already done, {result.seconds:.0f}s -> "
           f"{result.path}")
-    print_summary(result.path)
+    if not args.in_experiment:  # an experiment's report stage shows the results once, at the end
+        print_summary(result.path)
     if args.report:
         from kvpolicy.report.render import write_report
 
         paths = write_report(result.path, args.report)
         print(f"report: {paths.html}")
-    else:
+    elif not args.in_experiment:
         print(f"next: kvp report {result.path} --out REPORT_DIR")
     return 0

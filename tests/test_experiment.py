@@ -1,6 +1,7 @@
-"""`kvp experiment --preset`: every stage is a valid kvp command, stages run in order into one directory, a finished
-stage is recorded with its wall time and skipped on a re-run (unless its output is gone), and a failing one stops
-the run unrecorded."""
+"""`kvp experiment --preset`: every stage of every preset is a valid kvp command, stages run in order into one
+directory, a finished stage is recorded with its wall time and skipped on a re-run (unless its output is gone), and a
+failing one stops the run unrecorded. The studies' stages are checked here; the recipes' and the demo's in
+tests/test_presets.py."""
 
 from __future__ import annotations
 
@@ -10,17 +11,24 @@ import pytest
 
 from kvpolicy.cli import EXIT_INTERRUPTED, build_parser, main
 from kvpolicy.errors import KVPError
-from kvpolicy.experiment import PRESETS, ExperimentConfig, stages
+from kvpolicy.experiment import PRESETS
+from kvpolicy.presets.study import StudyConfig
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_stage_is_a_kvp_command(preset, tmp_path):
-    plan = stages(PRESETS[preset], tmp_path)
+    plan = PRESETS[preset].stages(tmp_path)
     parser = build_parser()
     for stage in plan:
         parser.parse_args(list(stage.argv))  # argparse exits on a wrong flag or choice
     names = [s.name for s in plan]
     assert len(set(names)) == len(names) and names[-1] == "report"
+    assert all(stage.output is None or tmp_path in stage.output.parents for stage in plan)
+
+
+@pytest.mark.parametrize("preset", [name for name, cfg in PRESETS.items() if isinstance(cfg, StudyConfig)])
+def test_a_study_trains_the_per_corpus_policies(preset, tmp_path):
+    plan = PRESETS[preset].stages(tmp_path)
     trains = {s.name: s.argv for s in plan if s.argv[0] == "train"}
     assert set(trains) == {"train-kvp-r", "train-kvp-d", "train-kvp-d-long"}
     long_traces = next(s.argv for s in plan if s.name == "traces-dialogue-long-train")
@@ -46,7 +54,7 @@ def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(sm
     from kvpolicy.evaluation.tasks import resolve_tasks
     from kvpolicy.traces.sources import trace_prompts
 
-    plan = stages(PRESETS["smollm2"], tmp_path)
+    plan = PRESETS["smollm2"].stages(tmp_path)
     streams = {s.argv[s.argv.index("--task") + 1]: s.argv for s in plan if s.name.startswith("long-generation")}
     assert len(streams) == 2
     for argv in streams.values():
@@ -63,7 +71,7 @@ def test_the_long_generation_stages_ask_for_no_more_texts_than_the_data_holds(sm
 
 def test_bad_sizes_and_stages_are_refused(tmp_path, capsys):
     with pytest.raises(KVPError, match="samples must be at least 1"):
-        ExperimentConfig("smollm2-135m", samples=0)
+        StudyConfig("smollm2-135m", samples=0)
     assert main(["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", "nope"]) == 1
     assert "unknown stage nope" in capsys.readouterr().err
     assert not (tmp_path / "stages.json").exists()
@@ -80,7 +88,7 @@ def test_an_interrupted_stage_says_so_and_is_not_recorded(tmp_path, monkeypatch,
 def test_a_recorded_stage_whose_output_is_gone_runs_again(tmp_path, monkeypatch, capsys):
     ran = []
     monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: ran.append(argv) or 0)
-    stage = next(s for s in stages(PRESETS["smollm2"], tmp_path) if s.name == "train-kvp-r")
+    stage = next(s for s in PRESETS["smollm2"].stages(tmp_path) if s.name == "train-kvp-r")
     (tmp_path / "stages.json").write_text(json.dumps({stage.name: {"argv": list(stage.argv), "seconds": 151.2}}))
     argv = ["experiment", "--preset", "smollm2", "--out", str(tmp_path), "--stage", stage.name]
     assert main([*argv, "--list"]) == 0 and not ran
@@ -92,9 +100,29 @@ def test_a_recorded_stage_whose_output_is_gone_runs_again(tmp_path, monkeypatch,
     assert "[train-kvp-r] done earlier" in capsys.readouterr().out
 
 
+def test_list_without_a_preset_shows_every_preset_and_where_it_writes(capsys):
+    assert main(["experiment", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(PRESETS)
+    assert any(line.startswith("bundled-smollm2 ") and "(--out runs/smollm2-135m)" in line for line in listed)
+    assert any(line.startswith("smollm2 ") and "(--out runs/experiment-smollm2)" in line for line in listed)
+    assert main(["experiment"]) == 1
+    assert "name a preset: kvp experiment --preset NAME" in capsys.readouterr().err
+
+
+def test_a_stage_writing_outside_the_output_directory_is_done_once_recorded(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: ran.append(argv) or 0)
+    argv = ["experiment", "--preset", "bundled-smollm2", "--out", str(tmp_path), "--stage", "bundle"]
+    assert main(argv) == 0 and len(ran) == 1 and ran[0][:2] == ["policies", "--bundle"]
+    assert "[bundle] done in 0 s" in capsys.readouterr().out
+    assert main(argv) == 0 and len(ran) == 1  # `kvp policies --bundle` writes into the package: no --out to check
+    assert "[bundle] done earlier" in capsys.readouterr().out
+
+
 @pytest.mark.model
 def test_stages_run_once_and_record_their_wall_time(tmp_path, monkeypatch, capsys, one_thread):
-    tiny = ExperimentConfig("smollm2-135m", context=256, future_tokens=4, train_prompts=2, val_prompts=1)
+    tiny = StudyConfig("smollm2-135m", context=256, future_tokens=4, train_prompts=2, val_prompts=1)
     monkeypatch.setitem(PRESETS, "tiny", tiny)
     argv = ["experiment", "--preset", "tiny", "--out", str(tmp_path), "--stage", "traces-ruler-train"]
     assert main(argv) == 0

@@ -22,6 +22,8 @@ BELOW = {
     "compression": {"models", "data", "policy"},
     "evaluation": {"models", "data", "traces", "policy", "training", "compression"},
     "report": {"models", "data", "traces", "policy", "training", "compression", "evaluation"},
+    # `kvp experiment`'s presets: plain values naming the commands' arguments, read from the light modules
+    "presets": {"models", "policy", "compression", "evaluation"},
 }
 # the modules on top of every stage, with the other top modules each may import: kvpolicy/cli.py and
 # kvpolicy/commands.py load the command modules by name when a command runs, and no command imports them back
@@ -29,7 +31,7 @@ TOP = {
     "__init__": set(),  # the Python API: its names are imported on first use
     "commands": set(),  # the pipeline's commands and how one command line runs
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
-    "demo": set(),
+    "demo": {"experiment"},  # the demo preset, run by the experiment's runner
     "experiment": {"commands"},  # runs its stages through commands.run_command
     "cli": {"commands"},
 }

@@ -100,29 +100,15 @@ def needs_utility() -> tuple[str, ...]:
     return tuple(e.name for e in CATALOG.values() if e.needs_utility)
 
 
-def default_lineup(lineup: str) -> tuple[str, ...]:
-    """The scorers a default line-up (SWEEP, BENCH, STREAM) compares, in catalog order."""
-    if lineup not in LINEUPS:
-        raise ValueError(f"unknown line-up '{lineup}'; known: {', '.join(LINEUPS)}")
-    return tuple(e.name for e in CATALOG.values() if lineup in e.defaults)
+def default_lineup(*lineups: str) -> tuple[str, ...]:
+    """The scorers that a default line-up (SWEEP, BENCH, STREAM) compares, or any of several, in catalog order."""
+    unknown = [x for x in lineups if x not in LINEUPS]
+    if unknown or not lineups:
+        raise ValueError(f"unknown line-up '{', '.join(unknown)}'; known: {', '.join(LINEUPS)}")
+    return tuple(e.name for e in CATALOG.values() if set(lineups) & set(e.defaults))
 
 
 def label(name: str) -> str:
     """What results and figures call a scorer (its name when the catalog has no row for it)."""
     entry = CATALOG.get(name)
     return entry.label if entry is not None else name
-
-
-def main(argv: list[str]) -> None:
-    """`python -m kvpolicy.compression.catalog [LINEUP ...] [--utility]`: the names of the scorers of the given
-    default line-ups (every scorer with none), and with --utility those needing a trace's utility, one line, space
-    separated (for the scripts in scripts/)."""
-    lineups = [a for a in argv if a != "--utility"]
-    names = scorer_names() if not lineups else tuple(n for n in CATALOG if any(n in default_lineup(x) for x in lineups))
-    print(" ".join([*names, *(n for n in needs_utility() if "--utility" in argv and n not in names)]))
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvpolicy.cli import main
-from kvpolicy.experiment import PRESETS, read_stage_log, stages
+from kvpolicy.experiment import PRESETS, read_stage_log
 
 DOCS = Path(__file__).parents[2] / "docs" / "results"
 
@@ -24,7 +24,7 @@ def no_stage_runs(monkeypatch):
 
 
 def _costs(tmp_path) -> list[str]:
-    return next(list(s.argv) for s in stages(PRESETS["smollm2"], tmp_path) if s.name == "costs")
+    return next(list(s.argv) for s in PRESETS["smollm2"].stages(tmp_path) if s.name == "costs")
 
 
 @pytest.mark.parametrize("listing", [False, True], ids=["run", "list"])
