@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 model is loaded once per test session."""
+"""Shared fixtures: the real SmolLM2 model is loaded once per test session (per worker under `pytest -n`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# under `pytest -n N` (the Makefile's two workers) each worker computes with one thread, so the workers never
+# oversubscribe the cores; alone, two threads
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

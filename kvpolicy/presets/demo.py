@@ -32,11 +32,11 @@ class DemoConfig:
     """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.5 at the start, 1.9 at the end)
     with the model already converted and the bundled policy evaluated too: traces (28 prompts) 141 s, training 30 s,
     evaluation 406 s (744 results), 9 min 46 s in all, peak memory 2.4 GB (5 and 3 samples per RULER task took
-    10 min 38 s). long_context_tokens: the RULER-style tasks
-    again at this longer context than the traces' (0: skip), with long_samples samples per task. eval_tasks:
-    (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the full cache at 1K, the multi-value one with
-    room for its four values. device, dtype: kvpolicy.models.placement's defaults (CUDA + bf16 where available,
-    else CPU + fp32) when None.
+    10 min 38 s); on a slower day (2026-12-07, load 0.9 to 1.9) 11 min 51 s with identical results.
+    long_context_tokens: the RULER-style tasks again at this longer context than the traces' (0: skip), with
+    long_samples samples per task. eval_tasks: (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the
+    full cache at 1K, the multi-value one with room for its four values. device, dtype:
+    kvpolicy.models.placement's defaults (CUDA + bf16 where available, else CPU + fp32) when None.
     `QUICK` is a smoke version of the same pipeline at tiny sizes."""
 
     model: str = DEFAULT_MODEL

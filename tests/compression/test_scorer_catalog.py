@@ -29,7 +29,7 @@ def test_names_labels_and_defaults_stay_those_results_key_on():
     assert catalog.attention_free() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv")
     assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
     assert default_lineup(STREAM) == ("streaming_llm", "knorm", "keydiff", "tova", "h2o")
-    from kvpolicy.evaluation.bench.ranking import baselines
+    from kvpolicy.evaluation.bench.ranking_quality import baselines
     from kvpolicy.presets.study import BASELINES, STREAM_BASELINES
 
     assert baselines() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv")
@@ -111,7 +111,7 @@ def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
 
     assert scorer_class(SimpleNamespace(scorer_kind="heuristic", scorer_identity=contender.identity)) == READS_KIND
     # `kvp bench`'s ranking section compares it (after the attention-free baselines)
-    from kvpolicy.evaluation.bench.ranking import baselines
+    from kvpolicy.evaluation.bench.ranking_quality import baselines
 
     assert baselines()[-3:] == ("tova", "snapkv", "dummy")
     # the errors naming the attention-free scorers leave it out; the line-ups the presets compare have it

@@ -17,7 +17,7 @@ from kvpolicy.compression.scorers import SCORERS
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
 from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
-from kvpolicy.evaluation.bench.ranking import evaluate, measure_ranking, print_ranking, scorer_method
+from kvpolicy.evaluation.bench.ranking_quality import evaluate, measure_ranking, print_ranking, scorer_method
 from kvpolicy.evaluation.lineup import make_contenders
 from kvpolicy.evaluation.result import WHOLE_RANKING
 from kvpolicy.policy.network import PolicyConfig

@@ -70,7 +70,7 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
              work: Path) -> dict:
     """Measure one section, print its table and return its figures (policy: the KVP checkpoint a and d time)."""
     from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
-    from kvpolicy.evaluation.bench import answers, decode, memory, ranking, scoring, throughput
+    from kvpolicy.evaluation.bench import answers, decode, memory, ranking_quality, scoring, throughput
 
     contexts = list(config.contexts)
     if section in ("a", "d"):
@@ -106,9 +106,9 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         }
         throughput.print_throughput(figures)
     else:
-        figures = ranking.measure_ranking(args.traces, args.val, args.test, args.policy and Path(args.policy),
+        figures = ranking_quality.measure_ranking(args.traces, args.val, args.test, args.policy and Path(args.policy),
                                           list(config.budgets), work)
-        ranking.print_ranking(figures)
+        ranking_quality.print_ranking(figures)
     return figures
 
 
