@@ -32,14 +32,14 @@ Ratio = tuple[Sequence[float], Sequence[float]]  # per-sample numerators and den
 def pooled_ratio(numerators: Sequence[float], denominators: Sequence[float], transform: Transform | None = None
                  ) -> float:
     """The statistic the ratio intervals are of: transform(Σ num / Σ den) over the (n,) per-sample values."""
-    num, den = _columns(numerators, denominators)
+    num, den = sample_columns(numerators, denominators)
     return float(_pooled(num, den, transform))
 
 
 def bootstrap_ci(values: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
                  ) -> Interval | None:
     """Percentile bootstrap interval of the mean of (n,) per-sample values, in their units; None for n < 2."""
-    (x,) = _columns(values)
+    (x,) = sample_columns(values)
     return _interval([(x, np.ones_like(x))], None, level, resamples, seed)
 
 
@@ -54,7 +54,7 @@ def bootstrap_ratio_ci(numerators: Sequence[float], denominators: Sequence[float
                        level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval | None:
     """Percentile bootstrap interval of transform(Σ num / Σ den) over (n,) per-sample numerators and denominators,
     resampling samples (both values of a sample together), in the transform's units; None for n < 2."""
-    return _interval([_columns(numerators, denominators)], transform, level, resamples, seed)
+    return _interval([sample_columns(numerators, denominators)], transform, level, resamples, seed)
 
 
 def bootstrap_ratio_ci_reference(numerators: Sequence[float], denominators: Sequence[float],
@@ -69,7 +69,7 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], level: float = 
                          seed: int = 0) -> Interval | None:
     """Percentile bootstrap interval of the mean of a − b over (n,) paired per-sample values (sample i of a and of b
     are the same sample, resampled together); [0, 0] for identical methods, None for n < 2."""
-    x, y = _columns(a, b)
+    x, y = sample_columns(a, b)
     ones = np.ones_like(x)
     return _interval([(x, ones), (y, ones)], None, level, resamples, seed)
 
@@ -87,7 +87,7 @@ def paired_ratio_difference_ci(a: Ratio, b: Ratio, transform: Transform | None =
     """Percentile bootstrap interval of transform(Σ a_num / Σ a_den) − transform(Σ b_num / Σ b_den) over n paired
     samples (a and b: (n,) numerators and denominators each, sample i of both the same sample); in the transform's
     units (a perplexity or cost difference); [0, 0] for identical methods, None for n < 2."""
-    num_a, den_a, num_b, den_b = _columns(*a, *b)
+    num_a, den_a, num_b, den_b = sample_columns(*a, *b)
     return _interval([(num_a, den_a), (num_b, den_b)], transform, level, resamples, seed)
 
 
@@ -99,7 +99,7 @@ def paired_ratio_difference_ci_reference(a: Ratio, b: Ratio, transform: Transfor
     return _interval_reference(lambda row: ratio_a(row) - ratio_b(row), len(a[0]), level, resamples, seed)
 
 
-def _columns(*arrays: Sequence[float]) -> list[np.ndarray]:
+def sample_columns(*arrays: Sequence[float]) -> list[np.ndarray]:
     """The per-sample sequences as (n,) float64 arrays, refused unless they are 1-D and of one length."""
     columns = [np.asarray(a, dtype=np.float64) for a in arrays]
     shapes = {c.shape for c in columns}
@@ -108,10 +108,15 @@ def _columns(*arrays: Sequence[float]) -> list[np.ndarray]:
     return columns
 
 
+def ratio_of_sums(num_sum: np.ndarray, den_sum: np.ndarray, transform: Transform | None = None) -> np.ndarray:
+    """transform(Σ num / Σ den) from sums of any shape, the denominators floored at a tiny positive value."""
+    ratio = num_sum / np.maximum(den_sum, _TINY)
+    return ratio if transform is None else transform(ratio)
+
+
 def _pooled(num: np.ndarray, den: np.ndarray, transform: Transform | None) -> np.ndarray:
     """transform(Σ num / Σ den) over the last axis: (..., n) -> (...)."""
-    ratio = num.sum(-1) / np.maximum(den.sum(-1), _TINY)
-    return ratio if transform is None else transform(ratio)
+    return ratio_of_sums(num.sum(-1), den.sum(-1), transform)
 
 
 def _interval(terms: Sequence[Sequence[np.ndarray]], transform: Transform | None, level: float, resamples: int,

@@ -12,7 +12,8 @@ import kvpolicy
 
 PACKAGE = Path(kvpolicy.__file__).parent
 # plain mechanics every stage may use; they import each other only
-BASE = {"errors", "io", "byte_locks", "schema", "progress", "distributed", "signals", "lazy", "intervals"}
+BASE = {"errors", "io", "byte_locks", "schema", "progress", "distributed", "signals", "lazy", "intervals",
+        "significance"}
 BELOW = {
     "models": set(),
     "data": {"models"},

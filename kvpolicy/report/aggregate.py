@@ -5,9 +5,11 @@ inside it, one `Panel` per task (plus an average panel for a score such as accur
 point per budget; a score's point carries the standard error of its mean over samples (lm-eval's stderr), and every
 point of a task its 95% percentile bootstrap interval over samples (kvpolicy.intervals). Each task's panel
 also compares every learned policy with every other method at each budget (`Comparison`): the paired difference on
-the samples both were evaluated on, with its bootstrap interval. A result holding several metrics (acc and acc_norm)
-is counted in the group of each. Cache size on the x axis is the mean number of KV entries kept per head at that
-budget (the same for every scorer at a token budget; ratio budgets give the mean over samples).
+the samples both were evaluated on, with its bootstrap interval and its paired permutation p-value
+(kvpolicy.significance); the comparisons of all panels of a group (the rows of its comparison table) are one family
+for Holm's correction. A result holding several metrics (acc and acc_norm) is counted in the group of each. Cache
+size on the x axis is the mean number of KV entries kept per head at that budget (the same for every scorer at a
+token budget; ratio budgets give the mean over samples).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kvpolicy.intervals import (
     paired_ratio_difference_ci,
     pooled_ratio,
 )
+from kvpolicy.significance import ALPHA, holm_survivors, paired_permutation_p
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
@@ -90,8 +93,9 @@ def scorer_class(r: Result) -> str:
 class Comparison:
     """A learned policy against another method at one budget of a task, on the samples both were evaluated on
     (paired by seed and sample): the difference learned − other of the metric, in its units (% points, perplexity,
-    cost), with its 95% paired bootstrap interval; and whether the two methods' own intervals (their points' `ci`,
-    over all their samples) overlap."""
+    cost), with its 95% paired bootstrap interval and the two-sided p-value of a paired permutation test; whether the
+    two methods' own intervals (their points' `ci`, over all their samples) overlap; and whether the difference
+    survives Holm's correction over every comparison of its group (the family of one comparison table)."""
 
     budget: str
     x: float  # mean KV entries kept per head at the budget
@@ -101,6 +105,8 @@ class Comparison:
     ci: Interval
     n: int  # paired samples, >= 2
     overlap: bool
+    p: float  # paired permutation test (kvpolicy.significance), two-sided
+    holm: bool = False  # survives Holm's correction at ALPHA over the comparisons of its group
 
 
 @dataclass
@@ -241,7 +247,7 @@ def _comparisons(metric: str, by_scorer: dict[str, list[Result]], lines: list[Li
                     budget=budget, x=x_of[budget], learned=learned, other=other,
                     difference=pooled_ratio(*a, transform) - pooled_ratio(*b, transform),
                     ci=paired_ratio_difference_ci(a, b, transform), n=len(pairs),
-                    overlap=ci_a[0] <= ci_b[1] and ci_b[0] <= ci_a[1]))
+                    overlap=ci_a[0] <= ci_b[1] and ci_b[0] <= ci_a[1], p=paired_permutation_p(a, b, transform)))
     return comparisons
 
 
@@ -330,8 +336,18 @@ def curve_groups(results: Iterable[Result]) -> list[Group]:
             average = _average_panel(group.panels, metric)
             if average is not None:
                 group.panels.append(average)
-        groups.append(group)
+        groups.append(_holm_corrected(group))
     return groups
+
+
+def _holm_corrected(group: Group) -> Group:
+    """The group, each comparison marked whether it survives Holm's correction at ALPHA over all comparisons of
+    the group's panels (one family: the rows of its comparison table)."""
+    family = [c for panel in group.panels for c in panel.comparisons]
+    survives = iter(holm_survivors([c.p for c in family], ALPHA))
+    group.panels = [replace(panel, comparisons=[replace(c, holm=next(survives)) for c in panel.comparisons])
+                    for panel in group.panels]
+    return group
 
 
 @dataclass

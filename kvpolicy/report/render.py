@@ -32,6 +32,7 @@ from kvpolicy.io import (
 from kvpolicy.report.aggregate import curve_groups, distinct_labels, head_maps, learning_curves, throughput
 from kvpolicy.report.figures import curves_figure, head_map_figure, learning_curve_figure
 from kvpolicy.report.tables import (
+    HOLM_MARK,
     Table,
     comparison_table,
     group_table,
@@ -42,6 +43,7 @@ from kvpolicy.report.tables import (
     verdict_table,
 )
 from kvpolicy.schema import validate
+from kvpolicy.significance import ALPHA, PERMUTATIONS
 
 NOTES = (
     "Models are the offline GGUF builds (4–5-bit quantized upstream, dequantized to fp32 here): real pretrained "
@@ -58,7 +60,12 @@ NOTES = (
     "other method at each budget: the difference learned − other on the samples both were evaluated on, with its "
     f"{LEVEL:.0%} paired bootstrap interval (both resampled together, so what a sample's difficulty adds to both "
     f"cancels); 'separated' means the two methods' own {LEVEL:.0%} intervals do not overlap, 'intervals overlap' "
-    "that they do (the paired interval can still exclude 0 then)."
+    "that they do (the paired interval can still exclude 0 then). Each difference has the two-sided p-value of a "
+    "paired permutation test (the two methods' values swapped within any subset of the pairs: every one of the 2^n "
+    f"swap patterns while there are at most {PERMUTATIONS:,}, else {PERMUTATIONS:,} seeded ones), and "
+    f"{HOLM_MARK} marks a difference that survives Holm's step-down correction at {ALPHA:.0%} over all the "
+    "comparisons of its comparison table (the family; the verdict table shows a selection of them with the same "
+    "marks)."
 )
 
 

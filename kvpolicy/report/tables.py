@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvpolicy.intervals import LEVEL, RESAMPLES, Interval
+from kvpolicy.significance import ALPHA, PERMUTATIONS
 from kvpolicy.evaluation.result import SCORES
 from kvpolicy.report.aggregate import (
     FREE_KIND,
@@ -30,6 +31,7 @@ INTERVALS = f"[lo, hi]: {LEVEL:.0%} bootstrap CI over samples ({RESAMPLES:,} res
 # markup, each escaped in one pass
 _MARKDOWN = str.maketrans({"\\": "\\\\", "`": "\\`", "|": "\\|", "&": "&amp;", "<": "&lt;", ">": "&gt;"})
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+HOLM_MARK = "†"  # after a difference that survives its group's Holm correction
 
 
 def markdown_text(text: str) -> str:
@@ -70,6 +72,18 @@ def _digits(metric: str) -> int:
 def _interval(ci: Interval | None, digits: int) -> str:
     """' [lo, hi]', or nothing without an interval."""
     return f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci is not None else ""
+
+
+def _difference(metric: str, comparison: Comparison) -> str:
+    """'+12.0 [3.0, 21.0]', marked '†' when it survives the group's Holm correction."""
+    digits = _digits(metric)
+    mark = f" {HOLM_MARK}" if comparison.holm else ""
+    return f"{comparison.difference:+.{digits}f}{_interval(comparison.ci, digits)}{mark}"
+
+
+def _p_value(p: float) -> str:
+    """Three decimals, or two significant digits below 0.001 ('5.0e-05')."""
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _fmt(metric: str, point: Point) -> str:
@@ -114,14 +128,21 @@ def group_table(group: Group) -> Table:
     return Table(title=f"{group.caption()}{stderr} · {INTERVALS}", header=header, rows=rows)
 
 
+def holm_note(group: Group, family: str) -> str:
+    """What the mark after a difference means: which `family` of how many comparisons it survives Holm over."""
+    m = sum(len(panel.comparisons) for panel in group.panels)
+    return (f"{HOLM_MARK}: the difference survives a Holm correction over the {m} comparisons of {family} at "
+            f"{ALPHA:.0%} (two-sided paired permutation test: the two methods' values swapped within pairs, exact "
+            f"up to {PERMUTATIONS:,} swap patterns, else {PERMUTATIONS:,} seeded ones)")
+
+
 def comparison_table(group: Group) -> Table | None:
     """Each learned policy against each other method, per task and budget: the paired difference learned − other
-    with its bootstrap interval, and whether the two methods' own intervals overlap ('separated': they do not).
-    None when the group compares nothing."""
-    digits = _digits(group.metric)
-    rows = [[panel.title, _budget_header(c.budget, c.x), c.learned, c.other,
-             f"{c.difference:+.{digits}f}{_interval(c.ci, digits)}", "intervals overlap" if c.overlap else "separated",
-             str(c.n)]
+    with its bootstrap interval, marked when it survives Holm's correction over the table's rows, its permutation
+    p-value, and whether the two methods' own intervals overlap ('separated': they do not). None when the group
+    compares nothing."""
+    rows = [[panel.title, _budget_header(c.budget, c.x), c.learned, c.other, _difference(group.metric, c),
+             _p_value(c.p), "intervals overlap" if c.overlap else "separated", str(c.n)]
             for panel in group.panels for c in panel.comparisons]
     if not rows:
         return None
@@ -129,9 +150,9 @@ def comparison_table(group: Group) -> Table | None:
     return Table(
         title=f"learned policy − other method, paired by sample ({_UNITS.get(group.metric, group.metric)}; "
               f"{better} is better, so {favourable} difference favours the learned policy) — {group.caption()} · "
-              f"{INTERVALS}, resampling the pairs · separated: the two methods' own {LEVEL:.0%} intervals do not "
-              "overlap",
-        header=["task", "budget", "learned policy", "other method", f"difference [{LEVEL:.0%} CI]", "intervals",
+              f"{INTERVALS}, resampling the pairs · {holm_note(group, 'this table')} · p: uncorrected · "
+              f"separated: the two methods' own {LEVEL:.0%} intervals do not overlap",
+        header=["task", "budget", "learned policy", "other method", f"difference [{LEVEL:.0%} CI]", "p", "intervals",
                 "n pairs"],
         rows=rows,
     )
@@ -150,8 +171,7 @@ def _against(metric: str, comparison: Comparison | None, other: tuple[Line, Poin
         return ["–", "–", "–"]
     digits = _digits(metric)
     line, point = other
-    return [f"{line.scorer} {point.y:.{digits}f}{_interval(point.ci, digits)}",
-            f"{comparison.difference:+.{digits}f}{_interval(comparison.ci, digits)}",
+    return [f"{line.scorer} {point.y:.{digits}f}{_interval(point.ci, digits)}", _difference(metric, comparison),
             "intervals overlap" if comparison.overlap else "separated"]
 
 
@@ -179,8 +199,10 @@ def verdict_table(group: Group) -> Table | None:
     return Table(
         title=f"each learned policy against the strongest attention-free method and the strongest method reading "
               f"attention at each budget (its best value there) — {group.caption()} · {INTERVALS} · difference: "
-              f"learned − other, paired by sample · separated: the two methods' own {LEVEL:.0%} intervals do not "
-              "overlap",
+              f"learned − other, paired by sample · "
+              f"{holm_note(group, 'the table of every learned policy − other method of this figure')} (a family "
+              f"fixed before the strongest methods are picked) · separated: the two methods' own {LEVEL:.0%} "
+              "intervals do not overlap",
         header=["task", "budget", "learned policy", "value", "strongest attention-free", "difference", "intervals",
                 "strongest reading attention", "difference", "intervals", "full cache"],
         rows=rows,

@@ -357,8 +357,13 @@ def test_comparison_separates_clearly_different_methods_and_not_equal_ones():
     table = comparison_table(group)
     assert "higher is better, so a positive difference favours the learned policy" in table.title
     rows = {(row[2], row[3]): row for row in table.rows}
-    assert rows[("KVP", "KNorm")][4].startswith("+") and rows[("KVP", "KNorm")][5:] == ["separated", "30"]
-    assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "intervals overlap", "30"]
+    assert rows[("KVP", "KNorm")][4].startswith("+") and rows[("KVP", "KNorm")][4].endswith(" †")
+    assert rows[("KVP", "KNorm")][5:] == ["5.0e-05", "separated", "30"]  # no random swap is as extreme: 1 / 20,001
+    assert rows[("KVP", "TOVA")][1:] == ["64 (~64 tok)", "KVP", "TOVA", "+0.0 [0.0, 0.0]", "1.000", "intervals overlap",
+                                         "30"]
+    assert "†: the difference survives a Holm correction over the 5 comparisons of this table at 5%" in table.title
+    assert "over the 5 comparisons of the table of every learned policy − other method of this figure" in (
+        verdict_table(group).title)
 
 
 def test_a_policy_retrained_under_the_same_label_is_never_pooled_with_the_first(tmp_path):
@@ -405,6 +410,40 @@ def test_verdict_names_the_strongest_method_of_each_kind_at_each_budget(results)
         row[0].startswith("average") for row in verdict_table(accuracy).rows)  # it has nothing to compare
 
 
+def test_report_marks_a_clear_difference_that_survives_holm_and_not_a_null_one(tmp_path):
+    rng = np.random.default_rng(2)
+    good, poor = ([float(v) for v in rng.random(30) < p] for p in (0.9, 0.1))
+    store = ResultStore(tmp_path / "results.jsonl")
+    scored = [_scored(label, kind, values, budget="b64")
+              for label, kind, values in (("KVP", "learned", good), ("KNorm", "heuristic", poor),
+                                          ("TOVA", "heuristic", good))]
+    for r in [r for rs in scored for r in rs] + _scored("full", "reference", [1.0] * 30, budget="full"):
+        store.append(r)
+    paths = write_report(store.path, tmp_path / "report")
+    markdown, page = paths.markdown.read_text(), paths.html.read_text()
+    knorm = next(line for line in markdown.splitlines() if line.startswith("| vt | 64 tok | KVP | KNorm |"))
+    tova = next(line for line in markdown.splitlines() if line.startswith("| vt | 64 tok | KVP | TOVA |"))
+    assert "] † |" in knorm and "†" not in tova
+    assert "over the 2 comparisons of this table at 5%" in markdown and "†" in page and "Holm" in page
+    (verdict,) = verdict_table(curve_groups(store.records())[0]).rows
+    assert verdict[5].endswith(" †")  # against KNorm, the only attention-free method
+    assert not verdict[8].endswith("†")  # against TOVA: the same answers
+
+
+def test_holm_counts_every_comparison_of_the_table():
+    """KVP right on 6 of 8 samples where KNorm is wrong, level elsewhere: p = 2 / 2^6 < 5% alone, but not below
+    5% / 4 once three methods level with KVP join the table."""
+    kvp, knorm = [1.0] * 6 + [0.0] * 2, [0.0] * 8
+    (alone,) = curve_groups(_scored("KVP", "learned", kvp) + _scored("KNorm", "heuristic", knorm))
+    (comparison,) = alone.panels[0].comparisons
+    assert comparison.p == pytest.approx(2 / 64) and comparison.holm
+    crowd = [r for name in ("TOVA", "SnapKV", "KeyDiff") for r in _scored(name, "heuristic", kvp)]
+    (group,) = curve_groups(_scored("KVP", "learned", kvp) + _scored("KNorm", "heuristic", knorm) + crowd)
+    found = {c.other: c for c in group.panels[0].comparisons}
+    assert found["KNorm"].p == pytest.approx(2 / 64) and not any(c.holm for c in found.values())
+    assert {c.p for name, c in found.items() if name != "KNorm"} == {1.0}
+
+
 def test_comparison_pairs_by_seed_and_sample_and_needs_two_pairs():
     records = _scored("KVP", "learned", [1.0, 0.0]) + _scored("KNorm", "heuristic", [1.0]) + _scored(
         "KNorm", "heuristic", [0.0, 1.0], seed=1)  # s1 of seed 1 is another prompt than s1 of seed 0
@@ -419,7 +458,7 @@ def test_lower_is_better_metrics_say_so_in_the_comparison_title(results):
         assert "lower is better, so a negative difference favours the learned policy" in table.title
         assert {row[2] for row in table.rows} == {"KVP"} and {row[3] for row in table.rows} == (
             {"KNorm", "TOVA"} if metric == "perplexity" else {"KNorm", "Oracle", "TOVA"})
-        assert all(row[5] in ("separated", "intervals overlap") and row[6] == "3" for row in table.rows)
+        assert all(row[6] in ("separated", "intervals overlap") and row[7] == "3" for row in table.rows)
 
 
 def test_every_line_of_a_budget_figure_has_error_bars_from_its_interval(results, monkeypatch):
