@@ -64,8 +64,9 @@ def test_a_bad_row_is_refused():
 
 
 def test_names_resolve_as_the_rows_say():
+    needles = [f"needle:{kind}" for kind in ("chat", "code", "json", "csv", "conversation")]
     assert [t.name for t in resolve_tasks(["needles", "needle:chat", "ruler:niah_code"])] == [
-        "needle:chat", "needle:code", "ruler:niah_code"]  # each task once, in order; `also` members one at a time
+        *needles, "ruler:niah_code"]  # each task once, in order; `also` members one at a time
     assert "ruler:niah_code" not in [t.name for t in resolve_tasks(["ruler"])]
     assert "traces:DIR" in known_tasks() and "traces:DIR: reward-level ranking cost" in task_help()
     for name in ("traces", "needle", "needles:chat", "ruler:", "boolq:x"):
