@@ -2,10 +2,10 @@
 
 The bytes are exact (`KVState.nbytes`: every cached key and value). The peak is the process's high-water mark:
 on CPU each budget runs in a fresh process (its VmHWM on Linux, `resource.getrusage` ru_maxrss elsewhere), so no
-run inherits another's (two run at a time: a process's peak is its own, whatever runs beside it); on CUDA the
-allocator's peak (`torch.cuda.max_memory_allocated`) after a reset. The cache is cut after the prefill (query-aware
-compression), so during the prefill the full cache exists and the peak holds it whatever the budget: what a budget
-saves is the memory the cache holds after the cut, which this section prints beside it.
+run inherits another's; on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) after a reset. The cache
+is cut after the prefill (query-aware compression), so during the prefill the full cache exists and the peak
+holds it whatever the budget: what a budget saves is the memory the cache holds after the cut, which this section
+prints beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import resource
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from kvpolicy.models import ModelHandle
 from kvpolicy.progress import bar
 
 BASE = "1 token"  # the row whose peak is the model and runtime alone
-FRESH_PROCESSES = 2  # fresh processes measured at a time (each holds a copy of the model)
 CHILD = "from kvpolicy.evaluation.bench.memory import child_main; child_main()"
 
 
@@ -102,10 +100,9 @@ def measure_memory(handle: ModelHandle, context: int, budgets: list[int]) -> dic
     cuda = handle.model.device.type == "cuda"
     measure = in_this_process if cuda else in_fresh_process
     runs = {BASE: (1, None), "full": (context, None)} | {str(b): (context, b) for b in budgets}
-    with ThreadPoolExecutor(1 if cuda else FRESH_PROCESSES) as pool:
-        futures = {label: pool.submit(measure, handle, tokens, budget) for label, (tokens, budget) in runs.items()}
-        rows = {label: future.result()
-                for label, future in bar(futures.items(), desc="b) memory", total=len(runs), unit="process")}
+    rows = {}
+    for label, (tokens, budget) in bar(runs.items(), desc="b) memory", total=len(runs), unit="process"):
+        rows[label] = measure(handle, tokens, budget)
     full = rows["full"]
     for row in rows.values():
         row["cache_share"] = row["cache_bytes"] / full["cache_bytes"]
