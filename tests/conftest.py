@@ -78,3 +78,10 @@ def public_tmp():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with real-model tests run first (the order within and among the others kept): under `pytest -n` the
+    workers start on the long files and the short ones fill their ends, instead of one long file running alone last."""
+    heavy = {item.path for item in items if item.get_closest_marker("model")}
+    items.sort(key=lambda item: item.path not in heavy)
