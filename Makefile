@@ -6,9 +6,9 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # torch comes from the local CPU wheel when this machine has one; torch==2.13.0 is installed first so pip never pulls a CUDA build.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
-# the tests run in three processes, a file each at a time, one torch thread apiece (tests/conftest.py): on 2 cores this
-# keeps both busy through the parts that leave a core idle (imports, tokenizing, waiting on subprocesses)
-TEST_WORKERS ?= 3
+# the tests run in two processes, a file each at a time, one torch thread apiece (tests/conftest.py): on 2 cores this
+# keeps both busy through the single-threaded parts (imports, subprocesses, tokenizing) that left one idle
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
