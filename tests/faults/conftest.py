@@ -67,6 +67,15 @@ class Killer:
             assert proc.returncode in (0, EXIT_INTERRUPTED), err[-2000:]
         return alive
 
+    def straight_and_killed(self, args: list[str], straight: Path, broken: Path, progressed: Callable[[float], bool],
+                            signals: tuple[int, ...], spread: float) -> None:
+        """`kvp ARGS --out straight` to the end; `kvp ARGS --out broken` killed midway once per signal (see
+        kill_midway), at least one of them reaching a running process, then re-run to the end."""
+        self.run(*args, "--out", str(straight))
+        hits = [self.kill_midway([*args, "--out", str(broken)], progressed, sig, spread) for sig in signals]
+        assert any(hits), f"no signal reached a running `kvp {args[0]}`"
+        self.run(*args, "--out", str(broken))
+
     @staticmethod
     def newer(path: Path, pattern: str) -> Callable[[float], bool]:
         """progressed(since): a file matching `pattern` under `path` was written after `since`."""

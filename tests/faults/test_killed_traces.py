@@ -13,9 +13,6 @@ TRACES = ["traces", "--source", "ruler", "--split", "train", "--n", "6", "--cont
 @pytest.mark.model
 def test_killed_traces_resume_to_the_traces_of_an_uninterrupted_run(killer, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    killer.run(*TRACES, "--out", str(straight))
-    hits = [killer.kill_midway([*TRACES, "--out", str(broken)], killer.newer(broken, "shard-*.safetensors"),
-                               signal.SIGKILL, 2.0) for _ in range(2)]
-    assert any(hits), "no kill reached a running `kvp traces`"
-    killer.run(*TRACES, "--out", str(broken))
+    killer.straight_and_killed(TRACES, straight, broken, killer.newer(broken, "shard-*.safetensors"),
+                               (signal.SIGKILL, signal.SIGKILL), 2.0)
     killer.assert_traces_equal(straight, broken)

@@ -18,9 +18,6 @@ def test_killed_training_resumes_to_the_checkpoint_of_an_uninterrupted_run(kille
                                                                         head_dim=64))
     train = [*TRAIN, "--traces", str(traces)]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    killer.run(*train, "--out", str(straight))
-    hits = [killer.kill_midway([*train, "--out", str(broken)], killer.newer(broken, "config.json"), sig, 1.5)
-            for sig in (signal.SIGKILL, signal.SIGTERM)]
-    assert any(hits), "no signal reached a running `kvp train`"
-    killer.run(*train, "--out", str(broken))
+    killer.straight_and_killed(train, straight, broken, killer.newer(broken, "config.json"),
+                               (signal.SIGKILL, signal.SIGTERM), 1.5)
     killer.assert_checkpoints_equal(straight, broken)
