@@ -9,9 +9,10 @@ Adding a scorer is its class in `compression/scorers/` and one row here (docs/AR
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
+
+from kvpolicy.lazy import check_reference, import_reference
 
 # the default line-ups a row can join (its `defaults`)
 SWEEP = "sweep"  # `kvp sweep` with no --scorer, the demo, the experiment's sweeps
@@ -40,9 +41,7 @@ class ScorerEntry:
     needs_utility: bool = False
 
     def __post_init__(self):
-        module, _, cls = self.scorer.partition(":")
-        if not module or not cls:
-            raise ValueError(f"scorer '{self.name}': give its class as 'module:Class', not '{self.scorer}'")
+        check_reference(self.scorer, f"scorer '{self.name}': give its class as 'module:Class'")
         unknown = set(self.defaults) - set(LINEUPS)
         if unknown:
             raise ValueError(f"scorer '{self.name}': unknown line-ups {sorted(unknown)}; known: {', '.join(LINEUPS)}")
@@ -53,8 +52,7 @@ class ScorerEntry:
 
     def load(self) -> Any:
         """The scorer class (imports its module)."""
-        module, _, cls = self.scorer.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return import_reference(self.scorer)
 
 
 _SCORERS = "kvpolicy.compression.scorers"

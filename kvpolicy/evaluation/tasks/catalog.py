@@ -8,14 +8,13 @@ a `Task` subclass beside its runner and a row for its first benchmark (docs/ARCH
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvpolicy.data.needles import NEEDLE_TASKS
 from kvpolicy.data.ruler import EXTRA_TASKS, HUB_TASKS, RULER_TASKS
 from kvpolicy.errors import KVPError
+from kvpolicy.lazy import check_reference, import_reference
 
 if TYPE_CHECKING:
     from kvpolicy.evaluation.tasks.base import Task
@@ -43,9 +42,7 @@ class TaskEntry:
     hub: str = ""
 
     def __post_init__(self):
-        module, _, function = self.make.partition(":")
-        if not module or not function:
-            raise ValueError(f"task '{self.name}': give its factory as 'module:function', not '{self.make}'")
+        check_reference(self.make, f"task '{self.name}': give its factory as 'module:function'")
         if self.argument and self.members:
             raise ValueError(f"task '{self.name}': a row takes either members or a free argument")
 
@@ -63,14 +60,10 @@ class TaskEntry:
             return self.name
         return f"{self.name}, {self.one}:TASK (TASK in {', '.join((*self.members, *self.also))})"
 
-    def factory(self) -> Callable:
-        module, _, function = self.make.partition(":")
-        return getattr(importlib.import_module(module), function)
-
     def build(self, argument: str | None, hub_local: dict[str, str]) -> Task:
         """One task: the member or free argument `argument` (None for a single task)."""
         args = () if argument is None else (argument,)
-        return self.factory()(*args, *((hub_local.get(self.hub),) if self.hub else ()))
+        return import_reference(self.make)(*args, *((hub_local.get(self.hub),) if self.hub else ()))
 
     def resolve(self, name: str, hub_local: dict[str, str]) -> list[Task] | None:
         """The tasks `--task name` means under this row, or None when the name is not this row's."""
