@@ -21,8 +21,8 @@ def test_quick_demo_runs_end_to_end_and_resumes(smollm, tmp_path, capsys):
     results = out / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()]
     labels = {r["scorer_label"] for r in records}
-    assert {"KVP", "KVP (bundled)", "Random", "StreamingLLM", "KNorm", "KeyDiff", "TOVA", "SnapKV", "full cache",
-            "Oracle"} <= labels  # the policy the demo trains, and the one bundled for the model
+    assert {"KVP", "KVP (bundled)", "Random", "StreamingLLM", "KNorm", "KeyDiff", "TOVA", "SnapKV (window 16)",
+            "full cache", "Oracle"} <= labels  # the policy the demo trains, and the one bundled for the model
     assert {r["protocol"] for r in records} == {"query-aware", "prompt-once", "multi-turn", "traces"}
     assert {r["metric"] for r in records} == {"accuracy", "perplexity", "cost"}
     assert {r["context_tokens"] for r in records if r["metric"] == "accuracy"} == {QUICK.context_tokens,

@@ -27,8 +27,9 @@ class ScorerEntry:
 
     name: what `--scorer` takes and results record (the class's `name`); label: what results and figures call it;
     scorer: its class as "module:Class", imported on first use; reads_attention: it ranks from queries (the
-    question's, or the chunk's just fed), so it cannot re-score the cache while decoding (the class's
-    `query_window` > 0 says the same; a test keeps them equal); press: the kvpress press it wraps, if any;
+    question's, the chunk's just fed, or those of the model re-reading the cached text), so it cannot re-score the
+    cache while decoding (the class's `query_window` > 0 or `reads_text` says the same; a test keeps them equal);
+    press: the kvpress press it wraps, if any;
     defaults: the default line-ups it joins (LINEUPS); needs_utility: it ranks by a trace's true future utility
     (the oracle): traces only."""
 
@@ -69,11 +70,16 @@ CATALOG: dict[str, ScorerEntry] = {e.name: e for e in (
     ScorerEntry("lagkv", "LagKV", f"{_SCORERS}.kvpress_backed:LagKVScorer", press="LagKVPress", defaults=(BENCH,)),
     ScorerEntry("tova", "TOVA", f"{_SCORERS}.kvpress_backed:TOVAScorer", reads_attention=True, press="TOVAPress",
                 defaults=(SWEEP, BENCH, STREAM)),
-    ScorerEntry("snapkv", "SnapKV", f"{_SCORERS}.kvpress_backed:SnapKVScorer", reads_attention=True,
-                press="SnapKVPress", defaults=(SWEEP, BENCH)),
+    ScorerEntry("snapkv", "SnapKV (window 64)", f"{_SCORERS}.kvpress_backed:SnapKVScorer", reads_attention=True,
+                press="SnapKVPress", defaults=(BENCH,)),
+    ScorerEntry("snapkv_w16", "SnapKV (window 16)", f"{_SCORERS}.kvpress_backed:SnapKVFitScorer",
+                reads_attention=True, press="SnapKVPress", defaults=(SWEEP, BENCH)),
     ScorerEntry("h2o", "H2O", f"{_SCORERS}.h2o:H2OScorer", reads_attention=True, defaults=(STREAM,)),
     ScorerEntry("expected_attention", "ExpectedAttention", f"{_SCORERS}.kvpress_backed:ExpectedAttentionScorer",
                 reads_attention=True, press="ExpectedAttentionPress"),
+    ScorerEntry("kvzip", "KVzip", f"{_SCORERS}.kvzip:KVzipScorer", reads_attention=True, press="KVzipPress"),
+    ScorerEntry("kvzip_plus", "KVzip+", f"{_SCORERS}.kvzip:KVzipPlusScorer", reads_attention=True,
+                press="KVzipPress"),
     ScorerEntry("oracle", "Oracle", f"{_SCORERS}.oracle:OracleScorer", needs_utility=True),
 )}
 

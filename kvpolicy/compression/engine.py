@@ -43,9 +43,11 @@ class BoundedDecoding:
 
     def __post_init__(self):
         if not self.scorer.attention_free:
+            needs = ("re-reads the cached text, which only an uncut prefill holds" if self.scorer.reads_text
+                     else "needs the queries of a prefill chunk")
             raise KVPError(
-                f"scorer '{self.scorer.name}' needs the queries of a prefill chunk, so it cannot re-score the cache "
-                f"while decoding; use an attention-free scorer ({', '.join(attention_free())}, kvp:...)"
+                f"scorer '{self.scorer.name}' {needs}, so it cannot re-score the cache while decoding; use an "
+                f"attention-free scorer ({', '.join(attention_free())}, kvp:...)"
             )
         if self.budget.tokens is None:
             raise KVPError("bounded decoding needs an absolute token budget (Budget(tokens=...)), not a ratio")
@@ -75,6 +77,7 @@ def _forward(
 
     position_ids continue from next_position (true positions) while cache_position indexes the (possibly
     shrunken) cache. record_rows > 0 or ALL_QUERIES records the chunk's attention inputs into state.recorded.
+    The state's token ids grow by input_ids while its cache holds every token fed (see KVState.ids).
     """
     B, n = input_ids.shape
     if state.n_layers and state.positions[0].shape[0] != B:
@@ -100,6 +103,10 @@ def _forward(
     new = torch.arange(start, start + n, device=device).view(1, 1, n).expand(B, heads, n)
     old = state.positions or [new[..., :0]] * state.n_layers
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
+    if start == 0:
+        state.ids = input_ids.to(device)
+    elif state.ids is not None:  # the cache still holds every token fed
+        state.ids = torch.cat([state.ids, input_ids.to(device)], dim=1)
     state.next_position = start + n
     state.recorded = recorded if record_rows else None
     state.logits = out.logits[:, -1].clone()  # not a view that would keep every position's logits alive
@@ -125,10 +132,34 @@ def prefill(
 
 
 def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tensor]:
-    """Per-layer scores (B, H, T) of every cached entry, higher = keep. Rank once, then evict at any budget."""
+    """Per-layer scores (B, H, T) of every cached entry, higher = keep. Rank once, then evict at any budget.
+
+    A scorer that re-reads the cached text (`Scorer.reads_text`, e.g. KVzip) ranks the whole cache at once with the
+    model (`Scorer.rank_cache`), and only the cache of one sequence that holds every token fed (`KVState.ids`)."""
     if not state.n_layers:
         raise KVPError("the cache is empty: prefill before ranking")
     scorer.check_model(handle.info)
+    if scorer.reads_text:
+        if state.ids is None:
+            raise KVPError(f"scorer '{scorer.name}' re-reads the cached text, but this cache no longer holds every "
+                           "token fed (it was cut); rank it before any eviction, or use another scorer")
+        if state.ids.shape[0] != 1:
+            raise KVPError(f"scorer '{scorer.name}' re-reads the cached text of one sequence, but this cache holds "
+                           f"{state.ids.shape[0]}; rank each sequence's cache on its own")
+        with torch.no_grad():
+            scores = scorer.rank_cache(handle, state)
+    else:
+        scores = _rank_layers(handle, state, scorer)
+    for idx, layer_scores in enumerate(scores):
+        expected = state.layer(idx)[0].shape[:3]
+        if layer_scores.shape != expected:
+            raise KVPError(f"scorer '{scorer.name}' returned scores {tuple(layer_scores.shape)} for layer {idx}, "
+                           f"expected (batch, kv_heads, T) = {tuple(expected)}")
+    return scores
+
+
+def _rank_layers(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tensor]:
+    """`rank` by `Scorer.score`, one layer at a time, with the recorded attention inputs a query-based scorer needs."""
     needs = scorer.query_window
     if needs:
         have = state.recorded[0].rows if state.recorded else 0
@@ -165,13 +196,7 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
                 position_embeddings=inputs.position_embeddings if inputs else None,
                 rotary_emb=rotary,
             )
-            layer_scores = scorer.score(view)
-            if layer_scores.shape != keys.shape[:3]:
-                raise KVPError(
-                    f"scorer '{scorer.name}' returned scores {tuple(layer_scores.shape)} for layer {idx}, "
-                    f"expected (batch, kv_heads, T) = {tuple(keys.shape[:3])}"
-                )
-            scores.append(layer_scores)
+            scores.append(scorer.score(view))
     return scores
 
 
@@ -179,7 +204,7 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget) -> KVState
     """A new, physically smaller state keeping budget.kept(T) entries per head (input untouched).
 
     Per layer and head: the sinks, the recent tokens and then the top scores, gathered in position order.
-    The result has no recorded attention inputs (they described the uncut cache)."""
+    The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
     if len(scores) != state.n_layers:
         raise KVPError(f"got scores for {len(scores)} layers, the cache has {state.n_layers}")
     if budget.kept(state.length) >= state.length:

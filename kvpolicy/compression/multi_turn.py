@@ -50,9 +50,13 @@ def _size(state: KVState) -> tuple[int, int]:
 
 
 def check_protocol(protocol: str, scorer: Scorer | None) -> None:
-    """Refuse an unknown protocol, and a scorer that reads prefill queries under question-agnostic (which
+    """Refuse an unknown protocol, a scorer that re-reads the cached text (it ranks only an uncut cache, and a
+    dialogue's cache is cut turn after turn), and a scorer that reads prefill queries under question-agnostic (which
     compresses after decoding, when no prefill queries are left)."""
     check_protocol_name(protocol)
+    if scorer is not None and scorer.reads_text:
+        raise KVPError(f"scorer '{scorer.name}' re-reads the cached text, which only an uncut cache holds, so it "
+                       "cannot compress a dialogue turn after turn; compress the prompt once or use another scorer")
     if protocol == QUESTION_AGNOSTIC and scorer is not None and not scorer.attention_free:
         raise KVPError(f"scorer '{scorer.name}' needs prefill queries; question-agnostic dialogue compresses after "
                        f"decoding, so use protocol {QUERY_AWARE} or an attention-free scorer")

@@ -50,6 +50,9 @@ class KVPolicyPress(ScorerPress):
             self.scorer = make_scorer(self.scorer)
         if not isinstance(self.scorer, Scorer):
             raise KVPError("KVPolicyPress needs scorer=<a kvpolicy Scorer>, e.g. make_scorer('knorm')")
+        if self.scorer.reads_text:
+            raise KVPError(f"scorer '{self.scorer.name}' re-reads the cached text with the model, which a press "
+                           "scoring one layer at a time cannot; use kvpress's own KVzipPress")
         self._budget()  # refuse bad settings now
 
     def post_init_from_model(self, model) -> None:

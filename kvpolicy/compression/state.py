@@ -38,6 +38,9 @@ class KVState:
     next_position: RoPE position of the next token = number of tokens ever fed (not the cache length).
     recorded: per layer `AttentionInputs` of the latest chunk (only when a prefill recorded them), or None.
     logits: (B, vocab) next-token logits after the last fed token, or None before any token.
+    ids: (B, T) int64, every token fed, in order, while the cache holds every one of them (positions 0..T-1 in every
+        head); None once an eviction (or anything else) has dropped entries, or for a state built without them. Only
+        scorers that re-read the cached text need it (`Scorer.reads_text`).
     The engine never writes into cache tensors in place (appending makes new tensors), so states that share
     tensors cannot disturb each other.
     """
@@ -47,6 +50,7 @@ class KVState:
     next_position: int = 0
     recorded: list[AttentionInputs] | None = None
     logits: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
 
     @classmethod
     def empty(cls) -> KVState:
@@ -81,6 +85,7 @@ class KVState:
             next_position=self.next_position,
             recorded=list(self.recorded) if self.recorded is not None else None,
             logits=self.logits,
+            ids=self.ids,
         )
 
     def clone(self) -> KVState:
@@ -91,6 +96,7 @@ class KVState:
             next_position=self.next_position,
             recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
             logits=self.logits.clone() if self.logits is not None else None,
+            ids=self.ids.clone() if self.ids is not None else None,
         )
 
 
@@ -99,7 +105,8 @@ def stack_states(states: list[KVState]) -> KVState:
     one budget, so that they decode as a single batch: keys/values (ΣB, H, T, d), positions (ΣB, H, T).
 
     Every state must hold the same number of entries per head and the same next_position (so that new tokens
-    get one RoPE position for all rows); recorded attention inputs are dropped."""
+    get one RoPE position for all rows); recorded attention inputs are dropped, and the token ids are kept (ΣB, T)
+    only when every state has them."""
     if not states:
         raise KVPError("stack_states needs at least one state")
     first = states[0]
@@ -114,4 +121,5 @@ def stack_states(states: list[KVState]) -> KVState:
     ]
     positions = [torch.cat([s.positions[i] for s in states]) for i in range(first.n_layers)]
     logits = torch.cat([s.logits for s in states])
-    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits)
+    ids = torch.cat([s.ids for s in states]) if all(s.ids is not None for s in states) else None
+    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits, ids)

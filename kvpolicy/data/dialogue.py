@@ -2,25 +2,26 @@
 
 A dialogue sample is a conversation prefix that ends with a user turn, as long as fits in `context_tokens` chat-
 rendered tokens; the reference future is the assistant turn that follows, rendered as the chat template would
-(end-of-turn token included). Conversations go to a split by a hash of their id (80% train, 5% val, 5% test, 10%
-eval), so splits never overlap and the assignment does not depend on how many samples are asked for. ShareGPT cuts
-a long conversation into parts of about 2K tokens ("ID_0", "ID_1", ...); `joined_conversations` joins them again,
-for prompts and texts longer than one part.
+(end-of-turn token included). ShareGPT cuts a long conversation into parts of about 2K tokens ("ID_0", "ID_1", ...);
+`joined_conversations` joins them again, for prompts and texts longer than one part.
+
+Conversations go to a split by a hash of their content (kvpolicy.data.splits: 80% train, 5% val, 5% test, 10% eval),
+not of their id: ShareGPT holds one conversation under several ids (shared twice, a reply regenerated, continued and
+shared again), and all of them open with the same first turn, so they land in one split. All the parts of a
+conversation share its split, and the assignment does not depend on how many samples are asked for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from collections.abc import Iterator
 
 from kvpolicy.data.records import Conversation, Turn
 from kvpolicy.data.sharegpt import SOURCE, iter_conversations
+from kvpolicy.data.splits import DIALOGUE_BUCKETS, check_split, split_of
 from kvpolicy.errors import KVPError
 
-SPLIT_BUCKETS = (("train", 80), ("val", 85), ("test", 90), ("eval", 100))  # cumulative percent of conversations
-SPLITS = tuple(name for name, _ in SPLIT_BUCKETS)
 MIN_FRACTION = 0.5  # a prompt takes at least this fraction of the target length
 MIN_USER_TURNS = 2  # multi-turn dialogues only
 
@@ -46,12 +47,28 @@ def part_of(conversation_id: str) -> tuple[str, int]:
     return base, int(part or 0)
 
 
-def split_of(conversation_id: str) -> str:
-    """The split a conversation belongs to, fixed by a hash of its id (ShareGPT cuts long conversations into
-    parts "ID_0", "ID_1", ...: all parts share the split of ID)."""
-    base, _ = part_of(conversation_id)
-    bucket = int.from_bytes(hashlib.sha256(f"dialogue|{base}".encode()).digest()[:8], "big") % 100
-    return next(name for name, upper in SPLIT_BUCKETS if bucket < upper)
+def content_key(conversation: Conversation) -> str:
+    """What identifies a conversation's content: its first turn, whitespace collapsed and case folded. Every repeat
+    of a conversation's whole text shares it, and so do a conversation with a regenerated reply and one continued and
+    shared again."""
+    return " ".join(conversation.turns[0].text.split()).casefold()
+
+
+def labelled_parts(limit: int | None = None) -> Iterator[tuple[str, Conversation]]:
+    """(split, part) for ShareGPT's parts in file order (the first `limit`). A conversation's split is fixed by a
+    hash of the content key of its first part in the file; its later parts ("ID_1", ... follow "ID_0" in the file)
+    take that split."""
+    splits: dict[str, str] = {}
+    for part in iter_conversations(limit=limit):
+        base, _ = part_of(part.id)
+        if base not in splits:
+            splits[base] = split_of("dialogue", content_key(part), DIALOGUE_BUCKETS)
+        yield splits[base], part
+
+
+def parts_in_split(split: str, limit: int | None = None) -> Iterator[Conversation]:
+    """ShareGPT's parts of `split` in file order (among the file's first `limit` parts)."""
+    return (part for part_split, part in labelled_parts(limit) if part_split == split)
 
 
 def joined_conversations(split: str, limit: int | None = None) -> Iterator[Conversation]:
@@ -59,10 +76,9 @@ def joined_conversations(split: str, limit: int | None = None) -> Iterator[Conve
     order, in the file order of their first part. Where the shipped file lacks a part, two turns of one role can meet:
     they are merged into one, so that chat templates that require alternating roles render the conversation."""
     parts: dict[str, dict[int, Conversation]] = {}
-    for conversation in iter_conversations(limit=limit):
-        if split_of(conversation.id) == split:
-            base, part = part_of(conversation.id)
-            parts.setdefault(base, {})[part] = conversation
+    for conversation in parts_in_split(split, limit):
+        base, part = part_of(conversation.id)
+        parts.setdefault(base, {})[part] = conversation
     for base, by_part in parts.items():
         turns: list[Turn] = []
         for turn in (t for _, c in sorted(by_part.items()) for t in c.turns):
@@ -87,10 +103,11 @@ def render_continuation(handle, messages: list[dict], prompt: str, assistant_tex
     return continuation[: min(ends)] if ends else continuation
 
 
-def cut_dialogue(handle, conversation: Conversation, context_tokens: int, min_tokens: int,
+def cut_dialogue(handle, conversation: Conversation, split: str, context_tokens: int, min_tokens: int,
                  min_user_turns: int) -> DialogueSample | None:
     """The longest prefix ending with a user turn (and followed by an assistant turn) that fits in
-    `context_tokens`; None when that prefix is shorter than `min_tokens` or has too few user turns."""
+    `context_tokens`, as a sample of `split` (the conversation's); None when that prefix is shorter than `min_tokens`
+    or has too few user turns."""
     turns = conversation.turns
     first = next((t.role for t in turns if t.role != "system"), None)
     if first != "user":
@@ -112,7 +129,7 @@ def cut_dialogue(handle, conversation: Conversation, context_tokens: int, min_to
     if length < min_tokens or n_user < min_user_turns:
         return None
     return DialogueSample(
-        id=f"sharegpt/{conversation.id}/{end + 1}", split=split_of(conversation.id), messages=tuple(messages),
+        id=f"sharegpt/{conversation.id}/{end + 1}", split=split, messages=tuple(messages),
         prompt=prompt, reference=render_continuation(handle, messages, prompt, turns[end + 1].text), length=length,
         n_user_turns=n_user,
     )
@@ -124,17 +141,15 @@ def iter_dialogues(handle, split: str, context_tokens: int, min_fraction: float 
     """Dialogue samples of a split in file order: prompts of min_fraction·context_tokens to context_tokens tokens
     with at least `min_user_turns` user turns (multi-turn by default), cut from ShareGPT's parts as shipped, or with
     `whole`, from whole conversations (their parts joined again: prompts beyond one part's ~2K tokens)."""
-    if split not in SPLITS:
-        raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
+    check_split(split)
     if not 0 <= min_fraction <= 1:
         raise KVPError(f"min_fraction must be in [0, 1], got {min_fraction}")
     min_tokens = int(min_fraction * context_tokens)
-    conversations = (joined_conversations(split, scan_limit) if whole
-                     else (c for c in iter_conversations(limit=scan_limit) if split_of(c.id) == split))
+    conversations = joined_conversations(split, scan_limit) if whole else parts_in_split(split, scan_limit)
     for conversation in conversations:
         if conversation.n_user_turns < min_user_turns:
             continue
-        sample = cut_dialogue(handle, conversation, context_tokens, min_tokens, min_user_turns)
+        sample = cut_dialogue(handle, conversation, split, context_tokens, min_tokens, min_user_turns)
         if sample is not None:
             yield sample
 

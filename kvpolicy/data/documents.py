@@ -1,27 +1,26 @@
 """Plain document continuation, the generic language-modelling case for traces: a corpus's text cut into windows.
 
 Two corpora: `essays` (the Paul Graham essays) and `code` (the Python standard library, kvpolicy/data/code.py).
-Documents go to a split by a hash of their name (70% train, 10% val, 10% test, 10% eval). A split's token stream
-is cut into windows: prompt i is the window of `context_tokens` tokens starting at i · stride (half a window, so
-the prompts cover the text twice), and its reference continuation is the text that follows. The essays of a split
-are joined with spaces and encoded as one text; code files are encoded one at a time (each begins with its path as a
-comment) and read only as far as the prompts asked for need. There is no chat template: the model continues raw
-text, as it does when it reads a long document or a source file.
+Documents go to a split by a hash of their name (kvpolicy.data.splits: 70% train, 10% val, 10% test, 10% eval; the
+RULER-style haystacks are split by the same rule, so a document's text is in the prompts of one split only). A
+split's token stream is cut into windows: prompt i is the window of `context_tokens` tokens starting at i · stride
+(half a window, so the prompts cover the text twice), and its reference continuation is the text that follows.
+The essays of a split are joined with spaces and encoded as one text; code files are encoded one at a time (each
+begins with its path as a comment) and read only as far as the prompts asked for need. There is no chat template:
+the model continues raw text, as it does when it reads a long document or a source file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kvpolicy.data import code
-from kvpolicy.data.essays import load_essays
+from kvpolicy.data.essays import haystack_text
+from kvpolicy.data.splits import check_split
 from kvpolicy.errors import KVPError
 
-SPLIT_BUCKETS = (("train", 70), ("val", 80), ("test", 90), ("eval", 100))  # cumulative percent of documents
-SPLITS = tuple(name for name, _ in SPLIT_BUCKETS)
 REFERENCE_TOKENS = 512  # how much of the following text a prompt carries as its reference continuation
 
 
@@ -35,21 +34,13 @@ class Document:
     reference: str
 
 
-def split_of(name: str, corpus: str = "essays") -> str:
-    """The split a document belongs to, fixed by a hash of its name (an essay's, or a source file's path)."""
-    key = f"essay|{name}" if corpus == "essays" else f"{corpus}|{name}"
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
-    return next(split for split, upper in SPLIT_BUCKETS if bucket < upper)
-
-
 def _essay_chunks(handle, split: str) -> Iterator[list[int]]:
-    yield handle.encode(" ".join(e.text for e in load_essays() if split_of(e.name) == split))[0].tolist()
+    yield handle.encode(haystack_text(split))[0].tolist()
 
 
 def _code_chunks(handle, split: str) -> Iterator[list[int]]:
-    for name in code.source_paths():
-        if split_of(name, "code") == split:
-            yield handle.encode(code.read_source(name).text)[0].tolist()
+    for name in code.split_paths(split):
+        yield handle.encode(code.read_source(name).text)[0].tolist()
 
 
 @dataclass(frozen=True)
@@ -69,8 +60,7 @@ CORPORA = {
 
 def iter_documents(handle, split: str, context_tokens: int, corpus: str = "essays") -> Iterator[Document]:
     """The split's prompts in order (prompt i starts at token i · context_tokens // 2 of the split's stream)."""
-    if split not in SPLITS:
-        raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
+    check_split(split)
     if corpus not in CORPORA:
         raise KVPError(f"unknown document corpus '{corpus}'; use one of: {', '.join(CORPORA)}")
     if context_tokens < 2:

@@ -17,7 +17,8 @@ those needles look like, rather than what the future attends to, would do well o
 - needle:csv: the haystack is a shipment log as CSV rows under a header (synthetic, like needle:json); the needle is
   one more row, asked as "What is the tracking code of shipment SH204817?".
 - needle:conversation: the haystack is a transcript ("User: ...", "Assistant: ...") of long whole ShareGPT
-  conversations of the dialogue eval split (none repeating a train/val/test conversation under another id),
+  conversations of the dialogue eval split (the split is by content, and none shares a long line with a
+  train/val/test conversation either: a user can paste one text into two conversations that open differently),
   continued by the next ones where one is shorter than the context; the needle is a fact the user states at the
   start, "Before we start, a note for later: my booking reference is KTR-5821.", asked at the end as "What booking
   reference did the user give at the start of the conversation?".
@@ -31,16 +32,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpolicy.data.dialogue import joined_conversations, split_of
+from kvpolicy.data.dialogue import joined_conversations, labelled_parts, parts_in_split
 from kvpolicy.data.records import Conversation, QASample
 from kvpolicy.data.ruler import Built, fit_to_context, insert_at_depths, sample_from
-from kvpolicy.data.sharegpt import iter_conversations
 from kvpolicy.data.tables import INVENTORY, SHIPMENTS, Record, draw_code
 from kvpolicy.errors import KVPError
 
@@ -48,7 +49,7 @@ SPLIT = "eval"  # of the dialogue corpus, for the chat and conversation haystack
 CHAT_CONVERSATIONS = 400  # eval-split conversations whose replies form the chat haystack
 MIN_CONVERSATION_TURNS = 6  # a long conversation, for the conversation haystack: three exchanges at least
 MAX_LINE_CHARS = 500  # conversations with a longer line are left out: sizing to the context then stays close
-SHARED_LINE_CHARS = 60  # a line this long in an eval and a train/val/test conversation marks a repeated conversation
+SHARED_LINE_CHARS = 60  # a line this long in an eval and a train/val/test conversation marks a text pasted in both
 USER, ASSISTANT = "User: ", "Assistant: "  # transcript labels of a turn's first line
 FIRST_NAMES = ("Amara", "Bastian", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas",
                "Kalani", "Leona", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosalind", "Soren", "Talia")
@@ -76,17 +77,8 @@ def _rng(task: str, seed: int, sample_id: int) -> random.Random:
 @functools.lru_cache(maxsize=1)
 def chat_units() -> tuple[str, ...]:
     """Lines of the assistant replies of the first CHAT_CONVERSATIONS eval-split ShareGPT conversations."""
-    units: list[str] = []
-    taken = 0
-    for conversation in iter_conversations():
-        if split_of(conversation.id) != SPLIT:
-            continue
-        units += [line.strip() for t in conversation.turns if t.role == "assistant"
-                  for line in t.text.splitlines() if line.strip()]
-        taken += 1
-        if taken == CHAT_CONVERSATIONS:
-            break
-    return tuple(units)
+    return tuple(line.strip() for conversation in itertools.islice(parts_in_split(SPLIT), CHAT_CONVERSATIONS)
+                 for t in conversation.turns if t.role == "assistant" for line in t.text.splitlines() if line.strip())
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,8 +101,9 @@ def _long_lines(conversation: Conversation) -> Iterator[str]:
 def long_conversations() -> tuple[Conversation, ...]:
     """The long whole (parts joined) eval-split ShareGPT conversations: opened by the user, user and assistant turns
     only, at least MIN_CONVERSATION_TURNS turns, no line longer than MAX_LINE_CHARS, and no line of SHARED_LINE_CHARS
-    or more that a train/val/test conversation also holds (ShareGPT repeats conversations under other ids)."""
-    elsewhere = {hash(line) for c in iter_conversations() if split_of(c.id) != SPLIT for line in _long_lines(c)}
+    or more that a train/val/test conversation also holds (the content split keeps repeats of a conversation
+    together, not a text pasted into conversations that open differently)."""
+    elsewhere = {hash(line) for split, c in labelled_parts() if split != SPLIT for line in _long_lines(c)}
     return tuple(c for c in joined_conversations(SPLIT)
                  if len(c.turns) >= MIN_CONVERSATION_TURNS and c.turns[0].role == "user"
                  and all(t.role in ("user", "assistant") for t in c.turns)

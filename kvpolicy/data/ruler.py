@@ -6,8 +6,11 @@ variable tracking; common-words and frequent-words extraction. The essay haystac
 
 A sample is a pure function of (task, split, seed, sample_id): its random draws come from a generator seeded with
 a hash of those four, so the training splits (train/val/test) and the evaluation split ("eval") never share a
-prompt. The filler is sized by bisection so that the chat-rendered prompt, answer prefix included, has at most
-`context_tokens` tokens and comes within a few tokens of it.
+prompt. Nor do they share haystack text: the essay haystack of a split is that split's essays only, the code
+haystack that split's source files only (split by file, kvpolicy.data.splits), so no training prompt reads the text
+of an evaluation prompt. Keys and word lists come from one vocabulary for every split: words, not text. The filler
+is sized by bisection so that the chat-rendered prompt, answer prefix included, has at most `context_tokens` tokens
+and comes within a few tokens of it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from dataclasses import dataclass, field
 from kvpolicy.data.code import code_lines
 from kvpolicy.data.essays import haystack_text
 from kvpolicy.data.records import QASample
+from kvpolicy.data.splits import check_split
 from kvpolicy.errors import KVPError
 
-SPLITS = ("train", "val", "test", "eval")  # "eval" is reserved for the evaluation harness
 TASK_KINDS = ("niah", "vt", "cwe", "fwe")
 HAYSTACKS = ("essay", "noise", "needle", "code")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -37,8 +40,8 @@ SOURCE = "RULER-style synthetic tasks (kvpolicy generator, Paul Graham essays ha
 @dataclass(frozen=True)
 class TaskSpec:
     """One RULER task. For needle tasks: `haystack` essay | noise | needle (distractor needles) | code (lines of the
-    Python standard library's files, needles as comments; like the essays, one haystack for every split), key and
-    value types, and how many keys / values per key / queried keys."""
+    Python standard library's files, needles as comments; like the essays, each split reads its own files only), key
+    and value types, and how many keys / values per key / queried keys."""
 
     name: str
     kind: str
@@ -125,17 +128,18 @@ def score_prediction(sample: RulerSample, prediction: str) -> float:
 
 
 # ---------------------------------------------------------------- shared text material
-@functools.lru_cache(maxsize=1)
-def _essay_words() -> tuple[list[str], list[int]]:
-    """The essay corpus as words, and the indices of words that start a sentence."""
-    words = haystack_text().split(" ")
+@functools.cache
+def _essay_words(split: str) -> tuple[list[str], list[int]]:
+    """The split's essays as words, and the indices of words that start a sentence."""
+    words = haystack_text(split).split(" ")
     starts = [0] + [i for i in range(1, len(words)) if words[i - 1][-1:] in ".!?"]
     return words, starts
 
 
 @functools.lru_cache(maxsize=1)
 def _vocabulary() -> list[str]:
-    """Distinct plain lowercase words (4-9 letters) of the essays, sorted: keys and word lists are drawn from it."""
+    """Distinct plain lowercase words (4-9 letters) of all essays, sorted: keys and word lists are drawn from it. One
+    vocabulary serves every split: a key such as "river-engine" or a list of words carries no essay's text."""
     return sorted(set(re.findall(r"\b[a-z]{4,9}\b", haystack_text())))
 
 
@@ -177,12 +181,59 @@ def _sentences(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- task builders
-# BUILDERS[kind](spec, rng, context_tokens) draws a sample's content and returns build(size): its text with `size`
-# filler units (sentences, noise lines, distractor needles, list words), which make_sample sizes to the context
+# BUILDERS[kind](spec, rng, context_tokens, split) draws a sample's content and returns build(size): its text with
+# `size` filler units (sentences, noise lines, distractor needles, code lines, list words), which make_sample sizes
+# to the context
 Built = tuple[str, str, str, list[str]]  # context, question, answer prefix, answers
+Filler = Callable[[int], list[str]]  # size -> that many filler units of a needle task's haystack
 
 
-def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Callable[[int], Built]:
+def _essay_filler(rng: random.Random, context_tokens: int, split: str) -> Filler:
+    """Sentences of the split's essays from a random sentence start. A filler has at most `context_tokens` words (each
+    is a token at least), so a start that many words before the end or earlier never runs out of text or repeats it:
+    KVPError when the split's essays hold fewer words."""
+    words, starts = _essay_words(split)
+    if len(words) < context_tokens:
+        raise KVPError(f"the essays of the {split} split hold {len(words)} words, too few for an essay haystack of "
+                       f"up to {context_tokens} tokens; use a context of at most {len(words)} tokens")
+    start = rng.choice([s for s in starts if s <= len(words) - context_tokens])
+    return lambda size: _sentences(" ".join(words[start : start + size])) if size else []
+
+
+def _code_filler(rng: random.Random, split: str) -> Filler:
+    """Consecutive lines of the split's source files from a random line (after the split's last file, its first:
+    each split holds tens of thousands of lines, more than any context)."""
+    lines = code_lines(split)
+    line = rng.randrange(len(lines))
+    return lambda size: [lines[(line + i) % len(lines)] for i in range(size)]
+
+
+def _distractor_filler(spec: TaskSpec, rng: random.Random, keys: list[str]) -> Filler:
+    """Needles of the task's phrasing for keys other than the sample's."""
+    salt = rng.getrandbits(64)
+
+    def units(size: int) -> list[str]:
+        local = random.Random(salt)
+        others = _distinct(lambda: _key(local, spec.key_type), size + len(keys))
+        others = [k for k in others if k not in keys][:size]
+        return [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
+                for k in others]
+
+    return units
+
+
+def _filler(spec: TaskSpec, rng: random.Random, context_tokens: int, split: str, keys: list[str]) -> Filler:
+    """The filler of the needle task's haystack, its random draws made."""
+    if spec.haystack == "essay":
+        return _essay_filler(rng, context_tokens, split)
+    if spec.haystack == "code":
+        return _code_filler(rng, split)
+    if spec.haystack == "noise":
+        return lambda size: [NOISE] * size
+    return _distractor_filler(spec, rng, keys)
+
+
+def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int, split: str) -> Callable[[int], Built]:
     keys = _distinct(lambda: _key(rng, spec.key_type), spec.n_keys)
     values = [[_value(rng, spec.value_type) for _ in range(spec.n_values)] for _ in keys]
     needles = [f"One of the special magic {spec.value_type} for {k} is: {v}."
@@ -193,29 +244,12 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
     queried = keys[: spec.n_queries]
     answers = [v for vs in values[: spec.n_queries] for v in vs]
     query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
-    words, starts = _essay_words()
-    start = rng.choice([s for s in starts if s <= max(0, len(words) - context_tokens)])
-    salt = rng.getrandbits(64)
+    filler = _filler(spec, rng, context_tokens, split, keys)
     in_code = spec.haystack == "code"
-    lines = code_lines() if in_code else ()
-    line = rng.randrange(len(lines)) if in_code else 0
 
     def build(size: int) -> Built:
-        if in_code:
-            units = [lines[(line + i) % len(lines)] for i in range(size)]
-        elif spec.haystack == "essay":
-            text = " ".join((words * (1 + (start + size) // len(words)))[start : start + size])
-            units = _sentences(text) if size else []
-        elif spec.haystack == "noise":
-            units = [NOISE] * size
-        else:  # distractor needles with other keys
-            local = random.Random(salt)
-            others = _distinct(lambda: _key(local, spec.key_type), size + len(keys))
-            others = [k for k in others if k not in keys][:size]
-            units = [f"One of the special magic {spec.value_type} for {k} is: {_value(local, spec.value_type)}."
-                     for k in others]
         shown = [f"# {n}" for n in needles] if in_code else needles  # code: needles as comment lines
-        haystack = ("\n" if in_code else " ").join(insert_at_depths(units, shown, depths))
+        haystack = ("\n" if in_code else " ").join(insert_at_depths(filler(size), shown, depths))
         tv = spec.value_type
         context = (f"Some special magic {tv} are hidden within the following text. Make sure to memorize it. "
                    f"I will quiz you about the {tv} afterwards.\n{haystack}\n")
@@ -226,7 +260,7 @@ def _needle_task(spec: TaskSpec, rng: random.Random, context_tokens: int) -> Cal
     return build
 
 
-def _variable_tracking(spec: TaskSpec, rng: random.Random, context_tokens: int,
+def _variable_tracking(spec: TaskSpec, rng: random.Random, context_tokens: int, split: str,
                        hops: int = 4) -> Callable[[int], Built]:
     names = _distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), hops + 1)
     value = str(rng.randint(10000, 99999))
@@ -245,7 +279,7 @@ def _variable_tracking(spec: TaskSpec, rng: random.Random, context_tokens: int,
     return build
 
 
-def _common_words(spec: TaskSpec, rng: random.Random, context_tokens: int,
+def _common_words(spec: TaskSpec, rng: random.Random, context_tokens: int, split: str,
                   n_common: int = 10) -> Callable[[int], Built]:
     freq_common, freq_rare = (30, 3) if context_tokens >= 4096 else (max(4, context_tokens // 256), 1)
     pool = rng.sample(_vocabulary(), min(len(_vocabulary()), n_common + context_tokens))
@@ -265,7 +299,7 @@ def _common_words(spec: TaskSpec, rng: random.Random, context_tokens: int,
     return build
 
 
-def _frequent_words(spec: TaskSpec, rng: random.Random, context_tokens: int, alpha: float = 2.0,
+def _frequent_words(spec: TaskSpec, rng: random.Random, context_tokens: int, split: str, alpha: float = 2.0,
                     vocab_size: int = 2000) -> Callable[[int], Built]:
     coded = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=6)), vocab_size)
     coded[0] = "...."  # the most frequent "word" is noise, as in RULER
@@ -339,10 +373,9 @@ def make_sample(task: str, handle, context_tokens: int, seed: int, sample_id: in
     at most `context_tokens` tokens (chat template and answer prefix included)."""
     if task not in TASKS:
         raise KVPError(f"unknown RULER task '{task}'; known tasks: {', '.join(TASKS)}")
-    if split not in SPLITS:
-        raise KVPError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
+    check_split(split)
     spec = TASKS[task]
-    build = BUILDERS[spec.kind](spec, _rng(task, split, seed, sample_id), context_tokens)
+    build = BUILDERS[spec.kind](spec, _rng(task, split, seed, sample_id), context_tokens, split)
     built, _ = fit_to_context(build, handle, context_tokens, f"RULER task {task}")
     return sample_from(built, handle, id=f"ruler/{split}/{task}/s{seed}/{sample_id}", task=task, source=SOURCE,
                        split=split, seed=seed, sample_id=sample_id, metric=spec.metric,

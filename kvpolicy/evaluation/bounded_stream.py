@@ -29,6 +29,7 @@ from kvpolicy.compression.scorers import ALL_QUERIES, Scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, missing_budgets
+from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.tasks.base import Task
@@ -53,9 +54,13 @@ class StreamTask(Task):
     def positions(self, handle: ModelHandle, samples: list[StreamSample], max_new_tokens: int) -> tuple[int, str]:
         return max(s.ids.shape[1] for s in samples), "the whole stream"
 
+    def supports(self, contender: Contender, protocol: str) -> bool:
+        """Not a scorer that re-reads the cached text (KVzip): a stream re-ranks a cut cache."""
+        return super().supports(contender, protocol) and not contender.reads_text
+
     def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
         for contender, budget, n in product(contenders, budgets, every):
-            if contender.scorer is not None:  # the oracle is skipped on these tasks
+            if self.supports(contender, BOUNDED_STREAM):  # the others are skipped on these tasks
                 check_stream(contender.scorer, budget, n)
 
     def interval_groups(self, contenders: list[Contender],
@@ -102,12 +107,15 @@ class StreamedNLL:
 
 def check_stream(scorer: Scorer | None, budget: Budget | None, every: int) -> None:
     """Refuse a stream that cannot run: a scorer without a budget (or the reverse: neither is the full cache), a
-    chunk size below 1, a ratio budget (the cache length changes with every chunk), or a scorer that needs the
-    attention inputs of more tokens than a chunk feeds."""
+    chunk size below 1, a scorer that re-reads the cached text (KVzip), a ratio budget (the cache length changes
+    with every chunk), or a scorer that needs the attention inputs of more tokens than a chunk feeds."""
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to bound a stream's cache, or neither for the full cache")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise KVPError(f"a stream is fed N >= 1 tokens at a time; got every={every!r}")
+    if scorer is not None and scorer.reads_text:
+        raise KVPError(f"scorer '{scorer.name}' re-reads the cached text, which only an uncut cache holds, so it "
+                       "cannot re-rank a stream's cache; use another scorer")
     if budget is not None and budget.tokens is None:
         raise KVPError(f"a bounded stream keeps a number of entries per head ('256'), not a ratio ('{budget.label}'): "
                        "the cache grows with every chunk")

@@ -45,7 +45,7 @@ class TraceTask(Task):
     def reader(self) -> TraceReader:
         return TraceReader(self.directory)
 
-    def supports(self, contender: Contender) -> bool:
+    def supports(self, contender: Contender, protocol: str) -> bool:
         return trace_scorable(contender, self.reader)
 
     def sample_facts(self, sample: str) -> tuple[str, str | None]:
@@ -79,8 +79,8 @@ class TraceTask(Task):
 
 def trace_scorable(entry: Contender, reader: TraceReader) -> bool:
     """Attention-free scorers, the learned policy and the oracle rank any trace; query-based ones only where the
-    traces stored their scores."""
-    return entry.kind in ("oracle", "learned") or entry.query_window == 0 or entry.spec in reader.baselines
+    traces stored their scores; those that re-read the prompt's text (KVzip) none, as traces keep no token ids."""
+    return entry.kind in ("oracle", "learned") or entry.attention_free or entry.spec in reader.baselines
 
 
 def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: TraceSample) -> torch.Tensor:
@@ -89,7 +89,7 @@ def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: Trace
     see the cache alone, as LayerView promises them."""
     if entry.kind == "oracle":
         return trace.utility.float()
-    if entry.query_window != 0 and entry.kind != "learned":
+    if not entry.attention_free and entry.kind != "learned":
         if entry.spec not in reader.baselines:
             raise KVPError(f"traces in {reader.directory} store no '{entry.spec}' scores; record them with "
                            f"`kvp traces --baselines {entry.spec}` or leave the scorer out")

@@ -44,6 +44,16 @@ class Contender:
     def query_window(self) -> int:
         return self.scorer.query_window if self.scorer is not None else 0
 
+    @property
+    def reads_text(self) -> bool:
+        """Its scorer re-reads the cached text (KVzip): it ranks only an uncut prefill."""
+        return self.scorer is not None and self.scorer.reads_text
+
+    @property
+    def attention_free(self) -> bool:
+        """Its scorer ranks from the cache alone (see `Scorer.attention_free`)."""
+        return self.scorer is not None and self.scorer.attention_free
+
 
 # (contender id, budget label) -> whether that result is still missing for the sample(s) at hand
 IsMissing = Callable[[str, str], bool]

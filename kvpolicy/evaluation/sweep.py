@@ -173,12 +173,6 @@ class Sweep:
                 contender.scorer.check_model(handle.info)  # a policy trained for another model is refused
         units = []
         for task in self.tasks:
-            contenders = [c for c in self.contenders if task.supports(c)]
-            skipped = [c.label for c in self.contenders if c not in contenders]
-            if skipped:
-                self.notes.append(f"{task.name}: skipped {', '.join(skipped)} (cannot run on this task)")
-            if self.config.full_cache and task.full_cache_reference:
-                contenders = [FULL_CACHE, *contenders]
             protocols = _protocols(task, self.config.protocols)
             if not protocols:
                 self.notes.append(f"{task.name}: none of the protocols {self.config.protocols} applies "
@@ -188,12 +182,24 @@ class Sweep:
                 samples = task.samples(handle, self.config.n_samples, context_tokens, self.config.seed)
                 self._check_positions(handle, task, context_tokens, samples)
                 for protocol in protocols:
+                    contenders = self._contenders(task, protocol)
                     for group in task.prefill_groups(protocol, samples):
                         for every, members in task.interval_groups(contenders, self.config.every):
                             unit = WorkUnit(task, protocol, context_tokens, group, members, 0, every)
                             unit.missing = self._missing(handle, unit)
                             units.append(unit)
         return units
+
+    def _contenders(self, task: Task, protocol: str) -> list[Contender]:
+        """The contenders `task` runs under `protocol`, after the full-cache reference when the sweep and the task
+        compare with it; those it cannot run are left out with a note."""
+        contenders = [c for c in self.contenders if task.supports(c, protocol)]
+        skipped = [c.label for c in self.contenders if c not in contenders]
+        if skipped:
+            self.notes.append(f"{task.name}: skipped {', '.join(skipped)} under {protocol} (cannot run there)")
+        if self.config.full_cache and task.full_cache_reference:
+            contenders = [FULL_CACHE, *contenders]
+        return contenders
 
     def _missing(self, handle: ModelHandle, unit: WorkUnit) -> int:
         """How many results of `unit` the store lacks."""

@@ -33,8 +33,8 @@ class DemoConfig:
     with the model already converted and the bundled policy evaluated too: traces (28 prompts) 141 s, training 30 s,
     evaluation 406 s (744 results), 9 min 46 s in all, peak memory 2.4 GB (5 and 3 samples per RULER task took
     10 min 38 s); on a slower day (2026-12-07, load 0.9 to 1.9) 11 min 51 s with identical results.
-    long_context_tokens: the RULER-style tasks again at this longer context than the traces' (0: skip), with
-    long_samples samples per task. eval_tasks: (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the
+    long_context_tokens: long_tasks (some of eval_tasks) again at this longer context than the traces' (0: skip),
+    with long_samples samples per task. eval_tasks: (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the
     full cache at 1K, the multi-value one with room for its four values. device, dtype:
     kvpolicy.models.placement's defaults (CUDA + bf16 where available, else CPU + fp32) when None.
     `QUICK` is a smoke version of the same pipeline at tiny sizes."""
@@ -50,10 +50,11 @@ class DemoConfig:
     train_compile: bool = True
     eval_tasks: tuple[tuple[str, int], ...] = (("ruler:niah_single_1", 16), ("ruler:niah_single_2", 16),
                                                ("ruler:niah_multivalue", 48))
-    eval_samples: int = 4
+    eval_samples: int = 3
     long_context_tokens: int = 2048
     long_samples: int = 2
-    dialogue_samples: int = 3
+    long_tasks: tuple[str, ...] = ("ruler:niah_single_1", "ruler:niah_single_2")
+    dialogue_samples: int = 2
     budgets: tuple[str, ...] = ("64", "128", "256")
     baselines: tuple[str, ...] = default_lineup(SWEEP)
 
@@ -66,6 +67,9 @@ class DemoConfig:
             raise KVPError("demo: long_context_tokens must exceed context_tokens (or be 0 to skip that check)")
         if not self.eval_tasks or any(cap < 1 for _, cap in self.eval_tasks):
             raise KVPError("demo: give at least one (task, answer-token cap >= 1) in eval_tasks")
+        if self.long_context_tokens and not self.long_tasks or set(self.long_tasks) - {t for t, _ in self.eval_tasks}:
+            raise KVPError("demo: long_tasks must be some of eval_tasks' tasks (at least one when long_context_tokens "
+                           "is set)")
         if self.train_traces < 4:
             raise KVPError("demo: need at least 4 training traces (some are held out for validation)")
 
@@ -94,16 +98,17 @@ class DemoConfig:
         bundled = [f"kvp:{self.model}"] if self.model in bundled_policies() else []  # what users get by default
         scorers = ("--scorer", f"kvp:{policy}", *bundled, *self.baselines)
         sweep = ("sweep", "--model", self.model, "--out", str(out / "results.jsonl"), "--budget", *self.budgets)
-        by_cap: dict[int, list[str]] = {}
-        for task, cap in self.eval_tasks:
-            by_cap.setdefault(cap, []).append(task)
-        runs = [(self.eval_samples, self.context_tokens)]
+        runs = [(self.eval_samples, self.context_tokens, [t for t, _ in self.eval_tasks])]
         if self.long_context_tokens:
-            runs.append((self.long_samples, self.long_context_tokens))
-        result += [Stage(f"ruler-{context}-answer{cap}", (
-            *sweep, "--task", *tasks, "--protocol", QUERY_AWARE, "--context", str(context), "--n", str(n),
-            "--max-new-tokens", str(cap), *scorers, *placement))
-            for n, context in runs for cap, tasks in by_cap.items()]
+            runs.append((self.long_samples, self.long_context_tokens, list(self.long_tasks)))
+        for n, context, names in runs:
+            by_cap: dict[int, list[str]] = {}
+            for task, cap in self.eval_tasks:
+                if task in names:
+                    by_cap.setdefault(cap, []).append(task)
+            result += [Stage(f"ruler-{context}-answer{cap}", (
+                *sweep, "--task", *tasks, "--protocol", QUERY_AWARE, "--context", str(context), "--n", str(n),
+                "--max-new-tokens", str(cap), *scorers, *placement)) for cap, tasks in by_cap.items()]
         trained_at = ("--context", str(self.context_tokens))
         return [*result,
                 Stage("dialogue", (*sweep, "--task", "dialogue", "--protocol", PROMPT_ONCE, MULTI_TURN, *trained_at,
@@ -116,4 +121,5 @@ class DemoConfig:
 QUICK = DemoConfig(context_tokens=256, future_tokens=8, train_traces=6, test_traces=2, train_steps=6,
                    train_compile=False,
                    eval_tasks=(("ruler:niah_single_1", 6),), eval_samples=1, long_context_tokens=384, long_samples=1,
+                   long_tasks=("ruler:niah_single_1",),
                    dialogue_samples=1, budgets=("32", "64"))

@@ -28,7 +28,8 @@ COLORS = {
     "KeyDiff": "#2ca02c",
     "LagKV": "#8c564b",
     "TOVA": "#d62728",
-    "SnapKV": "#9467bd",
+    "SnapKV": "#9467bd",  # SnapKV (window 64) too, as results before its window was in the label call it
+    "SnapKV (window 16)": "#5e3c99",
     "H2O": "#e377c2",
     "ExpectedAttention": "#17becf",
 }

@@ -2,15 +2,16 @@
 
 Traces keep no queries, but the ranking-quality benchmark compares the learned policy against TOVA and SnapKV,
 which see the attention of the prompt's last rows (the question). Those rows' attention inputs are recorded during
-the prefill, so both scores come from ONE causal window attention (W = 64 rows; fp32) batched over all layers. The
-definitions and settings follow kvpress exactly (W and the pool width come from models/baseline_defaults.py, which
-compression's TOVA and SnapKV scorers use too); `baseline_scores_reference` calls kvpress's own `TOVAPress.score` /
-`SnapKVPress.score` layer by layer and the tests compare the two.
+the prefill, so every score comes from ONE causal window attention (the widest window's rows, 64; fp32) batched
+over all layers; a narrower window reads its last rows. The definitions and settings follow kvpress exactly (the
+windows and the pool width come from models/baseline_defaults.py, which compression's TOVA and SnapKV scorers use
+too); `baseline_scores_reference` calls kvpress's own `TOVAPress.score` / `SnapKVPress.score` layer by layer and
+the tests compare the two.
 
 TOVA (https://arxiv.org/abs/2401.06104): attention of the last prompt row, averaged over all query heads.
 SnapKV (https://arxiv.org/abs/2404.14469): attention of the last W rows averaged over rows, smoothed by a
-width-5 average pool, averaged over the KV head's query group. Both give the observation window (TOVA: the last
-token) the score max + 1, as kvpress does.
+width-5 average pool, averaged over the KV head's query group; `snapkv` with kvpress's W = 64, `snapkv_w16` with
+W = 16. Both give the observation window (TOVA: the last token) the score max + 1, as kvpress does.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ import torch.nn.functional as F
 from kvpolicy.errors import KVPError
 from kvpolicy.traces.config import BASELINES
 from kvpolicy.models.attention import AttentionInputs, causal_window_attention, recorded_queries
-from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW
+from kvpolicy.models.baseline_defaults import SNAPKV_FIT_WINDOW, SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 
 
-def baseline_window(prompt_length: int) -> int:
-    """SnapKV observation window for a prompt: kvpress's 64 rows, fewer for very short prompts."""
-    return max(1, min(SNAPKV_WINDOW, prompt_length - 2))
+WINDOWS = {"tova": TOVA_WINDOW, "snapkv": SNAPKV_WINDOW, "snapkv_w16": SNAPKV_FIT_WINDOW}  # rows each one reads
+
+
+def baseline_window(name: str, prompt_length: int) -> int:
+    """The observation window of a baseline on a prompt: its rows (WINDOWS), fewer for very short prompts."""
+    return max(1, min(WINDOWS[name], prompt_length - 2))
 
 
 def rows_needed(names: Sequence[str], prompt_length: int) -> int:
     """How many of the prompt's last rows the prefill must record for these baselines (kvpress asserts that it
     gets strictly more rows than the window)."""
-    return baseline_window(prompt_length) + 1 if names else 0
+    return max((baseline_window(name, prompt_length) + 1 for name in names), default=0)
 
 
 def _check(names: Sequence[str]) -> None:
@@ -80,11 +84,14 @@ def baseline_scores(
     if not names:
         return {}
     length, n_kv = keys[0].shape[-2], keys[0].shape[1]
-    window = baseline_window(length)
+    window = max(baseline_window(name, length) for name in names)
     queries = recorded_queries(attention_modules, recorded, rows=window)  # (L, Hq, W, d)
     probs = causal_window_attention(queries.float(), torch.cat(list(keys)).float(), attention_modules[0].scaling)
-    make = {"tova": tova_from_attention, "snapkv": snapkv_from_attention}
-    return {name: make[name](probs, n_kv) for name in names}
+    scores = {}
+    for name in names:
+        rows = probs[:, :, probs.shape[2] - baseline_window(name, length):]  # the baseline's own last rows
+        scores[name] = tova_from_attention(rows, n_kv) if name == "tova" else snapkv_from_attention(rows, n_kv)
+    return scores
 
 
 def baseline_scores_reference(
@@ -99,8 +106,8 @@ def baseline_scores_reference(
 
     _check(names)
     length = keys[0].shape[-2]
-    snapkv = SnapKVPress(window_size=baseline_window(length), kernel_size=SNAPKV_KERNEL)
-    presses = {"tova": TOVAPress(), "snapkv": snapkv}
+    presses = {name: TOVAPress() if name == "tova" else
+               SnapKVPress(window_size=baseline_window(name, length), kernel_size=SNAPKV_KERNEL) for name in names}
     scores = {}
     for name in names:
         per_layer = [

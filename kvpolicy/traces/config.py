@@ -1,6 +1,7 @@
 """The names and defaults `kvp traces` offers, as plain values (no torch), so its help never imports the recorder."""
 
-BASELINES = ("tova", "snapkv")  # query-based baseline scores a trace can store per sample (traces/baselines.py)
+# query-based baseline scores a trace can store per sample (traces/baselines.py), named as the scorers are
+BASELINES = ("tova", "snapkv", "snapkv_w16")
 DEFAULT_SHARD_BYTES = 128 << 20
 # A shard is also written after this many samples or seconds since its first sample: at 128 MiB alone a small run
 # buffers everything and a kill (SIGKILL skips the final flush) keeps nothing. 8 samples bound what a kill loses on

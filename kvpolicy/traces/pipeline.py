@@ -24,8 +24,8 @@ from kvpolicy.io import check_writable
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.progress import bar
 from kvpolicy.signals import deferred_interrupts
-from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW
-from kvpolicy.traces.baselines import BASELINES
+from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL
+from kvpolicy.traces.baselines import BASELINES, WINDOWS
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
 from kvpolicy.traces.sources import (DESCRIPTIONS, SOURCES, TRACE_SPLITS, longest_context, source_seeds,
@@ -99,8 +99,8 @@ class TraceRunConfig:
                        "stop": "end-of-turn token, included"},
             "seeds": source_seeds(self.source, self.seed, self.tasks),
             "model_dtype": handle.dtype_name,
-            "baselines": {"names": list(self.baselines), "dtype": "float32", "snapkv_window": SNAPKV_WINDOW,
-                          "snapkv_kernel": SNAPKV_KERNEL,
+            "baselines": {"names": list(self.baselines), "dtype": "float32",
+                          "windows": {name: WINDOWS[name] for name in self.baselines}, "snapkv_kernel": SNAPKV_KERNEL,
                           "definition": "kvpress TOVAPress/SnapKVPress.score, batched over layers"},
             "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"},
             "code_version": code_version(),

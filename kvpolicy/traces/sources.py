@@ -44,7 +44,8 @@ def source_seeds(source: str, seed: int, tasks: Sequence[str] | None) -> dict[st
     """What fixes the prompts of a run, for the manifest (sample i of the run has sample id i)."""
     if source == "ruler":
         return {"ruler_seed": seed, "tasks": list(tasks or ruler.RULER_TASKS),
-                "rule": "sample i = task tasks[i % len(tasks)], sample_id i; rng = sha256(task|split|seed|id)"}
+                "rule": "sample i = task tasks[i % len(tasks)], sample_id i; rng = sha256(task|split|seed|id); essay "
+                        "and code haystacks: the split's own essays and files (split as for --source essays, code)"}
     if source == "essays":
         return {"rule": "essays split by sha256 of their name (70/10/10/10 train/val/test/eval), joined in name order; "
                         "sample i = the window of --context tokens at token i * (context // 2)"}
@@ -58,8 +59,9 @@ def source_seeds(source: str, seed: int, tasks: Sequence[str] | None) -> dict[st
                 "sample at that multiple of --context", **{s: source_seeds(s, seed, tasks) for s in MIX_SOURCES}}
     order = ("whole conversations (ShareGPT's parts ID_0, ID_1, ... joined in order) in the file order of their "
              "first part" if source == "long-dialogue" else "conversations in ShareGPT file order")
-    return {"rule": f"{order}, split by sha256 of the base conversation id (80/5/5/10 train/val/test/eval); sample "
-                    "i = the i-th dialogue of the split that fits",
+    return {"rule": f"{order}, split by sha256 of the first part's first turn, whitespace collapsed and case folded "
+                    "(80/5/5/10 train/val/test/eval; every part takes its conversation's split); sample i = the i-th "
+                    "dialogue of the split that fits",
             "min_fraction": dialogue.MIN_FRACTION, "min_user_turns": dialogue.MIN_USER_TURNS}
 
 

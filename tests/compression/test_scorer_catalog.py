@@ -19,21 +19,22 @@ from kvpolicy.errors import KVPError
 
 
 def test_names_labels_and_defaults_stay_those_results_key_on():
-    assert catalog.scorer_names() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "h2o",
-                                      "expected_attention", "oracle")
+    assert catalog.scorer_names() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv",
+                                      "snapkv_w16", "h2o", "expected_attention", "kvzip", "kvzip_plus", "oracle")
     assert {n: label(n) for n in CATALOG} == {
         "random": "Random", "streaming_llm": "StreamingLLM", "knorm": "KNorm", "keydiff": "KeyDiff", "lagkv": "LagKV",
-        "tova": "TOVA", "snapkv": "SnapKV", "h2o": "H2O", "expected_attention": "ExpectedAttention",
-        "oracle": "Oracle"}
-    assert catalog.reads_attention() == ("tova", "snapkv", "h2o", "expected_attention")
+        "tova": "TOVA", "snapkv": "SnapKV (window 64)", "snapkv_w16": "SnapKV (window 16)", "h2o": "H2O",
+        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+", "oracle": "Oracle"}
+    assert catalog.reads_attention() == ("tova", "snapkv", "snapkv_w16", "h2o", "expected_attention", "kvzip",
+                                         "kvzip_plus")
     assert catalog.attention_free() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv")
-    assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv")
+    assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv_w16")
     assert default_lineup(STREAM) == ("streaming_llm", "knorm", "keydiff", "tova", "h2o")
     from kvpolicy.evaluation.bench.ranking_quality import baselines
     from kvpolicy.presets.study import BASELINES, STREAM_BASELINES
 
-    assert baselines() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv")
-    assert BASELINES == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv", "lagkv")
+    assert baselines() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "snapkv_w16")
+    assert BASELINES == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv_w16", "lagkv", "snapkv")
     assert STREAM_BASELINES == default_lineup(STREAM)
 
 
@@ -48,7 +49,7 @@ def test_the_bench_compares_only_query_based_scorers_traces_can_store():
 def test_each_row_says_what_its_class_does(name):
     entry, cls = CATALOG[name], SCORERS[name]
     assert cls.name == name and getattr(scorers, entry.class_name) is cls
-    assert (cls.query_window != 0) == entry.reads_attention
+    assert (cls.query_window != 0 or cls.reads_text) == entry.reads_attention
     if entry.press is not None:  # the kvpress press it wraps
         assert isinstance(cls().make_press(), getattr(kvpress, entry.press))
     else:
@@ -88,7 +89,7 @@ def _help(capsys, command: str) -> str:
 def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
     # the registry and make_scorer
     assert "dummy" in SCORERS and isinstance(make_scorer("dummy"), DummyScorer) and scorers.DummyScorer is DummyScorer
-    with pytest.raises(KVPError, match="known scorers: .*expected_attention, oracle, dummy"):
+    with pytest.raises(KVPError, match="known scorers: .*expected_attention, kvzip, kvzip_plus, oracle, dummy"):
         make_scorer("nope")
     # the command line: `kvp generate --scorer` and `kvp sweep --scorer` offer it, the sweep compares it by default
     assert "eviction scorer: random, streaming_llm" in _help(capsys, "generate")
@@ -113,7 +114,7 @@ def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
     # `kvp bench`'s ranking section compares it (after the attention-free baselines)
     from kvpolicy.evaluation.bench.ranking_quality import baselines
 
-    assert baselines()[-3:] == ("tova", "snapkv", "dummy")
+    assert baselines()[-4:] == ("tova", "snapkv", "snapkv_w16", "dummy")
     # the errors naming the attention-free scorers leave it out; the line-ups the presets compare have it
     assert "dummy" not in catalog.attention_free()
     assert default_lineup(SWEEP, BENCH)[-1] == "dummy" and default_lineup(SWEEP)[-1] == "dummy"

@@ -3,24 +3,35 @@ conversations are ShareGPT's parts joined again."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 
 import pytest
 
-from kvpolicy.data.dialogue import (SPLITS, joined_conversations, make_dialogues, part_of, render_continuation,
-                                    split_of)
+from kvpolicy.data.dialogue import joined_conversations, labelled_parts, make_dialogues, part_of, render_continuation
 from kvpolicy.data.sharegpt import iter_conversations
+from kvpolicy.data.splits import SPLITS
 from kvpolicy.errors import KVPError
 
 
-def test_split_assignment_is_fixed_disjoint_and_proportioned():
-    ids = [f"conv{i}" for i in range(4000)]
-    counts = Counter(split_of(i) for i in ids)
+def _splits(limit: int | None = None) -> dict[str, str]:
+    """base id -> split of the conversations among the file's first `limit` parts."""
+    return {part_of(part.id)[0]: split for split, part in labelled_parts(limit)}
+
+
+def test_split_assignment_is_fixed_proportioned_and_keeps_parts_together():
+    splits, n_parts = defaultdict(set), Counter()
+    for split, part in labelled_parts():
+        base, _ = part_of(part.id)
+        splits[base].add(split)
+        n_parts[base] += 1
+    assert sum(n > 1 for n in n_parts.values()) > 1000  # conversations cut in several parts...
+    assert all(len(s) == 1 for s in splits.values())  # ...each part in its conversation's split
+    counts = Counter(split for (split,) in splits.values())
     assert set(counts) == set(SPLITS)
-    assert 0.76 < counts["train"] / 4000 < 0.84 and 0.08 < counts["eval"] / 4000 < 0.12
-    assert [split_of(i) for i in ids[:50]] == [split_of(i) for i in ids[:50]]
-    assert {split_of(f"abc{i}_0") for i in range(50)} != {"train"}  # ids do spread
-    assert all(split_of(f"x{i}_0") == split_of(f"x{i}_3") for i in range(200))  # parts of one conversation
+    assert 0.76 < counts["train"] / len(splits) < 0.84 and 0.08 < counts["eval"] / len(splits) < 0.12
+    # the first parts of the file split as the whole file does: how many are read changes no assignment
+    assert list(labelled_parts(limit=500)) == list(itertools.islice(labelled_parts(), 500))
     assert [part_of(i) for i in ("abc_12", "a_1_2", "abc", "abc_")] == [("abc", 12), ("a_1", 2), ("abc", 0),
                                                                           ("abc_", 0)]
 
@@ -37,7 +48,7 @@ def _parts(limit: int) -> dict[str, list]:
 def test_joined_conversations_put_the_parts_back_in_order():
     parts = _parts(1500)
     joined = {c.id: c for c in joined_conversations("val", limit=1500)}
-    assert set(joined) == {base for base in parts if split_of(base) == "val"}
+    assert set(joined) == {base for base, split in _splits(1500).items() if split == "val"}
     several = [base for base in joined if len(parts[base]) > 1]
     assert several  # the file's first 1,500 parts hold val conversations cut in several parts
     for base in several:
@@ -50,10 +61,10 @@ def test_joined_conversations_put_the_parts_back_in_order():
 @pytest.mark.model
 def test_whole_dialogues_reach_beyond_one_part(smollm):
     samples = make_dialogues(smollm, "train", 2, 4096, scan_limit=1500, whole=True)
-    parts = _parts(1500)
+    parts, splits = _parts(1500), _splits(1500)
     for s in samples:
         base = s.id.split("/")[1]
-        assert 2048 <= s.length <= 4096 and s.messages[-1]["role"] == "user" and split_of(base) == "train"
+        assert 2048 <= s.length <= 4096 and s.messages[-1]["role"] == "user" and splits[base] == "train"
         longest_part = max(smollm.encode(smollm.chat(p.messages(), add_generation_prompt=False)).shape[1]
                            for p in parts[base])
         assert s.length > longest_part  # no single shipped part holds this prompt

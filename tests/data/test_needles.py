@@ -11,10 +11,9 @@ import re
 import pytest
 
 from kvpolicy.data import needles, ruler, tables
-from kvpolicy.data.dialogue import split_of
+from kvpolicy.data.dialogue import joined_conversations, labelled_parts
 from kvpolicy.data.needles import NEEDLE_TASKS, chat_units, code_units, conversation_units, make_needle_sample
 from kvpolicy.data.ruler import RULER_TASKS, make_sample
-from kvpolicy.data.sharegpt import iter_conversations
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import sweep
 from kvpolicy.evaluation.store import read_results
@@ -32,12 +31,12 @@ def _fenced(context: str, language: str) -> str:
 def test_the_chat_haystack_is_only_eval_split_replies():
     eval_lines, other_lines = set(), set()
     taken = 0
-    for conversation in iter_conversations():
+    for split, conversation in labelled_parts():
         lines = {line.strip() for t in conversation.turns if t.role == "assistant" for line in t.text.splitlines()}
-        if split_of(conversation.id) == needles.SPLIT and taken < needles.CHAT_CONVERSATIONS:
+        if split == needles.SPLIT and taken < needles.CHAT_CONVERSATIONS:
             eval_lines |= lines
             taken += 1
-        elif split_of(conversation.id) != needles.SPLIT:
+        elif split != needles.SPLIT:
             other_lines |= lines
         if taken == needles.CHAT_CONVERSATIONS and len(other_lines) > 50_000:
             break
@@ -49,14 +48,15 @@ def test_the_chat_haystack_is_only_eval_split_replies():
 
 def test_the_conversation_haystack_is_only_long_whole_eval_split_conversations():
     conversations = needles.long_conversations()
-    assert len(conversations) > 100 and all(split_of(c.id) == needles.SPLIT for c in conversations)
+    eval_ids = {c.id for c in joined_conversations(needles.SPLIT)}
+    assert len(conversations) > 100 and all(c.id in eval_ids for c in conversations)
     assert all(len(c.turns) >= needles.MIN_CONVERSATION_TURNS and c.turns[0].role == "user" for c in conversations)
     units, starts = conversation_units()
     assert len(starts) == len(conversations) and all(units[i].startswith(needles.USER) for i in starts)
     eval_lines, other_lines = set(), set()
-    for conversation in iter_conversations():
+    for split, conversation in labelled_parts():
         lines = {line.rstrip() for t in conversation.turns for line in t.text.splitlines()}
-        (eval_lines if split_of(conversation.id) == needles.SPLIT else other_lines).update(lines)
+        (eval_lines if split == needles.SPLIT else other_lines).update(lines)
     text = {u.removeprefix(needles.USER).removeprefix(needles.ASSISTANT) for u in units}
     assert text <= eval_lines
     # lines shared with train/val/test conversations are short and generic ("Sure!", "Thank you!", code braces)

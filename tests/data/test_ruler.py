@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpolicy.data.ruler import (EXTRA_TASKS, NOISE, RULER_TASKS, SPLITS, TASKS, make_sample, make_samples,
-                                 score_prediction, string_match_all, string_match_part)
+from kvpolicy.data.ruler import (EXTRA_TASKS, NOISE, RULER_TASKS, TASKS, make_sample, make_samples, score_prediction,
+                                 string_match_all, string_match_part)
+from kvpolicy.data.splits import SPLITS
 from kvpolicy.errors import KVPError
 from kvpolicy.traces.record import greedy_continuation
 

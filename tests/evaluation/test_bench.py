@@ -70,6 +70,8 @@ def test_scoring_shares_are_times_over_the_prefill(bench):
     assert a["scorers"]["h2o"]["recorded_queries"] == "all" and a["scorers"]["kvp"]["recorded_queries"] == "none"
     tova = a["scorers"]["tova"]
     assert tova["recording_share_of_prefill"] == pytest.approx(a["prefill_recording_s"]["1"] / a["prefill_s"] - 1)
+    kvzip = a["scorers"]["kvzip"]  # its scoring re-reads the whole prompt on the cache: a prefill or more
+    assert kvzip["recorded_queries"] == "none" and kvzip["share_of_prefill"] > 0.5
 
 
 @pytest.mark.model

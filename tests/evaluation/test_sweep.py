@@ -23,7 +23,7 @@ from kvpolicy.evaluation.lineup import make_contenders
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.store import read_results
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig, WorkUnit, run_sweep
-from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE, QUERY_AWARE, QUESTION_AGNOSTIC, TRACES
 from kvpolicy.evaluation.tasks import resolve_tasks
 from kvpolicy.experiment import PRESETS
 
@@ -231,8 +231,10 @@ def held_out_traces(smollm, tmp_path_factory):
 @pytest.mark.model
 def test_trace_costs_oracle_is_one_and_random_is_worse(smollm, held_out_traces):
     (task,) = resolve_tasks([f"traces:{held_out_traces}"])
-    contenders = [c for c in make_contenders(["oracle", "random", "knorm", "tova", "h2o"]) if task.supports(c)]
-    assert [c.spec for c in contenders] == ["oracle", "random", "knorm", "tova"]  # h2o needs queries the traces lack
+    named = make_contenders(["oracle", "random", "knorm", "tova", "h2o", "kvzip"])
+    contenders = [c for c in named if task.supports(c, TRACES)]
+    # h2o needs queries the traces lack, kvzip the token ids
+    assert [c.spec for c in contenders] == ["oracle", "random", "knorm", "tova"]
     outs = list(costs.trace_costs(task.reader, 0, contenders, [Budget(tokens=32), Budget(ratio=0.5)],
                                   lambda *_: True))
     by = {(o.contender.spec, o.budget): o.fields for o in outs}

@@ -91,7 +91,7 @@ def test_dialogue_reference_traces_with_baselines(smollm, tmp_path):
     s = reader.manifest["samples"][0]
     assert s["id"].startswith("sharegpt/") and s["future_length"] == 6
     assert "OASST2" in reader.manifest["source_description"]
-    assert reader.baselines == ["tova", "snapkv"]  # held-out traces carry them for the ranking benchmark
+    assert reader.baselines == ["tova", "snapkv", "snapkv_w16"]  # held-out traces carry them for the ranking benchmark
     for name in reader.baselines:
         scores = reader.read_baseline(0, 12, name)
         assert scores.shape == (3, s["length"]) and scores.dtype == torch.float32 and torch.isfinite(scores).all()

@@ -7,19 +7,20 @@ import itertools
 import pytest
 
 from kvpolicy.cli import main
-from kvpolicy.data.code import SKIPPED_DIRS, read_source, source_paths, stdlib_root
-from kvpolicy.data.documents import SPLITS, iter_documents, split_of
-from kvpolicy.data.essays import load_essays
+from kvpolicy.data.code import SKIPPED_DIRS, read_source, source_paths, source_split, split_paths, stdlib_root
+from kvpolicy.data.documents import iter_documents
+from kvpolicy.data.essays import essay_split, load_essays
+from kvpolicy.data.splits import SPLITS
 from kvpolicy.errors import KVPError
 from kvpolicy.traces.sources import MIX_CYCLE, longest_context, mix_plan, trace_prompts
 from kvpolicy.traces.store import TraceReader
 
 
 def test_essays_split_by_name_into_disjoint_sets():
-    names = {split: {e.name for e in load_essays() if split_of(e.name) == split} for split in SPLITS}
+    names = {split: {e.name for e in load_essays() if essay_split(e.name) == split} for split in SPLITS}
     assert all(names.values())  # every split holds essays
     assert sum(map(len, names.values())) == len(load_essays())
-    assert split_of(load_essays()[0].name) == split_of(load_essays()[0].name)
+    assert essay_split(load_essays()[0].name) == essay_split(load_essays()[0].name)
 
 
 def test_code_corpus_is_the_standard_library_split_by_path():
@@ -27,7 +28,7 @@ def test_code_corpus_is_the_standard_library_split_by_path():
     assert len(paths) > 300 and list(paths) == sorted(paths)
     assert not any(SKIPPED_DIRS.intersection(p.split("/")[:-1]) for p in paths)
     assert "json/decoder.py" in paths and not any("torch" in p for p in paths)  # needle:code's haystack is torch.nn
-    by_split = {split: [p for p in paths if split_of(p, "code") == split] for split in SPLITS}
+    by_split = {split: split_paths(split) for split in SPLITS}
     assert all(by_split.values()) and sum(map(len, by_split.values())) == len(paths)
     source = read_source("json/decoder.py")
     assert source.text.startswith("# json/decoder.py\n") and "class JSONDecoder" in source.text
@@ -61,7 +62,7 @@ def test_document_prompts_are_windows_followed_by_their_reference(smollm):
 @pytest.mark.model
 def test_code_prompts_are_windows_over_the_splits_files_in_path_order(smollm):
     docs = list(itertools.islice(iter_documents(smollm, "val", 128, corpus="code"), 30))
-    first_file = next(p for p in source_paths() if split_of(p, "code") == "val")
+    first_file = next(p for p in source_paths() if source_split(p) == "val")
     assert docs[0].prompt.startswith(f"# {first_file}\n") and docs[0].id == "code-val-128-0"
     assert docs[1].prompt[:40] in docs[0].prompt and docs[0].reference[:40] in docs[1].prompt
     assert len({d.prompt for d in docs}) == 30

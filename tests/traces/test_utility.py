@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import record_attention_inputs
-from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
+from kvpolicy.models.baseline_defaults import SNAPKV_FIT_WINDOW, SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import BASELINES, baseline_scores, baseline_scores_reference, rows_needed
 from kvpolicy.traces.future import FutureConfig
@@ -86,7 +86,8 @@ def test_baselines_equal_kvpress_default_presses_on_a_random_model():
         model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
         fast = baseline_scores(BASELINES, attn, recorded, keys)
-        for name, press in (("tova", TOVAPress()), ("snapkv", SnapKVPress())):
+        for name, press in (("tova", TOVAPress()), ("snapkv", SnapKVPress()),
+                            ("snapkv_w16", SnapKVPress(window_size=SNAPKV_FIT_WINDOW))):
             own = torch.stack([
                 press.score(a, r.hidden_states, k, v, None, {"position_embeddings": r.position_embeddings})[0]
                 for a, r, k, v in zip(attn, recorded, keys, values)
@@ -102,9 +103,13 @@ def test_baseline_settings_have_one_home():
     from kvpolicy.compression.scorers import make_scorer
 
     press, snapkv, tova = SnapKVPress(), make_scorer("snapkv"), make_scorer("tova")
+    fit = make_scorer("snapkv_w16")
     assert (press.window_size, press.kernel_size) == (SNAPKV_WINDOW, SNAPKV_KERNEL)
     assert (snapkv.window_size, snapkv.kernel_size) == (SNAPKV_WINDOW, SNAPKV_KERNEL)
+    assert (fit.window_size, fit.kernel_size) == (SNAPKV_FIT_WINDOW, SNAPKV_KERNEL)
     assert snapkv.query_window == rows_needed(BASELINES, 10 * SNAPKV_WINDOW) and tova.query_window == TOVA_WINDOW
+    for name in ("snapkv", "snapkv_w16"):  # each stored SnapKV score reads the rows its scorer records
+        assert make_scorer(name).query_window == rows_needed([name], 10 * SNAPKV_WINDOW)
 
 
 @pytest.mark.model

@@ -3,17 +3,22 @@
 A scorer sees one layer at a time through a `LayerView`. Attention-free scorers (and the learned KVP policy)
 read only the cache: keys, values, positions. Attention-based scorers declare `query_window` > 0 and then also
 receive the attention module and the inputs to attention (hidden states + RoPE cos/sin) of the most recent
-tokens, from which they recompute just the queries they need.
+tokens, from which they recompute just the queries they need. A scorer that `reads_text` (KVzip) instead ranks the
+whole cache at once with the model (`rank_cache`), by feeding it the cached text again: only an uncut prefill.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvpolicy.models.attention import ALL_QUERIES  # a query_window value: every query of the latest chunk
+
+if TYPE_CHECKING:
+    from kvpolicy.compression.state import KVState
+    from kvpolicy.models import ModelHandle
 
 __all__ = ["ALL_QUERIES", "LayerView", "Scorer"]
 
@@ -47,14 +52,23 @@ class Scorer:
     """Base class: subclasses implement `score`. Scores are budget-agnostic rankings: rank once, cut anywhere."""
 
     name = "scorer"
-    query_window = 0  # 0: attention-free (can run at any time, e.g. during decoding); >0 or ALL_QUERIES: needs queries
+    query_window = 0  # 0: needs no queries; >0 or ALL_QUERIES: the queries of the latest chunk's last tokens
+    # True: ranks by re-reading the cached text with the model, e.g. KVzip: only an uncut prefill, never while decoding
+    reads_text = False
 
     @property
     def attention_free(self) -> bool:
-        return self.query_window == 0
+        """Ranks from the cache alone, so it can run at any time (during decoding included)."""
+        return self.query_window == 0 and not self.reads_text
 
     def score(self, view: LayerView) -> torch.Tensor:
         """Scores (batch, kv_heads, T), higher = keep."""
+        raise NotImplementedError
+
+    def rank_cache(self, handle: ModelHandle, state: KVState) -> list[torch.Tensor]:
+        """For a scorer that `reads_text`, instead of `score`: per layer scores (1, kv_heads, T), higher = keep, of
+        the cache of `state` (one sequence whose `ids` hold every token fed), computed with the model of `handle`;
+        `state` is left as it was."""
         raise NotImplementedError
 
     def check_model(self, info: Any) -> None:

@@ -25,7 +25,7 @@ from kvpress import (
 
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
-from kvpolicy.models.baseline_defaults import SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
+from kvpolicy.models.baseline_defaults import SNAPKV_FIT_WINDOW, SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 
 
 @dataclass
@@ -117,6 +117,15 @@ class SnapKVScorer(KVPressScorer):
 
     def make_press(self) -> ScorerPress:
         return SnapKVPress(window_size=self.window_size, kernel_size=self.kernel_size)
+
+
+@dataclass
+class SnapKVFitScorer(SnapKVScorer):
+    """SnapKV with an observation window that fits small budgets (kvpress keeps the whole window: its default 64
+    rows alone fill a budget of 64 entries per head)."""
+
+    name = "snapkv_w16"
+    window_size: int = SNAPKV_FIT_WINDOW
 
 
 class _FuturePositionsPress(ExpectedAttentionPress):

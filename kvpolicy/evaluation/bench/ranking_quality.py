@@ -102,8 +102,8 @@ def measure_ranking(train_dir: str, val_dir: str, test_dir: str | None, policy: 
 
     contenders = [c for c in make_contenders([f"kvp:{path}", *baselines()]) if trace_scorable(c, test)]
     methods = {c.label: scorer_method(test, c) for c in contenders}
-    report["attention_free"] = [c.label for c in contenders if c.kind == "heuristic" and c.query_window == 0]
-    report["query_based"] = [c.label for c in contenders if c.kind == "heuristic" and c.query_window != 0]
+    report["attention_free"] = [c.label for c in contenders if c.kind == "heuristic" and c.attention_free]
+    report["query_based"] = [c.label for c in contenders if c.kind == "heuristic" and not c.attention_free]
     start = time.perf_counter()
     report["ranking"] = evaluate(test, methods, budgets, train_cfg["sinks"], train_cfg["recent"])
     report["evaluation_seconds"] = round(time.perf_counter() - start, 1)

@@ -45,8 +45,9 @@ class Task:
     # whether the sweep compares the scorers with the uncompressed cache (FULL_CACHE) on this task
     full_cache_reference: ClassVar[bool] = True
 
-    def supports(self, contender: Contender) -> bool:
-        """Whether a scorer can run on this task (the oracle needs a trace's true future)."""
+    def supports(self, contender: Contender, protocol: str) -> bool:
+        """Whether a scorer can run on this task under `protocol` (the oracle needs a trace's true future); the sweep
+        skips the others with a note."""
         return contender.kind != "oracle"
 
     def sample_facts(self, sample: str) -> tuple[str, str | None]:

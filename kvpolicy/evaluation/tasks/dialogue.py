@@ -1,8 +1,9 @@
 """Dialogue perplexity benchmarks: perplexity of the final assistant turn of multi-turn conversations.
 
 Offline: ShareGPT dialogues (the stand-in for the paper's OASST2), from the dialogue generator's "eval" split
-(never a conversation of the training traces: the split is fixed by a hash of the conversation id), cut at a turn
-boundary to the context length; the sample seed does not apply. Online: OASST2 threads from the hub.
+(never a conversation of the training traces: the split is fixed by a hash of the conversation's content, so a
+conversation ShareGPT repeats under another id is in one split too), cut at a turn boundary to the context length;
+the sample seed does not apply. Online: OASST2 threads from the hub.
 """
 
 from __future__ import annotations
