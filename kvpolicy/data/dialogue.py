@@ -24,6 +24,9 @@ from kvpolicy.errors import KVPError
 
 MIN_FRACTION = 0.5  # a prompt takes at least this fraction of the target length
 MIN_USER_TURNS = 2  # multi-turn dialogues only
+# a reply of a few tokens ("OK", "Thanks!") makes a perplexity of noise: a sample's reference reply has at least this
+# many tokens (end-of-turn included)
+MIN_ANSWER_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,10 @@ def render_continuation(handle, messages: list[dict], prompt: str, assistant_tex
 
 
 def cut_dialogue(handle, conversation: Conversation, split: str, context_tokens: int, min_tokens: int,
-                 min_user_turns: int) -> DialogueSample | None:
+                 min_user_turns: int, min_answer_tokens: int = MIN_ANSWER_TOKENS) -> DialogueSample | None:
     """The longest prefix ending with a user turn (and followed by an assistant turn) that fits in
     `context_tokens`, as a sample of `split` (the conversation's); None when that prefix is shorter than `min_tokens`
-    or has too few user turns."""
+    or has too few user turns, or when the reply that follows it has fewer than `min_answer_tokens` tokens."""
     turns = conversation.turns
     first = next((t.role for t in turns if t.role != "system"), None)
     if first != "user":
@@ -128,10 +131,12 @@ def cut_dialogue(handle, conversation: Conversation, split: str, context_tokens:
     n_user = sum(m["role"] == "user" for m in messages)
     if length < min_tokens or n_user < min_user_turns:
         return None
+    reference = render_continuation(handle, messages, prompt, turns[end + 1].text)
+    if handle.encode(reference).shape[1] < min_answer_tokens:
+        return None
     return DialogueSample(
-        id=f"sharegpt/{conversation.id}/{end + 1}", split=split, messages=tuple(messages),
-        prompt=prompt, reference=render_continuation(handle, messages, prompt, turns[end + 1].text), length=length,
-        n_user_turns=n_user,
+        id=f"sharegpt/{conversation.id}/{end + 1}", split=split, messages=tuple(messages), prompt=prompt,
+        reference=reference, length=length, n_user_turns=n_user,
     )
 
 
@@ -139,7 +144,8 @@ def iter_dialogues(handle, split: str, context_tokens: int, min_fraction: float 
                    min_user_turns: int = MIN_USER_TURNS, scan_limit: int | None = None,
                    whole: bool = False) -> Iterator[DialogueSample]:
     """Dialogue samples of a split in file order: prompts of min_fraction·context_tokens to context_tokens tokens
-    with at least `min_user_turns` user turns (multi-turn by default), cut from ShareGPT's parts as shipped, or with
+    with at least `min_user_turns` user turns (multi-turn by default) and a reply of at least MIN_ANSWER_TOKENS
+    tokens after them, cut from ShareGPT's parts as shipped, or with
     `whole`, from whole conversations (their parts joined again: prompts beyond one part's ~2K tokens)."""
     check_split(split)
     if not 0 <= min_fraction <= 1:

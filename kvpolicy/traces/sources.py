@@ -62,7 +62,8 @@ def source_seeds(source: str, seed: int, tasks: Sequence[str] | None) -> dict[st
     return {"rule": f"{order}, split by sha256 of the first part's first turn, whitespace collapsed and case folded "
                     "(80/5/5/10 train/val/test/eval; every part takes its conversation's split); sample i = the i-th "
                     "dialogue of the split that fits",
-            "min_fraction": dialogue.MIN_FRACTION, "min_user_turns": dialogue.MIN_USER_TURNS}
+            "min_fraction": dialogue.MIN_FRACTION, "min_user_turns": dialogue.MIN_USER_TURNS,
+            "min_answer_tokens": dialogue.MIN_ANSWER_TOKENS}
 
 
 def corpora_of(source: str) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from kvpolicy.data.dialogue import joined_conversations, labelled_parts, make_dialogues, part_of, render_continuation
+from kvpolicy.data.dialogue import (MIN_ANSWER_TOKENS, cut_dialogue, joined_conversations, labelled_parts,
+                                    make_dialogues, part_of, render_continuation)
 from kvpolicy.data.sharegpt import iter_conversations
 from kvpolicy.data.splits import SPLITS
 from kvpolicy.errors import KVPError
@@ -86,6 +87,7 @@ def test_dialogues_are_cut_at_a_user_turn_within_the_budget(smollm):
         assert [m["content"] for m in s.messages] == [t.text for t in turns[:n_turns]]
         nxt = turns[n_turns]
         assert nxt.role == "assistant" and s.reference == nxt.text + "<|im_end|>"
+        assert smollm.encode(s.reference).shape[1] >= MIN_ANSWER_TOKENS  # a perplexity over a real reply
         # the longest such prefix: the next user turn would not fit
         later = [i for i in range(n_turns + 1, len(turns) - 1)
                  if turns[i].role == "user" and turns[i + 1].role == "assistant"]
@@ -116,3 +118,13 @@ def test_render_continuation_keeps_an_answer_prefix(smollm):
     messages = [{"role": "user", "content": "Which number?"}]
     prompt = smollm.chat(messages) + "The number is"
     assert render_continuation(smollm, messages, prompt, "The number is 7.") == " 7.<|im_end|>"
+
+
+@pytest.mark.model
+def test_a_prompt_followed_by_a_reply_of_a_few_tokens_is_no_sample(smollm):
+    """The eval conversation DhelrJT_0 cut at 1K tokens is followed by a 3-token reply, whose perplexity (2,291 with
+    the full cache) would swamp any mean: it is skipped."""
+    conversation = next(c for c in iter_conversations() if c.id == "DhelrJT_0")
+    short = cut_dialogue(smollm, conversation, "eval", 1024, 512, 2, min_answer_tokens=0)
+    assert short is not None and smollm.encode(short.reference).shape[1] < MIN_ANSWER_TOKENS
+    assert cut_dialogue(smollm, conversation, "eval", 1024, 512, 2) is None
