@@ -223,3 +223,27 @@ def test_a_demo_config_that_cannot_run_is_refused(change, message):
     with pytest.raises(KVPError, match=re.escape(message)):
         DemoConfig(**change)
     DemoConfig(long_context_tokens=0, long_tasks=())  # no long-context check: no tasks needed
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.preset)
+def test_the_comparison_shares_the_recipes_traces_and_compares_every_strong_method(recipe, tmp_path):
+    compare = PRESETS[f"compare-{recipe.preset.removeprefix('bundled-')}"]
+    plan = {s.name: s.argv for s in compare.stages(tmp_path)}
+    recipe_plan = {s.name: s.argv for s in recipe.stages(tmp_path)}
+    assert compare.default_out("x") == recipe.default_out(recipe.preset)
+    shared = [name for name in plan if name.startswith("traces-") or name == "train-kvp-mix"]
+    assert shared and all(plan[name] == recipe_plan[name] for name in shared)  # a recipe's run serves both
+    assert "traces-test" not in plan  # the comparison evaluates on the eval split only
+    assert [n for n in plan if n.startswith("train-")] == [
+        "train-kvp-mix", "train-kvp-mix-s1", "train-kvp-mix-s2", "train-kvzap-s0", "train-kvzap-s1", "train-kvzap-s2"]
+    sweep = plan["compare-4096"]
+    scorers = sweep[sweep.index("--scorer") + 1:]
+    assert {"kvzip", "kvzip_plus", "snapkv", "snapkv_w16", "tova", "knorm", "keydiff", "streaming_llm", "random",
+            "lagkv"} <= set(scorers)
+    assert f"kvp:{tmp_path}/kvp-mix-s2" in scorers and f"kvzap_mlp:{tmp_path}/kvzap-s1" in scorers
+    budgets = sweep[sweep.index("--budget") + 1:sweep.index("--scorer")]
+    assert budgets == ("r0.25", "r0.5", "r0.75", "r0.875")  # kvpress's leaderboard ratios
+    assert plan["compare-2048"][plan["compare-2048"].index("--budget") + 5:][:3] == ("64", "128", "256")
+    assert sweep[sweep.index("--task") + 1:sweep.index("--protocol")] == ("ruler", "needles")
+    with pytest.raises(KVPError, match="at least 3 distinct seeds"):
+        type(compare)(recipe, seeds=(0, 1))

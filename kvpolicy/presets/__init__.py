@@ -5,6 +5,8 @@
 - recipe.py  the recipe of each bundled policy: traces, training, bundling, evaluation (`bundled-smollm2`,
              `bundled-qwen2.5`)
 - demo.py    the demo `kvp demo` runs (`demo`), and its smoke version (`demo-quick`, `kvp demo --quick`)
+- compare.py the comparison against KVzap, KVzip and the heuristics, per model (`compare-smollm2`,
+             `compare-qwen2.5`), sharing the recipe's traces
 
 Plain values only (no torch), so that `kvp --help` lists them at once.
 """
@@ -12,6 +14,7 @@ Plain values only (no torch), so that `kvp --help` lists them at once.
 from __future__ import annotations
 
 from kvpolicy.evaluation.names import PROMPT_ONCE
+from kvpolicy.presets.compare import CompareConfig
 from kvpolicy.presets.demo import QUICK, DemoConfig
 from kvpolicy.presets.recipe import RecipeConfig
 from kvpolicy.presets.stage import PresetConfig
@@ -30,6 +33,7 @@ PRESETS: dict[str, PresetConfig] = {
     "smollm2": StudyConfig("smollm2-135m", long_contexts=(4096, 8176)),
     "qwen2.5": StudyConfig("qwen2.5-0.5b"),
     **{recipe.preset: recipe for recipe in RECIPES},
+    **{f"compare-{recipe.preset.removeprefix('bundled-')}": CompareConfig(recipe) for recipe in RECIPES},
     "demo": DemoConfig(),
     "demo-quick": QUICK,
 }

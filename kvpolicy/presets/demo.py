@@ -1,4 +1,4 @@
-"""The demo (`kvp demo`, `kvp experiment --preset demo`): the whole story on SmolLM2 in about 10 minutes on a 2-core
+"""The demo (`kvp demo`, `kvp experiment --preset demo`): the whole story on SmolLM2 in about 7 minutes on a 2-core
 CPU (measured; the stages' times are in DemoConfig).
 
 1. traces   future-utility traces of RULER-style prompts (train split, plus a few held-out test prompts)
@@ -29,10 +29,10 @@ DEMO_OUT = "kvp-demo"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.5 at the start, 1.9 at the end)
-    with the model already converted and the bundled policy evaluated too: traces (28 prompts) 141 s, training 30 s,
-    evaluation 406 s (744 results), 9 min 46 s in all, peak memory 2.4 GB (5 and 3 samples per RULER task took
-    10 min 38 s); on a slower day (2026-12-07, load 0.9 to 1.9) 11 min 51 s with identical results.
+    """Sizes of every stage. `kvp demo` with these took, on a 2-core CPU (load 1.9, the demo's own threads) with
+    the model already converted and the bundled policy evaluated too: traces (28 prompts) 154 s, training 21 s,
+    evaluation 224 s (569 results), 6 min 45 s in all, peak memory 2.3 GB (2026-12-07; 4 samples per RULER task, the
+    multi-value task at 2K too and 3 dialogues took 9 min 46 s to 11 min 51 s).
     long_context_tokens: long_tasks (some of eval_tasks) again at this longer context than the traces' (0: skip),
     with long_samples samples per task. eval_tasks: (RULER task, answer-token cap) pairs: tasks SmolLM2 solves with the
     full cache at 1K, the multi-value one with room for its four values. device, dtype:

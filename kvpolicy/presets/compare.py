@@ -1,0 +1,94 @@
+"""The comparison that decides whether to use KVP (`kvp experiment --preset compare-smollm2`, `compare-qwen2.5`):
+KVP-mix against the methods users pick today, on a clean and complete RULER-style benchmark, for one model.
+
+1. traces   the bundled recipe's own training and validation traces (the same stages: run into the recipe's output
+            directory, the comparison reuses what the recipe recorded, and the reverse)
+2. train    KVP-mix once per seed (seed 0 is the recipe's `train-kvp-mix`), and KVzap (linear and MLP) once per seed on
+            the same prompts and held-out split (`kvp train-kvzap`)
+3. sweeps   every policy and KVzap seed, KVzip, KVzip+, both SnapKV windows, the heuristics and the full cache on the
+            eleven RULER-style tasks and the evaluation-only needles, at 2K and 4K, at kvpress's leaderboard ratios
+            (25, 50, 75 and 87.5% removed) and, at 2K, at the small token budgets of the other studies; query-aware
+            and question-agnostic; `samples` prompts per task and point on the eval split
+4. report   per task, the RULER average, seed means and spreads, Holm-marked paired differences
+
+On the 2-core CPU this is days of compute (KVzip alone costs 4-5 prefills there): every stage resumes, so it runs
+across sessions, or on a GPU in hours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpolicy.compression.catalog import BENCH, SWEEP, default_lineup
+from kvpolicy.errors import KVPError
+from kvpolicy.evaluation.names import QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.presets.recipe import RecipeConfig
+from kvpolicy.presets.stage import Stage
+
+QUERY_AGNOSTIC_METHODS = ("kvzip", "kvzip_plus")  # kvpress's strongest: scored by reconstructing the cached text
+KVZAP_KINDS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Sizes of the comparison for the model of `recipe` (whose traces and KVP-mix recipe it shares). seeds: training
+    seeds of KVP-mix and KVzap (at least 3, to report a spread); contexts: prompt lengths of the sweeps; ratios:
+    kvpress's leaderboard compression ratios (fraction removed); budgets: token budgets added at the recipe's
+    context; samples: prompts per task and point."""
+
+    recipe: RecipeConfig
+    seeds: tuple[int, ...] = (0, 1, 2)
+    contexts: tuple[int, ...] = (2048, 4096)
+    ratios: tuple[str, ...] = ("0.25", "0.5", "0.75", "0.875")
+    budgets: tuple[str, ...] = ("64", "128", "256")
+    samples: int = 30
+
+    def __post_init__(self):
+        if len(self.seeds) < 3 or len(set(self.seeds)) != len(self.seeds) or 0 not in self.seeds:
+            raise KVPError("compare: give at least 3 distinct seeds, 0 among them (the recipe's own KVP-mix)")
+        if self.samples < 1 or not self.contexts or not self.ratios:
+            raise KVPError("compare: need samples >= 1, at least one context and at least one ratio")
+
+    @property
+    def model(self) -> str:
+        return self.recipe.model
+
+    @property
+    def summary(self) -> str:
+        return (f"KVP-mix against KVzap, KVzip and the heuristics on {self.model}: {len(self.seeds)} seeds, 11 "
+                f"RULER-style tasks and the needles at {', '.join(map(str, self.contexts))} tokens")
+
+    def default_out(self, name: str) -> str:
+        return self.recipe.default_out(self.recipe.preset)  # the recipe's directory: its traces serve both
+
+    def stages(self, out: Path) -> list[Stage]:
+        planned = {s.name: s for s in self.recipe.stages(out)}
+        mix = planned["train-kvp-mix"]
+        reads = set(mix.argv)  # the trace directories KVP-mix trains and validates on
+        traces = [s for s in planned.values() if s.name.startswith("traces-") and str(s.output) in reads]
+        policies = [mix] + [Stage(f"train-kvp-mix-s{seed}", (*_without_out(mix.argv), "--out",
+                                                             str(out / f"kvp-mix-s{seed}"), "--seed", str(seed)))
+                            for seed in self.seeds if seed]
+        r = self.recipe
+        kvzap = [Stage(f"train-kvzap-s{seed}", (
+            "train-kvzap", "--model", self.model, "--source", "mix", "--split", "train", "--n", str(r.train_prompts),
+            "--context", str(r.context), "--val-split", "val", "--val-n", str(r.val_prompts), "--seed", str(seed),
+            "--out", str(out / f"kvzap-s{seed}"))) for seed in self.seeds]
+        scorers = (*(f"kvp:{s.output}" for s in policies),
+                   *(f"kvzap_{kind}:{s.output}" for s in kvzap for kind in KVZAP_KINDS),
+                   *QUERY_AGNOSTIC_METHODS, *default_lineup(SWEEP, BENCH))
+        results = str(out / "compare.jsonl")
+        sweeps = [Stage(f"compare-{context}", (
+            "sweep", "--model", self.model, "--out", results, "--task", "ruler", "needles", "--protocol", QUERY_AWARE,
+            QUESTION_AGNOSTIC, "--context", str(context), "--n", str(self.samples), "--budget",
+            *(f"r{ratio}" for ratio in self.ratios), *(self.budgets if context == r.context else ()),
+            "--scorer", *scorers)) for context in self.contexts]
+        report = Stage("report", ("report", results, "--out", str(out / "compare-report")))
+        return [*traces, *policies, *kvzap, *sweeps, report]
+
+
+def _without_out(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """A command without its `--out DIR`."""
+    at = argv.index("--out")
+    return argv[:at] + argv[at + 2:]
