@@ -24,6 +24,8 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kvpolicy.compression.cli", "answer a prompt with a compressed KV cache"),
     "traces": ("kvpolicy.traces.cli", "record future-utility training traces from real model runs"),
     "train": ("kvpolicy.training.cli", "train the per-head KVP eviction policies on traces"),
+    "train-kvzap": ("kvpolicy.kvzap.cli", "train KVzap's per-layer score predictors (linear, MLP) for a model on "
+                    "the prompts KVP trains on"),
     "policies": ("kvpolicy.policy.cli", "list the KVP policies bundled with kvpolicy (--bundle CKPT ships one)"),
     "sweep": ("kvpolicy.sweep_cli", "evaluate scorers x budgets x tasks into a resumable JSONL store"),
     "report": ("kvpolicy.report.cli", "write the HTML/Markdown report with figures from a results file"),

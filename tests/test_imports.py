@@ -21,8 +21,9 @@ BELOW = {
     "policy": {"models"},
     "training": {"models", "data", "traces", "policy"},
     "compression": {"models", "data", "policy"},
-    "evaluation": {"models", "data", "traces", "policy", "training", "compression"},
-    "report": {"models", "data", "traces", "policy", "training", "compression", "evaluation"},
+    "kvzap": {"models", "data", "traces", "policy", "compression"},
+    "evaluation": {"models", "data", "traces", "policy", "training", "compression", "kvzap"},
+    "report": {"models", "data", "traces", "policy", "training", "compression", "evaluation", "kvzap"},
     # `kvp experiment`'s presets: plain values naming the commands' arguments, read from the light modules
     "presets": {"models", "policy", "compression", "evaluation"},
 }

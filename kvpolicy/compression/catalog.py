@@ -31,7 +31,8 @@ class ScorerEntry:
     cache while decoding (the class's `query_window` > 0 or `reads_text` says the same; a test keeps them equal);
     press: the kvpress press it wraps, if any;
     defaults: the default line-ups it joins (LINEUPS); needs_utility: it ranks by a trace's true future utility
-    (the oracle): traces only."""
+    (the oracle): traces only; setting: the one setting a `--scorer NAME:VALUE` spec gives (e.g. `weights`, a
+    directory of trained weights), None when the row takes no value."""
 
     name: str
     label: str
@@ -40,6 +41,7 @@ class ScorerEntry:
     press: str | None = None
     defaults: tuple[str, ...] = ()
     needs_utility: bool = False
+    setting: str | None = None
 
     def __post_init__(self):
         check_reference(self.scorer, f"scorer '{self.name}': give its class as 'module:Class'")
@@ -80,6 +82,10 @@ CATALOG: dict[str, ScorerEntry] = {e.name: e for e in (
     ScorerEntry("kvzip", "KVzip", f"{_SCORERS}.kvzip:KVzipScorer", reads_attention=True, press="KVzipPress"),
     ScorerEntry("kvzip_plus", "KVzip+", f"{_SCORERS}.kvzip:KVzipPlusScorer", reads_attention=True,
                 press="KVzipPress"),
+    ScorerEntry("kvzap_linear", "KVzap (linear)", f"{_SCORERS}.kvzap:KVzapLinearScorer", reads_attention=True,
+                press="KVzapPress", setting="weights"),
+    ScorerEntry("kvzap_mlp", "KVzap (MLP)", f"{_SCORERS}.kvzap:KVzapMLPScorer", reads_attention=True,
+                press="KVzapPress", setting="weights"),
     ScorerEntry("oracle", "Oracle", f"{_SCORERS}.oracle:OracleScorer", needs_utility=True),
 )}
 
@@ -112,7 +118,20 @@ def default_lineup(*lineups: str) -> tuple[str, ...]:
     return tuple(e.name for e in CATALOG.values() if set(lineups) & set(e.defaults))
 
 
-def label(name: str) -> str:
-    """What results and figures call a scorer (its name when the catalog has no row for it)."""
+def parse_spec(spec: str) -> tuple[ScorerEntry | None, str | None]:
+    """The row a `--scorer` spec names and the value a `NAME:VALUE` spec gives its `setting` (None: a plain name);
+    (None, None) when no row takes the spec."""
+    name, colon, value = spec.partition(":")
     entry = CATALOG.get(name)
-    return entry.label if entry is not None else name
+    if entry is None or (colon and (entry.setting is None or not value)):
+        return None, None
+    return entry, value if colon else None
+
+
+def label(spec: str) -> str:
+    """What results and figures call a scorer: its row's label, with the last part of a `NAME:VALUE` spec's value
+    (the spec itself when the catalog has no row for it)."""
+    entry, value = parse_spec(spec)
+    if entry is None:
+        return spec
+    return f"{entry.label} {value.rstrip('/').rpartition('/')[2]}" if value else entry.label

@@ -11,6 +11,7 @@ from kvpolicy.errors import KVPError
 SINKS = 4  # first positions always kept
 RECENT = 16  # last positions always kept
 POSITION_ENCODINGS = ("absolute", "relative", "both")
+KVZAP_KINDS = ("linear", "mlp")  # the KVzap models (kvpress's KVzapPress model_type), policy/kvzap.py
 
 
 @dataclass

@@ -20,13 +20,15 @@ from kvpolicy.errors import KVPError
 
 def test_names_labels_and_defaults_stay_those_results_key_on():
     assert catalog.scorer_names() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv",
-                                      "snapkv_w16", "h2o", "expected_attention", "kvzip", "kvzip_plus", "oracle")
+                                      "snapkv_w16", "h2o", "expected_attention", "kvzip", "kvzip_plus", "kvzap_linear",
+                                      "kvzap_mlp", "oracle")
     assert {n: label(n) for n in CATALOG} == {
         "random": "Random", "streaming_llm": "StreamingLLM", "knorm": "KNorm", "keydiff": "KeyDiff", "lagkv": "LagKV",
         "tova": "TOVA", "snapkv": "SnapKV (window 64)", "snapkv_w16": "SnapKV (window 16)", "h2o": "H2O",
-        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+", "oracle": "Oracle"}
+        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+", "kvzap_linear": "KVzap (linear)", "kvzap_mlp": "KVzap (MLP)",
+        "oracle": "Oracle"}
     assert catalog.reads_attention() == ("tova", "snapkv", "snapkv_w16", "h2o", "expected_attention", "kvzip",
-                                         "kvzip_plus")
+                                         "kvzip_plus", "kvzap_linear", "kvzap_mlp")
     assert catalog.attention_free() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv")
     assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv_w16")
     assert default_lineup(STREAM) == ("streaming_llm", "knorm", "keydiff", "tova", "h2o")
@@ -89,7 +91,7 @@ def _help(capsys, command: str) -> str:
 def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
     # the registry and make_scorer
     assert "dummy" in SCORERS and isinstance(make_scorer("dummy"), DummyScorer) and scorers.DummyScorer is DummyScorer
-    with pytest.raises(KVPError, match="known scorers: .*expected_attention, kvzip, kvzip_plus, oracle, dummy"):
+    with pytest.raises(KVPError, match="known scorers: .*kvzip_plus, kvzap_linear, kvzap_mlp, oracle, dummy"):
         make_scorer("nope")
     # the command line: `kvp generate --scorer` and `kvp sweep --scorer` offer it, the sweep compares it by default
     assert "eviction scorer: random, streaming_llm" in _help(capsys, "generate")
@@ -118,3 +120,16 @@ def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
     # the errors naming the attention-free scorers leave it out; the line-ups the presets compare have it
     assert "dummy" not in catalog.attention_free()
     assert default_lineup(SWEEP, BENCH)[-1] == "dummy" and default_lineup(SWEEP)[-1] == "dummy"
+
+
+def test_a_row_with_a_setting_takes_it_from_the_spec():
+    entry, value = catalog.parse_spec("kvzap_mlp:runs/m/kvzap-s1/")
+    assert entry is CATALOG["kvzap_mlp"] and value == "runs/m/kvzap-s1/"
+    assert catalog.parse_spec("kvzap_mlp") == (CATALOG["kvzap_mlp"], None)
+    assert label("kvzap_mlp:runs/m/kvzap-s1/") == "KVzap (MLP) kvzap-s1" and label("kvzap_mlp") == "KVzap (MLP)"
+    scorer = make_scorer("kvzap_linear:runs/m/kvzap-s2")
+    assert scorer.weights == "runs/m/kvzap-s2" and scorer.identity()["weights"] == "runs/m/kvzap-s2"
+    for spec in ("knorm:x", "kvzap_mlp:", "nothing:x"):  # a row without a setting, no value, no row
+        assert catalog.parse_spec(spec) == (None, None)
+        with pytest.raises(KVPError, match=r"unknown scorer .*kvzap_mlp:WEIGHTS"):
+            make_scorer(spec)

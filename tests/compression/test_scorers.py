@@ -131,7 +131,7 @@ def test_oracle_ranks_by_true_utility_at_true_positions():
 
 def test_registry_errors_and_identity():
     assert set(SCORERS) == {"random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "snapkv_w16",
-                            "h2o", "expected_attention", "kvzip", "kvzip_plus", "oracle"}
+                            "h2o", "expected_attention", "kvzip", "kvzip_plus", "kvzap_linear", "kvzap_mlp", "oracle"}
     with pytest.raises(KVPError, match="known scorers: random, streaming_llm"):
         make_scorer("nope")
     with pytest.raises(KVPError, match="utility"):

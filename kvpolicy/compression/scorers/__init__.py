@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from kvpolicy.compression.catalog import CATALOG
+from kvpolicy.compression.catalog import CATALOG, parse_spec
 from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
@@ -39,8 +39,9 @@ def known_scorers() -> str:
 
 
 def make_scorer(spec: str, **kw) -> Scorer:
-    """A scorer from its registry name (settings as keyword arguments), `kvp:PATH` (a learned policy checkpoint) or
-    `kvp:MODEL` (the policy bundled for a model).
+    """A scorer from its registry name (settings as keyword arguments), `NAME:VALUE` for a row that takes one setting
+    that way (e.g. `kvzap_mlp:DIR`, weights=DIR), `kvp:PATH` (a learned policy checkpoint) or `kvp:MODEL` (the policy
+    bundled for a model).
 
     The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError listing the known ones.
     """
@@ -51,9 +52,13 @@ def make_scorer(spec: str, **kw) -> Scorer:
     if spec == LEARNED:
         raise KVPError(f"'{spec}' names a learned policy: use {LEARNED_PREFIX}MODEL for the policy bundled for a "
                        f"model (e.g. {LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
-    entry = CATALOG.get(spec)
+    entry, value = parse_spec(spec)
     if entry is None:
-        raise KVPError(f"unknown scorer '{spec}'; known scorers: {known_scorers()}")
+        settable = [f"{e.name}:{e.setting.upper()}" for e in CATALOG.values() if e.setting]
+        raise KVPError(f"unknown scorer '{spec}'; known scorers: {known_scorers()}"
+                       + (f" (and {', '.join(settable)})" if settable else ""))
+    if value is not None:
+        kw = {entry.setting: value, **kw}
     if entry.needs_utility and "utility" not in kw:
         raise KVPError(f"scorer '{spec}' needs the true future utility: "
                        f"make_scorer('{spec}', utility=per_layer_utility)")

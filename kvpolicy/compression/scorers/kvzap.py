@@ -1,0 +1,85 @@
+"""KVzap: a small model per layer predicts each cached entry's log KVzip+ score from the hidden state that entered
+the layer's attention with it, instead of reconstructing the text as KVzip does (arXiv 2601.07891).
+
+The scores are kvpress's own: its `KVzapPress.score` applies layer l's model (a linear map, or a GELU MLP) to the
+hidden states (B, T, hidden) and returns (B, kv_heads, T). Only the weights come from kvpolicy rather than nvidia's
+hub repositories: `kvp train-kvzap` fits them on kvpolicy's own training prompts, and those of the models shipped
+with kvpolicy come in the package (kvpolicy.policy.kvzap). Each entry needs its own hidden state, so the scorer
+ranks a cache right after the one prefill that fed it (every token's attention inputs recorded), never while
+decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from kvpress import KVzapPress
+
+from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
+from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
+from kvpolicy.errors import KVPError
+from kvpolicy.models import ModelInfo
+from kvpolicy.policy.kvzap import kvzap_directory, load_kvzap
+
+
+@dataclass
+class KVzapDirectoryPress(KVzapPress):
+    """kvpress's KVzapPress with its KVzapModel read from a KVzap directory instead of the hub: `weights` (a `kvp
+    train-kvzap` output, or its linear/ or mlp/), else the weights shipped for the model it is applied to."""
+
+    weights: str = ""
+
+    def post_init_from_model(self, model) -> None:
+        from kvpolicy.models.loader import identify
+
+        self.load_for(identify(model))
+
+    def load_for(self, info: ModelInfo) -> None:
+        """Load the weights for the model `info` (once per model), refusing weights trained for another one."""
+        directory = kvzap_directory(info.name, self.model_type, self.weights)
+        loaded = f"{directory}@{info.fingerprint}"
+        if loaded != self.kvzap_model_name:
+            self.kvzap_model = load_kvzap(directory, info, self.model_type)
+            self.kvzap_model_name = loaded
+
+
+@dataclass
+class KVzapScorer(KVPressScorer):
+    """KVzap's predicted log KVzip+ scores (B, H, T) of a cache whose every entry's attention input was recorded.
+    weights: a `kvp train-kvzap` output directory; empty: the weights shipped for the model."""
+
+    name = "kvzap"
+    model_type = ""  # kvpress's KVzapPress model_type: linear or mlp
+    query_window = ALL_QUERIES
+    weights: str = ""
+
+    def make_press(self) -> KVzapDirectoryPress:
+        return KVzapDirectoryPress(model_type=self.model_type, weights=self.weights)
+
+    def check_model(self, info: ModelInfo) -> None:
+        self._press.load_for(info)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        cached, fed = view.keys.shape[2], view.hidden_states.shape[1]
+        if fed != cached:
+            raise KVPError(f"scorer '{self.name}' predicts each cached entry's score from the hidden state it entered "
+                           f"attention with, but only the latest {fed} of the {cached} cached entries' are recorded (a "
+                           "cache fed in several chunks); rank a cache right after its one prefill, or use another "
+                           "scorer")
+        return super().score(view)
+
+
+@dataclass
+class KVzapLinearScorer(KVzapScorer):
+    """KVzap with a linear map per layer (ridge regression)."""
+
+    name = "kvzap_linear"
+    model_type = "linear"
+
+
+@dataclass
+class KVzapMLPScorer(KVzapScorer):
+    """KVzap with a two-layer GELU MLP per layer."""
+
+    name = "kvzap_mlp"
+    model_type = "mlp"

@@ -1,0 +1,89 @@
+"""A `kvp train-kvzap` run: collect the data (resumable), fit each kind, write the weights and their held-out R².
+
+    DIR/run.json                        the model (name, fingerprint, shape) and what fixes the collected data
+    DIR/data/SPLIT/NNNNN.safetensors    prompt NNNNN's inputs, targets and token positions (collect.py)
+    DIR/linear/, DIR/mlp/               KVzap weights in kvpress's KVzapModel format, fp16 (kvpolicy.policy.kvzap)
+    DIR/metrics.json                    per kind: R² per layer on the held-out prompts and its mean, the in-sample
+                                        mean, the fit's seconds; the MLP's losses per epoch
+
+A rerun collects only the prompts missing from DIR/data (a grown --n or --val-n adds its new prompts), then fits
+again; a DIR collected for another model or with other collection settings is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.errors import KVPError
+from kvpolicy.io import check_writable, read_json_file, write_json
+from kvpolicy.kvzap.collect import collect_split, load_split
+from kvpolicy.kvzap.config import KVzapRunConfig
+from kvpolicy.kvzap.fit import fit_mlp, fit_ridge, linear_model, r_squared
+from kvpolicy.models import ModelHandle
+from kvpolicy.policy.kvzap import save_kvzap
+from kvpolicy.schema import validate
+
+RUN_FORMAT = "kvpolicy-kvzap-run/1"
+RUN = "run.json"
+RUN_SCHEMA = {"format": str, "model": {"name": str, "fingerprint": str}, "collection": dict}
+
+
+def check_run(out: Path, handle: ModelHandle, cfg: KVzapRunConfig) -> None:
+    """Record in out/run.json what this run collects for, or refuse a directory that holds data of another model or
+    collected with other settings."""
+    file = out / RUN
+    if not file.exists():
+        write_json(file, {"format": RUN_FORMAT, "model": handle.info.to_dict(), "collection": cfg.collection()})
+        return
+    fix = "choose another --out"
+    record = read_json_file(file, "KVzap run record", fix)
+    validate(record, RUN_SCHEMA, str(file), fix)
+    made_for, info = record["model"], handle.info
+    if made_for["fingerprint"] != info.fingerprint:
+        raise KVPError(f"{out} holds KVzap data of {made_for['name']} (fingerprint {made_for['fingerprint']}), not "
+                       f"{info.name} (fingerprint {info.fingerprint}); {fix}")
+    if record["collection"] != cfg.collection():
+        raise KVPError(f"{out} holds KVzap data collected with {record['collection']}, this run asks for "
+                       f"{cfg.collection()}; re-run with those settings or {fix}")
+
+
+def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path) -> dict[str, Any]:
+    """Collect what `out` lacks, fit every kind of `cfg.kinds` on the training prompts, measure it on the held-out
+    ones as it ships (fp16 weights) and write it to out/KIND; returns the metrics, also written to out/metrics.json."""
+    out = Path(out)
+    check_writable(out, "KVzap directory", directory=True)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run(out, handle, cfg)
+    start = time.perf_counter()
+    splits = {cfg.split: cfg.n, **({cfg.val_split: cfg.val_n} if cfg.val_n else {})}
+    collected = {split: collect_split(handle, cfg, split, n, out / "data" / split) for split, n in splits.items()}
+    collect_seconds = time.perf_counter() - start
+    X, y = load_split(out / "data" / cfg.split, cfg.n)
+    held_out = load_split(out / "data" / cfg.val_split, cfg.val_n) if cfg.val_n else None
+    info = handle.info
+    command = cfg.command(info.name, str(out))
+    data = {"source": cfg.source, "split": cfg.split, "prompts": cfg.n, "tokens": X.shape[0],
+            "context_tokens": cfg.context_tokens, "val_split": cfg.val_split if held_out else None,
+            "val_prompts": cfg.val_n, "val_tokens": held_out[0].shape[0] if held_out else 0}
+    metrics: dict[str, Any] = {"model": info.to_dict(), "command": command, "data": data, "collected_now": collected,
+                               "collect_seconds": round(collect_seconds, 1), "kinds": {}}
+    for kind in cfg.kinds:
+        start = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if kind == "linear":
+            model = linear_model(*fit_ridge(X, y, cfg.alpha))
+        else:
+            mlp, extra["history"] = fit_mlp(X, y, cfg.mlp)
+            model = mlp.to_kvzap()
+        model = model.half().float()  # measured as it ships
+        r2 = r_squared(model, *held_out).tolist() if held_out else None
+        summary = {"r2_per_layer": r2, "r2_mean": sum(r2) / len(r2) if r2 else None,
+                   "train_r2_mean": float(r_squared(model, X, y).mean()),
+                   "fit_seconds": round(time.perf_counter() - start, 1)}
+        save_kvzap(out / kind, model, {"kind": kind, "model": {"name": info.name, "fingerprint": info.fingerprint},
+                                       "command": command, "data": data, **summary})
+        metrics["kinds"][kind] = {**summary, **extra}
+    write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,83 @@
+"""KVzap through kvpress's own KVzapPress: the scorers' scores are `KVzapPress.score`'s on the same hidden states,
+with weights read from a kvpolicy KVzap directory (never the hub); a model without weights, weights trained for
+another model and a cache whose entries' hidden states were not all recorded are refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from kvpress import KVzapPress
+from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
+
+from kvpolicy.cli import main
+from kvpolicy.compression.engine import prefill, rank
+from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
+from kvpolicy.errors import KVPError
+from kvpolicy.policy import kvzap
+from kvpolicy.policy.kvzap import save_kvzap
+
+TEXT = ("The lighthouse keeper of Varn kept a ledger of every ship that passed the cape. In the spring of the flood "
+        "year he counted forty-one schooners, nine steamers and a single balloon.")
+
+
+def random_weights(root: Path, info, hidden: int, fingerprint: str | None = None) -> Path:
+    """A `kvp train-kvzap`-shaped directory (linear/ and mlp/) of random KVzap models for the model `info`."""
+    for kind, hidden_dim in (("linear", None), ("mlp", 16)):
+        torch.manual_seed(0)
+        net = KVzapModel(KVzapConfig(input_dim=hidden, output_dim=info.n_kv_heads, n_modules=info.n_layers,
+                                     hidden_dim=hidden_dim))
+        save_kvzap(root / kind, net, {"kind": kind, "model": {"name": info.name,
+                                                              "fingerprint": fingerprint or info.fingerprint}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(smollm, tmp_path_factory) -> Path:
+    return random_weights(tmp_path_factory.mktemp("kvzap"), smollm.info, smollm.model.config.hidden_size)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name, kind", [("kvzap_linear", "linear"), ("kvzap_mlp", "mlp")])
+def test_scores_are_kvpress_kvzap_press_on_the_same_hidden_states(smollm, weights, name, kind):
+    state, _ = prefill(smollm, smollm.encode(TEXT), record_queries=ALL_QUERIES)
+    ours = rank(smollm, state, make_scorer(name, weights=str(weights)))
+    press = KVzapPress(model_type=kind)
+    press.kvzap_model = KVzapModel.from_pretrained(weights / kind, use_safetensors=True)
+    for idx, layer in enumerate(smollm.layers):
+        keys, values = state.layer(idx)
+        theirs = press.score(layer.self_attn, state.recorded[idx].hidden_states, keys, values, None, {})
+        assert ours[idx].shape == keys.shape[:3] and torch.allclose(ours[idx], theirs, atol=1e-6), f"layer {idx}"
+
+
+@pytest.mark.model
+def test_weights_of_another_model_and_a_partly_recorded_cache_are_refused(smollm, weights, tmp_path):
+    info = smollm.info
+    other = random_weights(tmp_path, info, smollm.model.config.hidden_size, fingerprint="f" * 16)
+    state, _ = prefill(smollm, smollm.encode(TEXT), record_queries=ALL_QUERIES)
+    with pytest.raises(KVPError, match=f"trained for {info.name} \\(fingerprint f+\\), not {info.name}"):
+        rank(smollm, state, make_scorer("kvzap_mlp", weights=str(other)))
+    ids = smollm.encode(TEXT)
+    state, _ = prefill(smollm, ids[:, :10])
+    prefill(smollm, ids[:, 10:], state, record_queries=ALL_QUERIES)
+    with pytest.raises(KVPError, match=f"only the latest {ids.shape[1] - 10} of the {ids.shape[1]} cached entries"):
+        rank(smollm, state, make_scorer("kvzap_linear", weights=str(weights)))
+
+
+@pytest.mark.model
+def test_a_model_without_kvzap_weights_is_one_line(smollm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kvzap, "SHIPPED_DIR", tmp_path)
+    assert main(["generate", TEXT, "--scorer", "kvzap_mlp", "--budget", "32", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("kvp generate: error: no KVzap weights for model smollm2-135m (shipped: none); train them with "
+                   "`kvp train-kvzap --model smollm2-135m --source mix --split train --n 64 --out DIR` and pass "
+                   "weights=DIR\n")
+
+
+@pytest.mark.model
+def test_the_weights_shipped_for_smollm2_rank_its_cache(smollm):
+    state, _ = prefill(smollm, smollm.encode(TEXT), record_queries=ALL_QUERIES)
+    scores = rank(smollm, state, make_scorer("kvzap_mlp"))
+    assert len(scores) == smollm.info.n_layers and scores[0].shape == state.layer(0)[0].shape[:3]
+    assert all(s.isfinite().all() and s.std() > 0 for s in scores)
