@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=run.alpha, help="the linear model's ridge penalty")
     parser.add_argument("--seed", type=int, default=run.seed, help="RULER generator seed (as `kvp traces --seed`) "
                         "and the token sample's")
-    parser.add_argument("--mlp-hidden", type=int, default=mlp.hidden, help="the MLP's width (0: the model's hidden size / 8, the paper's ratio)")
+    parser.add_argument("--mlp-hidden", type=int, default=mlp.hidden,
+                        help="the MLP's width (0: the model's hidden size / 8, the paper's ratio)")
     parser.add_argument("--mlp-epochs", type=int, default=mlp.epochs)
     parser.add_argument("--mlp-lr", type=float, default=mlp.lr)
     parser.add_argument("--mlp-batch", type=int, default=mlp.batch)

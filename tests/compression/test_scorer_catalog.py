@@ -25,7 +25,8 @@ def test_names_labels_and_defaults_stay_those_results_key_on():
     assert {n: label(n) for n in CATALOG} == {
         "random": "Random", "streaming_llm": "StreamingLLM", "knorm": "KNorm", "keydiff": "KeyDiff", "lagkv": "LagKV",
         "tova": "TOVA", "snapkv": "SnapKV (window 64)", "snapkv_w16": "SnapKV (window 16)", "h2o": "H2O",
-        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+", "kvzap_linear": "KVzap (linear)", "kvzap_mlp": "KVzap (MLP)",
+        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+",
+        "kvzap_linear": "KVzap (linear)", "kvzap_mlp": "KVzap (MLP)",
         "oracle": "Oracle"}
     assert catalog.reads_attention() == ("tova", "snapkv", "snapkv_w16", "h2o", "expected_attention", "kvzip",
                                          "kvzip_plus", "kvzap_linear", "kvzap_mlp")
