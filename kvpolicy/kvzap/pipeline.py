@@ -27,6 +27,7 @@ from kvpolicy.schema import validate
 
 RUN_FORMAT = "kvpolicy-kvzap-run/1"
 RUN = "run.json"
+METRICS = "metrics.json"
 RUN_SCHEMA = {"format": str, "model": {"name": str, "fingerprint": str}, "collection": dict}
 
 
@@ -49,6 +50,15 @@ def check_run(out: Path, handle: ModelHandle, cfg: KVzapRunConfig) -> None:
                        f"{cfg.collection()}; re-run with those settings or {fix}")
 
 
+def earlier_kinds(out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of the kinds an earlier run fitted on the same data (a rerun with `--kind mlp` keeps linear's)."""
+    file = out / METRICS
+    if not file.exists():
+        return {}
+    earlier = read_json_file(file, "KVzap metrics", "delete it and re-run the same command")
+    return earlier.get("kinds", {}) if earlier.get("data") == data else {}
+
+
 def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path) -> dict[str, Any]:
     """Collect what `out` lacks, fit every kind of `cfg.kinds` on the training prompts, measure it on the held-out
     ones as it ships (fp16 weights) and write it to out/KIND; returns the metrics, also written to out/metrics.json."""
@@ -68,7 +78,7 @@ def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path) -> di
             "context_tokens": cfg.context_tokens, "val_split": cfg.val_split if held_out else None,
             "val_prompts": cfg.val_n, "val_tokens": held_out[0].shape[0] if held_out else 0}
     metrics: dict[str, Any] = {"model": info.to_dict(), "command": command, "data": data, "collected_now": collected,
-                               "collect_seconds": round(collect_seconds, 1), "kinds": {}}
+                               "collect_seconds": round(collect_seconds, 1), "kinds": earlier_kinds(out, data)}
     for kind in cfg.kinds:
         start = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -85,5 +95,5 @@ def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path) -> di
         save_kvzap(out / kind, model, {"kind": kind, "model": {"name": info.name, "fingerprint": info.fingerprint},
                                        "command": command, "data": data, **summary})
         metrics["kinds"][kind] = {**summary, **extra}
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS, metrics)
     return metrics

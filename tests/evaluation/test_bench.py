@@ -13,7 +13,7 @@ import torch
 
 from kvpolicy.cli import main
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.scorers import SCORERS
+from kvpolicy.compression.scorers import SCORERS, make_scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
 from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
@@ -231,3 +231,14 @@ def test_one_policy_has_one_cost_in_validation_ranking_section_and_trace_costs(s
     print_ranking(report)
     printed = capsys.readouterr().out
     assert "KVP" in printed and "vs best attention-free" in printed and "policy: " in printed
+
+
+@pytest.mark.model
+def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_why(smollm, tmp_path, monkeypatch):
+    from kvpolicy.evaluation.bench.scoring import bench_scorers
+    from kvpolicy.policy import kvzap
+
+    monkeypatch.setattr(kvzap, "SHIPPED_DIR", tmp_path)  # as for a model without KVzap weights (Qwen2.5 today)
+    scorers, refused = bench_scorers(smollm, make_scorer("knorm"), 64)
+    assert set(refused) == {"kvzap_linear", "kvzap_mlp"} and "train-kvzap" in refused["kvzap_mlp"]
+    assert set(scorers) == {"kvp", *SCORERS} - set(refused)

@@ -40,7 +40,8 @@ def test_train_kvzap_end_to_end_resumes_and_refuses_another_models_directory(smo
 
     before = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.safetensors")}
     assert main(["train-kvzap", *TINY, "--kind", "linear", "--out", str(out)]) == 0
-    assert json.loads((out / "metrics.json").read_text())["collected_now"] == {"train": 0, "val": 0}
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["collected_now"] == {"train": 0, "val": 0} and set(again["kinds"]) == {"linear", "mlp"}
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.safetensors")} == before
     capsys.readouterr()
 

@@ -78,7 +78,9 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         print(f"   KVP policy: {policy} ({origin})")
         kvp = make_scorer(f"{LEARNED_PREFIX}{policy}", model=handle.info)
     if section == "a":
-        scorers = scoring.bench_scorers(handle, kvp, max(contexts))
+        scorers, refused = scoring.bench_scorers(handle, kvp, max(contexts))
+        for name, why in refused.items():
+            print(f"   {name} left out: {why}")
         figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats)
         scoring.print_scoring(figures)
     elif section == "b":

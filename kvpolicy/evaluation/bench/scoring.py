@@ -12,6 +12,7 @@ import torch
 from kvpolicy.compression.engine import evict, prefill, rank
 from kvpolicy.compression.catalog import CATALOG
 from kvpolicy.compression.scorers import Scorer, make_scorer
+from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.bench.timing import essay_ids, kept_budget, timed
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.attention import ALL_QUERIES
@@ -20,17 +21,25 @@ from kvpolicy.progress import bar
 WARM_UP_TOKENS = 256  # the warm-up prompt's length (shorter when every context is)
 
 
-def bench_scorers(handle: ModelHandle, kvp: Scorer, max_context: int) -> dict[str, Scorer]:
-    """Name -> scorer: the KVP policy `kvp` and every scorer of the catalog; the oracle with a random utility
-    (L, H, max_context), enough for any prompt up to max_context tokens."""
+def bench_scorers(handle: ModelHandle, kvp: Scorer, max_context: int) -> tuple[dict[str, Scorer], dict[str, str]]:
+    """(name -> scorer, name -> why it cannot run here): the KVP policy `kvp` and every scorer of the catalog that
+    can score this model (KVzap needs weights trained for it); the oracle with a random utility (L, H,
+    max_context), enough for any prompt up to max_context tokens."""
     info = handle.info
-    scorers = {"kvp": kvp}
+    scorers: dict[str, Scorer] = {"kvp": kvp}
+    refused: dict[str, str] = {}
     for name, entry in CATALOG.items():
         if entry.needs_utility:
-            scorers[name] = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max_context))
+            scorer = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max_context))
         else:
-            scorers[name] = make_scorer(name)
-    return scorers
+            scorer = make_scorer(name)
+        try:
+            scorer.check_model(info)
+        except KVPError as err:
+            refused[name] = str(err)
+            continue
+        scorers[name] = scorer
+    return scorers, refused
 
 
 def window_label(window: int) -> str:
