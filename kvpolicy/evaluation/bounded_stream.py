@@ -55,8 +55,8 @@ class StreamTask(Task):
         return max(s.ids.shape[1] for s in samples), "the whole stream"
 
     def supports(self, contender: Contender, protocol: str) -> bool:
-        """Not a scorer that re-reads the cached text (KVzip): a stream re-ranks a cut cache."""
-        return super().supports(contender, protocol) and not contender.reads_text
+        """Not a scorer that ranks only a whole prefill (KVzip, KVzap): a stream re-ranks a cut cache."""
+        return super().supports(contender, protocol) and not contender.whole_prefill
 
     def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
         for contender, budget, n in product(contenders, budgets, every):

@@ -45,9 +45,9 @@ class Contender:
         return self.scorer.query_window if self.scorer is not None else 0
 
     @property
-    def reads_text(self) -> bool:
-        """Its scorer re-reads the cached text (KVzip): it ranks only an uncut prefill."""
-        return self.scorer is not None and self.scorer.reads_text
+    def whole_prefill(self) -> bool:
+        """Its scorer ranks only the cache of one whole prefill (KVzip, KVzap), not a cut cache fed more later."""
+        return self.scorer is not None and self.scorer.whole_prefill
 
     @property
     def attention_free(self) -> bool:

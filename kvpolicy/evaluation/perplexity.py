@@ -37,8 +37,9 @@ class DialogueTask(Task):
     max_answer_tokens: int = 256
 
     def supports(self, contender: Contender, protocol: str) -> bool:
-        """Not a scorer that re-reads the cached text (KVzip) under multi-turn, whose later rounds rank a cut cache."""
-        return super().supports(contender, protocol) and not (protocol == MULTI_TURN and contender.reads_text)
+        """Not a scorer that ranks only a whole prefill (KVzip, KVzap) under multi-turn, whose later rounds rank a
+        cut cache."""
+        return super().supports(contender, protocol) and not (protocol == MULTI_TURN and contender.whole_prefill)
 
     def positions(self, handle: ModelHandle, samples: list[DialogueSample], max_new_tokens: int) -> tuple[int, str]:
         return max(dialogue_positions(handle, s, self.max_answer_tokens) for s in samples), "prompt and answer"

@@ -81,3 +81,19 @@ def test_the_weights_shipped_for_smollm2_rank_its_cache(smollm):
     scores = rank(smollm, state, make_scorer("kvzap_mlp"))
     assert len(scores) == smollm.info.n_layers and scores[0].shape == state.layer(0)[0].shape[:3]
     assert all(s.isfinite().all() and s.std() > 0 for s in scores)
+
+
+def test_kvzap_like_kvzip_ranks_only_a_whole_prefill():
+    """A sweep skips both under multi-turn dialogue and in bounded streams, whose later rankings see a cut cache."""
+    from kvpolicy.evaluation.bounded_stream import StreamTask
+    from kvpolicy.evaluation.lineup import make_contenders
+    from kvpolicy.evaluation.perplexity import DialogueTask
+
+    contenders = make_contenders(["kvzap_mlp", "kvzip", "knorm"])
+    assert [c.whole_prefill for c in contenders] == [True, True, False]
+    dialogue = DialogueTask(name="d", family="f", data="x", metric="perplexity", protocols=("prompt-once",
+                                                                                              "multi-turn"), sized=True)
+    assert [dialogue.supports(c, "multi-turn") for c in contenders] == [False, False, True]
+    assert all(dialogue.supports(c, "prompt-once") for c in contenders)
+    stream = StreamTask(name="s", family="f", data="x", metric="perplexity", protocols=("bounded",), sized=True)
+    assert [stream.supports(c, "bounded") for c in contenders] == [False, False, True]

@@ -55,6 +55,9 @@ class Scorer:
     query_window = 0  # 0: needs no queries; >0 or ALL_QUERIES: the queries of the latest chunk's last tokens
     # True: ranks by re-reading the cached text with the model, e.g. KVzip: only an uncut prefill, never while decoding
     reads_text = False
+    # True: ranks only the cache of one whole prefill, never a cut cache fed more tokens later: KVzip (the cached text)
+    # and KVzap (every entry's own hidden state)
+    whole_prefill = False
 
     @property
     def attention_free(self) -> bool:

@@ -51,6 +51,7 @@ class KVzapScorer(KVPressScorer):
     name = "kvzap"
     model_type = ""  # kvpress's KVzapPress model_type: linear or mlp
     query_window = ALL_QUERIES
+    whole_prefill = True
     weights: str = ""
 
     def make_press(self) -> KVzapDirectoryPress:

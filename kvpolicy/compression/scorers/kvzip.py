@@ -57,6 +57,7 @@ class KVzipScorer(Scorer):
 
     name = "kvzip"
     reads_text = True
+    whole_prefill = True
     n_sink: int = 4
     chunk_size: int = 2048
     kvzip_plus: bool = False
