@@ -23,11 +23,11 @@ from pathlib import Path
 from kvpolicy.compression.catalog import BENCH, SWEEP, default_lineup
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.names import QUERY_AWARE, QUESTION_AGNOSTIC
+from kvpolicy.policy.config import KVZAP_KINDS
 from kvpolicy.presets.recipe import RecipeConfig
 from kvpolicy.presets.stage import Stage
 
 QUERY_AGNOSTIC_METHODS = ("kvzip", "kvzip_plus")  # kvpress's strongest: scored by reconstructing the cached text
-KVZAP_KINDS = ("linear", "mlp")
 
 
 @dataclass(frozen=True)
