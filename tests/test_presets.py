@@ -239,8 +239,24 @@ def test_the_comparison_shares_the_recipes_traces_and_compares_every_strong_meth
     sweep = plan["compare-4096"]
     scorers = sweep[sweep.index("--scorer") + 1:]
     assert {"kvzip", "kvzip_plus", "snapkv", "snapkv_w16", "tova", "knorm", "keydiff", "streaming_llm", "random",
-            "lagkv"} <= set(scorers)
-    assert f"kvp:{tmp_path}/kvp-mix-s2" in scorers and f"kvzap_mlp:{tmp_path}/kvzap-s1" in scorers
+            "lagkv", "adakv_expected_attention", "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv",
+            "pyramidkv_w16"} <= set(scorers)
+    assert f"kvp:{tmp_path}/kvp-mix-s2" in scorers
+    # KVzap's seeds share one data directory (collected with seed 0) and differ in the MLP's fit alone; the ridge
+    # fit is deterministic given the data, so only seed 0 fits (and the sweeps score) the linear model
+    data = str(tmp_path / "kvzap-data")
+    for seed in (0, 1, 2):
+        argv = plan[f"train-kvzap-s{seed}"]
+        assert argv[argv.index("--seed") + 1] == "0" and argv[argv.index("--fit-seed") + 1] == str(seed)
+        assert argv[argv.index("--data") + 1] == data and argv[argv.index("--out") + 1] == f"{tmp_path}/kvzap-s{seed}"
+        kinds = argv[argv.index("--kind") + 1:argv.index("--seed")]
+        assert kinds == (("linear", "mlp") if seed == 0 else ("mlp",))
+        assert next(s for s in compare.stages(tmp_path) if s.name == f"train-kvzap-s{seed}").output == \
+            tmp_path / f"kvzap-s{seed}"  # what `kvp experiment` checks to skip a finished stage
+    assert [s for s in scorers if s.startswith("kvzap_")] == [
+        f"kvzap_linear:{tmp_path}/kvzap-s0", f"kvzap_mlp:{tmp_path}/kvzap-s0", f"kvzap_mlp:{tmp_path}/kvzap-s1",
+        f"kvzap_mlp:{tmp_path}/kvzap-s2"]
+    assert plan["compare-2048"][plan["compare-2048"].index("--scorer") + 1:] == scorers  # every sweep, same scorers
     budgets = sweep[sweep.index("--budget") + 1:sweep.index("--scorer")]
     assert budgets == ("r0.25", "r0.5", "r0.75", "r0.875")  # kvpress's leaderboard ratios
     assert plan["compare-2048"][plan["compare-2048"].index("--budget") + 5:][:3] == ("64", "128", "256")

@@ -88,6 +88,12 @@ def protected_scores(scores: torch.Tensor, positions: torch.Tensor, budget: Budg
     return torch.where(positions < budget.sinks, base * (4 - positions.float() / max(budget.sinks, 1)), key)
 
 
+def protected(positions: torch.Tensor, budget: Budget, length: int) -> torch.Tensor:
+    """(B, H, T) bool: the entries the budget always keeps, sinks and recent tokens (positions: (B, H, T) true
+    positions; length: tokens fed so far)."""
+    return (positions < budget.sinks) | (positions >= length - budget.recent)
+
+
 def keep_indices(scores: torch.Tensor, positions: torch.Tensor, budget: Budget, length: int) -> torch.Tensor:
     """Indices (B, H, k) into the cache's sequence axis of the entries to keep, ascending, k = budget.kept(T).
 

@@ -29,7 +29,8 @@ class ScorerEntry:
     scorer: its class as "module:Class", imported on first use; reads_attention: it ranks from queries (the
     question's, the chunk's just fed, or those of the model re-reading the cached text), so it cannot re-score the
     cache while decoding (the class's `query_window` > 0 or `reads_text` says the same; a test keeps them equal);
-    press: the kvpress press it wraps, if any;
+    press: the kvpress press whose scores it uses, if any (for AdaKV rows, the one kvpress's AdaKVPress wraps: the
+    class's `allocation` spreads the budget as AdaKVPress does, compression/allocation.py);
     defaults: the default line-ups it joins (LINEUPS); needs_utility: it ranks by a trace's true future utility
     (the oracle): traces only; setting: the one setting a `--scorer NAME:VALUE` spec gives (e.g. `weights`, a
     directory of trained weights), None when the row takes no value."""
@@ -79,6 +80,17 @@ CATALOG: dict[str, ScorerEntry] = {e.name: e for e in (
     ScorerEntry("h2o", "H2O", f"{_SCORERS}.h2o:H2OScorer", reads_attention=True, defaults=(STREAM,)),
     ScorerEntry("expected_attention", "ExpectedAttention", f"{_SCORERS}.kvpress_backed:ExpectedAttentionScorer",
                 reads_attention=True, press="ExpectedAttentionPress"),
+    ScorerEntry("adakv_expected_attention", "AdaKV (ExpectedAttention)",
+                f"{_SCORERS}.adaptive:AdaKVExpectedAttentionScorer", reads_attention=True,
+                press="ExpectedAttentionPress"),
+    ScorerEntry("adakv_snapkv", "AdaKV (SnapKV, window 64)", f"{_SCORERS}.adaptive:AdaKVSnapKVScorer",
+                reads_attention=True, press="SnapKVPress"),
+    ScorerEntry("adakv_snapkv_w16", "AdaKV (SnapKV, window 16)", f"{_SCORERS}.adaptive:AdaKVSnapKVFitScorer",
+                reads_attention=True, press="SnapKVPress"),
+    ScorerEntry("pyramidkv", "PyramidKV (window 64)", f"{_SCORERS}.adaptive:PyramidKVScorer", reads_attention=True,
+                press="PyramidKVPress"),
+    ScorerEntry("pyramidkv_w16", "PyramidKV (window 16)", f"{_SCORERS}.adaptive:PyramidKVFitScorer",
+                reads_attention=True, press="PyramidKVPress"),
     ScorerEntry("kvzip", "KVzip", f"{_SCORERS}.kvzip:KVzipScorer", reads_attention=True, press="KVzipPress"),
     ScorerEntry("kvzip_plus", "KVzip+", f"{_SCORERS}.kvzip:KVzipPlusScorer", reads_attention=True,
                 press="KVzipPress"),
@@ -86,6 +98,11 @@ CATALOG: dict[str, ScorerEntry] = {e.name: e for e in (
                 press="KVzapPress", setting="weights"),
     ScorerEntry("kvzap_mlp", "KVzap (MLP)", f"{_SCORERS}.kvzap:KVzapMLPScorer", reads_attention=True,
                 press="KVzapPress", setting="weights"),
+    ScorerEntry("kvzap_linear_threshold", "KVzap (linear, thresholded)",
+                f"{_SCORERS}.kvzap:KVzapLinearThresholdScorer", reads_attention=True, press="KVzapPress",
+                setting="weights"),
+    ScorerEntry("kvzap_mlp_threshold", "KVzap (MLP, thresholded)", f"{_SCORERS}.kvzap:KVzapMLPThresholdScorer",
+                reads_attention=True, press="KVzapPress", setting="weights"),
     ScorerEntry("oracle", "Oracle", f"{_SCORERS}.oracle:OracleScorer", needs_utility=True),
 )}
 

@@ -1,7 +1,9 @@
 """The compression engine: prefill → rank → evict → decode, on a physically shrinking KV cache.
 
-Every head of every layer keeps the same number of entries, so eviction is one gather along the sequence axis
-and the cache stays a plain DynamicCache that any attention kernel reads. New tokens get RoPE positions that
+With the uniform allocation every head of every layer keeps the same number of entries, so eviction is one gather
+along the sequence axis and the cache stays a plain DynamicCache that any attention kernel reads. An adaptive
+allocation (compression/allocation.py) gives layers their own lengths and pads the heads of a layer to its largest
+count, masked out of attention (`KVState.masks`, compression/head_masks.py). New tokens get RoPE positions that
 continue from the number of tokens fed so far (`KVState.next_position`), while their cache_position indexes the
 shrunken cache, so transformers' causal mask lets them see every kept entry and the earlier tokens of their
 own chunk.
@@ -18,7 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvpolicy.compression.budget import Budget, keep_indices
+from kvpolicy.compression.allocation import UNIFORM, Allocation
+from kvpolicy.compression.budget import Budget, protected, protected_scores
+from kvpolicy.compression.head_masks import masked_heads
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
@@ -90,7 +94,7 @@ def _forward(
         )
     device = handle.model.device
     recording = record_attention_inputs(handle.layers, record_rows) if record_rows else contextlib.nullcontext(None)
-    with torch.no_grad(), recording as recorded:
+    with torch.no_grad(), recording as recorded, masked_heads(handle.layers, state.masks):
         out = handle.model(
             input_ids=input_ids.to(device),
             past_key_values=state.cache,
@@ -103,6 +107,8 @@ def _forward(
     new = torch.arange(start, start + n, device=device).view(1, 1, n).expand(B, heads, n)
     old = state.positions or [new[..., :0]] * state.n_layers
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
+    if state.masks is not None:  # new tokens are attended
+        state.masks = [torch.cat([m, m.new_ones(B, heads, n)], dim=-1) for m in state.masks]
     if start == 0:
         state.ids = input_ids.to(device)
     elif state.ids is not None:  # the cache still holds every token fed
@@ -200,22 +206,42 @@ def _rank_layers(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[to
     return scores
 
 
-def evict(state: KVState, scores: list[torch.Tensor], budget: Budget) -> KVState:
-    """A new, physically smaller state keeping budget.kept(T) entries per head (input untouched).
+def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation: Allocation = UNIFORM) -> KVState:
+    """A new, physically smaller state keeping budget.kept(T) entries per head on average (input untouched).
 
-    Per layer and head: the sinks, the recent tokens and then the top scores, gathered in position order.
-    The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
+    `allocation` gives each layer's heads their counts (UNIFORM: budget.kept(T) each); every head keeps the sinks, the
+    recent tokens and then its top scores, gathered in position order. A layer whose heads keep different counts is
+    padded to the largest with its heads' next-best entries, masked out (`KVState.masks`); entries masked before
+    stay masked. The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
     if len(scores) != state.n_layers:
         raise KVPError(f"got scores for {len(scores)} layers, the cache has {state.n_layers}")
-    if budget.kept(state.length) >= state.length:
+    kept = budget.kept(state.length)
+    if kept >= state.length:
         return state.branch()
-    layers, positions = [], []
+    keys, guarded = [], []
     for idx, layer_scores in enumerate(scores):
-        keys, values = state.layer(idx)
-        keep = keep_indices(layer_scores, state.positions[idx], budget, state.next_position)
-        layers.append((gather_entries(keys, keep), gather_entries(values, keep)))
+        key = protected_scores(layer_scores, state.positions[idx], budget, state.next_position)
+        if state.masks is not None:
+            key = key.masked_fill(~state.masks[idx], -torch.inf)  # padding is never preferred to a kept entry
+        keys.append(key)
+        guarded.append(key.masked_fill(protected(state.positions[idx], budget, state.next_position), torch.inf))
+    counts = allocation.counts(guarded, kept)
+    layers, positions, masks = [], [], []
+    for idx, (key, count) in enumerate(zip(keys, counts)):
+        top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own
+        attended = torch.arange(top.shape[-1], device=top.device) < count[..., None]
+        keep, order = top.sort(dim=-1)
+        attended = attended.gather(-1, order)
+        if state.masks is not None:
+            attended &= state.masks[idx].gather(2, keep)
+        k, v = state.layer(idx)
+        layers.append((gather_entries(k, keep), gather_entries(v, keep)))
         positions.append(state.positions[idx].gather(2, keep))
-    return KVState(cache_from_tensors(layers), positions, state.next_position, None, state.logits)
+        masks.append(attended)
+    widths = {m.shape[-1] for m in masks}
+    uniform = len(widths) == 1 and all(bool(m.all()) for m in masks)
+    return KVState(cache_from_tensors(layers), positions, state.next_position, None, state.logits,
+                   masks=None if uniform else masks)
 
 
 def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -229,10 +255,11 @@ def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget) -> KVState:
-    """evict(state, rank(handle, state, scorer), budget); a budget >= the cache length skips the ranking."""
+    """evict(state, rank(handle, state, scorer), budget, scorer.allocation); a budget >= the cache length skips the
+    ranking."""
     if budget.kept(state.length) >= state.length:
         return state.branch()
-    return evict(state, rank(handle, state, scorer), budget)
+    return evict(state, rank(handle, state, scorer), budget, scorer.allocation)
 
 
 def decode_answers(

@@ -2,8 +2,9 @@
 
 After eviction, heads keep different tokens, so positions are tracked per (batch, head, entry). New tokens get
 RoPE positions that continue from `next_position` (the number of tokens ever fed), never from the shrunken
-cache length. Every layer holds the same number of entries per head, so the cache stays a plain
-transformers `DynamicCache` of dense (B, H, T, d) tensors.
+cache length. The cache stays a plain transformers `DynamicCache` of dense (B, H, T, d) tensors: when the heads
+of a layer keep different numbers of entries (compression/allocation.py), the layer is padded to its largest
+count and `masks` marks the padding, which attention skips and the bytes held include.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class KVState:
     ids: (B, T) int64, every token fed, in order, while the cache holds every one of them (positions 0..T-1 in every
         head); None once an eviction (or anything else) has dropped entries, or for a state built without them. Only
         scorers that re-read the cached text need it (`Scorer.reads_text`).
+    masks: per layer (B, H, T) bool, True = the entry is attended, False = padding that attention skips; None when
+        every entry is attended (every head of a layer keeps the same count).
     The engine never writes into cache tensors in place (appending makes new tensors), so states that share
     tensors cannot disturb each other.
     """
@@ -51,6 +54,7 @@ class KVState:
     recorded: list[AttentionInputs] | None = None
     logits: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    masks: list[torch.Tensor] | None = None
 
     @classmethod
     def empty(cls) -> KVState:
@@ -62,16 +66,27 @@ class KVState:
 
     @property
     def length(self) -> int:
-        """Cached entries per head (the same for every head and layer)."""
+        """Cached entries per head of the first layer (of every layer unless an adaptive allocation cut it)."""
         return self.cache.get_seq_length() if self.n_layers else 0
+
+    def lengths(self) -> list[int]:
+        """Cached entries per head of each layer, padding included."""
+        return [p.shape[-1] for p in self.positions]
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of layer `idx`, each (B, H, T, d)."""
         return self.cache.layers[idx].keys, self.cache.layers[idx].values
 
     def nbytes(self) -> int:
-        """Bytes of the cached keys and values over all layers (positions are bookkeeping, not counted)."""
+        """Bytes of the cached keys and values over all layers, padding included (positions and masks are
+        bookkeeping, not counted)."""
         return sum(k.nbytes + v.nbytes for k, v in map(self.layer, range(self.n_layers)))
+
+    def attended(self) -> float:
+        """Entries attended per KV head, averaged over layers, rows and heads (the length when nothing is masked)."""
+        if self.masks is None:
+            return float(self.length)
+        return sum(float(m.sum()) / m[..., 0].numel() for m in self.masks) / self.n_layers
 
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""
@@ -86,6 +101,7 @@ class KVState:
             recorded=list(self.recorded) if self.recorded is not None else None,
             logits=self.logits,
             ids=self.ids,
+            masks=list(self.masks) if self.masks is not None else None,
         )
 
     def clone(self) -> KVState:
@@ -97,6 +113,7 @@ class KVState:
             recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
             logits=self.logits.clone() if self.logits is not None else None,
             ids=self.ids.clone() if self.ids is not None else None,
+            masks=[m.clone() for m in self.masks] if self.masks is not None else None,
         )
 
 
@@ -106,11 +123,11 @@ def stack_states(states: list[KVState]) -> KVState:
 
     Every state must hold the same number of entries per head and the same next_position (so that new tokens
     get one RoPE position for all rows); recorded attention inputs are dropped, and the token ids are kept (ΣB, T)
-    only when every state has them."""
+    only when every state has them. Masks (ΣB, H, T) are kept when any state has them (True for the others' rows)."""
     if not states:
         raise KVPError("stack_states needs at least one state")
     first = states[0]
-    if any(s.length != first.length or s.next_position != first.next_position or s.n_layers != first.n_layers
+    if any(s.lengths() != first.lengths() or s.next_position != first.next_position or s.n_layers != first.n_layers
            for s in states):
         raise KVPError("only states with equal cache lengths, layers and next positions can be stacked")
     if any(s.logits is None for s in states):
@@ -122,4 +139,8 @@ def stack_states(states: list[KVState]) -> KVState:
     positions = [torch.cat([s.positions[i] for s in states]) for i in range(first.n_layers)]
     logits = torch.cat([s.logits for s in states])
     ids = torch.cat([s.ids for s in states]) if all(s.ids is not None for s in states) else None
-    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits, ids)
+    masks = None
+    if any(s.masks is not None for s in states):
+        masks = [torch.cat([s.masks[i] if s.masks is not None else torch.ones_like(s.positions[i], dtype=torch.bool)
+                            for s in states]) for i in range(first.n_layers)]
+    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits, ids, masks)

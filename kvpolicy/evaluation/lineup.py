@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.compression.allocation import UNIFORM
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import CATALOG, label
 from kvpolicy.compression.engine import evict, rank
@@ -48,6 +49,11 @@ class Contender:
     def whole_prefill(self) -> bool:
         """Its scorer ranks only the cache of one whole prefill (KVzip, KVzap), not a cut cache fed more later."""
         return self.scorer is not None and self.scorer.whole_prefill
+
+    @property
+    def decodes_alone(self) -> bool:
+        """Its cuts' shapes depend on its scores (an adaptive allocation), so they share no batch with other cuts."""
+        return self.scorer is not None and self.scorer.allocation is not UNIFORM
 
     @property
     def attention_free(self) -> bool:
@@ -129,6 +135,7 @@ def rank_for_cuts(handle, state: KVState, contender: Contender, budgets: list[Bu
     return rank(handle, state, contender.scorer)
 
 
-def cut(state: KVState, ranking: list[torch.Tensor] | None, budget: Budget) -> KVState:
-    """`state` cut to `budget` by `ranking` (from rank_for_cuts); an uncut branch of it when ranking is None."""
-    return state.branch() if ranking is None else evict(state, ranking, budget)
+def cut(state: KVState, ranking: list[torch.Tensor] | None, budget: Budget, contender: Contender) -> KVState:
+    """`state` cut to `budget` by `ranking` (from rank_for_cuts) with the contender's allocation; an uncut branch of
+    it when ranking is None."""
+    return state.branch() if ranking is None else evict(state, ranking, budget, contender.scorer.allocation)

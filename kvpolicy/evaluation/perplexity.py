@@ -128,10 +128,10 @@ def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor],
         ranking = rank_for_cuts(handle, state, contender, missing[contender.id])
         rank_s = clock.lap() / len(missing[contender.id])
         for budget in missing[contender.id]:
-            small = cut(state, ranking, budget)
+            small = cut(state, ranking, budget, contender)
             # multi-turn: each later round on the compressed cache, then compress again (the full cache: none)
             small = continue_dialogue(handle, small, rounds[1:], contender.scorer, budget)
             fields = _nll_fields(handle, small, answer)
             yield Outcome(sample_id, contender, FULL if contender is FULL_CACHE else budget.label, total_length,
-                          small.length, full_bytes, small.nbytes(), rank_s + clock.lap(), prefill_s, fields)
+                          round(small.attended()), full_bytes, small.nbytes(), rank_s + clock.lap(), prefill_s, fields)
             clock.lap()

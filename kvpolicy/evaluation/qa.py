@@ -180,15 +180,15 @@ def run_qa(
     full_bytes, length = state.nbytes(), state.length
     # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch
     rankings: dict[str, list[torch.Tensor] | None] = {}
-    by_size: dict[int, list[tuple[Contender, Budget, float]]] = defaultdict(list)
+    by_size: dict[tuple[int, str], list[tuple[Contender, Budget, float]]] = defaultdict(list)
     for contender in to_run:
         rankings[contender.id] = rank_for_cuts(handle, state, contender, missing[contender.id])
         rank_s = clock.lap() / len(missing[contender.id]) / len(samples)
         for budget in missing[contender.id]:
             size = min(budget.kept(length), length) if rankings[contender.id] is not None else length
-            by_size[size].append((contender, budget, rank_s))
+            by_size[size, contender.id if contender.decodes_alone else ""].append((contender, budget, rank_s))
     for pairs in by_size.values():
-        cuts = [cut(state, rankings[contender.id], budget) for contender, budget, _ in pairs]
+        cuts = [cut(state, rankings[contender.id], budget, contender) for contender, budget, _ in pairs]
         cut_s = clock.lap() / len(pairs) / len(samples)
         for sample, (_, question_ids) in zip(samples, chunks):
             fields = answer(handle, task, sample, cuts, None if protocol == QUERY_AWARE else question_ids,
@@ -196,5 +196,6 @@ def run_qa(
             answer_s = clock.lap() / len(pairs)
             for (contender, budget, rank_s), small, answered in zip(pairs, cuts, fields):
                 yield Outcome(sample.id, contender, FULL if contender is FULL_CACHE else budget.label, length,
-                              small.length, full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s, answered)
+                              round(small.attended()), full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s,
+                              answered)
             clock.lap()  # the time the caller spent storing the results is nobody's

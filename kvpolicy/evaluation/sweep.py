@@ -151,6 +151,9 @@ class Sweep:
         self.contenders = make_contenders(config.scorers)
         for task in self.tasks:  # a line-up a task cannot run is refused now, not midway through the sweep
             task.check_lineup(self.contenders, self.budgets, config.every)
+        for contender in self.contenders:  # and likewise a budget a scorer cannot cut to
+            if contender.scorer is not None:
+                contender.scorer.check_budgets(self.budgets)
         self.notes: list[str] = []
 
     def key_fields(self, handle: ModelHandle, contender: Contender, budget: str, unit: WorkUnit, sample: str) -> dict:

@@ -2,8 +2,13 @@
 
     kvp train-kvzap --model smollm2-135m --source mix --split train --n 64 --context 2048 --out DIR
 
-Re-running the same command resumes: the prompts already collected in DIR are skipped. --ship then installs DIR's
-weights as the ones kvpolicy ships for the model (`kvzap_linear` / `kvzap_mlp` use them by default).
+Re-running the same command resumes: the prompts already collected in DIR/data are skipped. --ship then installs
+DIR's weights as the ones kvpolicy ships for the model (`kvzap_linear` / `kvzap_mlp` use them by default).
+
+--seed fixes the collected data (the prompts and the tokens sampled from them), --fit-seed (default: --seed) the MLP's
+fit alone. Runs that differ only in what they fit share one data directory, collected once, through --data:
+
+    kvp train-kvzap --model smollm2-135m --n 64 --seed 0 --fit-seed 1 --kind mlp --data DIR/data --out DIR-s1
 """
 
 from __future__ import annotations
@@ -31,17 +36,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens sampled per prompt (NVIDIA's recipe: 500)")
     parser.add_argument("--kind", nargs="+", default=list(KINDS), choices=KINDS, help="the models to fit")
     parser.add_argument("--alpha", type=float, default=run.alpha, help="the linear model's ridge penalty")
-    parser.add_argument("--seed", type=int, default=run.seed, help="RULER generator seed (as `kvp traces --seed`) "
-                        "and the token sample's")
+    parser.add_argument("--seed", type=int, default=run.seed, help="the collected data's seed: the RULER "
+                        "generator's (as `kvp traces --seed`) and the token sample's (default: %(default)s)")
+    parser.add_argument("--fit-seed", type=int, help="the MLP fit's seed: initialization, validation split, batches "
+                        "(default: --seed)")
     parser.add_argument("--mlp-hidden", type=int, default=mlp.hidden,
                         help="the MLP's width (0: the model's hidden size / 8, the paper's ratio)")
     parser.add_argument("--mlp-epochs", type=int, default=mlp.epochs)
     parser.add_argument("--mlp-lr", type=float, default=mlp.lr)
     parser.add_argument("--mlp-batch", type=int, default=mlp.batch)
     parser.add_argument("--out", required=True, help="output directory (resumable)")
+    parser.add_argument("--data", help="the collected data's directory, which runs differing only in their fit can "
+                        "share (default: OUT/data)")
     parser.add_argument("--ship", action="store_true", help="then install DIR's weights in the package as those "
                         "shipped for the model (kvpolicy/policy/kvzap_weights/MODEL/)")
     add_placement_arguments(parser)
+
+
+def run_config(args: argparse.Namespace) -> KVzapRunConfig:
+    """The run `args` ask for: --seed fixes the collected data, --fit-seed (default: --seed) the MLP's fit."""
+    mlp = MLPConfig(hidden=args.mlp_hidden, epochs=args.mlp_epochs, lr=args.mlp_lr, batch=args.mlp_batch,
+                    seed=args.seed if args.fit_seed is None else args.fit_seed)
+    return KVzapRunConfig(source=args.source, split=args.split, n=args.n, context_tokens=args.context,
+                          val_split=args.val_split, val_n=args.val_n, tokens_per_prompt=args.tokens_per_prompt,
+                          kinds=tuple(dict.fromkeys(args.kind)), alpha=args.alpha, seed=args.seed, mlp=mlp)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,13 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.models import load_model
     from kvpolicy.policy.kvzap import ship_kvzap
 
-    mlp = MLPConfig(hidden=args.mlp_hidden, epochs=args.mlp_epochs, lr=args.mlp_lr, batch=args.mlp_batch,
-                    seed=args.seed)
-    cfg = KVzapRunConfig(source=args.source, split=args.split, n=args.n, context_tokens=args.context,
-                         val_split=args.val_split, val_n=args.val_n, tokens_per_prompt=args.tokens_per_prompt,
-                         kinds=tuple(dict.fromkeys(args.kind)), alpha=args.alpha, seed=args.seed, mlp=mlp)
+    cfg = run_config(args)
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    metrics = train_kvzap(handle, cfg, args.out)
+    metrics = train_kvzap(handle, cfg, args.out, args.data)
     data = metrics["data"]
     print(f"KVzap for {handle.info.name} in {args.out}: {data['prompts']} {data['split']} prompts ({data['tokens']} "
           f"tokens), {sum(metrics['collected_now'].values())} collected now ({metrics['collect_seconds']:.0f} s)")

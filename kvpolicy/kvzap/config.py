@@ -9,6 +9,10 @@ from kvpolicy.errors import KVPError
 from kvpolicy.policy.config import KVZAP_KINDS as KINDS
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
 
+# KVzapRunConfig.collection()'s settings, by the flag that sets each
+COLLECTION_FLAGS = {"source": "--source", "context_tokens": "--context", "seed": "--seed",
+                    "tokens_per_prompt": "--tokens-per-prompt"}
+
 
 @dataclass(frozen=True)
 class MLPConfig:
@@ -16,7 +20,8 @@ class MLPConfig:
     ratio: 512 for its 4096-wide models; 72 for SmolLM2, whose 576-wide MLP of 512 fitted no better on held-out
     prompts, R² 0.489 against 0.502, and took 18 MB to ship against 2.5 MB), AdamW at lr with cosine
     annealing over the epochs, minibatches of `batch`, the gradient norm clipped at `clip`, `valid_fraction` of the
-    tokens held out for a validation loss; `seed` fixes the initialization, the split and the batches."""
+    tokens held out for a validation loss; `seed` (--fit-seed) fixes the initialization, the split and the
+    batches."""
 
     hidden: int = 0
     epochs: int = 15
@@ -38,8 +43,9 @@ class MLPConfig:
 @dataclass(frozen=True)
 class KVzapRunConfig:
     """One `kvp train-kvzap` run: targets and inputs of the first `n` prompts of `source`/`split` (the prompts `kvp
-    traces` records) at `context_tokens`, `tokens_per_prompt` sampled per prompt (seeded by `seed`), and of `val_n`
-    prompts of `val_split` for the held-out R² (0: none); then the `kinds` fitted (ridge with `alpha`, the MLP)."""
+    traces` records) at `context_tokens`, `tokens_per_prompt` sampled per prompt (`seed` fixes the prompts and the
+    sample: the collected data), and of `val_n` prompts of `val_split` for the held-out R² (0: none); then the
+    `kinds` fitted (ridge with `alpha`, the MLP, whose own seed is `mlp.seed`)."""
 
     source: str = "mix"
     split: str = "train"
@@ -74,12 +80,21 @@ class KVzapRunConfig:
         return {"source": self.source, "context_tokens": self.context_tokens, "seed": self.seed,
                 "tokens_per_prompt": self.tokens_per_prompt}
 
-    def command(self, model: str, out: str) -> str:
-        """The `kvp train-kvzap` command line of this run, every setting spelled out."""
+    def collection_difference(self, recorded: dict) -> tuple[str, str]:
+        """The collection settings where `recorded` (another run's `collection()`) and this run's differ, each side as
+        flags: ("--seed 1", "--seed 0"); empty strings when they agree."""
+        mine = self.collection()
+        differ = [key for key in dict.fromkeys([*recorded, *mine]) if recorded.get(key) != mine.get(key)]
+        flags = [COLLECTION_FLAGS.get(key, key) for key in differ]
+        return (" ".join(f"{flag} {recorded.get(key)}" for flag, key in zip(flags, differ)),
+                " ".join(f"{flag} {mine.get(key)}" for flag, key in zip(flags, differ)))
+
+    def command(self, model: str, out: str, data: str) -> str:
+        """The `kvp train-kvzap` command line of this run, every setting spelled out (the data directory too)."""
         m = self.mlp
         return shlex.join([
             "kvp", "train-kvzap", "--model", model, "--source", self.source, "--split", self.split, "--n", str(self.n),
             "--context", str(self.context_tokens), "--val-split", self.val_split, "--val-n", str(self.val_n),
             "--tokens-per-prompt", str(self.tokens_per_prompt), "--kind", *self.kinds, "--alpha", str(self.alpha),
-            "--seed", str(self.seed), "--mlp-hidden", str(m.hidden), "--mlp-epochs", str(m.epochs), "--mlp-lr",
-            str(m.lr), "--mlp-batch", str(m.batch), "--out", out])
+            "--seed", str(self.seed), "--fit-seed", str(m.seed), "--mlp-hidden", str(m.hidden), "--mlp-epochs",
+            str(m.epochs), "--mlp-lr", str(m.lr), "--mlp-batch", str(m.batch), "--data", data, "--out", out])

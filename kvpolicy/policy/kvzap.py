@@ -4,7 +4,9 @@ A KVzap directory is kvpress's own `KVzapModel` format, so `KVzapModel.from_pret
 
     DIR/config.json          KVzapConfig (input_dim, output_dim, n_modules, hidden_dim: null for the linear model)
                              plus a "kvpolicy" section: the model it was trained for (name, fingerprint), how it was
-                             made (the command, the prompts) and its held-out R², and the sha256 of the weights
+                             made (the command, the prompts) and its held-out R², the sha256 of the weights,
+                             and the thresholds of the thresholded form: its window and the quantiles of its
+                             scores on the training prompts (kvpolicy.kvzap.calibrate)
     DIR/model.safetensors    per layer nn.Linear (linear) or Linear-GELU-Linear (mlp), in fp16
 
 A training run writes DIR/linear and DIR/mlp; the weights shipped with kvpolicy are such directories under
@@ -34,7 +36,8 @@ WEIGHTS = "model.safetensors"
 SHIPPED_DIR = Path(__file__).parent / "kvzap_weights"  # MODEL/linear, MODEL/mlp
 CONFIG_SCHEMA = {"input_dim": int, "output_dim": int, "n_modules": int, "hidden_dim": (int, None),
                   "kvpolicy": {"weights_sha256": str, "kind": str, "model": {"name": str, "fingerprint": str},
-                               "command": Optional(str), "r2_per_layer": Optional(([float], None))}}
+                               "command": Optional(str), "r2_per_layer": Optional(([float], None)),
+                               "thresholds": Optional({"window": int, "quantiles": [float]})}}
 TRAIN_HINT = "train them with `kvp train-kvzap --model {model} --source mix --split train --n 64 --out DIR`"
 
 
@@ -127,3 +130,14 @@ def ship_kvzap(directory: str | Path, root: Path | None = None) -> Path:
         with atomic_path(target / kind) as tmp:
             shutil.copytree(directory / kind, tmp)
     return target
+
+
+def kvzap_thresholds(path: str | Path) -> tuple[int, tuple[float, ...]]:
+    """(window, quantiles) calibrating the thresholded form of the KVzap weights in `path`, or a one-line error for
+    weights made before `kvp train-kvzap` calibrated them."""
+    thresholds = read_kvzap_config(path)["kvpolicy"].get("thresholds")
+    if thresholds is None:
+        raise KVPError(f"KVzap weights {path} carry no threshold calibration (made by an earlier kvpolicy); re-run "
+                       "their `kvp train-kvzap` command on the same --out: it refits and calibrates without "
+                       "collecting again")
+    return thresholds["window"], tuple(thresholds["quantiles"])

@@ -3,9 +3,12 @@ KVP-mix against the methods users pick today, on a clean and complete RULER-styl
 
 1. traces   the bundled recipe's own training and validation traces (the same stages: run into the recipe's output
             directory, the comparison reuses what the recipe recorded, and the reverse)
-2. train    KVP-mix once per seed (seed 0 is the recipe's `train-kvp-mix`), and KVzap (linear and MLP) once per seed on
-            the same prompts and held-out split (`kvp train-kvzap`)
-3. sweeps   every policy and KVzap seed, KVzip, KVzip+, both SnapKV windows, the heuristics and the full cache on the
+2. train    KVP-mix once per seed (seed 0 is the recipe's `train-kvp-mix`), and KVzap on the same prompts and
+            held-out split (`kvp train-kvzap`): its data collected once (seed 0, into kvzap-data/) and shared by every
+            seed, as KVP-mix's seeds share their traces; seed 0 fits both kinds, the other seeds the MLP alone
+            (`--fit-seed`), since the ridge fit is closed-form, the same whatever the seed
+3. sweeps   every policy and KVzap MLP seed, KVzap's linear model (seed 0's), KVzip, KVzip+, AdaKV (over
+            ExpectedAttention and SnapKV), PyramidKV, both SnapKV windows, the heuristics and the full cache on the
             eleven RULER-style tasks and the evaluation-only needles, at 2K and 4K, at kvpress's leaderboard ratios
             (25, 50, 75 and 87.5% removed) and, at 2K, at the small token budgets of the other studies; query-aware
             and question-agnostic; `samples` prompts per task and point on the eval split
@@ -28,6 +31,8 @@ from kvpolicy.presets.recipe import RecipeConfig
 from kvpolicy.presets.stage import Stage
 
 QUERY_AGNOSTIC_METHODS = ("kvzip", "kvzip_plus")  # kvpress's strongest: scored by reconstructing the cached text
+# kvpress's head- and layer-adaptive presses, each SnapKV-based one with both windows
+ADAPTIVE_METHODS = ("adakv_expected_attention", "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv", "pyramidkv_w16")
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,16 @@ class CompareConfig:
                                                              str(out / f"kvp-mix-s{seed}"), "--seed", str(seed)))
                             for seed in self.seeds if seed]
         r = self.recipe
+        kvzap_data = str(out / "kvzap-data")
+        kvzap_kinds = {seed: KVZAP_KINDS if seed == 0 else ("mlp",) for seed in self.seeds}
         kvzap = [Stage(f"train-kvzap-s{seed}", (
             "train-kvzap", "--model", self.model, "--source", "mix", "--split", "train", "--n", str(r.train_prompts),
-            "--context", str(r.context), "--val-split", "val", "--val-n", str(r.val_prompts), "--seed", str(seed),
-            "--out", str(out / f"kvzap-s{seed}"))) for seed in self.seeds]
+            "--context", str(r.context), "--val-split", "val", "--val-n", str(r.val_prompts), "--kind", *kinds,
+            "--seed", "0", "--fit-seed", str(seed), "--data", kvzap_data, "--out", str(out / f"kvzap-s{seed}")))
+            for seed, kinds in kvzap_kinds.items()]
         scorers = (*(f"kvp:{s.output}" for s in policies),
-                   *(f"kvzap_{kind}:{s.output}" for s in kvzap for kind in KVZAP_KINDS),
-                   *QUERY_AGNOSTIC_METHODS, *default_lineup(SWEEP, BENCH))
+                   *(f"kvzap_{kind}:{s.output}" for s, kinds in zip(kvzap, kvzap_kinds.values()) for kind in kinds),
+                   *QUERY_AGNOSTIC_METHODS, *ADAPTIVE_METHODS, *default_lineup(SWEEP, BENCH))
         results = str(out / "compare.jsonl")
         sweeps = [Stage(f"compare-{context}", (
             "sweep", "--model", self.model, "--out", results, "--task", "ruler", "needles", "--protocol", QUERY_AWARE,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from kvpolicy.compression.allocation import AdaKV, Pyramid
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.multi_turn import converse
 from kvpolicy.compression.engine import (
@@ -82,7 +83,8 @@ def full(smollm, prompt):
 def masked_reference_logits(handle, prompt, kept, chunks):
     """Next-token logits after each chunk, fed after the FULL prompt cache with every evicted entry masked out of
     attention: per layer and KV head, an explicit 4D additive mask (1, query heads, q, kv) is swapped into that
-    layer's attention. This is the meaning physical eviction must reproduce. kept: per layer (H, k) positions."""
+    layer's attention. This is the meaning physical eviction must reproduce. kept: per layer (H, k) positions, or
+    (H, P) bool (True = kept), for heads that keep different numbers of entries."""
     model, group, P = handle.model, handle.info.group_size, prompt.shape[1]
     device, dtype = model.device, model.dtype
     prompt = prompt.to(device)
@@ -105,7 +107,9 @@ def masked_reference_logits(handle, prompt, kept, chunks):
                 for idx, positions in enumerate(kept):
                     visible = torch.zeros(positions.shape[0], n, fed + n, dtype=torch.bool, device=device)
                     kept_old = torch.zeros(positions.shape[0], P, dtype=torch.bool, device=device)
-                    visible[:, :, :P] = kept_old.scatter(1, positions, True)[:, None]
+                    if positions.dtype != torch.bool:
+                        kept_old = kept_old.scatter(1, positions, True)
+                    visible[:, :, :P] = (positions if positions.dtype == torch.bool else kept_old)[:, None]
                     visible[:, :, P:fed] = True  # tokens fed after the compression
                     visible[:, :, fed:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
                     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
@@ -151,6 +155,31 @@ def test_physical_eviction_equals_masked_full_cache(placed, placed_prompt, place
     assert (unmasked.float() - reference[0].float()).abs().max() > 3 * largest  # the eviction matters: can fail
     assert small.next_position == prompt.shape[1] + sum(map(len, CHUNKS))
     assert small.length == 64 + sum(map(len, CHUNKS))
+
+
+@pytest.mark.parametrize("allocation", [AdaKV(), Pyramid(window_size=16, beta=2)], ids=["adakv", "pyramid"])
+def test_adaptive_eviction_equals_masked_full_cache(placed, placed_prompt, placed_full, allocation):
+    """Heads of a layer keeping different counts (AdaKV: padded, masked) or layers keeping different lengths
+    (PyramidKV): prefill chunks and decoding attend exactly the kept entries."""
+    full, prompt, dtype = placed_full, placed_prompt, placed.model.dtype
+    small = evict(full, rank(placed, full, make_scorer("knorm")), Budget(tokens=64), allocation)
+    assert small.masks is not None and small.attended() == pytest.approx(64, abs=0.5)
+    counts = [m.sum(-1) for m in small.masks]
+    if isinstance(allocation, AdaKV):
+        assert any(int(c.max()) > int(c.min()) for c in counts)  # heads keep different counts
+    else:
+        assert len(set(small.lengths())) > 1 and all(bool(m.all()) for m in small.masks)  # layers differ, no padding
+    visible = [torch.zeros(p.shape[1], prompt.shape[1], dtype=torch.bool, device=p.device).scatter(1, p[0], m[0])
+               for p, m in zip(small.positions, small.masks)]
+    got = [prefill(placed, torch.tensor([chunk]), small)[1] for chunk in CHUNKS]
+    reference = masked_reference_logits(placed, prompt, visible, [torch.tensor([c]) for c in CHUNKS])
+    largest, mean = TOLERANCE[dtype]
+    for mine, ref in zip(got, reference):
+        diff = (mine.float() - ref.float()).abs()
+        assert diff.max() <= largest and diff.mean() <= mean, (diff.max(), diff.mean())
+    fed = sum(map(len, CHUNKS))
+    assert [m.shape[-1] for m in small.masks] == small.lengths()  # the masks grew with the cache
+    assert all(bool(m[..., -fed:].all()) for m in small.masks)  # and every token fed after the cut is attended
 
 
 def test_positions_continue_from_the_true_length(smollm, prompt, full):

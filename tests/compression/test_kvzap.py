@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from kvpress import KVzapPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 
 from kvpolicy.cli import main
-from kvpolicy.compression.engine import prefill, rank
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import compress, prefill, rank
 from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.policy import kvzap
@@ -22,14 +24,18 @@ TEXT = ("The lighthouse keeper of Varn kept a ledger of every ship that passed t
         "year he counted forty-one schooners, nine steamers and a single balloon.")
 
 
-def random_weights(root: Path, info, hidden: int, fingerprint: str | None = None) -> Path:
-    """A `kvp train-kvzap`-shaped directory (linear/ and mlp/) of random KVzap models for the model `info`."""
+def random_weights(root: Path, info, hidden: int, fingerprint: str | None = None,
+                   thresholds: dict | None = None) -> Path:
+    """A `kvp train-kvzap`-shaped directory (linear/ and mlp/) of random KVzap models for the model `info`, with the
+    thresholded form's calibration when given."""
     for kind, hidden_dim in (("linear", None), ("mlp", 16)):
         torch.manual_seed(0)
         net = KVzapModel(KVzapConfig(input_dim=hidden, output_dim=info.n_kv_heads, n_modules=info.n_layers,
                                      hidden_dim=hidden_dim))
+        extra = {"thresholds": thresholds} if thresholds else {}
         save_kvzap(root / kind, net, {"kind": kind, "model": {"name": info.name,
-                                                              "fingerprint": fingerprint or info.fingerprint}})
+                                                              "fingerprint": fingerprint or info.fingerprint},
+                                      **extra})
     return root
 
 
@@ -81,6 +87,36 @@ def test_the_weights_shipped_for_smollm2_rank_its_cache(smollm):
     scores = rank(smollm, state, make_scorer("kvzap_mlp"))
     assert len(scores) == smollm.info.n_layers and scores[0].shape == state.layer(0)[0].shape[:3]
     assert all(s.isfinite().all() and s.std() > 0 for s in scores)
+
+
+@pytest.mark.model
+def test_the_thresholded_form_keeps_its_window_and_what_reaches_the_threshold(smollm, weights, tmp_path, capsys):
+    """Calibrated on this very prompt's scores outside the window, the thresholded MLP keeps the budget on average
+    over heads and layers, each head what its scores give it; the newest `window` entries are kept in every head."""
+    state, _ = prefill(smollm, smollm.encode(TEXT), record_queries=ALL_QUERIES)
+    T, window, budget = state.length, 16, 28  # the window covers the 16 recent tokens; 4 sinks are kept too
+    scores = torch.stack([s[0] for s in rank(smollm, state, make_scorer("kvzap_mlp", weights=str(weights)))])
+    outside = scores[..., 4: T - window].flatten().double()
+    quantiles = outside.quantile(torch.linspace(0, 1, 1001, dtype=torch.float64)).tolist()
+    calibrated = random_weights(tmp_path / "t", smollm.info, smollm.model.config.hidden_size,
+                                thresholds={"window": window, "quantiles": quantiles})
+    small = compress(smollm, state, make_scorer("kvzap_mlp_threshold", weights=str(calibrated)), Budget(tokens=budget))
+    assert small.masks is not None and small.attended() == pytest.approx(budget, abs=0.5)
+    counts = torch.stack([m.sum(-1)[0] for m in small.masks])  # (L, H)
+    assert int(counts.max()) > int(counts.min())
+    fraction = (budget - window - 4) / (T - window - 4)
+    tau = float(np.interp(1 - fraction, np.linspace(0, 1, len(quantiles)), quantiles))  # of the stored table
+    for layer, (positions, mask) in enumerate(zip(small.positions, small.masks)):
+        for head in range(positions.shape[1]):
+            kept = set(positions[0, head][mask[0, head]].tolist())
+            assert set(range(T - window, T)) | set(range(4)) <= kept  # the window and the sinks
+            above = (scores[layer, head, 4: T - window] >= tau).nonzero() + 4
+            assert set(above.flatten().tolist()) <= kept
+    with pytest.raises(KVPError, match="carry no threshold calibration"):
+        rank(smollm, state, make_scorer("kvzap_mlp_threshold", weights=str(weights)))
+    assert main(["sweep", "--out", str(tmp_path / "r.jsonl"), "--scorer", f"kvzap_mlp_threshold:{calibrated}",
+                 "--budget", "64", "--task", "ruler:niah_single_1", "--context", "256", "--n", "1"]) == 1
+    assert "keeps its newest 128 entries, more than a budget of 64 per head" in capsys.readouterr().err
 
 
 def test_kvzap_like_kvzip_ranks_only_a_whole_prefill():

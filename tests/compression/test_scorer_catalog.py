@@ -20,16 +20,23 @@ from kvpolicy.errors import KVPError
 
 def test_names_labels_and_defaults_stay_those_results_key_on():
     assert catalog.scorer_names() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv",
-                                      "snapkv_w16", "h2o", "expected_attention", "kvzip", "kvzip_plus", "kvzap_linear",
-                                      "kvzap_mlp", "oracle")
+                                      "snapkv_w16", "h2o", "expected_attention", "adakv_expected_attention",
+                                      "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv", "pyramidkv_w16", "kvzip",
+                                      "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_linear_threshold",
+                                      "kvzap_mlp_threshold", "oracle")
     assert {n: label(n) for n in CATALOG} == {
         "random": "Random", "streaming_llm": "StreamingLLM", "knorm": "KNorm", "keydiff": "KeyDiff", "lagkv": "LagKV",
         "tova": "TOVA", "snapkv": "SnapKV (window 64)", "snapkv_w16": "SnapKV (window 16)", "h2o": "H2O",
-        "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "kvzip_plus": "KVzip+",
-        "kvzap_linear": "KVzap (linear)", "kvzap_mlp": "KVzap (MLP)",
+        "expected_attention": "ExpectedAttention", "adakv_expected_attention": "AdaKV (ExpectedAttention)",
+        "adakv_snapkv": "AdaKV (SnapKV, window 64)", "adakv_snapkv_w16": "AdaKV (SnapKV, window 16)",
+        "pyramidkv": "PyramidKV (window 64)", "pyramidkv_w16": "PyramidKV (window 16)", "kvzip": "KVzip",
+        "kvzip_plus": "KVzip+", "kvzap_linear": "KVzap (linear)", "kvzap_mlp": "KVzap (MLP)",
+        "kvzap_linear_threshold": "KVzap (linear, thresholded)", "kvzap_mlp_threshold": "KVzap (MLP, thresholded)",
         "oracle": "Oracle"}
-    assert catalog.reads_attention() == ("tova", "snapkv", "snapkv_w16", "h2o", "expected_attention", "kvzip",
-                                         "kvzip_plus", "kvzap_linear", "kvzap_mlp")
+    assert catalog.reads_attention() == ("tova", "snapkv", "snapkv_w16", "h2o", "expected_attention",
+                                         "adakv_expected_attention", "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv",
+                                         "pyramidkv_w16", "kvzip", "kvzip_plus", "kvzap_linear", "kvzap_mlp",
+                                         "kvzap_linear_threshold", "kvzap_mlp_threshold")
     assert catalog.attention_free() == ("random", "streaming_llm", "knorm", "keydiff", "lagkv")
     assert default_lineup(SWEEP) == ("random", "streaming_llm", "knorm", "keydiff", "tova", "snapkv_w16")
     assert default_lineup(STREAM) == ("streaming_llm", "knorm", "keydiff", "tova", "h2o")

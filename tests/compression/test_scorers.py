@@ -131,7 +131,9 @@ def test_oracle_ranks_by_true_utility_at_true_positions():
 
 def test_registry_errors_and_identity():
     assert set(SCORERS) == {"random", "streaming_llm", "knorm", "keydiff", "lagkv", "tova", "snapkv", "snapkv_w16",
-                            "h2o", "expected_attention", "kvzip", "kvzip_plus", "kvzap_linear", "kvzap_mlp", "oracle"}
+                            "h2o", "expected_attention", "adakv_expected_attention", "adakv_snapkv",
+                            "adakv_snapkv_w16", "pyramidkv", "pyramidkv_w16", "kvzip", "kvzip_plus", "kvzap_linear",
+                            "kvzap_mlp", "kvzap_linear_threshold", "kvzap_mlp_threshold", "oracle"}
     with pytest.raises(KVPError, match="known scorers: random, streaming_llm"):
         make_scorer("nope")
     with pytest.raises(KVPError, match="utility"):

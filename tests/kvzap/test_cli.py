@@ -1,5 +1,6 @@
 """`kvp train-kvzap` end to end on SmolLM2 at tiny sizes: kvpress-loadable weights with their held-out R², a rerun
-that collects nothing again, and a directory made for another model refused in one line."""
+that collects nothing again, another fit seed on the same --data that collects nothing either, and a data directory
+made for another model refused in one line."""
 
 from __future__ import annotations
 
@@ -43,11 +44,20 @@ def test_train_kvzap_end_to_end_resumes_and_refuses_another_models_directory(smo
     again = json.loads((out / "metrics.json").read_text())
     assert again["collected_now"] == {"train": 0, "val": 0} and set(again["kinds"]) == {"linear", "mlp"}
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.safetensors")} == before
+
+    seed1 = tmp_path / "kvzap-s1"
+    assert main(["train-kvzap", *TINY, "--kind", "mlp", "--fit-seed", "1", "--data", str(out / "data"),
+                 "--out", str(seed1)]) == 0
+    shared = json.loads((seed1 / "metrics.json").read_text())
+    assert shared["collected_now"] == {"train": 0, "val": 0} and shared["data"] == again["data"]
+    assert "--seed 0 --fit-seed 1" in shared["command"] and not (seed1 / "data").exists()
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.safetensors")} == before
     capsys.readouterr()
 
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "data" / "run.json").read_text())
     run["model"] |= {"name": "other-model", "fingerprint": "f" * 16}
-    (out / "run.json").write_text(json.dumps(run))
+    (out / "data" / "run.json").write_text(json.dumps(run))
     assert main(["train-kvzap", *TINY, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"holds KVzap data of other-model (fingerprint {'f' * 16}), not smollm2-135m" in err
+    assert err.rstrip().endswith("; choose another --out")  # the default data directory: OUT/data

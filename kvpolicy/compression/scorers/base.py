@@ -5,6 +5,8 @@ read only the cache: keys, values, positions. Attention-based scorers declare `q
 receive the attention module and the inputs to attention (hidden states + RoPE cos/sin) of the most recent
 tokens, from which they recompute just the queries they need. A scorer that `reads_text` (KVzip) instead ranks the
 whole cache at once with the model (`rank_cache`), by feeding it the cached text again: only an uncut prefill.
+A head- or layer-adaptive method (AdaKV, PyramidKV) is a scorer with its `allocation`: the engine's cut gives each
+head the count it allots.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvpolicy.compression.allocation import UNIFORM
 from kvpolicy.models.attention import ALL_QUERIES  # a query_window value: every query of the latest chunk
 
 if TYPE_CHECKING:
@@ -58,6 +61,8 @@ class Scorer:
     # True: ranks only the cache of one whole prefill, never a cut cache fed more tokens later: KVzip (the cached text)
     # and KVzap (every entry's own hidden state)
     whole_prefill = False
+    # how a cut spreads the budget over heads and layers (compression/allocation.py); head-adaptive methods set theirs
+    allocation = UNIFORM
 
     @property
     def attention_free(self) -> bool:
@@ -77,6 +82,9 @@ class Scorer:
     def check_model(self, info: Any) -> None:
         """Raise KVPError if this scorer cannot score the model described by `info` (a ModelInfo); any model by
         default (a learned policy refuses models it was not trained for)."""
+
+    def check_budgets(self, budgets: list[Any]) -> None:
+        """Raise KVPError if this scorer cannot cut to one of `budgets` (each a Budget); any budget by default."""
 
     def identity(self) -> dict[str, Any]:
         """What identifies this scorer's results (name + settings, checkpoint hash for learned ones)."""

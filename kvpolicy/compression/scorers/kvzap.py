@@ -11,15 +11,19 @@ decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 from kvpress import KVzapPress
 
+from kvpolicy.compression.allocation import UNIFORM, Allocation, Threshold
+from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
 from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelInfo
-from kvpolicy.policy.kvzap import kvzap_directory, load_kvzap
+from kvpolicy.policy.kvzap import kvzap_directory, kvzap_thresholds, load_kvzap
 
 
 @dataclass
@@ -34,13 +38,15 @@ class KVzapDirectoryPress(KVzapPress):
 
         self.load_for(identify(model))
 
-    def load_for(self, info: ModelInfo) -> None:
-        """Load the weights for the model `info` (once per model), refusing weights trained for another one."""
+    def load_for(self, info: ModelInfo) -> Path:
+        """Load the weights for the model `info` (once per model), refusing weights trained for another one; returns
+        their directory."""
         directory = kvzap_directory(info.name, self.model_type, self.weights)
         loaded = f"{directory}@{info.fingerprint}"
         if loaded != self.kvzap_model_name:
             self.kvzap_model = load_kvzap(directory, info, self.model_type)
             self.kvzap_model_name = loaded
+        return directory
 
 
 @dataclass
@@ -83,4 +89,50 @@ class KVzapMLPScorer(KVzapScorer):
     """KVzap with a two-layer GELU MLP per layer."""
 
     name = "kvzap_mlp"
+    model_type = "mlp"
+
+
+@dataclass
+class KVzapThresholdScorer(KVzapScorer):
+    """KVzap's thresholded form, as its paper runs it (kvpress DMSPress around KVzapPress): the newest `window`
+    entries are kept, and every other entry whose predicted score reaches one threshold, the same in every layer and
+    head. A budget picks the threshold calibrated on the training prompts (`kvp train-kvzap` stores the quantiles):
+    heads and layers keep what the text gives them, the budget on average."""
+
+    _allocation: Allocation = field(default=UNIFORM, init=False, repr=False, compare=False)  # set on loading
+
+    def check_model(self, info: ModelInfo) -> None:
+        window, quantiles = kvzap_thresholds(self._press.load_for(info))
+        self._allocation = Threshold(quantiles=quantiles, window=window)
+
+    @property
+    def allocation(self) -> Allocation:
+        return self._allocation if self._allocation is not UNIFORM else Threshold()
+
+    def check_budgets(self, budgets: list[Budget]) -> None:
+        small = [b.tokens for b in budgets if b.tokens is not None and b.tokens < self.allocation.window]
+        if small:
+            raise KVPError(f"scorer '{self.name}' keeps its newest {self.allocation.window} entries, more than a "
+                           f"budget of {min(small)} per head; give budgets of at least {self.allocation.window}, or "
+                           "use kvzap_linear / kvzap_mlp")
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        scores = super().score(view)
+        newest = view.positions >= view.positions.amax(-1, keepdim=True) - self.allocation.window + 1
+        return scores.masked_fill(newest, torch.inf)
+
+
+@dataclass
+class KVzapLinearThresholdScorer(KVzapThresholdScorer):
+    """KVzap's linear model, thresholded."""
+
+    name = "kvzap_linear_threshold"
+    model_type = "linear"
+
+
+@dataclass
+class KVzapMLPThresholdScorer(KVzapThresholdScorer):
+    """KVzap's MLP, thresholded."""
+
+    name = "kvzap_mlp_threshold"
     model_type = "mlp"

@@ -1,0 +1,165 @@
+"""How a budget is spread over the cache's heads and layers: the number of entries each (layer, row, KV head)
+keeps, at the memory of the uniform cut.
+
+- `UNIFORM`: every head of every layer keeps `budget.kept(T)` entries (the KVP paper's setting, kvpress's
+  ScorerPress).
+- `AdaKV`: the heads of a layer share `kv_heads x kept` entries; each keeps its `alpha_safeguard x kept` best, the
+  rest go to the layer's best scores whichever head they are in (AdaKV, arXiv 2407.11550; kvpress's AdaKVPress).
+- `Pyramid`: every head of layer l keeps the count kvpress's PyramidKVPress gives layer l, many in the first layers
+  and few in the last, about `kept` per layer on average (PyramidKV, arXiv 2406.02069).
+- `Threshold`: every entry whose score reaches one calibrated threshold is kept (KVzap's thresholded form, kvpress's
+  DMSPress): `kept` per head on the training prompts' average, more or fewer on a given text.
+
+Counts are computed from selection keys that already protect the sinks and recent tokens (`budget.protected_scores`),
+so those stay kept in every head. The engine (`engine.evict`) keeps each head's top `count` entries; a layer whose
+heads keep different counts is stored padded to its largest count, the padding masked out of attention
+(`KVState.masks`) and counted in the bytes held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from kvpolicy.errors import KVPError
+
+UNIFORM_NAME, ADAKV_NAME, PYRAMID_NAME, THRESHOLD_NAME = "uniform", "adakv", "pyramid", "threshold"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Base class: the uniform allocation. `counts` gives each head's number of kept entries."""
+
+    name = UNIFORM_NAME
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        """Per layer, entries kept (B, H) int64 by each row and head, at most the layer's T.
+
+        keys: per layer the selection keys (B, H, T), higher = keep, protected entries above all others; kept: the
+        uniform count per head (`budget.kept(T)`), which fixes the total."""
+        return [torch.full(k.shape[:2], min(kept, k.shape[-1]), dtype=torch.long, device=k.device) for k in keys]
+
+
+UNIFORM = Allocation()
+
+
+@dataclass(frozen=True)
+class AdaKV(Allocation):
+    """The heads of a layer share its kv_heads x kept entries by score; each keeps at least its best
+    alpha_safeguard x kept (kvpress's default 0.2)."""
+
+    name = ADAKV_NAME
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self):
+        if not 0 <= self.alpha_safeguard <= 1:
+            raise KVPError(f"AdaKV's safeguard is a fraction of each head's budget in [0, 1], got "
+                           f"{self.alpha_safeguard}")
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        return [self._layer_counts(k, kept) for k in keys]
+
+    def _layer_counts(self, keys: torch.Tensor, kept: int) -> torch.Tensor:
+        B, H, T = keys.shape
+        kept = min(kept, T)
+        safe = max(1, int(kept * self.alpha_safeguard)) if self.alpha_safeguard > 0 and kept > 0 else 0
+        selection = keys.float().clone()
+        top = selection.topk(safe, dim=-1).indices
+        selection.scatter_(-1, top, torch.inf)  # each head's safeguard ranks above every other entry of the layer
+        chosen = selection.reshape(B, H * T).topk(H * kept, dim=-1).indices
+        return torch.zeros(B, H, dtype=torch.long, device=keys.device).scatter_add_(
+            1, chosen // T, torch.ones_like(chosen))
+
+
+@dataclass(frozen=True)
+class Pyramid(Allocation):
+    """Layer l's heads keep what kvpress's PyramidKVPress gives layer l (window_size: its SnapKV window; beta: the
+    pyramid's steepness); the counts depend on the layer only, never on the scores."""
+
+    name = PYRAMID_NAME
+    window_size: int = 64
+    beta: int = 20
+
+    def __post_init__(self):
+        if self.beta < 1 or self.window_size < 0:
+            raise KVPError(f"PyramidKV needs beta >= 1 and a window >= 0, got beta={self.beta}, "
+                           f"window={self.window_size}")
+
+    def layer_budgets(self, n_layers: int, length: int, kept: int) -> list[int]:
+        """Entries per head of each layer for a cache of `length` entries and the uniform `kept`: kvpress's
+        `PyramidKVPress.get_layer_budget` at the compression ratio that keeps `kept` (capped at `length`)."""
+        from kvpress import PyramidKVPress
+
+        press = PyramidKVPress(compression_ratio=1 - kept / length, window_size=self.window_size, beta=self.beta)
+        config = SimpleNamespace(num_hidden_layers=n_layers)  # all get_layer_budget reads of the attention module
+        return [min(length, press.get_layer_budget(SimpleNamespace(config=config, layer_idx=layer), length))
+                for layer in range(n_layers)]
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        length = keys[0].shape[-1]
+        budgets = self.layer_budgets(len(keys), length, min(kept, length))
+        return [torch.full(k.shape[:2], n, dtype=torch.long, device=k.device) for k, n in zip(keys, budgets)]
+
+
+@dataclass(frozen=True)
+class Threshold(Allocation):
+    """KVzap's thresholded form (kvpress DMSPress): an entry is kept when its score reaches one threshold, the same
+    for every layer and head, so each head keeps as many entries as the text gives it. The scorer puts its window
+    (the newest `window` entries, never evicted) above every threshold. The threshold for a budget is calibrated, not
+    fitted to the cache: `quantiles` (ascending, evenly spaced levels from 0 to 1) of the scorer's scores outside
+    that window (and the sinks) on its training prompts; keeping kept of T entries per head on average, F of them
+    kept whatever their score, then means keeping the fraction (kept - F) / (T - F) of the others, above the
+    matching quantile."""
+
+    name = THRESHOLD_NAME
+    quantiles: tuple[float, ...] = ()
+    window: int = 128
+
+    def threshold(self, kept: int, length: int, fixed: float | None = None) -> float:
+        """The score an entry must reach to be kept, for `kept` of `length` entries per head on average, of which
+        `fixed` (default: the window) are kept whatever their score."""
+        fixed = self.window if fixed is None else fixed
+        if len(self.quantiles) < 2:
+            raise KVPError("the thresholded form needs the calibration quantiles of its scorer's weights")
+        if kept < min(length, fixed):
+            raise KVPError(f"a thresholded KVzap keeps its newest {self.window} entries, more than a budget of {kept} "
+                           f"per head; give a budget of at least {self.window}, or use kvzap_linear / kvzap_mlp")
+        fraction = (kept - fixed) / max(length - fixed, 1)
+        if fraction >= 1:
+            return -torch.inf
+        return float(np.interp(1 - fraction, np.linspace(0, 1, len(self.quantiles)), self.quantiles))
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        """The entries whose key reaches the threshold; those kept whatever their score (the window, sinks and recent
+        tokens: key +inf) count towards the budget."""
+        fixed = sum(float(k.isposinf().sum(-1).float().mean()) for k in keys) / len(keys)
+        threshold = self.threshold(kept, keys[0].shape[-1], fixed)
+        return [(k >= threshold).sum(-1) for k in keys]
+
+
+def counts_reference(allocation: Allocation, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+    """Slow, obviously-correct `allocation.counts` for AdaKV (the others have no data-dependent step): per row, each
+    head's safeguard first, then the layer's entries one at a time by key, until kv_heads x kept are chosen."""
+    if not isinstance(allocation, AdaKV):
+        return allocation.counts(keys, kept)
+    out = []
+    for layer in keys:
+        B, H, T = layer.shape
+        k = min(kept, T)
+        safe = max(1, int(k * allocation.alpha_safeguard)) if allocation.alpha_safeguard > 0 and k > 0 else 0
+        counts = torch.zeros(B, H, dtype=torch.long)
+        for b in range(B):
+            chosen = set()
+            for h in range(H):
+                order = sorted(range(T), key=lambda t: (-float(layer[b, h, t]), t))
+                chosen.update((h, t) for t in order[:safe])
+            rest = sorted(((h, t) for h in range(H) for t in range(T) if (h, t) not in chosen),
+                          key=lambda ht: -float(layer[b, ht[0], ht[1]]))
+            chosen.update(rest[:H * k - len(chosen)])
+            for h, _ in chosen:
+                counts[b, h] += 1
+        out.append(counts)
+    return out

@@ -1,0 +1,202 @@
+"""Adaptive allocation without a model: AdaKV's counts against a slow reference and kvpress's own AdaKVPress,
+PyramidKV's against kvpress's formula, and the padded, masked cut the engine builds from them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kvpress import AdaKVPress, DMSPress, PyramidKVPress, ScorerPress
+
+from kvpolicy.compression.allocation import UNIFORM, AdaKV, Pyramid, Threshold, counts_reference
+from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
+from kvpolicy.compression.engine import evict
+from kvpolicy.compression.head_masks import attention_bias
+from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
+from kvpolicy.errors import KVPError
+
+
+def random_keys(layers: int, B: int, H: int, T: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, generator=generator) * (1 + torch.arange(H).view(1, H, 1)) for _ in range(layers)]
+
+
+def random_state(layers: int = 3, B: int = 2, H: int = 3, T: int = 40, d: int = 4, seed: int = 0) -> KVState:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [(torch.randn(B, H, T, d, generator=generator), torch.randn(B, H, T, d, generator=generator))
+               for _ in range(layers)]
+    positions = [torch.arange(T).expand(B, H, T).clone() for _ in range(layers)]
+    return KVState(cache_from_tensors(tensors), positions, next_position=T, logits=torch.zeros(B, 5))
+
+
+@pytest.mark.parametrize("shape,kept", [((2, 2, 3, 30), 8), ((1, 3, 5, 17), 1), ((2, 1, 4, 12), 12)])
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_adakv_counts_equal_the_slow_reference(shape, kept, alpha):
+    layers, B, H, T = shape
+    keys = random_keys(layers, B, H, T)
+    allocation = AdaKV(alpha_safeguard=alpha)
+    fast, slow = allocation.counts(keys, kept), counts_reference(allocation, keys, kept)
+    safe = max(1, int(kept * alpha)) if alpha else 0
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+        assert torch.equal(f.sum(-1), torch.full((B,), H * kept))  # the uniform cut's memory, exactly
+        assert int(f.min()) >= safe
+    if safe < kept < T:
+        assert any(int(f.max()) > int(f.min()) for f in fast)  # heads really differ (so the test can fail)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.875])
+def test_adakv_counts_equal_kvpress_adakvpress(ratio):
+    """kvpress's AdaKVPress masks the entries it prunes; the counts it leaves per head are ours."""
+    B, H, T = 2, 4, 64
+    scores = random_keys(1, B, H, T, seed=3)[0]
+
+    class Given(ScorerPress):
+        def score(self, *args, **kwargs):
+            return scores.clone()
+
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), masked_key_indices=None)
+    AdaKVPress(press=Given(compression_ratio=ratio)).compress(module, None, None, None, None, {})
+    batch, head, _ = module.masked_key_indices
+    pruned = torch.zeros(B, H, dtype=torch.long).index_put_((batch, head), torch.ones_like(head), accumulate=True)
+    ours = AdaKV().counts([scores], Budget(ratio=ratio).kept(T))[0]
+    assert torch.equal(ours, T - pruned)
+
+
+def test_pyramid_follows_kvpress_and_keeps_the_uniform_memory():
+    L, T, kept = 30, 2048, 1536
+    budgets = Pyramid(window_size=64).layer_budgets(L, T, kept)
+    press = PyramidKVPress(compression_ratio=0.25, window_size=64)
+    config = SimpleNamespace(num_hidden_layers=L)
+    assert budgets == [press.get_layer_budget(SimpleNamespace(config=config, layer_idx=i), T) for i in range(L)]
+    assert budgets[0] > budgets[-1] and abs(sum(budgets) - L * kept) <= L  # a pyramid, at the uniform memory
+    assert Pyramid(window_size=64).layer_budgets(L, T, 256) == [256] * L  # kvpress falls back to SnapKV here
+    with pytest.raises(KVPError, match="beta"):
+        Pyramid(beta=0)
+
+
+def test_uniform_allocation_cuts_as_before():
+    state = random_state()
+    scores = random_keys(state.n_layers, 2, 3, 40, seed=1)
+    budget = Budget(tokens=24)
+    small = evict(state, scores, budget, UNIFORM)
+    assert small.masks is None and small.length == 24
+    for idx, s in enumerate(scores):
+        keep = keep_indices(s, state.positions[idx], budget, state.next_position)
+        assert torch.equal(small.positions[idx], keep)
+
+
+def test_adakv_cut_pads_each_layer_and_masks_the_padding():
+    state = random_state()
+    scores = random_keys(state.n_layers, 2, 3, 40, seed=2)
+    budget = Budget(tokens=24)
+    small = evict(state, scores, budget, AdaKV())
+    assert small.masks is not None
+    counts = AdaKV().counts([protected_scores(s, p, budget, 40).masked_fill((p < 4) | (p >= 24), torch.inf)
+                             for s, p in zip(scores, state.positions)], 24)
+    for idx, (mask, count) in enumerate(zip(small.masks, counts)):
+        assert torch.equal(mask.sum(-1), count)  # each head attends exactly its count
+        assert small.lengths()[idx] == int(count.max())  # padded to the layer's largest count, no more
+        key = protected_scores(scores[idx], state.positions[idx], budget, 40)
+        for b in range(2):
+            for h in range(3):
+                attended = small.positions[idx][b, h][mask[b, h]]
+                best = key[b, h].topk(int(count[b, h])).indices.sort().values
+                assert torch.equal(attended, best)
+                assert set(range(4)) | set(range(24, 40)) <= set(attended.tolist())  # sinks and recent kept
+    assert small.attended() == pytest.approx(24)
+    assert small.nbytes() == sum(k.nbytes + v.nbytes for k, v in map(small.layer, range(3)))  # padding counted
+    assert small.nbytes() > state.nbytes() * 24 / 40
+
+
+def test_a_masked_entry_stays_masked_through_a_second_cut():
+    state = random_state()
+    scores = random_keys(state.n_layers, 2, 3, 40, seed=4)
+    once = evict(state, scores, Budget(tokens=30), AdaKV())
+    again = evict(once, [torch.randn(p.shape) for p in once.positions], Budget(tokens=24), UNIFORM)
+    for first, second, p1, p2 in zip(once.masks, again.masks or [None] * 3, once.positions, again.positions):
+        dropped = {(b, h, int(x)) for b in range(2) for h in range(3) for x in p1[b, h][~first[b, h]]}
+        if second is None:
+            continue
+        kept = {(b, h, int(x)) for b in range(2) for h in range(3) for x in p2[b, h][second[b, h]]}
+        assert not dropped & kept
+
+
+def test_stack_states_keeps_masks():
+    state = random_state(B=1)
+    adaptive = evict(state, random_keys(3, 1, 3, 40, seed=5), Budget(tokens=30), AdaKV())
+    assert adaptive.masks is not None
+    unmasked = KVState(adaptive.cache, adaptive.positions, adaptive.next_position, logits=adaptive.logits)
+    both = stack_states([adaptive, unmasked])
+    for mine, stacked in zip(adaptive.masks, both.masks):
+        assert torch.equal(stacked[0], mine[0]) and bool(stacked[1].all())
+    assert stack_states([unmasked, unmasked]).masks is None
+    other = evict(state, random_keys(3, 1, 3, 40, seed=6), Budget(tokens=30), AdaKV())
+    if other.lengths() != adaptive.lengths():
+        with pytest.raises(KVPError, match="equal cache lengths"):
+            stack_states([adaptive, other])
+
+
+def test_attention_bias_equals_attention_over_the_kept_entries():
+    """sdpa with the bias = per head, softmax over that head's attended cached entries and the causal new ones."""
+    generator = torch.Generator().manual_seed(7)
+    B, H, groups, past, new, d = 2, 2, 3, 9, 4, 8
+    mask = torch.rand(B, H, past, generator=generator) > 0.4
+    q = torch.randn(B, H * groups, new, d, generator=generator)
+    k = torch.randn(B, H, past + new, d, generator=generator)
+    v = torch.randn(B, H, past + new, d, generator=generator)
+    bias = attention_bias(mask, new, groups, torch.float32)
+    got = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=bias)
+    for b in range(B):
+        for qh in range(H * groups):
+            h = qh // groups
+            for i in range(new):
+                visible = [j for j in range(past) if mask[b, h, j]] + list(range(past, past + i + 1))
+                weights = torch.softmax(q[b, qh, i] @ k[b, h, visible].T / d ** 0.5, dim=-1)
+                assert torch.allclose(got[b, qh, i], weights @ v[b, h, visible], atol=1e-5)
+
+
+def test_threshold_follows_the_calibration_quantiles():
+    uniform = Threshold(quantiles=tuple(torch.linspace(0, 1, 101).tolist()), window=8)
+    assert uniform.threshold(8 + 23, 8 + 100) == pytest.approx(1 - 0.23)  # keep 23% of the 100 outside the window
+    assert uniform.threshold(200, 108) == -torch.inf
+    keys = [torch.rand(2, 3, 108, generator=torch.Generator().manual_seed(8))]
+    keys[0][..., -8:] = torch.inf  # the window
+    assert torch.equal(uniform.counts(keys, 31)[0], (keys[0] >= uniform.threshold(31, 108)).sum(-1))
+    assert uniform.threshold(31, 108, fixed=12) == pytest.approx(1 - 19 / 96)
+    with pytest.raises(KVPError, match="budget of at least 8"):
+        uniform.threshold(4, 108)
+    with pytest.raises(KVPError, match="calibration"):
+        Threshold().threshold(64, 108)
+
+
+def test_thresholded_cut_keeps_what_kvpress_dmspress_keeps():
+    """DMSPress masks, once they leave its sliding window, the entries scoring below its threshold; the engine's cut
+    with the Threshold allocation (the window above every threshold, as the thresholded scorer gives it, no sinks
+    or recent tokens of its own) keeps exactly the others."""
+    B, H, T, window, tau = 1, 3, 60, 8, 0.3
+    scores = torch.rand(B, H, T, generator=torch.Generator().manual_seed(9))
+
+    class Given(ScorerPress):
+        def score(self, *args, **kwargs):
+            return scores.clone()
+
+    keys = torch.zeros(B, H, T, 4)
+    cache = cache_from_tensors([(keys, keys)])
+    module = SimpleNamespace(layer_idx=0, masked_key_indices=None)
+    kwargs = {"hidden_states": torch.zeros(B, T, 4), "past_key_values": cache, "cache_position": torch.arange(T)}
+    DMSPress(press=Given(), threshold=tau, sliding_window_size=window).forward_hook(module, [], kwargs, None)
+    dropped = torch.zeros(B, H, T, dtype=torch.bool)
+    dropped[tuple(module.masked_key_indices)] = True
+
+    state = random_state(layers=1, B=B, H=H, T=T)
+    windowed = scores.masked_fill(state.positions[0] >= T - window, torch.inf)
+    small = evict(state, [windowed], Budget(tokens=32, sinks=0, recent=0), Threshold(quantiles=(tau, tau),
+                                                                                          window=window))
+    kept = torch.zeros(B, H, T, dtype=torch.bool)
+    for h in range(H):
+        kept[0, h, small.positions[0][0, h][small.masks[0][0, h]]] = True
+    assert torch.equal(kept, ~dropped)
+    assert len({int(n) for n in kept.sum(-1).flatten()}) > 1  # heads keep what their scores give them
