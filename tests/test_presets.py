@@ -242,6 +242,11 @@ def test_the_comparison_shares_the_recipes_traces_and_compares_every_strong_meth
             "lagkv", "adakv_expected_attention", "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv",
             "pyramidkv_w16"} <= set(scorers)
     assert f"kvp:{tmp_path}/kvp-mix-s2" in scorers
+    threshold = plan["compare-threshold-2048"]
+    assert threshold[threshold.index("--budget") + 1: threshold.index("--scorer")] == ("r0.25", "r0.5", "r0.75",
+                                                                                      "r0.875")
+    assert threshold[threshold.index("--scorer") + 1:] == (f"kvzap_linear_threshold:{tmp_path}/kvzap-s0", *(
+        f"kvzap_mlp_threshold:{tmp_path}/kvzap-s{seed}" for seed in (0, 1, 2)))
     # KVzap's seeds share one data directory (collected with seed 0) and differ in the MLP's fit alone; the ridge
     # fit is deterministic given the data, so only seed 0 fits (and the sweeps score) the linear model
     data = str(tmp_path / "kvzap-data")

@@ -348,7 +348,8 @@ class GenerationResult:
     """One answer, with the protocol, how it was decoded and how big the cache was before and after compression.
 
     text: the answer, cut before a stop string; token_ids: up to the stop token or the token that completed the
-    stop string. cache_tokens_*: entries per KV head; cache_bytes_*: bytes of all cached keys and values.
+    stop string. cache_tokens_*: entries per KV head (attended, averaged over heads and layers where an adaptive
+    allocation gave them different counts); cache_bytes_*: bytes of all cached keys and values, padding included.
     timings: prefill_s (every prefill, the question's too under question-agnostic), compress_s, decode_s and
     decode_tokens_per_s."""
 
@@ -439,7 +440,7 @@ def generate(
     if scorer is not None:
         state = compress(handle, state, scorer, budget)
     timings["compress_s"] = _seconds_since(handle, clock)
-    compressed_tokens, compressed_bytes = state.length, state.nbytes()
+    compressed_tokens, compressed_bytes = round(state.attended()), state.nbytes()
     shortfall = budget.shortfall(full_tokens) if budget is not None else None
     if protocol == QUESTION_AGNOSTIC:
         clock = time.perf_counter()

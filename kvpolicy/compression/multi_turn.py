@@ -46,7 +46,7 @@ class TurnResult:
 
 
 def _size(state: KVState) -> tuple[int, int]:
-    return state.length, state.nbytes()
+    return round(state.attended()), state.nbytes()
 
 
 def check_protocol(protocol: str, scorer: Scorer | None) -> None:

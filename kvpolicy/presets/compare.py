@@ -11,7 +11,9 @@ KVP-mix against the methods users pick today, on a clean and complete RULER-styl
             ExpectedAttention and SnapKV), PyramidKV, both SnapKV windows, the heuristics and the full cache on the
             eleven RULER-style tasks and the evaluation-only needles, at 2K and 4K, at kvpress's leaderboard ratios
             (25, 50, 75 and 87.5% removed) and, at 2K, at the small token budgets of the other studies; query-aware
-            and question-agnostic; `samples` prompts per task and point on the eval split
+            and question-agnostic; `samples` prompts per task and point on the eval split; then KVzap's thresholded
+            form (kvpress DMSPress's rule, its threshold calibrated per budget on the training prompts) of every
+            KVzap directory, at the leaderboard ratios only (it keeps its 128 newest entries whatever the budget)
 4. report   per task, the RULER average, seed means and spreads, Holm-marked paired differences
 
 On the 2-core CPU this is days of compute (KVzip alone costs 4-5 prefills there): every stage resumes, so it runs
@@ -86,14 +88,23 @@ class CompareConfig:
         scorers = (*(f"kvp:{s.output}" for s in policies),
                    *(f"kvzap_{kind}:{s.output}" for s, kinds in zip(kvzap, kvzap_kinds.values()) for kind in kinds),
                    *QUERY_AGNOSTIC_METHODS, *ADAPTIVE_METHODS, *default_lineup(SWEEP, BENCH))
+        thresholded = tuple(f"kvzap_{kind}_threshold:{s.output}" for s, kinds in zip(kvzap, kvzap_kinds.values())
+                            for kind in kinds)
         results = str(out / "compare.jsonl")
-        sweeps = [Stage(f"compare-{context}", (
-            "sweep", "--model", self.model, "--out", results, "--task", "ruler", "needles", "--protocol", QUERY_AWARE,
-            QUESTION_AGNOSTIC, "--context", str(context), "--n", str(self.samples), "--budget",
-            *(f"r{ratio}" for ratio in self.ratios), *(self.budgets if context == r.context else ()),
-            "--scorer", *scorers)) for context in self.contexts]
+        sweeps = [Stage(f"compare-{context}", self._sweep(results, context, (
+            *(f"r{ratio}" for ratio in self.ratios), *(self.budgets if context == r.context else ())), scorers))
+            for context in self.contexts]
+        # KVzap's thresholded form keeps its 128 newest entries: the leaderboard ratios only, never a smaller budget
+        threshold_sweeps = [Stage(f"compare-threshold-{context}", self._sweep(
+            results, context, tuple(f"r{ratio}" for ratio in self.ratios), thresholded)) for context in self.contexts]
         report = Stage("report", ("report", results, "--out", str(out / "compare-report")))
-        return [*traces, *policies, *kvzap, *sweeps, report]
+        return [*traces, *policies, *kvzap, *sweeps, *threshold_sweeps, report]
+
+    def _sweep(self, results: str, context: int, budgets: tuple[str, ...], scorers: tuple[str, ...]) -> tuple:
+        """The `kvp sweep` of `scorers` at `budgets` on every task of the comparison at `context` tokens."""
+        return ("sweep", "--model", self.model, "--out", results, "--task", "ruler", "needles", "--protocol",
+                QUERY_AWARE, QUESTION_AGNOSTIC, "--context", str(context), "--n", str(self.samples), "--budget",
+                *budgets, "--scorer", *scorers)
 
 
 def _without_out(argv: tuple[str, ...]) -> tuple[str, ...]:
