@@ -5,6 +5,8 @@ keeps, at the memory of the uniform cut.
   ScorerPress).
 - `AdaKV`: the heads of a layer share `kv_heads x kept` entries; each keeps its `alpha_safeguard x kept` best, the
   rest go to the layer's best scores whichever head they are in (AdaKV, arXiv 2407.11550; kvpress's AdaKVPress).
+- `Global`: every head of every layer draws from one pool of layers x heads x kept entries, by score (kvpress's
+  KVzipPress by default): the scores must compare across heads and layers.
 - `Pyramid`: every head of layer l keeps the count kvpress's PyramidKVPress gives layer l, many in the first layers
   and few in the last, about `kept` per layer on average (PyramidKV, arXiv 2406.02069).
 - `Threshold`: every entry whose score reaches one calibrated threshold is kept (KVzap's thresholded form, kvpress's
@@ -26,14 +28,12 @@ import torch
 
 from kvpolicy.errors import KVPError
 
-UNIFORM_NAME, ADAKV_NAME, PYRAMID_NAME, THRESHOLD_NAME = "uniform", "adakv", "pyramid", "threshold"
-
 
 @dataclass(frozen=True)
 class Allocation:
     """Base class: the uniform allocation. `counts` gives each head's number of kept entries."""
 
-    name = UNIFORM_NAME
+    name = "uniform"
 
     def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
         """Per layer, entries kept (B, H) int64 by each row and head, at most the layer's T.
@@ -51,7 +51,7 @@ class AdaKV(Allocation):
     """The heads of a layer share its kv_heads x kept entries by score; each keeps at least its best
     alpha_safeguard x kept (kvpress's default 0.2)."""
 
-    name = ADAKV_NAME
+    name = "adakv"
     alpha_safeguard: float = 0.2
 
     def __post_init__(self):
@@ -75,11 +75,30 @@ class AdaKV(Allocation):
 
 
 @dataclass(frozen=True)
+class Global(Allocation):
+    """The model's layers x kv_heads x kept entries go to its best scores, whichever layer and head they are in
+    (kvpress KVzipPress with layerwise=False, its default)."""
+
+    name = "global"
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        B = keys[0].shape[0]
+        heads = [k.shape[1] for k in keys]
+        total = sum(h * min(kept, k.shape[-1]) for h, k in zip(heads, keys))
+        chosen = torch.cat([k.float().reshape(B, -1) for k in keys], dim=1).topk(total, dim=-1).indices
+        owner = torch.cat([torch.arange(h, device=k.device).repeat_interleave(k.shape[-1]) + sum(heads[:i])
+                           for i, (h, k) in enumerate(zip(heads, keys))])  # the model-wide head of each entry
+        per_head = torch.zeros(B, sum(heads), dtype=torch.long, device=keys[0].device)
+        per_head.scatter_add_(1, owner[chosen], torch.ones_like(chosen))
+        return list(per_head.split(heads, dim=1))
+
+
+@dataclass(frozen=True)
 class Pyramid(Allocation):
     """Layer l's heads keep what kvpress's PyramidKVPress gives layer l (window_size: its SnapKV window; beta: the
     pyramid's steepness); the counts depend on the layer only, never on the scores."""
 
-    name = PYRAMID_NAME
+    name = "pyramid"
     window_size: int = 64
     beta: int = 20
 
@@ -114,7 +133,7 @@ class Threshold(Allocation):
     kept whatever their score, then means keeping the fraction (kept - F) / (T - F) of the others, above the
     matching quantile."""
 
-    name = THRESHOLD_NAME
+    name = "threshold"
     quantiles: tuple[float, ...] = ()
     window: int = 128
 
@@ -141,8 +160,20 @@ class Threshold(Allocation):
 
 
 def counts_reference(allocation: Allocation, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
-    """Slow, obviously-correct `allocation.counts` for AdaKV (the others have no data-dependent step): per row, each
-    head's safeguard first, then the layer's entries one at a time by key, until kv_heads x kept are chosen."""
+    """Slow, obviously-correct `allocation.counts` for AdaKV and Global (the others take no ranking step): AdaKV, per
+    row, each head's safeguard first, then the layer's entries one at a time by key, until kv_heads x kept are
+    chosen; Global, per row, every entry of the model sorted by key, the first layers x kv_heads x kept counted."""
+    if isinstance(allocation, Global):
+        B = keys[0].shape[0]
+        out = [torch.zeros(k.shape[:2], dtype=torch.long) for k in keys]
+        for b in range(B):
+            entries = [(float(k[b, h, t]), layer, h) for layer, k in enumerate(keys) for h in range(k.shape[1])
+                       for t in range(k.shape[2])]
+            entries.sort(key=lambda e: -e[0])
+            total = sum(k.shape[1] * min(kept, k.shape[2]) for k in keys)
+            for _, layer, h in entries[:total]:
+                out[layer][b, h] += 1
+        return out
     if not isinstance(allocation, AdaKV):
         return allocation.counts(keys, kept)
     out = []

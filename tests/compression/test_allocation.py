@@ -9,7 +9,7 @@ import pytest
 import torch
 from kvpress import AdaKVPress, DMSPress, PyramidKVPress, ScorerPress
 
-from kvpolicy.compression.allocation import UNIFORM, AdaKV, Pyramid, Threshold, counts_reference
+from kvpolicy.compression.allocation import UNIFORM, AdaKV, Global, Pyramid, Threshold, counts_reference
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.engine import evict
 from kvpolicy.compression.head_masks import attention_bias
@@ -200,3 +200,35 @@ def test_thresholded_cut_keeps_what_kvpress_dmspress_keeps():
         kept[0, h, small.positions[0][0, h][small.masks[0][0, h]]] = True
     assert torch.equal(kept, ~dropped)
     assert len({int(n) for n in kept.sum(-1).flatten()}) > 1  # heads keep what their scores give them
+
+
+@pytest.mark.parametrize("kept", [1, 7, 20])
+def test_global_counts_equal_the_slow_reference(kept):
+    keys = random_keys(3, 2, 2, 20, seed=11)
+    fast, slow = Global().counts(keys, kept), counts_reference(Global(), keys, kept)
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+    assert torch.equal(sum(f.sum(-1) for f in fast), torch.full((2,), 3 * 2 * kept))  # the uniform cut's memory
+    if kept < 20:
+        assert len({int(n) for f in fast for n in f.flatten()}) > 1  # layers and heads really differ
+
+
+def test_global_counts_equal_kvpress_kvzip_pruning():
+    """kvpress's KVzipPress.compress_post (layerwise=False) prunes the model's lowest scores; the counts it leaves
+    per layer and head are ours (a ratio where its rounding and ours agree)."""
+    from kvpress import KVzipPress
+
+    L, B, H, T, ratio = 3, 1, 2, 32, 0.75
+    scores = torch.stack(random_keys(L, B, H, T, seed=12))
+    scores[..., :4] = scores.amax() + 1  # kvpress's sinks, as our protected keys are
+    layers = [SimpleNamespace(self_attn=SimpleNamespace(layer_idx=i, masked_key_indices=None,
+                                                        config=SimpleNamespace(_attn_implementation="sdpa")))
+              for i in range(L)]
+    press = KVzipPress(compression_ratio=ratio, n_sink=4)
+    press.score_val = scores.clone()
+    press.compress_post(SimpleNamespace(model=SimpleNamespace(layers=layers)))
+    ours = Global().counts(list(scores), Budget(ratio=ratio).kept(T))
+    for layer, count in zip(layers, ours):
+        batch, head, _ = layer.self_attn.masked_key_indices
+        pruned = torch.zeros(B, H, dtype=torch.long).index_put_((batch, head), torch.ones_like(head), accumulate=True)
+        assert torch.equal(count, T - pruned)

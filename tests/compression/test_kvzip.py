@@ -55,6 +55,7 @@ def kvpress_kvzip(handle, ids: torch.Tensor, **settings) -> SimpleNamespace:
     try:
         with torch.no_grad(), press(handle.model):
             handle.model.model(input_ids=ids, past_key_values=DynamicCache())
+        press.captured.masked = [m.masked_key_indices for m in modules]  # its cut: (batch, head, entry) pruned
     finally:
         for module, had in zip(modules, had_rotary):
             module.masked_key_indices = None  # else later forwards of the shared model would mask kvpress's cut
@@ -85,6 +86,32 @@ def test_scores_are_kvpress_kvzip_end_to_end(smollm, prompt, full, name, setting
     prefix_ids, suffix_ids = template_split(smollm.tokenizer)  # the chat template split as kvpress makes it
     assert prefix_ids.shape[1] == theirs.prefix_length > 0 and torch.equal(suffix_ids, theirs.suffix_ids)
     assert torch.equal(prompt[:, : prefix_ids.shape[1]], prefix_ids)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_the_cut_keeps_what_kvpress_kvzip_keeps(smollm, prompt, layerwise):
+    """kvpress's KVzip spreads the budget over all layers and heads (layerwise: over the heads of each layer) and
+    masks what it prunes; the engine's cut at the same ratio (kvpress protects sinks but no recent tokens) keeps
+    exactly the entries kvpress leaves unmasked, and frees the others."""
+    ids = prompt[:, : prompt.shape[1] // 2 * 2]  # an even length: kvpress's rounding of the model's total is ours
+    full = prefill(smollm, ids)[0]
+    theirs = kvpress_kvzip(smollm, ids, layerwise=layerwise)
+    scorer = make_scorer("kvzip", layerwise=layerwise)
+    small = evict(full, rank(smollm, full, scorer), Budget(ratio=0.5, recent=0), scorer.allocation)
+    T = full.length
+    counts = []
+    for idx, (positions, masked) in enumerate(zip(small.positions, theirs.masked)):
+        pruned = torch.zeros(full.positions[idx].shape, dtype=torch.bool)
+        pruned[tuple(masked)] = True
+        mask = small.masks[idx] if small.masks is not None else torch.ones_like(positions, dtype=torch.bool)
+        kept = torch.zeros_like(pruned)
+        for h in range(positions.shape[1]):
+            kept[0, h, positions[0, h][mask[0, h]]] = True
+        assert torch.equal(kept, ~pruned), f"layer {idx}"
+        counts.append(kept.sum(-1))
+    counts = torch.cat(counts)
+    assert int(counts.sum()) == len(counts.flatten()) * (T // 2) and int(counts.max()) > int(counts.min())
 
 
 @pytest.mark.model

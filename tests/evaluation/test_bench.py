@@ -238,7 +238,12 @@ def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_w
     from kvpolicy.evaluation.bench.scoring import bench_scorers
     from kvpolicy.policy import kvzap
 
-    monkeypatch.setattr(kvzap, "SHIPPED_DIR", tmp_path)  # as for a model without KVzap weights (Qwen2.5 today)
-    scorers, refused = bench_scorers(smollm, make_scorer("knorm"), 64)
-    assert set(refused) == {"kvzap_linear", "kvzap_mlp"} and "train-kvzap" in refused["kvzap_mlp"]
+    monkeypatch.setattr(kvzap, "SHIPPED_DIR", tmp_path)  # as for a model without KVzap weights
+    scorers, refused = bench_scorers(smollm, make_scorer("knorm"), [64], 0.25)
+    kvzap_rows = {"kvzap_linear", "kvzap_mlp", "kvzap_linear_threshold", "kvzap_mlp_threshold"}
+    assert set(refused) == kvzap_rows and "train-kvzap" in refused["kvzap_mlp"]
     assert set(scorers) == {"kvp", *SCORERS} - set(refused)
+    monkeypatch.undo()  # the shipped weights: KVzap runs, its thresholded form not at a budget below its window
+    scorers, refused = bench_scorers(smollm, make_scorer("knorm"), [256, 2048], 0.25)
+    assert {"kvzap_linear", "kvzap_mlp"} <= set(scorers)
+    assert "more than a budget of 64" in refused.get("kvzap_mlp_threshold", "more than a budget of 64")

@@ -5,7 +5,8 @@ prefill the model reads "Repeat the previous context exactly." in the chat templ
 text again, on top of the cache (in chunks of `chunk_size` tokens); an entry's score is the largest attention any
 query of its KV head's group gives it meanwhile. KVzip+ divides each query's row by the norm of its hidden state and
 multiplies each entry's column by the norm of its value through W_O. The reconstruction costs 2-3 prefills and needs
-the cached text, so it ranks only an uncut prefill of one sequence (`KVState.ids`), never while decoding.
+the cached text, so it ranks only an uncut prefill of one sequence (`KVState.ids`), never while decoding. Its
+budget is spread as kvpress spreads it: over every layer and head at once (compression/allocation.py, `Global`).
 
 The scores are kvpress's own: `rank_cache` drives `KVzipPress` on a branch of the state through kvpress 0.5.5's
 private steps (the attributes its `__call__` sets, then `_perform_kvzip_compression`, which at compression ratio 0
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from kvpress import KVzipPress
 
+from kvpolicy.compression.allocation import AdaKV, Allocation, Global
 from kvpolicy.compression.scorers.base import Scorer
 from kvpolicy.compression.scorers.kvpress_backed import rotary_attached
 from kvpolicy.compression.state import KVState
@@ -53,7 +55,9 @@ def template_split(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class KVzipScorer(Scorer):
     """KVzip's scores through kvpress's KVzipPress. n_sink: the first entries, given the top score (as kvpress's
-    `compress_post` does); chunk_size: cached tokens reconstructed per pass; kvzip_plus: KVzip+'s normalization."""
+    `compress_post` does); chunk_size: cached tokens reconstructed per pass; kvzip_plus: KVzip+'s normalization;
+    layerwise: as kvpress's option, False (its default): the budget of the whole model goes to its best scores
+    whichever layer and head they are in; True: each layer's budget to its best scores, whichever head."""
 
     name = "kvzip"
     reads_text = True
@@ -61,6 +65,11 @@ class KVzipScorer(Scorer):
     n_sink: int = 4
     chunk_size: int = 2048
     kvzip_plus: bool = False
+    layerwise: bool = False
+
+    @property
+    def allocation(self) -> Allocation:
+        return AdaKV(alpha_safeguard=0.0) if self.layerwise else Global()
 
     def __post_init__(self):
         self._press = self.make_press()

@@ -78,7 +78,7 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         print(f"   KVP policy: {policy} ({origin})")
         kvp = make_scorer(f"{LEARNED_PREFIX}{policy}", model=handle.info)
     if section == "a":
-        scorers, refused = scoring.bench_scorers(handle, kvp, max(contexts))
+        scorers, refused = scoring.bench_scorers(handle, kvp, contexts, config.keep)
         for name, why in refused.items():
             print(f"   {name} left out: {why}")
         figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats)

@@ -1,4 +1,5 @@
-"""Section a: the time to score and evict every layer, as a share of the prefill, for KVP and every baseline.
+"""Section a: the time to score and evict every layer, as a share of the prefill, for KVP and every baseline (each
+with its own allocation: AdaKV's and PyramidKV's counts, KVzap's threshold).
 
 Query-based scorers need the attention inputs of the prompt's last tokens (or all of them), which the prefill
 records: that recording is part of their cost, so it is timed too and shown as its own share of the prefill.
@@ -21,20 +22,22 @@ from kvpolicy.progress import bar
 WARM_UP_TOKENS = 256  # the warm-up prompt's length (shorter when every context is)
 
 
-def bench_scorers(handle: ModelHandle, kvp: Scorer, max_context: int) -> tuple[dict[str, Scorer], dict[str, str]]:
+def bench_scorers(handle: ModelHandle, kvp: Scorer, contexts: list[int],
+                  keep: float) -> tuple[dict[str, Scorer], dict[str, str]]:
     """(name -> scorer, name -> why it cannot run here): the KVP policy `kvp` and every scorer of the catalog that
-    can score this model (KVzap needs weights trained for it); the oracle with a random utility (L, H,
-    max_context), enough for any prompt up to max_context tokens."""
+    can score this model (KVzap needs weights trained for it) and cut to the budgets of `contexts` (KVzap's
+    thresholded form keeps 128 entries at least); the oracle with a random utility (L, H, the longest context)."""
     info = handle.info
     scorers: dict[str, Scorer] = {"kvp": kvp}
     refused: dict[str, str] = {}
     for name, entry in CATALOG.items():
         if entry.needs_utility:
-            scorer = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max_context))
+            scorer = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max(contexts)))
         else:
             scorer = make_scorer(name)
         try:
             scorer.check_model(info)
+            scorer.check_budgets([kept_budget(context, keep) for context in contexts])
         except KVPError as err:
             refused[name] = str(err)
             continue
@@ -63,8 +66,8 @@ def time_context(handle: ModelHandle, scorers: dict[str, Scorer], windows: list[
     rows = {}
     for name, scorer in scorers.items():
         state = states[scorer.query_window]
-        _, seconds = timed(lambda state=state, scorer=scorer: evict(state, rank(handle, state, scorer), budget),
-                           device, repeats)
+        _, seconds = timed(lambda state=state, scorer=scorer: evict(state, rank(handle, state, scorer), budget,
+                                                                   scorer.allocation), device, repeats)
         rows[name] = {"recorded_queries": window_label(scorer.query_window), "score_evict_s": seconds,
                       "share_of_prefill": seconds / plain,
                       "recording_share_of_prefill": (prefill_s[scorer.query_window] - plain) / plain}
@@ -79,7 +82,7 @@ def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, keep:
     ids, budget = essay_ids(handle, context), kept_budget(context, keep)
     state, _ = prefill(handle, ids, record_queries=ALL_QUERIES)  # every row: enough for any query-based scorer
     for scorer in scorers.values():
-        evict(state, rank(handle, state, scorer), budget)
+        evict(state, rank(handle, state, scorer), budget, scorer.allocation)
 
 
 def measure_scoring(handle: ModelHandle, scorers: dict[str, Scorer], contexts: list[int], keep: float,
