@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from kvpolicy.errors import KVPError
 from kvpolicy.policy import kvzap
-from kvpolicy.policy.kvzap import kvzap_directory, load_kvzap, save_kvzap, ship_kvzap, shipped_kvzap
+from kvpolicy.policy.kvzap import (kvzap_directory, kvzap_thresholds, load_kvzap, save_kvzap, ship_kvzap,
+                                   shipped_kvzap)
 
 MODEL = SimpleNamespace(name="tiny", fingerprint="0123456789abcdef")
 
@@ -76,7 +77,7 @@ def test_shipped_weights_are_found_per_model_and_missing_ones_say_how_to_train(t
 
 def test_the_shipped_weights_are_small_fp16_and_say_how_they_were_made():
     shipped = shipped_kvzap()
-    assert set(shipped) == {"smollm2-135m"}  # Qwen2.5's: its data takes ~2.5 min a prompt on this CPU, not yet run
+    assert set(shipped) == {"smollm2-135m", "qwen2.5-0.5b"}
     for model, directory in shipped.items():
         for kind in ("linear", "mlp"):
             weights = directory / kind / "model.safetensors"
@@ -87,3 +88,5 @@ def test_the_shipped_weights_are_small_fp16_and_say_how_they_were_made():
             net = load_kvzap(directory / kind, kind=kind)
             assert len(section["r2_per_layer"]) == net.config.n_modules
             assert {t.dtype for t in load_file(str(weights)).values()} == {torch.float16}
+            window, quantiles = kvzap_thresholds(directory / kind)  # the thresholded form works right after install
+            assert window == 128 and len(quantiles) == 1001 and list(quantiles) == sorted(quantiles)
