@@ -127,6 +127,18 @@ def masked_reference_logits(handle, prompt, kept, chunks):
 CHUNKS = [[504, 3794, 314, 563, 260, 1645, 282], [1835], [335], [1205, 2555, 284]]  # multi-token and single tokens
 
 
+def feed_chunks_against_reference(handle, prompt, small, kept) -> list[torch.Tensor]:
+    """Feed CHUNKS after the cut state `small` and check each chunk's logits against `masked_reference_logits`
+    (kept: as it takes them) within TOLERANCE; returns the reference logits."""
+    got = [prefill(handle, torch.tensor([chunk]), small)[1] for chunk in CHUNKS]
+    reference = masked_reference_logits(handle, prompt, kept, [torch.tensor([c]) for c in CHUNKS])
+    largest, mean = TOLERANCE[handle.model.dtype]
+    for mine, ref in zip(got, reference):
+        diff = (mine.float() - ref.float()).abs()
+        assert diff.max() <= largest and diff.mean() <= mean, (diff.max(), diff.mean())
+    return reference
+
+
 def test_budget_at_least_length_is_identical(placed, placed_full):
     same = compress(placed, placed_full, make_scorer("knorm"), Budget(tokens=10_000))
     assert same.length == placed_full.length and same.nbytes() == placed_full.nbytes()
@@ -145,12 +157,8 @@ def test_physical_eviction_equals_masked_full_cache(placed, placed_prompt, place
     assert all(p.device == placed.model.device for p in small.positions)
     if scorer == "knorm":  # heads and layers really keep different entries
         assert not torch.equal(kept[0][0], kept[0][1]) and not torch.equal(kept[0], kept[1])
-    got = [prefill(placed, torch.tensor([chunk]), small)[1] for chunk in CHUNKS]
-    reference = masked_reference_logits(placed, prompt, kept, [torch.tensor([c]) for c in CHUNKS])
-    largest, mean = TOLERANCE[dtype]
-    for mine, ref in zip(got, reference):
-        diff = (mine.float() - ref.float()).abs()
-        assert diff.max() <= largest and diff.mean() <= mean, (diff.max(), diff.mean())
+    reference = feed_chunks_against_reference(placed, prompt, small, kept)
+    largest = TOLERANCE[dtype][0]
     unmasked = prefill(placed, torch.tensor([CHUNKS[0]]), full.clone())[1]
     assert (unmasked.float() - reference[0].float()).abs().max() > 3 * largest  # the eviction matters: can fail
     assert small.next_position == prompt.shape[1] + sum(map(len, CHUNKS))
@@ -161,7 +169,7 @@ def test_physical_eviction_equals_masked_full_cache(placed, placed_prompt, place
 def test_adaptive_eviction_equals_masked_full_cache(placed, placed_prompt, placed_full, allocation):
     """Heads of a layer keeping different counts (AdaKV: padded, masked) or layers keeping different lengths
     (PyramidKV): prefill chunks and decoding attend exactly the kept entries."""
-    full, prompt, dtype = placed_full, placed_prompt, placed.model.dtype
+    full, prompt = placed_full, placed_prompt
     small = evict(full, rank(placed, full, make_scorer("knorm")), Budget(tokens=64), allocation)
     assert small.masks is not None and small.attended() == pytest.approx(64, abs=0.5)
     counts = [m.sum(-1) for m in small.masks]
@@ -171,12 +179,7 @@ def test_adaptive_eviction_equals_masked_full_cache(placed, placed_prompt, place
         assert len(set(small.lengths())) > 1 and all(bool(m.all()) for m in small.masks)  # layers differ, no padding
     visible = [torch.zeros(p.shape[1], prompt.shape[1], dtype=torch.bool, device=p.device).scatter(1, p[0], m[0])
                for p, m in zip(small.positions, small.masks)]
-    got = [prefill(placed, torch.tensor([chunk]), small)[1] for chunk in CHUNKS]
-    reference = masked_reference_logits(placed, prompt, visible, [torch.tensor([c]) for c in CHUNKS])
-    largest, mean = TOLERANCE[dtype]
-    for mine, ref in zip(got, reference):
-        diff = (mine.float() - ref.float()).abs()
-        assert diff.max() <= largest and diff.mean() <= mean, (diff.max(), diff.mean())
+    feed_chunks_against_reference(placed, prompt, small, visible)
     fed = sum(map(len, CHUNKS))
     assert [m.shape[-1] for m in small.masks] == small.lengths()  # the masks grew with the cache
     assert all(bool(m[..., -fed:].all()) for m in small.masks)  # and every token fed after the cut is attended
