@@ -232,3 +232,22 @@ def test_global_counts_equal_kvpress_kvzip_pruning():
         batch, head, _ = layer.self_attn.masked_key_indices
         pruned = torch.zeros(B, H, dtype=torch.long).index_put_((batch, head), torch.ones_like(head), accumulate=True)
         assert torch.equal(count, T - pruned)
+
+
+@pytest.mark.model
+def test_a_sweep_records_what_adaptive_cuts_attend_and_hold(smollm, tmp_path):
+    """AdaKV and PyramidKV rows in a real (tiny) sweep: `kept` is the budget attended per head on average, and the
+    bytes are what the cache holds: AdaKV's padding included, PyramidKV's per-layer lengths summing to the uniform
+    cut's."""
+    import json
+
+    from kvpolicy.cli import main
+
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", "--out", str(out), "--task", "ruler:niah_single_1", "--context", "200", "--n", "1",
+                 "--scorer", "adakv_snapkv_w16", "pyramidkv_w16", "snapkv_w16", "--budget", "48",
+                 "--max-new-tokens", "2", "--no-full-cache"]) == 0
+    records = {r["scorer"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {r["kept"] for r in records.values()} == {48}
+    uniform = records["snapkv_w16"]["cache_bytes"]
+    assert records["adakv_snapkv_w16"]["cache_bytes"] > uniform == records["pyramidkv_w16"]["cache_bytes"]
