@@ -35,6 +35,7 @@ from kvpolicy.report.tables import (
     HOLM_MARK,
     Table,
     comparison_table,
+    decision_table,
     group_table,
     head_map_tables,
     learning_curve_table,
@@ -103,7 +104,8 @@ def build_sections(results: list[Result]) -> list[Section]:
     for i, group in enumerate(curve_groups(results), start=1):
         title = group.title()
         slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
-        tables = [group_table(group)] + [t for t in (verdict_table(group), comparison_table(group)) if t is not None]
+        tables = [t for t in (decision_table(group), group_table(group), verdict_table(group),
+                              comparison_table(group)) if t is not None]
         sections.append(Section(title, group.caption(), curves_figure(group), tables, slug))
     for k, curve in enumerate(learning_curves(results), start=len(sections) + 1):
         sections.append(Section("Learning curve", curve.caption(), learning_curve_figure(curve),

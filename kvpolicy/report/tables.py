@@ -209,6 +209,44 @@ def verdict_table(group: Group) -> Table | None:
     )
 
 
+def decision_table(group: Group) -> Table | None:
+    """The screen to decide from: each learned policy against each other method, per budget, as wins / ties / losses
+    over the group's tasks. A win (a loss) is a task whose paired difference survives Holm's correction over the
+    group's comparison table and favours the learned policy (the other method); every other task is a tie. Beside
+    the counts, the mean of the tasks' differences and the fewest pairs any of them rests on. None when the group
+    compares nothing."""
+    sign = 1.0 if group.metric in SCORES else -1.0  # favourable differences are positive scores, lower perplexities
+    cells: dict[tuple[str, str], dict[str, list[Comparison]]] = {}
+    budgets: dict[str, float] = {}
+    for panel in group.panels:
+        for c in panel.comparisons:
+            cells.setdefault((c.learned, c.other), {}).setdefault(c.budget, []).append(c)
+            budgets.setdefault(c.budget, c.x)
+    if not cells:
+        return None
+    order = sorted(budgets, key=lambda b: budgets[b])
+    digits = _digits(group.metric)
+
+    def cell(found: list[Comparison]) -> str:
+        wins = sum(c.holm and sign * c.difference > 0 for c in found)
+        losses = sum(c.holm and sign * c.difference < 0 for c in found)
+        mean = sum(c.difference for c in found) / len(found)
+        return (f"{wins}W {len(found) - wins - losses}T {losses}L · mean {mean:+.{digits}f} · "
+                f"n≥{min(c.n for c in found)}")
+
+    rows = [[learned, other, *(cell(by_budget[b]) if b in by_budget else "–" for b in order)]
+            for (learned, other), by_budget in sorted(cells.items())]
+    return Table(
+        title=f"decision: each learned policy against each other method, wins / ties / losses over the tasks "
+              f"(W, L: the task's paired difference survives Holm's correction at {ALPHA:.0%} over the "
+              f"{sum(len(p.comparisons) for p in group.panels)} comparisons of the comparison table and favours the "
+              f"learned policy, or the other method; T: it does not) · mean: the tasks' mean difference learned − "
+              f"other ({_UNITS.get(group.metric, group.metric)}) · n: the fewest pairs of a task — {group.caption()}",
+        header=["learned policy", "other method", *(_budget_header(b, budgets[b]) for b in order)],
+        rows=rows,
+    )
+
+
 def head_map_tables(head_map: HeadMap) -> list[Table]:
     """Mean whole-ranking cost per scorer (over heads), and the per-head costs with the winning heuristic."""
     overall = Table(

@@ -31,7 +31,7 @@ from kvpolicy.report.aggregate import (
 from kvpolicy.report import figures
 from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
-from kvpolicy.report.tables import comparison_table, group_table, verdict_table
+from kvpolicy.report.tables import comparison_table, decision_table, group_table, verdict_table
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
@@ -197,7 +197,8 @@ def test_report_writes_html_markdown_and_figures(results, tmp_path):
     assert len(re.findall(r"^\| task \| scorer", md, flags=re.M)) == 3
     assert len(re.findall(r"^\| task \| budget \| learned policy \| other method", md, flags=re.M)) == 3
     assert len(re.findall(r"^\| task \| budget \| learned policy \| value", md, flags=re.M)) == 3
-    assert html.count("<th>learned policy</th>") == 6  # the verdict and the comparison of each group
+    assert len(re.findall(r"^\| learned policy \| other method \| ", md, flags=re.M)) == 3  # each group's decision
+    assert html.count("<th>learned policy</th>") == 9  # the decision, the verdict and the comparison of each group
     assert "heads where it is the best heuristic" in md
     assert "'separated' means the two methods' own 95% intervals do not overlap" in md
     assert "95% percentile bootstrap intervals over samples (2,000 resamples" in html
@@ -519,3 +520,23 @@ def test_bounded_streams_get_a_panel_per_rerank_interval_each_with_the_full_cach
         (line,) = panel.lines
         assert line.points[0].y == pytest.approx(math.exp(nll / 20)) and line.points[0].n == 2
     assert group.y_label == "perplexity of every token of the stream"
+
+
+def test_the_decision_table_counts_wins_ties_and_losses_over_the_tasks():
+    """KVP far ahead of KNorm on one task and far behind on another, level with TOVA on both: 1 win and 1 loss
+    against KNorm, 2 ties against TOVA, each cell with the tasks' mean difference and the fewest pairs."""
+    rng = np.random.default_rng(3)
+    good, poor = ([float(v) for v in rng.random(30) < p] for p in (0.9, 0.1))
+    values = {"KVP": {"vt": good, "cwe": poor}, "KNorm": {"vt": poor, "cwe": good}, "TOVA": {"vt": good, "cwe": poor}}
+    kinds = {"KVP": "learned", "KNorm": "heuristic", "TOVA": "heuristic"}
+    records = [result(_base(label.lower(), label, kinds[label], "b64", 64, task, "RULER-style", "accuracy",
+                            "query-aware", RULER_DATA, f"s{i}") | {"value": v})
+               for label, tasks in values.items() for task, vs in tasks.items() for i, v in enumerate(vs)]
+    (group,) = curve_groups(records)
+    table = decision_table(group)
+    rows = {(row[0], row[1]): row[2] for row in table.rows}
+    assert rows[("KVP", "KNorm")] == "1W 0T 1L · mean +0.0 · n≥30"
+    assert rows[("KVP", "TOVA")] == "0W 2T 0L · mean +0.0 · n≥30"
+    assert table.header == ["learned policy", "other method", "64 tok"]
+    assert "over the 4 comparisons of the comparison table" in table.title
+    assert decision_table(curve_groups([r for r in records if r.scorer_label != "KVP"])[0]) is None
