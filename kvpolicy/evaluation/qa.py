@@ -178,7 +178,8 @@ def run_qa(
     state, _ = prefill(handle, first, record_queries=recording_window(to_run))
     prefill_s = clock.lap() / len(samples)
     full_bytes, length = state.nbytes(), state.length
-    # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch
+    # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch (a scorer
+    # whose allocation shapes its cuts by its scores decodes apart)
     rankings: dict[str, list[torch.Tensor] | None] = {}
     by_size: dict[tuple[int, str], list[tuple[Contender, Budget, float]]] = defaultdict(list)
     for contender in to_run:
