@@ -29,6 +29,9 @@ import torch
 from kvpolicy.errors import KVPError
 
 
+KEEP = torch.finfo(torch.float32).max  # a score that keeps its entry whatever the threshold (kvpress's mark too)
+
+
 @dataclass(frozen=True)
 class Allocation:
     """Base class: the uniform allocation. `counts` gives each head's number of kept entries."""
@@ -126,12 +129,12 @@ class Pyramid(Allocation):
 @dataclass(frozen=True)
 class Threshold(Allocation):
     """KVzap's thresholded form (kvpress DMSPress): an entry is kept when its score reaches one threshold, the same
-    for every layer and head, so each head keeps as many entries as the text gives it. The scorer puts its window
-    (the newest `window` entries, never evicted) above every threshold. The threshold for a budget is calibrated, not
-    fitted to the cache: `quantiles` (ascending, evenly spaced levels from 0 to 1) of the scorer's scores outside
-    that window (and the sinks) on its training prompts; keeping kept of T entries per head on average, F of them
-    kept whatever their score, then means keeping the fraction (kept - F) / (T - F) of the others, above the
-    matching quantile."""
+    for every layer and head, so each head keeps as many entries as the text gives it. The scorer scores its window
+    (the newest `window` entries, never evicted) KEEP, above every threshold. The threshold for a budget is
+    calibrated, not fitted to the cache: `quantiles` (ascending, evenly spaced levels from 0 to 1) of the scorer's
+    scores outside that window (and the sinks) on its training prompts; keeping kept of T entries per head on
+    average, F of them kept whatever their score, then means keeping the fraction (kept - F) / (T - F) of the
+    others, above the matching quantile."""
 
     name = "threshold"
     quantiles: tuple[float, ...] = ()
@@ -152,9 +155,9 @@ class Threshold(Allocation):
         return float(np.interp(1 - fraction, np.linspace(0, 1, len(self.quantiles)), self.quantiles))
 
     def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
-        """The entries whose key reaches the threshold; those kept whatever their score (the window, sinks and recent
-        tokens: key +inf) count towards the budget."""
-        fixed = sum(float(k.isposinf().sum(-1).float().mean()) for k in keys) / len(keys)
+        """The entries whose key reaches the threshold; those kept whatever their score (the window, scored KEEP;
+        the sinks and recent tokens, +inf) count towards the budget."""
+        fixed = sum(float((k >= KEEP).sum(-1).float().mean()) for k in keys) / len(keys)
         threshold = self.threshold(kept, keys[0].shape[-1], fixed)
         return [(k >= threshold).sum(-1) for k in keys]
 

@@ -86,7 +86,7 @@ class KVState:
         """Entries attended per KV head, averaged over layers, rows and heads (the length when nothing is masked)."""
         if self.masks is None:
             return float(self.length)
-        return sum(float(m.sum()) / m[..., 0].numel() for m in self.masks) / self.n_layers
+        return sum(float(m.sum()) / (m.shape[0] * m.shape[1]) for m in self.masks) / self.n_layers
 
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""

@@ -64,7 +64,8 @@ def test_bench_prints_every_section_with_its_header(bench):
 def test_scoring_shares_are_times_over_the_prefill(bench):
     a = bench[1]["sections"]["a"][str(CONTEXT)]
     assert a["budget"] == CONTEXT * KEEP
-    assert set(a["scorers"]) == {"kvp", *SCORERS}
+    # KVzap's thresholded form keeps 128 entries: left out (with the reason) at the small budget of this test
+    assert set(a["scorers"]) == {"kvp", *SCORERS} - {"kvzap_linear_threshold", "kvzap_mlp_threshold"}
     for row in a["scorers"].values():
         assert row["share_of_prefill"] == pytest.approx(row["score_evict_s"] / a["prefill_s"])
     assert a["scorers"]["h2o"]["recorded_queries"] == "all" and a["scorers"]["kvp"]["recorded_queries"] == "none"

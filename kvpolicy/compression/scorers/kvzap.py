@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from kvpress import KVzapPress
 
-from kvpolicy.compression.allocation import UNIFORM, Allocation, Threshold
+from kvpolicy.compression.allocation import KEEP, UNIFORM, Allocation, Threshold
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
 from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
@@ -119,7 +119,7 @@ class KVzapThresholdScorer(KVzapScorer):
     def score(self, view: LayerView) -> torch.Tensor:
         scores = super().score(view)
         newest = view.positions >= view.positions.amax(-1, keepdim=True) - self.allocation.window + 1
-        return scores.masked_fill(newest, torch.inf)
+        return scores.masked_fill(newest, KEEP)
 
 
 @dataclass
