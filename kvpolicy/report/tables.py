@@ -217,14 +217,12 @@ def decision_table(group: Group) -> Table | None:
     compares nothing."""
     sign = 1.0 if group.metric in SCORES else -1.0  # favourable differences are positive scores, lower perplexities
     cells: dict[tuple[str, str], dict[str, list[Comparison]]] = {}
-    budgets: dict[str, float] = {}
     for panel in group.panels:
         for c in panel.comparisons:
             cells.setdefault((c.learned, c.other), {}).setdefault(c.budget, []).append(c)
-            budgets.setdefault(c.budget, c.x)
     if not cells:
         return None
-    order = sorted(budgets, key=lambda b: budgets[b])
+    budgets = _budget_columns(group.panels)
     digits = _digits(group.metric)
 
     def cell(found: list[Comparison]) -> str:
@@ -234,15 +232,15 @@ def decision_table(group: Group) -> Table | None:
         return (f"{wins}W {len(found) - wins - losses}T {losses}L · mean {mean:+.{digits}f} · "
                 f"n≥{min(c.n for c in found)}")
 
-    rows = [[learned, other, *(cell(by_budget[b]) if b in by_budget else "–" for b in order)]
+    rows = [[learned, other, *(cell(by_budget[b]) if b in by_budget else "–" for b, _ in budgets)]
             for (learned, other), by_budget in sorted(cells.items())]
     return Table(
         title=f"decision: each learned policy against each other method, wins / ties / losses over the tasks "
-              f"(W, L: the task's paired difference survives Holm's correction at {ALPHA:.0%} over the "
-              f"{sum(len(p.comparisons) for p in group.panels)} comparisons of the comparison table and favours the "
-              f"learned policy, or the other method; T: it does not) · mean: the tasks' mean difference learned − "
-              f"other ({_UNITS.get(group.metric, group.metric)}) · n: the fewest pairs of a task — {group.caption()}",
-        header=["learned policy", "other method", *(_budget_header(b, budgets[b]) for b in order)],
+              f"(W, L: the task's paired difference is marked {HOLM_MARK} in the comparison table and favours the "
+              f"learned policy, or the other method; T: it is not marked) · "
+              f"{holm_note(group, 'the comparison table')} · mean: the tasks' mean difference learned − other "
+              f"({_UNITS.get(group.metric, group.metric)}) · n: the fewest pairs of a task — {group.caption()}",
+        header=["learned policy", "other method", *(_budget_header(b, x) for b, x in budgets)],
         rows=rows,
     )
 
