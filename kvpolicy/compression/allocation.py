@@ -30,6 +30,7 @@ from kvpolicy.errors import KVPError
 
 
 KEEP = torch.finfo(torch.float32).max  # a score that keeps its entry whatever the threshold (kvpress's mark too)
+DMS_WINDOW = 128  # kvpress DMSPress's sliding window: the thresholded form never evicts the newest entries
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,12 @@ class Threshold(Allocation):
 
     name = "threshold"
     quantiles: tuple[float, ...] = ()
-    window: int = 128
+    window: int = DMS_WINDOW
+
+    def too_small(self, kept: int) -> KVPError:
+        """The one-line refusal of a budget of `kept` entries per head, below what this form always keeps."""
+        return KVPError(f"a thresholded KVzap keeps its newest {self.window} entries, more than a budget of {kept} "
+                        f"per head; give a budget of at least {self.window}, or use kvzap_linear / kvzap_mlp")
 
     def threshold(self, kept: int, length: int, fixed: float | None = None) -> float:
         """The score an entry must reach to be kept, for `kept` of `length` entries per head on average, of which
@@ -147,8 +153,7 @@ class Threshold(Allocation):
         if len(self.quantiles) < 2:
             raise KVPError("the thresholded form needs the calibration quantiles of its scorer's weights")
         if kept < min(length, fixed):
-            raise KVPError(f"a thresholded KVzap keeps its newest {self.window} entries, more than a budget of {kept} "
-                           f"per head; give a budget of at least {self.window}, or use kvzap_linear / kvzap_mlp")
+            raise self.too_small(kept)
         fraction = (kept - fixed) / max(length - fixed, 1)
         if fraction >= 1:
             return -torch.inf

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvpolicy.compression.allocation import DMS_WINDOW
 from kvpolicy.kvzap.collect import prompt_file
 from kvpolicy.kvzap.fit import CHUNK
 
 LEVELS = 1001  # quantiles at 0, 0.001, ..., 1
-WINDOW = 128  # DMSPress's sliding window: the newest entries are never evicted
 
 
-def outside_window(directory: Path, n: int, window: int = WINDOW) -> torch.Tensor:
+def outside_window(directory: Path, n: int, window: int = DMS_WINDOW) -> torch.Tensor:
     """(N,) bool over the sampled tokens of prompts 0..n-1 in `directory` (the rows of `load_split`): True where the
     token lies before its prompt's last `window` positions."""
     masks = []

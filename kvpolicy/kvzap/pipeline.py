@@ -23,7 +23,8 @@ from typing import Any
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import check_writable, read_json_file, write_json
-from kvpolicy.kvzap.calibrate import WINDOW, outside_window, score_quantiles
+from kvpolicy.compression.allocation import DMS_WINDOW
+from kvpolicy.kvzap.calibrate import outside_window, score_quantiles
 from kvpolicy.kvzap.collect import collect_split, load_split
 from kvpolicy.kvzap.config import KVzapRunConfig
 from kvpolicy.kvzap.fit import fit_mlp, fit_ridge, linear_model, r_squared
@@ -113,7 +114,7 @@ def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path,
         summary = {"r2_per_layer": r2, "r2_mean": sum(r2) / len(r2) if r2 else None,
                    "train_r2_mean": float(r_squared(model, X, y).mean()),
                    "fit_seconds": round(time.perf_counter() - start, 1)}
-        thresholds = {"window": WINDOW, "split": cfg.split, "prompts": cfg.n,
+        thresholds = {"window": DMS_WINDOW, "split": cfg.split, "prompts": cfg.n,
                       "quantiles": score_quantiles(model, X, calibration_rows)}
         save_kvzap(out / kind, model, {"kind": kind, "model": {"name": info.name, "fingerprint": info.fingerprint},
                                        "command": command, "data": data_record, "thresholds": thresholds, **summary})

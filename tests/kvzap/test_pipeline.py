@@ -165,7 +165,8 @@ def test_data_of_another_model_is_refused(collected, tmp_path, capsys):
 def test_the_weights_carry_their_threshold_calibration(collected, tmp_path):
     """The thresholded form's quantiles: the scores of the training tokens outside the 128-token window (positions
     below 200 - 128: 15 of the 40 sampled per prompt), every layer and head pooled."""
-    from kvpolicy.kvzap.calibrate import LEVELS, WINDOW
+    from kvpolicy.compression.allocation import DMS_WINDOW as WINDOW
+    from kvpolicy.kvzap.calibrate import LEVELS
     from kvpolicy.kvzap.collect import load_split
     from kvpolicy.policy.kvzap import kvzap_thresholds, load_kvzap
 

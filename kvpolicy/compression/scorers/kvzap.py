@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from kvpress import KVzapPress
 
-from kvpolicy.compression.allocation import KEEP, UNIFORM, Allocation, Threshold
+from kvpolicy.compression.allocation import KEEP, Threshold
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
 from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
@@ -99,22 +99,21 @@ class KVzapThresholdScorer(KVzapScorer):
     head. A budget picks the threshold calibrated on the training prompts (`kvp train-kvzap` stores the quantiles):
     heads and layers keep what the text gives them, the budget on average."""
 
-    _allocation: Allocation = field(default=UNIFORM, init=False, repr=False, compare=False)  # set on loading
+    # the calibration of the weights loaded (check_model); before that, the window alone
+    _allocation: Threshold = field(default=Threshold(), init=False, repr=False, compare=False)
 
     def check_model(self, info: ModelInfo) -> None:
         window, quantiles = kvzap_thresholds(self._press.load_for(info))
         self._allocation = Threshold(quantiles=quantiles, window=window)
 
     @property
-    def allocation(self) -> Allocation:
-        return self._allocation if self._allocation is not UNIFORM else Threshold()
+    def allocation(self) -> Threshold:
+        return self._allocation
 
     def check_budgets(self, budgets: list[Budget]) -> None:
         small = [b.tokens for b in budgets if b.tokens is not None and b.tokens < self.allocation.window]
         if small:
-            raise KVPError(f"scorer '{self.name}' keeps its newest {self.allocation.window} entries, more than a "
-                           f"budget of {min(small)} per head; give budgets of at least {self.allocation.window}, or "
-                           "use kvzap_linear / kvzap_mlp")
+            raise self.allocation.too_small(min(small))
 
     def score(self, view: LayerView) -> torch.Tensor:
         scores = super().score(view)
