@@ -228,40 +228,45 @@ def test_a_demo_config_that_cannot_run_is_refused(change, message):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.preset)
 def test_the_comparison_shares_the_recipes_traces_and_compares_every_strong_method(recipe, tmp_path):
     compare = PRESETS[f"compare-{recipe.preset.removeprefix('bundled-')}"]
-    plan = {s.name: s.argv for s in compare.stages(tmp_path)}
+    stages = compare.stages(tmp_path)
+    plan = {s.name: s.argv for s in stages}
     recipe_plan = {s.name: s.argv for s in recipe.stages(tmp_path)}
     assert compare.default_out("x") == recipe.default_out(recipe.preset)
-    shared = [name for name in plan if name.startswith("traces-") or name == "train-kvp-mix"]
+    shared = [name for name in plan if name.startswith("traces-")]
     assert shared and all(plan[name] == recipe_plan[name] for name in shared)  # a recipe's run serves both
     assert "traces-test" not in plan  # the comparison evaluates on the eval split only
+    # seed 0 is what ships (the bundled KVP-mix, the shipped KVzap): nothing to train, and its sweeps come first
+    assert list(plan)[:2] == ["compare-2048", "compare-4096"]
     assert [n for n in plan if n.startswith("train-")] == [
-        "train-kvp-mix", "train-kvp-mix-s1", "train-kvp-mix-s2", "train-kvzap-s0", "train-kvzap-s1", "train-kvzap-s2"]
+        "train-kvp-mix-s1", "train-kvp-mix-s2", "train-kvzap-s1", "train-kvzap-s2"]
+    mix = recipe_plan["train-kvp-mix"]
+    assert plan["train-kvp-mix-s2"] == (*mix[:mix.index("--out")], *mix[mix.index("--out") + 2:], "--out",
+                                        f"{tmp_path}/kvp-mix-s2", "--seed", "2")  # the recipe, another seed
     sweep = plan["compare-4096"]
     scorers = sweep[sweep.index("--scorer") + 1:]
     assert {"kvzip", "kvzip_plus", "snapkv", "snapkv_w16", "tova", "knorm", "keydiff", "streaming_llm", "random",
             "lagkv", "adakv_expected_attention", "adakv_snapkv", "adakv_snapkv_w16", "pyramidkv",
             "pyramidkv_w16"} <= set(scorers)
-    assert f"kvp:{tmp_path}/kvp-mix-s2" in scorers
+    assert scorers[:3] == (f"kvp:{recipe.model}", "kvzap_linear", "kvzap_mlp")
+    assert plan["compare-2048"][plan["compare-2048"].index("--scorer") + 1:] == scorers  # both lengths, same scorers
+    seeds = plan["seeds-2048"]
+    assert seeds[seeds.index("--scorer") + 1:] == (f"kvp:{tmp_path}/kvp-mix-s1", f"kvp:{tmp_path}/kvp-mix-s2",
+                                                   f"kvzap_mlp:{tmp_path}/kvzap-s1", f"kvzap_mlp:{tmp_path}/kvzap-s2")
+    assert seeds[:seeds.index("--scorer")] == plan["compare-2048"][:plan["compare-2048"].index("--scorer")]
     threshold = plan["compare-threshold-2048"]
     assert threshold[threshold.index("--budget") + 1: threshold.index("--scorer")] == ("r0.25", "r0.5", "r0.75",
                                                                                       "r0.875")
-    assert threshold[threshold.index("--scorer") + 1:] == (f"kvzap_linear_threshold:{tmp_path}/kvzap-s0", *(
-        f"kvzap_mlp_threshold:{tmp_path}/kvzap-s{seed}" for seed in (0, 1, 2)))
-    # KVzap's seeds share one data directory (collected with seed 0) and differ in the MLP's fit alone; the ridge
-    # fit is deterministic given the data, so only seed 0 fits (and the sweeps score) the linear model
-    data = str(tmp_path / "kvzap-data")
-    for seed in (0, 1, 2):
+    assert threshold[threshold.index("--scorer") + 1:] == ("kvzap_linear_threshold", "kvzap_mlp_threshold", *(
+        f"kvzap_mlp_threshold:{tmp_path}/kvzap-s{seed}" for seed in (1, 2)))
+    # KVzap's seeds share one data directory (collected with seed 0, as the shipped weights' was) and differ in the
+    # MLP's fit alone; the ridge fit is deterministic given the data, so the linear model has seed 0 only
+    for seed in (1, 2):
         argv = plan[f"train-kvzap-s{seed}"]
         assert argv[argv.index("--seed") + 1] == "0" and argv[argv.index("--fit-seed") + 1] == str(seed)
-        assert argv[argv.index("--data") + 1] == data and argv[argv.index("--out") + 1] == f"{tmp_path}/kvzap-s{seed}"
-        kinds = argv[argv.index("--kind") + 1:argv.index("--seed")]
-        assert kinds == (("linear", "mlp") if seed == 0 else ("mlp",))
-        assert next(s for s in compare.stages(tmp_path) if s.name == f"train-kvzap-s{seed}").output == \
+        assert argv[argv.index("--data") + 1] == str(tmp_path / "kvzap-data")
+        assert argv[argv.index("--kind") + 1:argv.index("--seed")] == ("mlp",)
+        assert next(s for s in stages if s.name == f"train-kvzap-s{seed}").output == \
             tmp_path / f"kvzap-s{seed}"  # what `kvp experiment` checks to skip a finished stage
-    assert [s for s in scorers if s.startswith("kvzap_")] == [
-        f"kvzap_linear:{tmp_path}/kvzap-s0", f"kvzap_mlp:{tmp_path}/kvzap-s0", f"kvzap_mlp:{tmp_path}/kvzap-s1",
-        f"kvzap_mlp:{tmp_path}/kvzap-s2"]
-    assert plan["compare-2048"][plan["compare-2048"].index("--scorer") + 1:] == scorers  # every sweep, same scorers
     budgets = sweep[sweep.index("--budget") + 1:sweep.index("--scorer")]
     assert budgets == ("r0.25", "r0.5", "r0.75", "r0.875")  # kvpress's leaderboard ratios
     assert plan["compare-2048"][plan["compare-2048"].index("--budget") + 5:][:3] == ("64", "128", "256")

@@ -68,13 +68,14 @@ FULL_CACHE = Contender(FULL, FULL_LABEL, "reference", {"name": FULL}, None)
 FULL_BUDGET = Budget(tokens=1 << 30)  # the reference's "budget": above any cache length, so nothing is cut
 
 
-BUNDLED_LABEL = "KVP (bundled)"  # the policy shipped with kvpolicy, beside other learned ones
+LEARNED_LABEL = "KVP"  # a learned policy; "KVP (NAME)" when several are evaluated together
+BUNDLED_LABEL = f"{LEARNED_LABEL} (bundled)"  # the policy shipped with kvpolicy, beside other learned ones
 
 
 def make_contenders(specs: list[str]) -> list[Contender]:
     """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs, labelled as the catalog says: a bundled
-    policy is BUNDLED_LABEL, one trained policy "KVP", several trained ones are told apart by path. A scorer that
-    needs a trace's utility (the oracle) gets it per sample, so it has no scorer here."""
+    policy is BUNDLED_LABEL, one trained policy LEARNED_LABEL, several trained ones are told apart by path. A scorer
+    that needs a trace's utility (the oracle) gets it per sample, so it has no scorer here."""
     specs = list(dict.fromkeys(specs))  # drop repeats, keep order
     oracles = {spec for spec in specs if spec in CATALOG and CATALOG[spec].needs_utility}
     scorers = {spec: make_scorer(spec) for spec in specs if spec not in oracles}
@@ -88,8 +89,8 @@ def make_contenders(specs: list[str]) -> list[Contender]:
         scorer = scorers[spec]
         if spec.startswith(LEARNED_PREFIX):
             path = Path(spec[len(LEARNED_PREFIX) :])
-            learned = (BUNDLED_LABEL if spec in bundled else "KVP" if len(trained) == 1
-                       else f"KVP ({path.name or path})")
+            learned = (BUNDLED_LABEL if spec in bundled else LEARNED_LABEL if len(trained) == 1
+                       else f"{LEARNED_LABEL} ({path.name or path})")
             contenders.append(Contender(spec, learned, "learned", scorer.identity(), scorer))
         else:
             contenders.append(Contender(spec, label(spec), "heuristic", scorer.identity(), scorer))

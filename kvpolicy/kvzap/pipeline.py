@@ -117,7 +117,8 @@ def train_kvzap(handle: ModelHandle, cfg: KVzapRunConfig, out: str | Path,
         thresholds = {"window": DMS_WINDOW, "split": cfg.split, "prompts": cfg.n,
                       "quantiles": score_quantiles(model, X, calibration_rows)}
         save_kvzap(out / kind, model, {"kind": kind, "model": {"name": info.name, "fingerprint": info.fingerprint},
-                                       "command": command, "data": data_record, "thresholds": thresholds, **summary})
+                                       "seed": extra.get("seed"), "command": command, "data": data_record,
+                                       "thresholds": thresholds, **summary})
         metrics["kinds"][kind] = {**summary, **extra}
     write_json(out / METRICS, metrics)
     return metrics

@@ -4,9 +4,9 @@ A KVzap directory is kvpress's own `KVzapModel` format, so `KVzapModel.from_pret
 
     DIR/config.json          KVzapConfig (input_dim, output_dim, n_modules, hidden_dim: null for the linear model)
                              plus a "kvpolicy" section: the model it was trained for (name, fingerprint), how it was
-                             made (the command, the prompts) and its held-out R², the sha256 of the weights,
-                             and the thresholds of the thresholded form: its window and the quantiles of its
-                             scores on the training prompts (kvpolicy.kvzap.calibrate)
+                             made (the command, the prompts, the MLP's fit seed) and its held-out R², the sha256 of
+                             the weights, and the thresholds of the thresholded form: its window and the quantiles
+                             of its scores on the training prompts (kvpolicy.kvzap.calibrate)
     DIR/model.safetensors    per layer nn.Linear (linear) or Linear-GELU-Linear (mlp), in fp16
 
 A training run writes DIR/linear and DIR/mlp; the weights shipped with kvpolicy are such directories under
@@ -36,7 +36,8 @@ WEIGHTS = "model.safetensors"
 SHIPPED_DIR = Path(__file__).parent / "kvzap_weights"  # MODEL/linear, MODEL/mlp
 CONFIG_SCHEMA = {"input_dim": int, "output_dim": int, "n_modules": int, "hidden_dim": (int, None),
                   "kvpolicy": {"weights_sha256": str, "kind": str, "model": {"name": str, "fingerprint": str},
-                               "command": Optional(str), "r2_per_layer": Optional(([float], None)),
+                               "command": Optional(str), "seed": Optional((int, None)),
+                               "r2_per_layer": Optional(([float], None)),
                                "thresholds": Optional({"window": int, "quantiles": [float]})}}
 TRAIN_HINT = "train them with `kvp train-kvzap --model {model} --source mix --split train --n 64 --out DIR`"
 
@@ -113,6 +114,17 @@ def kvzap_directory(model: str, kind: str, weights: str | Path | None = None) ->
         raise KVPError(f"no KVzap weights for model {model} (shipped: {', '.join(shipped) or 'none'}); "
                        + TRAIN_HINT.format(model=model) + " and pass weights=DIR")
     return shipped[model] / kind
+
+
+def kvzap_weights(kind: str, weights: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """What KVzap's scores depend on, before the model is known: model name -> {sha256, seed} of the `kind` weights
+    that would score it (`weights` given: its one directory, under the model it was trained for; else every shipped
+    one). seed: the MLP's fit seed (None for the linear model, whose fit is closed-form)."""
+    directories = ({"": kvzap_directory("", kind, weights)} if weights
+                   else {model: directory / kind for model, directory in shipped_kvzap().items()})
+    sections = [read_kvzap_config(directory)["kvpolicy"] for directory in directories.values()]
+    return {section["model"]["name"]: {"sha256": section["weights_sha256"], "seed": section.get("seed")}
+            for section in sections}
 
 
 def ship_kvzap(directory: str | Path, root: Path | None = None) -> Path:

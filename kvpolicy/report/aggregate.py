@@ -7,20 +7,22 @@ point of a task its 95% percentile bootstrap interval over samples (kvpolicy.int
 also compares every learned policy with every other method at each budget (`Comparison`): the paired difference on
 the samples both were evaluated on, with its bootstrap interval and its paired permutation p-value
 (kvpolicy.significance); the comparisons of all panels of a group (the rows of its comparison table) are one family
-for Holm's correction. A result holding several metrics (acc and acc_norm) is counted in the group of each. Cache
-size on the x axis is the mean number of KV entries kept per head at that budget (the same for every scorer at a
-token budget; ratio budgets give the mean over samples).
+for Holm's correction. A method trained with several seeds (KVP-mix, KVzap's MLP) forms a seed family
+(`seed_families`): the report gives its mean over seeds and their spread. A result holding several metrics (acc and
+acc_norm) is counted in the group of each. Cache size on the x axis is the mean number of KV entries kept per head at
+that budget (the same for every scorer at a token budget; ratio budgets give the mean over samples).
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kvpolicy.compression.catalog import reads_attention
+from kvpolicy.compression.catalog import label as catalog_label, reads_attention
 from kvpolicy.intervals import (
     Interval,
     Transform,
@@ -32,6 +34,7 @@ from kvpolicy.intervals import (
 from kvpolicy.significance import ALPHA, holm_survivors, paired_permutation_p
 from kvpolicy.evaluation.metrics import mean_stderr
 from kvpolicy.evaluation.names import BOUNDED_STREAM
+from kvpolicy.evaluation.lineup import LEARNED_LABEL
 from kvpolicy.evaluation.result import FULL, SCORES, WHOLE_RANKING, Result
 from kvpolicy.traces.sources import corpora_of
 
@@ -71,6 +74,35 @@ def distinct_labels(results: Iterable[Result]) -> list[Result]:
 
 
 LEARNED_KIND, FREE_KIND, READS_KIND = "learned", "attention-free", "reads attention"
+
+
+def training_seed(r: Result) -> int | None:
+    """The seed a result's scorer was trained with (a KVP policy's, a KVzap MLP's fit seed for r's model); None for
+    a scorer without one (a heuristic, KVzap's closed-form linear model, a policy recorded before seeds were)."""
+    identity = r.scorer_identity
+    if "trained" in identity:  # KVzap: per model, as its shipped weights differ by model
+        return identity["trained"].get(r.model, {}).get("seed")
+    return identity.get("seed") if "sha256" in identity else None
+
+
+def seed_families(results: Iterable[Result]) -> dict[str, list[str]]:
+    """The methods trained with several seeds among `results`: family label ("KVP (mix), 3 seeds") -> its members'
+    scorer labels. Members share a model, a method and what it was trained on (a KVP policy's `trained_on`) and
+    each has its own seed; a family needs two seeds or more (labels with the same seed are no family)."""
+    seeds: dict[tuple, dict[str, int]] = defaultdict(dict)
+    for r in results:
+        seed = training_seed(r)
+        if seed is not None:
+            trained_on = r.scorer_identity.get("trained_on")
+            family = (r.model, r.scorer_identity.get("name"), json.dumps(trained_on, sort_keys=True))
+            seeds[family][r.scorer_label] = seed
+    families = {}
+    for (_, name, trained_on), members in sorted(seeds.items()):
+        if len(members) >= 2 and len(set(members.values())) == len(members):
+            method = LEARNED_LABEL if name == "kvp" else catalog_label(name)
+            source = (json.loads(trained_on) or {}).get("source")
+            families[f"{method}{f' ({source})' if source else ''}, {len(members)} seeds"] = sorted(members)
+    return families
 
 
 @dataclass
@@ -135,6 +167,7 @@ class Group:
     data: str
     panels: list[Panel] = field(default_factory=list)
     training: list[str] = field(default_factory=list)  # how each learned policy's training data relates to this data
+    seed_families: dict[str, list[str]] = field(default_factory=dict)  # seed_families of its results
 
     @property
     def n_samples(self) -> tuple[int, int]:
@@ -330,7 +363,7 @@ def curve_groups(results: Iterable[Result]) -> list[Group]:
     groups = []
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
         group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
-                      training=training_notes(rs))
+                      training=training_notes(rs), seed_families=seed_families(rs))
         group.panels = [_panel(title, metric, trs) for title, trs in _panel_results(rs)]
         if metric in SCORES:
             average = _average_panel(group.panels, metric)

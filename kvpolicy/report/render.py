@@ -40,6 +40,7 @@ from kvpolicy.report.tables import (
     head_map_tables,
     learning_curve_table,
     markdown_text,
+    seed_table,
     throughput_table,
     verdict_table,
 )
@@ -104,7 +105,7 @@ def build_sections(results: list[Result]) -> list[Section]:
     for i, group in enumerate(curve_groups(results), start=1):
         title = group.title()
         slug = f"{i:02d}-" + _slug(f"{group.metric}-{group.family}-{group.protocol}-{group.context_tokens or ''}")
-        tables = [t for t in (decision_table(group), group_table(group), verdict_table(group),
+        tables = [t for t in (decision_table(group), seed_table(group), group_table(group), verdict_table(group),
                               comparison_table(group)) if t is not None]
         sections.append(Section(title, group.caption(), curves_figure(group), tables, slug))
     for k, curve in enumerate(learning_curves(results), start=len(sections) + 1):

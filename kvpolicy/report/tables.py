@@ -245,6 +245,37 @@ def decision_table(group: Group) -> Table | None:
     )
 
 
+def seed_table(group: Group) -> Table | None:
+    """Each method trained with several seeds (the group's seed families), per task and budget: the mean over the
+    seeds of each seed's value, and the lowest and the highest seed's (what training adds to the sampling noise the
+    other tables show). A cell needs every seed's point. None when the group has no seed family."""
+    budgets = _budget_columns(group.panels)
+    digits = _digits(group.metric)
+    rows = []
+    for family, members in group.seed_families.items():
+        for panel in group.panels:
+            at = {line.scorer: {p.budget: p for p in line.points} for line in panel.lines if line.scorer in members}
+            if len(at) < len(members):
+                continue
+            cells = []
+            for b, _ in budgets:
+                points = [at[m][b] for m in members if b in at[m]]
+                ys = [p.y for p in points]
+                cells.append(f"{np.mean(ys):.{digits}f} ({min(ys):.{digits}f}–{max(ys):.{digits}f})"
+                             if len(points) == len(members) else "–")
+            n = min(p.n for points in at.values() for p in points.values())
+            rows.append([panel.title, family, *cells, str(n)])
+    if not rows:
+        return None
+    seeds = "; ".join(f"{family}: {', '.join(members)}" for family, members in group.seed_families.items())
+    return Table(
+        title=f"across training seeds: the mean of the seeds' values (the lowest – the highest seed's) · {seeds} — "
+              f"{group.caption()}",
+        header=["task", "method", *(_budget_header(b, x) for b, x in budgets), "n"],
+        rows=rows,
+    )
+
+
 def head_map_tables(head_map: HeadMap) -> list[Table]:
     """Mean whole-ranking cost per scorer (over heads), and the per-head costs with the winning heuristic."""
     overall = Table(

@@ -33,6 +33,7 @@ def test_scorer_contract_identity_and_model_check(smollm, checkpoint):
     assert ident["name"] == "kvp" and len(ident["sha256"]) == 64 and ident["fingerprint"] == smollm.info.fingerprint
     # 3 traces without --val: one is held out for validation, 2 train
     assert ident["trained_on"] == {"source": "ruler", "context_tokens": 160, "prompts": 2, "steps": 12}
+    assert ident["seed"] == 0  # the training seed: what tells the seeds of one recipe apart
     scorer.check_model(smollm.info)
     KVPScorer(str(checkpoint), model=smollm.info)
     other = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")

@@ -15,11 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvpolicy.cli import build_parser, main
+from kvpolicy.compression.scorers import make_scorer
+from kvpolicy.io import sha256_file
 from kvpolicy.kvzap import pipeline
 from kvpolicy.kvzap.cli import run_config
 from kvpolicy.kvzap.collect import prompt_file, token_generator
 from kvpolicy.kvzap.config import KVzapRunConfig, MLPConfig
 from kvpolicy.models.handle import ModelInfo
+from kvpolicy.policy.kvzap import kvzap_weights
 
 INFO = ModelInfo(name="tiny", family="llama", n_layers=2, n_kv_heads=2, n_query_heads=4, head_dim=4,
                  max_positions=512, fingerprint="0123456789abcdef")
@@ -102,6 +105,12 @@ def test_fit_seeds_share_one_data_directory_collected_once(collected, tmp_path):
     assert not (second / "data").exists() and not (second / "linear").exists()
     metrics = _metrics(second)
     assert set(metrics["kinds"]) == {"mlp"} and metrics["kinds"]["mlp"]["seed"] == 1
+    # the weights say which fit they are, and a scorer's identity tells the seeds apart
+    assert kvzap_weights("mlp", second) == {INFO.name: {"sha256": sha256_file(second / "mlp" / "model.safetensors"),
+                                                        "seed": 1}}
+    assert kvzap_weights("mlp", first)[INFO.name]["seed"] == 0 and kvzap_weights("linear", first)[INFO.name]["seed"] \
+        is None  # the ridge fit has no seed
+    assert make_scorer(f"kvzap_mlp:{second}").identity() != make_scorer(f"kvzap_mlp:{first}").identity()
     assert metrics["data"] == _metrics(first)["data"]  # the same prompts and tokens
     assert "--seed 0 --fit-seed 1" in metrics["command"] and f"--data {data} --out {second}" in metrics["command"]
     first_layer = "layers.0.0.weight"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvpolicy.errors import KVPError
 from kvpolicy.policy import kvzap
-from kvpolicy.policy.kvzap import (kvzap_directory, kvzap_thresholds, load_kvzap, save_kvzap, ship_kvzap,
+from kvpolicy.policy.kvzap import (kvzap_directory, kvzap_thresholds, kvzap_weights, load_kvzap, save_kvzap, ship_kvzap,
                                    shipped_kvzap)
 
 MODEL = SimpleNamespace(name="tiny", fingerprint="0123456789abcdef")
@@ -73,6 +73,8 @@ def test_shipped_weights_are_found_per_model_and_missing_ones_say_how_to_train(t
     assert shipped_kvzap() == {"tiny": tmp_path / "shipped" / "tiny"}
     assert kvzap_directory("tiny", "linear") == tmp_path / "shipped" / "tiny" / "linear"
     load_kvzap(kvzap_directory("tiny", "linear"), MODEL, "linear")
+    sha = json.loads((run / "mlp" / "config.json").read_text())["kvpolicy"]["weights_sha256"]
+    assert kvzap_weights("mlp") == {"tiny": {"sha256": sha, "seed": None}} == kvzap_weights("mlp", run)
 
 
 def test_the_shipped_weights_are_small_fp16_and_say_how_they_were_made():
@@ -85,6 +87,7 @@ def test_the_shipped_weights_are_small_fp16_and_say_how_they_were_made():
             section = json.loads((directory / kind / "config.json").read_text())["kvpolicy"]
             assert section["kind"] == kind and section["model"]["name"] == model
             assert section["command"].startswith(f"kvp train-kvzap --model {model} --source mix --split train")
+            assert section["seed"] == (0 if kind == "mlp" else None) and "--fit-seed 0 " in section["command"]
             net = load_kvzap(directory / kind, kind=kind)
             assert len(section["r2_per_layer"]) == net.config.n_modules
             assert {t.dtype for t in load_file(str(weights)).values()} == {torch.float16}

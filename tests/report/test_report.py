@@ -31,7 +31,7 @@ from kvpolicy.report.aggregate import (
 from kvpolicy.report import figures
 from kvpolicy.report.figures import curves_figure
 from kvpolicy.report.render import write_report
-from kvpolicy.report.tables import comparison_table, decision_table, group_table, verdict_table
+from kvpolicy.report.tables import comparison_table, decision_table, group_table, seed_table, verdict_table
 
 RULER_DATA = "RULER-style tasks over Paul Graham essays (offline stand-in for RULER)"
 DIALOGUE_DATA = "ShareGPT (stand-in for OASST2)"
@@ -540,3 +540,37 @@ def test_the_decision_table_counts_wins_ties_and_losses_over_the_tasks():
     assert table.header == ["learned policy", "other method", "64 tok"]
     assert "over the 4 comparisons of the comparison table" in table.title
     assert decision_table(curve_groups([r for r in records if r.scorer_label != "KVP"])[0]) is None
+
+
+def test_seeds_of_one_recipe_give_their_mean_and_spread():
+    """Three KVP-mix seeds and two KVzap MLP fits (KVzap's seed is per model) form two families; a policy trained on
+    other data, a second label with a seed already taken and KVzap's seedless linear model join none."""
+    mix = {"source": "mix", "context_tokens": 2048}
+    kvp = {"KVP a": (0, mix, 0.2), "KVP b": (1, mix, 0.6), "KVP c": (2, mix, 0.4), "KVP r": (3, TRAINED_ON, 0.0)}
+    identities = {label: {"name": "kvp", "sha256": label, "seed": seed, "trained_on": on}
+                  for label, (seed, on, _) in kvp.items()}
+    values = {label: v for label, (_, _, v) in kvp.items()}
+    for label, seed, v in (("KVzap (MLP)", 0, 0.5), ("KVzap (MLP) kvzap-s1", 1, 0.7), ("KVzap (linear)", None, 0.1)):
+        name = "kvzap_linear" if "linear" in label else "kvzap_mlp"
+        identities[label] = {"name": name, "trained": {"smollm2-135m": {"sha256": label, "seed": seed},
+                                                       "qwen2.5-0.5b": {"sha256": "q", "seed": 7}}}
+        values[label] = v
+    records = [result(_base(label.lower(), label, "learned", budget, kept, task, "RULER-style", "accuracy",
+                            "query-aware", RULER_DATA, f"s{i}") | {"scorer_identity": identity,
+                                                                    "value": values[label] + 0.01 * (task == "vt")})
+               for label, identity in identities.items() for budget, kept in BUDGETS[:2] for task in ("vt", "cwe")
+               for i in range(3) if not (label == "KVP c" and budget == "b128" and task == "cwe")]
+    (group,) = curve_groups(records)
+    assert group.seed_families == {"KVP (mix), 3 seeds": ["KVP a", "KVP b", "KVP c"],
+                                   "KVzap (MLP), 2 seeds": ["KVzap (MLP)", "KVzap (MLP) kvzap-s1"]}
+    table = seed_table(group)
+    rows = {(row[0], row[1]): row[2:] for row in table.rows}
+    assert rows[("vt", "KVP (mix), 3 seeds")] == ["41.0 (21.0–61.0)", "41.0 (21.0–61.0)", "3"]
+    assert rows[("cwe", "KVP (mix), 3 seeds")] == ["40.0 (20.0–60.0)", "–", "3"]  # a seed lacks the point
+    assert rows[("cwe", "KVzap (MLP), 2 seeds")] == ["60.0 (50.0–70.0)", "60.0 (50.0–70.0)", "3"]
+    assert table.header == ["task", "method", "64 tok", "128 tok", "n"]
+    assert "KVzap (MLP), 2 seeds: KVzap (MLP), KVzap (MLP) kvzap-s1" in table.title
+    twins = [r for r in records if r.scorer_label in ("KVP a", "KVP b")]
+    twins += [replace(r, scorer_label="KVP b2", scorer_id="b2") for r in twins if r.scorer_label == "KVP b"]
+    (twin_group,) = curve_groups(twins)
+    assert twin_group.seed_families == {} and seed_table(twin_group) is None  # KVP b and b2 share seed 1

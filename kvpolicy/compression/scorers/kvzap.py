@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from kvpress import KVzapPress
@@ -23,7 +24,7 @@ from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
 from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelInfo
-from kvpolicy.policy.kvzap import kvzap_directory, kvzap_thresholds, load_kvzap
+from kvpolicy.policy.kvzap import kvzap_directory, kvzap_thresholds, kvzap_weights, load_kvzap
 
 
 @dataclass
@@ -65,6 +66,11 @@ class KVzapScorer(KVPressScorer):
 
     def check_model(self, info: ModelInfo) -> None:
         self._press.load_for(info)
+
+    def identity(self) -> dict[str, Any]:
+        """Name and settings, and per model the weights' sha256 and fit seed, so that results of other weights
+        (another seed, retrained shipped weights) are never taken for these ones'."""
+        return {**super().identity(), "trained": kvzap_weights(self.model_type, self.weights)}
 
     def score(self, view: LayerView) -> torch.Tensor:
         cached, fed = view.keys.shape[2], view.hidden_states.shape[1]

@@ -67,6 +67,7 @@ class KVPScorer(Scorer):
             "checkpoint": str(Path(self.checkpoint)),  # a path, or the model name of a bundled policy
             "bundled": "bundle" in self._loaded.config,
             "sha256": self._loaded.sha256,
+            "seed": self._loaded.config.get("training", {}).get("seed"),  # one of several trainings of one recipe
             "model": model["name"],
             "fingerprint": model["fingerprint"],
             "trained_on": {"source": train.get("source"), "context_tokens": train.get("context_tokens"),
