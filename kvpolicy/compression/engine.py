@@ -272,17 +272,21 @@ def decode_answers(
     sampling: Sampling = GREEDY,
     stop_strings: Sequence[str] = (),
     on_token: Callable[[int, int], None] | None = None,
+    answered: Callable[[int, list[int]], bool] | None = None,
+    drop_finished: bool = False,
 ) -> list[Decoded]:
     """The answer of every row of a (possibly batched, e.g. `stack_states` of several cuts) state from its
     next-token logits (B, vocab), advancing `state` in place; one forward per step serves all rows.
 
     Each row stops at its own stop token (default: the model's end-of-turn ids), when its decoded text contains a
-    stop string, or after max_new_tokens; decoding ends when every row has stopped. Every generated token except a
-    final stop is fed, so afterwards a row's state holds prompt + answer; a row that stopped early keeps being fed
-    (its state rows then hold tokens past its answer). The others are exactly what decoding that row alone gives,
-    up to floating-point summation order in the batched matmuls (sampled rows too: see `Sampling`).
-    With `bounded`, the cache is cut back to the budget whenever it reaches budget + every entries.
-    on_token(row, token) sees every kept token as it is chosen.
+    stop string, once answered(row, tokens) says so, or after max_new_tokens; decoding ends when every row has
+    stopped. Every generated token except a final stop is fed, so afterwards a row's state holds prompt + answer; a
+    row that stopped early keeps being fed (its state rows then hold tokens past its answer), unless
+    `drop_finished`: then its rows leave the batch as it stops, and afterwards `state` holds the rows still decoding
+    at the last step only (for a caller that reads the answers, not the state). The others are exactly what
+    decoding that row alone gives, up to floating-point summation order in the batched matmuls (sampled rows too:
+    see `Sampling`). With `bounded`, the cache is cut back to the budget whenever it reaches budget + every
+    entries. on_token(row, token) sees every kept token as it is chosen.
     """
     rows = state.positions[0].shape[0] if state.n_layers else 0
     if logits.dim() != 2 or logits.shape[0] != rows:
@@ -294,8 +298,12 @@ def decode_answers(
             state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
         return _forward(handle, state, step)[:, -1]
 
+    def keep_rows(kept: list[int]) -> None:
+        state.update_from(state.rows(kept))
+
     stop = set(handle.eos_token_ids if stop_ids is None else stop_ids)
-    return decode_tokens(feed, logits, max_new_tokens, stop, sampling, stop_strings, handle.decode, on_token)
+    return decode_tokens(feed, logits, max_new_tokens, stop, sampling, stop_strings, handle.decode, on_token,
+                         answered, keep_rows if drop_finished else None)
 
 
 def greedy_decode(

@@ -104,6 +104,23 @@ class KVState:
             masks=list(self.masks) if self.masks is not None else None,
         )
 
+    def rows(self, index: list[int]) -> KVState:
+        """The state of batch rows `index` (in that order): keys/values (len(index), H, T, d) and every per-row
+        field selected alike; recorded attention inputs are dropped."""
+        select = torch.tensor(index, dtype=torch.long, device=self.logits.device if self.logits is not None else None)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, select.to(t.device))
+
+        return KVState(
+            cache=cache_from_tensors([(pick(k), pick(v)) for k, v in map(self.layer, range(self.n_layers))]),
+            positions=[pick(p) for p in self.positions],
+            next_position=self.next_position,
+            logits=pick(self.logits),
+            ids=pick(self.ids),
+            masks=[pick(m) for m in self.masks] if self.masks is not None else None,
+        )
+
     def clone(self) -> KVState:
         """A deep copy: no tensor is shared with this state."""
         return KVState(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import continuation_nll, greedy_decode_batch, prefill
+from kvpolicy.compression.engine import continuation_nll, decode_answers, prefill
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.state import KVState, stack_states
 from kvpolicy.data.records import QASample
@@ -59,7 +59,9 @@ class QATask(Task):
     choice is scored by its log-likelihood after the prompt and `metric` is one of CHOICE_METRICS (lm-eval's acc or
     acc_norm, see evaluation.metrics.choice_metrics). extra_metrics: further metrics each sample records beside
     `metric`. template: read the prompt through the model's chat template (False: the plain text, as lm-eval does).
-    Question-agnostic samples with one context share its prefill."""
+    saturates: the score never falls as the answer grows (a string match: an answer found stays found), so
+    decoding stops a row once it scores 1, which leaves every score as it is (the recorded prediction is then the
+    answer up to that point). Question-agnostic samples with one context share its prefill."""
 
     prompt: Callable[[QASample], Prompt] = field(default=plain_prompt, repr=False)
     score: Callable[[str, QASample], float] = field(default=None, repr=False)
@@ -67,6 +69,7 @@ class QATask(Task):
     choices: bool = False
     extra_metrics: tuple[str, ...] = ()
     template: bool = True
+    saturates: bool = False
 
     def __post_init__(self):
         metrics = (self.metric, *self.extra_metrics)
@@ -139,14 +142,22 @@ def qa_positions(handle: ModelHandle, task: QATask, sample: QASample, max_new_to
 def answer(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
            question_ids: torch.Tensor | None, max_new_tokens: int) -> list[dict]:
     """Answer `sample` on each of `states` (equal cache lengths): score its choices (see choose), or read the
-    question when it was not in the compressed prefill and decode all states as one greedy batch. Leaves `states`
+    question when it was not in the compressed prefill and decode all states as one greedy batch (each row until
+    its stop token, its max_new_tokens, or, for a saturating task, its score reaching 1). Leaves `states`
     untouched. Returns per state the record fields: value, prediction, answers (and extra_metrics)."""
     if task.choices:
         return choose(handle, task, sample, states, question_ids)
     batch = stack_states(states)
     if question_ids is not None:
         prefill(handle, question_ids.expand(len(states), -1), batch)
-    predictions = [handle.decode(t) for t in greedy_decode_batch(handle, batch, batch.logits, max_new_tokens)]
+
+    def answered(row: int, tokens: list[int]) -> bool:  # a saturating score cannot change once it is 1
+        return task.score(handle.decode(tokens), sample) >= 1.0
+
+    # the answers are all that is read of the batch: a row that stopped leaves it
+    decoded = decode_answers(handle, batch, batch.logits, max_new_tokens,
+                             answered=answered if task.saturates else None, drop_finished=True)
+    predictions = [handle.decode(d.tokens) for d in decoded]
     return [{"value": float(task.score(p, sample)), "prediction": p[:PREDICTION_CHARS],
              "answers": list(sample.answers)[:20]} for p in predictions]
 

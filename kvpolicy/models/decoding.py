@@ -3,7 +3,8 @@
 A token is chosen greedily (temperature 0, the default) or drawn from softmax(logits / temperature) cut to its
 nucleus, the smallest set of most likely tokens whose probability reaches top_p (Holtzman et al., 2020, "The
 Curious Case of Neural Text Degeneration"). A row stops at a stop token, when its decoded text contains a stop
-string, or after max_new_tokens.
+string, when the caller says it has answered (an evaluation whose score can no longer change), or after
+max_new_tokens.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def _contains_any(text: str, stop_strings: Sequence[str]) -> bool:
 
 @dataclass
 class Decoded:
-    """One row's answer: its tokens (a final stop token kept) and why it stopped: "stop_token", "stop_string" or
-    "max_new_tokens"."""
+    """One row's answer: its tokens (a final stop token kept) and why it stopped: "stop_token", "stop_string",
+    "answered" or "max_new_tokens"."""
 
     tokens: list[int]
     stop_reason: str
@@ -147,15 +148,21 @@ def decode_tokens(
     stop_strings: Sequence[str] = (),
     text: Callable[[list[int]], str] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    answered: Callable[[int, list[int]], bool] | None = None,
+    keep_rows: Callable[[list[int]], None] | None = None,
 ) -> list[Decoded]:
     """The answer of every row of a batch, from the next-token logits (B, vocab) of its last fed token.
 
     feed(tokens (B, 1) int64, on the logits' device) appends one token per row to the caller's cache and returns
     the next-token logits (B, vocab). Each row stops after its own stop token or the token whose addition makes
-    its decoded text, text(tokens), contain a stop string (both kept in its tokens), or after max_new_tokens;
-    decoding ends when every row has stopped. Every generated token except a final stop is fed, so the cache then
-    holds the prompt and the whole answer. A row that stopped early keeps being fed (one forward serves all rows),
-    so its cache rows then hold tokens past its answer. on_token(row, token) is called for every token kept.
+    its decoded text, text(tokens), contain a stop string (both kept in its tokens), once answered(row, tokens)
+    says so (its tokens so far kept), or after max_new_tokens; decoding ends when every row has stopped. Every
+    generated token except a final stop is fed, so the cache then holds the prompt and the whole answer. A row that
+    stopped early keeps being fed (one forward serves all rows), so its cache rows then hold tokens past its answer.
+    With keep_rows, rows that stopped are fed no more: before the next feed, keep_rows(kept) is called with the
+    indices, among the rows of the previous feed, of those still decoding, the caller's cache drops the others, and
+    feed then takes and returns those rows only (a batch whose rows stop at different lengths costs only what its
+    decoding rows need). on_token(row, token) is called for every token kept.
 
     Sampled rows draw from their own generators (see `Sampling`): a row's tokens are those it gets decoded alone
     with the same `sampling`, up to the floating-point differences of batched forwards.
@@ -169,9 +176,10 @@ def decode_tokens(
     generators = sampling.generators(rows, logits.device)
     answers = [Decoded([], "max_new_tokens") for _ in range(rows)]
     done = [False] * rows
+    fed = list(range(rows))  # the rows the logits are of: every row, or those still decoding with keep_rows
     for _ in range(max_new_tokens):
-        step = choose_tokens(logits, sampling, generators)
-        for row, token in enumerate(step.tolist()):
+        step = choose_tokens(logits, sampling, [generators[row] for row in fed] if generators else generators)
+        for row, token in zip(fed, step.tolist()):
             if done[row]:
                 continue
             answer = answers[row]
@@ -180,9 +188,15 @@ def decode_tokens(
                 answer.stop_reason, done[row] = "stop_token", True
             elif stop_strings and _contains_any(text(answer.tokens), stop_strings):
                 answer.stop_reason, done[row] = "stop_string", True
+            elif answered is not None and answered(row, answer.tokens):
+                answer.stop_reason, done[row] = "answered", True
             if on_token is not None:
                 on_token(row, token)
         if all(done):
             break
+        if keep_rows is not None and any(done[row] for row in fed):
+            kept = [i for i, row in enumerate(fed) if not done[row]]
+            keep_rows(kept)
+            fed, step = [fed[i] for i in kept], step[kept]
         logits = feed(step.unsqueeze(1))
     return answers

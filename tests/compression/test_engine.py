@@ -244,6 +244,13 @@ def test_cuts_of_one_size_decode_as_one_batch(placed, placed_full):
                 assert abs(float(logits[0, one[t]] - logits[0, row[t]])) <= TOLERANCE[torch.bfloat16][0]
     assert batch.length == 48 + 8 and all(cut.length == 48 for cut in cuts)
 
+    rows = batch.rows([2, 0])  # rows of a batch: as if stacked in that order
+    assert rows.length == batch.length and rows.next_position == batch.next_position
+    for layer in range(batch.n_layers):
+        assert torch.equal(rows.layer(layer)[0], batch.layer(layer)[0][[2, 0]])
+        assert torch.equal(rows.positions[layer], batch.positions[layer][[2, 0]])
+    assert torch.equal(rows.logits, batch.logits[[2, 0]]) and rows.recorded is None
+
     stop = together[1][2]
     batch = stack_states(cuts)
     stopped = greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=(stop,))

@@ -106,9 +106,9 @@ def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
     monkeypatch.setattr(qa, "prefill", prefill)
     monkeypatch.setattr(lineup, "rank", rank)
     batches = []
-    decode = qa.greedy_decode_batch
-    monkeypatch.setattr(qa, "greedy_decode_batch",
-                        lambda h, state, *a: batches.append(len(state.logits)) or decode(h, state, *a))
+    decode = qa.decode_answers
+    monkeypatch.setattr(qa, "decode_answers",
+                        lambda h, state, *a, **k: batches.append(len(state.logits)) or decode(h, state, *a, **k))
     outcomes = list(qa.run_qa(smollm, task, [sample], protocol, contenders, budgets, lambda *_: True, 4))
     assert len(outcomes) == 1 + 2 * 2  # the full cache + 2 scorers x 2 budgets
     assert prefill.fresh == 1 and rank.calls == 2  # one prefill per sample, one ranking per scorer
@@ -117,9 +117,33 @@ def test_rank_once_cut_many_matches_generate(smollm, monkeypatch, protocol):
         scorer = None if o.budget == FULL else o.contender.scorer
         budget = None if o.budget == FULL else next(b for b in budgets if b.label == o.budget)
         ref = generate(smollm, sample.context, sample.question, scorer, budget, protocol, 4, sample.answer_prefix)
-        assert o.fields["prediction"] == ref.text, (o.contender.label, o.budget)
+        # a string-match answer stops once it scores 1 (a prefix of generate's), else it is generate's
+        prediction = o.fields["prediction"]
+        assert ref.text.startswith(prediction) and (prediction == ref.text or o.fields["value"] == 1.0)
         assert o.kept == ref.cache_tokens_compressed and o.cache_bytes == ref.cache_bytes_compressed
         assert o.fields["value"] == task.score(ref.text, sample)
+
+
+@pytest.mark.model
+def test_stopping_answered_rows_leaves_every_score_as_it_is(smollm):
+    """A saturating task's rows stop once they score 1 and leave the batch; every value equals the one decoding
+    every row to its stop token or max_new_tokens gives, and only rows that scored 1 are cut short."""
+    (task,) = resolve_tasks(["ruler:niah_single_1"])
+    assert task.saturates
+    contenders = make_contenders(["knorm", "keydiff", "streaming_llm", "tova"])
+    budgets = [Budget(tokens=32), Budget(tokens=96)]
+    cut_short = 0
+    for sample in task.load(smollm, 2, 320, 0):
+        fast, slow = ({(o.contender.label, o.budget): o.fields for o in qa.run_qa(
+            smollm, t, [sample], QUERY_AWARE, contenders, budgets, lambda *_: True, 24)}
+            for t in (task, dataclasses.replace(task, saturates=False)))
+        assert fast.keys() == slow.keys() and len(fast) == 1 + 4 * 2
+        for key, fields in fast.items():
+            assert fields["value"] == slow[key]["value"], key
+            assert slow[key]["prediction"].startswith(fields["prediction"])
+            assert fields["prediction"] == slow[key]["prediction"] or fields["value"] == 1.0
+            cut_short += fields["prediction"] != slow[key]["prediction"]
+    assert cut_short  # some rows did stop early
 
 
 @pytest.mark.model

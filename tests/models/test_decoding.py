@@ -94,6 +94,58 @@ def test_a_stop_string_spanning_tokens_ends_its_row_at_the_token_that_completes_
     assert cut_at_stop(letters(answers[0].tokens), ["cd", "xyz"]) == "b"
 
 
+class Dropping:
+    """A fake model that feeds only the rows its caller keeps (keep_rows) and replays each row's script."""
+
+    def __init__(self, scripts: list[list[int]]):
+        self.scripts, self.rows, self.fed, self.kept = scripts, list(range(len(scripts))), [], []
+        self.steps = [0] * len(scripts)
+
+    def logits(self) -> torch.Tensor:
+        tokens = [self.scripts[r][min(self.steps[r], len(self.scripts[r]) - 1)] for r in self.rows]
+        return torch.nn.functional.one_hot(torch.tensor(tokens), VOCAB).float()
+
+    def keep_rows(self, kept: list[int]) -> None:
+        self.kept.append(kept)
+        self.rows = [self.rows[i] for i in kept]
+
+    def feed(self, step: torch.Tensor) -> torch.Tensor:
+        assert step.shape == (len(self.rows), 1)
+        self.fed.append(dict(zip(self.rows, step[:, 0].tolist())))
+        for r in self.rows:
+            self.steps[r] += 1
+        return self.logits()
+
+
+def test_a_row_stops_once_answered_and_with_keep_rows_leaves_the_batch():
+    scripts = [[1, 2, 3, 4, 5, 6], [4, 9, 5, 6, 7, 8], [5, 6, 7, 8, 6, 5], [2, 2, 2, 2, 2, 2]]
+
+    def answered(row: int, tokens: list[int]) -> bool:  # row 0 and row 2 are done once they have written "d"
+        return "d" in letters(tokens) and row != 3
+
+    model = Dropping(scripts)
+    kept = decode_tokens(model.feed, model.logits(), 5, {9}, answered=answered, keep_rows=model.keep_rows)
+    assert [(a.tokens, a.stop_reason) for a in kept] == [
+        ([1, 2, 3], "answered"), ([4, 9], "stop_token"), ([5, 6, 7, 8, 6], "max_new_tokens"),
+        ([2, 2, 2, 2, 2], "max_new_tokens")]
+    # row 1 leaves after its stop token (step 2), row 0 once answered (step 3); rows 2 and 3 run on alone
+    assert model.kept == [[0, 2, 3], [1, 2]]
+    assert model.fed == [{0: 1, 1: 4, 2: 5, 3: 2}, {0: 2, 2: 6, 3: 2}, {2: 7, 3: 2}, {2: 8, 3: 2}, {2: 6, 3: 2}]
+    everyone = Scripted(scripts)  # without keep_rows every row is fed to the end, with the same answers
+    assert [a.tokens for a in decode_tokens(everyone.feed, everyone.logits(0), 5, {9}, answered=answered)] == \
+        [a.tokens for a in kept]
+    assert everyone.fed[-1] == [5, 7, 6, 2]  # stopped rows fed to the end
+
+
+def test_sampled_rows_keep_their_own_generators_when_others_leave():
+    model = Markov()
+    sampling = Sampling(temperature=1.0, seed=5)
+    alone = [model.run([first], sampling)[0] for first in (0, 3, 7)]
+    dropped = decode_tokens(model.feed, model.table[[0, 3, 7]], 12, (), sampling,
+                            answered=lambda row, tokens: row == 1 and len(tokens) == 2, keep_rows=lambda kept: None)
+    assert [a.tokens for a in dropped] == [alone[0], alone[1][:2], alone[2]]
+
+
 def test_cut_at_stop_cuts_before_the_earliest_stop_string():
     assert cut_at_stop("one. two! three.", ["!", "."]) == "one"
     assert cut_at_stop("no stop here", ["!"]) == "no stop here"

@@ -26,4 +26,4 @@ def needle_task(name: str) -> QATask:
     # corpus None: no trace source holds these haystacks, so every policy is reported as cross-corpus here
     return QATask(name=f"needle:{name}", family=FAMILY, data=spec.data, metric="accuracy",
                   protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=True, corpus=None, load=load,
-                  score=needle_score, max_new_tokens=spec.max_new_tokens)
+                  score=needle_score, max_new_tokens=spec.max_new_tokens, saturates=True)

@@ -30,7 +30,7 @@ def offline_task(name: str) -> QATask:
 
     return QATask(name=f"ruler:{name}", family=FAMILY, data=OFFLINE_DATA, metric="accuracy",
                   protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=True, corpus="ruler", load=load,
-                  score=ruler_score, max_new_tokens=spec.max_new_tokens)
+                  score=ruler_score, max_new_tokens=spec.max_new_tokens, saturates=True)
 
 
 def hub_task(name: str, local: str | None = None) -> QATask:
@@ -41,4 +41,4 @@ def hub_task(name: str, local: str | None = None) -> QATask:
 
     return QATask(name=f"ruler-hub:{name}", family=HUB_FAMILY, data=HUB_DATA, metric="accuracy",
                   protocols=(QUERY_AWARE, QUESTION_AGNOSTIC), sized=False, load=load, score=ruler_score,
-                  max_new_tokens=RULER_TASKS[name].max_new_tokens if name in RULER_TASKS else 64)
+                  max_new_tokens=RULER_TASKS[name].max_new_tokens if name in RULER_TASKS else 64, saturates=True)
