@@ -134,30 +134,51 @@ class KVState:
         )
 
 
-def stack_states(states: list[KVState]) -> KVState:
+def stack_states(states: list[KVState], pad: bool = False) -> KVState:
     """One state whose batch rows are `states`' rows in order, e.g. the cuts of one cache by several scorers at
     one budget, so that they decode as a single batch: keys/values (ΣB, H, T, d), positions (ΣB, H, T).
 
-    Every state must hold the same number of entries per head and the same next_position (so that new tokens
+    Every state must hold the same number of entries per head in each layer, unless `pad`: then each layer is as
+    long as its longest state's, a shorter state's entries are followed by zero keys and values masked out (their
+    positions repeat its last), so that cuts of any shapes (adaptive allocations, other budgets) decode together,
+    each row attending to its own entries only. Every state must have the same next_position (so that new tokens
     get one RoPE position for all rows); recorded attention inputs are dropped, and the token ids are kept (ΣB, T)
-    only when every state has them. Masks (ΣB, H, T) are kept when any state has them (True for the others' rows)."""
+    only when every state has them and nothing is padded. Masks (ΣB, H, T) are kept when any state has them or a
+    row is padded (True for the entries of rows without them)."""
     if not states:
         raise KVPError("stack_states needs at least one state")
     first = states[0]
-    if any(s.lengths() != first.lengths() or s.next_position != first.next_position or s.n_layers != first.n_layers
-           for s in states):
+    if any(s.next_position != first.next_position or s.n_layers != first.n_layers for s in states) or (
+            not pad and any(s.lengths() != first.lengths() for s in states)):
         raise KVPError("only states with equal cache lengths, layers and next positions can be stacked")
     if any(s.logits is None for s in states):
         raise KVPError("stack_states needs prefilled states (with next-token logits)")
+    widths = [max(s.lengths()[i] for s in states) for i in range(first.n_layers)]
+    padded = any(s.lengths() != widths for s in states)
+
+    def extend(t: torch.Tensor, width: int, fill: torch.Tensor | float) -> torch.Tensor:
+        """t (..., T, *) grown to `width` entries along T (dim 2) with `fill`."""
+        missing = width - t.shape[2]
+        if not missing:
+            return t
+        shape = (*t.shape[:2], missing, *t.shape[3:])
+        tail = fill.expand(shape) if isinstance(fill, torch.Tensor) else t.new_full(shape, fill)
+        return torch.cat([t, tail], dim=2)
+
+    def mask(s: KVState, i: int) -> torch.Tensor:
+        own = s.masks[i] if s.masks is not None else torch.ones_like(s.positions[i], dtype=torch.bool)
+        return extend(own, widths[i], False)
+
     layers = [
-        (torch.cat([s.layer(i)[0] for s in states]), torch.cat([s.layer(i)[1] for s in states]))
+        (torch.cat([extend(s.layer(i)[0], widths[i], 0.0) for s in states]),
+         torch.cat([extend(s.layer(i)[1], widths[i], 0.0) for s in states]))
         for i in range(first.n_layers)
     ]
-    positions = [torch.cat([s.positions[i] for s in states]) for i in range(first.n_layers)]
+    positions = [torch.cat([extend(s.positions[i], widths[i], s.positions[i][..., -1:]) for s in states])
+                 for i in range(first.n_layers)]
     logits = torch.cat([s.logits for s in states])
-    ids = torch.cat([s.ids for s in states]) if all(s.ids is not None for s in states) else None
+    ids = torch.cat([s.ids for s in states]) if all(s.ids is not None for s in states) and not padded else None
     masks = None
-    if any(s.masks is not None for s in states):
-        masks = [torch.cat([s.masks[i] if s.masks is not None else torch.ones_like(s.positions[i], dtype=torch.bool)
-                            for s in states]) for i in range(first.n_layers)]
+    if padded or any(s.masks is not None for s in states):
+        masks = [torch.cat([mask(s, i) for s in states]) for i in range(first.n_layers)]
     return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits, ids, masks)

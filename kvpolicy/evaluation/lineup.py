@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.compression.allocation import UNIFORM
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import CATALOG, label
 from kvpolicy.compression.engine import evict, rank
@@ -49,11 +48,6 @@ class Contender:
     def whole_prefill(self) -> bool:
         """Its scorer ranks only the cache of one whole prefill (KVzip, KVzap), not a cut cache fed more later."""
         return self.scorer is not None and self.scorer.whole_prefill
-
-    @property
-    def decodes_alone(self) -> bool:
-        """Its cuts' shapes depend on its scores (an adaptive allocation), so they share no batch with other cuts."""
-        return self.scorer is not None and self.scorer.allocation is not UNIFORM
 
     @property
     def attention_free(self) -> bool:

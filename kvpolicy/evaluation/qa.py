@@ -141,13 +141,13 @@ def qa_positions(handle: ModelHandle, task: QATask, sample: QASample, max_new_to
 
 def answer(handle: ModelHandle, task: QATask, sample: QASample, states: list[KVState],
            question_ids: torch.Tensor | None, max_new_tokens: int) -> list[dict]:
-    """Answer `sample` on each of `states` (equal cache lengths): score its choices (see choose), or read the
-    question when it was not in the compressed prefill and decode all states as one greedy batch (each row until
-    its stop token, its max_new_tokens, or, for a saturating task, its score reaching 1). Leaves `states`
-    untouched. Returns per state the record fields: value, prediction, answers (and extra_metrics)."""
+    """Answer `sample` on each of `states` (of one prefill): score its choices (see choose), or read the question
+    when it was not in the compressed prefill and decode all states as one greedy batch, padded to the longest
+    (each row until its stop token, its max_new_tokens, or, for a saturating task, its score reaching 1). Leaves
+    `states` untouched. Returns per state the record fields: value, prediction, answers (and extra_metrics)."""
     if task.choices:
         return choose(handle, task, sample, states, question_ids)
-    batch = stack_states(states)
+    batch = stack_states(states, pad=True)
     if question_ids is not None:
         prefill(handle, question_ids.expand(len(states), -1), batch)
 
@@ -189,16 +189,16 @@ def run_qa(
     state, _ = prefill(handle, first, record_queries=recording_window(to_run))
     prefill_s = clock.lap() / len(samples)
     full_bytes, length = state.nbytes(), state.length
-    # rank once per scorer; group the (scorer, budget) cuts by size: each group is decoded as one batch (a scorer
-    # whose allocation shapes its cuts by its scores decodes apart)
+    # rank once per scorer; group the (scorer, budget) cuts by nominal size: each group is decoded as one batch,
+    # cuts whose allocation shaped them otherwise (head- or layer-adaptive) padded to the group's longest
     rankings: dict[str, list[torch.Tensor] | None] = {}
-    by_size: dict[tuple[int, str], list[tuple[Contender, Budget, float]]] = defaultdict(list)
+    by_size: dict[int, list[tuple[Contender, Budget, float]]] = defaultdict(list)
     for contender in to_run:
         rankings[contender.id] = rank_for_cuts(handle, state, contender, missing[contender.id])
         rank_s = clock.lap() / len(missing[contender.id]) / len(samples)
         for budget in missing[contender.id]:
             size = min(budget.kept(length), length) if rankings[contender.id] is not None else length
-            by_size[size, contender.id if contender.decodes_alone else ""].append((contender, budget, rank_s))
+            by_size[size].append((contender, budget, rank_s))
     for pairs in by_size.values():
         cuts = [cut(state, rankings[contender.id], budget, contender) for contender, budget, _ in pairs]
         cut_s = clock.lap() / len(pairs) / len(samples)

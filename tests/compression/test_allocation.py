@@ -138,6 +138,25 @@ def test_stack_states_keeps_masks():
             stack_states([adaptive, other])
 
 
+def test_padded_stacking_extends_each_layer_to_its_longest_row_and_masks_the_rest():
+    state = random_state(B=1)
+    adaptive = evict(state, random_keys(3, 1, 3, 40, seed=5), Budget(tokens=30), AdaKV())
+    small = evict(state, random_keys(3, 1, 3, 40, seed=6), Budget(tokens=22))  # uniform, no masks
+    both = stack_states([small, adaptive], pad=True)
+    assert both.lengths() == adaptive.lengths() and both.ids is None
+    for i in range(3):
+        keys, values = both.layer(i)
+        width = small.lengths()[i]
+        assert torch.equal(keys[0, :, :width], small.layer(i)[0][0]) and not keys[0, :, width:].any()
+        assert torch.equal(values[1], adaptive.layer(i)[1][0]) and not values[0, :, width:].any()
+        assert bool(both.masks[i][0, :, :width].all()) and not both.masks[i][0, :, width:].any()
+        assert torch.equal(both.masks[i][1], adaptive.masks[i][0])
+        assert bool((both.positions[i][0].diff(dim=-1) >= 0).all())  # the padding repeats the last position
+    with pytest.raises(KVPError, match="equal cache lengths"):
+        stack_states([small, adaptive])
+    assert stack_states([small, small], pad=True).masks is None  # nothing to pad, nothing masked
+
+
 def test_attention_bias_equals_attention_over_the_kept_entries():
     """sdpa with the bias = per head, softmax over that head's attended cached entries and the causal new ones."""
     generator = torch.Generator().manual_seed(7)

@@ -185,6 +185,19 @@ def test_adaptive_eviction_equals_masked_full_cache(placed, placed_prompt, place
     assert all(bool(m[..., -fed:].all()) for m in small.masks)  # and every token fed after the cut is attended
 
 
+def test_cuts_of_any_shapes_decode_as_one_padded_batch(smollm, full):
+    """Uniform cuts at two budgets, an AdaKV cut (padded heads) and a PyramidKV cut (layers of other lengths),
+    stacked with padding: each row decodes (fp32) the tokens it decodes alone."""
+    scores = rank(smollm, full, make_scorer("knorm"))
+    cuts = [evict(full, scores, Budget(tokens=24)), evict(full, scores, Budget(tokens=64)),
+            evict(full, scores, Budget(tokens=48), AdaKV()),
+            evict(full, scores, Budget(tokens=48), Pyramid(window_size=16, beta=2))]
+    assert len({tuple(c.lengths()) for c in cuts}) == 4
+    alone = [greedy_decode(smollm, cut.branch(), cut.logits, 8, stop_ids=()) for cut in cuts]
+    batch = stack_states(cuts, pad=True)
+    assert greedy_decode_batch(smollm, batch, batch.logits, 8, stop_ids=()) == alone
+
+
 def test_positions_continue_from_the_true_length(smollm, prompt, full):
     small = compress(smollm, full, make_scorer("knorm"), Budget(tokens=48))
     P = prompt.shape[1]
