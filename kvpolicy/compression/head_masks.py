@@ -6,6 +6,11 @@ sized by the first layer's cache) with one per query head of this layer: the cau
 head's mask over the layer's cached entries (new tokens are always attended). Padding is refused before any forward
 (engine), so transformers' mask holds nothing else. Masked entries get the dtype's most negative bias, so their
 softmax weight is exactly 0 and attention equals attention over the kept entries alone.
+
+Given a mask, transformers' sdpa attention repeats each KV head's keys and values for its query heads (a copy of
+the cache at every step); torch's SDPA takes the grouped heads with a mask directly (`enable_gqa`), with the same
+result, which transformers only asks for without a mask. On CPU, where that is measured (10x less time per
+attention call for 18 rows of 1,536 entries, the outputs bit-for-bit equal), the block lets transformers use it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers.integrations import sdpa_attention
 
 from kvpolicy.errors import KVPError
 
@@ -57,7 +63,23 @@ def masked_heads(layers: Sequence[torch.nn.Module], masks: Sequence[torch.Tensor
     handles = [layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
-        yield
+        with grouped_sdpa(masks[0].device):
+            yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def grouped_sdpa(device: torch.device) -> Iterator[None]:
+    """Within the block, on CPU, transformers' sdpa attention passes grouped KV heads to torch's SDPA with its mask
+    (`enable_gqa`) instead of repeating them; elsewhere nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    original = sdpa_attention.use_gqa_in_sdpa
+    sdpa_attention.use_gqa_in_sdpa = lambda attention_mask, key: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original

@@ -12,7 +12,7 @@ from kvpress import AdaKVPress, DMSPress, PyramidKVPress, ScorerPress
 from kvpolicy.compression.allocation import UNIFORM, AdaKV, Global, Pyramid, Threshold, counts_reference
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.engine import evict
-from kvpolicy.compression.head_masks import attention_bias
+from kvpolicy.compression.head_masks import attention_bias, grouped_sdpa
 from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
 from kvpolicy.errors import KVPError
 
@@ -175,6 +175,28 @@ def test_attention_bias_equals_attention_over_the_kept_entries():
                 visible = [j for j in range(past) if mask[b, h, j]] + list(range(past, past + i + 1))
                 weights = torch.softmax(q[b, qh, i] @ k[b, h, visible].T / d ** 0.5, dim=-1)
                 assert torch.allclose(got[b, qh, i], weights @ v[b, h, visible], atol=1e-5)
+
+
+def test_grouped_sdpa_gives_transformers_attention_the_same_output_without_repeating_heads():
+    """transformers' sdpa attention with a per-head mask: the grouped call equals the repeated one bit for bit, and
+    the switch is undone after the block, even when it raises."""
+    from transformers.integrations import sdpa_attention
+
+    generator = torch.Generator().manual_seed(3)
+    B, H, groups, past, d = 3, 2, 3, 17, 8
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    q = torch.randn(B, H * groups, 1, d, generator=generator)
+    k, v = (torch.randn(B, H, past + 1, d, generator=generator) for _ in range(2))
+    bias = attention_bias(torch.rand(B, H, past, generator=generator) > 0.3, 1, groups, torch.float32)
+    repeated, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, bias)
+    original = sdpa_attention.use_gqa_in_sdpa
+    with grouped_sdpa(torch.device("cpu")):
+        assert sdpa_attention.use_gqa_in_sdpa(bias, k)
+        grouped, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, bias)
+    assert torch.equal(grouped, repeated) and sdpa_attention.use_gqa_in_sdpa is original
+    with pytest.raises(RuntimeError), grouped_sdpa(torch.device("cpu")):
+        raise RuntimeError
+    assert sdpa_attention.use_gqa_in_sdpa is original
 
 
 def test_threshold_follows_the_calibration_quantiles():
