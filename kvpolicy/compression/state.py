@@ -107,7 +107,7 @@ class KVState:
     def rows(self, index: list[int]) -> KVState:
         """The state of batch rows `index` (in that order): keys/values (len(index), H, T, d) and every per-row
         field selected alike; recorded attention inputs are dropped."""
-        select = torch.tensor(index, dtype=torch.long, device=self.logits.device if self.logits is not None else None)
+        select = torch.tensor(index, dtype=torch.long)
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, select.to(t.device))

@@ -120,9 +120,9 @@ def kvzap_weights(kind: str, weights: str | Path | None = None) -> dict[str, dic
     """What KVzap's scores depend on, before the model is known: model name -> {sha256, seed} of the `kind` weights
     that would score it (`weights` given: its one directory, under the model it was trained for; else every shipped
     one). seed: the MLP's fit seed (None for the linear model, whose fit is closed-form)."""
-    directories = ({"": kvzap_directory("", kind, weights)} if weights
-                   else {model: directory / kind for model, directory in shipped_kvzap().items()})
-    sections = [read_kvzap_config(directory)["kvpolicy"] for directory in directories.values()]
+    directories = ([kvzap_directory("", kind, weights)] if weights
+                   else [directory / kind for directory in shipped_kvzap().values()])
+    sections = [read_kvzap_config(directory)["kvpolicy"] for directory in directories]
     return {section["model"]["name"]: {"sha256": section["weights_sha256"], "seed": section.get("seed")}
             for section in sections}
 

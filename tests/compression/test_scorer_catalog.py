@@ -15,6 +15,7 @@ from kvpolicy.cli import main
 from kvpolicy.compression import catalog, scorers
 from kvpolicy.compression.catalog import BENCH, CATALOG, STREAM, SWEEP, ScorerEntry, default_lineup, label
 from kvpolicy.compression.scorers import SCORERS, LayerView, Scorer, make_scorer
+from kvpolicy.compression.scorers import kvzap as kvzap_scorers
 from kvpolicy.errors import KVPError
 
 
@@ -130,13 +131,16 @@ def test_one_row_adds_a_scorer_everywhere(dummy, capsys, tmp_path):
     assert default_lineup(SWEEP, BENCH)[-1] == "dummy" and default_lineup(SWEEP)[-1] == "dummy"
 
 
-def test_a_row_with_a_setting_takes_it_from_the_spec():
+def test_a_row_with_a_setting_takes_it_from_the_spec(monkeypatch):
     entry, value = catalog.parse_spec("kvzap_mlp:runs/m/kvzap-s1/")
     assert entry is CATALOG["kvzap_mlp"] and value == "runs/m/kvzap-s1/"
     assert catalog.parse_spec("kvzap_mlp") == (CATALOG["kvzap_mlp"], None)
     assert label("kvzap_mlp:runs/m/kvzap-s1/") == "KVzap (MLP) kvzap-s1" and label("kvzap_mlp") == "KVzap (MLP)"
     scorer = make_scorer("kvzap_linear:runs/m/kvzap-s2")
-    assert scorer.weights == "runs/m/kvzap-s2"
+    trained = {"m": {"sha256": "ab" * 32, "seed": None}}  # what the directory's config would say (none exists here)
+    monkeypatch.setattr(kvzap_scorers, "kvzap_weights", lambda kind, weights: trained if weights else {})
+    assert scorer.weights == "runs/m/kvzap-s2" and scorer.identity()["weights"] == "runs/m/kvzap-s2"
+    assert scorer.identity()["trained"] == trained
     for spec in ("knorm:x", "kvzap_mlp:", "nothing:x"):  # a row without a setting, no value, no row
         assert catalog.parse_spec(spec) == (None, None)
         with pytest.raises(KVPError, match=r"unknown scorer .*kvzap_mlp:WEIGHTS"):
