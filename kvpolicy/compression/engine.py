@@ -2,8 +2,9 @@
 
 With the uniform allocation every head of every layer keeps the same number of entries, so eviction is one gather
 along the sequence axis and the cache stays a plain DynamicCache that any attention kernel reads. An adaptive
-allocation (compression/allocation.py) gives layers their own lengths and pads the heads of a layer to its largest
-count, masked out of attention (`KVState.masks`, compression/head_masks.py). New tokens get RoPE positions that
+allocation (compression/allocation.py) gives layers their own lengths and heads their own counts: such a layer is
+stored ragged (compression/ragged.py) and read padded to its largest count, the padding masked out of attention
+(`KVState.masks`, compression/head_masks.py). New tokens get RoPE positions that
 continue from the number of tokens fed so far (`KVState.next_position`), while their cache_position indexes the
 shrunken cache, so transformers' causal mask lets them see every kept entry and the earlier tokens of their
 own chunk.
@@ -103,7 +104,7 @@ def _forward(
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
-    heads = state.cache.layers[0].keys.shape[1]
+    heads = state.positions[0].shape[1] if state.positions else state.cache.layers[0].keys.shape[1]
     new = torch.arange(start, start + n, device=device).view(1, 1, n).expand(B, heads, n)
     old = state.positions or [new[..., :0]] * state.n_layers
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
@@ -211,8 +212,8 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
 
     `allocation` gives each layer's heads their counts (UNIFORM: budget.kept(T) each); every head keeps the sinks, the
     recent tokens and then its top scores, gathered in position order. A layer whose heads keep different counts is
-    padded to the largest with its heads' next-best entries, masked out (`KVState.masks`); entries masked before
-    stay masked. The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
+    stored ragged, read padded to the largest (`KVState.masks` marks the padding); entries masked before stay
+    masked. The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
     if len(scores) != state.n_layers:
         raise KVPError(f"got scores for {len(scores)} layers, the cache has {state.n_layers}")
     kept = budget.kept(state.length)
@@ -240,8 +241,8 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
         masks.append(attended)
     widths = {m.shape[-1] for m in masks}
     uniform = len(widths) == 1 and all(bool(m.all()) for m in masks)
-    return KVState(cache_from_tensors(layers), positions, state.next_position, None, state.logits,
-                   masks=None if uniform else masks)
+    masks = None if uniform else masks
+    return KVState(cache_from_tensors(layers, masks), positions, state.next_position, None, state.logits, masks=masks)
 
 
 def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -357,7 +358,8 @@ class GenerationResult:
 
     text: the answer, cut before a stop string; token_ids: up to the stop token or the token that completed the
     stop string. cache_tokens_*: entries per KV head (attended, averaged over heads and layers where an adaptive
-    allocation gave them different counts); cache_bytes_*: bytes of all cached keys and values, padding included.
+    allocation gave them different counts); cache_bytes_*: bytes of all cached keys and values held (no padding:
+    compression/ragged.py).
     timings: prefill_s (every prefill, the question's too under question-agnostic), compress_s, decode_s and
     decode_tokens_per_s."""
 

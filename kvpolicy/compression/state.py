@@ -2,9 +2,10 @@
 
 After eviction, heads keep different tokens, so positions are tracked per (batch, head, entry). New tokens get
 RoPE positions that continue from `next_position` (the number of tokens ever fed), never from the shrunken
-cache length. The cache stays a plain transformers `DynamicCache` of dense (B, H, T, d) tensors: when the heads
-of a layer keep different numbers of entries (compression/allocation.py), the layer is padded to its largest
-count and `masks` marks the padding, which attention skips and the bytes held include.
+cache length. The cache stays a transformers `DynamicCache`. When the heads of a layer keep different numbers of
+entries (compression/allocation.py), the layer's bookkeeping (positions, `masks`) is padded to its largest count,
+and the layer itself is a `RaggedLayer` (compression/ragged.py) that holds only the entries its heads keep;
+attention reads it padded, the padding masked out.
 """
 
 from __future__ import annotations
@@ -15,19 +16,37 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvpolicy.compression.ragged import RaggedLayer, layer_bytes
 from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import AttentionInputs
 
 
-def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding exactly these per-layer (keys, values), each (B, H, T, d), without copying them."""
+def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]],
+                       masks: list[torch.Tensor] | None = None) -> DynamicCache:
+    """A DynamicCache holding these per-layer (keys, values), each (B, H, T, d): as they are (no copy), except a
+    layer whose mask (B, H, T) leaves entries out, which becomes a `RaggedLayer` holding the masked-in ones only."""
     cache = DynamicCache()
-    for keys, values in layers:
+    for idx, (keys, values) in enumerate(layers):
+        if masks is not None and not bool(masks[idx].all()):
+            cache.layers.append(RaggedLayer.from_padded(keys, values, masks[idx]))
+            continue
         layer = DynamicLayer()
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         cache.layers.append(layer)
     return cache
+
+
+def shared_cache(cache: DynamicCache) -> DynamicCache:
+    """A DynamicCache whose layers hold the same tensors as `cache`'s (appending to one leaves the other as it
+    was)."""
+    shared = DynamicCache()
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            shared.layers.append(layer.shared())
+        else:
+            shared.layers.extend(cache_from_tensors([(layer.keys, layer.values)]).layers)
+    return shared
 
 
 @dataclass
@@ -74,13 +93,13 @@ class KVState:
         return [p.shape[-1] for p in self.positions]
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of layer `idx`, each (B, H, T, d)."""
+        """(keys, values) of layer `idx`, each (B, H, T, d) (a ragged layer's padded with zeros, built anew)."""
         return self.cache.layers[idx].keys, self.cache.layers[idx].values
 
     def nbytes(self) -> int:
-        """Bytes of the cached keys and values over all layers, padding included (positions and masks are
-        bookkeeping, not counted)."""
-        return sum(k.nbytes + v.nbytes for k, v in map(self.layer, range(self.n_layers)))
+        """Bytes of the keys and values the cache holds over all layers (ragged layers hold no padding; positions
+        and masks are bookkeeping, not counted)."""
+        return sum(map(layer_bytes, self.cache.layers))
 
     def attended(self) -> float:
         """Entries attended per KV head, averaged over layers, rows and heads (the length when nothing is masked)."""
@@ -95,7 +114,7 @@ class KVState:
     def branch(self) -> KVState:
         """A new state sharing this one's tensors: appending to either leaves the other as it was."""
         return KVState(
-            cache=cache_from_tensors([self.layer(i) for i in range(self.n_layers)]),
+            cache=shared_cache(self.cache),
             positions=list(self.positions),
             next_position=self.next_position,
             recorded=list(self.recorded) if self.recorded is not None else None,
@@ -112,19 +131,21 @@ class KVState:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, select.to(t.device))
 
+        masks = [pick(m) for m in self.masks] if self.masks is not None else None
         return KVState(
-            cache=cache_from_tensors([(pick(k), pick(v)) for k, v in map(self.layer, range(self.n_layers))]),
+            cache=cache_from_tensors([(pick(k), pick(v)) for k, v in map(self.layer, range(self.n_layers))], masks),
             positions=[pick(p) for p in self.positions],
             next_position=self.next_position,
             logits=pick(self.logits),
             ids=pick(self.ids),
-            masks=[pick(m) for m in self.masks] if self.masks is not None else None,
+            masks=masks,
         )
 
     def clone(self) -> KVState:
         """A deep copy: no tensor is shared with this state."""
         return KVState(
-            cache=cache_from_tensors([(k.clone(), v.clone()) for k, v in map(self.layer, range(self.n_layers))]),
+            cache=cache_from_tensors([(k.clone(), v.clone()) for k, v in map(self.layer, range(self.n_layers))],
+                                     self.masks),
             positions=[p.clone() for p in self.positions],
             next_position=self.next_position,
             recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
@@ -181,4 +202,4 @@ def stack_states(states: list[KVState], pad: bool = False) -> KVState:
     masks = None
     if padded or any(s.masks is not None for s in states):
         masks = [torch.cat([mask(s, i) for s in states]) for i in range(first.n_layers)]
-    return KVState(cache_from_tensors(layers), positions, first.next_position, None, logits, ids, masks)
+    return KVState(cache_from_tensors(layers, masks), positions, first.next_position, None, logits, ids, masks)
