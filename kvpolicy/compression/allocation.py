@@ -7,6 +7,8 @@ keeps, at the memory of the uniform cut.
   rest go to the layer's best scores whichever head they are in (AdaKV, arXiv 2407.11550; kvpress's AdaKVPress).
 - `Global`: every head of every layer draws from one pool of layers x heads x kept entries, by score (kvpress's
   KVzipPress by default): the scores must compare across heads and layers.
+- `Layerwise`: the pool of `Global`, but the heads of a layer share one count: layers differ, each stays one dense
+  tensor (kvpolicy's `--allocation layer`).
 - `Pyramid`: every head of layer l keeps the count kvpress's PyramidKVPress gives layer l, many in the first layers
   and few in the last, about `kept` per layer on average (PyramidKV, arXiv 2406.02069).
 - `Threshold`: every entry whose score reaches one calibrated threshold is kept (KVzap's thresholded form, kvpress's
@@ -98,6 +100,28 @@ class Global(Allocation):
 
 
 @dataclass(frozen=True)
+class Layerwise(Allocation):
+    """The model's layers x kv_heads x kept entries spread over layers by score: layer l gets the share of the
+    model's best entries that fall in it, rounded to a whole count per head (largest remainders first, so the total
+    stays exact), and each of its heads keeps its own best `count`. A layer's heads keep one count, so every layer
+    stays one dense tensor: memory freed without a ragged layout."""
+
+    name = "layer"
+
+    def counts(self, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
+        B, H = keys[0].shape[:2]
+        lengths = torch.tensor([k.shape[-1] for k in keys], device=keys[0].device)
+        chosen = torch.stack([c.sum(1) for c in Global().counts(keys, kept)], dim=1)  # (B, L) entries per layer
+        layer_counts = chosen // H
+        short = int(lengths.clamp(max=kept).sum()) - layer_counts.sum(1)  # counts per head still to give, < L
+        order = (chosen % H).argsort(dim=1, descending=True, stable=True)  # integer remainders: exact ties
+        bonus = (torch.arange(len(keys), device=order.device) < short[:, None]).long()
+        layer_counts.scatter_add_(1, order, bonus)
+        layer_counts = torch.minimum(layer_counts, lengths)
+        return [c[:, None].expand(B, H).clone() for c in layer_counts.unbind(1)]
+
+
+@dataclass(frozen=True)
 class Pyramid(Allocation):
     """Layer l's heads keep what kvpress's PyramidKVPress gives layer l (window_size: its SnapKV window; beta: the
     pyramid's steepness); the counts depend on the layer only, never on the scores."""
@@ -167,10 +191,32 @@ class Threshold(Allocation):
         return [(k >= threshold).sum(-1) for k in keys]
 
 
+# `--allocation`'s modes (compression/names.py): the budget kept by every head, shared by a layer's heads, or
+# drawn by every head from the model's one pool
+MODES: dict[str, Allocation] = {"head": UNIFORM, "layer": Layerwise(), "model": Global()}
+
+
 def counts_reference(allocation: Allocation, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
-    """Slow, obviously-correct `allocation.counts` for AdaKV and Global (the others take no ranking step): AdaKV, per
+    """Slow, obviously-correct `allocation.counts` for AdaKV, Global and Layerwise (the others take no ranking step):
+    AdaKV, per
     row, each head's safeguard first, then the layer's entries one at a time by key, until kv_heads x kept are
-    chosen; Global, per row, every entry of the model sorted by key, the first layers x kv_heads x kept counted."""
+    chosen; Global, per row, every entry of the model sorted by key, the first layers x kv_heads x kept counted;
+    Layerwise, per row, Global's count of each layer over its heads, floored, then one more per head to the layers
+    of largest remainder (earliest layer first among equals) until the uniform total is reached."""
+    if isinstance(allocation, Layerwise):
+        chosen = counts_reference(Global(), keys, kept)
+        out = [torch.zeros(k.shape[:2], dtype=torch.long) for k in keys]
+        for b in range(keys[0].shape[0]):
+            heads = keys[0].shape[1]
+            entries = [int(c[b].sum()) for c in chosen]
+            counts = [n // heads for n in entries]
+            target = sum(min(kept, k.shape[-1]) for k in keys)
+            by_remainder = sorted(range(len(keys)), key=lambda layer: (-(entries[layer] % heads), layer))
+            for layer in by_remainder[:target - sum(counts)]:
+                counts[layer] += 1
+            for layer, count in enumerate(counts):
+                out[layer][b] = min(count, keys[layer].shape[-1])
+        return out
     if isinstance(allocation, Global):
         B = keys[0].shape[0]
         out = [torch.zeros(k.shape[:2], dtype=torch.long) for k in keys]

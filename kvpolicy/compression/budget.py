@@ -73,7 +73,7 @@ class Budget:
 
 
 def protected_scores(scores: torch.Tensor, positions: torch.Tensor, budget: Budget, length: int) -> torch.Tensor:
-    """Selection keys (B, H, T) float32: sinks above recent tokens above every score.
+    """Selection keys (B, H, T) float32 (float64 for float64 scores): sinks above recent tokens above every score.
 
     Sinks rank earliest first, recent tokens newest first, so even a budget below sinks + recent is well
     defined. Unprotected entries keep their score unchanged (ties break exactly as in kvpress's topk). Protected
@@ -81,7 +81,7 @@ def protected_scores(scores: torch.Tensor, positions: torch.Tensor, budget: Budg
     these scores can neither overflow them nor reorder them.
     positions: (B, H, T) true positions; length: tokens fed so far (recent = positions >= length - recent).
     """
-    key = scores.float()
+    key = scores if scores.dtype == torch.float64 else scores.float()  # float64 keys keep their resolution
     base = key.masked_fill(~key.isfinite(), 0).abs().amax(-1, keepdim=True) + 1  # above every finite score
     age = (length - 1 - positions).float()  # 0 for the newest token
     key = torch.where(positions >= length - budget.recent, base * (2 - age / max(budget.recent, 1)), key)

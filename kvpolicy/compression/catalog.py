@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvpolicy.compression.names import mode_label, split_mode
 from kvpolicy.lazy import check_reference, import_reference
 
 # the default line-ups a row can join (its `defaults`)
@@ -147,8 +148,9 @@ def parse_spec(spec: str) -> tuple[ScorerEntry | None, str | None]:
 
 def label(spec: str) -> str:
     """What results and figures call a scorer: its row's label, with the last part of a `NAME:VALUE` spec's value
-    (the spec itself when the catalog has no row for it)."""
-    entry, value = parse_spec(spec)
+    and what an `@MODE` suffix adds (the spec itself when the catalog has no row for it)."""
+    base, mode = split_mode(spec)
+    entry, value = parse_spec(base)
     if entry is None:
         return spec
-    return f"{entry.label} {value.rstrip('/').rpartition('/')[2]}" if value else entry.label
+    return mode_label(f"{entry.label} {value.rstrip('/').rpartition('/')[2]}" if value else entry.label, mode)

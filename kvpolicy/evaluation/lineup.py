@@ -12,6 +12,7 @@ import torch
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import CATALOG, label
+from kvpolicy.compression.names import mode_label, split_mode
 from kvpolicy.compression.engine import evict, rank
 from kvpolicy.compression.scorers import LEARNED_PREFIX, Scorer, make_scorer
 from kvpolicy.compression.scorers.base import ALL_QUERIES
@@ -67,25 +68,28 @@ BUNDLED_LABEL = f"{LEARNED_LABEL} (bundled)"  # the policy shipped with kvpolicy
 
 
 def make_contenders(specs: list[str]) -> list[Contender]:
-    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs, labelled as the catalog says: a bundled
-    policy is BUNDLED_LABEL, one trained policy LEARNED_LABEL, several trained ones are told apart by path. A scorer
+    """Contenders from registry names and `kvp:PATH` / `kvp:MODEL` specs (each perhaps with an `@MODE` allocation),
+    labelled as the catalog says: a bundled policy is BUNDLED_LABEL, one trained policy LEARNED_LABEL, several
+    trained ones are told apart by path, and an allocation mode adds its words (`names.mode_label`). A scorer
     that needs a trace's utility (the oracle) gets it per sample, so it has no scorer here."""
     specs = list(dict.fromkeys(specs))  # drop repeats, keep order
     oracles = {spec for spec in specs if spec in CATALOG and CATALOG[spec].needs_utility}
     scorers = {spec: make_scorer(spec) for spec in specs if spec not in oracles}
-    bundled = {s for s, scorer in scorers.items() if s.startswith(LEARNED_PREFIX) and scorer.identity().get("bundled")}
-    trained = [s for s in specs if s.startswith(LEARNED_PREFIX) and s not in bundled]
+    learned = {spec: split_mode(spec) for spec in specs if spec.startswith(LEARNED_PREFIX)}
+    bundled = {base for spec, (base, _) in learned.items() if scorers[spec].identity().get("bundled")}
+    trained = {base for base, _ in learned.values()} - bundled
     contenders = []
     for spec in specs:
         if spec in oracles:
             contenders.append(Contender(spec, label(spec), "oracle", {"name": spec}, None))
             continue
         scorer = scorers[spec]
-        if spec.startswith(LEARNED_PREFIX):
-            path = Path(spec[len(LEARNED_PREFIX) :])
-            learned = (BUNDLED_LABEL if spec in bundled else LEARNED_LABEL if len(trained) == 1
-                       else f"{LEARNED_LABEL} ({path.name or path})")
-            contenders.append(Contender(spec, learned, "learned", scorer.identity(), scorer))
+        if spec in learned:
+            base, mode = learned[spec]
+            path = Path(base[len(LEARNED_PREFIX) :])
+            name = (BUNDLED_LABEL if base in bundled else LEARNED_LABEL if len(trained) == 1
+                    else f"{LEARNED_LABEL} ({path.name or path})")
+            contenders.append(Contender(spec, mode_label(name, mode), "learned", scorer.identity(), scorer))
         else:
             contenders.append(Contender(spec, label(spec), "heuristic", scorer.identity(), scorer))
     return contenders

@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save
 
 from kvpolicy.errors import KVPError
 from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, read_json_file,
-                         recover_directory, refuse_link, sha256_file, write_durably)
+                         recover_directory, refuse_link, sha256_file, write_durably, write_json)
 from kvpolicy.models.handle import MODEL_SCHEMA
 from kvpolicy.schema import Optional, validate
+from kvpolicy.policy.calibration import CALIBRATION, Calibration
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
 FORMAT = "kvpolicy-checkpoint/1"
@@ -52,6 +53,7 @@ CONFIG_SCHEMA = {
     "training": Optional(dict),
     "traces": Optional({"train": {"manifest_hash": str, "source": Optional((str, None)),
                                   "context_tokens": Optional((int, None))}}),
+    CALIBRATION: Optional(dict),  # `kvp calibrate` (policy/calibration.py)
 }
 RESUME_SCHEMA = {
     "resume_sha256": Optional(str),  # absent from checkpoints written before it was recorded
@@ -188,6 +190,20 @@ class Checkpoint:
     @property
     def sha256(self) -> str:
         return self.config["weights_sha256"]
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The map of its scores onto one scale across heads (`kvp calibrate`), or None when it has none."""
+        if CALIBRATION not in self.config:
+            return None
+        shape = (self.policy.config.n_layers, self.policy.config.n_kv_heads)
+        return Calibration.from_config(self.config[CALIBRATION], shape, self.path / CONFIG)
+
+
+def save_calibration(path: str | Path, calibration: Calibration) -> None:
+    """Write `calibration` into the checkpoint's config.json (atomically; the weights are untouched)."""
+    config = read_config(path)
+    write_json(Path(path) / CONFIG, config | {CALIBRATION: calibration.to_config()})
 
 
 def load_checkpoint(path: str | Path, model: Any = None, device: str | torch.device = "cpu") -> Checkpoint:

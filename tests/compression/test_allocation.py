@@ -9,10 +9,19 @@ import pytest
 import torch
 from kvpress import AdaKVPress, DMSPress, PyramidKVPress, ScorerPress
 
-from kvpolicy.compression.allocation import UNIFORM, AdaKV, Global, Pyramid, Threshold, counts_reference
+from kvpolicy.compression.allocation import (
+    UNIFORM,
+    AdaKV,
+    Global,
+    Layerwise,
+    Pyramid,
+    Threshold,
+    counts_reference,
+)
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.engine import evict
 from kvpolicy.compression.head_masks import attention_bias, grouped_sdpa
+from kvpolicy.compression.ragged import RaggedLayer
 from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
 from kvpolicy.errors import KVPError
 
@@ -252,6 +261,29 @@ def test_global_counts_equal_the_slow_reference(kept):
     assert torch.equal(sum(f.sum(-1) for f in fast), torch.full((2,), 3 * 2 * kept))  # the uniform cut's memory
     if kept < 20:
         assert len({int(n) for f in fast for n in f.flatten()}) > 1  # layers and heads really differ
+
+
+@pytest.mark.parametrize("kept", [1, 7, 13, 20])
+def test_layerwise_counts_equal_the_slow_reference_and_keep_the_uniform_total(kept):
+    keys = [k * (1 + 2 * layer) for layer, k in enumerate(random_keys(4, 2, 3, 20, seed=12))]  # layers differ
+    fast, slow = Layerwise().counts(keys, kept), counts_reference(Layerwise(), keys, kept)
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+        assert torch.equal(f, f[:, :1].expand_as(f))  # the heads of a layer share one count
+    assert torch.equal(sum(f.sum(-1) for f in fast), torch.full((2,), 4 * 3 * kept))  # the uniform cut's memory
+    if 1 < kept < 20:
+        assert len({int(f[0, 0]) for f in fast}) > 1  # layers really differ (so the test can fail)
+
+
+def test_a_layerwise_cut_keeps_dense_layers_of_their_own_lengths_and_protects_every_head():
+    state = random_state(layers=4, B=1)  # (rows of a batch may give a layer other counts: then it is ragged)
+    scores = [k * (1 + 2 * layer) for layer, k in enumerate(random_keys(4, 1, 3, 40, seed=13))]
+    small = evict(state, scores, Budget(tokens=24), Layerwise())
+    assert len(set(small.lengths())) > 1 and all(bool(m.all()) for m in small.masks)  # layers differ, no padding
+    assert not any(isinstance(layer, RaggedLayer) for layer in small.cache.layers)
+    assert sum(small.lengths()) == 4 * 24 and small.nbytes() == state.nbytes() * 24 / 40
+    for positions in small.positions:
+        assert torch.isin(torch.tensor([0, 1, 2, 3, *range(24, 40)]), positions).all()  # sinks and recent, everywhere
 
 
 def test_global_counts_equal_kvpress_kvzip_pruning():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from kvpolicy.compression.catalog import CATALOG, parse_spec
-from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
+from kvpolicy.compression.names import HEAD, LEARNED, LEARNED_PREFIX, split_mode
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
 
@@ -43,8 +43,15 @@ def make_scorer(spec: str, **kw) -> Scorer:
     that way (e.g. `kvzap_mlp:DIR`, weights=DIR), `kvp:PATH` (a learned policy checkpoint) or `kvp:MODEL` (the policy
     bundled for a model).
 
-    The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError listing the known ones.
+    Any of them with the suffix `@layer` or `@model` (compression/names.py) moves the budget between heads and layers
+    (scorers/allocated.py). The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError
+    listing the known ones.
     """
+    spec, mode = split_mode(spec)
+    if mode != HEAD:
+        from kvpolicy.compression.scorers.allocated import Allocated
+
+        return Allocated(make_scorer(spec, **kw), mode)
     if spec.startswith(LEARNED_PREFIX):
         from kvpolicy.compression.scorers.learned import KVPScorer
 

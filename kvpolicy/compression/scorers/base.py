@@ -6,7 +6,8 @@ receive the attention module and the inputs to attention (hidden states + RoPE c
 tokens, from which they recompute just the queries they need. A scorer that `reads_text` (KVzip) instead ranks the
 whole cache at once with the model (`rank_cache`), by feeding it the cached text again: only an uncut prefill.
 A head- or layer-adaptive method (AdaKV, PyramidKV) is a scorer with its `allocation`: the engine's cut gives each
-head the count it allots.
+head the count it allots; any scorer whose scores compare across heads takes `--allocation layer|model`
+(scorers/allocated.py).
 """
 
 from __future__ import annotations
@@ -85,6 +86,20 @@ class Scorer:
 
     def check_budgets(self, budgets: list[Any]) -> None:
         """Raise KVPError if this scorer cannot cut to one of `budgets` (each a Budget); any budget by default."""
+
+    def incomparable(self) -> str | None:
+        """Why this scorer's scores cannot move budget between heads and layers (`--allocation layer|model`), or
+        None when they compare across heads: by default they do, as kvpress's AdaKVPress assumes of any press."""
+        return None
+
+    def comparable_score(self, view: LayerView) -> torch.Tensor:
+        """Scores (batch, kv_heads, T) that compare across heads and layers, for an allocation that moves budget
+        between them: `score`'s by default."""
+        return self.score(view)
+
+    def comparable_identity(self) -> dict[str, Any]:
+        """What `comparable_score` adds to `identity` (e.g. a calibration's hash); nothing by default."""
+        return {}
 
     def identity(self) -> dict[str, Any]:
         """What identifies this scorer's results (name + settings, checkpoint hash for learned ones)."""

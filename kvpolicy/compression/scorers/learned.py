@@ -18,6 +18,7 @@ import torch
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.policy.bundled import resolve_policy
+from kvpolicy.policy.calibration import Calibration
 from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
 from kvpolicy.policy.network import HALF_DTYPES
 
@@ -33,9 +34,11 @@ class KVPScorer(Scorer):
     checkpoint: str = ""
     model: Any = field(default=None, repr=False)
     _loaded: Checkpoint = field(init=False, repr=False)
+    _calibration: Calibration | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._loaded = load_checkpoint(resolve_policy(self.checkpoint), model=self.model)
+        self._calibration = self._loaded.calibration
 
     @property
     def policy(self):
@@ -49,6 +52,19 @@ class KVPScorer(Scorer):
         self._place(view.keys)
         with torch.no_grad():
             return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions)
+
+    def incomparable(self) -> str | None:
+        if self._calibration is None:
+            return ("its agents rank the tokens of their own head only; give it a calibration onto one scale "
+                    f"across heads with `kvp calibrate --policy {self.checkpoint} --traces TRAIN_TRACES`")
+        return None
+
+    def comparable_score(self, view: LayerView) -> torch.Tensor:
+        """The calibrated scores: each token's predicted log future attention (policy/calibration.py)."""
+        return self._calibration.apply(view.layer_idx, self.score(view))
+
+    def comparable_identity(self) -> dict[str, Any]:
+        return {"calibration_sha256": self._calibration.sha256}
 
     def _place(self, keys: torch.Tensor) -> None:
         """Move the policy to the cache's device and (half) dtype: once per model, not per layer."""
