@@ -22,7 +22,7 @@ def _split(values: list[str]) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.catalog import SWEEP, default_lineup, needs_utility, scorer_names
-    from kvpolicy.compression.names import LEARNED_PREFIX
+    from kvpolicy.compression.names import ALLOCATION_MODES, HEAD, LEARNED_PREFIX
     from kvpolicy.evaluation.names import DEFAULT_EVERY, PROTOCOLS
     from kvpolicy.evaluation.tasks import task_help
     from kvpolicy.models.placement import add_placement_arguments
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", nargs="+", default=list(default_lineup(SWEEP)),
                         help=f"scorers: {' '.join(scorer_names())} ({', '.join(needs_utility())}: traces only) "
                         f"{LEARNED_PREFIX}CHECKPOINT (default: {' '.join(default_lineup(SWEEP))})")
+    parser.add_argument("--allocation", nargs="+", default=[HEAD], choices=tuple(ALLOCATION_MODES),
+                        help="allocation modes, each scorer in each (default head; see kvp generate --help); a "
+                        "--scorer spec NAME@MODE names one directly")
     parser.add_argument("--budget", nargs="+", default=["128", "256", "512"],
                         help="tokens kept per KV head (256) or compression ratios (0.5 or r0.5)")
     parser.add_argument("--task", nargs="+", default=["ruler"], help=task_help())
@@ -71,13 +74,15 @@ def _hub_local(pairs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.compression.names import with_mode
     from kvpolicy.evaluation.sweep import SweepConfig, run_sweep
     from kvpolicy.io import check_writable
     from kvpolicy.report.summary import print_summary
 
     contexts, every = _whole_numbers("--context", args.context), _whole_numbers("--every", args.every)
     config = SweepConfig(
-        out=args.out, models=_split(args.model), scorers=_split(args.scorer), budgets=_split(args.budget),
+        out=args.out, models=_split(args.model), budgets=_split(args.budget),
+        scorers=[with_mode(spec, mode) for spec in _split(args.scorer) for mode in args.allocation],
         tasks=_split(args.task), protocols=_split(args.protocol), context_tokens=contexts, n_samples=args.n,
         seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
         hub_local=_hub_local(args.hub_local), device=args.device, dtype=args.dtype, every=every,

@@ -9,7 +9,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvpolicy.compression.catalog import CATALOG
-    from kvpolicy.compression.names import LEARNED_PREFIX
+    from kvpolicy.compression.names import ALLOCATION_MODES, HEAD, LEARNED_PREFIX
     from kvpolicy.compression.protocols import PROTOCOLS, QUERY_AWARE
     from kvpolicy.models.placement import add_placement_arguments
     from kvpolicy.models.registry import DEFAULT_MODEL
@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", default="knorm",
                         help=f"eviction scorer: {scorers}, kvp (the policy bundled for --model), "
                         f"{LEARNED_PREFIX}MODEL (a bundled policy) or {LEARNED_PREFIX}CHECKPOINT (default knorm)")
+    parser.add_argument("--allocation", default=HEAD, choices=tuple(ALLOCATION_MODES),
+                        help="how the budget spreads: head (every KV head keeps it; default), layer (a layer's heads "
+                        "share one count, layers differ), model (each head its own count from one pool); always "
+                        "the memory of the uniform cut (also as a --scorer suffix: NAME@model)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", type=int, help="entries kept per KV head (sinks and recent included)")
     size.add_argument("--ratio", type=float, help="fraction of entries removed instead (kvpress compression ratio)")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.catalog import CATALOG
     from kvpolicy.compression.engine import BoundedDecoding, generate
-    from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX
+    from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX, with_mode
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         from kvpolicy.policy.bundled import bundled_path
 
         bundled_path(args.model)  # a model without one (e.g. a directory) is told how to get one
-    scorer = make_scorer(f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED else args.scorer)
+    spec = f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED else args.scorer
+    scorer = make_scorer(with_mode(spec, args.allocation))
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     prompt = _read_prompt(args)
@@ -115,11 +120,11 @@ def run(args: argparse.Namespace) -> int:
     result = generate(handle, prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
                       args.answer_prefix, bounded, sampling, stops, on_token)
     if args.json:
-        print(json.dumps({"model": handle.info.name, **result.to_dict()}))
+        print(json.dumps({"model": handle.info.name, "allocation": args.allocation, **result.to_dict()}))
         return 0
     _write(stream.finish(result.text) + "\n")
     layers, heads = handle.info.n_layers, handle.info.n_kv_heads
-    print(f"\nscorer {args.scorer}, budget {budget.label}, protocol {result.protocol}, "
+    print(f"\nscorer {args.scorer}, budget {budget.label} ({args.allocation} allocation), protocol {result.protocol}, "
           f"{result.prompt_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
     print(f"cache before: {_size(result.cache_tokens_full, result.cache_bytes_full)}")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")

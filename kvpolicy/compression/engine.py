@@ -39,8 +39,9 @@ from kvpolicy.models.decoding import GREEDY, Decoded, Sampling, check_stop_strin
 
 @dataclass
 class BoundedDecoding:
-    """Keep the cache within budget.tokens + every during decoding: whenever it reaches that size, re-score it
-    with `scorer` and cut it back to the budget. Only attention-free scorers can (they need nothing but the cache)."""
+    """Keep the cache within budget.tokens + every entries per head (on average over heads and layers, for an
+    adaptive allocation) during decoding: whenever it reaches that size, re-score it with `scorer` and cut it back
+    to the budget. Only attention-free scorers can (they need nothing but the cache)."""
 
     scorer: Scorer
     budget: Budget
@@ -295,7 +296,7 @@ def decode_answers(
                        f"got {tuple(logits.shape)}")
 
     def feed(step: torch.Tensor) -> torch.Tensor:
-        if bounded is not None and state.length >= bounded.budget.tokens + bounded.every:
+        if bounded is not None and state.attended() >= bounded.budget.tokens + bounded.every:
             state.update_from(compress(handle, state, bounded.scorer, bounded.budget))
         return _forward(handle, state, step)[:, -1]
 

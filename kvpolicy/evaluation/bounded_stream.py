@@ -151,9 +151,10 @@ def stream_steps(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, 
     state, _ = prefill(handle, ids[:, :1])
     chunks = ids[:, 1:].split(every, dim=1)
     for i, chunk in enumerate(chunks):
-        cut = budget is not None and i < len(chunks) - 1 and state.length + chunk.shape[1] > budget.tokens
+        # entries per head on average: an adaptive allocation's layers and heads hold other counts, the same total
+        cut = budget is not None and i < len(chunks) - 1 and state.attended() + chunk.shape[1] > budget.tokens
         nll = _feed(handle, state, chunk, scorer.query_window if cut else 0)
-        fed = state.length
+        fed = round(state.attended())
         if cut:
             state = compress(handle, state, scorer, budget)
         yield StreamStep(nll, fed, state)
@@ -167,7 +168,7 @@ def stream_nll(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, bu
         nll_sum += float(step.nll.sum())
         n_tokens += step.nll.numel()
         peak = max(peak, step.fed)
-    return StreamedNLL(nll_sum, n_tokens, peak, step.state.nbytes() // step.state.length)
+    return StreamedNLL(nll_sum, n_tokens, peak, round(step.state.nbytes() / step.state.attended()))
 
 
 def run_stream(handle: ModelHandle, sample: StreamSample, contenders: list[Contender], budgets: list[Budget],

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from kvpolicy.compression.allocation import UNIFORM
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers.base import LayerView
 from kvpolicy.errors import KVPError
@@ -47,6 +48,14 @@ class TraceTask(Task):
 
     def supports(self, contender: Contender, protocol: str) -> bool:
         return trace_scorable(contender, self.reader)
+
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
+        moved = [c.spec for c in contenders if c.scorer is not None and c.scorer.allocation is not UNIFORM
+                 and trace_scorable(c, self.reader)]
+        if moved:
+            raise KVPError(f"trace costs judge each head's ranking on its own, so they cannot measure a budget moved "
+                           f"between heads ({', '.join(moved)}); `kvp calibrate --held-out DIR` measures the "
+                           "allocation modes on traces")
 
     def sample_facts(self, sample: str) -> tuple[str, str | None]:
         """A trace of a mix (`kvp traces --source mix`) is reported with the corpus its prompt came from, so that

@@ -43,7 +43,7 @@ def fit_curve(scores: Sequence[torch.Tensor], utilities: Sequence[torch.Tensor],
     for s, u in zip(scores, utilities):
         T = s.shape[-1]
         start, stop = evictable_range(T, sinks, recent)
-        bins = torch.bucketize(relative_ranks(s)[..., start:stop], edges[1:-1], right=True)
+        bins = torch.bucketize(relative_ranks(s)[..., start:stop].contiguous(), edges[1:-1], right=True)
         sums.scatter_add_(-1, bins, u[..., start:stop].double() * T)
         counts.scatter_add_(-1, bins, torch.ones_like(bins, dtype=torch.float64))
     if not bool((counts.sum(-1) > 0).all()):

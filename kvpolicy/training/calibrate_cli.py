@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-DEFAULT_BUDGETS = ("64", "128", "256", "512", "r0.5", "r0.75")
+DEFAULT_BUDGETS = ("64", "128", "256", "512", "r0.25", "r0.5", "r0.75", "r0.875")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
