@@ -105,7 +105,8 @@ class KVState:
         """Entries attended per KV head, averaged over layers, rows and heads (the length when nothing is masked)."""
         if self.masks is None:
             return float(self.length)
-        return sum(float(m.sum()) / (m.shape[0] * m.shape[1]) for m in self.masks) / self.n_layers
+        rows, heads = self.masks[0].shape[:2]
+        return sum(int(m.sum()) for m in self.masks) / (self.n_layers * rows * heads)  # one division: exact counts
 
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""
