@@ -80,8 +80,11 @@ def test_memory_bytes_are_exact_and_shares_consistent(bench):
     b = bench[1]["sections"]["b"]
     rows = b["rows"]
     per_entry = 30 * 3 * 64 * 2 * 4  # SmolLM2 layers x KV heads x head_dim x (key, value) x fp32 bytes
-    assert b["context"] == CONTEXT and set(rows) == {"1 token", "full", str(BUDGET)}
-    assert rows["full"]["cache_bytes"] == CONTEXT * per_entry and rows[str(BUDGET)]["cache_bytes"] == BUDGET * per_entry
+    assert b["context"] == CONTEXT and set(rows) == {"1 token", "full", str(BUDGET), f"{BUDGET} layer",
+                                                     f"{BUDGET} model"}
+    assert rows["full"]["cache_bytes"] == CONTEXT * per_entry
+    for mode in ("", " layer", " model"):  # the budget moved between layers or heads holds the same memory
+        assert rows[f"{BUDGET}{mode}"]["cache_bytes"] == BUDGET * per_entry
     assert rows["1 token"]["cache_bytes"] == per_entry
     for row in rows.values():
         assert row["cache_share"] == pytest.approx(row["cache_bytes"] / rows["full"]["cache_bytes"])

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=list(_DEFAULTS.budgets), metavar="B",
                         help="entries kept per KV head in section b and the ranking section (default "
                              f"{' '.join(map(str, _DEFAULTS.budgets))})")
+    parser.add_argument("--allocation", nargs="+", default=list(_DEFAULTS.allocations), metavar="MODE",
+                        help="allocation modes section b measures each budget in (default "
+                             f"{' '.join(_DEFAULTS.allocations)}; see kvp generate --help)")
     parser.add_argument("--decode-tokens", type=int, default=_DEFAULTS.decode_tokens,
                         help=f"decode steps timed per cache in section c (default {_DEFAULTS.decode_tokens})")
     parser.add_argument("--answer-tokens", type=int, default=_DEFAULTS.answer_tokens,
@@ -84,7 +87,7 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats)
         scoring.print_scoring(figures)
     elif section == "b":
-        figures = memory.measure_memory(handle, max(contexts), list(config.budgets))
+        figures = memory.measure_memory(handle, max(contexts), list(config.budgets), config.allocations)
         memory.print_memory(figures)
     elif section == "c":
         figures = decode.measure_decode(handle, contexts, config.keep, config.decode_tokens)
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = BenchConfig(tuple(args.contexts), args.keep, tuple(args.budgets), args.decode_tokens, args.answer_tokens,
                          args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
-                         tuple(parse_shape(s) for s in args.train_shape))
+                         tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation))
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvpolicy.compression.names import ALLOCATION_MODES
 from kvpolicy.errors import KVPError
 
 # section -> the one-line header printed above it: what it measures
 SECTIONS = {
     "a": "score + evict time of all layers as a share of the prefill, KVP and every baseline, per context",
-    "b": "cache bytes and process peak memory at each budget vs the full cache",
+    "b": "cache bytes and process peak memory at each budget and allocation mode vs the full cache",
     "c": "decode ms/token with the full cache vs a compressed one, per context",
     "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
     "e": "trace recording and policy training throughput (and training at each --train-shape)",
@@ -29,6 +30,7 @@ class BenchConfig:
     steps timed per cache in c; answer_tokens: max_new_tokens in d; repeats: timings are the best of this many.
     trace_n / trace_context / trace_future: the training traces section e records; train_steps: its training run.
     train_shapes: (layers, KV heads, head dim) at which section e also times training, on synthetic traces.
+    allocations: the allocation modes section b measures each budget in.
     """
 
     contexts: tuple[int, ...] = (2048, 4096)
@@ -42,6 +44,7 @@ class BenchConfig:
     trace_future: int = 32
     train_steps: int = 100
     train_shapes: tuple[tuple[int, int, int], ...] = ()
+    allocations: tuple[str, ...] = tuple(ALLOCATION_MODES)
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -53,6 +56,8 @@ class BenchConfig:
         for name in ("decode_tokens", "answer_tokens", "repeats", "trace_n", "train_steps"):
             if getattr(self, name) < 1:
                 raise KVPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.allocations or set(self.allocations) - set(ALLOCATION_MODES):
+            raise KVPError(f"--allocation takes {', '.join(ALLOCATION_MODES)}; got {list(self.allocations)}")
         if self.trace_context < 16 or self.trace_future < 1:
             raise KVPError("--trace-context must be >= 16 tokens and --trace-future >= 1")
 

@@ -21,6 +21,7 @@ import torch
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import compress, prefill
+from kvpolicy.compression.names import HEAD, with_mode
 from kvpolicy.compression.scorers import make_scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
@@ -32,13 +33,13 @@ BASE = "1 token"  # the row whose peak is the model and runtime alone
 CHILD = "from kvpolicy.evaluation.bench.memory import child_main; child_main()"
 
 
-def cut_cache(handle: ModelHandle, ids: torch.Tensor, budget: Budget | None) -> tuple[int, KVState]:
-    """Prefill ids (1, T) and cut the cache to `budget` (None: keep it whole); the full state is dropped.
-    Returns (bytes of the full cache, the state kept)."""
+def cut_cache(handle: ModelHandle, ids: torch.Tensor, budget: Budget | None, mode: str = HEAD) -> tuple[int, KVState]:
+    """Prefill ids (1, T) and cut the cache to `budget` (None: keep it whole) with allocation `mode`; the full state
+    is dropped. Returns (bytes of the full cache, the state kept)."""
     state, _ = prefill(handle, ids)
     full = state.nbytes()
     if budget is not None:
-        state = compress(handle, state, make_scorer(CUT_SCORER), budget)
+        state = compress(handle, state, make_scorer(with_mode(CUT_SCORER, mode)), budget)
     return full, state
 
 
@@ -65,44 +66,46 @@ def child_main() -> None:
     torch.set_num_threads(spec["threads"])
     handle = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
     budget = Budget(tokens=spec["budget"]) if spec["budget"] is not None else None
-    full, state = cut_cache(handle, essay_ids(handle, spec["context"]), budget)
+    full, state = cut_cache(handle, essay_ids(handle, spec["context"]), budget, spec["allocation"])
     print(json.dumps({"full_bytes": full, "cache_bytes": state.nbytes(), "peak_bytes": peak_rss_bytes()}))
 
 
-def in_fresh_process(handle: ModelHandle, context: int, budget: int | None) -> dict:
+def in_fresh_process(handle: ModelHandle, context: int, budget: int | None, mode: str) -> dict:
     """child_main's figures for one cut, run in a new interpreter with this process's model, placement and threads."""
     spec = {"model": handle.info.name, "device": str(handle.model.device),
             "dtype": handle.dtype_name, "threads": torch.get_num_threads(),
-            "context": context, "budget": budget}
+            "context": context, "budget": budget, "allocation": mode}
     run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
     if run.returncode != 0:
         raise KVPError(f"the memory measurement of budget {budget} failed in its own process:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def in_this_process(handle: ModelHandle, context: int, budget: int | None) -> dict:
+def in_this_process(handle: ModelHandle, context: int, budget: int | None, mode: str) -> dict:
     """The same figures on CUDA from the allocator: the peak since a reset, and what the kept cache still holds."""
     device = handle.model.device
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    full, state = cut_cache(handle, essay_ids(handle, context), Budget(tokens=budget) if budget is not None else None)
+    full, state = cut_cache(handle, essay_ids(handle, context), Budget(tokens=budget) if budget is not None else None,
+                            mode)
     gc.collect()
     return {"full_bytes": full, "cache_bytes": state.nbytes(), "peak_bytes": torch.cuda.max_memory_allocated(device),
             "held_bytes": torch.cuda.memory_allocated(device) - before}
 
 
-def measure_memory(handle: ModelHandle, context: int, budgets: list[int]) -> dict:
+def measure_memory(handle: ModelHandle, context: int, budgets: list[int], modes: tuple[str, ...] = (HEAD,)) -> dict:
     """Rows for a 1-token prompt (the model's weights, all read once, and the runtime), the full cache and each
-    budget at a `context`-token prompt, each with its exact cache bytes and peak memory, and both as shares of
-    the full cache's."""
+    budget at a `context`-token prompt in each allocation mode ("256", "256 model"...), each with its exact cache
+    bytes and peak memory, and both as shares of the full cache's."""
     cuda = handle.model.device.type == "cuda"
     measure = in_this_process if cuda else in_fresh_process
-    runs = {BASE: (1, None), "full": (context, None)} | {str(b): (context, b) for b in budgets}
+    runs = {BASE: (1, None, HEAD), "full": (context, None, HEAD)} | {
+        f"{b} {mode}".removesuffix(f" {HEAD}"): (context, b, mode) for b in budgets for mode in modes}
     rows = {}
-    for label, (tokens, budget) in bar(runs.items(), desc="b) memory", total=len(runs), unit="process"):
-        rows[label] = measure(handle, tokens, budget)
+    for label, (tokens, budget, mode) in bar(runs.items(), desc="b) memory", total=len(runs), unit="process"):
+        rows[label] = measure(handle, tokens, budget, mode)
     full = rows["full"]
     for row in rows.values():
         row["cache_share"] = row["cache_bytes"] / full["cache_bytes"]
@@ -120,7 +123,8 @@ def print_memory(fig: dict) -> None:
     """The table: per row exact cache bytes and peak memory, each also as a share of the full cache's."""
     rows = fig["rows"]
     cuda = "held_bytes" in rows["full"]
-    print(f"   {fig['context']}-token prompt, cut by {fig['scorer']}; peak: {fig['peak_measured_by']}")
+    print(f"   {fig['context']}-token prompt, cut by {fig['scorer']} (a budget alone: every head keeps it; 'layer', "
+          f"'model': the same total moved between layers, heads); peak: {fig['peak_measured_by']}")
     print(f"   {'budget':>10} {'cache bytes':>14} {'/ full':>7} {'peak memory':>14} {'/ full':>7}"
           + (f" {'held after cut':>15}" if cuda else ""))
     for label, row in rows.items():
