@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import evict, prefill, rank
 from kvpolicy.compression.catalog import CATALOG
+from kvpolicy.compression.names import with_mode
 from kvpolicy.compression.scorers import Scorer, make_scorer
+from kvpolicy.compression.scorers.allocated import Allocated
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.bench.timing import essay_ids, kept_budget, timed
 from kvpolicy.models import ModelHandle
@@ -24,12 +27,19 @@ WARM_UP_TOKENS = 256  # the warm-up prompt's length (shorter when every context 
 
 def bench_scorers(handle: ModelHandle, kvp: Scorer, contexts: list[int],
                   keep: float) -> tuple[dict[str, Scorer], dict[str, str]]:
-    """(name -> scorer, name -> why it cannot run here): the KVP policy `kvp` and every scorer of the catalog that
-    can score this model (KVzap needs weights trained for it) and cut to the budgets of `contexts` (KVzap's
-    thresholded form keeps 128 entries at least); the oracle with a random utility (L, H, the longest context)."""
+    """(name -> scorer, name -> why it cannot run here): the KVP policy `kvp` (also with a per-layer and a
+    model-wide budget, once calibrated) and every scorer of the catalog that can score this model (KVzap needs
+    weights trained for it) and cut to the budgets of `contexts` (KVzap's thresholded form keeps 128 entries at
+    least); the oracle with a random utility (L, H, the longest context)."""
     info = handle.info
     scorers: dict[str, Scorer] = {"kvp": kvp}
     refused: dict[str, str] = {}
+    for mode in ("layer", "model"):  # KVP with its budget moved between layers and heads, when it is calibrated
+        why = kvp.incomparable()
+        if why is None:
+            scorers[with_mode("kvp", mode)] = Allocated(kvp, mode)
+        else:
+            refused[with_mode("kvp", mode)] = why
     for name, entry in CATALOG.items():
         if entry.needs_utility:
             scorer = make_scorer(name, utility=torch.rand(info.n_layers, info.n_kv_heads, max(contexts)))
@@ -76,10 +86,11 @@ def time_context(handle: ModelHandle, scorers: dict[str, Scorer], windows: list[
             "prefill_recording_s": {window_label(w): prefill_s[w] for w in windows if w != 0}, "scorers": rows}
 
 
-def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, keep: float) -> None:
-    """Run every scorer once, untimed, on a `context`-token prompt: first calls load and place what they need (the
-    policy on the cache's device, kvpress's presses), which no later call repeats."""
-    ids, budget = essay_ids(handle, context), kept_budget(context, keep)
+def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, budget: Budget) -> None:
+    """Run every scorer once, untimed, on a `context`-token prompt cut to `budget` (one every scorer takes): first
+    calls load and place what they need (the policy on the cache's device, kvpress's presses), which no later call
+    repeats."""
+    ids = essay_ids(handle, context)
     state, _ = prefill(handle, ids, record_queries=ALL_QUERIES)  # every row: enough for any query-based scorer
     for scorer in scorers.values():
         evict(state, rank(handle, state, scorer), budget, scorer.allocation)
@@ -89,7 +100,7 @@ def measure_scoring(handle: ModelHandle, scorers: dict[str, Scorer], contexts: l
                     repeats: int) -> dict[str, dict]:
     """`time_context` for every context, keyed by its length, after a warm-up of every scorer."""
     windows = sorted({s.query_window for s in scorers.values()} | {0}, key=lambda w: (w == ALL_QUERIES, w))
-    warm_up(handle, scorers, min(*contexts, WARM_UP_TOKENS), keep)
+    warm_up(handle, scorers, min(*contexts, WARM_UP_TOKENS), kept_budget(min(contexts), keep))
     with bar(desc="a) scoring", total=len(contexts) * (len(windows) + len(scorers)), unit="timing") as progress:
         return {str(c): time_context(handle, scorers, windows, c, keep, repeats, progress) for c in contexts}
 
