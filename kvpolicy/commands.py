@@ -24,7 +24,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kvpolicy.compression.cli", "answer a prompt with a compressed KV cache"),
     "traces": ("kvpolicy.traces.cli", "record future-utility training traces from real model runs"),
     "train": ("kvpolicy.training.cli", "train the per-head KVP eviction policies on traces"),
-    "calibrate": ("kvpolicy.training.calibrate_cli", "put a trained policy's scores on one scale across heads, so "
+    "calibrate": ("kvpolicy.evaluation.calibration.cli", "put a trained policy's scores on one scale across heads, so "
                   "that --allocation layer|model can move its budget"),
     "train-kvzap": ("kvpolicy.kvzap.cli", "train KVzap's per-layer score predictors (linear, MLP) for a model on "
                     "the prompts KVP trains on"),

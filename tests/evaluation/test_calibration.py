@@ -13,12 +13,8 @@ from kvpolicy.compression.allocation import UNIFORM, Global, Layerwise
 from kvpolicy.compression.budget import Budget
 from kvpolicy.errors import KVPError
 from kvpolicy.policy.calibration import Calibration, rank_edges, relative_ranks
-from kvpolicy.training.calibrate import (
-    attention_lost,
-    attention_lost_reference,
-    fit_curve,
-    fit_curve_reference,
-)
+from kvpolicy.evaluation.calibration.attention_lost import attention_lost, attention_lost_reference
+from kvpolicy.training.calibrate import fit_curve, fit_curve_reference
 
 
 def random_samples(lengths=(40, 57, 33), L=2, H=3, seed=0):

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.policy.bundled import resolve_policy
     from kvpolicy.policy.checkpoint import check_model, load_checkpoint, save_calibration
     from kvpolicy.traces.union import open_traces
-    from kvpolicy.training.calibrate import fit_calibration, held_out_losses
+    from kvpolicy.evaluation.calibration.attention_lost import held_out_losses
+    from kvpolicy.training.calibrate import fit_calibration
 
     budgets = [parse_budget(b) for b in args.budget]
     path = resolve_policy(args.policy)
