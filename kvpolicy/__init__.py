@@ -6,6 +6,7 @@ Pipeline: models → data → traces → training → compression → evaluation
     model = kvp.load_model("smollm2-135m")                  # CUDA + bf16 where available, else CPU + fp32
     policy = kvp.load_policy(model=model)                   # bundled for it, or load_policy("CKPT") (kvp train)
     result = kvp.generate(model, context, question, policy, kvp.Budget(tokens=128))
+    moved = kvp.with_allocation(policy, "model")            # the same memory, spread over heads and layers
     press = kvp.KVPolicyPress(compression_ratio=0.5, scorer=policy)  # the same policy inside kvpress
 
 The names are imported on first use, so `import kvpolicy` (and `kvp --help`) stays light.
@@ -19,6 +20,7 @@ _HOMES = {
     "load_model": "kvpolicy.models.loader",
     "load_policy": "kvpolicy.compression.scorers.learned",
     "make_scorer": "kvpolicy.compression.scorers",
+    "with_allocation": "kvpolicy.compression.scorers.allocated",
     "Budget": "kvpolicy.compression.budget",
     "generate": "kvpolicy.compression.engine",
     "GenerationResult": "kvpolicy.compression.engine",

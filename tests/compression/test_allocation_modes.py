@@ -30,6 +30,16 @@ def test_a_mode_is_a_spec_suffix_with_a_label_and_an_identity():
     assert isinstance(make_scorer("keydiff@model").allocation, Global)
 
 
+def test_the_python_api_wraps_any_scorer_in_a_mode():
+    import kvpolicy as kvp
+
+    knorm = make_scorer("knorm")
+    assert kvp.with_allocation(knorm, "head") is knorm
+    assert kvp.with_allocation(knorm, "model").identity() == make_scorer("knorm@model").identity()
+    with pytest.raises(KVPError, match="choose one of layer, model"):
+        kvp.with_allocation(knorm, "heads")
+
+
 def test_modes_are_refused_where_they_cannot_mean_anything():
     with pytest.raises(KVPError, match="already spreads its budget"):
         make_scorer("adakv_snapkv@model")

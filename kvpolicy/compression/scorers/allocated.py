@@ -73,3 +73,11 @@ class Allocated(Scorer):
 
     def identity(self) -> dict[str, Any]:
         return {**self.inner.identity(), **self.inner.comparable_identity(), "allocation": self.mode}
+
+
+def with_allocation(scorer: Scorer, mode: str) -> Scorer:
+    """`scorer` cutting with allocation `mode`: itself for "head", else wrapped (`kvp.with_allocation(policy,
+    "model")` in the Python API; the same as the spec suffix `@model`)."""
+    if mode == HEAD:
+        return scorer
+    return Allocated(scorer, mode)
