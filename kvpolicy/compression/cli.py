@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.catalog import CATALOG
     from kvpolicy.compression.engine import BoundedDecoding, generate
-    from kvpolicy.compression.names import LEARNED, LEARNED_PREFIX, with_mode
+    from kvpolicy.compression.names import HEAD, LEARNED, LEARNED_PREFIX, split_mode, with_mode
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
@@ -99,15 +99,20 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     stops = check_stop_strings(args.stop)
-    if (entry := CATALOG.get(args.scorer)) is not None and entry.needs_utility:
-        raise KVPError(f"scorer '{args.scorer}' ranks by the true future utility, which only recorded traces hold: "
+    base, named = split_mode(args.scorer)  # `--scorer knorm@model` names its allocation too
+    if HEAD not in (named, args.allocation) and named != args.allocation:
+        raise KVPError(f"--scorer {args.scorer} asks for the {named} allocation and --allocation for "
+                       f"{args.allocation}; give one")
+    allocation = args.allocation if named == HEAD else named
+    if (entry := CATALOG.get(base)) is not None and entry.needs_utility:
+        raise KVPError(f"scorer '{base}' ranks by the true future utility, which only recorded traces hold: "
                        "kvp sweep runs it on traces, kvp generate cannot; choose another scorer")
-    if args.scorer == LEARNED:  # plain "kvp": the policy bundled for the model being run
+    if base == LEARNED:  # plain "kvp": the policy bundled for the model being run
         from kvpolicy.policy.bundled import bundled_path
 
         bundled_path(args.model)  # a model without one (e.g. a directory) is told how to get one
-    spec = f"{LEARNED_PREFIX}{args.model}" if args.scorer == LEARNED else args.scorer
-    scorer = make_scorer(with_mode(spec, args.allocation))
+    spec = f"{LEARNED_PREFIX}{args.model}" if base == LEARNED else base
+    scorer = make_scorer(with_mode(spec, allocation))
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     prompt = _read_prompt(args)
@@ -120,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
     result = generate(handle, prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
                       args.answer_prefix, bounded, sampling, stops, on_token)
     if args.json:
-        print(json.dumps({"model": handle.info.name, "allocation": args.allocation, **result.to_dict()}))
+        print(json.dumps({"model": handle.info.name, "allocation": allocation, **result.to_dict()}))
         return 0
     _write(stream.finish(result.text) + "\n")
     layers, heads = handle.info.n_layers, handle.info.n_kv_heads
-    print(f"\nscorer {args.scorer}, budget {budget.label} ({args.allocation} allocation), protocol {result.protocol}, "
+    print(f"\nscorer {base}, budget {budget.label} ({allocation} allocation), protocol {result.protocol}, "
           f"{result.prompt_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
     print(f"cache before: {_size(result.cache_tokens_full, result.cache_bytes_full)}")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")

@@ -94,6 +94,12 @@ def test_kvp_generate_and_sweep_take_allocation_modes(tmp_path, capsys):
         outs[mode] = json.loads(capsys.readouterr().out)
     assert outs["model"]["allocation"] == "model" and outs["model"]["scorer"]["allocation"] == "model"
     assert outs["model"]["cache_bytes_compressed"] == outs["head"]["cache_bytes_compressed"]
+    bundled = [a if a != "knorm" else "kvp@model" for a in args]  # the bundled policy ships calibrated
+    assert main(bundled) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["allocation"] == "model" and out["scorer"]["bundled"] and "calibration_sha256" in out["scorer"]
+    assert main([*args[:-1], "--scorer", "knorm@model", "--allocation", "layer"]) == 1
+    assert "give one" in capsys.readouterr().err
     out = tmp_path / "r.jsonl"
     assert main(["sweep", "--out", str(out), "--task", "ruler:niah_single_1", "--context", "200", "--n", "1",
                  "--scorer", "knorm", "--allocation", "head", "layer", "model", "--budget", "48",
