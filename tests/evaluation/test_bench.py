@@ -238,7 +238,8 @@ def test_one_policy_has_one_cost_in_validation_ranking_section_and_trace_costs(s
 
 
 @pytest.mark.model
-def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_why(smollm, tmp_path, monkeypatch):
+def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_why(smollm, tmp_path, monkeypatch,
+                                                                                   trained_policy):
     from kvpolicy.evaluation.bench.scoring import bench_scorers
     from kvpolicy.policy import kvzap
 
@@ -246,8 +247,11 @@ def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_w
     scorers, refused = bench_scorers(smollm, make_scorer("knorm"), [64], 0.25)
     kvzap_rows = {"kvzap_linear", "kvzap_mlp", "kvzap_linear_threshold", "kvzap_mlp_threshold"}
     assert set(refused) == kvzap_rows and "train-kvzap" in refused["kvzap_mlp"]
-    assert set(scorers) == {"kvp", *SCORERS} - set(refused)
+    # the stand-in for KVP (KNorm) compares across heads, so its per-layer and model-wide budgets are timed too
+    assert set(scorers) == {"kvp", "kvp@layer", "kvp@model", *SCORERS} - set(refused)
     monkeypatch.undo()  # the shipped weights: KVzap runs, its thresholded form not at a budget below its window
     scorers, refused = bench_scorers(smollm, make_scorer("knorm"), [256, 2048], 0.25)
     assert {"kvzap_linear", "kvzap_mlp"} <= set(scorers)
     assert "more than a budget of 64" in refused.get("kvzap_mlp_threshold", "more than a budget of 64")
+    _, refused = bench_scorers(smollm, make_scorer(f"kvp:{trained_policy}"), [256], 0.25)  # not calibrated
+    assert "kvp calibrate" in refused["kvp@model"] and "kvp calibrate" in refused["kvp@layer"]
