@@ -19,7 +19,7 @@ from kvpolicy.evaluation.store import ResultStore, pack_results, read_results, u
 
 DOCS = Path(__file__).parents[2] / "docs" / "results"
 # sha256 of the plain results files that the committed archives replaced (git history before issue 34)
-ORIGINALS = {"qwen2.5-0.5b-mix": "8b03d3a35dd0ab0855fc2e764797ae2c1478265b3edd1b8dd5c92739fe69fc58",
+ORIGINALS = {"qwen2.5-0.5b-mix": "f51ed9bea249b125266885786b7cc54376f431fce95524fe1cb3260ea9359d18",
              "smollm2-135m-mix": "c0247e6500fae13eb2b00f65c2d3df0c7b23ee421422099b29721e6b9693dfe1"}
 LEARNED = {"name": "kvp", "checkpoint": "ck", "sha256": "ab" * 32,
            "trained_on": {"source": "mix", "context_tokens": 2048, "prompts": 64, "steps": 600}}
