@@ -108,3 +108,26 @@ def test_kvp_calibrate_opens_the_allocation_modes_to_a_policy(trained_policy, tm
     uniform = generate(smollm, context, "When did the harbour open?", plain, Budget(tokens=48), max_new_tokens=4)
     assert result.cache_bytes_compressed == uniform.cache_bytes_compressed  # equal memory, spread otherwise
     assert result.cache_tokens_compressed == 48
+
+
+def test_a_policy_whose_config_cannot_be_written_is_refused_before_the_fit(public_tmp, as_nobody, capsys,
+                                                                           monkeypatch):
+    import importlib
+
+    from kvpolicy.cli import main
+    from kvpolicy.training import calibrate
+    from kvpolicy.training.synthetic import SyntheticTraces, write_synthetic_traces
+
+    traces, ckpt = public_tmp / "traces", public_tmp / "ckpt"
+    write_synthetic_traces(traces, SyntheticTraces(3, length=64, n_layers=2, n_kv_heads=2, head_dim=16))
+    assert main(["train", "--traces", str(traces), "--out", str(ckpt), "--steps", "2", "--no-compile"]) == 0
+    for module in ("evaluation.calibration.cli", "evaluation.calibration.attention_lost", "evaluation.lineup",
+                   "policy.bundled", "traces.union", "intervals"):  # as root: nobody cannot read the stdlib
+        importlib.import_module(f"kvpolicy.{module}")
+    (ckpt / "config.json").chmod(0o444)
+    ckpt.chmod(0o555)
+    monkeypatch.setattr(calibrate, "fit_calibration", lambda *a, **k: pytest.fail("fitted before refusing"))
+    with as_nobody():
+        code = main(["calibrate", "--policy", str(ckpt), "--traces", str(traces)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "config.json" in err, err

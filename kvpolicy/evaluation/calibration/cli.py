@@ -40,6 +40,7 @@ def _difference(a: list[float], b: list[float]) -> str:
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.compression.allocation import MODES
     from kvpolicy.evaluation.lineup import parse_budget
+    from kvpolicy.io import check_writable
     from kvpolicy.policy.bundled import resolve_policy
     from kvpolicy.policy.checkpoint import check_model, load_checkpoint, save_calibration
     from kvpolicy.traces.union import open_traces
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     held_out = open_traces(args.held_out) if args.held_out else None
     if held_out is not None:
         check_model(checkpoint.config, held_out.model, str(path))
+    check_writable(path / "config.json", "the policy's config.json, which keeps the calibration")  # before the fit
     command = ["kvp", "calibrate", "--policy", args.policy, "--traces", *args.traces]
     if args.held_out:
         command += ["--held-out", *args.held_out, "--budget", *args.budget]
