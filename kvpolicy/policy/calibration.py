@@ -68,12 +68,17 @@ class Calibration:
 
     def apply(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Scores (B, H, T) of layer `layer` -> log of each token's predicted future attention (B, H, T) float64,
-        ordering each head's tokens exactly as the scores do (float32 would round the tie-break away)."""
-        q = relative_ranks(scores)
-        bins = torch.bucketize(q, self.edges.to(q.device)[1:-1], right=True)  # (B, H, T) in [0, B)
-        curve = self.curve[layer].to(q.device)  # (H, B)
-        value = curve[torch.arange(curve.shape[0], device=q.device).view(1, -1, 1), bins].double()
-        return (value / max(scores.shape[-1], 1) + EPS).log() - TIE_BREAK * q.double()
+        ordering each head's tokens exactly as the scores do (float32 would round the tie-break away). The values
+        depend on the rank alone, so they are laid out in rank order once per head and scattered back through one
+        sort of the scores."""
+        T = scores.shape[-1]
+        order = scores.argsort(dim=-1, descending=True)  # (B, H, T): the entry at each rank
+        q = (torch.arange(T, device=scores.device).float() + 0.5) / max(T, 1)  # rank -> relative rank, as fitted
+        bins = torch.bucketize(q, self.edges.to(scores.device)[1:-1], right=True)  # (T,)
+        by_rank = self.curve[layer].to(scores.device).double()[:, bins]  # (H, T)
+        by_rank = (by_rank / max(T, 1) + EPS).log() - TIE_BREAK * q.double()
+        return torch.empty(order.shape, dtype=torch.float64, device=scores.device).scatter_(
+            -1, order, by_rank.expand(order.shape))
 
     @property
     def sha256(self) -> str:
