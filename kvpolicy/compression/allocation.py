@@ -28,6 +28,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from kvpolicy.compression.budget import Budget, protected, protected_scores
+from kvpolicy.compression.names import HEAD
 from kvpolicy.errors import KVPError
 
 
@@ -47,6 +49,21 @@ class Allocation:
         keys: per layer the selection keys (B, H, T), higher = keep, protected entries above all others; kept: the
         uniform count per head (`budget.kept(T)`), which fixes the total."""
         return [torch.full(k.shape[:2], min(kept, k.shape[-1]), dtype=torch.long, device=k.device) for k in keys]
+
+    def select(self, scores: list[torch.Tensor], positions: list[torch.Tensor], budget: Budget, length: int,
+               masks: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What a cut keeps: per layer the selection keys (B, H, T) (`budget.protected_scores`: sinks and recent
+        tokens above every score; entries masks (B, H, T) marks False below every other) and the entries each row
+        and head keeps (B, H), counted with the protected entries above all others, so every head keeps them.
+        Each head keeps its `count` best keys. scores, positions: per layer (B, H, T); length: tokens fed so far."""
+        keys, guarded = [], []
+        for idx, (layer_scores, layer_positions) in enumerate(zip(scores, positions)):
+            key = protected_scores(layer_scores, layer_positions, budget, length)
+            if masks is not None:
+                key = key.masked_fill(~masks[idx], -torch.inf)  # padding is never preferred to a kept entry
+            keys.append(key)
+            guarded.append(key.masked_fill(protected(layer_positions, budget, length), torch.inf))
+        return keys, self.counts(guarded, budget.kept(scores[0].shape[-1]))  # the first layer's length sets it
 
 
 UNIFORM = Allocation()
@@ -193,16 +210,15 @@ class Threshold(Allocation):
 
 # `--allocation`'s modes (compression/names.py): the budget kept by every head, shared by a layer's heads, or
 # drawn by every head from the model's one pool
-MODES: dict[str, Allocation] = {"head": UNIFORM, "layer": Layerwise(), "model": Global()}
+MODES: dict[str, Allocation] = {HEAD: UNIFORM, "layer": Layerwise(), "model": Global()}
 
 
 def counts_reference(allocation: Allocation, keys: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
     """Slow, obviously-correct `allocation.counts` for AdaKV, Global and Layerwise (the others take no ranking step):
-    AdaKV, per
-    row, each head's safeguard first, then the layer's entries one at a time by key, until kv_heads x kept are
-    chosen; Global, per row, every entry of the model sorted by key, the first layers x kv_heads x kept counted;
-    Layerwise, per row, Global's count of each layer over its heads, floored, then one more per head to the layers
-    of largest remainder (earliest layer first among equals) until the uniform total is reached."""
+    AdaKV, per row, each head's safeguard first, then the layer's entries one at a time by key, until kv_heads x
+    kept are chosen; Global, per row, every entry of the model sorted by key, the first layers x kv_heads x kept
+    counted; Layerwise, per row, Global's count of each layer over its heads, floored, then one more per head to the
+    layers of largest remainder (earliest layer first among equals) until the uniform total is reached."""
     if isinstance(allocation, Layerwise):
         chosen = counts_reference(Global(), keys, kept)
         out = [torch.zeros(k.shape[:2], dtype=torch.long) for k in keys]

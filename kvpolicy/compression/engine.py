@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy.compression.allocation import UNIFORM, Allocation
-from kvpolicy.compression.budget import Budget, protected, protected_scores
+from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.head_masks import masked_heads
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
@@ -220,14 +220,7 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     kept = budget.kept(state.length)
     if kept >= state.length:
         return state.branch()
-    keys, guarded = [], []
-    for idx, layer_scores in enumerate(scores):
-        key = protected_scores(layer_scores, state.positions[idx], budget, state.next_position)
-        if state.masks is not None:
-            key = key.masked_fill(~state.masks[idx], -torch.inf)  # padding is never preferred to a kept entry
-        keys.append(key)
-        guarded.append(key.masked_fill(protected(state.positions[idx], budget, state.next_position), torch.inf))
-    counts = allocation.counts(guarded, kept)
+    keys, counts = allocation.select(scores, state.positions, budget, state.next_position, state.masks)
     layers, positions, masks = [], [], []
     for idx, (key, count) in enumerate(zip(keys, counts)):
         top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own

@@ -42,21 +42,11 @@ class Allocated(Scorer):
             raise KVPError(f"scorer '{self.inner.name}' cannot move budget between heads ({self.mode} allocation): "
                            f"{reason}")
 
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def query_window(self) -> int:
-        return self.inner.query_window
-
-    @property
-    def reads_text(self) -> bool:
-        return self.inner.reads_text
-
-    @property
-    def whole_prefill(self) -> bool:
-        return self.inner.whole_prefill
+    # what the wrapped scorer is and needs (its name, the queries it reads, ...) is the inner scorer's
+    name = property(lambda self: self.inner.name)
+    query_window = property(lambda self: self.inner.query_window)
+    reads_text = property(lambda self: self.inner.reads_text)
+    whole_prefill = property(lambda self: self.inner.whole_prefill)
 
     @property
     def allocation(self) -> Allocation:

@@ -13,7 +13,7 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import evict, prefill, rank
 from kvpolicy.compression.catalog import CATALOG
-from kvpolicy.compression.names import with_mode
+from kvpolicy.compression.names import ALLOCATION_MODES, HEAD, with_mode
 from kvpolicy.compression.scorers import Scorer, make_scorer
 from kvpolicy.compression.scorers.allocated import Allocated
 from kvpolicy.errors import KVPError
@@ -34,7 +34,7 @@ def bench_scorers(handle: ModelHandle, kvp: Scorer, contexts: list[int],
     info = handle.info
     scorers: dict[str, Scorer] = {"kvp": kvp}
     refused: dict[str, str] = {}
-    for mode in ("layer", "model"):  # KVP with its budget moved between layers and heads, when it is calibrated
+    for mode in (m for m in ALLOCATION_MODES if m != HEAD):  # KVP's budget moved between layers and heads
         why = kvp.incomparable()
         if why is None:
             scorers[with_mode("kvp", mode)] = Allocated(kvp, mode)

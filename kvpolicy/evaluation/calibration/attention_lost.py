@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from kvpolicy.compression.allocation import Allocation
-from kvpolicy.compression.budget import Budget, protected_scores
+from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.names import HEAD
 from kvpolicy.policy.calibration import Calibration
 from kvpolicy.policy.network import PolicyNet
 from kvpolicy.progress import bar
@@ -31,11 +32,9 @@ def attention_lost(keys: torch.Tensor, utility: torch.Tensor, budget: Budget, al
     budget's sinks and recent tokens are kept in every head, as the engine keeps them."""
     L, H, T = keys.shape
     positions = torch.arange(T).expand(1, H, T)
-    guarded = [protected_scores(k[None], positions, budget, T) for k in keys]  # (1, H, T), protected on top
-    always = (positions < budget.sinks) | (positions >= T - budget.recent)
-    counts = allocation.counts([g.masked_fill(always, torch.inf) for g in guarded], budget.kept(T))
+    selection, counts = allocation.select([k[None] for k in keys], [positions] * L, budget, T)  # as the engine cuts
     lost = 0.0
-    for key, count, u in zip(guarded, counts, utility):
+    for key, count, u in zip(selection, counts, utility):
         rank = key[0].argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the head's best entry
         lost += float(u.double()[rank >= count[0][:, None]].sum())
     return lost / max(float(utility.double().sum()), 1e-12)
@@ -65,9 +64,9 @@ def attention_lost_reference(keys: torch.Tensor, utility: torch.Tensor, budget: 
 def held_out_losses(policy: PolicyNet, calibration: Calibration, traces, budgets: Sequence[Budget],
                     allocations: dict[str, Allocation]) -> dict[str, dict[str, list[float]]]:
     """Per ranking ("KVP", "KVP uncalibrated", "oracle") and allocation mode, per budget label, the attention lost
-    on each held-out trace: KVP's raw scores in the uniform mode (its calibrated ones rank each head alike), its
-    calibrated ones and, to show what the calibration does, its raw ones when the budget moves; the oracle ranks by
-    the true utility."""
+    on each held-out trace: KVP's calibrated scores in every mode (in the uniform one they rank each head as its raw
+    scores do) and, to show what the calibration does, its raw ones when the budget moves; the oracle ranks by the
+    true utility."""
     losses: dict[str, dict[str, list[float]]] = {}
     for index in bar(range(len(traces)), desc="calibrate: held out", total=len(traces), unit="trace"):
         trace = traces.read_layers(index)
@@ -76,7 +75,7 @@ def held_out_losses(policy: PolicyNet, calibration: Calibration, traces, budgets
         utility = trace.utility.float()
         for mode, allocation in allocations.items():
             rankings = {"KVP": calibrated, "oracle": utility}
-            if mode != "head":
+            if mode != HEAD:
                 rankings["KVP uncalibrated"] = raw
             for name, keys in rankings.items():
                 row = losses.setdefault(f"{name} ({mode})", {})

@@ -38,7 +38,10 @@ def _difference(a: list[float], b: list[float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from kvpolicy.compression.allocation import MODES
+    from kvpolicy.compression.names import HEAD
     from kvpolicy.evaluation.lineup import parse_budget
     from kvpolicy.io import check_writable
     from kvpolicy.policy.bundled import resolve_policy
@@ -64,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     calibration = fit_calibration(checkpoint.policy, train, fit)
     if held_out is not None:
         losses = held_out_losses(checkpoint.policy, calibration, held_out, budgets, MODES)
-        fit["held_out"] = {"dirs": list(args.held_out), "manifest_hash": held_out.manifest_hash,
-                           "samples": len(held_out), "attention_lost": {
-                               row: {label: sum(v) / len(v) for label, v in by_budget.items()}
-                               for row, by_budget in losses.items()}}
+        calibration = replace(calibration, fit=fit | {"held_out": {
+            "dirs": list(args.held_out), "manifest_hash": held_out.manifest_hash, "samples": len(held_out),
+            "attention_lost": {row: {label: sum(v) / len(v) for label, v in by_budget.items()}
+                               for row, by_budget in losses.items()}}})
     save_calibration(path, calibration)
     top = calibration.curve[..., 0]
     print(f"calibrated {path} on {len(train)} traces: per head, the future attention its top-ranked tokens get is "
@@ -79,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         for row, by_budget in losses.items():
             print(f"{row:<28}" + "".join(f"{_row(by_budget[b.label]):>22}" for b in budgets))
         print("\npaired difference from KVP (head), points (negative: less attention lost)")
-        for mode in ("layer", "model"):
-            moved, uniform = losses[f"KVP ({mode})"], losses["KVP (head)"]
+        for mode in (m for m in MODES if m != HEAD):
+            moved, uniform = losses[f"KVP ({mode})"], losses[f"KVP ({HEAD})"]
             print(f"{'KVP (' + mode + ')':<28}" + "".join(
                 f"{_difference(moved[b.label], uniform[b.label]):>22}" for b in budgets))
     return 0
