@@ -56,6 +56,11 @@ class Budget:
             return length
         return max(1, int(length * (1 - self.ratio)))
 
+    def of_length(self, length: int) -> Budget:
+        """The token budget keeping what this one keeps of a cache of `length` entries (itself when in tokens): a
+        ratio of a whole prompt held fixed while the prompt is fed in chunks."""
+        return self if self.tokens is not None else Budget(self.kept(length), sinks=self.sinks, recent=self.recent)
+
     def shortfall(self, length: int) -> str | None:
         """None when a cache of `length` entries keeps every promised sink and recent position; else which of
         the promises was kept (only a ratio budget on a short cache falls short)."""

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recent", type=int, default=RECENT, help=f"last positions always kept (default {RECENT})")
     parser.add_argument("--bounded-every", type=int, default=0, metavar="N",
                         help="also keep the cache within budget + N while decoding (attention-free scorers)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+                        help="prefill C tokens at a time and cut the cache back to the budget after each chunk: it "
+                             "never holds more than budget + C entries per head (default: the whole prompt at once)")
 
 
 def _size(tokens: int, nbytes: int) -> str:
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.catalog import CATALOG
-    from kvpolicy.compression.engine import BoundedDecoding, generate
+    from kvpolicy.compression.engine import BoundedDecoding, check_prefill_chunk, generate
     from kvpolicy.compression.names import HEAD, LEARNED, LEARNED_PREFIX, split_mode, with_mode
     from kvpolicy.compression.scorers import make_scorer
     from kvpolicy.errors import KVPError
@@ -115,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     scorer = make_scorer(with_mode(spec, allocation))
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
+    if args.prefill_chunk is not None:
+        check_prefill_chunk(scorer, budget, args.prefill_chunk)
     prompt = _read_prompt(args)
     if not (prompt + args.question).strip():
         raise KVPError("the prompt is empty: give the context (an argument, - for stdin, or --prompt-file PATH) "
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     stream = None if args.json else TextStream(handle.decode, stops)
     on_token = None if stream is None else (lambda token: _write(stream.push(token)))
     result = generate(handle, prompt, args.question, scorer, budget, args.protocol, args.max_new_tokens,
-                      args.answer_prefix, bounded, sampling, stops, on_token)
+                      args.answer_prefix, bounded, sampling, stops, on_token, args.prefill_chunk)
     if args.json:
         print(json.dumps({"model": handle.info.name, "allocation": allocation, **result.to_dict()}))
         return 0
@@ -132,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nscorer {base}, budget {budget.label} ({allocation} allocation), protocol {result.protocol}, "
           f"{result.prompt_tokens} prompt tokens ({layers} layers x {heads} KV heads)")
     print(f"cache before: {_size(result.cache_tokens_full, result.cache_bytes_full)}")
+    if result.prefill_chunk is not None:
+        print(f"prefill in chunks of {result.prefill_chunk} tokens, cut after each: at most {result.cache_tokens_peak} "
+              "entries per KV head held")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")
     print(f"decode: {len(result.token_ids)} tokens in {result.timings['decode_s']:.2f} s "
           f"({result.timings['decode_tokens_per_s']:.1f} tokens/s), stopped by {result.stop_reason}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -257,6 +257,106 @@ def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget
     return evict(state, rank(handle, state, scorer), budget, scorer.allocation)
 
 
+def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int) -> None:
+    """Refuse, before any work, a chunked feed (a bounded stream, a chunked prefill) that cannot run: a scorer without
+    a budget (or the reverse: neither is the full cache), a chunk size below 1, a scorer that re-reads the cached text
+    (KVzip), or a scorer that needs the attention inputs of more tokens than a chunk feeds."""
+    if (scorer is None) != (budget is None):
+        raise KVPError("give both a scorer and a budget to bound the cache, or neither for the full cache")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise KVPError(f"the cache is fed N >= 1 tokens at a time; got {chunk!r}")
+    if scorer is not None and scorer.reads_text:
+        raise KVPError(f"scorer '{scorer.name}' re-reads the whole text, which only an uncut cache holds, so it "
+                       "cannot re-rank a cache cut chunk by chunk; use another scorer")
+    window = scorer.query_window if scorer is not None else 0
+    if window != ALL_QUERIES and window > chunk:
+        raise KVPError(f"scorer '{scorer.name}' ranks with the attention inputs of the last {window} tokens fed, but "
+                       f"a chunk feeds only {chunk} between two rankings; use chunks of {window} tokens or more, or "
+                       "another scorer")
+
+
+@dataclass
+class ChunkFed:
+    """One chunk fed by `feed_chunks`: out, what `feed` returned for it; fed: entries per KV head right after
+    feeding it, before any cut (averaged over heads and layers for an adaptive allocation)."""
+
+    out: Any
+    fed: float
+
+
+def feed_chunks(
+    handle: ModelHandle,
+    state: KVState,
+    chunks: Sequence[torch.Tensor],
+    scorer: Scorer | None,
+    budget: Budget | None,
+    feed: Callable[[KVState, torch.Tensor, int], Any],
+    record_last: bool = False,
+) -> Iterator[ChunkFed]:
+    """Feed `chunks` (each (B, n)) on `state`, advanced in place, by feed(state, chunk, rows) (rows: the attention
+    inputs to record, as prefill's record_queries). After every chunk but the last, a cache holding more than
+    budget.tokens entries per KV head is re-ranked by `scorer` with that chunk's own recorded queries (the scorer's
+    `query_window`) and physically cut back to the budget, so no chunk is fed on more than the budget and the cache
+    never holds more than budget + the longest chunk per head (scorer and budget None: nothing is cut). The one
+    mechanism of bounded streams (evaluation/bounded_stream.py) and of a prefill that evicts as it goes
+    (`prefill_chunked`). record_last: record the last chunk's attention inputs too, for a cut the caller makes."""
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        cut = scorer is not None and not last and state.attended() + chunk.shape[1] > budget.tokens
+        out = feed(state, chunk, scorer.query_window if cut or (last and record_last and scorer) else 0)
+        fed = state.attended()
+        if cut:
+            state.update_from(compress(handle, state, scorer, budget))
+        yield ChunkFed(out, fed)
+
+
+def check_prefill_chunk(scorer: Scorer | None, budget: Budget | None, chunk: int) -> None:
+    """Refuse, before any work, a chunked prefill that cannot run: `check_chunks`, a missing scorer (nothing to cut
+    with), or a chunk smaller than the sinks + recent positions every cut keeps."""
+    if scorer is None:
+        raise KVPError("a chunked prefill cuts the cache with a scorer to a budget: give both, or no prefill chunk")
+    check_chunks(scorer, budget, chunk)
+    if chunk < budget.sinks + budget.recent:
+        raise KVPError(f"a prefill chunk of {chunk} tokens is smaller than the {budget.sinks} sinks + {budget.recent} "
+                       f"recent positions every cut keeps; use chunks of {budget.sinks + budget.recent} tokens or more")
+
+
+def prefill_chunked(
+    handle: ModelHandle, input_ids: torch.Tensor, scorer: Scorer, budget: Budget, chunk: int
+) -> tuple[KVState, float]:
+    """Prefill input_ids (1, T) `chunk` tokens at a time, cutting the cache back to `budget` (tokens per head; for a
+    ratio of T, `Budget.of_length`) with `scorer` after every chunk but the last (`feed_chunks`): the cache never
+    holds more than budget + chunk entries per head. The chunks are aligned on the end of the prompt: the last one,
+    which the caller compresses as after a whole prefill (its recorded queries are the scorer's), holds the prompt's
+    last `chunk` tokens (the question, in the query-aware protocol), and the first one what remains; a chunk >= T is
+    one chunk, a whole prefill. Refused (`check_prefill_chunk`): a scorer that re-reads the cached text (KVzip), a
+    chunk smaller than the budget's sinks + recent or than the scorer's query window; and a first chunk that must be
+    cut (longer than the budget) but is shorter than that window.
+    Returns (state, the most entries per head the cache held)."""
+    check_supported(handle)
+    _check_input(input_ids, None)
+    check_prefill_chunk(scorer, budget, chunk)
+    if budget.tokens is None:
+        raise KVPError("a chunked prefill cuts to a number of entries per head: give Budget.of_length(prompt tokens)")
+    scorer.check_model(handle.info)
+    length = input_ids.shape[1]
+    first = length % chunk or chunk
+    window = scorer.query_window
+    if budget.tokens < first < window:
+        raise KVPError(f"the prompt's {length} tokens in chunks of {chunk} leave a first chunk of {first}: more than "
+                       f"the budget, so it is cut, but fewer than the {window} queries scorer '{scorer.name}' ranks "
+                       f"with; choose another chunk size or a budget of at least {window - 1}")
+    rest = input_ids[:, first:]
+    chunks = [input_ids[:, :first], *(rest.split(chunk, dim=1) if rest.shape[1] else ())]
+    state = KVState.empty()
+
+    def feed(state: KVState, ids: torch.Tensor, rows: int) -> None:
+        _forward(handle, state, ids, rows)
+
+    peak = max(step.fed for step in feed_chunks(handle, state, chunks, scorer, budget, feed, record_last=True))
+    return state, peak
+
+
 def decode_answers(
     handle: ModelHandle,
     state: KVState,
@@ -353,7 +453,8 @@ class GenerationResult:
     text: the answer, cut before a stop string; token_ids: up to the stop token or the token that completed the
     stop string. cache_tokens_*: entries per KV head (attended, averaged over heads and layers where an adaptive
     allocation gave them different counts); cache_bytes_*: bytes of all cached keys and values held (no padding:
-    compression/ragged.py).
+    compression/ragged.py); cache_bytes_full is what the whole prompt's cache holds, also when a chunked prefill
+    never held it.
     timings: prefill_s (every prefill, the question's too under question-agnostic), compress_s, decode_s and
     decode_tokens_per_s."""
 
@@ -372,6 +473,8 @@ class GenerationResult:
     sampling: Sampling = GREEDY
     timings: dict[str, float] = field(default_factory=dict)
     budget_shortfall: str | None = None  # a ratio budget that could not keep every sink and recent position
+    prefill_chunk: int | None = None  # the prompt was prefilled this many tokens at a time, cut after each chunk
+    cache_tokens_peak: int | None = None  # the most entries per KV head the cache held during the prefill
 
     @property
     def prompt_tokens(self) -> int:
@@ -411,17 +514,23 @@ def generate(
     sampling: Sampling = GREEDY,
     stop_strings: Sequence[str] = (),
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Answer `question` about `context` with a compressed cache (scorer/budget None: the full cache).
 
     query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
     question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
+    prefill_chunk=C: prefill what is compressed C tokens at a time, cutting the cache back to the budget after each
+    chunk (`prefill_chunked`), so the cache never holds more than budget + C entries per head; the last chunk is
+    compressed as a whole prefill is. Query-based scorers rank each cut with the queries of the chunk just fed.
     Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
     token as it is chosen (e.g. to stream it with `models.text_stream.TextStream`).
     """
     check_protocol_name(protocol)
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
+    if prefill_chunk is not None:
+        check_prefill_chunk(scorer, budget, prefill_chunk)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise KVPError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if not (context + question).strip():
@@ -437,9 +546,15 @@ def generate(
     first = torch.cat([context_ids, question_ids], dim=1) if protocol == QUERY_AWARE else context_ids
     timings = {}
     clock = time.perf_counter()
-    state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
+    full_tokens = first.shape[1]
+    if prefill_chunk is None:
+        state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
+        peak = full_tokens
+    else:
+        budget = budget.of_length(full_tokens)  # a ratio of the whole prompt, kept through every cut
+        state, peak = prefill_chunked(handle, first, scorer, budget, prefill_chunk)
     timings["prefill_s"] = _seconds_since(handle, clock)
-    full_tokens, full_bytes = state.length, state.nbytes()
+    full_bytes = round(state.nbytes() / state.attended() * full_tokens)
     clock = time.perf_counter()
     if scorer is not None:
         state = compress(handle, state, scorer, budget)
@@ -472,4 +587,6 @@ def generate(
         sampling=sampling,
         timings=timings,
         budget_shortfall=shortfall,
+        prefill_chunk=prefill_chunk,
+        cache_tokens_peak=round(peak),
     )

@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import product
 
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import compress, continuation_nll, prefill
-from kvpolicy.compression.scorers import ALL_QUERIES, Scorer
+from kvpolicy.compression.engine import check_chunks, continuation_nll, feed_chunks, prefill
+from kvpolicy.compression.scorers import Scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, missing_budgets
@@ -106,24 +107,11 @@ class StreamedNLL:
 
 
 def check_stream(scorer: Scorer | None, budget: Budget | None, every: int) -> None:
-    """Refuse a stream that cannot run: a scorer without a budget (or the reverse: neither is the full cache), a
-    chunk size below 1, a scorer that re-reads the cached text (KVzip), a ratio budget (the cache length changes
-    with every chunk), or a scorer that needs the attention inputs of more tokens than a chunk feeds."""
-    if (scorer is None) != (budget is None):
-        raise KVPError("give both a scorer and a budget to bound a stream's cache, or neither for the full cache")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise KVPError(f"a stream is fed N >= 1 tokens at a time; got every={every!r}")
-    if scorer is not None and scorer.reads_text:
-        raise KVPError(f"scorer '{scorer.name}' re-reads the cached text, which only an uncut cache holds, so it "
-                       "cannot re-rank a stream's cache; use another scorer")
+    """Refuse a stream that cannot run: `check_chunks`, or a ratio budget (the cache grows with every chunk)."""
+    check_chunks(scorer, budget, every)
     if budget is not None and budget.tokens is None:
         raise KVPError(f"a bounded stream keeps a number of entries per head ('256'), not a ratio ('{budget.label}'): "
                        "the cache grows with every chunk")
-    window = scorer.query_window if scorer is not None else 0
-    if window != ALL_QUERIES and window > every:
-        raise KVPError(f"scorer '{scorer.name}' ranks with the attention inputs of the last {window} tokens fed, but "
-                       f"a stream re-ranked every {every} tokens feeds only {every} between two rankings; use "
-                       f"--every {window} or more, or another scorer")
 
 
 def _feed(handle: ModelHandle, state: KVState, chunk: torch.Tensor, rows: int) -> torch.Tensor:
@@ -150,14 +138,8 @@ def stream_steps(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, 
         scorer.check_model(handle.info)  # a policy trained for another model is refused before any work
     state, _ = prefill(handle, ids[:, :1])
     chunks = ids[:, 1:].split(every, dim=1)
-    for i, chunk in enumerate(chunks):
-        # entries per head on average: an adaptive allocation's layers and heads hold other counts, the same total
-        cut = budget is not None and i < len(chunks) - 1 and state.attended() + chunk.shape[1] > budget.tokens
-        nll = _feed(handle, state, chunk, scorer.query_window if cut else 0)
-        fed = round(state.attended())
-        if cut:
-            state = compress(handle, state, scorer, budget)
-        yield StreamStep(nll, fed, state)
+    for step in feed_chunks(handle, state, chunks, scorer, budget, partial(_feed, handle)):
+        yield StreamStep(step.out, round(step.fed), state)
 
 
 def stream_nll(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, budget: Budget | None,

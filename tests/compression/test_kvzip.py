@@ -175,7 +175,7 @@ def test_it_is_refused_wherever_the_cache_is_cut_before_ranking():
         BoundedDecoding(kvzip, Budget(tokens=64))
     with pytest.raises(KVPError, match="cannot compress a dialogue turn after turn"):
         check_protocol(QUERY_AWARE, kvzip)
-    with pytest.raises(KVPError, match="cannot re-rank a stream's cache; use another scorer"):
+    with pytest.raises(KVPError, match="cannot re-rank a cache cut chunk by chunk; use another scorer"):
         check_stream(kvzip, Budget(tokens=64), 16)
     with pytest.raises(KVPError, match="use kvpress's own KVzipPress"):
         KVPolicyPress(compression_ratio=0.5, scorer="kvzip")
