@@ -255,3 +255,19 @@ def test_the_scoring_section_leaves_out_a_scorer_the_model_cannot_run_and_says_w
     assert "more than a budget of 64" in refused.get("kvzap_mlp_threshold", "more than a budget of 64")
     _, refused = bench_scorers(smollm, make_scorer(f"kvp:{trained_policy}"), [256], 0.25)  # not calibrated
     assert "kvp calibrate" in refused["kvp@model"] and "kvp calibrate" in refused["kvp@layer"]
+
+
+@pytest.mark.model
+def test_peak_memory_section_runs_each_prefill_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    assert main(["bench", "--sections", "f", "--peak-contexts", "512", "9000", "--peak-budget", "64",
+                 "--prefill-chunk", "128", "--peak-reference", "128", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"\nf) {SECTIONS['f']}\n" in text and "9000 tokens left out: smollm2-135m has 8192 positions" in text
+    f = json.loads(out.read_text())["sections"]["f"]
+    rows = {(r["context"], r["run"]): r for r in f["rows"]}
+    assert list(rows) == [(128, "full"), (512, "full"), (512, "once"), (512, "chunked")]
+    full, once, chunked = rows[512, "full"], rows[512, "once"], rows[512, "chunked"]
+    assert full["full_bytes"] == once["full_bytes"] == chunked["full_bytes"] == full["cache_bytes"]
+    assert once["cache_bytes"] == chunked["cache_bytes"] == full["cache_bytes"] * 64 // 512
+    assert chunked["peak_bytes"] <= full["peak_bytes"] + JITTER and rows[128, "full"]["peak_vs_reference"] == 1

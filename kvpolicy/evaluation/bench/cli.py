@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_placement_arguments(parser)
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="S",
                         help="run only these: a (scoring cost), b (memory), c (decode speed), d (answers vs kvpress), "
-                             "e (traces + training), ranking; default a-e, plus ranking with --traces and --val")
+                             "e (traces + training), f (peak memory of a chunked prefill), ranking; default a-e, "
+                             "plus ranking with --traces and --val")
     parser.add_argument("--policy", metavar="CKPT",
                         help="the KVP policy sections a and d time (a `kvp train` checkpoint); default: the one "
                              "section e trains on its short traces (timing does not depend on its quality)")
@@ -56,6 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shape", nargs="+", default=[], metavar="LxHxD",
                         help="section e also times training for a model of this KV-cache shape (layers x KV heads x "
                              "head dim, e.g. 28x4x128 for Qwen2.5-7B) on synthetic traces, without that model")
+    parser.add_argument("--peak-contexts", type=int, nargs="+", default=list(_DEFAULTS.peak_contexts), metavar="T",
+                        help="section f's prompt lengths (default "
+                             f"{' '.join(map(str, _DEFAULTS.peak_contexts))}; those the model has no positions for "
+                             "are left out)")
+    parser.add_argument("--peak-budget", type=int, default=_DEFAULTS.peak_budget,
+                        help=f"section f's budget, entries per KV head (default {_DEFAULTS.peak_budget})")
+    parser.add_argument("--prefill-chunk", type=int, default=_DEFAULTS.prefill_chunk, metavar="C",
+                        help=f"section f's chunk size (default {_DEFAULTS.prefill_chunk})")
+    parser.add_argument("--peak-reference", type=int, default=_DEFAULTS.peak_reference, metavar="T",
+                        help="prompt length of section f's full-cache reference row (default "
+                             f"{_DEFAULTS.peak_reference})")
     parser.add_argument("--traces", metavar="DIR", help="ranking section: training traces (from `kvp traces`)")
     parser.add_argument("--val", metavar="DIR", help="ranking section: validation traces")
     parser.add_argument("--test", metavar="DIR", help="ranking section: held-out traces to report on (default --val)")
@@ -96,6 +108,10 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         figures = answers.measure_answers(handle, kvp, contexts[0], 1 - config.keep, config.answer_tokens,
                                           config.repeats)
         answers.print_answers(figures)
+    elif section == "f":
+        figures = memory.measure_peak(handle, list(config.peak_contexts), config.peak_budget, config.prefill_chunk,
+                                      config.peak_reference)
+        memory.print_peak(figures)
     elif section == "e":
         from kvpolicy.traces.store import TraceReader
 
@@ -133,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = BenchConfig(tuple(args.contexts), args.keep, tuple(args.budgets), args.decode_tokens, args.answer_tokens,
                          args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
-                         tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation))
+                         tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation),
+                         tuple(args.peak_contexts), args.peak_budget, args.prefill_chunk, args.peak_reference)
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

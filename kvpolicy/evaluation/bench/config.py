@@ -14,6 +14,7 @@ SECTIONS = {
     "c": "decode ms/token with the full cache vs a compressed one, per context",
     "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
     "e": "trace recording and policy training throughput (and training at each --train-shape)",
+    "f": "peak memory of a chunked prefill (cut after every chunk) vs compress-once vs the full cache, long contexts",
     "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
 }
 DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given
@@ -31,6 +32,8 @@ class BenchConfig:
     trace_n / trace_context / trace_future: the training traces section e records; train_steps: its training run.
     train_shapes: (layers, KV heads, head dim) at which section e also times training, on synthetic traces.
     allocations: the allocation modes section b measures each budget in.
+    peak_contexts / peak_budget / prefill_chunk: section f's prompt lengths, budget and chunk size; peak_reference:
+    the prompt length of its full-cache reference row.
     """
 
     contexts: tuple[int, ...] = (2048, 4096)
@@ -45,6 +48,10 @@ class BenchConfig:
     train_steps: int = 100
     train_shapes: tuple[tuple[int, int, int], ...] = ()
     allocations: tuple[str, ...] = tuple(ALLOCATION_MODES)
+    peak_contexts: tuple[int, ...] = (4096, 8192, 16384)
+    peak_budget: int = 1024
+    prefill_chunk: int = 1024
+    peak_reference: int = 2048
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -58,6 +65,10 @@ class BenchConfig:
                 raise KVPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.allocations or set(self.allocations) - set(ALLOCATION_MODES):
             raise KVPError(f"--allocation takes {', '.join(ALLOCATION_MODES)}; got {list(self.allocations)}")
+        if not self.peak_contexts or min(self.peak_contexts) < 64 or self.peak_reference < 64:
+            raise KVPError("--peak-contexts and --peak-reference must be at least 64 tokens each")
+        if min(self.peak_budget, self.prefill_chunk) < 1:
+            raise KVPError("--peak-budget and --prefill-chunk must be >= 1")
         if self.trace_context < 16 or self.trace_future < 1:
             raise KVPError("--trace-context must be >= 16 tokens and --trace-future >= 1")
 
