@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", nargs="+", default=["2048"], help="context lengths in tokens (sized tasks)")
     parser.add_argument("--every", nargs="+", default=[str(DEFAULT_EVERY)], metavar="N",
                         help="longgen tasks: tokens fed between two cuts of the bounded cache (results for each N)")
+    parser.add_argument("--prefill-chunk", nargs="+", default=[], metavar="C",
+                        help="QA and dialogue (prompt-once) tasks: also prefill the prompt C tokens at a time, cut "
+                             "back to the budget after each chunk (results for each C, beside compress-once)")
     parser.add_argument("--n", type=int, default=5, help="samples per task (and context length)")
     parser.add_argument("--seed", type=int, default=0, help="sample seed")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (0: the task's own)")
@@ -80,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.report.summary import print_summary
 
     contexts, every = _whole_numbers("--context", args.context), _whole_numbers("--every", args.every)
+    chunks = _whole_numbers("--prefill-chunk", args.prefill_chunk)
     config = SweepConfig(
         out=args.out, models=_split(args.model), budgets=_split(args.budget),
         scorers=[with_mode(spec, mode) for spec in _split(args.scorer) for mode in args.allocation],
         tasks=_split(args.task), protocols=_split(args.protocol), context_tokens=contexts, n_samples=args.n,
         seed=args.seed, max_new_tokens=args.max_new_tokens, full_cache=not args.no_full_cache,
         hub_local=_hub_local(args.hub_local), device=args.device, dtype=args.dtype, every=every,
+        prefill_chunks=chunks,
     )
     if args.report:
         check_writable(args.report, "report directory", directory=True)  # before the sweep, not after it

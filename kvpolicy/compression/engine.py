@@ -257,22 +257,23 @@ def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget
     return evict(state, rank(handle, state, scorer), budget, scorer.allocation)
 
 
-def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int) -> None:
+def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int, option: str) -> None:
     """Refuse, before any work, a chunked feed (a bounded stream, a chunked prefill) that cannot run: a scorer without
     a budget (or the reverse: neither is the full cache), a chunk size below 1, a scorer that re-reads the cached text
-    (KVzip), or a scorer that needs the attention inputs of more tokens than a chunk feeds."""
+    (KVzip), or a scorer that needs the attention inputs of more tokens than a chunk feeds. option: what sets the
+    chunk size, named in the error (`--every`, `--prefill-chunk`)."""
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to bound the cache, or neither for the full cache")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise KVPError(f"the cache is fed N >= 1 tokens at a time; got {chunk!r}")
+        raise KVPError(f"the cache is fed N >= 1 tokens at a time; got {option} {chunk!r}")
     if scorer is not None and scorer.reads_text:
         raise KVPError(f"scorer '{scorer.name}' re-reads the whole text, which only an uncut cache holds, so it "
                        "cannot re-rank a cache cut chunk by chunk; use another scorer")
     window = scorer.query_window if scorer is not None else 0
     if window != ALL_QUERIES and window > chunk:
         raise KVPError(f"scorer '{scorer.name}' ranks with the attention inputs of the last {window} tokens fed, but "
-                       f"a chunk feeds only {chunk} between two rankings; use chunks of {window} tokens or more, or "
-                       "another scorer")
+                       f"a chunk feeds only {chunk} between two rankings; use {option} {window} or more, or another "
+                       "scorer")
 
 
 @dataclass
@@ -315,10 +316,10 @@ def check_prefill_chunk(scorer: Scorer | None, budget: Budget | None, chunk: int
     with), or a chunk smaller than the sinks + recent positions every cut keeps."""
     if scorer is None:
         raise KVPError("a chunked prefill cuts the cache with a scorer to a budget: give both, or no prefill chunk")
-    check_chunks(scorer, budget, chunk)
+    check_chunks(scorer, budget, chunk, "--prefill-chunk")
     if chunk < budget.sinks + budget.recent:
         raise KVPError(f"a prefill chunk of {chunk} tokens is smaller than the {budget.sinks} sinks + {budget.recent} "
-                       f"recent positions every cut keeps; use chunks of {budget.sinks + budget.recent} tokens or more")
+                       f"recent positions every cut keeps; use --prefill-chunk {budget.sinks + budget.recent} or more")
 
 
 def prefill_chunked(

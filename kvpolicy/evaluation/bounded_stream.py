@@ -33,7 +33,7 @@ from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing, missing
 from kvpolicy.evaluation.names import BOUNDED_STREAM
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
-from kvpolicy.evaluation.tasks.base import Task
+from kvpolicy.evaluation.tasks.base import Intervals, Task
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.attention import record_attention_inputs
 
@@ -59,16 +59,16 @@ class StreamTask(Task):
         """Not a scorer that ranks only a whole prefill (KVzip, KVzap): a stream re-ranks a cut cache."""
         return super().supports(contender, protocol) and not contender.whole_prefill
 
-    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
-        for contender, budget, n in product(contenders, budgets, every):
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], intervals: Intervals) -> None:
+        for contender, budget, n in product(contenders, budgets, intervals.stream):
             if self.supports(contender, BOUNDED_STREAM):  # the others are skipped on these tasks
                 check_stream(contender.scorer, budget, n)
 
-    def interval_groups(self, contenders: list[Contender],
-                        every: list[int]) -> list[tuple[int | None, list[Contender]]]:
+    def interval_groups(self, contenders: list[Contender], protocol: str,
+                        intervals: Intervals) -> list[tuple[int | None, list[Contender]]]:
         scorers = [c for c in contenders if c is not FULL_CACHE]
         reference = [(None, [FULL_CACHE])] if len(scorers) < len(contenders) else []
-        return reference + [(n, scorers) for n in every]
+        return reference + [(n, scorers) for n in intervals.stream]
 
     def outcomes(self, handle: ModelHandle, samples: list[StreamSample], protocol: str, contenders: list[Contender],
                  budgets: list[Budget], is_missing: IsMissing, every: int | None,
@@ -108,7 +108,7 @@ class StreamedNLL:
 
 def check_stream(scorer: Scorer | None, budget: Budget | None, every: int) -> None:
     """Refuse a stream that cannot run: `check_chunks`, or a ratio budget (the cache grows with every chunk)."""
-    check_chunks(scorer, budget, every)
+    check_chunks(scorer, budget, every, "--every")
     if budget is not None and budget.tokens is None:
         raise KVPError(f"a bounded stream keeps a number of entries per head ('256'), not a ratio ('{budget.label}'): "
                        "the cache grows with every chunk")

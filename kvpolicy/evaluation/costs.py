@@ -26,7 +26,7 @@ from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.lineup import Contender, IsMissing
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import WHOLE_RANKING
-from kvpolicy.evaluation.tasks.base import Task
+from kvpolicy.evaluation.tasks.base import Intervals, Task
 from kvpolicy.models import ModelHandle
 from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost, evicted_shares
 from kvpolicy.policy.ranking import relative_loss
@@ -49,7 +49,7 @@ class TraceTask(Task):
     def supports(self, contender: Contender, protocol: str) -> bool:
         return trace_scorable(contender, self.reader)
 
-    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], intervals: Intervals) -> None:
         moved = [c.spec for c in contenders if c.scorer is not None and c.scorer.allocation is not UNIFORM
                  and trace_scorable(c, self.reader)]
         if moved:

@@ -4,7 +4,8 @@ rank-once / cut-per-budget step the runners share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import CATALOG, label
 from kvpolicy.compression.names import mode_label, split_mode
-from kvpolicy.compression.engine import evict, rank
+from kvpolicy.compression.engine import compress, evict, prefill_chunked, rank
 from kvpolicy.compression.scorers import LEARNED_PREFIX, Scorer, make_scorer
 from kvpolicy.compression.scorers.base import ALL_QUERIES
 from kvpolicy.compression.state import KVState
@@ -132,6 +133,22 @@ def rank_for_cuts(handle, state: KVState, contender: Contender, budgets: list[Bu
     if contender is FULL_CACHE or all(b.kept(length) >= length for b in budgets):
         return None
     return rank(handle, state, contender.scorer)
+
+
+def chunked_cuts(handle, ids: torch.Tensor, contenders: list[Contender], missing: dict[str, list[Budget]],
+                 chunk: int) -> Iterator[tuple[Contender, Budget, KVState, float, float]]:
+    """Per missing (contender, budget): ids (1, T) prefilled `chunk` tokens at a time and cut back to the budget
+    after each chunk by the contender's scorer (`prefill_chunked`: nothing is shared between cuts, each cut depends
+    on the ones before it), then compressed to the budget as a whole prefill is; a ratio budget is of the whole
+    prompt. Yields (contender, budget, the state kept, prefill seconds, compress seconds)."""
+    for contender in contenders:
+        for budget in missing[contender.id]:
+            start = time.perf_counter()
+            fixed = budget.of_length(ids.shape[1])
+            state, _ = prefill_chunked(handle, ids, contender.scorer, fixed, chunk)
+            prefilled = time.perf_counter()
+            state = compress(handle, state, contender.scorer, fixed)
+            yield contender, budget, state, prefilled - start, time.perf_counter() - prefilled
 
 
 def cut(state: KVState, ranking: list[torch.Tensor] | None, budget: Budget, contender: Contender) -> KVState:

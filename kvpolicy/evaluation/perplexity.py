@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,8 +21,8 @@ from kvpolicy.compression.multi_turn import continue_dialogue
 from kvpolicy.compression.state import KVState
 from kvpolicy.data.dialogue import DialogueSample
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, missing_budgets, rank_for_cuts,
-                                        recording_window)
+from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, chunked_cuts, cut, missing_budgets,
+                                        rank_for_cuts, recording_window)
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.names import MULTI_TURN, PROMPT_ONCE
@@ -36,6 +37,8 @@ class DialogueTask(Task):
 
     max_answer_tokens: int = 256
 
+    chunked_protocols: ClassVar[tuple[str, ...]] = (PROMPT_ONCE,)
+
     def supports(self, contender: Contender, protocol: str) -> bool:
         """Not a scorer that ranks only a whole prefill (KVzip, KVzap) under multi-turn, whose later rounds rank a
         cut cache."""
@@ -48,7 +51,7 @@ class DialogueTask(Task):
                  budgets: list[Budget], is_missing: IsMissing, every: int | None,
                  max_new_tokens: int) -> Iterator[Outcome]:
         (sample,) = samples
-        return run_dialogue(handle, sample, protocol, contenders, budgets, is_missing, self.max_answer_tokens)
+        return run_dialogue(handle, sample, protocol, contenders, budgets, is_missing, self.max_answer_tokens, every)
 
 
 def dialogue_chunks(handle: ModelHandle, sample: DialogueSample, min_chunk: int = 1,
@@ -99,11 +102,27 @@ def run_dialogue(
     budgets: list[Budget],
     is_missing: IsMissing,
     max_answer_tokens: int,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Outcome]:
-    """Outcomes of the missing (contender, budget) pairs (and of the full-cache reference) for one dialogue."""
+    """Outcomes of the missing (contender, budget) pairs (and of the full-cache reference) for one dialogue.
+    prefill_chunk (prompt-once only): prefill the dialogue that many tokens at a time, cut after each chunk, once
+    per (contender, budget) (`chunked_cuts`)."""
     if protocol not in (MULTI_TURN, PROMPT_ONCE):
         raise KVPError(f"dialogue perplexity runs under {MULTI_TURN} or {PROMPT_ONCE}, not '{protocol}'")
+    if prefill_chunk is not None and protocol != PROMPT_ONCE:
+        raise KVPError(f"a chunked prefill of a dialogue runs under {PROMPT_ONCE}; {MULTI_TURN} cuts after each round")
     missing = missing_budgets(contenders, budgets, is_missing)
+    if prefill_chunk is not None:
+        rounds, answer = dialogue_chunks(handle, sample, 1, max_answer_tokens)
+        ids = torch.cat(rounds, dim=1)
+        for contender, budget, small, prefill_s, cut_s in chunked_cuts(handle, ids, contenders, missing,
+                                                                       prefill_chunk):
+            clock = Clock()
+            fields = _nll_fields(handle, small, answer)
+            yield Outcome(sample.id, contender, budget.label, ids.shape[1], round(small.attended()),
+                          round(small.nbytes() / small.attended() * ids.shape[1]), small.nbytes(),
+                          cut_s + clock.lap(), prefill_s, fields)
+        return
     to_run = [c for c in [FULL_CACHE, *contenders] if missing[c.id]]
     by_chunk: dict[int, list[Contender]] = {}  # contenders that split the dialogue into the same rounds
     for contender in to_run:

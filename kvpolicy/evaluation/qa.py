@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,12 +26,12 @@ from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.state import KVState, stack_states
 from kvpolicy.data.records import QASample
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, cut, missing_budgets, rank_for_cuts,
-                                        recording_window)
+from kvpolicy.evaluation.lineup import (FULL_CACHE, Contender, IsMissing, chunked_cuts, cut, missing_budgets,
+                                        rank_for_cuts, recording_window)
 from kvpolicy.evaluation.metrics import choice_metrics
 from kvpolicy.evaluation.outcome import Clock, Outcome
 from kvpolicy.evaluation.result import FULL
-from kvpolicy.compression.protocols import QUERY_AWARE
+from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC
 from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.models import ModelHandle
 
@@ -71,6 +72,8 @@ class QATask(Task):
     template: bool = True
     saturates: bool = False
 
+    chunked_protocols: ClassVar[tuple[str, ...]] = (QUERY_AWARE, QUESTION_AGNOSTIC)
+
     def __post_init__(self):
         metrics = (self.metric, *self.extra_metrics)
         if self.choices and not set(metrics) <= set(CHOICE_METRICS):
@@ -100,7 +103,7 @@ class QATask(Task):
                  budgets: list[Budget], is_missing: IsMissing, every: int | None,
                  max_new_tokens: int) -> Iterator[Outcome]:
         return run_qa(handle, self, samples, protocol, contenders, budgets, is_missing,
-                      self.answer_tokens(max_new_tokens))
+                      self.answer_tokens(max_new_tokens), every)
 
 
 def continuations(sample: QASample) -> list[str]:
@@ -171,9 +174,11 @@ def run_qa(
     budgets: list[Budget],
     is_missing: IsMissing,
     max_new_tokens: int,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Outcome]:
     """Outcomes of the missing (contender, budget) pairs (and of the full-cache reference) for samples sharing one
-    context. Query-aware takes exactly one sample."""
+    context. Query-aware takes exactly one sample. prefill_chunk: prefill what is compressed that many tokens at a
+    time, cut after each chunk, once per (contender, budget) (`chunked_cuts`)."""
     if protocol == QUERY_AWARE and len(samples) != 1:
         raise KVPError("query-aware evaluation prefills each sample's own question: pass one sample at a time")
     prompts = [task.prompt(s) for s in samples]
@@ -184,6 +189,10 @@ def run_qa(
     missing = missing_budgets(contenders, budgets, is_missing)
     to_run = [c for c in [FULL_CACHE, *contenders] if missing[c.id]]
     if not to_run:
+        return
+    if prefill_chunk is not None:  # the full cache cuts nothing: it runs with compress-once only
+        yield from _chunked_qa(handle, task, samples, chunks, first, contenders, missing, max_new_tokens,
+                               prefill_chunk, protocol)
         return
     clock = Clock()
     state, _ = prefill(handle, first, record_queries=recording_window(to_run))
@@ -211,3 +220,20 @@ def run_qa(
                               round(small.attended()), full_bytes, small.nbytes(), rank_s + cut_s + answer_s, prefill_s,
                               answered)
             clock.lap()  # the time the caller spent storing the results is nobody's
+
+
+def _chunked_qa(handle: ModelHandle, task: QATask, samples: list[QASample], chunks: list[tuple[torch.Tensor, ...]],
+                first: torch.Tensor, contenders: list[Contender], missing: dict[str, list[Budget]],
+                max_new_tokens: int, prefill_chunk: int, protocol: str) -> Iterator[Outcome]:
+    """run_qa's outcomes when `first` is prefilled chunk by chunk: each (contender, budget) its own prefill."""
+    length = first.shape[1]
+    clock = Clock()
+    for contender, budget, small, prefill_s, cut_s in chunked_cuts(handle, first, contenders, missing, prefill_chunk):
+        full_bytes = round(small.nbytes() / small.attended() * length)
+        clock.lap()
+        for sample, (_, question_ids) in zip(samples, chunks):
+            (fields,) = answer(handle, task, sample, [small], None if protocol == QUERY_AWARE else question_ids,
+                               max_new_tokens)
+            yield Outcome(sample.id, contender, budget.label, length, round(small.attended()), full_bytes,
+                          small.nbytes(), cut_s / len(samples) + clock.lap(), prefill_s / len(samples), fields)
+            clock.lap()

@@ -73,8 +73,9 @@ class TrainedOn:
 class Result:
     """One result. The key (KEY_FIELDS): model_fingerprint, model_dtype, scorer_id (hash of the scorer's identity),
     budget (label: 'b256', 'r0.50', FULL or WHOLE_RANKING), task, context_tokens (None: the data's own lengths),
-    protocol, every (a bounded stream's re-rank interval, tokens fed between two cuts; None under every other protocol
-    and for a stream's full-cache reference, which cuts nothing), seed, sample. What the report names and draws: model,
+    protocol, every (tokens fed between two cuts: a bounded stream's re-rank interval, or the chunk size of a prompt
+    prefilled chunk by chunk; None for compress-once and for a stream's full-cache reference, which cuts nothing),
+    seed, sample. What the report names and draws: model,
     scorer (spec), scorer_label, scorer_kind ("heuristic" | "learned" | "oracle" | "reference"), family, data, corpus,
     metric (a name of METRIC_FIELDS), kept (cache entries per head after the cut), value (the sample's score), seconds
     (this result's own work) and prefill_seconds (its share of the prefill). Per metric: prediction and answers
@@ -117,7 +118,7 @@ class Result:
     per_head: list[list[float]] | None = None
     extra_metrics: dict[str, float] | None = None
     model_dtype: str = KEY_DEFAULTS["model_dtype"]  # the dtype the model ran in
-    every: int | None = KEY_DEFAULTS["every"]  # a bounded stream's re-rank interval
+    every: int | None = KEY_DEFAULTS["every"]  # tokens fed between two cuts: re-rank interval, prefill chunk
     created: str | None = None  # ISO time of writing
     code_version: str | None = None
     schema: int = field(default=SCHEMA, init=False)

@@ -41,7 +41,7 @@ from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.evaluation.result import FULL, KEY_DEFAULTS, Result, record_key
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.evaluation.tasks import resolve_tasks
-from kvpolicy.evaluation.tasks.base import Task
+from kvpolicy.evaluation.tasks.base import Intervals, Task
 from kvpolicy.io import check_writable
 from kvpolicy.models import ModelHandle, load_model, resolve_model
 from kvpolicy.models.placement import resolve_device
@@ -57,7 +57,8 @@ class SweepConfig:
     own limit, else a cap. full_cache: also evaluate the uncompressed cache as the reference. hub_local: hub
     dataset -> local file. device, dtype: where the models run (kvpolicy.models.placement's defaults when None).
     every: the re-rank intervals of bounded streams (longgen tasks): tokens fed between two cuts, one set of
-    results each."""
+    results each. prefill_chunks: chunk sizes at which the prompts of QA and dialogue tasks are also prefilled
+    chunk by chunk, cut back to the budget after each, one set of results each beside compress-once."""
 
     out: str
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
@@ -74,6 +75,7 @@ class SweepConfig:
     device: str | None = None
     dtype: str | None = None
     every: list[int] = field(default_factory=lambda: [DEFAULT_EVERY])
+    prefill_chunks: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("models", "scorers", "budgets", "tasks", "context_tokens", "every"):
@@ -90,13 +92,20 @@ class SweepConfig:
             raise KVPError("max_new_tokens must be >= 0 (0: each task's own limit)")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.every):
             raise KVPError(f"re-rank intervals (--every) are whole numbers of tokens >= 1, got {self.every}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.prefill_chunks):
+            raise KVPError(f"prefill chunks (--prefill-chunk) are whole numbers of tokens >= 1, got "
+                           f"{self.prefill_chunks}")
+
+    @property
+    def intervals(self) -> Intervals:
+        return Intervals(tuple(self.every), tuple(self.prefill_chunks))
 
 
 @dataclass
 class WorkUnit:
     """One prefill's worth of work: samples sharing a context under one (task, protocol, context length), and the
-    contenders evaluated on it; a bounded stream's unit also has its re-rank interval `every` (None for its
-    full-cache reference, which cuts nothing, and under every other protocol)."""
+    contenders evaluated on it; `every` is the tokens fed between two cuts: a bounded stream's re-rank interval or a
+    chunked prefill's chunk size (None: compress-once, or a stream's full-cache reference, which cuts nothing)."""
 
     task: Task
     protocol: str
@@ -150,7 +159,7 @@ class Sweep:
             resolve_model(name)  # unknown names fail now, listing the known models
         self.contenders = make_contenders(config.scorers)
         for task in self.tasks:  # a line-up a task cannot run is refused now, not midway through the sweep
-            task.check_lineup(self.contenders, self.budgets, config.every)
+            task.check_lineup(self.contenders, self.budgets, config.intervals)
         for contender in self.contenders:  # and likewise a budget a scorer cannot cut to
             if contender.scorer is not None:
                 contender.scorer.check_budgets(self.budgets)
@@ -187,11 +196,23 @@ class Sweep:
                 for protocol in protocols:
                     contenders = self._contenders(task, protocol)
                     for group in task.prefill_groups(protocol, samples):
-                        for every, members in task.interval_groups(contenders, self.config.every):
+                        for every, members in task.interval_groups(contenders, protocol, self.config.intervals):
+                            self._note_unchunked(task, protocol, contenders, every, members)
                             unit = WorkUnit(task, protocol, context_tokens, group, members, 0, every)
                             unit.missing = self._missing(handle, unit)
                             units.append(unit)
         return units
+
+    def _note_unchunked(self, task: Task, protocol: str, contenders: list[Contender], every: int | None,
+                        members: list[Contender]) -> None:
+        """Say which scorers a chunked prefill leaves to compress-once: those ranking only a whole prefill."""
+        if every is None or protocol not in task.chunked_protocols:
+            return
+        left = [c.label for c in contenders if c is not FULL_CACHE and c not in members]
+        note = (f"{task.name}: {', '.join(left)} ran compress-once only under {protocol} (a chunked prefill needs "
+                "a scorer that ranks a cut cache)")
+        if left:
+            self.notes.append(note)  # repeats are dropped when the run reports its notes
 
     def _contenders(self, task: Task, protocol: str) -> list[Contender]:
         """The contenders `task` runs under `protocol`, after the full-cache reference when the sweep and the task

@@ -336,20 +336,37 @@ def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
 
 
 def _panel_results(results: list[Result]) -> list[tuple[str, list[Result]]]:
-    """(title, results) of each panel: one per task, and per re-rank interval for bounded streams (results at
-    different intervals are different settings); a stream's full-cache reference (every None, it cuts nothing) is
-    drawn in each of its task's panels."""
+    """(title, results) of each panel: one per task, and per `every` (tokens fed between two cuts: a bounded stream's
+    re-rank interval, a chunked prefill's chunk size; different intervals are different settings). The full-cache
+    reference (every None, it cuts nothing) is drawn in each of its task's panels; a task's compress-once results
+    (every None) keep their own panel, and its learned policies' are drawn in each chunked panel too, labelled
+    ONCE_SUFFIX, so that the panel compares each policy chunked with itself compressing once (paired)."""
     by_panel: dict[tuple[str, int | None], list[Result]] = defaultdict(list)
     for r in results:
         by_panel[(r.task, r.every)].append(r)
     for (task, every), rs in list(by_panel.items()):
-        if every is None and any(t == task and e is not None for t, e in by_panel):
+        if every is not None or not any(t == task and e is not None for t, e in by_panel):
+            continue
+        once = [replace(r, scorer_label=r.scorer_label + ONCE_SUFFIX) for r in rs if r.scorer_kind == "learned"]
+        for (t, e), others in by_panel.items():
+            if t == task and e is not None:
+                chunked = others[0].protocol != BOUNDED_STREAM
+                others.extend([r for r in rs if r.scorer == FULL] + (once if chunked else []))
+        if all(r.scorer == FULL for r in rs):
             del by_panel[(task, every)]
-            for (t, _), others in by_panel.items():
-                if t == task:
-                    others.extend(rs)
-    return [(task if every is None else f"{task}, re-ranked every {every} tokens", rs)
+    return [(_panel_title(task, every, rs), rs)
             for (task, every), rs in sorted(by_panel.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
+
+
+ONCE_SUFFIX = ", compress-once"  # a learned policy's compress-once line in a chunked prefill's panel
+
+
+def _panel_title(task: str, every: int | None, results: list[Result]) -> str:
+    if every is None:
+        return task
+    if any(r.protocol == BOUNDED_STREAM for r in results):
+        return f"{task}, re-ranked every {every} tokens"
+    return f"{task}, prefilled {every} tokens at a time, cut after each"
 
 
 def curve_groups(results: Iterable[Result]) -> list[Group]:

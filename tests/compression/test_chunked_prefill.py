@@ -75,7 +75,7 @@ def test_chunked_prefill_refusals(smollm, prompt):
         prefill_chunked(smollm, prompt, make_scorer("kvzip"), budget, 64)
     with pytest.raises(KVPError, match="smaller than the 4 sinks \\+ 16 recent"):
         prefill_chunked(smollm, prompt, make_scorer("knorm"), budget, 16)
-    with pytest.raises(KVPError, match="use chunks of 65 tokens or more"):
+    with pytest.raises(KVPError, match="use --prefill-chunk 65 or more"):
         prefill_chunked(smollm, prompt, make_scorer("snapkv"), budget, 32)  # SnapKV reads the last 65 queries
     with pytest.raises(KVPError, match="leave a first chunk of 50: more than the budget"):
         prefill_chunked(smollm, prompt, make_scorer("snapkv"), budget, 70)

@@ -30,6 +30,7 @@ from kvpolicy.evaluation.names import BOUNDED_STREAM, MULTI_TURN, PROMPT_ONCE, Q
 from kvpolicy.evaluation.result import FULL
 from kvpolicy.evaluation.sweep import Sweep, SweepConfig
 from kvpolicy.evaluation.tasks import resolve_tasks
+from kvpolicy.evaluation.tasks.base import Intervals
 
 CONTEXT = ("The lighthouse keeper of Varn kept a ledger of every ship that passed the cape. In the spring of the "
            "flood year he counted forty-one schooners, nine steamers and a single balloon, which drifted north "
@@ -182,7 +183,7 @@ def test_it_is_refused_wherever_the_cache_is_cut_before_ranking():
     (stream,) = resolve_tasks(["longgen:essays"])
     contender = make_contenders(["kvzip"])[0]
     assert not stream.supports(contender, BOUNDED_STREAM)
-    stream.check_lineup([contender], [Budget(tokens=64)], [16])  # skipped, not refused
+    stream.check_lineup([contender], [Budget(tokens=64)], Intervals(stream=(16,)))  # skipped, not refused
 
 
 def test_gemma3_is_refused_as_kvpress_refuses_it():

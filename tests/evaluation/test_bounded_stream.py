@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers import ALL_QUERIES, make_scorer
+from kvpolicy.compression import engine
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import bounded_stream, sweep
 from kvpolicy.evaluation.names import BOUNDED_STREAM, PROTOCOLS
@@ -88,8 +89,8 @@ def test_query_based_scorers_rank_with_the_chunk_just_fed(smollm, essay, monkeyp
         seen.append((state.recorded[0].rows, state.recorded[0].whole_chunk))
         return real(handle, state, scorer, budget)
 
-    real = bounded_stream.compress
-    monkeypatch.setattr(bounded_stream, "compress", compress)
+    real = engine.compress  # the cut of the chunked feed streams share with chunked prefills
+    monkeypatch.setattr(engine, "compress", compress)
     result = stream_nll(smollm, essay, scorer, Budget(tokens=BUDGET), EVERY)
     every_row = scorer.query_window == ALL_QUERIES  # H2O: the whole chunk; TOVA: its last token
     assert seen == [(EVERY if every_row else scorer.query_window, every_row)] * 6  # every cut, each on its chunk

@@ -17,10 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from kvpolicy.compression.budget import Budget
+from kvpolicy.compression.engine import check_prefill_chunk
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.lineup import Contender, IsMissing
+from kvpolicy.evaluation.lineup import FULL_CACHE, Contender, IsMissing
 from kvpolicy.evaluation.outcome import Outcome
 from kvpolicy.models import ModelHandle
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Tokens fed between two cuts, per setting a sweep runs: the re-rank intervals of bounded streams (`--every`),
+    and the chunk sizes of chunked prefills (`--prefill-chunk`), run beside compress-once. Results store either in
+    their `every` field (None: compress-once, or a setting that cuts nothing)."""
+
+    stream: tuple[int, ...] = ()
+    prefill: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Task:
 
     # whether the sweep compares the scorers with the uncompressed cache (FULL_CACHE) on this task
     full_cache_reference: ClassVar[bool] = True
+    # the protocols under which the prompt can also be prefilled in chunks, cut after each (`--prefill-chunk`)
+    chunked_protocols: ClassVar[tuple[str, ...]] = ()
 
     def supports(self, contender: Contender, protocol: str) -> bool:
         """Whether a scorer can run on this task under `protocol` (the oracle needs a trace's true future); the sweep
@@ -69,8 +82,21 @@ class Task:
         """The budget labels of a scorer's results here, given the sweep's."""
         return labels
 
-    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], every: list[int]) -> None:
-        """Refuse, before any work, a line-up this task cannot run (nothing by default)."""
+    def check_lineup(self, contenders: list[Contender], budgets: list[Budget], intervals: Intervals) -> None:
+        """Refuse, before any work, a line-up this task cannot run: by default a prefill chunk some scorer that cuts
+        chunk by chunk here cannot rank with (`check_prefill_chunk`)."""
+        if not self.chunked_protocols:
+            return
+        for contender in self.chunked_contenders(contenders):
+            for budget in budgets:
+                for chunk in intervals.prefill:
+                    check_prefill_chunk(contender.scorer, budget, chunk)
+
+    @staticmethod
+    def chunked_contenders(contenders: list[Contender]) -> list[Contender]:
+        """The contenders a chunked prefill runs: not the full cache, which cuts nothing, nor a scorer that ranks
+        only the cache of one whole prefill (KVzip, KVzap)."""
+        return [c for c in contenders if c is not FULL_CACHE and c.scorer is not None and not c.whole_prefill]
 
     def positions(self, handle: ModelHandle, samples: list[Any], max_new_tokens: int) -> tuple[int, str] | None:
         """(the most positions a sample needs, what they hold) for the model's limit; None when no model runs.
@@ -81,15 +107,19 @@ class Task:
         """Samples that share one prefill under `protocol` (one each by default)."""
         return [[s] for s in samples]
 
-    def interval_groups(self, contenders: list[Contender],
-                        every: list[int]) -> list[tuple[int | None, list[Contender]]]:
-        """(re-rank interval, contenders) of the units of one prefill group: no interval by default."""
-        return [(None, contenders)]
+    def interval_groups(self, contenders: list[Contender], protocol: str,
+                        intervals: Intervals) -> list[tuple[int | None, list[Contender]]]:
+        """(tokens fed between two cuts, contenders) of the units of one prefill group: compress-once (None) with
+        every contender, and under `chunked_protocols` one unit per prefill chunk size with the chunked ones."""
+        groups: list[tuple[int | None, list[Contender]]] = [(None, contenders)]
+        chunked = self.chunked_contenders(contenders) if protocol in self.chunked_protocols else []
+        return groups + [(chunk, chunked) for chunk in intervals.prefill if chunked]
 
     def outcomes(self, handle: ModelHandle, samples: list[Any], protocol: str, contenders: list[Contender],
                  budgets: list[Budget], is_missing: IsMissing, every: int | None,
                  max_new_tokens: int) -> Iterator[Outcome]:
         """The runner: outcomes of the missing results of one unit of work (a prefill group, under one protocol
-        and re-rank interval), among them the full-cache reference's when is_missing says so. contenders: the
-        scorers (not FULL_CACHE); max_new_tokens: the sweep's cap on generated tokens (0: the task's own)."""
+        and one `every`: a stream's re-rank interval, a chunked prefill's chunk size, or None), among them the
+        full-cache reference's when is_missing says so. contenders: the scorers (not FULL_CACHE); max_new_tokens:
+        the sweep's cap on generated tokens (0: the task's own)."""
         raise NotImplementedError(f"{type(self).__name__} has no runner")
