@@ -259,16 +259,18 @@ def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget
 
 def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int, option: str) -> None:
     """Refuse, before any work, a chunked feed (a bounded stream, a chunked prefill) that cannot run: a scorer without
-    a budget (or the reverse: neither is the full cache), a chunk size below 1, a scorer that re-reads the cached text
-    (KVzip), or a scorer that needs the attention inputs of more tokens than a chunk feeds. option: what sets the
+    a budget (or the reverse: neither is the full cache), a chunk size below 1, a scorer that ranks only a whole
+    prefill (KVzip, KVzap, a KVP policy reading hidden states), or one that needs the attention inputs of more tokens
+    than a chunk feeds. option: what sets the
     chunk size, named in the error (`--every`, `--prefill-chunk`)."""
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to bound the cache, or neither for the full cache")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise KVPError(f"the cache is fed N >= 1 tokens at a time; got {option} {chunk!r}")
-    if scorer is not None and scorer.reads_text:
-        raise KVPError(f"scorer '{scorer.name}' re-reads the whole text, which only an uncut cache holds, so it "
-                       "cannot re-rank a cache cut chunk by chunk; use another scorer")
+    if scorer is not None and scorer.whole_prefill:
+        what = "re-reads the whole text" if scorer.reads_text else "reads every cached entry's own hidden state"
+        raise KVPError(f"scorer '{scorer.name}' {what}, which only an uncut prefill holds, so it cannot re-rank a "
+                       "cache cut chunk by chunk; use another scorer")
     window = scorer.query_window if scorer is not None else 0
     if window != ALL_QUERIES and window > chunk:
         raise KVPError(f"scorer '{scorer.name}' ranks with the attention inputs of the last {window} tokens fed, but "

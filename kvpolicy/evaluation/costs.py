@@ -88,8 +88,11 @@ class TraceTask(Task):
 
 def trace_scorable(entry: Contender, reader: TraceReader) -> bool:
     """Attention-free scorers, the learned policy and the oracle rank any trace; query-based ones only where the
-    traces stored their scores; those that re-read the prompt's text (KVzip) none, as traces keep no token ids."""
-    return entry.kind in ("oracle", "learned") or entry.attention_free or entry.spec in reader.baselines
+    traces stored their scores; those that re-read the prompt's text (KVzip) none, as traces keep no token ids. A
+    policy that reads the layers' hidden states only traces that hold them (`kvp traces --hidden-states`)."""
+    if entry.kind == "learned":
+        return reader.has_states or not entry.scorer.reads_states
+    return entry.kind == "oracle" or entry.attention_free or entry.spec in reader.baselines
 
 
 def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: TraceSample) -> torch.Tensor:
@@ -105,10 +108,13 @@ def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: Trace
         return torch.stack([reader.read_baseline(index, layer, entry.spec) for layer in range(reader.model.n_layers)])
     n_layers, heads, length = trace.utility.shape
     positions = torch.as_tensor(trace.positions).view(1, 1, length).expand(1, heads, length)
+    states = trace.states if entry.kind == "learned" and entry.scorer.reads_states else None
     with torch.no_grad():
         return torch.stack([
             entry.scorer.score(LayerView(layer_idx=layer, keys=trace.keys[layer][None].float(),
-                                         values=trace.values[layer][None].float(), positions=positions))[0].float()
+                                         values=trace.values[layer][None].float(), positions=positions,
+                                         hidden_states=None if states is None else states[layer][None].float())
+                               )[0].float()
             for layer in range(n_layers)
         ])
 

@@ -34,9 +34,14 @@ class PolicyConfig:
     position_dim: int = 16
     max_position: int = 2048
     position_encoding: str = "relative"
+    hidden_state_dim: int = 0  # the model's hidden size when agents also read the layer's input hidden state
+    hidden_state_features: int = 16  # width of each agent's learned projection of that hidden state
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "n_kv_heads", "head_dim", "hidden", "position_dim", "max_position"):
+        if self.hidden_state_dim < 0:
+            raise KVPError(f"policy config: hidden_state_dim must be >= 0, got {self.hidden_state_dim}")
+        for name in ("n_layers", "n_kv_heads", "head_dim", "hidden", "position_dim", "max_position",
+                     "hidden_state_features"):
             if int(getattr(self, name)) < 1:
                 raise KVPError(f"policy config: {name} must be a positive integer, got {getattr(self, name)}")
         if self.position_encoding not in POSITION_ENCODINGS:

@@ -71,7 +71,11 @@ class PolicyNet(nn.Module):
         if config.position_encoding in ("relative", "both"):
             self.position_w, self.position_b = _linear(a, N_RELATIVE_FEATURES, pe)
         self.position_ln_w, self.position_ln_b = _norm(a, pe)
-        self.fc1_w, self.fc1_b = _linear(a, 2 * h + pe, h)
+        hs = config.hidden_state_features if config.hidden_state_dim else 0
+        if hs:
+            self.state_w, self.state_b = _linear(a, config.hidden_state_dim, hs)
+            self.state_ln_w, self.state_ln_b = _norm(a, hs)
+        self.fc1_w, self.fc1_b = _linear(a, 2 * h + pe + hs, h)
         self.ln1_w, self.ln1_b = _norm(a, h)
         self.fc2_w, self.fc2_b = _linear(a, h, h)
         self.ln2_w, self.ln2_b = _norm(a, h)
@@ -104,14 +108,17 @@ class PolicyNet(nn.Module):
             return w - w.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
 
         f: dict[str, torch.Tensor] = {}
-        for name in ("key", "value", "fc2"):
+        for name in ("key", "value", "fc2") + (("state",) if "state_w" in p else ()):
             f[f"{name}_w"], f[f"{name}_b"] = centred(p[f"{name}_w"], p[f"{name}_b"])
         if "position_table" in p:
             f["position_table"] = p["position_table"] - p["position_table"].mean(-1, keepdim=True)
         if "position_w" in p:
             f["position_w"], f["position_b"] = centred(p["position_w"], p["position_b"])
         w1, b1 = p["fc1_w"], p["fc1_b"]
-        pieces = {"key_ln": w1[:, :h], "value_ln": w1[:, h : 2 * h], "position_ln": w1[:, 2 * h :]}
+        pe = self.config.position_dim
+        pieces = {"key_ln": w1[:, :h], "value_ln": w1[:, h : 2 * h], "position_ln": w1[:, 2 * h : 2 * h + pe]}
+        if "state_w" in p:
+            pieces["state_ln"] = w1[:, 2 * h + pe :]
         for name, rows in pieces.items():
             b1 = b1 + torch.bmm(p[f"{name}_b"].unsqueeze(1), rows).squeeze(1)
         w1 = torch.cat([p[f"{name}_w"].unsqueeze(-1) * rows for name, rows in pieces.items()], 1)
@@ -136,9 +143,12 @@ class PolicyNet(nn.Module):
         positions: torch.Tensor,
         lengths: torch.Tensor,
         agents: slice = slice(None),
+        states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores (A', B, T) float32 for the agents `agents` (A' of them, default all).
 
+        states: (L', B, T, hidden_size) the layers' input hidden states of the tokens, for a policy that reads them
+        (L' = A' / n_kv_heads: `agents` covers whole layers).
         keys, values: (A', B, T, head_dim), post-RoPE, any float dtype; positions: (A', B, T) int64 true token
         positions (or (1, B, T), shared by all agents); lengths: tokens in each sequence so far (the position
         of the next token), broadcastable to positions, e.g. (1, B, 1). Matmuls run in the dtype of `keys` when it
@@ -169,10 +179,27 @@ class PolicyNet(nn.Module):
         # output (autograd allows it: a matmul's backward does not read its output)
         w1 = f["fc1_w"]
         x = torch.baddbmm(f["fc1_b"].unsqueeze(1), k, w1[:, :h])
-        x = x.baddbmm_(v, w1[:, h : 2 * h]).baddbmm_(pos, w1[:, 2 * h :])
+        pe = self.config.position_dim
+        x = x.baddbmm_(v, w1[:, h : 2 * h]).baddbmm_(pos, w1[:, 2 * h : 2 * h + pe])
+        if "state_w" in f:
+            x = x.baddbmm_(rms(self._state_features(f, states, (a, b, t)).to(dtype)), w1[:, 2 * h + pe :])
         x = F.silu(affine(rms(x), "ln1"))
         x = F.silu(affine(rms(linear(x, "fc2")), "ln2"))
         return linear(x, "out").squeeze(-1).float().reshape(a, b, t)
+
+    def _state_features(self, f: dict[str, torch.Tensor], states: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        """(A', B*T, features): each agent's projection of its layer's hidden states (L', B, T, D), one matmul per
+        layer for all its heads."""
+        a, b, t = shape
+        heads = self.config.n_kv_heads
+        if states is None or states.shape[0] * heads != a or states.shape[1:3] != (b, t):
+            raise KVPError("this policy reads the layers' input hidden states: pass states (L', B, T, hidden_size)")
+        w, n_layers = f["state_w"], a // heads
+        d, feats = w.shape[1], w.shape[2]
+        w = w.reshape(n_layers, heads, d, feats).permute(0, 2, 1, 3).reshape(n_layers, d, heads * feats)
+        x = torch.bmm(states.reshape(n_layers, b * t, d).to(w.dtype), w)  # (L', B*T, H*f)
+        x = x.reshape(n_layers, b * t, heads, feats).permute(0, 2, 1, 3).reshape(a, b * t, feats)
+        return x + f["state_b"].unsqueeze(1)
 
     def _position_embedding(
         self, f: dict[str, torch.Tensor], positions: torch.Tensor, lengths: torch.Tensor, shape: tuple
@@ -198,12 +225,14 @@ class PolicyNet(nn.Module):
         values: torch.Tensor,
         positions: torch.Tensor,
         lengths: torch.Tensor | None = None,
+        states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Score one layer's cache with that layer's agents.
 
         keys, values: (B, H, T, head_dim) with H = n_kv_heads; positions: (B, H, T) int64; lengths: (B,) tokens
         seen so far (default: the largest cached position + 1 per row, exact whenever the most recent token is
-        cached, which the recent window guarantees). Returns (B, H, T) float32, higher = keep.
+        cached, which the recent window guarantees); states: (B, T, hidden) the layer's input hidden states of the
+        cached tokens, for a policy that reads them. Returns (B, H, T) float32, higher = keep.
         """
         cfg = self.config
         bsz, h, t, _ = keys.shape
@@ -222,6 +251,7 @@ class PolicyNet(nn.Module):
             positions.transpose(0, 1),
             lengths.reshape(1, bsz, 1),
             agents,
+            None if states is None else states.unsqueeze(0),
         )
         return scores.transpose(0, 1)
 

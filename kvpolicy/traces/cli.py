@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", default="auto",
                         help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
                         f"of {', '.join(BASELINES)}, 'none', or 'auto' (all on val/test, none on train)")
+    parser.add_argument("--hidden-states", action="store_true",
+                        help="also store every layer's input hidden state of each prompt token (about 1.5x the "
+                             "keys and values), for policies that read them (`kvp train --hidden-states`)")
     parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="target shard size in MiB")
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
                         help="write a shard after at most this many samples (a killed run keeps finished shards)")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, split=args.split, n=args.n, context_tokens=args.context,
         future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
         baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
-        shard_samples=args.shard_samples, shard_seconds=args.shard_seconds,
+        shard_samples=args.shard_samples, shard_seconds=args.shard_seconds, hidden_states=args.hidden_states,
     )
     result = record_on_every_rank(args.model, cfg, args.out, device, args.dtype)
     if result.manifest is not None:

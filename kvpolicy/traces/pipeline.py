@@ -30,7 +30,7 @@ from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.record import record_trace
 from kvpolicy.traces.sources import (DESCRIPTIONS, SOURCES, TRACE_SPLITS, longest_context, source_seeds,
                                      trace_prompts)
-from kvpolicy.traces.store import (DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS, FORMAT,
+from kvpolicy.traces.store import (DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS, FORMAT, STATES,
                                    TraceWriter, write_manifest)
 
 
@@ -58,6 +58,7 @@ class TraceRunConfig:
     seed: int = 0
     tasks: tuple[str, ...] | None = None
     baselines: tuple[str, ...] | None = None  # None: TOVA + SnapKV on held-out splits (val, test), none on train
+    hidden_states: bool = False  # also store each layer's input hidden states (for `kvp train --hidden-states`)
     shard_bytes: int = DEFAULT_SHARD_BYTES
     shard_samples: int = DEFAULT_SHARD_SAMPLES  # a shard is also written after this many samples...
     shard_seconds: float = DEFAULT_SHARD_SECONDS  # ...or this long after its first one (what a kill can lose)
@@ -102,7 +103,9 @@ class TraceRunConfig:
             "baselines": {"names": list(self.baselines), "dtype": "float32",
                           "windows": {name: WINDOWS[name] for name in self.baselines}, "snapkv_kernel": SNAPKV_KERNEL,
                           "definition": "kvpress TOVAPress/SnapKVPress.score, batched over layers"},
-            "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"},
+            "hidden_states": self.hidden_states,
+            "dtypes": {"keys": "float16", "values": "float16", "utility": "float32"}
+            | ({STATES: "float16"} if self.hidden_states else {}),
             "code_version": code_version(),
         }
 
@@ -149,7 +152,7 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
         for prompt in prompts:
             prompt_ids = handle.encode(prompt.prompt)
             reference_ids = handle.encode(prompt.reference) if cfg.future.mode == "reference" else None
-            trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines)
+            trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines, cfg.hidden_states)
             seconds = time.perf_counter() - sample_start
             sample_start = time.perf_counter()  # writing this sample (and maybe a shard) counts toward the next one
             model_seconds += trace.model_seconds
@@ -159,6 +162,7 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
                       **prompt.meta}
             tensors = {"keys": trace.keys, "values": trace.values, "utility": trace.utility}
             tensors |= {f"baseline.{name}": scores for name, scores in trace.baselines.items()}
+            tensors |= {STATES: trace.states} if trace.states is not None else {}
             with deferred_interrupts():  # a record is queued with its tensors, or not at all
                 writer.add(prompt.index, record, tensors)
             if progress is not None:

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpolicy.errors import KVPError
-from kvpolicy.models.attention import record_attention_inputs
+from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
 from kvpolicy.models.decoding import decode_tokens
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.models.placement import synchronize
@@ -28,7 +28,8 @@ from kvpolicy.traces.utility import future_utility
 
 @dataclass
 class Trace:
-    """keys, values: (L, H, T, d) fp16 post-RoPE; utility: (L, H, T) fp32; baselines: {name: (L, H, T) fp32}."""
+    """keys, values: (L, H, T, d) fp16 post-RoPE; utility: (L, H, T) fp32; baselines: {name: (L, H, T) fp32};
+    states: (L, T, hidden) fp16, each layer's attention input (after its input norm) when recorded, else None."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -37,6 +38,7 @@ class Trace:
     future_ids: list[int]
     model_seconds: float  # time inside the model's own forward passes (prefill, decoding, future chunk)
     warnings: list[str] = field(default_factory=list)
+    states: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -74,8 +76,10 @@ def record_trace(
     future: FutureConfig,
     reference_ids: torch.Tensor | None = None,
     baselines: Sequence[str] = (),
+    hidden_states: bool = False,
 ) -> Trace:
-    """Run the model over prompt_ids (1, T) and its future; return the prompt's trace.
+    """Run the model over prompt_ids (1, T) and its future; return the prompt's trace (with hidden_states, also
+    every layer's attention input for each prompt token).
 
     A prompt that leaves no room for a single future token within the model's maximum positions is refused
     (KVPError); a future that does not fit is truncated with a warning saying so.
@@ -102,7 +106,8 @@ def record_trace(
     stopwatch = _Stopwatch(device)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        with stopwatch, record_attention_inputs(handle.layers, max(1, rows_needed(baselines, n_prompt))) as recorded:
+        rows = ALL_QUERIES if hidden_states else max(1, rows_needed(baselines, n_prompt))
+        with stopwatch, record_attention_inputs(handle.layers, rows) as recorded:
             if future.mode == "greedy":
                 out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1]
@@ -110,6 +115,8 @@ def record_trace(
                 model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         layer_caches = cache.layers
         scores = baseline_scores(baselines, attn, recorded, [c.keys for c in layer_caches])
+        states = torch.stack([r.hidden_states[0] for r in recorded]).half().cpu() if hidden_states else None
+        del recorded
         if future.mode == "greedy":
             with stopwatch:
                 future_ids = greedy_continuation(handle, cache, logits, max_future)
@@ -124,4 +131,4 @@ def record_trace(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     scores = {name: s.cpu() for name, s in scores.items()}
-    return Trace(keys, values, utility, scores, future_ids, stopwatch.seconds, notes)
+    return Trace(keys, values, utility, scores, future_ids, stopwatch.seconds, notes, states)

@@ -3,7 +3,8 @@
 Layout of DIR:
     shard-r{rank:03d}-{seq:05d}.safetensors   per sample i: "{i:07d}.keys"/".values" (L, H, T, d) fp16,
                                               "{i:07d}.utility" (L, H, T) fp32, "{i:07d}.baseline.NAME" (L, H, T)
-                                              fp32; metadata: the run config and, per sample, its record with a
+                                              fp32, with --hidden-states "{i:07d}.states" (L, T, hidden) fp16;
+                                              metadata: the run config and, per sample, its record with a
                                               CRC32 of every (tensor, layer) slice
     manifest.json                             written once every sample is present (rank 0 under torchrun)
 
@@ -47,8 +48,9 @@ SHARD_NAME = re.compile(r"shard-r\d{3,}-\d{5,}\.safetensors")  # what TraceWrite
 CORE_TENSORS = ("keys", "values", "utility")
 # what must agree between a run and traces already in its output directory
 COMPATIBILITY_KEYS = ("format", "model", "model_dtype", "source", "split", "context_tokens", "future", "seeds",
-                      "baselines")
-UNRECORDED = {"model_dtype": "float32"}  # what traces written before a field existed ran with
+                      "baselines", "hidden_states")
+UNRECORDED = {"model_dtype": "float32", "hidden_states": False}  # what traces written before a field existed ran with
+STATES = "states"  # the optional per-sample tensor of the layers' input hidden states (`kvp traces --hidden-states`)
 
 # Schemas (kvpolicy.schema) of what the readers use: required is what every writer (kvp traces, the synthetic traces
 # of kvpolicy.training.synthetic) writes; Optional what only some write.
@@ -66,6 +68,7 @@ CONFIG_SCHEMA = {
     "future": {"mode": str, "max_tokens": Optional(int)},
     "seeds": dict,
     "baselines": {"names": [str]},
+    "hidden_states": Optional(bool),
     "code_version": Optional(str),
 }
 # one sample as TraceWriter.add records it (plus the prompt's own meta fields)
@@ -326,12 +329,14 @@ def _load_manifest(directory: Path) -> dict:
 
 @dataclass
 class TraceSample:
-    """One sample's trace. keys, values: ([L,] H, T, d) fp16; utility: ([L,] H, T) fp32; positions: (T,) int64."""
+    """One sample's trace. keys, values: ([L,] H, T, d) fp16; utility: ([L,] H, T) fp32; positions: (T,) int64;
+    states: ([L,] T, hidden) fp16, the layers' input hidden states, in traces recorded with them (else None)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     utility: torch.Tensor
     positions: torch.Tensor
+    states: torch.Tensor | None = None
 
 
 class TraceReader:
@@ -359,6 +364,11 @@ class TraceReader:
     @property
     def baselines(self) -> list[str]:
         return list(self.manifest["baselines"]["names"])
+
+    @property
+    def has_states(self) -> bool:
+        """Whether every sample holds its layers' input hidden states (`kvp traces --hidden-states`)."""
+        return bool(self.manifest.get("hidden_states"))
 
     @property
     def manifest_hash(self) -> str:
@@ -422,16 +432,20 @@ class TraceReader:
         if not 0 <= layer < self.model.n_layers:
             raise KVPError(f"layer {layer} out of range: the traces have {self.model.n_layers} layers")
         parts = [self._slice(sample, t, layer) for t in CORE_TENSORS]
-        return TraceSample(*parts, positions=self.positions(sample))
+        states = self._slice(sample, STATES, layer) if self.has_states else None
+        return TraceSample(*parts, positions=self.positions(sample), states=states)
 
     def read_layers(self, sample: int, layers: Sequence[int] | None = None) -> TraceSample:
-        """keys, values (L, H, T, d), utility (L, H, T) for `layers` (all when None), positions (T,)."""
+        """keys, values (L, H, T, d), utility (L, H, T), states (L, T, hidden) or None for `layers` (all when
+        None), positions (T,)."""
         if layers is None:
             parts = [self._slice(sample, t, slice(None)) for t in CORE_TENSORS]
-            return TraceSample(*parts, positions=self.positions(sample))
+            states = self._slice(sample, STATES, slice(None)) if self.has_states else None
+            return TraceSample(*parts, positions=self.positions(sample), states=states)
         rows = [self.read(sample, layer) for layer in layers]
+        states = torch.stack([r.states for r in rows]) if self.has_states else None
         return TraceSample(torch.stack([r.keys for r in rows]), torch.stack([r.values for r in rows]),
-                           torch.stack([r.utility for r in rows]), positions=self.positions(sample))
+                           torch.stack([r.utility for r in rows]), positions=self.positions(sample), states=states)
 
     def read_baseline(self, sample: int, layer: int, name: str) -> torch.Tensor:
         """(H, T) fp32 scores of a query-based baseline (higher = keep), as listed in manifest["baselines"]."""

@@ -76,12 +76,19 @@ def fit_curve_reference(scores: Sequence[torch.Tensor], utilities: Sequence[torc
 
 
 def policy_scores(policy: PolicyNet, trace: TraceSample) -> torch.Tensor:
-    """The policy's raw scores (L, H, T) float32 of one trace's cache."""
+    """The policy's raw scores (L, H, T) float32 of one trace's cache (with its hidden states for a policy that
+    reads them)."""
     L, H, T = trace.utility.shape
     positions = torch.as_tensor(trace.positions).view(1, 1, T).expand(1, H, T)
+    if policy.config.hidden_state_dim and trace.states is None:
+        raise KVPError("this policy reads the layers' hidden states, which these traces do not hold: record them with "
+                       "`kvp traces ... --hidden-states`")
+    states = trace.states if policy.config.hidden_state_dim else None
     with torch.no_grad():
         return torch.stack([policy.score_layer(layer, trace.keys[layer][None].float(),
-                                               trace.values[layer][None].float(), positions)[0].float()
+                                               trace.values[layer][None].float(), positions,
+                                               states=None if states is None else states[layer][None].float()
+                                               )[0].float()
                             for layer in range(L)])
 
 

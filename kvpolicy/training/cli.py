@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--hidden", type=int, default=_POLICY_DEFAULTS["hidden"],
                         help="policy hidden width (paper 256)")
+    parser.add_argument("--hidden-states", action="store_true",
+                        help="agents also read each token's input hidden state of their layer, through a learned "
+                             "projection (traces from `kvp traces --hidden-states`; such a policy ranks a whole "
+                             "prefill, as KVzap does)")
+    parser.add_argument("--state-features", type=int, default=_POLICY_DEFAULTS["hidden_state_features"],
+                        help="width of that projection per agent (default "
+                             f"{_POLICY_DEFAULTS['hidden_state_features']})")
     parser.add_argument("--position-encoding", choices=POSITION_ENCODINGS,
                         default=_POLICY_DEFAULTS["position_encoding"])
     parser.add_argument("--max-position", type=int, default=None,
@@ -58,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.errors import KVPError
     from kvpolicy.traces.union import open_traces
     from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.models.placement import resolve_device
+    from kvpolicy.training.data import source_has_states, states_width
     from kvpolicy.training.trainer import Trainer
 
     train = open_traces(args.traces)
@@ -72,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(**(values | PAPER if args.paper else values))
     model = train.model
+    if args.hidden_states and not source_has_states(train):
+        raise KVPError("--hidden-states trains agents that read the layers' hidden states, which these traces do not "
+                       "hold: record them with `kvp traces ... --hidden-states`")
     policy = PolicyConfig(
         model.n_layers, model.n_kv_heads, model.head_dim, hidden=args.hidden,
         position_encoding=args.position_encoding, max_position=args.max_position or max(train.lengths),
+        hidden_state_dim=states_width(train) if args.hidden_states else 0, hidden_state_features=args.state_features,
     )
     ctx = init_distributed(resolve_device(args.device).type)  # a CUDA request without CUDA: one line
     try:

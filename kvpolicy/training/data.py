@@ -70,19 +70,32 @@ def check_held_out(train: TraceSource, val: TraceSource) -> None:
 @dataclass
 class Batch:
     """keys, values: (A, B, n, d); utility: (A, B, n) float32; positions: (1, B, n) int64 true positions;
-    lengths: (1, B, 1) int64 prompt lengths (the position of the next token)."""
+    lengths: (1, B, 1) int64 prompt lengths (the position of the next token); states: (L, B, n, D) the layers'
+    input hidden states, when the source has them."""
 
     keys: torch.Tensor
     values: torch.Tensor
     utility: torch.Tensor
     positions: torch.Tensor
     lengths: torch.Tensor
+    states: torch.Tensor | None = None
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.keys, self.values, self.utility))
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.keys, self.values, self.utility, self.positions, self.lengths)))
+        return Batch(*(None if t is None else t.to(device) for t in (self.keys, self.values, self.utility,
+                                                                     self.positions, self.lengths, self.states)))
+
+
+def source_has_states(source: TraceSource) -> bool:
+    """Whether every trace set of `source` holds the layers' input hidden states."""
+    return all(getattr(part, "has_states", False) for part in _sets(source))
+
+
+def states_width(source: TraceSource) -> int:
+    """The hidden size of the states a source holds (its first sample's)."""
+    return int(source.read_layers(0, [0]).states.shape[-1])
 
 
 class TraceBatches:
@@ -90,7 +103,8 @@ class TraceBatches:
 
     tokens: tokens ranked per prompt and step (0 or more than a prompt's evictable tokens: all of the shortest
     prompt's, so a batch stays rectangular). dtype: of keys/values handed to the policy (bfloat16 halves memory
-    traffic and runs the matmuls on the CPU's bf16 units).
+    traffic and runs the matmuls on the CPU's bf16 units). states: also hand over the layers' input hidden states,
+    for a policy that reads them (the traces must hold them: `kvp traces --hidden-states`).
     """
 
     def __init__(
@@ -100,10 +114,14 @@ class TraceBatches:
         sinks: int = SINKS,
         recent: int = RECENT,
         dtype: torch.dtype = torch.float32,
+        states: bool = False,
     ):
         if len(source) == 0:
             raise KVPError("the trace set is empty: record traces with `kvp traces ... --n N` first")
-        self.source = source
+        if states and not source_has_states(source):
+            raise KVPError("this policy reads the layers' hidden states, which these traces do not hold: record them "
+                           "with `kvp traces ... --hidden-states`")
+        self.source, self.states = source, states
         self.sinks, self.recent, self.dtype = sinks, recent, dtype
         spans = [stop - start for start, stop in (evictable_range(t, sinks, recent) for t in source.lengths)]
         shortest = min(spans)
@@ -123,8 +141,9 @@ class TraceBatches:
             self._read(sample)
 
     def _read(self, sample: int) -> tuple[torch.Tensor, ...]:
-        """keys, values (A, T, d) in the storage dtype, utility (A, T), positions (T,) of one prompt (from RAM
-        when cached). When training in bfloat16, keys and values are converted once here, not at every step."""
+        """keys, values (A, T, d) in the storage dtype, utility (A, T), positions (T,) of one prompt, and its states
+        (L, T, D) when read (from RAM when cached). When training in bfloat16, keys and values are converted once
+        here, not at every step."""
         if sample in self._cache:
             return self._cache[sample]
         trace = self.source.read_layers(sample)
@@ -133,6 +152,7 @@ class TraceBatches:
         keys, values = (torch.as_tensor(t).reshape(a, -1, t.shape[-1]).to(store) for t in (trace.keys, trace.values))
         utility = torch.as_tensor(trace.utility).reshape(a, -1).float()
         tensors = (keys, values, utility, torch.as_tensor(trace.positions))
+        tensors += (torch.as_tensor(trace.states).to(store),) if self.states else ()
         size = sum(t.numel() * t.element_size() for t in tensors)
         if self._cached_bytes + size <= CACHE_BYTES:
             self._cache[sample] = tensors
@@ -141,8 +161,8 @@ class TraceBatches:
 
     def _rows(self, sample: int, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """keys, values (A, n, d), utility (A, n), positions (n,) of one prompt at token indices `index` (None:
-        every token), and the prompt's length."""
-        keys, values, utility, positions = self._read(sample)
+        every token), the prompt's length, and its states (L, n, D) when read."""
+        keys, values, utility, positions, *states = self._read(sample)
         if index is None:
             index = torch.arange(keys.shape[1])
         return (
@@ -151,7 +171,7 @@ class TraceBatches:
             utility.index_select(1, index),
             positions.index_select(0, index),
             positions.max() + 1,
-        )
+        ) + tuple(s.index_select(1, index).to(self.dtype) for s in states)
 
     def batch(self, samples: Sequence[int], generator: torch.Generator | None = None) -> Batch:
         """A training batch: for each prompt in `samples`, `tokens` random evictable tokens (sorted)."""
@@ -168,11 +188,12 @@ class TraceBatches:
 
     @staticmethod
     def _stack(rows: list[tuple[torch.Tensor, ...]]) -> Batch:
-        keys, values, utility, positions, lengths = zip(*rows)
+        keys, values, utility, positions, lengths, *states = zip(*rows)
         return Batch(
             keys=torch.stack(keys, 1),
             values=torch.stack(values, 1),
             utility=torch.stack(utility, 1),
             positions=torch.stack(positions).unsqueeze(0),
             lengths=torch.stack(lengths).reshape(1, -1, 1),
+            states=torch.stack(states[0], 1) if states else None,
         )

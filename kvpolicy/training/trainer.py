@@ -175,8 +175,9 @@ class Trainer:
         self.traces = {"train": {**source_description(train), "prompts_used": len(self.train_ids)},
                        "val": source_description(self.val_source)}
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        self.data = TraceBatches(train, cfg.tokens, cfg.sinks, cfg.recent, dtype)
-        self.val_data = TraceBatches(self.val_source, 0, cfg.sinks, cfg.recent)
+        states = bool(policy.hidden_state_dim)  # a policy that reads the layers' hidden states
+        self.data = TraceBatches(train, cfg.tokens, cfg.sinks, cfg.recent, dtype, states)
+        self.val_data = TraceBatches(self.val_source, 0, cfg.sinks, cfg.recent, states=states)
         self.data.preload(self.train_ids)
         if self.ctx.main:
             self.val_data.preload(self.val_ids)
@@ -249,7 +250,8 @@ class Trainer:
         if self.ctx.any(not batch.finite()):
             return self._skip("non-finite values in the batch")
 
-        scores = self.forward(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, B, n)
+        scores = self.forward(batch.keys, batch.values, batch.positions, batch.lengths,
+                              states=batch.states)  # (A, B, n)
         perms = gumbel_sort(scores, n_samples=cfg.samples, generator=g)  # (A, B, K, n)
         rewards = reward(batch.utility.unsqueeze(2), perms)  # (A, B, K)
         adv = rloo_advantages(rewards, clip=cfg.advantage_clip)
@@ -294,7 +296,8 @@ class Trainer:
         costs = torch.zeros(self.net.config.n_agents, device=self.ctx.device)
         for sample in self.val_ids:
             batch = self.val_data.full(sample).to(self.ctx.device)
-            scores = self.eval_net(batch.keys, batch.values, batch.positions, batch.lengths)  # (A, 1, T)
+            scores = self.eval_net(batch.keys, batch.values, batch.positions, batch.lengths,
+                                   states=batch.states)  # (A, 1, T)
             costs += evictable_cost(scores, batch.utility, self.cfg.sinks, self.cfg.recent)[:, 0]
         costs /= len(self.val_ids)
         val_reward = float(-costs.mean())

@@ -23,8 +23,9 @@ def _norm(w: torch.Tensor, b: torch.Tensor) -> nn.LayerNorm:
     return layer
 
 
-def reference_agent(net: PolicyNet, a: int, keys, values, positions, length) -> torch.Tensor:
-    """The paper's network for agent `a` written plainly: keys/values (T, d), positions (T,) -> scores (T,)."""
+def reference_agent(net: PolicyNet, a: int, keys, values, positions, length, states=None) -> torch.Tensor:
+    """The paper's network for agent `a` written plainly: keys/values (T, d), positions (T,), the layer's hidden
+    states (T, D) for a policy that reads them -> scores (T,)."""
     p = {name: t[a].detach() for name, t in net.named_parameters()}
     cfg = net.config
     k = _norm(p["key_ln_w"], p["key_ln_b"])(_linear(p["key_w"], p["key_b"])(keys))
@@ -39,7 +40,10 @@ def reference_agent(net: PolicyNet, a: int, keys, values, positions, length) -> 
         )
         pos = pos + _linear(p["position_w"], p["position_b"])(feats)
     pos = _norm(p["position_ln_w"], p["position_ln_b"])(pos)
-    x = torch.cat([k, v, pos], -1)
+    parts = [k, v, pos]
+    if cfg.hidden_state_dim:
+        parts.append(_norm(p["state_ln_w"], p["state_ln_b"])(_linear(p["state_w"], p["state_b"])(states)))
+    x = torch.cat(parts, -1)
     x = F.silu(_norm(p["ln1_w"], p["ln1_b"])(_linear(p["fc1_w"], p["fc1_b"])(x)))
     x = F.silu(_norm(p["ln2_w"], p["ln2_b"])(_linear(p["fc2_w"], p["fc2_b"])(x)))
     return _linear(p["out_w"], p["out_b"])(x).squeeze(-1)
@@ -65,6 +69,32 @@ def test_batched_forward_equals_per_agent_reference(encoding):
         for bi in range(b):
             ref = reference_agent(net, ai, keys[ai, bi], values[ai, bi], positions[ai, bi], int(lengths[0, bi, 0]))
             torch.testing.assert_close(scores[ai, bi], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_state_branch_equals_per_agent_reference():
+    torch.manual_seed(3)
+    cfg = PolicyConfig(n_layers=3, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, hidden_state_dim=10,
+                       hidden_state_features=5)
+    net = PolicyNet(cfg)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p))
+    a, b, t = cfg.n_agents, 2, 17
+    keys, values = torch.randn(a, b, t, 8), torch.randn(a, b, t, 8)
+    positions = torch.arange(t).expand(1, b, t)
+    lengths = torch.tensor([t, t]).reshape(1, b, 1)
+    states = torch.randn(cfg.n_layers, b, t, 10)
+    scores = net(keys, values, positions, lengths, states=states)
+    for ai in range(a):
+        for bi in range(b):
+            ref = reference_agent(net, ai, keys[ai, bi], values[ai, bi], positions[0, bi], t,
+                                  states[ai // cfg.n_kv_heads, bi])
+            torch.testing.assert_close(scores[ai, bi], ref, rtol=1e-4, atol=1e-4)
+    layer = slice(2, 4)  # the agents of layer 1 read that layer's states only
+    torch.testing.assert_close(net(keys[layer], values[layer], positions, lengths, layer, states[1:2]), scores[layer])
+    with pytest.raises(KVPError, match="hidden states"):
+        net(keys, values, positions, lengths)
 
 
 def test_score_layer_uses_that_layers_agents_and_shared_positions():

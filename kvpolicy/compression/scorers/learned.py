@@ -4,7 +4,9 @@
 Moschella, Manduchi, Sener, "Learning to Evict from Key-Value Cache" (arXiv 2602.10238). Each head's agent
 scores cached tokens from their key, value and position alone, so the scorer is attention-free: it can re-rank
 the cache at any time, during decoding included. The checkpoint comes from `kvp train`, or ships in the package
-(kvpolicy.policy.bundled).
+(kvpolicy.policy.bundled). A policy trained with `--hidden-states` also reads each cached token's input hidden
+state of its layer, which only the prefill that fed it records: like KVzap, it ranks the cache of one whole
+prefill (not a cut cache fed more later, nor during decoding).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvpolicy.compression.scorers.base import LayerView, Scorer
+from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.policy.bundled import resolve_policy
 from kvpolicy.policy.calibration import Calibration
@@ -39,6 +41,13 @@ class KVPScorer(Scorer):
     def __post_init__(self) -> None:
         self._loaded = load_checkpoint(resolve_policy(self.checkpoint), model=self.model)
         self._calibration = self._loaded.calibration
+        if self.reads_states:  # every cached entry's hidden state, recorded by the prefill that fed it
+            self.query_window, self.whole_prefill = ALL_QUERIES, True
+
+    @property
+    def reads_states(self) -> bool:
+        """Whether its agents also read the layers' input hidden states (`kvp train --hidden-states`)."""
+        return bool(self.policy.config.hidden_state_dim)
 
     @property
     def policy(self):
@@ -50,8 +59,19 @@ class KVPScorer(Scorer):
 
     def score(self, view: LayerView) -> torch.Tensor:
         self._place(view.keys)
+        states = None
+        if self.reads_states:
+            if view.hidden_states is None:
+                raise KVPError("this KVP policy reads each cached entry's hidden state, and none was given (traces "
+                               "without them: record with `kvp traces --hidden-states`)")
+            cached, fed = view.keys.shape[2], view.hidden_states.shape[1]
+            if fed != cached:
+                raise KVPError(f"this KVP policy reads each cached entry's hidden state, but only the latest {fed} of "
+                               f"the {cached} cached entries' are recorded (a cache fed in several chunks); rank a "
+                               "cache right after its one prefill, or use a policy trained without --hidden-states")
+            states = view.hidden_states
         with torch.no_grad():
-            return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions)
+            return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions, states=states)
 
     def incomparable(self) -> str | None:
         if self._calibration is None:
