@@ -167,7 +167,8 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
 
 
 def _rank_layers(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tensor]:
-    """`rank` by `Scorer.score`, one layer at a time, with the recorded attention inputs a query-based scorer needs."""
+    """`rank` by `Scorer.score_layers` (one layer at a time unless the scorer scores them together), with the
+    recorded attention inputs a query-based scorer needs."""
     needs = scorer.query_window
     if needs:
         have = state.recorded[0].rows if state.recorded else 0
@@ -189,23 +190,22 @@ def _rank_layers(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[to
                 "(evicting or decoding drops them)"
             )
     rotary = handle.model.model.rotary_emb
-    scores = []
+    views = []
+    for idx in range(state.n_layers):
+        keys, values = state.layer(idx)
+        inputs = state.recorded[idx] if needs else None
+        views.append(LayerView(
+            layer_idx=idx,
+            keys=keys,
+            values=values,
+            positions=state.positions[idx],
+            module=handle.layers[idx].self_attn,
+            hidden_states=inputs.hidden_states if inputs else None,
+            position_embeddings=inputs.position_embeddings if inputs else None,
+            rotary_emb=rotary,
+        ))
     with torch.no_grad():
-        for idx in range(state.n_layers):
-            keys, values = state.layer(idx)
-            inputs = state.recorded[idx] if needs else None
-            view = LayerView(
-                layer_idx=idx,
-                keys=keys,
-                values=values,
-                positions=state.positions[idx],
-                module=handle.layers[idx].self_attn,
-                hidden_states=inputs.hidden_states if inputs else None,
-                position_embeddings=inputs.position_embeddings if inputs else None,
-                rotary_emb=rotary,
-            )
-            scores.append(scorer.score(view))
-    return scores
+        return scorer.score_layers(views)
 
 
 def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation: Allocation = UNIFORM) -> KVState:

@@ -30,6 +30,7 @@ Measurements here and in kvpolicy/training/trainer.py were taken on SmolLM2 on a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,8 +139,8 @@ class PolicyNet(nn.Module):
 
     def forward(
         self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        keys: torch.Tensor | Sequence[torch.Tensor],
+        values: torch.Tensor | Sequence[torch.Tensor],
         positions: torch.Tensor,
         lengths: torch.Tensor,
         agents: slice = slice(None),
@@ -149,20 +150,37 @@ class PolicyNet(nn.Module):
 
         states: (L', B, T, hidden_size) the layers' input hidden states of the tokens, for a policy that reads them
         (L' = A' / n_kv_heads: `agents` covers whole layers).
-        keys, values: (A', B, T, head_dim), post-RoPE, any float dtype; positions: (A', B, T) int64 true token
+        keys, values: (A', B, T, head_dim), post-RoPE, any float dtype, or per layer of the agents (H, B, T, head_dim)
+        each (`score_layers`: each layer's cache is read where it is, never copied into one stack); positions: (A', B,
+        T) int64 true token
         positions (or (1, B, T), shared by all agents); lengths: tokens in each sequence so far (the position
         of the next token), broadcastable to positions, e.g. (1, B, 1). Matmuls run in the dtype of `keys` when it
         is bfloat16 or float16 (cheaper), otherwise float32. Computed with the folded weights (`folded`): the
         paper's layer norms become RMS norms, 3.5x cheaper here; tests hold it to the plain per-agent network.
         """
-        a, b, t, d = keys.shape
+        per_layer = not isinstance(keys, torch.Tensor)
+        first = keys[0] if per_layer else keys
+        a, (b, t, d) = (len(keys) * first.shape[0] if per_layer else first.shape[0]), first.shape[1:]
         if d != self.config.head_dim:
             raise KVPError(f"policy expects head_dim {self.config.head_dim}, got keys with last dim {d}")
-        dtype = keys.dtype if keys.dtype in HALF_DTYPES else torch.float32
+        dtype = first.dtype if first.dtype in HALF_DTYPES else torch.float32
         f = self.folded(agents, dtype)
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
             return torch.baddbmm(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"])
+
+        def embed(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> torch.Tensor:
+            """(A', B*T, hidden): the key or value branch's linear map, one matmul per layer's part when in parts."""
+            if not per_layer:
+                return linear(x.reshape(a, b * t, d).to(dtype), name)
+            w, bias = f[f"{name}_w"], f[f"{name}_b"].unsqueeze(1)
+            out = torch.empty(a, b * t, w.shape[-1], dtype=dtype, device=w.device)
+            start = 0
+            for part in x:
+                rows = slice(start, start + part.shape[0])
+                torch.baddbmm(bias[rows], part.reshape(part.shape[0], b * t, d).to(dtype), w[rows], out=out[rows])
+                start = rows.stop
+            return out
 
         def rms(x: torch.Tensor) -> torch.Tensor:  # F.rms_norm, in two kernels instead of its CPU decomposition's six
             mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
@@ -172,8 +190,8 @@ class PolicyNet(nn.Module):
             return torch.addcmul(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"].unsqueeze(1))
 
         h = self.config.hidden
-        k = rms(linear(keys.reshape(a, b * t, d).to(dtype), "key"))
-        v = rms(linear(values.reshape(a, b * t, d).to(dtype), "value"))
+        k = rms(embed(keys, "key"))
+        v = rms(embed(values, "value"))
         pos = rms(self._position_embedding(f, positions, lengths, (a, b, t)).to(dtype))
         # fc1 over concat([k, v, pos]), as three matmuls accumulated in place: no concatenated copy, no extra
         # output (autograd allows it: a matmul's backward does not read its output)
@@ -254,6 +272,36 @@ class PolicyNet(nn.Module):
             None if states is None else states.unsqueeze(0),
         )
         return scores.transpose(0, 1)
+
+    @torch.no_grad()
+    def score_layers(
+        self,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        positions: Sequence[torch.Tensor],
+        lengths: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Score every layer's cache with all agents in one forward: `score_layer` for each layer, with one launch of
+        each matmul for all layers after the key and value maps (the cost of many small calls, not the arithmetic,
+        is what scoring layer by layer pays; inference only, no autograd). keys, values: per layer (B, H, T,
+        head_dim), every layer of the model, all of one shape; positions: per layer (B, H, T); lengths: as in
+        `score_layer`. Returns per layer (B, H, T) float32, higher = keep."""
+        cfg = self.config
+        shape = keys[0].shape
+        if len(keys) != cfg.n_layers or any(k.shape != shape or v.shape != shape for k, v in zip(keys, values)):
+            raise KVPError(f"score_layers takes all {cfg.n_layers} layers' caches of one shape; got {len(keys)} "
+                           "layers: score layers of different lengths one at a time (score_layer)")
+        bsz, h, t, _ = shape
+        if h != cfg.n_kv_heads:
+            raise KVPError(f"policy was trained for {cfg.n_kv_heads} KV heads; got {h}: use a checkpoint trained on "
+                           "this model")
+        stacked = torch.stack(list(positions))  # (L, B, H, T)
+        if lengths is None:
+            empty = torch.ones(bsz, dtype=torch.long, device=stacked.device)
+            lengths = stacked.transpose(0, 1).reshape(bsz, -1).amax(-1) + 1 if t else empty
+        scores = self([k.transpose(0, 1) for k in keys], [v.transpose(0, 1) for v in values],
+                      stacked.permute(0, 2, 1, 3).reshape(cfg.n_agents, bsz, t), lengths.reshape(1, bsz, 1))
+        return list(scores.reshape(cfg.n_layers, h, bsz, t).transpose(1, 2))
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -189,3 +189,23 @@ def test_config_validation():
     with pytest.raises(KVPError, match="head_dim 8"):
         net(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.arange(4).reshape(1, 1, 4),
             torch.full((1, 1, 1), 4))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 0.0), (torch.bfloat16, 2e-2)])
+def test_score_layers_equals_each_layer_scored_alone(dtype, tolerance):
+    torch.manual_seed(2)
+    cfg = PolicyConfig(n_layers=4, n_kv_heads=3, head_dim=8, hidden=8, max_position=64)
+    net = PolicyNet(cfg).to(dtype)
+    bsz, h, t = 2, 3, 20
+    keys = [torch.randn(bsz, h, t, 8, dtype=dtype) for _ in range(cfg.n_layers)]
+    values = [torch.randn(bsz, h, t, 8, dtype=dtype) for _ in range(cfg.n_layers)]
+    positions = [torch.stack([torch.randperm(40)[:t].sort().values for _ in range(bsz * h)]).reshape(bsz, h, t)
+                 for _ in range(cfg.n_layers)]
+    lengths = torch.tensor([45, 50])
+    together = net.score_layers(keys, values, positions, lengths)
+    for layer in range(cfg.n_layers):
+        alone = net.score_layer(layer, keys[layer], values[layer], positions[layer], lengths)
+        # fp32: the same arithmetic, bit for bit; bf16: matmuls of other batch sizes may round otherwise
+        torch.testing.assert_close(together[layer], alone, rtol=tolerance, atol=tolerance)
+    with pytest.raises(KVPError, match="all 4 layers' caches of one shape"):
+        net.score_layers(keys[:3], values[:3], positions[:3])

@@ -55,6 +55,9 @@ class Allocated(Scorer):
     def score(self, view: LayerView) -> torch.Tensor:
         return self.inner.comparable_score(view)
 
+    def score_layers(self, views: list[LayerView]) -> list[torch.Tensor]:
+        return self.inner.comparable_scores(views)
+
     def check_model(self, info: Any) -> None:
         self.inner.check_model(info)
 

@@ -84,6 +84,11 @@ class Scorer:
         """Raise KVPError if this scorer cannot score the model described by `info` (a ModelInfo); any model by
         default (a learned policy refuses models it was not trained for)."""
 
+    def score_layers(self, views: list[LayerView]) -> list[torch.Tensor]:
+        """Scores of every layer (each (batch, kv_heads, T)), from one view per layer in order: `score` on each by
+        default; a scorer that can score all layers in one call overrides it."""
+        return [self.score(view) for view in views]
+
     def check_budgets(self, budgets: list[Any]) -> None:
         """Raise KVPError if this scorer cannot cut to one of `budgets` (each a Budget); any budget by default."""
 
@@ -96,6 +101,10 @@ class Scorer:
         """Scores (batch, kv_heads, T) that compare across heads and layers, for an allocation that moves budget
         between them: `score`'s by default."""
         return self.score(view)
+
+    def comparable_scores(self, views: list[LayerView]) -> list[torch.Tensor]:
+        """`comparable_score` of every layer, from one view per layer in order."""
+        return [self.comparable_score(view) for view in views]
 
     def comparable_identity(self) -> dict[str, Any]:
         """What `comparable_score` adds to `identity` (e.g. a calibration's hash); nothing by default."""

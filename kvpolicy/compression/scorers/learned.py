@@ -73,6 +73,22 @@ class KVPScorer(Scorer):
         with torch.no_grad():
             return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions, states=states)
 
+    def score_layers(self, views: list[LayerView]) -> list[torch.Tensor]:
+        """Every layer in one forward of all agents (`PolicyNet.score_layers`) when the layers are the model's, in
+        order and of one shape, and the policy reads the cache alone; else layer by layer."""
+        shapes = {view.keys.shape for view in views}
+        in_order = [view.layer_idx for view in views] == list(range(self.policy.config.n_layers))
+        if self.reads_states or len(shapes) != 1 or not in_order:
+            return super().score_layers(views)
+        self._place(views[0].keys)
+        with torch.no_grad():
+            return self.policy.score_layers([v.keys for v in views], [v.values for v in views],
+                                            [v.positions for v in views])
+
+    def comparable_scores(self, views: list[LayerView]) -> list[torch.Tensor]:
+        scores = self.score_layers(views)
+        return [self._calibration.apply(view.layer_idx, layer) for view, layer in zip(views, scores)]
+
     def incomparable(self) -> str | None:
         if self._calibration is None:
             return ("its agents rank the tokens of their own head only; give it a calibration onto one scale "
