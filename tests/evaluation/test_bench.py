@@ -16,6 +16,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers import SCORERS, make_scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
+from kvpolicy.evaluation.bench import long_context
 from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
 from kvpolicy.evaluation.bench.ranking_quality import evaluate, measure_ranking, print_ranking, scorer_method
 from kvpolicy.evaluation.lineup import make_contenders
@@ -271,3 +272,27 @@ def test_peak_memory_section_runs_each_prefill_in_its_own_process(tmp_path, caps
     assert full["full_bytes"] == once["full_bytes"] == chunked["full_bytes"] == full["cache_bytes"]
     assert once["cache_bytes"] == chunked["cache_bytes"] == full["cache_bytes"] * 64 // 512
     assert chunked["peak_bytes"] <= full["peak_bytes"] + JITTER and rows[128, "full"]["peak_vs_reference"] == 1
+
+
+@pytest.mark.model
+def test_needle_prompts_place_the_needle_at_its_depth(smollm):
+    for depth in (0.0, 0.5, 1.0):
+        prompt = long_context.needle_prompt(smollm, 400, depth, "amber-falcon-42")
+        at = prompt.index(long_context.NEEDLE.format("amber-falcon-42")) / len(prompt)
+        assert abs(at - depth) < 0.1
+    with pytest.raises(KVPError, match="fraction of the prompt"):
+        long_context.needle_prompt(smollm, 400, 1.5, "x")
+
+
+@pytest.mark.model
+def test_long_context_section_answers_a_needle_through_a_chunked_prefill(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["bench", "--sections", "g", "--long-context", "600", "--needle-depths", "0.5", "--peak-budget", "64",
+                 "--prefill-chunk", "128", "--peak-reference", "300", "--json", str(out)]) == 0
+    assert f"\ng) {SECTIONS['g']}\n" in capsys.readouterr().out
+    g = json.loads(out.read_text())["sections"]["g"]
+    full, chunked = g["rows"]
+    assert full["chunk"] is None and full["cache_tokens_peak"] == full["prompt_tokens"] > 300
+    assert chunked["chunk"] == 128 and chunked["prompt_tokens"] > 600 and chunked["cache_tokens_peak"] <= 64 + 128
+    assert chunked["cache_bytes"] * chunked["prompt_tokens"] == chunked["cache_bytes_full"] * 64
+    assert g["scorer"] == "kvp:smollm2-135m" and all(isinstance(r["found"], bool) for r in g["rows"])

@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_placement_arguments(parser)
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="S",
                         help="run only these: a (scoring cost), b (memory), c (decode speed), d (answers vs kvpress), "
-                             "e (traces + training), f (peak memory of a chunked prefill), ranking; default a-e, "
-                             "plus ranking with --traces and --val")
+                             "e (traces + training), f (peak memory of a chunked prefill), g (a needle in a long "
+                             "prompt through a chunked prefill), ranking; default a-e, plus ranking with --traces "
+                             "and --val")
     parser.add_argument("--policy", metavar="CKPT",
                         help="the KVP policy sections a and d time (a `kvp train` checkpoint); default: the one "
                              "section e trains on its short traces (timing does not depend on its quality)")
@@ -68,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-reference", type=int, default=_DEFAULTS.peak_reference, metavar="T",
                         help="prompt length of section f's full-cache reference row (default "
                              f"{_DEFAULTS.peak_reference})")
+    parser.add_argument("--long-context", type=int, default=_DEFAULTS.long_context, metavar="T",
+                        help=f"section g's prompt length (default {_DEFAULTS.long_context})")
+    parser.add_argument("--needle-depths", type=float, nargs="+", default=list(_DEFAULTS.needle_depths),
+                        metavar="D", help="section g's needle depths, fractions of the prompt (default "
+                                          f"{' '.join(map(str, _DEFAULTS.needle_depths))})")
     parser.add_argument("--traces", metavar="DIR", help="ranking section: training traces (from `kvp traces`)")
     parser.add_argument("--val", metavar="DIR", help="ranking section: validation traces")
     parser.add_argument("--test", metavar="DIR", help="ranking section: held-out traces to report on (default --val)")
@@ -85,7 +91,7 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
              work: Path) -> dict:
     """Measure one section, print its table and return its figures (policy: the KVP checkpoint a and d time)."""
     from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
-    from kvpolicy.evaluation.bench import answers, decode, memory, ranking_quality, scoring, throughput
+    from kvpolicy.evaluation.bench import answers, decode, long_context, memory, ranking_quality, scoring, throughput
 
     contexts = list(config.contexts)
     if section in ("a", "d"):
@@ -112,6 +118,11 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         figures = memory.measure_peak(handle, list(config.peak_contexts), config.peak_budget, config.prefill_chunk,
                                       config.peak_reference)
         memory.print_peak(figures)
+    elif section == "g":
+        scorer = f"{LEARNED_PREFIX}{policy or handle.info.name}"  # the bundled policy without --policy
+        figures = long_context.measure_long_context(handle, scorer, config.long_context, list(config.needle_depths),
+                                                    config.peak_budget, config.prefill_chunk, config.peak_reference)
+        long_context.print_long_context(figures)
     elif section == "e":
         from kvpolicy.traces.store import TraceReader
 
@@ -150,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(tuple(args.contexts), args.keep, tuple(args.budgets), args.decode_tokens, args.answer_tokens,
                          args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
                          tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation),
-                         tuple(args.peak_contexts), args.peak_budget, args.prefill_chunk, args.peak_reference)
+                         tuple(args.peak_contexts), args.peak_budget, args.prefill_chunk, args.peak_reference,
+                         args.long_context, tuple(args.needle_depths))
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

@@ -15,6 +15,7 @@ SECTIONS = {
     "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
     "e": "trace recording and policy training throughput (and training at each --train-shape)",
     "f": "peak memory of a chunked prefill (cut after every chunk) vs compress-once vs the full cache, long contexts",
+    "g": "a needle in a prompt longer than a full cache could hold, through a chunked prefill: answers, peak memory",
     "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
 }
 DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given
@@ -33,7 +34,8 @@ class BenchConfig:
     train_shapes: (layers, KV heads, head dim) at which section e also times training, on synthetic traces.
     allocations: the allocation modes section b measures each budget in.
     peak_contexts / peak_budget / prefill_chunk: section f's prompt lengths, budget and chunk size; peak_reference:
-    the prompt length of its full-cache reference row.
+    the prompt length of its full-cache reference row (section g uses the same budget, chunk and reference).
+    long_context / needle_depths: section g's prompt length and the depths its needle is placed at.
     """
 
     contexts: tuple[int, ...] = (2048, 4096)
@@ -52,6 +54,8 @@ class BenchConfig:
     peak_budget: int = 1024
     prefill_chunk: int = 1024
     peak_reference: int = 2048
+    long_context: int = 32768
+    needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -67,6 +71,8 @@ class BenchConfig:
             raise KVPError(f"--allocation takes {', '.join(ALLOCATION_MODES)}; got {list(self.allocations)}")
         if not self.peak_contexts or min(self.peak_contexts) < 64 or self.peak_reference < 64:
             raise KVPError("--peak-contexts and --peak-reference must be at least 64 tokens each")
+        if self.long_context < 64 or not self.needle_depths or not all(0 <= d <= 1 for d in self.needle_depths):
+            raise KVPError("--long-context must be at least 64 tokens and --needle-depths fractions in [0, 1]")
         if min(self.peak_budget, self.prefill_chunk) < 1:
             raise KVPError("--peak-budget and --prefill-chunk must be >= 1")
         if self.trace_context < 16 or self.trace_future < 1:
