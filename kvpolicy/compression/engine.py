@@ -261,8 +261,7 @@ def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int, optio
     """Refuse, before any work, a chunked feed (a bounded stream, a chunked prefill) that cannot run: a scorer without
     a budget (or the reverse: neither is the full cache), a chunk size below 1, a scorer that ranks only a whole
     prefill (KVzip, KVzap, a KVP policy reading hidden states), or one that needs the attention inputs of more tokens
-    than a chunk feeds. option: what sets the
-    chunk size, named in the error (`--every`, `--prefill-chunk`)."""
+    than a chunk feeds. option: what sets the chunk size, named in the error (`--every`, `--prefill-chunk`)."""
     if (scorer is None) != (budget is None):
         raise KVPError("give both a scorer and a budget to bound the cache, or neither for the full cache")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -332,9 +331,9 @@ def prefill_chunked(
     holds more than budget + chunk entries per head. The chunks are aligned on the end of the prompt: the last one,
     which the caller compresses as after a whole prefill (its recorded queries are the scorer's), holds the prompt's
     last `chunk` tokens (the question, in the query-aware protocol), and the first one what remains; a chunk >= T is
-    one chunk, a whole prefill. Refused (`check_prefill_chunk`): a scorer that re-reads the cached text (KVzip), a
-    chunk smaller than the budget's sinks + recent or than the scorer's query window; and a first chunk that must be
-    cut (longer than the budget) but is shorter than that window.
+    one chunk, a whole prefill. Refused (`check_prefill_chunk`): a scorer that ranks only a whole prefill (KVzip,
+    KVzap), a chunk smaller than the budget's sinks + recent or than the scorer's query window; and a first chunk that
+    must be cut (longer than the budget) but is shorter than that window.
     Returns (state, the most entries per head the cache held)."""
     check_supported(handle)
     _check_input(input_ids, None)
@@ -552,15 +551,15 @@ def generate(
     full_tokens = first.shape[1]
     if prefill_chunk is None:
         state, _ = prefill(handle, first, record_queries=scorer.query_window if scorer else 0)
-        peak = full_tokens
+        peak, cut_to = full_tokens, budget
     else:
-        budget = budget.of_length(full_tokens)  # a ratio of the whole prompt, kept through every cut
-        state, peak = prefill_chunked(handle, first, scorer, budget, prefill_chunk)
+        cut_to = budget.of_length(full_tokens)  # a ratio of the whole prompt, kept through every cut
+        state, peak = prefill_chunked(handle, first, scorer, cut_to, prefill_chunk)
     timings["prefill_s"] = _seconds_since(handle, clock)
     full_bytes = round(state.nbytes() / state.attended() * full_tokens)
     clock = time.perf_counter()
     if scorer is not None:
-        state = compress(handle, state, scorer, budget)
+        state = compress(handle, state, scorer, cut_to)
     timings["compress_s"] = _seconds_since(handle, clock)
     compressed_tokens, compressed_bytes = round(state.attended()), state.nbytes()
     shortfall = budget.shortfall(full_tokens) if budget is not None else None

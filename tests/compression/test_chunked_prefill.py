@@ -66,6 +66,7 @@ def test_generate_with_a_chunked_prefill(smollm):
     ratio = generate(smollm, context, " Summarize.", scorer, Budget(ratio=0.75), "question-agnostic", 2,
                      prefill_chunk=64)
     assert ratio.cache_tokens_compressed == Budget(ratio=0.75).kept(ratio.context_tokens)  # of the whole prompt
+    assert ratio.budget == "r0.75" and ratio.budget_shortfall is None
     assert ratio.cache_tokens_peak <= ratio.cache_tokens_compressed + 64
 
 
