@@ -280,10 +280,22 @@ def check_chunks(scorer: Scorer | None, budget: Budget | None, chunk: int, optio
 @dataclass
 class ChunkFed:
     """One chunk fed by `feed_chunks`: out, what `feed` returned for it; fed: entries per KV head right after
-    feeding it, before any cut (averaged over heads and layers for an adaptive allocation)."""
+    feeding it, before any cut (averaged over heads and layers for an adaptive allocation); cut_s: the seconds the
+    cut after it took (ranking and eviction; 0 when none was due)."""
 
     out: Any
     fed: float
+    cut_s: float = 0.0
+
+
+@dataclass
+class ChunkedPrefill:
+    """What a chunked prefill did: peak, the most entries per KV head the cache held; chunks fed; cut_s, the seconds
+    its cuts took (ranking and eviction), the device's queued work included."""
+
+    peak: float
+    chunks: int
+    cut_s: float
 
 
 def feed_chunks(
@@ -306,10 +318,12 @@ def feed_chunks(
         last = i == len(chunks) - 1
         cut = scorer is not None and not last and state.attended() + chunk.shape[1] > budget.tokens
         out = feed(state, chunk, scorer.query_window if cut or (last and record_last and scorer) else 0)
-        fed = state.attended()
+        fed, cut_s = state.attended(), 0.0
         if cut:
+            start = time.perf_counter()
             state.update_from(compress(handle, state, scorer, budget))
-        yield ChunkFed(out, fed)
+            cut_s = _seconds_since(handle, start)
+        yield ChunkFed(out, fed, cut_s)
 
 
 def check_prefill_chunk(scorer: Scorer | None, budget: Budget | None, chunk: int) -> None:
@@ -325,7 +339,7 @@ def check_prefill_chunk(scorer: Scorer | None, budget: Budget | None, chunk: int
 
 def prefill_chunked(
     handle: ModelHandle, input_ids: torch.Tensor, scorer: Scorer, budget: Budget, chunk: int
-) -> tuple[KVState, float]:
+) -> tuple[KVState, ChunkedPrefill]:
     """Prefill input_ids (1, T) `chunk` tokens at a time, cutting the cache back to `budget` (tokens per head; for a
     ratio of T, `Budget.of_length`) with `scorer` after every chunk but the last (`feed_chunks`): the cache never
     holds more than budget + chunk entries per head. The chunks are aligned on the end of the prompt: the last one,
@@ -334,7 +348,7 @@ def prefill_chunked(
     one chunk, a whole prefill. Refused (`check_prefill_chunk`): a scorer that ranks only a whole prefill (KVzip,
     KVzap), a chunk smaller than the budget's sinks + recent or than the scorer's query window; and a first chunk that
     must be cut (longer than the budget) but is shorter than that window.
-    Returns (state, the most entries per head the cache held)."""
+    Returns (state, what the chunked prefill did)."""
     check_supported(handle)
     _check_input(input_ids, None)
     check_prefill_chunk(scorer, budget, chunk)
@@ -355,8 +369,8 @@ def prefill_chunked(
     def feed(state: KVState, ids: torch.Tensor, rows: int) -> None:
         _forward(handle, state, ids, rows)
 
-    peak = max(step.fed for step in feed_chunks(handle, state, chunks, scorer, budget, feed, record_last=True))
-    return state, peak
+    steps = list(feed_chunks(handle, state, chunks, scorer, budget, feed, record_last=True))
+    return state, ChunkedPrefill(max(step.fed for step in steps), len(steps), sum(step.cut_s for step in steps))
 
 
 def decode_answers(
@@ -554,7 +568,8 @@ def generate(
         peak, cut_to = full_tokens, budget
     else:
         cut_to = budget.of_length(full_tokens)  # a ratio of the whole prompt, kept through every cut
-        state, peak = prefill_chunked(handle, first, scorer, cut_to, prefill_chunk)
+        state, chunked = prefill_chunked(handle, first, scorer, cut_to, prefill_chunk)
+        peak = chunked.peak
     timings["prefill_s"] = _seconds_since(handle, clock)
     full_bytes = round(state.nbytes() / state.attended() * full_tokens)
     clock = time.perf_counter()

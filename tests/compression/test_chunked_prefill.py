@@ -38,9 +38,10 @@ def chunked_by_hand(handle, ids, scorer, budget, chunk):
 @pytest.mark.parametrize("scorer_name", ["knorm", "snapkv", "h2o", "knorm@model"])
 def test_chunked_prefill_equals_cuts_made_by_hand(smollm, prompt, scorer_name):
     scorer, budget, chunk = make_scorer(scorer_name), Budget(tokens=48), 80
-    state, peak = prefill_chunked(smollm, prompt, scorer, budget, chunk)
+    state, done = prefill_chunked(smollm, prompt, scorer, budget, chunk)
     reference, sizes = chunked_by_hand(smollm, prompt, scorer, budget, chunk)
-    assert peak == max(sizes) <= budget.tokens + chunk  # never more than budget + C entries per head
+    assert done.peak == max(sizes) <= budget.tokens + chunk  # never more than budget + C entries per head
+    assert done.chunks == len(sizes) == 5 and done.cut_s > 0
     assert state.next_position == reference.next_position == CONTEXT
     for mine, theirs in zip(state.positions, reference.positions):
         assert torch.equal(mine, theirs)

@@ -40,7 +40,7 @@ def bench(tmp_path_factory):
         code = main(["bench", "--contexts", str(CONTEXT), "--keep", str(KEEP), "--budgets", str(BUDGET),
                      "--decode-tokens", "2", "--answer-tokens", "3", "--repeats", "1", "--trace-n", "2",
                      "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--train-shape", "3x2x32",
-                     "--json", str(out)])
+                     "--prefill-chunk", "64", "--json", str(out)])
     assert code == 0
     return printed.getvalue(), json.loads(out.read_text())
 
@@ -74,6 +74,9 @@ def test_scoring_shares_are_times_over_the_prefill(bench):
     assert tova["recording_share_of_prefill"] == pytest.approx(a["prefill_recording_s"]["1"] / a["prefill_s"] - 1)
     kvzip = a["scorers"]["kvzip"]  # its scoring re-reads the whole prompt on the cache: a prefill or more
     assert kvzip["recorded_queries"] == "none" and kvzip["share_of_prefill"] > 0.5
+    chunked = a["kvp_chunked"]  # KVP through a prefill in two chunks of 64: one cut between them, one at the end
+    assert chunked["chunk"] == 64 and chunked["cuts"] == 2
+    assert chunked["share_of_prefill"] == pytest.approx(chunked["score_evict_s"] / chunked["prefill_s"])
 
 
 @pytest.mark.model

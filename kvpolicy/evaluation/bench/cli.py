@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-budget", type=int, default=_DEFAULTS.peak_budget,
                         help=f"section f's budget, entries per KV head (default {_DEFAULTS.peak_budget})")
     parser.add_argument("--prefill-chunk", type=int, default=_DEFAULTS.prefill_chunk, metavar="C",
-                        help=f"section f's chunk size (default {_DEFAULTS.prefill_chunk})")
+                        help=f"chunk size of sections f and g, and of section a's chunked KVP row (default "
+                             f"{_DEFAULTS.prefill_chunk})")
     parser.add_argument("--peak-reference", type=int, default=_DEFAULTS.peak_reference, metavar="T",
                         help="prompt length of section f's full-cache reference row (default "
                              f"{_DEFAULTS.peak_reference})")
@@ -102,7 +103,7 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         scorers, refused = scoring.bench_scorers(handle, kvp, contexts, config.keep)
         for name, why in refused.items():
             print(f"   {name} left out: {why}")
-        figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats)
+        figures = scoring.measure_scoring(handle, scorers, contexts, config.keep, config.repeats, config.prefill_chunk)
         scoring.print_scoring(figures)
     elif section == "b":
         figures = memory.measure_memory(handle, max(contexts), list(config.budgets), config.allocations)

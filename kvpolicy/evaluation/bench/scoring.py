@@ -3,6 +3,8 @@ with its own allocation: AdaKV's and PyramidKV's counts, KVzap's threshold).
 
 Query-based scorers need the attention inputs of the prompt's last tokens (or all of them), which the prefill
 records: that recording is part of their cost, so it is timed too and shown as its own share of the prefill.
+KVP is also timed with a chunked prefill (`prefill_chunked`): every cut it makes between chunks and the final one,
+as a share of the forward passes of that prefill.
 The oracle's cost is a lookup of the true future utility; a random utility of the right shape times it.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import evict, prefill, rank
+from kvpolicy.compression.engine import evict, prefill, prefill_chunked, rank
 from kvpolicy.compression.catalog import CATALOG
 from kvpolicy.compression.names import ALLOCATION_MODES, HEAD, with_mode
 from kvpolicy.compression.scorers import Scorer, make_scorer
@@ -60,10 +62,26 @@ def window_label(window: int) -> str:
     return {0: "none", ALL_QUERIES: "all"}.get(window, str(window))
 
 
+def time_chunked(handle: ModelHandle, scorer: Scorer, ids: torch.Tensor, budget: Budget, chunk: int,
+                 repeats: int) -> dict:
+    """The best over `repeats` chunked prefills of ids (1, T) cut to `budget` by `scorer` every `chunk` tokens: the
+    seconds of every cut (those between chunks and the final one) and of the forward passes, and their ratio."""
+    device, best = handle.model.device, None
+    for _ in range(repeats):
+        (state, done), seconds = timed(lambda: prefill_chunked(handle, ids, scorer, budget, chunk), device)
+        _, final = timed(lambda state=state: evict(state, rank(handle, state, scorer), budget, scorer.allocation),
+                         device)
+        run = {"chunk": chunk, "cuts": done.chunks, "score_evict_s": done.cut_s + final,
+               "prefill_s": seconds - done.cut_s}
+        best = run if best is None or run["score_evict_s"] < best["score_evict_s"] else best
+    return best | {"share_of_prefill": best["score_evict_s"] / best["prefill_s"]}
+
+
 def time_context(handle: ModelHandle, scorers: dict[str, Scorer], windows: list[int], context: int, keep: float,
-                 repeats: int, progress) -> dict:
+                 repeats: int, progress, chunk: int | None = None) -> dict:
     """One context's figures: the prefill time without and with each recording in `windows`, and per scorer the
-    best time to rank every layer and evict to keep·context entries per head, as shares of the plain prefill."""
+    best time to rank every layer and evict to keep·context entries per head, as shares of the plain prefill; with
+    `chunk`, KVP's cuts through a prefill in chunks of that many tokens too (`time_chunked`)."""
     device = handle.model.device
     ids, budget = essay_ids(handle, context), kept_budget(context, keep)
     prefill(handle, ids)  # warm-up: the first run at a new length sets up kernels
@@ -82,8 +100,11 @@ def time_context(handle: ModelHandle, scorers: dict[str, Scorer], windows: list[
                       "share_of_prefill": seconds / plain,
                       "recording_share_of_prefill": (prefill_s[scorer.query_window] - plain) / plain}
         progress.update(1)
+    chunked = (time_chunked(handle, scorers["kvp"], ids, budget, chunk, repeats)
+               if chunk is not None and chunk < context else None)
     return {"budget": budget.tokens, "prefill_s": plain,
-            "prefill_recording_s": {window_label(w): prefill_s[w] for w in windows if w != 0}, "scorers": rows}
+            "prefill_recording_s": {window_label(w): prefill_s[w] for w in windows if w != 0}, "scorers": rows,
+            "kvp_chunked": chunked}
 
 
 def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, budget: Budget) -> None:
@@ -97,12 +118,13 @@ def warm_up(handle: ModelHandle, scorers: dict[str, Scorer], context: int, budge
 
 
 def measure_scoring(handle: ModelHandle, scorers: dict[str, Scorer], contexts: list[int], keep: float,
-                    repeats: int) -> dict[str, dict]:
-    """`time_context` for every context, keyed by its length, after a warm-up of every scorer."""
+                    repeats: int, chunk: int | None = None) -> dict[str, dict]:
+    """`time_context` for every context, keyed by its length, after a warm-up of every scorer (with `chunk`, KVP
+    through a chunked prefill too, at contexts longer than one chunk)."""
     windows = sorted({s.query_window for s in scorers.values()} | {0}, key=lambda w: (w == ALL_QUERIES, w))
     warm_up(handle, scorers, min(*contexts, WARM_UP_TOKENS), kept_budget(min(contexts), keep))
     with bar(desc="a) scoring", total=len(contexts) * (len(windows) + len(scorers)), unit="timing") as progress:
-        return {str(c): time_context(handle, scorers, windows, c, keep, repeats, progress) for c in contexts}
+        return {str(c): time_context(handle, scorers, windows, c, keep, repeats, progress, chunk) for c in contexts}
 
 
 def print_scoring(figures: dict[str, dict]) -> None:
@@ -116,3 +138,7 @@ def print_scoring(figures: dict[str, dict]) -> None:
         for name, row in fig["scorers"].items():
             extra = f"{100 * row['recording_share_of_prefill']:>13.2f}%" if row["recorded_queries"] != "none" else ""
             print(f"   {name:>20} {1000 * row['score_evict_s']:>15.1f} {100 * row['share_of_prefill']:>9.2f}% {extra}")
+        if (chunked := fig.get("kvp_chunked")) is not None:
+            print(f"   kvp through a prefill in chunks of {chunked['chunk']} tokens: {chunked['cuts']} chunks, every "
+                  f"cut {1000 * chunked['score_evict_s']:.1f} ms, {100 * chunked['share_of_prefill']:.2f}% of its "
+                  f"forward passes ({chunked['prefill_s']:.2f} s)")
