@@ -31,3 +31,8 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 __getattr__ = lazy_exports(__name__, _HOMES)
+
+
+def __dir__() -> list[str]:
+    """The lazily exported API names too, so that completion finds them before their first use."""
+    return sorted(set(globals()) | set(_HOMES))

@@ -20,6 +20,7 @@ def test_the_top_level_names_resolve():
         assert getattr(kvpolicy, name) is not None
     with pytest.raises(AttributeError):
         kvpolicy.no_such_name  # noqa: B018
+    assert set(kvpolicy.__all__) <= set(dir(kvpolicy))  # completion finds them before their first use
 
 
 def readme_python() -> str:

@@ -141,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefill in chunks of {result.prefill_chunk} tokens, cut after each: at most {result.cache_tokens_peak} "
               "entries per KV head held")
     print(f"cache after:  {_size(result.cache_tokens_compressed, result.cache_bytes_compressed)}")
+    if bounded is not None:
+        print(f"while decoding: at most {budget.tokens + bounded.every} entries per KV head, cut back to "
+              f"{budget.tokens} every {bounded.every} tokens")
     print(f"decode: {len(result.token_ids)} tokens in {result.timings['decode_s']:.2f} s "
           f"({result.timings['decode_tokens_per_s']:.1f} tokens/s), stopped by {result.stop_reason}")
     if result.budget_shortfall:

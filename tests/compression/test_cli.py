@@ -30,6 +30,17 @@ def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
     assert out.split("\n")[0].strip()  # the answer comes first
 
 
+def test_generate_says_what_a_chunked_prefill_and_bounded_decoding_held(smollm, capsys):
+    prompt = "The capital of France is Paris. The capital of Italy is Rome. " * 12
+    assert main(["generate", "--budget", "32", "--prefill-chunk", "64", "--bounded-every", "8", "--max-new-tokens", "3",
+                 "--question", " What is the capital of Italy?", prompt]) == 0
+    out = capsys.readouterr().out
+    assert "prefill in chunks of 64 tokens, cut after each: at most" in out
+    held = int(out.split("cut after each: at most ")[1].split()[0])
+    assert held <= 32 + 64
+    assert "while decoding: at most 40 entries per KV head, cut back to 32 every 8 tokens" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -47,6 +58,8 @@ def test_generate_prints_answer_and_cache_sizes(smollm, capsys):
         (["--budget", "32"], "no prompt: give it as an argument, - to read it from stdin, or --prompt-file"),
         (["--budget", "32", "--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
         (["--budget", "32", "--device", "tpu", "x"], "unknown device 'tpu'"),
+        (["--budget", "32", "--prefill-chunk", "8", "x"], "use --prefill-chunk 20 or more"),
+        (["--budget", "32", "--scorer", "kvzip", "--prefill-chunk", "64", "x"], "cannot re-rank a cache cut chunk"),
     ],
 )
 def test_generate_bad_input_is_one_clear_line(argv, message, capsys):
