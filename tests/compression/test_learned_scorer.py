@@ -14,7 +14,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import BoundedDecoding, compress, greedy_decode, prefill, rank
 from kvpolicy.compression.press import KVPolicyPress
 from kvpolicy.compression.scorers import make_scorer
-from kvpolicy.compression.scorers.learned import KVPScorer
+from kvpolicy.compression.scorers.learned import KVPScorer, load_policy
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
 
@@ -41,6 +41,15 @@ def test_scorer_contract_identity_and_model_check(smollm, checkpoint):
         KVPScorer(str(checkpoint), model=other)
     with pytest.raises(KVPError, match="not a KVP checkpoint"):
         make_scorer("kvp:/nonexistent/ckpt")
+
+
+def test_load_policy_takes_the_model_in_any_of_its_forms(smollm, checkpoint):
+    bundled = load_policy(model=smollm).identity()
+    assert bundled["bundled"] and load_policy(model=smollm.info).identity() == bundled
+    assert load_policy(model=smollm.model).identity() == bundled  # the plain transformers model, as kvpress has it
+    assert load_policy(checkpoint, model=smollm.model).identity()["checkpoint"] == str(checkpoint)
+    with pytest.raises(KVPError, match="model= takes a model from kvp.load_model"):
+        load_policy(model=42)
 
 
 def test_engine_compresses_and_decodes_with_the_policy(smollm, checkpoint):

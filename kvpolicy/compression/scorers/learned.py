@@ -19,6 +19,8 @@ import torch
 
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelInfo
+from kvpolicy.models.loader import identify
 from kvpolicy.policy.bundled import resolve_policy
 from kvpolicy.policy.calibration import Calibration
 from kvpolicy.policy.checkpoint import Checkpoint, check_model, load_checkpoint
@@ -131,9 +133,14 @@ class KVPScorer(Scorer):
 def load_policy(checkpoint: str | Path | None = None, model: Any = None) -> KVPScorer:
     """The learned KVP policy as a scorer for `generate`, `compress` and `KVPolicyPress`: a `kvp train` checkpoint
     directory, a model name with a bundled policy, or (checkpoint None) the policy bundled for `model`.
-    model: a ModelHandle or ModelInfo; when given, a policy trained for another model (fingerprint or cache shape)
-    is refused here, before any work."""
+    model: a ModelHandle, a ModelInfo or a transformers model; when given, a policy trained for another model
+    (fingerprint or cache shape) is refused here, before any work."""
     info = getattr(model, "info", model)
+    if info is not None and not isinstance(info, ModelInfo):
+        if not hasattr(info, "config"):
+            raise KVPError(f"load_policy's model= takes a model from kvp.load_model, a ModelInfo or a transformers "
+                           f"model; got {type(model).__name__}")
+        info = identify(info)  # a plain transformers model, e.g. the one handed to kvpress's pipeline
     if checkpoint is None:
         if info is None:
             raise KVPError("load_policy needs a checkpoint, a model name, or model= (for that model's bundled policy)")
