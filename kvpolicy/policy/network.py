@@ -282,8 +282,9 @@ class PolicyNet(nn.Module):
         lengths: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Score every layer's cache with all agents in one forward: `score_layer` for each layer, with one launch of
-        each matmul for all layers after the key and value maps (the cost of many small calls, not the arithmetic,
-        is what scoring layer by layer pays; inference only, no autograd). keys, values: per layer (B, H, T,
+        each matmul for all layers after the key and value maps (on an accelerator, the launches of many small
+        kernels, not the arithmetic, are what scoring layer by layer pays; on CPU the per-layer activations' cache
+        locality wins instead; inference only, no autograd). keys, values: per layer (B, H, T,
         head_dim), every layer of the model, all of one shape; positions: per layer (B, H, T); lengths: as in
         `score_layer`. Returns per layer (B, H, T) float32, higher = keep."""
         cfg = self.config

@@ -25,12 +25,12 @@ def test_sweep_runs_chunked_prefills_beside_compress_once(smollm, tmp_path, caps
     out = tmp_path / "r.jsonl"
     assert main(["sweep", "--task", "ruler:niah_single_1", "dialogue", "--context", "400", "--n", "1",
                  "--budget", "64", "--prefill-chunk", "128", "--protocol", "query-aware", "prompt-once",
-                 "--scorer", "knorm", "kvp:smollm2-135m", "kvzip", "--out", str(out)]) == 0
-    assert "ruler:niah_single_1: KVzip ran compress-once only under query-aware" in capsys.readouterr().err
+                 "--scorer", "knorm", "kvp:smollm2-135m", "kvzap_linear", "--out", str(out)]) == 0
+    assert "ruler:niah_single_1: KVzap (linear) ran compress-once only under query-aware" in capsys.readouterr().err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by = {(r["task"], r["scorer"], r.get("every")): r for r in records}
     for task in ("ruler:niah_single_1", "dialogue"):
-        assert {s for t, s, e in by if t == task and e is None} == {FULL, "knorm", "kvp:smollm2-135m", "kvzip"}
+        assert {s for t, s, e in by if t == task and e is None} == {FULL, "knorm", "kvp:smollm2-135m", "kvzap_linear"}
         assert {s for t, s, e in by if t == task and e == 128} == {"knorm", "kvp:smollm2-135m"}
         for scorer in ("knorm", "kvp:smollm2-135m"):
             once, chunked = by[task, scorer, None], by[task, scorer, 128]
