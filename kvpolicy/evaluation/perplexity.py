@@ -4,7 +4,8 @@ Two protocols. prompt-once (the KVP paper): prefill the whole dialogue before th
 scorer, cut to every budget, score the answer. multi-turn: the dialogue is fed one round (user + assistant turn)
 at a time and the cache is compressed back to the budget after every round (compression/multi_turn.py's
 `continue_dialogue`), so later turns run on what earlier compressions kept; the first round's prefill and ranking
-are shared by every budget.
+are shared by every budget. Under prompt-once, a prefill chunk (`kvp sweep --prefill-chunk C`) prefills the dialogue
+C tokens at a time per (scorer, budget), cutting after each chunk.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ compressed cache, and several questions about one context share the context's pr
 Cuts of equal size (every scorer at one token budget) are stacked into one batch and answered by one batched
 greedy decoding: one forward per new token for all scorers instead of one per scorer. Multiple-choice tasks
 decode nothing: each choice is scored by its log-likelihood after the prompt, as lm-eval-harness scores them.
+With a prefill chunk (`kvp sweep --prefill-chunk C`) nothing is shared: each (scorer, budget) prefills the prompt
+C tokens at a time, cutting after each chunk, since every cut depends on the ones before it.
 """
 
 from __future__ import annotations
