@@ -23,23 +23,23 @@ def test_sweep_runs_chunked_prefills_beside_compress_once(smollm, tmp_path, caps
     from kvpolicy.cli import main
 
     out = tmp_path / "r.jsonl"
-    assert main(["sweep", "--task", "ruler:niah_single_1", "dialogue", "--context", "400", "--n", "1",
-                 "--budget", "64", "--prefill-chunk", "128", "--protocol", "query-aware", "prompt-once",
+    assert main(["sweep", "--task", "ruler:niah_single_1", "dialogue", "--context", "256", "--n", "1",
+                 "--budget", "48", "--prefill-chunk", "96", "--protocol", "query-aware", "prompt-once",
                  "--scorer", "knorm", "kvp:smollm2-135m", "kvzap_linear", "--out", str(out)]) == 0
     assert "ruler:niah_single_1: KVzap (linear) ran compress-once only under query-aware" in capsys.readouterr().err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by = {(r["task"], r["scorer"], r.get("every")): r for r in records}
     for task in ("ruler:niah_single_1", "dialogue"):
         assert {s for t, s, e in by if t == task and e is None} == {FULL, "knorm", "kvp:smollm2-135m", "kvzap_linear"}
-        assert {s for t, s, e in by if t == task and e == 128} == {"knorm", "kvp:smollm2-135m"}
+        assert {s for t, s, e in by if t == task and e == 96} == {"knorm", "kvp:smollm2-135m"}
         for scorer in ("knorm", "kvp:smollm2-135m"):
-            once, chunked = by[task, scorer, None], by[task, scorer, 128]
-            assert chunked["kept"] == once["kept"] == 64 and chunked["cache_bytes"] == once["cache_bytes"]
+            once, chunked = by[task, scorer, None], by[task, scorer, 96]
+            assert chunked["kept"] == once["kept"] == 48 and chunked["cache_bytes"] == once["cache_bytes"]
             assert chunked["cache_bytes_full"] == once["cache_bytes_full"] and chunked["prefill_seconds"] > 0
-    assert by["dialogue", "knorm", 128]["protocol"] == "prompt-once"
+    assert by["dialogue", "knorm", 96]["protocol"] == "prompt-once"
     groups = curve_groups(ResultStore(out).records())
     titles = {panel.title: panel for group in groups for panel in group.panels}
-    chunked = titles["ruler:niah_single_1, prefilled 128 tokens at a time, cut after each"]
+    chunked = titles["ruler:niah_single_1, prefilled 96 tokens at a time, cut after each"]
     assert {line.scorer for line in chunked.lines} >= {"KNorm", "KVP (bundled)", "KVP (bundled)" + ONCE_SUFFIX}
     assert chunked.reference is not None and "ruler:niah_single_1" in titles  # compress-once keeps its panel
 
