@@ -335,12 +335,12 @@ def _average_panel(panels: list[Panel], metric: str) -> Panel | None:
     return Panel(title=f"average over {len(panels)} tasks", metric=metric, lines=lines, reference=reference)
 
 
-def _panel_results(results: list[Result]) -> list[tuple[str, list[Result]]]:
-    """(title, results) of each panel: one per task, and per `every` (tokens fed between two cuts: a bounded stream's
-    re-rank interval, a chunked prefill's chunk size; different intervals are different settings). The full-cache
-    reference (every None, it cuts nothing) is drawn in each of its task's panels; a task's compress-once results
-    (every None) keep their own panel, and its learned policies' are drawn in each chunked panel too, labelled
-    ONCE_SUFFIX, so that the panel compares each policy chunked with itself compressing once (paired)."""
+def _panel_results(results: list[Result]) -> list[tuple[str, int | None, list[Result]]]:
+    """(title, every, results) of each panel: one per task, and per `every` (tokens fed between two cuts: a bounded
+    stream's re-rank interval, a chunked prefill's chunk size; different intervals are different settings). The
+    full-cache reference (every None, it cuts nothing) is drawn in each of its task's panels; a task's compress-once
+    results (every None) keep their own panel, and its learned policies' are drawn in each chunked panel too,
+    labelled ONCE_SUFFIX, so that the panel compares each policy chunked with itself compressing once (paired)."""
     by_panel: dict[tuple[str, int | None], list[Result]] = defaultdict(list)
     for r in results:
         by_panel[(r.task, r.every)].append(r)
@@ -354,7 +354,7 @@ def _panel_results(results: list[Result]) -> list[tuple[str, list[Result]]]:
                 others.extend([r for r in rs if r.scorer == FULL] + (once if chunked else []))
         if all(r.scorer == FULL for r in rs):
             del by_panel[(task, every)]
-    return [(_panel_title(task, every, rs), rs)
+    return [(_panel_title(task, every, rs), every, rs)
             for (task, every), rs in sorted(by_panel.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
 
 
@@ -381,11 +381,15 @@ def curve_groups(results: Iterable[Result]) -> list[Group]:
     for (model, family, metric, protocol, ctx, data), rs in sorted(buckets.items(), key=lambda kv: str(kv[0])):
         group = Group(model=model, family=family, metric=metric, protocol=protocol, context_tokens=ctx, data=data,
                       training=training_notes(rs), seed_families=seed_families(rs))
-        group.panels = [_panel(title, metric, trs) for title, trs in _panel_results(rs)]
-        if metric in SCORES:
-            average = _average_panel(group.panels, metric)
-            if average is not None:
-                group.panels.append(average)
+        panels = [(every, _panel(title, metric, trs)) for title, every, trs in _panel_results(rs)]
+        group.panels = [panel for _, panel in panels]
+        if metric in SCORES:  # one average per setting: compress-once, and each prefill chunk size apart
+            for every in dict.fromkeys(every for every, _ in panels):
+                average = _average_panel([panel for e, panel in panels if e == every], metric)
+                if average is not None:
+                    if every is not None:
+                        average.title += f", prefilled {every} tokens at a time"
+                    group.panels.append(average)
         groups.append(_holm_corrected(group))
     return groups
 

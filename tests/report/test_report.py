@@ -20,6 +20,7 @@ from kvpolicy.evaluation.result import SCHEMA, Result
 from kvpolicy.evaluation.store import ResultStore
 from kvpolicy.report.aggregate import (
     ALL_SCORERS,
+    ONCE_SUFFIX,
     curve_groups,
     distinct_labels,
     head_maps,
@@ -108,6 +109,29 @@ def test_accuracy_is_mean_over_samples_and_average_over_tasks(results):
             per_task = [next(q for other in pan.lines if other.scorer == line.scorer
                              for q in other.points if q.budget == p.budget).y for pan in acc.panels[:2]]
             assert p.y == pytest.approx(np.mean(per_task))
+
+
+def test_chunked_prefills_get_their_own_panels_and_averages(results):
+    """Results of prompts prefilled chunk by chunk (every = C) are a setting of their own: a panel per task beside
+    compress-once, with the learned policy's compress-once line, and an average over tasks of their own."""
+    for record in [r for r in results.records() if r.family == "RULER-style" and r.scorer != "full"]:
+        results.append(replace(record, every=1024, value=1.0 - record.value))
+    acc = next(g for g in curve_groups(results.records()) if g.metric == "accuracy")
+    assert [p.title for p in acc.panels] == [
+        "niah_single_1", "niah_single_1, prefilled 1024 tokens at a time, cut after each", "vt",
+        "vt, prefilled 1024 tokens at a time, cut after each", "average over 2 tasks",
+        "average over 2 tasks, prefilled 1024 tokens at a time"]
+    chunked = acc.panels[1]
+    assert [line.scorer for line in chunked.lines] == ["KNorm", "KVP", "KVP" + ONCE_SUFFIX, "TOVA"]
+    assert chunked.reference is not None  # the full cache, which cuts nothing, drawn in both settings
+    once = next(line for line in acc.panels[0].lines if line.scorer == "KVP")
+    assert next(line for line in chunked.lines if line.scorer == "KVP" + ONCE_SUFFIX).points == once.points
+    assert {c.other for c in chunked.comparisons if c.learned == "KVP"} >= {"KVP" + ONCE_SUFFIX}
+    averages = {p.title: p for p in acc.panels[4:]}
+    chunked_kvp = next(line for line in averages["average over 2 tasks, prefilled 1024 tokens at a time"].lines
+                       if line.scorer == "KVP")
+    assert chunked_kvp.points[0].y == pytest.approx(100 - next(
+        line for line in averages["average over 2 tasks"].lines if line.scorer == "KVP").points[0].y)
 
 
 def test_perplexity_pools_tokens_before_exponentiating(results):
