@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
                         f"of {', '.join(BASELINES)}, 'none', or 'auto' (all on val/test, none on train)")
     parser.add_argument("--hidden-states", action="store_true",
-                        help="also store every layer's input hidden state of each prompt token (about 1.5x the "
-                             "keys and values), for policies that read them (`kvp train --hidden-states`)")
+                        help="also store every layer's input hidden state of each prompt token (1.5x the keys and "
+                             "values on SmolLM2, 3.5x on Qwen2.5-0.5B), for policies that read them (`kvp train "
+                             "--hidden-states`)")
     parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="target shard size in MiB")
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
                         help="write a shard after at most this many samples (a killed run keeps finished shards)")
