@@ -31,6 +31,7 @@ from kvpolicy.models import ModelHandle
 from kvpolicy.policy.protocol import RECENT, SINKS, evictable_cost, evicted_shares
 from kvpolicy.policy.ranking import relative_loss
 from kvpolicy.traces.store import TraceReader, TraceSample
+from kvpolicy.training.calibrate import policy_scores
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def trace_scorable(entry: Contender, reader: TraceReader) -> bool:
 
 def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: TraceSample) -> torch.Tensor:
     """(L, H, T) scores of trace `index` (read as `trace`: keys, values (L, H, T, d), utility (L, H, T)), higher =
-    keep. Only attention-free scorers run here (query-based ones read the scores stored with the traces), so they
-    see the cache alone, as LayerView promises them."""
+    keep. A learned policy scores the trace as `kvp calibrate` does (`policy_scores`: with the hidden states too,
+    where it reads them); of the others only attention-free scorers run here (query-based ones read the scores stored
+    with the traces), so they see the cache alone, as LayerView promises them."""
     if entry.kind == "oracle":
         return trace.utility.float()
     if not entry.attention_free and entry.kind != "learned":
@@ -106,15 +108,14 @@ def trace_scores(reader: TraceReader, index: int, entry: Contender, trace: Trace
             raise KVPError(f"traces in {reader.directory} store no '{entry.spec}' scores; record them with "
                            f"`kvp traces --baselines {entry.spec}` or leave the scorer out")
         return torch.stack([reader.read_baseline(index, layer, entry.spec) for layer in range(reader.model.n_layers)])
+    if entry.kind == "learned":  # the policy's own scores, with the traces' hidden states where it reads them
+        return policy_scores(entry.scorer.policy, trace)
     n_layers, heads, length = trace.utility.shape
     positions = torch.as_tensor(trace.positions).view(1, 1, length).expand(1, heads, length)
-    states = trace.states if entry.kind == "learned" and entry.scorer.reads_states else None
     with torch.no_grad():
         return torch.stack([
             entry.scorer.score(LayerView(layer_idx=layer, keys=trace.keys[layer][None].float(),
-                                         values=trace.values[layer][None].float(), positions=positions,
-                                         hidden_states=None if states is None else states[layer][None].float())
-                               )[0].float()
+                                         values=trace.values[layer][None].float(), positions=positions))[0].float()
             for layer in range(n_layers)
         ])
 

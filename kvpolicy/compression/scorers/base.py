@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvpolicy.compression.allocation import UNIFORM
+from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import ALL_QUERIES  # a query_window value: every query of the latest chunk
 
 if TYPE_CHECKING:
@@ -49,6 +50,18 @@ class LayerView:
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     rotary_emb: Any = None
+
+    def entry_states(self, scorer: str, instead: str) -> torch.Tensor:
+        """(batch, T, hidden): the hidden state each cached entry entered attention with, for a scorer that reads
+        them (KVzap, a KVP policy trained with --hidden-states). Only a cache ranked right after its one prefill has
+        them all: otherwise a KVPError names `scorer` and ends with `instead`, what to use then."""
+        fed = 0 if self.hidden_states is None else self.hidden_states.shape[1]
+        cached = self.keys.shape[2]
+        if fed != cached:
+            raise KVPError(f"scorer '{scorer}' predicts each cached entry's score from the hidden state it entered "
+                           f"attention with, but only the latest {fed} of the {cached} cached entries' are recorded (a "
+                           f"cache fed in several chunks); rank a cache right after its one prefill, or {instead}")
+        return self.hidden_states
 
 
 @dataclass

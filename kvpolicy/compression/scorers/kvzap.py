@@ -22,7 +22,6 @@ from kvpolicy.compression.allocation import KEEP, Threshold
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView
 from kvpolicy.compression.scorers.kvpress_backed import KVPressScorer
-from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelInfo
 from kvpolicy.policy.kvzap import kvzap_directory, kvzap_thresholds, kvzap_weights, load_kvzap
 
@@ -73,12 +72,7 @@ class KVzapScorer(KVPressScorer):
         return {**super().identity(), "trained": kvzap_weights(self.model_type, self.weights)}
 
     def score(self, view: LayerView) -> torch.Tensor:
-        cached, fed = view.keys.shape[2], view.hidden_states.shape[1]
-        if fed != cached:
-            raise KVPError(f"scorer '{self.name}' predicts each cached entry's score from the hidden state it entered "
-                           f"attention with, but only the latest {fed} of the {cached} cached entries' are recorded (a "
-                           "cache fed in several chunks); rank a cache right after its one prefill, or use another "
-                           "scorer")
+        view.entry_states(self.name, "use another scorer")  # refused unless every entry's is there
         return super().score(view)
 
 

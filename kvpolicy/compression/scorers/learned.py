@@ -61,17 +61,8 @@ class KVPScorer(Scorer):
 
     def score(self, view: LayerView) -> torch.Tensor:
         self._place(view.keys)
-        states = None
-        if self.reads_states:
-            if view.hidden_states is None:
-                raise KVPError("this KVP policy reads each cached entry's hidden state, and none was given (traces "
-                               "without them: record with `kvp traces --hidden-states`)")
-            cached, fed = view.keys.shape[2], view.hidden_states.shape[1]
-            if fed != cached:
-                raise KVPError(f"this KVP policy reads each cached entry's hidden state, but only the latest {fed} of "
-                               f"the {cached} cached entries' are recorded (a cache fed in several chunks); rank a "
-                               "cache right after its one prefill, or use a policy trained without --hidden-states")
-            states = view.hidden_states
+        instead = "use a policy trained without --hidden-states"
+        states = view.entry_states(self.name, instead) if self.reads_states else None
         with torch.no_grad():
             return self.policy.score_layer(view.layer_idx, view.keys, view.values, view.positions, states=states)
 

@@ -11,8 +11,6 @@ quadratic prefill alone takes far longer than all the chunked runs together).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
 
@@ -20,7 +18,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import generate
 from kvpolicy.compression.scorers import make_scorer
 from kvpolicy.errors import KVPError
-from kvpolicy.evaluation.bench.memory import peak_rss_bytes
+from kvpolicy.evaluation.bench.memory import child_setup, peak_measured_by, peak_rss_bytes, run_child
 from kvpolicy.evaluation.bench.timing import CHARS_PER_TOKEN
 from kvpolicy.data.essays import haystack_text
 from kvpolicy.models import ModelHandle
@@ -50,13 +48,7 @@ def needle_prompt(handle: ModelHandle, tokens: int, depth: float, passphrase: st
 def child_main() -> None:
     """In a fresh process: answer one needle prompt as the JSON spec in argv[1] says (chunk null: the full cache),
     print the figures as one JSON line."""
-    from kvpolicy.models import load_model
-    from kvpolicy.progress import silence_libraries
-
-    spec = json.loads(sys.argv[1])
-    silence_libraries()
-    torch.set_num_threads(spec["threads"])
-    handle = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    handle, spec = child_setup()
     print(json.dumps(answer_needle(handle, spec)))
 
 
@@ -76,15 +68,10 @@ def answer_needle(handle: ModelHandle, spec: dict) -> dict:
 
 def _run(handle: ModelHandle, spec: dict) -> dict:
     """`answer_needle` in a fresh process on CPU; in this one on CUDA, with the allocator's peak."""
-    spec = {"model": handle.info.name, "device": str(handle.model.device), "dtype": handle.dtype_name,
-            "threads": torch.get_num_threads()} | spec
     if handle.model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(handle.model.device)
         return answer_needle(handle, spec) | {"peak_bytes": torch.cuda.max_memory_allocated(handle.model.device)}
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise KVPError(f"the long-context run {spec} failed in its own process:\n{run.stderr[-2000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, handle, spec, f"the long-context run {spec}")
 
 
 def measure_long_context(handle: ModelHandle, scorer: str, tokens: int, depths: list[float], budget: int,
@@ -103,10 +90,9 @@ def measure_long_context(handle: ModelHandle, scorer: str, tokens: int, depths: 
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["peak_vs_reference"] = row["peak_bytes"] / base
-    how = ("torch.cuda.max_memory_allocated after a reset" if handle.model.device.type == "cuda"
-           else "peak resident memory (VmHWM / ru_maxrss) of a fresh process per row (the whole process)")
     return {"tokens": tokens, "budget": budget, "chunk": chunk, "scorer": scorer, "reference": reference,
-            "peak_measured_by": how, "rows": rows, "full_cache_bytes": rows[-1]["cache_bytes_full"]}
+            "peak_measured_by": peak_measured_by(handle.model.device.type == "cuda"), "rows": rows,
+            "full_cache_bytes": rows[-1]["cache_bytes_full"]}
 
 
 def print_long_context(fig: dict) -> None:

@@ -62,16 +62,40 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def child_main() -> None:
-    """In a fresh process: load the model, cut one cache as the JSON spec in argv[1] says (budget null: the full
-    cache), print the figures as one JSON line."""
+def child_setup() -> tuple[ModelHandle, dict]:
+    """In a process started by `run_child`: its JSON spec from argv[1], library output silenced, the parent's thread
+    count set and its model loaded where it ran."""
     from kvpolicy.models import load_model
     from kvpolicy.progress import silence_libraries
 
     spec = json.loads(sys.argv[1])
     silence_libraries()
     torch.set_num_threads(spec["threads"])
-    handle = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    return load_model(spec["model"], device=spec["device"], dtype=spec["dtype"]), spec
+
+
+def run_child(child: str, handle: ModelHandle, spec: dict, what: str) -> dict:
+    """The figures `child` (a `python -c` program that starts with `child_setup` and prints one JSON line last)
+    measures in a new interpreter, given `spec` with this process's model, placement and threads; a failure is a
+    KVPError naming `what` with the child's error output."""
+    spec = {"model": handle.info.name, "device": str(handle.model.device), "dtype": handle.dtype_name,
+            "threads": torch.get_num_threads()} | spec
+    run = subprocess.run([sys.executable, "-c", child, json.dumps(spec)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise KVPError(f"{what} failed in its own process:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def peak_measured_by(cuda: bool) -> str:
+    """How a section's peak memory is measured, as its tables say."""
+    return ("torch.cuda.max_memory_allocated after a reset (tensors on the GPU)" if cuda
+            else "peak resident memory (VmHWM / ru_maxrss) of a fresh process per row (the whole process)")
+
+
+def child_main() -> None:
+    """In a fresh process: cut one cache as the JSON spec in argv[1] says (budget null: the full cache), print the
+    figures as one JSON line."""
+    handle, spec = child_setup()
     budget = Budget(tokens=spec["budget"]) if spec["budget"] is not None else None
     full, state = cut_cache(handle, essay_ids(handle, spec["context"]), budget, spec["allocation"], spec["chunk"])
     print(json.dumps({"full_bytes": full, "cache_bytes": state.nbytes(), "peak_bytes": peak_rss_bytes()}))
@@ -80,13 +104,8 @@ def child_main() -> None:
 def in_fresh_process(handle: ModelHandle, context: int, budget: int | None, mode: str,
                      chunk: int | None = None) -> dict:
     """child_main's figures for one cut, run in a new interpreter with this process's model, placement and threads."""
-    spec = {"model": handle.info.name, "device": str(handle.model.device),
-            "dtype": handle.dtype_name, "threads": torch.get_num_threads(),
-            "context": context, "budget": budget, "allocation": mode, "chunk": chunk}
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise KVPError(f"the memory measurement of budget {budget} failed in its own process:\n{run.stderr[-2000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    spec = {"context": context, "budget": budget, "allocation": mode, "chunk": chunk}
+    return run_child(CHILD, handle, spec, f"the memory measurement of budget {budget}")
 
 
 def in_this_process(handle: ModelHandle, context: int, budget: int | None, mode: str,
@@ -119,9 +138,7 @@ def measure_memory(handle: ModelHandle, context: int, budgets: list[int], modes:
     for row in rows.values():
         row["cache_share"] = row["cache_bytes"] / full["cache_bytes"]
         row["peak_share"] = row["peak_bytes"] / full["peak_bytes"]
-    how = ("torch.cuda.max_memory_allocated after a reset (tensors on the GPU)" if cuda
-           else "peak resident memory (VmHWM / ru_maxrss) of a fresh process per row (the whole process)")
-    return {"context": context, "scorer": CUT_SCORER, "peak_measured_by": how, "rows": rows}
+    return {"context": context, "scorer": CUT_SCORER, "peak_measured_by": peak_measured_by(cuda), "rows": rows}
 
 
 def _mib(n: int) -> str:
@@ -164,10 +181,9 @@ def measure_peak(handle: ModelHandle, contexts: list[int], budget: int, chunk: i
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["peak_vs_reference"] = row["peak_bytes"] / base
-    how = ("torch.cuda.max_memory_allocated after a reset (tensors on the GPU)" if cuda
-           else "peak resident memory (VmHWM / ru_maxrss) of a fresh process per row (the whole process)")
     left_out = [c for c in contexts if c not in fits]
-    return {"budget": budget, "chunk": chunk, "reference": reference, "scorer": CUT_SCORER, "peak_measured_by": how,
+    return {"budget": budget, "chunk": chunk, "reference": reference, "scorer": CUT_SCORER,
+            "peak_measured_by": peak_measured_by(cuda),
             "rows": rows, "left_out": {str(c): f"{handle.info.name} has {handle.info.max_positions} positions"
                                        for c in left_out}}
 
