@@ -571,7 +571,7 @@ def generate(
         state, chunked = prefill_chunked(handle, first, scorer, cut_to, prefill_chunk)
         peak = chunked.peak
     timings["prefill_s"] = _seconds_since(handle, clock)
-    full_bytes = round(state.nbytes() / state.attended() * full_tokens)
+    full_bytes = state.nbytes_at(full_tokens)
     clock = time.perf_counter()
     if scorer is not None:
         state = compress(handle, state, scorer, cut_to)

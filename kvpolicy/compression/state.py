@@ -108,6 +108,11 @@ class KVState:
         rows, heads = self.masks[0].shape[:2]
         return sum(int(m.sum()) for m in self.masks) / (self.n_layers * rows * heads)  # one division: exact counts
 
+    def nbytes_at(self, entries: int) -> int:
+        """Bytes the cache would hold with `entries` entries attended per KV head (e.g. a whole prompt's, which a
+        chunked prefill never held): its bytes per attended entry, times `entries`."""
+        return round(self.nbytes() / self.attended() * entries)
+
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""
         self.__dict__.update(other.__dict__)

@@ -150,7 +150,7 @@ def stream_nll(handle: ModelHandle, ids: torch.Tensor, scorer: Scorer | None, bu
         nll_sum += float(step.nll.sum())
         n_tokens += step.nll.numel()
         peak = max(peak, step.fed)
-    return StreamedNLL(nll_sum, n_tokens, peak, round(step.state.nbytes() / step.state.attended()))
+    return StreamedNLL(nll_sum, n_tokens, peak, step.state.nbytes_at(1))
 
 
 def run_stream(handle: ModelHandle, sample: StreamSample, contenders: list[Contender], budgets: list[Budget],

@@ -121,7 +121,7 @@ def run_dialogue(
             clock = Clock()
             fields = _nll_fields(handle, small, answer)
             yield Outcome(sample.id, contender, budget.label, ids.shape[1], round(small.attended()),
-                          round(small.nbytes() / small.attended() * ids.shape[1]), small.nbytes(),
+                          small.nbytes_at(ids.shape[1]), small.nbytes(),
                           cut_s + clock.lap(), prefill_s, fields)
         return
     to_run = [c for c in [FULL_CACHE, *contenders] if missing[c.id]]

@@ -231,7 +231,7 @@ def _chunked_qa(handle: ModelHandle, task: QATask, samples: list[QASample], chun
     length = first.shape[1]
     clock = Clock()
     for contender, budget, small, prefill_s, cut_s in chunked_cuts(handle, first, contenders, missing, prefill_chunk):
-        full_bytes = round(small.nbytes() / small.attended() * length)
+        full_bytes = small.nbytes_at(length)
         clock.lap()
         for sample, (_, question_ids) in zip(samples, chunks):
             (fields,) = answer(handle, task, sample, [small], None if protocol == QUERY_AWARE else question_ids,

@@ -44,7 +44,7 @@ def cut_cache(handle: ModelHandle, ids: torch.Tensor, budget: Budget | None, mod
         state, _ = prefill(handle, ids)
     else:
         state, _ = prefill_chunked(handle, ids, scorer, budget, chunk)
-    full = round(state.nbytes() / state.attended() * ids.shape[1])
+    full = state.nbytes_at(ids.shape[1])
     if budget is not None:
         state = compress(handle, state, scorer, budget)
     return full, state
