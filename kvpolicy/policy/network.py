@@ -56,6 +56,13 @@ def _norm(a: int, width: int) -> tuple[nn.Parameter, nn.Parameter]:
     return nn.Parameter(torch.ones(a, width)), nn.Parameter(torch.zeros(a, width))
 
 
+def _next_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(B,) the position of each row's next token from its cached entries' true positions (B, ...): the largest + 1,
+    exact whenever the most recent token is cached, which the recent window guarantees (1 for an empty cache)."""
+    rows = positions.reshape(positions.shape[0], -1)
+    return rows.amax(-1) + 1 if rows.shape[-1] else torch.ones(rows.shape[0], dtype=torch.long, device=rows.device)
+
+
 class PolicyNet(nn.Module):
     """Scores cached tokens for every agent at once. Parameters: (n_agents, ...) stacks."""
 
@@ -260,8 +267,7 @@ class PolicyNet(nn.Module):
                 f"got layer {layer} with {h} KV heads: use a checkpoint trained on this model"
             )
         if lengths is None:
-            empty = torch.ones(bsz, dtype=torch.long, device=keys.device)
-            lengths = positions.reshape(bsz, -1).amax(-1) + 1 if t else empty
+            lengths = _next_positions(positions)
         agents = slice(layer * cfg.n_kv_heads, (layer + 1) * cfg.n_kv_heads)
         scores = self(
             keys.transpose(0, 1),
@@ -298,8 +304,7 @@ class PolicyNet(nn.Module):
                            "this model")
         stacked = torch.stack(list(positions))  # (L, B, H, T)
         if lengths is None:
-            empty = torch.ones(bsz, dtype=torch.long, device=stacked.device)
-            lengths = stacked.transpose(0, 1).reshape(bsz, -1).amax(-1) + 1 if t else empty
+            lengths = _next_positions(stacked.transpose(0, 1))
         scores = self([k.transpose(0, 1) for k in keys], [v.transpose(0, 1) for v in values],
                       stacked.permute(0, 2, 1, 3).reshape(cfg.n_agents, bsz, t), lengths.reshape(1, bsz, 1))
         return list(scores.reshape(cfg.n_layers, h, bsz, t).transpose(1, 2))

@@ -20,6 +20,7 @@ from kvpolicy.policy.network import PolicyNet
 from kvpolicy.policy.protocol import evictable_range
 from kvpolicy.progress import bar
 from kvpolicy.traces.store import TraceSample
+from kvpolicy.training.data import NO_STATES
 
 
 def fit_curve(scores: Sequence[torch.Tensor], utilities: Sequence[torch.Tensor], edges: torch.Tensor,
@@ -81,8 +82,7 @@ def policy_scores(policy: PolicyNet, trace: TraceSample) -> torch.Tensor:
     L, H, T = trace.utility.shape
     positions = torch.as_tensor(trace.positions).view(1, 1, T).expand(1, H, T)
     if policy.config.hidden_state_dim and trace.states is None:
-        raise KVPError("this policy reads the layers' hidden states, which these traces do not hold: record them with "
-                       "`kvp traces ... --hidden-states`")
+        raise KVPError(NO_STATES)
     states = trace.states if policy.config.hidden_state_dim else None
     with torch.no_grad():
         return torch.stack([policy.score_layer(layer, trace.keys[layer][None].float(),

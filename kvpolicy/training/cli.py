@@ -65,11 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.errors import KVPError
     from kvpolicy.traces.union import open_traces
     from kvpolicy.distributed import init_distributed, shutdown_distributed
     from kvpolicy.models.placement import resolve_device
-    from kvpolicy.training.data import source_has_states, states_width
+    from kvpolicy.training.data import states_width
     from kvpolicy.training.trainer import Trainer
 
     train = open_traces(args.traces)
@@ -81,13 +80,11 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(**(values | PAPER if args.paper else values))
     model = train.model
-    if args.hidden_states and not source_has_states(train):
-        raise KVPError("--hidden-states trains agents that read the layers' hidden states, which these traces do not "
-                       "hold: record them with `kvp traces ... --hidden-states`")
     policy = PolicyConfig(
         model.n_layers, model.n_kv_heads, model.head_dim, hidden=args.hidden,
         position_encoding=args.position_encoding, max_position=args.max_position or max(train.lengths),
-        hidden_state_dim=states_width(train) if args.hidden_states else 0, hidden_state_features=args.state_features,
+        hidden_state_dim=states_width(train) if args.hidden_states else 0,  # traces without states: refused here
+        hidden_state_features=args.state_features,
     )
     ctx = init_distributed(resolve_device(args.device).type)  # a CUDA request without CUDA: one line
     try:

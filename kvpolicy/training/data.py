@@ -88,13 +88,19 @@ class Batch:
                                                                      self.positions, self.lengths, self.states)))
 
 
+NO_STATES = ("this policy reads the layers' hidden states, which these traces do not hold: record them with "
+             "`kvp traces ... --hidden-states`")
+
+
 def source_has_states(source: TraceSource) -> bool:
     """Whether every trace set of `source` holds the layers' input hidden states."""
     return all(getattr(part, "has_states", False) for part in _sets(source))
 
 
 def states_width(source: TraceSource) -> int:
-    """The hidden size of the states a source holds (its first sample's)."""
+    """The hidden size of the states a source holds (its first sample's); KVPError (NO_STATES) when it holds none."""
+    if not source_has_states(source):
+        raise KVPError(NO_STATES)
     return int(source.read_layers(0, [0]).states.shape[-1])
 
 
@@ -119,8 +125,7 @@ class TraceBatches:
         if len(source) == 0:
             raise KVPError("the trace set is empty: record traces with `kvp traces ... --n N` first")
         if states and not source_has_states(source):
-            raise KVPError("this policy reads the layers' hidden states, which these traces do not hold: record them "
-                           "with `kvp traces ... --hidden-states`")
+            raise KVPError(NO_STATES)
         self.source, self.states = source, states
         self.sinks, self.recent, self.dtype = sinks, recent, dtype
         spans = [stop - start for start, stop in (evictable_range(t, sinks, recent) for t in source.lengths)]
