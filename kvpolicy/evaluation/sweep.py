@@ -209,10 +209,9 @@ class Sweep:
         if every is None or protocol not in task.chunked_protocols:
             return
         left = [c.label for c in contenders if c is not FULL_CACHE and c not in members]
-        note = (f"{task.name}: {', '.join(left)} ran compress-once only under {protocol} (a chunked prefill needs "
-                "a scorer that ranks a cut cache)")
-        if left:
-            self.notes.append(note)  # repeats are dropped when the run reports its notes
+        if left:  # repeats are dropped when the run reports its notes
+            self.notes.append(f"{task.name}: {', '.join(left)} ran compress-once only under {protocol} (a chunked "
+                              "prefill needs a scorer that ranks a cut cache)")
 
     def _contenders(self, task: Task, protocol: str) -> list[Contender]:
         """The contenders `task` runs under `protocol`, after the full-cache reference when the sweep and the task
