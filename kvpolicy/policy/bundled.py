@@ -1,8 +1,8 @@
 """Policies shipped inside the package: one general-purpose KVP policy per supported model, usable right after
 install as `kvp:MODEL` (or `load_policy(model=...)`).
 
-A bundled policy is an ordinary checkpoint directory, `kvpolicy/policy/weights/MODEL/` (config.json +
-policy.safetensors), with its weights in fp16 (a few MB) and a "bundle" section in its config that records how it
+A bundled policy is an ordinary policy folder, `kvpolicy/policy/weights/MODEL/` (config.json, model.safetensors and
+its README.md card), with its weights in fp16 (a few MB) and a "bundle" section in its config that records how it
 was made: the commands, the trace sets, the training steps and the model's fingerprint. `bundle` writes one from a
 `kvp train` checkpoint.
 """
@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import KVPError
+from kvpolicy.models.registry import is_hub_id
 from kvpolicy.policy.checkpoint import load_checkpoint, save_checkpoint
+from kvpolicy.policy.hub import download_policy
 
-BUNDLED_DIR = Path(__file__).parent / "weights"  # MODEL/config.json + MODEL/policy.safetensors
+BUNDLED_DIR = Path(__file__).parent / "weights"  # MODEL/config.json, MODEL/model.safetensors, MODEL/README.md
 
 
 def bundled_policies(root: Path | None = None) -> dict[str, Path]:
@@ -37,11 +39,16 @@ def bundled_path(model: str, root: Path | None = None) -> Path:
 
 
 def resolve_policy(source: str | Path) -> Path:
-    """A policy's directory from a checkpoint path or, when no such path exists, a bundled model name."""
+    """A policy's directory from a folder path or, when no such path exists, a bundled model name or a Hugging Face
+    Hub id ('org/name', fetched into the Hub's cache)."""
     path = Path(source)
-    if path.exists() or str(source) not in bundled_policies():
-        return path  # load_checkpoint explains what is wrong with a path that holds no checkpoint
-    return bundled_path(str(source))
+    if path.exists():
+        return path
+    if str(source) in bundled_policies():
+        return bundled_path(str(source))
+    if is_hub_id(str(source)):
+        return download_policy(str(source))
+    return path  # load_checkpoint explains what is wrong with a path that holds no checkpoint
 
 
 def bundle(checkpoint: str | Path, made_by: dict[str, Any], root: Path | None = None) -> Path:

@@ -1,11 +1,17 @@
-"""KVP checkpoints: a directory written atomically (all files or none, never a half-written one).
+"""KVP checkpoints: a Hugging Face-style folder written atomically (all files or none, never a half-written one).
 
     CKPT/config.json          format, model (name, fingerprint, layers, KV heads, head dim), policy network shape,
                               training hyperparameters, trace manifest hashes, training state, validation summary,
-                              sha256 of the weights (and of the resume state)
-    CKPT/policy.safetensors   the deployed weights: the EMA weights with the best validation reward
+                              held-out costs (when measured), sha256 of the weights (and of the resume state), and the
+                              Hub's "model_type" / "architectures" / "base_model" keys
+    CKPT/model.safetensors    the deployed weights: the EMA weights with the best validation reward
+    CKPT/README.md            the model card (policy/card.py), rendered from config.json at every write
     CKPT/resume.safetensors   what a killed run needs to continue: raw weights, EMA, AdamW moments and steps
     CKPT/history.jsonl        the training log, one JSON object per logged step (per-layer reward, advantage, grad norm)
+
+The first three are the policy a user deploys (`save_pretrained` writes those alone; the folder can be pushed to the
+Hugging Face Hub as it is). A checkpoint of the first format (kvpolicy-checkpoint/1: weights in policy.safetensors, no
+card) still loads; writing it again (`kvp policies --convert`) gives the current layout.
 
 `load_checkpoint` verifies the format, the weights' hash and their shapes against the config, and refuses a
 checkpoint recorded for a different model than the one it is applied to; `load_resume` verifies the resume
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +39,19 @@ from kvpolicy.errors import KVPError
 from kvpolicy.io import (atomic_path, check_regular_file, describe_os_error, read_lines, read_json_file,
                          recover_directory, refuse_link, sha256_file, write_durably, write_json)
 from kvpolicy.models.handle import MODEL_SCHEMA
+from kvpolicy.models.registry import base_model
+from kvpolicy.policy.card import HELD_OUT, HELD_OUT_SCHEMA, render_card
 from kvpolicy.schema import Optional, validate
 from kvpolicy.policy.calibration import CALIBRATION, Calibration
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
-FORMAT = "kvpolicy-checkpoint/1"
+FORMAT = "kvpolicy-checkpoint/2"
+LEGACY_FORMAT = "kvpolicy-checkpoint/1"  # read, never written: its weights file was LEGACY_WEIGHTS
 CONFIG = "config.json"
-WEIGHTS = "policy.safetensors"
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "policy.safetensors"
+CARD = "README.md"
+HUB_KEYS = {"model_type": "kvpolicy", "architectures": ["PolicyNet"]}  # what the Hub reads of any config.json
 RESUME = "resume.safetensors"
 HISTORY = "history.jsonl"
 
@@ -54,6 +67,7 @@ CONFIG_SCHEMA = {
     "traces": Optional({"train": {"manifest_hash": str, "source": Optional((str, None)),
                                   "context_tokens": Optional((int, None))}}),
     CALIBRATION: Optional(dict),  # `kvp calibrate` (policy/calibration.py)
+    HELD_OUT: Optional(HELD_OUT_SCHEMA),  # `kvp fit`, the bundled recipe (policy/card.py)
 }
 RESUME_SCHEMA = {
     "resume_sha256": Optional(str),  # absent from checkpoints written before it was recorded
@@ -78,6 +92,13 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
 
 
+def hub_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys the Hugging Face Hub reads of a config.json: model type, architecture and the base model it serves
+    (registry.base_model: the Hub id of a registered model, or the name a Hub model was loaded by)."""
+    base = base_model(config["model"]["name"]) if "model" in config else None
+    return {**HUB_KEYS, **({"base_model": base} if base else {})}
+
+
 def save_checkpoint(
     path: str | Path,
     config: dict[str, Any],
@@ -85,26 +106,53 @@ def save_checkpoint(
     resume: dict[str, torch.Tensor] | None = None,
     history: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """Write the checkpoint directory atomically; returns the config as written (with the sha256 of the weights and
-    of the resume state). A file that cannot be written is a KVPError, the previous checkpoint left in place."""
+    """Write the checkpoint directory atomically: config.json, the weights, the model card, and the resume state
+    and training log when given; returns the config as written (with the sha256 of the weights and of the resume
+    state). A file that cannot be written is a KVPError, the previous checkpoint left in place."""
+    log = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history).encode() if history else None
+    return _write_checkpoint(path, config, _tensor_bytes(weights),
+                             None if resume is None else _tensor_bytes(resume), log)
+
+
+def _write_checkpoint(path: str | Path, config: dict[str, Any], weights: bytes, resume: bytes | None,
+                      history: bytes | None) -> dict[str, Any]:
+    """save_checkpoint's writer, from the files' bytes (a conversion copies them unchanged)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise KVPError(f"{path} exists and is not a checkpoint directory; choose another --out")
-    config = {k: v for k, v in config.items() if k != "resume_sha256"}  # a bundle of a trained checkpoint has none
+    if HELD_OUT in config:  # the card renders it: checked before anything is written
+        validate(config[HELD_OUT], HELD_OUT_SCHEMA, f"policy {path}, {HELD_OUT}",
+                 "give the held-out costs in the card's schema (policy/card.py)")
+    config = {k: v for k, v in config.items() if k != "resume_sha256"}  # a bundle or save_pretrained copy has none
     try:
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            config |= {"format": FORMAT, "weights_sha256": _write(tmp / WEIGHTS, _tensor_bytes(weights))}
+            config |= {"format": FORMAT, "weights_sha256": _write(tmp / WEIGHTS, weights), **hub_keys(config)}
             if resume is not None:
-                config["resume_sha256"] = _write(tmp / RESUME, _tensor_bytes(resume))
+                config["resume_sha256"] = _write(tmp / RESUME, resume)
             if history:
-                _write(tmp / HISTORY, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history).encode())
+                _write(tmp / HISTORY, history)
             _write(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            _write(tmp / CARD, render_card(config).encode())
     except OSError as err:  # the temporary's name would only confuse: name the checkpoint
         reason = describe_os_error(OSError(err.errno, err.strerror) if err.errno else err)
         raise KVPError(f"cannot write checkpoint {path}: {reason}; it keeps its previous version (if any): free some "
                        "space or fix the directory, then re-run the same command to resume") from None
     return config
+
+
+def convert_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the checkpoint `path` in the current format at `out` (default: in place, atomically), every file's
+    bytes unchanged (so its weights' sha256, and every result keyed by it, stay the same); returns where."""
+    path = Path(path)
+    config = load_checkpoint(path).config  # the weights' hash and shapes checked
+    load_resume(path, config.get("resume_sha256"))  # and the resume state's and training log's, when there are
+    load_history(path)
+    weights = (path / weights_file(config)).read_bytes()
+    extra = {name: (path / name).read_bytes() if os.path.lexists(path / name) else None for name in (RESUME, HISTORY)}
+    target = path if out is None else Path(out)
+    _write_checkpoint(target, config, weights, extra[RESUME], extra[HISTORY])
+    return target
 
 
 def _entry(path: Path, name: str, what: str, fix: str) -> Path:
@@ -125,12 +173,13 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
                        f"train one with `kvp train --traces DIR --out {path}`")
     refuse_link(file, "checkpoint config")
     config = read_json_file(file, "checkpoint config", "retrain the policy or restore the checkpoint")
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(config, dict) or config.get("format") not in (FORMAT, LEGACY_FORMAT):
         found = config.get("format") if isinstance(config, dict) else None
         if not isinstance(found, str) or not found.startswith("kvpolicy-checkpoint/"):
             raise KVPError(f"{path} is not a KVP checkpoint (its {CONFIG} is not one that `kvp train` writes); give "
                            "the --out directory of a `kvp train` run")
-        raise KVPError(f"{path} has checkpoint format {found!r}; this kvpolicy reads {FORMAT!r}")
+        raise KVPError(f"{path} has checkpoint format {found!r}; this kvpolicy reads {FORMAT!r} and {LEGACY_FORMAT!r}: "
+                       "upgrade kvpolicy to read it")
     validate(config, CONFIG_SCHEMA, str(file), "retrain the policy or restore the checkpoint")
     if resume:
         validate(config, RESUME_SCHEMA, str(file), f"pass --restart to train {path} again from scratch")
@@ -143,18 +192,32 @@ def has_checkpoint(path: str | Path) -> bool:
     return os.path.lexists(Path(path) / CONFIG)  # a link or a FIFO in its place is refused when it is read
 
 
-def check_model(config: dict[str, Any], info: Any, where: str) -> None:
-    """Refuse a checkpoint trained for another model (fingerprint or cache shape). info: a ModelInfo."""
+class OtherWeightsWarning(UserWarning):
+    """A policy applied to a model of its architecture and cache shape whose weights are not those it was trained on
+    (a fine-tune, the original checkpoint of a converted model, another copy): it runs, and may rank worse."""
+
+
+def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bool = True) -> None:
+    """Refuse a policy that cannot work on the model `info` (a ModelInfo, or the ModelIdentity of a trace set): one
+    of another cache shape (layers, KV heads, head dim) or, where both record it, another architecture family. Only
+    other weights (fingerprint) are an OtherWeightsWarning, and with `check_weights=False` not even that: the
+    policy is then trusted to fit weights it never saw, and its measured costs do not carry over to them."""
     model = config["model"]
-    if model["fingerprint"] != info.fingerprint:
-        raise KVPError(
-            f"checkpoint {where} was trained for {model['name']} (fingerprint {model['fingerprint']}), not "
-            f"{info.name} (fingerprint {info.fingerprint}); train a policy on traces of this model"
-        )
     theirs = (model["n_layers"], model["n_kv_heads"], model["head_dim"])
     ours = (info.n_layers, info.n_kv_heads, info.head_dim)
     if theirs != ours:
-        raise KVPError(f"checkpoint {where} expects (layers, KV heads, head dim) {theirs}, the model has {ours}")
+        raise KVPError(f"policy {where} was trained for {model['name']}, whose cache has (layers, KV heads, head dim) "
+                       f"{theirs}; {info.name} has {ours}: train a policy for it with `kvp fit --model {info.name} "
+                       "--out DIR`")
+    family, theirs_family = getattr(info, "family", None), model.get("family")
+    if family and theirs_family and family != theirs_family:
+        raise KVPError(f"policy {where} was trained for a {theirs_family} model ({model['name']}), {info.name} is a "
+                       f"{family} model: train a policy for it with `kvp fit --model {info.name} --out DIR`")
+    if check_weights and model["fingerprint"] != info.fingerprint:
+        warnings.warn(OtherWeightsWarning(
+            f"policy {where} was trained for {model['name']} (fingerprint {model['fingerprint']}); {info.name} has "
+            f"its cache shape but other weights (fingerprint {info.fingerprint}): it runs, and may rank worse than on "
+            "its own model (load_policy(..., check_weights=False) silences this)"), stacklevel=2)
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -200,20 +263,40 @@ class Checkpoint:
         return Calibration.from_config(self.config[CALIBRATION], shape, self.path / CONFIG)
 
 
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the deployable policy (config.json, model.safetensors, README.md; no resume state or training log)
+        as a folder `path`, atomically, in the current format: what `load_policy(path)` and the Hub take. The
+        weights file is copied byte for byte, so the copy has the same sha256 (and results keyed by it carry over)."""
+        weights = (self.path / weights_file(self.config)).read_bytes()
+        if hashlib.sha256(weights).hexdigest() != self.sha256:
+            raise KVPError(f"{self.path} changed on disk since this policy was loaded; load it again, then save it")
+        _write_checkpoint(path, self.config, weights, None, None)
+        return Path(path)
+
+
 def save_calibration(path: str | Path, calibration: Calibration) -> None:
-    """Write `calibration` into the checkpoint's config.json (atomically; the weights are untouched)."""
-    config = read_config(path)
-    write_json(Path(path) / CONFIG, config | {CALIBRATION: calibration.to_config()})
+    """Write `calibration` into the checkpoint's config.json and its card (atomically each; the weights are
+    untouched)."""
+    config = read_config(path) | {CALIBRATION: calibration.to_config()}
+    write_json(Path(path) / CONFIG, config)
+    if config["format"] == FORMAT:  # a checkpoint of the first format has no card
+        write_durably(Path(path) / CARD, render_card(config).encode())
 
 
-def load_checkpoint(path: str | Path, model: Any = None, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load CKPT/policy.safetensors after checking its format, hash, shapes and (if `model`, a ModelInfo, is
-    given) that it was trained for that model."""
+def weights_file(config: dict[str, Any]) -> str:
+    """The name of the weights file in a checkpoint with this config (the first format named it otherwise)."""
+    return LEGACY_WEIGHTS if config["format"] == LEGACY_FORMAT else WEIGHTS
+
+
+def load_checkpoint(path: str | Path, model: Any = None, device: str | torch.device = "cpu",
+                    check_weights: bool = True) -> Checkpoint:
+    """Load CKPT's weights after checking its format, hash, shapes and (if `model`, a ModelInfo, is given) that
+    it can serve that model (`check_model`, with `check_weights`)."""
     path = Path(path)
     config = read_config(path)
     if model is not None:
-        check_model(config, model, str(path))
-    weights = _entry(path, WEIGHTS, "checkpoint weights", "retrain or restore the checkpoint")
+        check_model(config, model, str(path), check_weights)
+    weights = _entry(path, weights_file(config), "checkpoint weights", "retrain or restore the checkpoint")
     if sha256_file(weights) != config.get("weights_sha256"):
         raise KVPError(f"{weights} does not match the hash in {CONFIG} (damaged or replaced); retrain or restore it")
     try:

@@ -1,4 +1,5 @@
-"""`kvp policies`: the KVP policies bundled with kvpolicy, and `--bundle CKPT` to ship a trained one."""
+"""`kvp policies`: the KVP policies bundled with kvpolicy, `--bundle CKPT` to ship a trained one, and `--convert CKPT`
+to write a policy folder of the first format (policy.safetensors, no card) in the current one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", metavar="CKPT", help="write this `kvp train` checkpoint (fp16) as the bundled "
                         "policy of its model, in the package's kvpolicy/policy/weights/")
+    parser.add_argument("--convert", metavar="CKPT", help="write this policy folder in the current format (model."
+                        "safetensors and a README.md card; every file's bytes unchanged), in place or at --out")
+    parser.add_argument("--out", metavar="DIR", help="with --convert: write the converted folder here instead")
     parser.add_argument("--made-by", action="append", default=[], metavar="CMD",
                         help="with --bundle: a command that made it (repeat, in order), recorded in the bundle")
 
@@ -19,6 +23,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.made_by and not args.bundle:
         raise KVPError("--made-by describes a policy being bundled: give --bundle CKPT too")
+    if args.out and not args.convert:
+        raise KVPError("--out says where --convert writes: give --convert CKPT too")
+    if args.convert:
+        from kvpolicy.policy.checkpoint import convert_checkpoint
+
+        print(f"converted {args.convert} -> {convert_checkpoint(args.convert, args.out)}")
+        return 0
     if args.bundle:
         target = bundle(args.bundle, {"commands": args.made_by})
         print(f"bundled {args.bundle} -> {target}")

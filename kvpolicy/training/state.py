@@ -63,7 +63,10 @@ def check_resumable(saved: dict[str, Any], mine: dict[str, Any], out: Path) -> N
     """Refuse to continue the checkpoint config `saved` with a run described by `mine` (same sections) when the
     model, the policy shape, the training traces or a setting outside RESUMABLE differ."""
     for key in ("model", "policy"):
-        if saved.get(key) != mine[key]:
+        theirs = saved.get(key) or {}
+        if key == "model" and "family" not in theirs:  # recorded since the policy folder's second format
+            mine = {**mine, "model": {k: v for k, v in mine["model"].items() if k != "family"}}
+        if theirs != mine[key]:
             raise KVPError(f"{out} holds a checkpoint with another {key} ({saved.get(key)}), not {mine[key]}; "
                            "choose another --out or pass --restart to overwrite it")
     if saved["traces"]["train"]["manifest_hash"] != mine["traces"]["train"]["manifest_hash"]:

@@ -41,6 +41,7 @@ from kvpolicy.policy.ranking import gumbel_sort, plackett_luce_logprob, reward, 
 from kvpolicy.progress import bar
 from kvpolicy.signals import deferred_interrupts
 from kvpolicy.training.config import TrainConfig
+from kvpolicy.traces.sources import DESCRIPTIONS
 from kvpolicy.traces.union import check_same_model
 from kvpolicy.training.data import TraceBatches, TraceSource, check_held_out
 from kvpolicy.training.forward import training_forward, with_eager_fallback
@@ -111,6 +112,7 @@ def source_description(source: TraceSource) -> dict[str, Any]:
         "manifest_hash": getattr(source, "manifest_hash", ""),
         "n_samples": len(source),
         "source": manifest.get("source"),
+        "data": DESCRIPTIONS.get(manifest.get("source")),
         "split": manifest.get("split"),
         "context_tokens": manifest.get("context_tokens"),
         "generation_seconds": manifest.get("generation_seconds"),
@@ -171,7 +173,9 @@ class Trainer:
                 raise KVPError(f"--prompts {cfg.prompts} asks for more training traces than the {len(self.train_ids)} "
                                "there are; record more or ask for fewer")
             self.train_ids = self.train_ids[: cfg.prompts]
-        self.model = m.to_dict()
+        first = getattr(train, "parts", [train])[0]  # the parts of a union share their model
+        family = (getattr(first, "manifest", None) or {}).get("model", {}).get("family")
+        self.model = m.to_dict() | ({"family": family} if family else {})  # the architecture, for check_model
         self.traces = {"train": {**source_description(train), "prompts_used": len(self.train_ids)},
                        "val": source_description(self.val_source)}
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -82,14 +82,14 @@ def test_a_policy_for_another_model_is_refused_before_any_work(smollm, tmp_path,
     from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
     info = smollm.info
-    net = PolicyNet(PolicyConfig(info.n_layers, info.n_kv_heads, info.head_dim, hidden=4))
+    net = PolicyNet(PolicyConfig(info.n_layers, info.n_kv_heads, info.head_dim // 2, hidden=4))
     model = {"name": "other", "fingerprint": "0123456789abcdef", "n_layers": info.n_layers,
-             "n_kv_heads": info.n_kv_heads, "head_dim": info.head_dim}
+             "n_kv_heads": info.n_kv_heads, "head_dim": info.head_dim // 2}
     ckpt.save_checkpoint(tmp_path / "ckpt", {"model": model, "policy": net.config.to_dict()}, net.state_dict())
     monkeypatch.setattr(engine, "prefill", lambda *a, **k: pytest.fail("prefilled before refusing the policy"))
     assert main(["generate", "--budget", "32", "--scorer", f"kvp:{tmp_path / 'ckpt'}", "x"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "was trained for other (fingerprint 0123456789abcdef)" in err and len(err.splitlines()) == 1
+    assert "was trained for other, whose cache has" in err and len(err.splitlines()) == 1
 
 
 def test_generate_prompt_sources_are_checked(tmp_path, monkeypatch, capsys):

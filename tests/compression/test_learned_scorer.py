@@ -17,6 +17,7 @@ from kvpolicy.compression.scorers import make_scorer
 from kvpolicy.compression.scorers.learned import KVPScorer, load_policy
 from kvpolicy.data.essays import load_essays
 from kvpolicy.errors import KVPError
+from kvpolicy.policy.checkpoint import OtherWeightsWarning
 
 pytestmark = pytest.mark.model
 
@@ -36,9 +37,10 @@ def test_scorer_contract_identity_and_model_check(smollm, checkpoint):
     assert ident["seed"] == 0  # the training seed: what tells the seeds of one recipe apart
     scorer.check_model(smollm.info)
     KVPScorer(str(checkpoint), model=smollm.info)
-    other = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")
+    with pytest.warns(OtherWeightsWarning, match="other weights"):
+        KVPScorer(str(checkpoint), model=dataclasses.replace(smollm.info, fingerprint="0123456789abcdef"))
     with pytest.raises(KVPError, match="trained for smollm2-135m"):
-        KVPScorer(str(checkpoint), model=other)
+        KVPScorer(str(checkpoint), model=dataclasses.replace(smollm.info, head_dim=32))
     with pytest.raises(KVPError, match="not a KVP checkpoint"):
         make_scorer("kvp:/nonexistent/ckpt")
 
@@ -107,11 +109,11 @@ def test_kvp_press_in_kvpress_pipeline_answers_like_the_engine(smollm, checkpoin
 
 
 def test_kvp_press_refuses_another_model(checkpoint):
-    """A policy trained on SmolLM2, applied through kvpress to another model (same cache shape, other weights), is
-    refused when the press is applied, before any forward pass."""
+    """A policy trained on SmolLM2, applied through kvpress to a model of another cache shape, is refused when the
+    press is applied, before any forward pass."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=64 * 3, intermediate_size=32, num_hidden_layers=30,
+    config = LlamaConfig(vocab_size=64, hidden_size=64 * 3, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=3, num_key_value_heads=3, head_dim=64)
     other = LlamaForCausalLM(config).eval()
     press = KVPolicyPress(compression_ratio=0.5, scorer=make_scorer(f"kvp:{checkpoint}"))

@@ -90,13 +90,13 @@ def test_kvp_calibrate_opens_the_allocation_modes_to_a_policy(trained_policy, tm
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_policy, ckpt)
-    weights = (ckpt / "policy.safetensors").read_bytes()
+    weights = (ckpt / "model.safetensors").read_bytes()
     with pytest.raises(KVPError, match="kvp calibrate"):
         make_scorer(f"kvp:{ckpt}@model")
     traces = str(trained_policy.parent / "traces")
     assert main(["calibrate", "--policy", str(ckpt), "--traces", traces, "--held-out", traces,
                  "--budget", "48"]) == 0
-    assert (ckpt / "policy.safetensors").read_bytes() == weights  # the weights are untouched
+    assert (ckpt / "model.safetensors").read_bytes() == weights  # the weights are untouched
     config = json.loads((ckpt / "config.json").read_text())
     assert config["calibration"]["fit"]["held_out"]["samples"] == 3
     assert set(config["calibration"]["fit"]["held_out"]["attention_lost"]) >= {"KVP (head)", "KVP (model)"}

@@ -95,7 +95,7 @@ class Killer:
 
     @staticmethod
     def assert_checkpoints_equal(a: Path, b: Path) -> None:
-        wa, wb = load_file(str(a / "policy.safetensors")), load_file(str(b / "policy.safetensors"))
+        wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
         ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
         assert ca["state"]["val_history"] == cb["state"]["val_history"]

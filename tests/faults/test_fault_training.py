@@ -237,7 +237,7 @@ def test_a_torn_last_line_of_the_training_log_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", [ckpt.CONFIG, ckpt.RESUME, ckpt.HISTORY, ckpt.WEIGHTS])
 def test_checkpoint_files_that_are_not_regular_files_are_refused_in_one_line(tmp_path, name):
-    """Before: a FIFO as history.jsonl (or policy.safetensors) hung the reader; as config.json it was reported as
+    """Before: a FIFO as history.jsonl (or model.safetensors) hung the reader; as config.json it was reported as
     'no config.json'."""
     out = tmp_path / "ckpt"
     _trainer(out).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from kvpolicy.compression.scorers import make_scorer
 from kvpolicy.compression.scorers.learned import KVPScorer, load_policy
 from kvpolicy.errors import KVPError
 from kvpolicy.policy import bundled
-from kvpolicy.policy.checkpoint import WEIGHTS, load_checkpoint
+from kvpolicy.policy.checkpoint import WEIGHTS, OtherWeightsWarning, load_checkpoint
 
 pytestmark = pytest.mark.model
 
@@ -51,10 +52,20 @@ def test_bundled_names_work_wherever_a_policy_is_named(shipped, smollm):
         bundled.bundled_path("qwen2.5-0.5b")
 
 
-def test_a_bundled_policy_is_refused_on_another_model(shipped, smollm):
-    other = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")
-    with pytest.raises(KVPError, match="trained for smollm2-135m"):
-        load_policy("smollm2-135m", model=other)
+def test_a_bundled_policy_serves_other_weights_of_its_model_with_a_warning_and_refuses_other_models(shipped, smollm):
+    """Compatibility is by architecture and cache shape: other weights of the model (a fine-tune, another copy) are
+    a warning, which check_weights=False silences; another cache shape or architecture family is refused."""
+    other_weights = dataclasses.replace(smollm.info, fingerprint="0123456789abcdef")
+    with pytest.warns(OtherWeightsWarning, match="other weights .*may rank worse"):
+        assert load_policy("smollm2-135m", model=other_weights).identity()["bundled"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_policy("smollm2-135m", model=other_weights, check_weights=False)
+        load_policy("smollm2-135m", model=smollm)  # its own weights: nothing to say
+    with pytest.raises(KVPError, match=r"trained for smollm2-135m, whose cache has .* \(30, 3, 64\); .*kvp fit"):
+        load_policy("smollm2-135m", model=dataclasses.replace(other_weights, n_layers=12))
+    with pytest.raises(KVPError, match="trained for a llama model .* is a qwen2 model"):
+        load_policy("smollm2-135m", model=dataclasses.replace(other_weights, family="qwen2"))
 
 
 def test_kvp_generate_with_plain_kvp_uses_the_models_bundled_policy(shipped, capsys):

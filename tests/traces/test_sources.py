@@ -94,7 +94,7 @@ def test_mix_traces_record_and_train(smollm, tmp_path, one_thread):
     assert samples[3]["length"] < samples[0]["length"]  # the half-length RULER prompt
     assert main(["train", "--traces", str(out), "--out", str(ckpt), "--steps", "3", "--batch", "2", "--tokens", "32",
                  "--hidden", "8", "--val-every", "3", "--warmup", "1", "--no-compile"]) == 0
-    assert (ckpt / "policy.safetensors").is_file()
+    assert (ckpt / "model.safetensors").is_file()
 
 
 @pytest.mark.model

@@ -41,5 +41,5 @@ def test_two_process_ddp_training_writes_one_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ddp.policy.state_dict().values())
     # nothing but the checkpoint directory was written (no per-rank or temporary leftovers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single", "train", "val"]
-    expected = [ckpt.CONFIG, ckpt.HISTORY, ckpt.WEIGHTS, ckpt.RESUME]
+    expected = sorted([ckpt.CARD, ckpt.CONFIG, ckpt.HISTORY, ckpt.WEIGHTS, ckpt.RESUME])
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == expected

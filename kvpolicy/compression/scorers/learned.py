@@ -3,10 +3,10 @@
 
 Moschella, Manduchi, Sener, "Learning to Evict from Key-Value Cache" (arXiv 2602.10238). Each head's agent
 scores cached tokens from their key, value and position alone, so the scorer is attention-free: it can re-rank
-the cache at any time, during decoding included. The checkpoint comes from `kvp train`, or ships in the package
-(kvpolicy.policy.bundled). A policy trained with `--hidden-states` also reads each cached token's input hidden
-state of its layer, which only the prefill that fed it records: like KVzap, it ranks the cache of one whole
-prefill (not a cut cache fed more later, nor during decoding).
+the cache at any time, during decoding included. The policy folder comes from `kvp train` or `kvp fit`, the
+Hugging Face Hub, or ships in the package (kvpolicy.policy.bundled). A policy trained with `--hidden-states` also
+reads each cached token's input hidden state of its layer, which only the prefill that fed it records: like KVzap,
+it ranks the cache of one whole prefill (not a cut cache fed more later, nor during decoding).
 """
 
 from __future__ import annotations
@@ -29,19 +29,22 @@ from kvpolicy.policy.network import HALF_DTYPES
 
 @dataclass
 class KVPScorer(Scorer):
-    """checkpoint: a `kvp train` output directory, or a model name with a bundled policy. model: optional
-    ModelInfo the policy will be applied to; when given, a checkpoint trained for another model (fingerprint or
-    shape) is refused at construction."""
+    """checkpoint: a policy folder (`kvp train`, `kvp fit`, `save_pretrained`), a model name with a bundled policy,
+    or a Hugging Face Hub id. model: optional ModelInfo the policy will be applied to; when given, a policy that
+    cannot serve it (another cache shape or architecture) is refused at construction, and other weights of its
+    model are warned about unless check_weights is False (checkpoint.check_model says what that risks)."""
 
     name = "kvp"
     query_window = 0
     checkpoint: str = ""
     model: Any = field(default=None, repr=False)
+    check_weights: bool = field(default=True, repr=False)
     _loaded: Checkpoint = field(init=False, repr=False)
     _calibration: Calibration | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._loaded = load_checkpoint(resolve_policy(self.checkpoint), model=self.model)
+        self._loaded = load_checkpoint(resolve_policy(self.checkpoint), model=self.model,
+                                       check_weights=self.check_weights)
         self._calibration = self._loaded.calibration
         if self.reads_states:  # every cached entry's hidden state, recorded by the prefill that fed it
             self.query_window, self.whole_prefill = ALL_QUERIES, True
@@ -56,8 +59,13 @@ class KVPScorer(Scorer):
         return self._loaded.policy
 
     def check_model(self, info: Any) -> None:
-        """Refuse to score a model the policy was not trained for (info: ModelInfo)."""
-        check_model(self._loaded.config, info, self.checkpoint)
+        """Refuse to score a model the policy cannot serve, warn about other weights (info: ModelInfo)."""
+        check_model(self._loaded.config, info, self.checkpoint, self.check_weights)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the policy as a Hugging Face-style folder (config.json, model.safetensors, README.md card) that
+        `load_policy(path)` and `KVPolicyPress.from_pretrained(path)` read, and the Hub takes as it is."""
+        return self._loaded.save_pretrained(path)
 
     def score(self, view: LayerView) -> torch.Tensor:
         self._place(view.keys)
@@ -125,11 +133,13 @@ class KVPScorer(Scorer):
         }
 
 
-def load_policy(checkpoint: str | Path | None = None, model: Any = None) -> KVPScorer:
-    """The learned KVP policy as a scorer for `generate`, `compress` and `KVPolicyPress`: a `kvp train` checkpoint
-    directory, a model name with a bundled policy, or (checkpoint None) the policy bundled for `model`.
-    model: a ModelHandle, a ModelInfo or a transformers model; when given, a policy trained for another model
-    (fingerprint or cache shape) is refused here, before any work."""
+def load_policy(checkpoint: str | Path | None = None, model: Any = None, check_weights: bool = True) -> KVPScorer:
+    """The learned KVP policy as a scorer for `generate`, `compress` and `KVPolicyPress`: a policy folder (`kvp
+    train`, `kvp fit`, `save_pretrained`), a model name with a bundled policy, a Hugging Face Hub id, or
+    (checkpoint None) the policy bundled for `model`. model: a ModelHandle, a ModelInfo or a transformers model;
+    when given, a policy that cannot serve it (another cache shape or architecture) is refused here, before any
+    work, and one trained on other weights of its architecture is warned about; check_weights=False trusts it
+    without the warning (its measured costs do not carry over to weights it never saw)."""
     info = getattr(model, "info", model)
     if info is not None and not isinstance(info, ModelInfo):
         if not hasattr(info, "config"):
@@ -140,4 +150,4 @@ def load_policy(checkpoint: str | Path | None = None, model: Any = None) -> KVPS
         if info is None:
             raise KVPError("load_policy needs a checkpoint, a model name, or model= (for that model's bundled policy)")
         checkpoint = info.name
-    return KVPScorer(str(checkpoint), model=info)
+    return KVPScorer(str(checkpoint), model=info, check_weights=check_weights)
