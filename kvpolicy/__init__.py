@@ -8,6 +8,7 @@ Pipeline: models → data → traces → training → compression → evaluation
     result = kvp.generate(model, context, question, policy, kvp.Budget(tokens=128))
     moved = kvp.with_allocation(policy, "model")            # the same memory, spread over heads and layers
     press = kvp.KVPolicyPress(compression_ratio=0.5, scorer=policy)  # the same policy inside kvpress
+    model.model.generate(**inputs, past_key_values=kvp.EvictingCache(policy, budget=256))  # inside transformers
 
 The names are imported on first use, so `import kvpolicy` (and `kvp --help`) stays light.
 """
@@ -25,6 +26,7 @@ _HOMES = {
     "generate": "kvpolicy.compression.engine",
     "GenerationResult": "kvpolicy.compression.engine",
     "KVPolicyPress": "kvpolicy.compression.press",
+    "EvictingCache": "kvpolicy.compression.evicting_cache",
     "KVPError": "kvpolicy.errors",
 }
 
