@@ -299,3 +299,19 @@ def test_long_context_section_answers_a_needle_through_a_chunked_prefill(tmp_pat
     assert chunked["chunk"] == 128 and chunked["prompt_tokens"] > 600 and chunked["cache_tokens_peak"] <= 64 + 128
     assert chunked["cache_bytes"] * chunked["prompt_tokens"] == chunked["cache_bytes_full"] * 64
     assert g["scorer"] == "kvp:smollm2-135m" and all(isinstance(r["found"], bool) for r in g["rows"])
+
+
+@pytest.mark.model
+def test_generate_path_section_times_model_generate_against_the_engine_and_a_batch(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    assert main(["bench", "--sections", "h", "--contexts", "128", "--answer-tokens", "8", "--repeats", "1",
+                 "--batch-rows", "2", "--json", str(out)]) == 0
+    assert f"\nh) {SECTIONS['h']}\n" in capsys.readouterr().out
+    h = json.loads(out.read_text())["sections"]["h"]
+    one, batch = h["one_prompt"], h["batch"]
+    assert one["same_answer"] and one["ratio"] == pytest.approx(one["evicting_cache_s"] / one["engine_s"])
+    assert batch["rows_as_alone"] and batch["prompt_tokens"][0] - batch["prompt_tokens"][1] == 16  # really padded
+    decoded = 2 * (8 - 1)
+    assert batch["batched_decode_tokens_per_s"] == pytest.approx(
+        decoded / (batch["batched_s"] - batch["batched_prefill_s"]))
+    assert batch["speedup"] == pytest.approx(batch["batched_decode_tokens_per_s"] / batch["single_decode_tokens_per_s"])

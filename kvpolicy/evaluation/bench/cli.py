@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="S",
                         help="run only these: a (scoring cost), b (memory), c (decode speed), d (answers vs kvpress), "
                              "e (traces + training), f (peak memory of a chunked prefill), g (a needle in a long "
-                             "prompt through a chunked prefill), ranking; default a-e, plus ranking with --traces "
+                             "prompt through a chunked prefill), h (model.generate on an EvictingCache, batched), "
+                             "ranking; default a-e, plus ranking with --traces "
                              "and --val")
     parser.add_argument("--policy", metavar="CKPT",
                         help="the KVP policy sections a and d time (a `kvp train` checkpoint); default: the one "
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-reference", type=int, default=_DEFAULTS.peak_reference, metavar="T",
                         help="prompt length of section f's full-cache reference row (default "
                              f"{_DEFAULTS.peak_reference})")
+    parser.add_argument("--batch-rows", type=int, default=_DEFAULTS.batch_rows, metavar="N",
+                        help=f"prompts section h decodes in one batch (default {_DEFAULTS.batch_rows})")
     parser.add_argument("--long-context", type=int, default=_DEFAULTS.long_context, metavar="T",
                         help=f"section g's prompt length (default {_DEFAULTS.long_context})")
     parser.add_argument("--needle-depths", type=float, nargs="+", default=list(_DEFAULTS.needle_depths),
@@ -92,7 +95,9 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
              work: Path) -> dict:
     """Measure one section, print its table and return its figures (policy: the KVP checkpoint a and d time)."""
     from kvpolicy.compression.scorers import LEARNED_PREFIX, make_scorer
-    from kvpolicy.evaluation.bench import answers, decode, long_context, memory, ranking_quality, scoring, throughput
+    from kvpolicy.evaluation.bench import (answers, decode, generate_path, long_context, memory, ranking_quality,
+                                           scoring, throughput)
+    from kvpolicy.evaluation.bench.timing import kept_budget
 
     contexts = list(config.contexts)
     if section in ("a", "d"):
@@ -124,6 +129,12 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
         figures = long_context.measure_long_context(handle, scorer, config.long_context, list(config.needle_depths),
                                                     config.peak_budget, config.prefill_chunk, config.peak_reference)
         long_context.print_long_context(figures)
+    elif section == "h":
+        kvp = make_scorer(f"{LEARNED_PREFIX}{policy or handle.info.name}", model=handle.info)
+        print(f"   KVP policy: {policy or 'bundled for ' + handle.info.name}")
+        figures = generate_path.measure_generate_path(handle, kvp, contexts[0], kept_budget(contexts[0], config.keep),
+                                                      config.answer_tokens, config.batch_rows, config.repeats)
+        generate_path.print_generate_path(figures)
     elif section == "e":
         from kvpolicy.traces.store import TraceReader
 
@@ -163,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                          args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
                          tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation),
                          tuple(args.peak_contexts), args.peak_budget, args.prefill_chunk, args.peak_reference,
-                         args.long_context, tuple(args.needle_depths))
+                         args.long_context, tuple(args.needle_depths), args.batch_rows)
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

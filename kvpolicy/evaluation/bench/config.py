@@ -16,6 +16,7 @@ SECTIONS = {
     "e": "trace recording and policy training throughput (and training at each --train-shape)",
     "f": "peak memory of a chunked prefill (cut after every chunk) vs compress-once vs the full cache, long contexts",
     "g": "a needle in a prompt longer than a full cache could hold, through a chunked prefill: answers, peak memory",
+    "h": "model.generate on an EvictingCache vs kvpolicy's engine, and a left-padded batch vs one prompt at a time",
     "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
 }
 DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given
@@ -36,6 +37,7 @@ class BenchConfig:
     peak_contexts / peak_budget / prefill_chunk: section f's prompt lengths, budget and chunk size; peak_reference:
     the prompt length of its full-cache reference row (section g uses the same budget, chunk and reference).
     long_context / needle_depths: section g's prompt length and the depths its needle is placed at.
+    batch_rows: the prompts section h decodes in one batch (at the first context, keeping `keep` of it).
     """
 
     contexts: tuple[int, ...] = (2048, 4096)
@@ -56,6 +58,7 @@ class BenchConfig:
     peak_reference: int = 2048
     long_context: int = 32000  # a 32K-class prompt that leaves Qwen2.5's 32,768 positions room for the question
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    batch_rows: int = 4
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -64,7 +67,7 @@ class BenchConfig:
             raise KVPError(f"--keep is the share of the cache kept, in (0, 1); got {self.keep}")
         if not self.budgets or min(self.budgets) < 1:
             raise KVPError(f"--budgets are entries kept per KV head, each >= 1; got {list(self.budgets)}")
-        for name in ("decode_tokens", "answer_tokens", "repeats", "trace_n", "train_steps"):
+        for name in ("decode_tokens", "answer_tokens", "repeats", "trace_n", "train_steps", "batch_rows"):
             if getattr(self, name) < 1:
                 raise KVPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.allocations or set(self.allocations) - set(ALLOCATION_MODES):
