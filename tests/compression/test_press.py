@@ -22,6 +22,33 @@ def test_press_needs_a_scorer():
         KVPolicyPress(compression_ratio=0.5)
 
 
+def test_plain_kvp_scores_only_once_applied_to_a_model():
+    """"kvp" is the policy bundled for the model the press is applied to: scored before that, it says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    press = KVPolicyPress(compression_ratio=0.5, scorer="kvp")
+    keys = torch.zeros(1, 1, 8, 4)
+    for use in (press.score, press.compress):
+        with pytest.raises(KVPError, match="not applied to one"):
+            use(None, None, keys, keys, None, {})
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(KVPError, match="no bundled"), press(tiny):  # a model without a bundled policy
+        pass
+
+
+@pytest.mark.model
+def test_plain_kvp_is_the_policy_bundled_for_the_model_the_press_is_applied_to(smollm):
+    prompt = smollm.encode(load_essays()[6].text)[:, :200]
+    press = KVPolicyPress(compression_ratio=0.5, scorer="kvp")
+    cache = DynamicCache()
+    with torch.no_grad(), press(smollm.model):
+        smollm.model.model(input_ids=prompt, past_key_values=cache)
+    assert press.scorer.identity() == make_scorer("kvp:smollm2-135m").identity()  # as `kvp generate --scorer kvp`
+    assert press.scorer.identity() == make_scorer("kvp", model=smollm.info).identity()
+    assert cache.layers[0].keys.shape[-2] == Budget(ratio=0.5).kept(200)
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("name", ["knorm", "snapkv"])
 def test_press_keeps_what_the_engine_keeps(smollm, name):

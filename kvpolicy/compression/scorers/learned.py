@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.compression.names import LEARNED
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import ModelInfo
@@ -139,5 +140,7 @@ def load_policy(checkpoint: str | Path | None = None, model: Any = None) -> KVPS
     if checkpoint is None:
         if info is None:
             raise KVPError("load_policy needs a checkpoint, a model name, or model= (for that model's bundled policy)")
-        checkpoint = info.name
+        from kvpolicy.compression.scorers import make_scorer
+
+        return make_scorer(LEARNED, model=info)  # as `kvp generate --scorer kvp` reads it
     return KVPScorer(str(checkpoint), model=info)
