@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import ScorerPress
+from kvpress import ScorerPress  # importing kvpress registers its "kv-press-text-generation" pipeline too
 
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.catalog import attention_free
