@@ -1,9 +1,9 @@
 """The pipeline's `kvp` commands and how one command line runs: its parsing, exit status and one-line errors.
 
 Each command lives in a module that defines `add_arguments(parser)` and `run(args) -> int`: a stage's cli.py beside
-the code it drives, or a module on top when it drives several stages (sweep_cli.py). kvpolicy/cli.py adds the
-commands that run other commands (demo, experiment); `kvp experiment` runs its stages through `run_command` here,
-so no command module imports the command line that loads it.
+the code it drives, or a module on top when it drives several stages (sweep_cli.py, train_cli.py). kvpolicy/cli.py
+adds the commands that run other commands (demo, experiment); `kvp experiment` runs its stages through `run_command`
+here, so no command module imports the command line that loads it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("kvpolicy.models.cli", "list the known models (and load one with --load)"),
     "generate": ("kvpolicy.compression.cli", "answer a prompt with a compressed KV cache"),
     "traces": ("kvpolicy.traces.cli", "record future-utility training traces from real model runs"),
-    "train": ("kvpolicy.training.cli", "train the per-head KVP eviction policies on traces"),
+    "train": ("kvpolicy.train_cli", "train the per-head KVP eviction policies on traces"),
     "calibrate": ("kvpolicy.evaluation.calibration.cli", "put a trained policy's scores on one scale across heads, so "
                   "that --allocation layer|model can move its budget"),
     "train-kvzap": ("kvpolicy.kvzap.cli", "train KVzap's per-layer score predictors (linear, MLP) for a model on "

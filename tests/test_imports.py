@@ -33,6 +33,7 @@ TOP = {
     "__init__": set(),  # the Python API: its names are imported on first use
     "commands": set(),  # the pipeline's commands and how one command line runs
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
+    "train_cli": set(),  # `kvp train`: training, then the best attention-free heuristic's cost on its validation traces
     "demo": {"experiment"},  # the demo preset, run by the experiment's runner
     "experiment": {"commands"},  # runs its stages through commands.run_command
     "cli": {"commands"},

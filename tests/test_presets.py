@@ -151,6 +151,7 @@ def test_the_demo_commands_build_the_configs_the_demo_ran_before(cfg, tmp_path, 
     fifth of the steps, the trainer's default policy; one sweep per (context, answer cap), dialogue and the held-out
     traces), so the demo's results are the same."""
     from kvpolicy.evaluation import sweep as sweep_module
+    from kvpolicy.evaluation.bench import ranking_quality
     from kvpolicy.evaluation.sweep import SweepConfig
     from kvpolicy.experiment import run_stage
     from kvpolicy.policy.config import PolicyConfig
@@ -167,7 +168,7 @@ def test_the_demo_commands_build_the_configs_the_demo_ran_before(cfg, tmp_path, 
     class Trainer:
         def __init__(self, train, out, val=None, policy=None, config=None, ctx=None, resume=True):
             ran.append(("train", train, str(out), val, policy, config))
-            self.step = 0
+            self.step, self.val_source, self.val_ids = 0, val, []
 
         def run(self):
             return SimpleNamespace(steps=0, seconds=0, steps_per_s=0, tokens_per_s=0, best_val_reward=0, best_step=0,
@@ -177,6 +178,7 @@ def test_the_demo_commands_build_the_configs_the_demo_ran_before(cfg, tmp_path, 
         ("traces", name, run, str(out), dtype)) or SimpleNamespace(manifest=None))
     monkeypatch.setattr(union, "open_traces", lambda dirs: SimpleNamespace(model=model, lengths=[100], dirs=dirs))
     monkeypatch.setattr(trainer, "Trainer", Trainer)
+    monkeypatch.setattr(ranking_quality, "best_attention_free", lambda reader, samples, sinks, recent: ("KNorm", 2.0))
     monkeypatch.setattr(sweep_module, "run_sweep", lambda config: ran.append(("sweep", config)) or SimpleNamespace(
         rank=1))
     monkeypatch.setattr(render, "write_report", lambda results, out: ran.append(("report", str(results), str(out)))

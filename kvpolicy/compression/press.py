@@ -14,19 +14,22 @@ prefill press and a decoding press of this class (e.g. in `PrefillDecodingPress`
 
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     pipe(context, question=question, press=KVPolicyPress(compression_ratio=0.5, scorer=make_scorer("knorm")))
+    pipe(context, question=question, press=KVPolicyPress(compression_ratio=0.5, scorer="kvp"))  # its bundled policy
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from kvpress import ScorerPress
+from kvpress import ScorerPress  # importing kvpress registers its "kv-press-text-generation" pipeline too
 
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.catalog import attention_free
+from kvpolicy.compression.names import LEARNED, split_mode
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import ModelInfo
 from kvpolicy.policy.protocol import RECENT, SINKS
 
 RECORD = "kvpolicy_positions"  # cache attribute: {layer: (B, H, T) true positions of the entries kept at its last cut}
@@ -35,24 +38,30 @@ RECORD = "kvpolicy_positions"  # cache attribute: {layer: (B, H, T) true positio
 @dataclass
 class KVPolicyPress(ScorerPress):
     """compression_ratio: fraction of entries removed (kvpress); scorer: any kvpolicy `Scorer` or scorer name (e.g.
-    "knorm", "kvp:smollm2-135m" for a bundled policy, "kvp:CKPT"); sinks/recent: entries always kept (first / last
+    "knorm", "kvp:smollm2-135m" for a bundled policy, "kvp:CKPT", or "kvp" for the policy bundled for the model the
+    press is applied to, as `kvp generate --scorer kvp` reads it); sinks/recent: entries always kept (first / last
     positions)."""
 
     scorer: Scorer | str | None = None
     sinks: int = SINKS
     recent: int = RECENT
+    _bundled: str | None = field(default=None, init=False, repr=False)  # "kvp" (or "kvp@MODE"): loaded per model
+    _bundled_for: ModelInfo | None = field(default=None, init=False, repr=False)  # the model it was loaded for
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.scorer, str):  # a scorer name: "knorm", "kvp:MODEL" (a bundled policy), "kvp:CKPT"
-            from kvpolicy.compression.scorers import make_scorer
+        if isinstance(self.scorer, str) and split_mode(self.scorer)[0] == LEARNED:
+            self._bundled = self.scorer  # loaded when kvpress applies the press to a model (post_init_from_model)
+        else:
+            if isinstance(self.scorer, str):  # a scorer name: "knorm", "kvp:MODEL" (a bundled policy), "kvp:CKPT"
+                from kvpolicy.compression.scorers import make_scorer
 
-            self.scorer = make_scorer(self.scorer)
-        if not isinstance(self.scorer, Scorer):
-            raise KVPError("KVPolicyPress needs scorer=<a kvpolicy Scorer>, e.g. make_scorer('knorm')")
-        if self.scorer.reads_text:
-            raise KVPError(f"scorer '{self.scorer.name}' re-reads the cached text with the model, which a press "
-                           "scoring one layer at a time cannot; use kvpress's own KVzipPress")
+                self.scorer = make_scorer(self.scorer)
+            if not isinstance(self.scorer, Scorer):
+                raise KVPError("KVPolicyPress needs scorer=<a kvpolicy Scorer>, e.g. make_scorer('knorm')")
+            if self.scorer.reads_text:
+                raise KVPError(f"scorer '{self.scorer.name}' re-reads the cached text with the model, which a press "
+                               "scoring one layer at a time cannot; use kvpress's own KVzipPress")
         self._budget()  # refuse bad settings now
 
     @classmethod
@@ -66,11 +75,25 @@ class KVPolicyPress(ScorerPress):
         return cls(compression_ratio=compression_ratio, scorer=load_policy(source, model, check_weights), **press)
 
     def post_init_from_model(self, model) -> None:
-        """Called by kvpress (directly or through a wrapper press) when the press is applied to `model`: refuse a
-        model the scorer cannot score (a policy trained for another model) before any forward pass."""
+        """Called by kvpress (directly or through a wrapper press) when the press is applied to `model`: load the
+        policy bundled for it (scorer "kvp"), or refuse a model the scorer cannot score (a policy trained for another
+        model), before any forward pass."""
+        from kvpolicy.compression.scorers import make_scorer
         from kvpolicy.models.loader import identify
 
-        self.scorer.check_model(identify(model))
+        info = identify(model)
+        if self._bundled is None:
+            self.scorer.check_model(info)
+        elif info != self._bundled_for:  # a press used on several models loads each one's policy
+            self.scorer, self._bundled_for = make_scorer(self._bundled, model=info), info
+
+    def _scorer(self) -> Scorer:
+        """The scorer, once known: "kvp" names a policy only when the press is applied to a model."""
+        if isinstance(self.scorer, str):
+            raise KVPError(f"KVPolicyPress(scorer='{self.scorer}') scores with the policy bundled for the model it is "
+                           "applied to, and it was not applied to one: use it through kvpress (`with press(model):` "
+                           "or a kv-press-text-generation pipeline), or name the policy: scorer='kvp:MODEL'")
+        return self.scorer
 
     def positions(self, module, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """True positions (B, H, T) of the T cached entries of `module`'s layer: those kept at the cache's last cut
@@ -97,17 +120,19 @@ class KVPolicyPress(ScorerPress):
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """Selection keys (B, H, T): the scorer's scores at true positions, protected sinks and recent on top (for
         kvpress presses that wrap this one and select themselves, e.g. AdaKVPress)."""
+        scorer = self._scorer()
         positions = self.positions(module, keys, kwargs)
-        scores = self.scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
+        scores = scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
         return protected_scores(scores, positions, self._budget(), int(positions.max()) + 1)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep budget.kept(T) entries per head in position order, and remember their true positions."""
+        scorer = self._scorer()
         positions = self.positions(module, keys, kwargs)
         if self.compression_ratio == 0:
             self._remember(module, kwargs, positions)
             return keys, values
-        scores = self.scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
+        scores = scorer.score(self._view(module, hidden_states, keys, values, kwargs, positions))
         keep = keep_indices(scores, positions, self._budget(), int(positions.max()) + 1)
         self._remember(module, kwargs, positions.gather(2, keep))
         index = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])

@@ -80,9 +80,23 @@ def _installed(distribution: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _without_bars(*modules) -> Iterator[None]:
+    """Hide the progress bars that `modules` draw through their `tqdm` for the length of the block, and put their own
+    back after it: transformers draws one bar per tensor it loads ("Loading weights", through
+    `transformers.utils.logging.tqdm`) and one for GGUF dequantization (a bare tqdm that ignores its verbosity
+    switch). The switches themselves (`transformers.utils.logging.disable_progress_bar`, huggingface_hub's) stay as
+    the user set them."""
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(mock.patch.object(module, "tqdm", functools.partial(tqdm, disable=True)))
+        yield
+
+
 def _load_from_gguf(spec: ModelSpec, workdir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     if spec.kind == "gguf":
         directory = package_dir(spec.packages[0])
@@ -92,8 +106,7 @@ def _load_from_gguf(spec: ModelSpec, workdir: Path):
         assemble_chunks(spec, workdir / spec.gguf_file)
         gguf = spec.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    # transformers draws its GGUF dequantization bar with a bare tqdm that ignores its own verbosity switch
-    with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+    with _without_bars(gguf_utils, hf_logging):
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     if spec.kind == "chunked-gguf":
         (workdir / gguf).unlink()
@@ -201,6 +214,7 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None) -> ModelHandl
 @functools.lru_cache(maxsize=4)
 def _load(name: str, device: str, dtype: str) -> ModelHandle:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     spec = resolve_model(name)
     source = spec.source if spec.kind == "hf" else _converted(spec)
@@ -219,8 +233,9 @@ def _load(name: str, device: str, dtype: str) -> ModelHandle:
         check_weight_files(Path(source))  # safetensors only (never a pickle), complete
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                     trust_remote_code=False)
+        with _without_bars(hf_logging):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                         trust_remote_code=False)
     except OSError as err:
         if err.errno is not None:  # the system's error (permissions, I/O): the CLI names the file
             raise

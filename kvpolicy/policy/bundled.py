@@ -16,7 +16,7 @@ import torch
 
 from kvpolicy.errors import KVPError
 from kvpolicy.models.registry import is_hub_id
-from kvpolicy.policy.checkpoint import load_checkpoint, save_checkpoint
+from kvpolicy.policy.checkpoint import how_to_train, load_checkpoint, save_checkpoint
 from kvpolicy.policy.hub import download_policy
 
 BUNDLED_DIR = Path(__file__).parent / "weights"  # MODEL/config.json, MODEL/model.safetensors, MODEL/README.md
@@ -29,12 +29,11 @@ def bundled_policies(root: Path | None = None) -> dict[str, Path]:
 
 
 def bundled_path(model: str, root: Path | None = None) -> Path:
-    """The directory of the policy bundled for `model` (a registered model name)."""
+    """The directory of the policy bundled for `model` (a registered model name; any other name or path has none)."""
     known = bundled_policies(root)
     if model not in known:
         have = ", ".join(known) or "none in this install"
-        raise KVPError(f"no bundled KVP policy for model '{model}' (bundled: {have}); train one with `kvp traces "
-                       "--source mix ...` and `kvp train`, then use kvp:CHECKPOINT")
+        raise KVPError(f"no bundled policy for this model ('{model}'; bundled for: {have}): {how_to_train(model)}")
     return known[model]
 
 

@@ -162,6 +162,11 @@ def _entry(path: Path, name: str, what: str, fix: str) -> Path:
     return check_regular_file(file, what, fix)
 
 
+def how_to_train(model: str) -> str:
+    """How to get a policy for `model` (a model name or directory), for the refusals that find none."""
+    return f"train one with `kvp fit --model {model} --out DIR` (or kvp traces + kvp train), then use kvp:DIR"
+
+
 def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
     """The checkpoint's config.json, checked for format and schema (with `resume`, also for the training
     state a resumed run needs)."""
@@ -173,6 +178,9 @@ def read_config(path: str | Path, resume: bool = False) -> dict[str, Any]:
                        f"train one with `kvp train --traces DIR --out {path}`")
     refuse_link(file, "checkpoint config")
     config = read_json_file(file, "checkpoint config", "retrain the policy or restore the checkpoint")
+    ours = HUB_KEYS["model_type"]
+    if isinstance(config, dict) and config.get("model_type", ours) != ours:  # a Hugging Face model's own config.json
+        raise KVPError(f"{path} is not a KVP checkpoint but a model directory: {how_to_train(str(path))}")
     if not isinstance(config, dict) or config.get("format") not in (FORMAT, LEGACY_FORMAT):
         found = config.get("format") if isinstance(config, dict) else None
         if not isinstance(found, str) or not found.startswith("kvpolicy-checkpoint/"):

@@ -163,7 +163,7 @@ def evicted_fraction(scores: torch.Tensor, utility: torch.Tensor, budgets: Seque
     n = u.shape[-1]
     tail = u.flip(-1).cumsum(-1).flip(-1)  # tail[..., k] = Σ_{j ≥ k} u_σj = what is lost keeping the first k
     tail = torch.cat([tail, tail.new_zeros(*tail.shape[:-1], 1)], -1)  # keeping all n loses 0 (also for n = 0)
-    idx = torch.tensor([min(max(int(b), 0), n) for b in budgets], device=u.device)
+    idx = torch.tensor([min(max(int(b), 0), n) for b in budgets], dtype=torch.long, device=u.device)  # [] too
     lost = tail.index_select(-1, idx)
     total = tail[..., :1]
     return torch.where(total > _TINY, lost / total.clamp_min(_TINY), torch.zeros_like(lost))

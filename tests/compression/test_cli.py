@@ -75,6 +75,30 @@ def test_generate_budget_must_be_an_integer(capsys):
     assert "invalid int value: '2.5'" in capsys.readouterr().err
 
 
+def test_a_model_without_a_bundled_policy_is_told_how_to_train_one(tmp_path, monkeypatch, capsys):
+    """`--scorer kvp` (or load_policy(model=...)) on a model directory, or that directory named as the policy: what
+    to run, in one line, before the model is loaded."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kvpolicy.compression.scorers.learned import load_policy
+    from kvpolicy.errors import KVPError
+
+    monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "cache"))  # where identify() remembers file hashes
+    model = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    capsys.readouterr()  # transformers' own bar while it saved
+    how = f"train one with `kvp fit --model {model} --out DIR` (or kvp traces + kvp train), then use kvp:DIR"
+    for scorer, said in [("kvp", f"no bundled policy for this model ('{model}'; bundled for: "),
+                         (f"kvp:{model}", f"{model} is not a KVP checkpoint but a model directory: ")]:
+        assert main([*QUICK, "--model", str(model), "--scorer", scorer, PROMPT]) == 1
+        err = capsys.readouterr().err.strip()
+        assert said in err and err.endswith(how) and len(err.splitlines()) == 1, err
+    with pytest.raises(KVPError) as refused:
+        load_policy(model=AutoModelForCausalLM.from_pretrained(model))
+    assert str(refused.value).startswith(f"no bundled policy for this model ('{model}'") and how in str(refused.value)
+
+
 @pytest.mark.model
 def test_a_policy_for_another_model_is_refused_before_any_work(smollm, tmp_path, capsys, monkeypatch):
     from kvpolicy.compression import engine

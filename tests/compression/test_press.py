@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -20,6 +22,58 @@ from kvpolicy.errors import KVPError
 def test_press_needs_a_scorer():
     with pytest.raises(KVPError, match="scorer"):
         KVPolicyPress(compression_ratio=0.5)
+
+
+def test_plain_kvp_scores_only_once_applied_to_a_model():
+    """"kvp" is the policy bundled for the model the press is applied to: scored before that, it says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    press = KVPolicyPress(compression_ratio=0.5, scorer="kvp")
+    keys = torch.zeros(1, 1, 8, 4)
+    for use in (press.score, press.compress):
+        with pytest.raises(KVPError, match="not applied to one"):
+            use(None, None, keys, keys, None, {})
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(KVPError, match="no bundled"), press(tiny):  # a model without a bundled policy
+        pass
+
+
+@pytest.mark.model
+def test_plain_kvp_is_the_policy_bundled_for_the_model_the_press_is_applied_to(smollm):
+    prompt = smollm.encode(load_essays()[6].text)[:, :200]
+    press = KVPolicyPress(compression_ratio=0.5, scorer="kvp")
+    cache = DynamicCache()
+    with torch.no_grad(), press(smollm.model):
+        smollm.model.model(input_ids=prompt, past_key_values=cache)
+    assert press.scorer.identity() == make_scorer("kvp:smollm2-135m").identity()  # as `kvp generate --scorer kvp`
+    assert press.scorer.identity() == make_scorer("kvp", model=smollm.info).identity()
+    assert cache.layers[0].keys.shape[-2] == Budget(ratio=0.5).kept(200)
+
+
+def test_the_press_brings_kvpress_pipeline_with_it():
+    """In a fresh interpreter, using kvp.KVPolicyPress registers kvpress's pipeline: no `import kvpress` needed."""
+    code = """
+import sys
+import kvpolicy as kvp
+
+assert "kvpress" not in sys.modules
+press = kvp.KVPolicyPress(compression_ratio=0.5, scorer="knorm")
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, pipeline
+
+words = ["<unk>", "<s>", "</s>", *"the cat sat on a mat what did".split()]
+backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+backend.pre_tokenizer = pre_tokenizers.Whitespace()
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+print(len(pipe("the cat sat on a mat " * 8, question=" what did the cat", press=press, max_new_tokens=3)["answer"]))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) > 0
 
 
 @pytest.mark.model

@@ -187,6 +187,9 @@ def test_a_warning_on_the_command_line_is_one_line_like_an_error(tmp_path, capsy
 def test_a_directory_that_is_not_a_checkpoint_is_named_as_such(tmp_path):
     from kvpolicy.policy.checkpoint import read_config
 
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a Hugging Face model directory
+    (tmp_path / "config.json").write_text('{"format": "other"}')  # a JSON file of something else
     with pytest.raises(KVPError, match="is not a KVP checkpoint .* give the --out directory of a `kvp train` run"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a Hugging Face model directory
+    with pytest.raises(KVPError, match="is not a KVP checkpoint but a model directory: train one with `kvp fit "):
         read_config(tmp_path)

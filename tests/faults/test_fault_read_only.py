@@ -29,7 +29,7 @@ def test_a_read_only_output_directory_fails_fast_in_one_line(read_only_dir, as_n
     from kvpolicy import cli
     from kvpolicy.models import loader
 
-    for module in ("traces.cli", "training.cli", "sweep_cli", "report.cli"):  # as root: nobody cannot read the stdlib
+    for module in ("traces.cli", "train_cli", "sweep_cli", "report.cli"):  # as root: nobody cannot read the stdlib
         importlib.import_module(f"kvpolicy.{module}")
     for module in ("traces.pipeline", "training.trainer", "distributed", "evaluation.sweep", "report.render",
                    "report.summary", "traces.store"):

@@ -142,6 +142,41 @@ def test_a_sliding_window_model_is_refused_before_its_weights_are_read(tmp_path,
         loader.load_model(str(tmp_path))
 
 
+def test_a_load_draws_no_bar_per_tensor_and_leaves_the_bar_setting_alone(tmp_path):
+    """transformers' "Loading weights" bar (one step per tensor) is hidden while load_model loads; the user's own
+    loads keep it, and its switches (transformers', huggingface_hub's) read the same after the call."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(model)
+    code = f"""
+import sys
+from huggingface_hub import utils as hub
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+import kvpolicy as kvp
+
+def switches():
+    return hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+
+before = switches()
+kvp.load_model({str(model)!r})
+print("LOADED", file=sys.stderr, flush=True)
+assert switches() == before == (True, False), (before, switches())
+AutoModelForCausalLM.from_pretrained({str(model)!r})
+"""
+    quiet = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")  # set by the CLI in-process
+    env = {k: v for k, v in os.environ.items() if not k.startswith(quiet)} | {"KVP_CACHE_DIR": str(tmp_path / "c")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours, theirs = run.stderr.split("LOADED")
+    assert "Loading weights" not in ours and "Loading weights" in theirs
+
+
 def test_a_hub_id_that_cannot_be_reached_is_one_line(monkeypatch):
     from huggingface_hub import constants
 

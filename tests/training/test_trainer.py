@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -152,6 +153,34 @@ def test_kvp_train_refuses_a_corrupted_trace_set_without_writing(tmp_path, capsy
     assert not (tmp_path / "ckpt").exists()
     assert main(["train", "--traces", str(tmp_path / "nothing"), "--out", str(tmp_path / "ckpt")]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_kvp_train_reads_its_reward_beside_the_best_attention_free_heuristic(tmp_path, capsys):
+    """The best validation reward is printed with the best attention-free heuristic's on the same validation traces,
+    in the same measure: the deployed policy, measured as the heuristics are, gives the reward printed."""
+    from kvpolicy.cli import main
+    from kvpolicy.compression.catalog import attention_free
+    from kvpolicy.evaluation.bench.ranking_quality import evaluate, scorer_method
+    from kvpolicy.evaluation.lineup import make_contenders
+    from kvpolicy.traces.store import TraceReader
+    from kvpolicy.training.synthetic import write_synthetic_traces
+
+    train = write_synthetic_traces(tmp_path / "train", SyntheticTraces(8, length=64, **SHAPE, seed=0))
+    val = write_synthetic_traces(tmp_path / "val", SyntheticTraces(3, length=64, **SHAPE, seed=1))
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--traces", str(train), "--val", str(val), "--out", str(ckpt), "--steps", "4", "--batch",
+                 "4", "--tokens", "32", "--hidden", "8", "--val-every", "2", "--warmup", "1", "--no-compile",
+                 "--no-bf16"]) == 0
+    said = re.search(r"best validation reward (\S+) at step \d+ \(-1 = oracle; best attention-free heuristic on "
+                     r"these traces: (.+) (\S+)\);", capsys.readouterr().out)
+    assert said, "kvp train printed no heuristic beside its reward"
+    reader = TraceReader(val)
+    contenders = make_contenders([f"kvp:{ckpt}", *attention_free()])
+    costs = evaluate(reader, {c.label: scorer_method(reader, c) for c in contenders}, (), SINKS, RECENT)
+    rewards = {c.label: -costs[c.label]["normalized_cost"] for c in contenders}
+    assert float(said[1]) == pytest.approx(rewards.pop("KVP"), abs=1e-3)  # the reward, as the heuristics are measured
+    assert said[2] == max(rewards, key=rewards.get) and float(said[3]) == pytest.approx(max(rewards.values()), abs=1e-4)
+    assert float(said[3]) < -1  # a heuristic, not the oracle
 
 
 class _CompilerError(Exception):

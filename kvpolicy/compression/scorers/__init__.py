@@ -38,10 +38,19 @@ def known_scorers() -> str:
     return ", ".join([*CATALOG, f"{LEARNED_PREFIX}MODEL", f"{LEARNED_PREFIX}CHECKPOINT"])
 
 
+def bundled_spec(model: str) -> str:
+    """What the bare name `kvp` means for the model called `model` (a registered name, a directory or a hub id): the
+    policy bundled for it, `kvp:MODEL`. A model without one is refused, told how to train one."""
+    from kvpolicy.policy.bundled import bundled_path
+
+    bundled_path(model)
+    return f"{LEARNED_PREFIX}{model}"
+
+
 def make_scorer(spec: str, **kw) -> Scorer:
     """A scorer from its registry name (settings as keyword arguments), `NAME:VALUE` for a row that takes one setting
-    that way (e.g. `kvzap_mlp:DIR`, weights=DIR), `kvp:PATH` (a learned policy checkpoint) or `kvp:MODEL` (the policy
-    bundled for a model).
+    that way (e.g. `kvzap_mlp:DIR`, weights=DIR), `kvp:PATH` (a learned policy checkpoint), `kvp:MODEL` (the policy
+    bundled for a model) or plain `kvp` with model=ModelInfo (the policy bundled for that model, `bundled_spec`).
 
     Any of them with the suffix `@layer` or `@model` (compression/names.py) moves the budget between heads and layers
     (scorers/allocated.py). The oracle needs `utility=` (per-layer future utility); unknown names raise a KVPError
@@ -57,8 +66,11 @@ def make_scorer(spec: str, **kw) -> Scorer:
 
         return KVPScorer(spec[len(LEARNED_PREFIX) :], **kw)
     if spec == LEARNED:
-        raise KVPError(f"'{spec}' names a learned policy: use {LEARNED_PREFIX}MODEL for the policy bundled for a "
-                       f"model (e.g. {LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
+        if kw.get("model") is None:
+            raise KVPError(f"'{spec}' names the policy bundled for the model it scores, and no model was given: pass "
+                           f"model=ModelInfo, or use {LEARNED_PREFIX}MODEL for the policy bundled for a model (e.g. "
+                           f"{LEARNED_PREFIX}smollm2-135m) or {LEARNED_PREFIX}CHECKPOINT for a trained one")
+        return make_scorer(bundled_spec(kw["model"].name), **kw)
     entry, value = parse_spec(spec)
     if entry is None:
         settable = [f"{e.name}:{e.setting.upper()}" for e in CATALOG.values() if e.setting]
@@ -83,5 +95,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "known_scorers", "make_scorer",
+__all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "bundled_spec", "known_scorers", "make_scorer",
            *[e.class_name for e in CATALOG.values()]]

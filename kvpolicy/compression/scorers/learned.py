@@ -149,5 +149,7 @@ def load_policy(checkpoint: str | Path | None = None, model: Any = None, check_w
     if checkpoint is None:
         if info is None:
             raise KVPError("load_policy needs a checkpoint, a model name, or model= (for that model's bundled policy)")
-        checkpoint = info.name
+        from kvpolicy.compression.scorers import LEARNED_PREFIX, bundled_spec
+
+        checkpoint = bundled_spec(info.name).removeprefix(LEARNED_PREFIX)  # as `kvp generate --scorer kvp` reads it
     return KVPScorer(str(checkpoint), model=info, check_weights=check_weights)

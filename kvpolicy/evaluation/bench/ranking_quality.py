@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.compression.catalog import BENCH, CATALOG, default_lineup
+from kvpolicy.compression.catalog import BENCH, CATALOG, attention_free, default_lineup
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.costs import trace_scorable, trace_scores
 from kvpolicy.evaluation.lineup import Contender, make_contenders
@@ -71,6 +71,16 @@ def evaluate(reader, methods: dict[str, Method], budgets: Sequence[int], sinks: 
             "evicted_share": {int(b): float(v) for b, v in zip(budgets, f.mean(dim=(0, 1, 2)).tolist())},
         }
     return results
+
+
+def best_attention_free(reader, samples: Sequence[int], sinks: int = SINKS, recent: int = RECENT) -> tuple[str, float]:
+    """The attention-free heuristic of the catalog that ranks the traces `samples` of `reader` best, and its mean
+    whole-ranking cost on them as `evaluate` measures it (1 = oracle): minus the validation reward of `kvp train`, so
+    the reward a policy reaches on those traces reads beside it."""
+    contenders = make_contenders(list(attention_free()))
+    costs = evaluate(reader, {c.label: scorer_method(reader, c) for c in contenders}, (), sinks, recent, samples)
+    best = min((c.label for c in contenders), key=lambda label: costs[label]["normalized_cost"])
+    return best, costs[best]["normalized_cost"]
 
 
 def train_policy(train: TraceReader, val: TraceReader, out: Path) -> dict:

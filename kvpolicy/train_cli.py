@@ -1,4 +1,6 @@
-"""`kvp train --traces DIR --out CKPT [--val DIR] [--steps N] ...`: train the KVP agents of a model on traces.
+"""`kvp train --traces DIR --out CKPT [--val DIR] [--steps N] ...`: train the KVP agents of a model on traces, and
+say how the best validation reward compares with the best attention-free heuristic on the same validation traces
+(the evaluation's ranking costs, so this command sits on top of the stages, as `kvp sweep` does).
 
 Run under `torchrun --nproc_per_node K -m kvpolicy.cli train ...` for data-parallel training (gloo on CPU,
 nccl on GPU); rank 0 validates and writes the checkpoint. Re-running the same command resumes a killed run.
@@ -65,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.traces.union import open_traces
     from kvpolicy.distributed import init_distributed, shutdown_distributed
+    from kvpolicy.evaluation.bench.ranking_quality import best_attention_free
+    from kvpolicy.traces.union import open_traces
     from kvpolicy.models.placement import resolve_device
     from kvpolicy.training.data import states_width
     from kvpolicy.training.trainer import Trainer
@@ -95,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed(ctx)
     if ctx.main:
+        heuristic, cost = best_attention_free(trainer.val_source, trainer.val_ids, config.sinks, config.recent)
         print(
             f"trained {model.n_agents} agents of {model.name} for {result.steps} steps "
             f"in {result.seconds:.0f} s ({result.steps_per_s:.2f} steps/s, {result.tokens_per_s:,.0f} tokens/s, "
             f"{ctx.world} process(es)); best validation reward {result.best_val_reward:.4f} at step {result.best_step} "
-            f"(-1 = oracle); {result.skipped_batches} batches skipped; {result.n_parameters:,} parameters -> {args.out}"
+            f"(-1 = oracle; best attention-free heuristic on these traces: {heuristic} {-cost:.4f}); "
+            f"{result.skipped_batches} batches skipped; {result.n_parameters:,} parameters -> {args.out}"
         )
     return 0
