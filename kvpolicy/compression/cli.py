@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.compression.budget import Budget
     from kvpolicy.compression.catalog import CATALOG
     from kvpolicy.compression.engine import BoundedDecoding, check_prefill_chunk, generate
-    from kvpolicy.compression.names import HEAD, LEARNED, split_mode, with_mode
-    from kvpolicy.compression.scorers import bundled_spec, make_scorer
+    from kvpolicy.compression.names import HEAD, split_mode, with_mode
+    from kvpolicy.compression.scorers import named_scorer
     from kvpolicy.errors import KVPError
     from kvpolicy.models import load_model
     from kvpolicy.models.decoding import Sampling, check_stop_strings
@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if (entry := CATALOG.get(base)) is not None and entry.needs_utility:
         raise KVPError(f"scorer '{base}' ranks by the true future utility, which only recorded traces hold: "
                        "kvp sweep runs it on traces, kvp generate cannot; choose another scorer")
-    spec = bundled_spec(args.model) if base == LEARNED else base  # plain "kvp": the policy bundled for --model
-    scorer = make_scorer(with_mode(spec, allocation))
+    scorer = named_scorer(with_mode(base, allocation), args.model)  # plain "kvp": the policy bundled for --model
     budget = Budget(tokens=args.budget, ratio=args.ratio, sinks=args.sinks, recent=args.recent)
     bounded = BoundedDecoding(scorer, budget, args.bounded_every) if args.bounded_every else None
     if args.prefill_chunk is not None:

@@ -28,7 +28,7 @@ from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
 from kvpolicy.compression.scorers.base import LayerView, Scorer
-from kvpolicy.compression.state import KVState, cache_from_tensors
+from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.handle import refuse_sliding_window
@@ -95,18 +95,21 @@ def _forward(
             "shorten the input"
         )
     device = handle.model.device
+    fed = torch.arange(start, start + n, device=device).unsqueeze(0).expand(B, -1)  # true positions, per row
+    if state.offsets is not None:
+        fed = fed - state.offsets.to(device).unsqueeze(1)
     recording = record_attention_inputs(handle.layers, record_rows) if record_rows else contextlib.nullcontext(None)
     with torch.no_grad(), recording as recorded, masked_heads(handle.layers, state.masks):
         out = handle.model(
             input_ids=input_ids.to(device),
             past_key_values=state.cache,
-            position_ids=torch.arange(start, start + n, device=device).unsqueeze(0).expand(B, -1),
+            position_ids=fed,
             cache_position=torch.arange(past, past + n, device=device),
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
     heads = state.positions[0].shape[1] if state.positions else state.cache.layers[0].keys.shape[1]
-    new = torch.arange(start, start + n, device=device).view(1, 1, n).expand(B, heads, n)
+    new = fed.unsqueeze(1).expand(B, heads, n)
     old = state.positions or [new[..., :0]] * state.n_layers
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
     if state.masks is not None:  # new tokens are attended
@@ -220,7 +223,7 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     kept = budget.kept(state.length)
     if kept >= state.length:
         return state.branch()
-    keys, counts = allocation.select(scores, state.positions, budget, state.next_position, state.masks)
+    keys, counts = allocation.select(scores, state.positions, budget, state.next_positions(), state.masks)
     layers, positions, masks = [], [], []
     for idx, (key, count) in enumerate(zip(keys, counts)):
         top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own
@@ -236,7 +239,8 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     widths = {m.shape[-1] for m in masks}
     uniform = len(widths) == 1 and all(bool(m.all()) for m in masks)
     masks = None if uniform else masks
-    return KVState(cache_from_tensors(layers, masks), positions, state.next_position, None, state.logits, masks=masks)
+    return KVState(cache_from_tensors(layers, masks), positions, state.next_position, None, state.logits, masks=masks,
+                   offsets=state.offsets)
 
 
 def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -472,7 +476,7 @@ class GenerationResult:
     compression/ragged.py); cache_bytes_full is what the whole prompt's cache holds, also when a chunked prefill
     never held it.
     timings: prefill_s (every prefill, the question's too under question-agnostic), compress_s, decode_s and
-    decode_tokens_per_s."""
+    decode_tokens_per_s (of a batch of batch_rows prompts: decode_s is the batch's, the tokens this row's)."""
 
     text: str
     token_ids: list[int]
@@ -491,6 +495,7 @@ class GenerationResult:
     budget_shortfall: str | None = None  # a ratio budget that could not keep every sink and recent position
     prefill_chunk: int | None = None  # the prompt was prefilled this many tokens at a time, cut after each chunk
     cache_tokens_peak: int | None = None  # the most entries per KV head the cache held during the prefill
+    batch_rows: int = 1  # prompts decoded together in one batch (decode_s is the batch's)
 
     @property
     def prompt_tokens(self) -> int:
@@ -517,46 +522,26 @@ def _seconds_since(handle: ModelHandle, start: float) -> float:
     return time.perf_counter() - start
 
 
-def generate(
-    handle: ModelHandle,
-    context: str,
-    question: str,
-    scorer: Scorer | None,
-    budget: Budget | None,
-    protocol: str = QUERY_AWARE,
-    max_new_tokens: int = 64,
-    answer_prefix: str = "",
-    bounded: BoundedDecoding | None = None,
-    sampling: Sampling = GREEDY,
-    stop_strings: Sequence[str] = (),
-    on_token: Callable[[int], None] | None = None,
-    prefill_chunk: int | None = None,
-) -> GenerationResult:
-    """Answer `question` about `context` with a compressed cache (scorer/budget None: the full cache).
+@dataclass
+class _Prepared:
+    """One prompt prefilled and cut, ready to decode: its state and what its GenerationResult reports of it."""
 
-    query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
-    question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
-    prefill_chunk=C: prefill what is compressed C tokens at a time, cutting the cache back to the budget after each
-    chunk (`prefill_chunked`), so the cache never holds more than budget + C entries per head; the last chunk is
-    compressed as a whole prefill is. Query-based scorers rank each cut with the queries of the chunk just fed.
-    Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
-    token as it is chosen (e.g. to stream it with `models.text_stream.TextStream`).
-    """
-    check_protocol_name(protocol)
-    if (scorer is None) != (budget is None):
-        raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
-    if prefill_chunk is not None:
-        check_prefill_chunk(scorer, budget, prefill_chunk)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise KVPError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    state: KVState
+    context_tokens: int
+    question_tokens: int
+    full_tokens: int
+    full_bytes: int
+    compressed_tokens: int
+    compressed_bytes: int
+    peak: float
+    timings: dict[str, float]
+
+
+def _prepare(handle: ModelHandle, context: str, question: str, scorer: Scorer | None, budget: Budget | None,
+             protocol: str, answer_prefix: str, prefill_chunk: int | None, max_new_tokens: int) -> _Prepared:
+    """Prefill one prompt (in chunks of prefill_chunk, cut after each) and cut it to the budget, per the protocol."""
     if not (context + question).strip():
         raise KVPError("the prompt is empty: give a context or a question")
-    if not isinstance(sampling, Sampling):
-        raise KVPError(f"sampling must be a Sampling(temperature, top_p, seed), got {sampling!r}")
-    stop_strings = check_stop_strings(stop_strings)
-    for used in (scorer, bounded.scorer if bounded else None):
-        if used is not None:
-            used.check_model(handle.info)  # a policy trained for another model is refused before any work
     context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
     check_room(handle, context_ids.shape[1] + question_ids.shape[1], max_new_tokens)
     first = torch.cat([context_ids, question_ids], dim=1) if protocol == QUERY_AWARE else context_ids
@@ -577,33 +562,127 @@ def generate(
         state = compress(handle, state, scorer, cut_to)
     timings["compress_s"] = _seconds_since(handle, clock)
     compressed_tokens, compressed_bytes = round(state.attended()), state.nbytes()
-    shortfall = budget.shortfall(full_tokens) if budget is not None else None
     if protocol == QUESTION_AGNOSTIC:
         clock = time.perf_counter()
         prefill(handle, question_ids, state)
         timings["prefill_s"] += _seconds_since(handle, clock)
-    per_row = None if on_token is None else (lambda _row, token: on_token(token))
+    return _Prepared(state, context_ids.shape[1], question_ids.shape[1], full_tokens, full_bytes, compressed_tokens,
+                     compressed_bytes, peak, timings)
+
+
+def _prompts(context: str | Sequence[str], question: str | Sequence[str]) -> tuple[list[str], list[str], bool]:
+    """(contexts, questions, batched): one prompt, or a list of contexts and/or questions (one question for every
+    context, one context for every question, or as many of each)."""
+    batched = isinstance(context, (list, tuple)) or isinstance(question, (list, tuple))
+    contexts = list(context) if isinstance(context, (list, tuple)) else [context]
+    questions = list(question) if isinstance(question, (list, tuple)) else [question]
+    if not contexts or not questions:
+        raise KVPError("generate needs at least one prompt: got an empty list")
+    if len(contexts) != len(questions) and 1 not in (len(contexts), len(questions)):
+        raise KVPError(f"generate got {len(contexts)} contexts and {len(questions)} questions; give as many of each, "
+                       "or one of either")
+    rows = max(len(contexts), len(questions))
+    contexts, questions = contexts * (rows // len(contexts)), questions * (rows // len(questions))
+    for text in (*contexts, *questions):
+        if not isinstance(text, str):
+            raise KVPError(f"prompts are text: got a {type(text).__name__} where a context or question belongs")
+    return contexts, questions, batched
+
+
+def _settings(handle: ModelHandle, scorer: Scorer | str | None, budget: Budget | int | None
+              ) -> tuple[Scorer | None, Budget | None]:
+    """The scorer (a Scorer, or a name such as "kvp" or "knorm" for this model) and the budget (a Budget, or entries
+    per KV head), checked: both or neither."""
+    if not isinstance(handle, ModelHandle):
+        raise KVPError(f"generate takes the model from kvp.load_model(...), got {type(handle).__name__}")
+    if isinstance(scorer, str):
+        from kvpolicy.compression.scorers import named_scorer
+
+        scorer = named_scorer(scorer, handle.info.name)
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        budget = Budget(tokens=budget)
+    if scorer is not None and not isinstance(scorer, Scorer):
+        raise KVPError(f"scorer is a kvpolicy scorer or its name (kvp.load_policy(...), 'knorm'), got {scorer!r}")
+    if budget is not None and not isinstance(budget, Budget):
+        raise KVPError(f"budget is a kvp.Budget or a number of entries per KV head, got {budget!r}")
+    if (scorer is None) != (budget is None):
+        raise KVPError("give both a scorer and a budget to compress, or neither for the full cache")
+    return scorer, budget
+
+
+def generate(
+    handle: ModelHandle,
+    context: str | Sequence[str],
+    question: str | Sequence[str] = "",
+    scorer: Scorer | str | None = None,
+    budget: Budget | int | None = None,
+    protocol: str = QUERY_AWARE,
+    max_new_tokens: int = 64,
+    answer_prefix: str = "",
+    bounded: BoundedDecoding | None = None,
+    sampling: Sampling = GREEDY,
+    stop_strings: Sequence[str] = (),
+    on_token: Callable[..., None] | None = None,
+    prefill_chunk: int | None = None,
+) -> GenerationResult | list[GenerationResult]:
+    """Answer `question` about `context` with a compressed cache (scorer/budget None: the full cache). scorer: a
+    Scorer or a name ("kvp": the policy bundled for this model, "knorm", ...); budget: a Budget or entries per KV head.
+
+    query-aware: prefill context + question, compress, decode (the KVP paper's protocol).
+    question-agnostic: prefill and compress the context, then prefill the question on it, decode (kvpress's).
+    prefill_chunk=C: prefill what is compressed C tokens at a time, cutting the cache back to the budget after each
+    chunk (`prefill_chunked`), so the cache never holds more than budget + C entries per head; the last chunk is
+    compressed as a whole prefill is. Query-based scorers rank each cut with the queries of the chunk just fed.
+    Decoding stops at an end-of-turn token, a stop string or max_new_tokens; on_token(token) sees every answer
+    token as it is chosen (e.g. to stream it with `models.text_stream.TextStream`).
+
+    A list of contexts and/or questions answers them all, one GenerationResult each: each prompt is prefilled and
+    cut on its own (exactly as alone), then every row decodes in one batch (`stack_states`: each row attends to its
+    own entries, continues from its own position, and is re-cut on its own under `bounded`); on_token(row, token).
+    """
+    check_protocol_name(protocol)
+    scorer, budget = _settings(handle, scorer, budget)
+    contexts, questions, batched = _prompts(context, question)
+    if prefill_chunk is not None:
+        check_prefill_chunk(scorer, budget, prefill_chunk)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise KVPError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not isinstance(sampling, Sampling):
+        raise KVPError(f"sampling must be a Sampling(temperature, top_p, seed), got {sampling!r}")
+    stop_strings = check_stop_strings(stop_strings)
+    for used in (scorer, bounded.scorer if bounded else None):
+        if used is not None:
+            used.check_model(handle.info)  # a policy trained for another model is refused before any work
+    prepared = [_prepare(handle, c, q, scorer, budget, protocol, answer_prefix, prefill_chunk, max_new_tokens)
+                for c, q in zip(contexts, questions)]
+    state = prepared[0].state if len(prepared) == 1 else stack_states([p.state for p in prepared], pad=True)
+    per_row = on_token if batched or on_token is None else (lambda _row, token: on_token(token))
     clock = time.perf_counter()
-    answer = decode_answers(handle, state, state.logits, max_new_tokens, bounded=bounded, sampling=sampling,
-                            stop_strings=stop_strings, on_token=per_row)[0]
-    timings["decode_s"] = _seconds_since(handle, clock)
-    timings["decode_tokens_per_s"] = len(answer.tokens) / timings["decode_s"] if timings["decode_s"] else 0.0
-    return GenerationResult(
-        text=cut_at_stop(handle.decode(answer.tokens), stop_strings),
-        token_ids=answer.tokens,
-        protocol=protocol,
-        scorer=scorer.identity() if scorer else None,
-        budget=budget.label if budget else None,
-        context_tokens=context_ids.shape[1],
-        question_tokens=question_ids.shape[1],
-        cache_tokens_full=full_tokens,
-        cache_tokens_compressed=compressed_tokens,
-        cache_bytes_full=full_bytes,
-        cache_bytes_compressed=compressed_bytes,
-        stop_reason=answer.stop_reason,
-        sampling=sampling,
-        timings=timings,
-        budget_shortfall=shortfall,
-        prefill_chunk=prefill_chunk,
-        cache_tokens_peak=round(peak),
-    )
+    answers = decode_answers(handle, state, state.logits, max_new_tokens, bounded=bounded, sampling=sampling,
+                             stop_strings=stop_strings, on_token=per_row, drop_finished=batched)
+    decode_s = _seconds_since(handle, clock)
+    results = []
+    for row, answer in zip(prepared, answers):
+        timings = row.timings | {"decode_s": decode_s,
+                                 "decode_tokens_per_s": len(answer.tokens) / decode_s if decode_s else 0.0}
+        results.append(GenerationResult(
+            text=cut_at_stop(handle.decode(answer.tokens), stop_strings),
+            token_ids=answer.tokens,
+            protocol=protocol,
+            scorer=scorer.identity() if scorer else None,
+            budget=budget.label if budget else None,
+            context_tokens=row.context_tokens,
+            question_tokens=row.question_tokens,
+            cache_tokens_full=row.full_tokens,
+            cache_tokens_compressed=row.compressed_tokens,
+            cache_bytes_full=row.full_bytes,
+            cache_bytes_compressed=row.compressed_bytes,
+            stop_reason=answer.stop_reason,
+            sampling=sampling,
+            timings=timings,
+            budget_shortfall=budget.shortfall(row.full_tokens) if budget is not None else None,
+            prefill_chunk=prefill_chunk,
+            cache_tokens_peak=round(row.peak),
+            batch_rows=len(prepared),
+        ))
+    return results if batched else results[0]

@@ -63,6 +63,8 @@ class KVState:
         scorers that re-read the cached text need it (`Scorer.reads_text`).
     masks: per layer (B, H, T) bool, True = the entry is attended, False = padding that attention skips; None when
         every entry is attended (every head of a layer keeps the same count).
+    offsets: (B,) int64, how many positions each row is behind next_position, for rows of prompts of different
+        lengths decoded as one batch (`stack_states`); None when every row is at next_position.
     The engine never writes into cache tensors in place (appending makes new tensors), so states that share
     tensors cannot disturb each other.
     """
@@ -74,6 +76,7 @@ class KVState:
     logits: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     masks: list[torch.Tensor] | None = None
+    offsets: torch.Tensor | None = None
 
     @classmethod
     def empty(cls) -> KVState:
@@ -113,6 +116,11 @@ class KVState:
         chunked prefill never held): its bytes per attended entry, times `entries`."""
         return round(self.nbytes() / self.attended() * entries)
 
+    def next_positions(self) -> int | torch.Tensor:
+        """The position of each row's next token: next_position, or (B, 1, 1) when rows differ (`offsets`), which
+        broadcasts against positions (B, H, T)."""
+        return self.next_position if self.offsets is None else (self.next_position - self.offsets).view(-1, 1, 1)
+
     def update_from(self, other: KVState) -> None:
         """Become `other` (for functions that advance a caller's state in place)."""
         self.__dict__.update(other.__dict__)
@@ -127,6 +135,7 @@ class KVState:
             logits=self.logits,
             ids=self.ids,
             masks=list(self.masks) if self.masks is not None else None,
+            offsets=self.offsets,
         )
 
     def rows(self, index: list[int]) -> KVState:
@@ -145,6 +154,7 @@ class KVState:
             logits=pick(self.logits),
             ids=pick(self.ids),
             masks=masks,
+            offsets=pick(self.offsets),
         )
 
     def clone(self) -> KVState:
@@ -158,6 +168,7 @@ class KVState:
             logits=self.logits.clone() if self.logits is not None else None,
             ids=self.ids.clone() if self.ids is not None else None,
             masks=[m.clone() for m in self.masks] if self.masks is not None else None,
+            offsets=self.offsets.clone() if self.offsets is not None else None,
         )
 
 
@@ -168,16 +179,17 @@ def stack_states(states: list[KVState], pad: bool = False) -> KVState:
     Every state must hold the same number of entries per head in each layer, unless `pad`: then each layer is as
     long as its longest state's, a shorter state's entries are followed by zero keys and values masked out (their
     positions repeat its last), so that cuts of any shapes (adaptive allocations, other budgets) decode together,
-    each row attending to its own entries only. Every state must have the same next_position (so that new tokens
-    get one RoPE position for all rows); recorded attention inputs are dropped, and the token ids are kept (ΣB, T)
-    only when every state has them and nothing is padded. Masks (ΣB, H, T) are kept when any state has them or a
-    row is padded (True for the entries of rows without them)."""
+    each row attending to its own entries only; with `pad` the states may also have fed different numbers of tokens
+    (prompts of different lengths): each row's new tokens then continue from its own next position (`offsets`).
+    Recorded attention inputs are dropped, and the token ids are kept (ΣB, T) only when every state has them and
+    nothing is padded. Masks (ΣB, H, T) are kept when any state has them or a row is padded (True for the entries of
+    rows without them)."""
     if not states:
         raise KVPError("stack_states needs at least one state")
     first = states[0]
-    if any(s.next_position != first.next_position or s.n_layers != first.n_layers for s in states) or (
-            not pad and any(s.lengths() != first.lengths() for s in states)):
-        raise KVPError("only states with equal cache lengths, layers and next positions can be stacked")
+    if any(s.n_layers != first.n_layers for s in states) or (not pad and any(
+            s.lengths() != first.lengths() or s.next_position != first.next_position for s in states)):
+        raise KVPError("only states with equal cache lengths, layers and next positions can be stacked (or pad=True)")
     if any(s.logits is None for s in states):
         raise KVPError("stack_states needs prefilled states (with next-token logits)")
     widths = [max(s.lengths()[i] for s in states) for i in range(first.n_layers)]
@@ -208,4 +220,9 @@ def stack_states(states: list[KVState], pad: bool = False) -> KVState:
     masks = None
     if padded or any(s.masks is not None for s in states):
         masks = [torch.cat([mask(s, i) for s in states]) for i in range(first.n_layers)]
-    return KVState(cache_from_tensors(layers, masks), positions, first.next_position, None, logits, ids, masks)
+    last = max(s.next_position for s in states)
+    behind = [torch.full(s.positions[0].shape[:1], last, dtype=torch.long) - s.next_position
+              + (0 if s.offsets is None else s.offsets.cpu()) for s in states]
+    offsets = torch.cat(behind).to(positions[0].device) if any(b.any() for b in behind) else None
+    ids = ids if offsets is None else None
+    return KVState(cache_from_tensors(layers, masks), positions, last, None, logits, ids, masks, offsets)

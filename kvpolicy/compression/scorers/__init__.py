@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from kvpolicy.compression.catalog import CATALOG, parse_spec
-from kvpolicy.compression.names import HEAD, LEARNED, LEARNED_PREFIX, split_mode
+from kvpolicy.compression.names import HEAD, LEARNED, LEARNED_PREFIX, split_mode, with_mode
 from kvpolicy.compression.scorers.base import ALL_QUERIES, LayerView, Scorer
 from kvpolicy.errors import KVPError
 
@@ -45,6 +45,13 @@ def bundled_spec(model: str) -> str:
 
     bundled_path(model)
     return f"{LEARNED_PREFIX}{model}"
+
+
+def named_scorer(spec: str, model: str) -> Scorer:
+    """The scorer a user names for the model called `model` (`kvp generate --scorer`, `kvp.generate(scorer=...)`):
+    any name make_scorer takes, an allocation suffix included, where plain `kvp` is the policy bundled for it."""
+    base, mode = split_mode(spec)
+    return make_scorer(with_mode(bundled_spec(model), mode) if base == LEARNED else spec)
 
 
 def make_scorer(spec: str, **kw) -> Scorer:
@@ -96,4 +103,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ALL_QUERIES", "SCORERS", "LayerView", "Scorer", "bundled_spec", "known_scorers", "make_scorer",
-           *[e.class_name for e in CATALOG.values()]]
+           "named_scorer", *[e.class_name for e in CATALOG.values()]]
