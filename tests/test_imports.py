@@ -33,6 +33,7 @@ TOP = {
     "__init__": set(),  # the Python API: its names are imported on first use
     "commands": set(),  # the pipeline's commands and how one command line runs
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
+    "export_cli": set(),  # `kvp export`: a policy folder with the held-out costs a results file holds
     "demo": {"experiment"},  # the demo preset, run by the experiment's runner
     "experiment": {"commands"},  # runs its stages through commands.run_command
     "cli": {"commands"},
