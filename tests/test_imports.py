@@ -35,6 +35,7 @@ TOP = {
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
     "export_cli": set(),  # `kvp export`: a policy folder with the held-out costs a results file holds
     "demo": {"experiment"},  # the demo preset, run by the experiment's runner
+    "fit": {"experiment"},  # `kvp fit`: the recipe for any model, run by the experiment's runner
     "experiment": {"commands"},  # runs its stages through commands.run_command
     "cli": {"commands"},
 }
