@@ -1,6 +1,6 @@
 """`kvp`: a thin command line over the library. Each subcommand lives in a module that defines
-`add_arguments(parser)` and `run(args) -> int` (kvpolicy/commands.py lists the pipeline's); here are added the two
-that run the others, `kvp demo` and `kvp experiment`."""
+`add_arguments(parser)` and `run(args) -> int` (kvpolicy/commands.py lists the pipeline's); here are added the three
+that run the others, `kvp demo`, `kvp experiment` and `kvp fit`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kvpolicy.demo", "the whole story on SmolLM2: traces, training, evaluation, report"),
     "experiment": ("kvpolicy.experiment", "a run the project reports, resumable (--preset): a study behind "
                    "docs/RESULTS.md, a bundled policy's recipe, the demo (--list shows them)"),
+    "fit": ("kvpolicy.fit", "train a KVP policy for any supported model in one resumable command: traces, training, "
+            "held-out costs, an accuracy check, the policy folder (estimates time and disk first; --dry-run)"),
 }
 
 

@@ -1,9 +1,9 @@
 """The pipeline's `kvp` commands and how one command line runs: its parsing, exit status and one-line errors.
 
 Each command lives in a module that defines `add_arguments(parser)` and `run(args) -> int`: a stage's cli.py beside
-the code it drives, or a module on top when it drives several stages (sweep_cli.py, train_cli.py). kvpolicy/cli.py
-adds the commands that run other commands (demo, experiment); `kvp experiment` runs its stages through `run_command`
-here, so no command module imports the command line that loads it.
+the code it drives, or a module on top when it drives several stages (sweep_cli.py, train_cli.py, export_cli.py).
+kvpolicy/cli.py adds the commands that run other commands (demo, experiment, fit); `kvp experiment` runs its stages
+through `run_command` here, so no command module imports the command line that loads it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "train-kvzap": ("kvpolicy.kvzap.cli", "train KVzap's per-layer score predictors (linear, MLP) for a model on "
                     "the prompts KVP trains on"),
     "policies": ("kvpolicy.policy.cli", "list the KVP policies bundled with kvpolicy (--bundle CKPT ships one)"),
+    "export": ("kvpolicy.export_cli", "write a trained policy as a deployable folder (config, weights, model card) "
+               "with its measured held-out costs and the commands that made it"),
     "sweep": ("kvpolicy.sweep_cli", "evaluate scorers x budgets x tasks into a resumable JSONL store"),
     "report": ("kvpolicy.report.cli", "write the HTML/Markdown report with figures from a results file"),
     "results": ("kvpolicy.evaluation.cli", "pack a results file into RESULTS.jsonl.gz, or unpack one to resume "

@@ -57,6 +57,13 @@ def run_stage(argv: list[str]) -> int:
     return run_command(build_parser(STAGE_COMMANDS, in_experiment=True), argv)
 
 
+def finished(stage: Stage, done: dict[str, dict]) -> bool:
+    """Whether the stage log `done` (read_stage_log) records `stage` as finished with the same command, and what it
+    wrote (its --out) is still there."""
+    recorded = done.get(stage.name, {}).get("argv") == list(stage.argv)
+    return recorded and (stage.output is None or stage.output.exists())
+
+
 def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: bool = False) -> int:
     """Run `plan`'s stages (those named in `only`, if any) in order, skipping the ones OUT/stages.json records as
     finished with the same command; records each one that finishes, with its wall time. With `listing`, print
@@ -70,15 +77,14 @@ def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: 
     log_path = out / "stages.json"
     done = read_stage_log(log_path)
     for stage in (s for s in plan if not only or s.name in only):
-        recorded = done.get(stage.name, {}).get("argv") == list(stage.argv)
-        finished = recorded and (stage.output is None or stage.output.exists())
+        recorded, complete = done.get(stage.name, {}).get("argv") == list(stage.argv), finished(stage, done)
         gone = f"done earlier, but its output {stage.output} is gone"
         if listing:
-            state = (f"done in {done[stage.name]['seconds']:.0f} s" if finished
+            state = (f"done in {done[stage.name]['seconds']:.0f} s" if complete
                      else f"{gone}; to run again" if recorded else "to run")
             print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
             continue
-        if finished:
+        if complete:
             print(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
             continue
         if recorded:

@@ -39,7 +39,8 @@ def test_help_imports_no_heavy_library():
     assert run.stdout.strip() == "", f"building the parser imported {run.stdout.strip()}"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["train", "--help"], ["generate", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["train", "--help"], ["generate", "--help"],
+                                  ["fit", "--help"]])
 def test_every_help_answers_without_heavy_imports(argv):
     code = ("import sys, kvpolicy.cli as cli\n"
             "try:\n"

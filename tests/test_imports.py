@@ -34,7 +34,9 @@ TOP = {
     "commands": set(),  # the pipeline's commands and how one command line runs
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
     "train_cli": set(),  # `kvp train`: training, then the best attention-free heuristic's cost on its validation traces
+    "export_cli": set(),  # `kvp export`: a policy folder with the held-out costs a results file holds
     "demo": {"experiment"},  # the demo preset, run by the experiment's runner
+    "fit": {"experiment"},  # `kvp fit`: the recipe for any model, run by the experiment's runner
     "experiment": {"commands"},  # runs its stages through commands.run_command
     "cli": {"commands"},
 }

@@ -76,8 +76,8 @@ def test_the_recipes_sizes_are_those_the_shipped_policies_were_made_with(tmp_pat
     smollm = [s.name for s in PRESETS["bundled-smollm2"].stages(tmp_path)]
     assert smollm == ["traces-train", "traces-val", "traces-test", "train-kvp-mix", "train-curve-prompts-8",
                       "train-curve-prompts-16", "train-curve-prompts-32", "train-curve-steps-150",
-                      "train-curve-steps-300", "costs-test", "bundle", "ruler", "ruler-multivalue", "dialogue",
-                      "report"]
+                      "train-curve-steps-300", "costs-test", "policy", "bundle", "ruler", "ruler-multivalue",
+                      "dialogue", "report"]
     assert _made_by(_stage("bundled-smollm2", "bundle", tmp_path)) == [
         "kvp traces --model smollm2-135m --source mix --split train --n 64 --context 2048 --future-tokens 128",
         "kvp traces --model smollm2-135m --source mix --split val --n 16 --context 2048 --future-tokens 128",
@@ -95,7 +95,7 @@ def test_the_recipes_sizes_are_those_the_shipped_policies_were_made_with(tmp_pat
     assert [s.name for s in qwen] == [
         "traces-train", "traces-val", "traces-test", "traces-niah-code-train", "traces-niah-code-val",
         "traces-code-train", "traces-code-val", "traces-code-test", "train-kvp-mix", "costs-test", "costs-code-test",
-        "bundle", "ruler", "ruler-multivalue", "dialogue", "report"]
+        "policy", "bundle", "ruler", "ruler-multivalue", "dialogue", "report"]
     argv = {s.name: s.argv for s in qwen}
     assert argv["traces-test"][argv["traces-test"].index("--n") + 1] == "12"
     assert argv["traces-code-test"][argv["traces-code-test"].index("--n") + 1] == "4"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-HELD_OUT = "held_out"  # config section: {"command", "unit", "corpora": [{corpus, prompts, kvp, interval, best...}]}
+# config section: {"command", "unit", "corpora": [{corpus, prompts, kvp, interval (low, high; [] for one prompt),
+# best...}]}
+HELD_OUT = "held_out"
 HELD_OUT_SCHEMA = {"command": str, "unit": str,
                    "corpora": [{"corpus": str, "prompts": int, "kvp": float, "interval": [float],
                                 "best_attention_free": str, "best_attention_free_cost": float}]}
@@ -58,8 +60,8 @@ def _held_out(config: dict[str, Any]) -> list[str]:
               "| corpus | test prompts | this policy [95% interval] | best attention-free heuristic |",
               "|---|---|---|---|"]
     for row in held["corpora"]:
-        low, high = row["interval"]
-        lines.append(f"| {row['corpus']} | {row['prompts']} | {row['kvp']:.3f} [{low:.3f}, {high:.3f}] | "
+        interval = "[{:.3f}, {:.3f}]".format(*row["interval"]) if row["interval"] else "(one prompt: no interval)"
+        lines.append(f"| {row['corpus']} | {row['prompts']} | {row['kvp']:.3f} {interval} | "
                      f"{row['best_attention_free']} {row['best_attention_free_cost']:.3f} |")
     return lines + [""]
 

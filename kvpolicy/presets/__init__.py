@@ -3,7 +3,7 @@
 
 - study.py   the study behind docs/RESULTS.md, per model (`smollm2`, `qwen2.5`)
 - recipe.py  the recipe of each bundled policy: traces, training, bundling, evaluation (`bundled-smollm2`,
-             `bundled-qwen2.5`)
+             `bundled-qwen2.5`); its first stages are `kvp fit`'s (fit.py: the recipe for any model)
 - demo.py    the demo `kvp demo` runs (`demo`), and its smoke version (`demo-quick`, `kvp demo --quick`)
 - compare.py the comparison against KVzap, KVzip and the heuristics, per model (`compare-smollm2`,
              `compare-qwen2.5`), sharing the recipe's traces
@@ -16,7 +16,7 @@ from __future__ import annotations
 from kvpolicy.evaluation.names import PROMPT_ONCE
 from kvpolicy.presets.compare import CompareConfig
 from kvpolicy.presets.demo import QUICK, DemoConfig
-from kvpolicy.presets.recipe import RecipeConfig
+from kvpolicy.presets.recipe import CODE_SETS, RecipeConfig
 from kvpolicy.presets.stage import PresetConfig
 from kvpolicy.presets.study import StudyConfig
 
@@ -25,7 +25,7 @@ from kvpolicy.presets.study import StudyConfig
 RECIPES = (
     RecipeConfig("bundled-smollm2", "smollm2-135m"),
     RecipeConfig("bundled-qwen2.5", "qwen2.5-0.5b", train_prompts=32, val_prompts=8, test_prompts=12, steps=2000,
-                 code_train=30, code_needles=24, curve_prompts=(), curve_steps=(), dialogue_protocols=(PROMPT_ONCE,)),
+                 **CODE_SETS, curve_prompts=(), curve_steps=(), dialogue_protocols=(PROMPT_ONCE,)),
 )
 
 PRESETS: dict[str, PresetConfig] = {

@@ -531,7 +531,9 @@ class LearningCurve:
                 "per point")
 
 
-def _curve_point(x: int, rs: list[Result]) -> CurvePoint:
+def cost_point(x: int, rs: list[Result]) -> CurvePoint:
+    """The mean whole-ranking cost of `rs` (one result per held-out sample: its cost, a mean over heads), with its
+    standard error and 95% bootstrap interval over the samples; x: the point's place on a curve."""
     values = [r.value for r in rs]
     return CurvePoint(x, float(np.mean(values)), mean_stderr(values), len(values), bootstrap_ci(values))
 
@@ -560,8 +562,8 @@ def learning_curves(results: Iterable[Result]) -> list[LearningCurve]:
                 continue
             most_steps = max(steps for _, steps in points)
             most_prompts = max(prompts for prompts, _ in points)
-            by_prompts = [_curve_point(p, points[(p, s)]) for p, s in sorted(points) if s == most_steps]
-            by_steps = [_curve_point(s, points[(p, s)]) for p, s in sorted(points, key=lambda k: k[1])
+            by_prompts = [cost_point(p, points[(p, s)]) for p, s in sorted(points) if s == most_steps]
+            by_steps = [cost_point(s, points[(p, s)]) for p, s in sorted(points, key=lambda k: k[1])
                         if p == most_prompts]
             curves.append(LearningCurve(model, data, source, by_prompts, by_steps, reference_means))
     return curves

@@ -44,11 +44,12 @@ def measure_traces(handle: ModelHandle, n: int, context: int, future: int, out: 
             "goal_bytes_per_token_head": 2 * info.head_dim * 2 + 8}
 
 
-def measure_training(source: TraceSource, steps: int, out: Path, device: str) -> dict:
+def measure_training(source: TraceSource, steps: int, out: Path, device: str, compile: bool = True,
+                     progress: bool = True) -> dict:
     """Train a policy on `source` with the default settings into `out` (on `device`): one first step, which builds
-    torch.compile's kernels, then `steps` more, timed apart: steps and ranked tokens per second."""
-    config = TrainConfig(steps=1, val_every=1 + steps, checkpoint_every=1 + steps)
-    trainer = Trainer(source, out, config=config, ctx=init_distributed(device), resume=False)
+    torch.compile's kernels (with `compile`), then `steps` more, timed apart: steps and ranked tokens per second."""
+    config = TrainConfig(steps=1, val_every=1 + steps, checkpoint_every=1 + steps, compile=compile)
+    trainer = Trainer(source, out, config=config, ctx=init_distributed(device), resume=False, progress=progress)
     start = time.perf_counter()
     trainer.run()
     first = time.perf_counter() - start
