@@ -12,17 +12,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from kvpolicy.compression.budget import Budget
-from kvpolicy.compression.engine import BoundedDecoding, compress, continuation_nll, greedy_decode, prefill
+from kvpolicy.compression.engine import BoundedDecoding, compress, continuation_nll, decode_answers, prefill
 from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
 from kvpolicy.compression.scorers.base import Scorer
 from kvpolicy.compression.state import KVState
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.decoding import GREEDY, Sampling
 
 
 @dataclass
@@ -40,6 +41,8 @@ class TurnResult:
     cache_bytes_before: int
     cache_bytes_after: int
     next_position: int
+    cache_tokens_end: int = 0  # entries per KV head once the answer is fed (at most budget + every when bounded)
+    cache_bytes_end: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +100,7 @@ def continue_dialogue(handle: ModelHandle, state: KVState, rounds: Sequence[torc
 
 def converse(
     handle: ModelHandle,
-    user_turns: Sequence[str],
+    user_turns: Iterable[str],
     scorer: Scorer,
     budget: Budget,
     protocol: str = QUERY_AWARE,
@@ -105,15 +108,23 @@ def converse(
     reference_answers: Sequence[str] | None = None,
     system: str | None = None,
     bounded: BoundedDecoding | None = None,
+    sampling: Sampling = GREEDY,
+    on_token: Callable[[int], None] | None = None,
+    on_turn: Callable[[TurnResult], None] | None = None,
 ) -> tuple[list[TurnResult], KVState]:
     """Run a dialogue turn by turn on one cache, compressing it to `budget` at every turn.
 
-    reference_answers: when given (one per user turn), each answer is teacher-forced instead of generated and
-    its per-token NLL recorded (perplexity on dialogue). Returns the turn results and the final state.
+    user_turns: any iterable, read one turn at a time (an interactive chat's input). reference_answers: when given
+    (one per user turn), each answer is teacher-forced instead of generated and its per-token NLL recorded
+    (perplexity on dialogue). A generated answer is decoded with `sampling`, on_token(token) sees each of its tokens
+    as it is chosen, and `bounded` keeps the cache within its budget + every while it is. on_turn(result) sees each
+    turn as it ends. Returns the turn results and the final state.
     """
     check_protocol(protocol, scorer)
-    if reference_answers is not None and len(reference_answers) != len(user_turns):
-        raise KVPError(f"got {len(reference_answers)} reference answers for {len(user_turns)} user turns")
+    if reference_answers is not None:
+        user_turns = list(user_turns)
+        if len(reference_answers) != len(user_turns):
+            raise KVPError(f"got {len(reference_answers)} reference answers for {len(user_turns)} user turns")
     messages = [{"role": "system", "content": system}] if system else []
     fed_text = ""
     state: KVState | None = None
@@ -126,7 +137,9 @@ def converse(
         state, before, after = feed_turn(handle, state, handle.encode(prompt[len(fed_text):]), scorer, budget,
                                          protocol)
         if reference_answers is None:
-            tokens = greedy_decode(handle, state, state.logits, max_new_tokens, bounded=bounded)
+            per_row = None if on_token is None else (lambda _row, token: on_token(token))
+            tokens = decode_answers(handle, state, state.logits, max_new_tokens, bounded=bounded, sampling=sampling,
+                                    on_token=per_row)[0].tokens
             text, nll = handle.decode(tokens), None
         else:
             text = reference_answers[turn]
@@ -134,9 +147,13 @@ def converse(
             nll = continuation_nll(handle, state, handle.encode(text), append=True).tolist()
         messages.append({"role": "assistant", "content": text})
         fed_text = prompt + text
+        end = _size(state)
         results.append(TurnResult(
             turn=turn, protocol=protocol, text=text, token_ids=tokens, nll=nll,
             cache_tokens_before=before[0], cache_tokens_after=after[0],
             cache_bytes_before=before[1], cache_bytes_after=after[1], next_position=state.next_position,
+            cache_tokens_end=end[0], cache_bytes_end=end[1],
         ))
+        if on_turn is not None:
+            on_turn(results[-1])
     return results, state
