@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvpolicy.errors import KVPError
-    from kvpolicy.policy.card import HELD_OUT
+    from kvpolicy.policy.card import HELD_OUT, held_out_cost
     from kvpolicy.policy.checkpoint import load_checkpoint
 
     if bool(args.results) != bool(args.traces):
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     out = replace(checkpoint, config=config).save_pretrained(args.out)
     print(f"exported {args.policy} -> {out}")
     for row in config.get(HELD_OUT, {}).get("corpora", []):
-        interval = " [{:.3f}, {:.3f}]".format(*row["interval"]) if row["interval"] else ""
-        print(f"  held-out {row['corpus']} ({row['prompts']} prompts): {row['kvp']:.3f}{interval}, best "
+        print(f"  held-out {row['corpus']} ({row['prompts']} prompts): {held_out_cost(row)}, best "
               f"attention-free {row['best_attention_free']} {row['best_attention_free_cost']:.3f}")
     return 0

@@ -88,7 +88,7 @@ def print_plan(plan: list, estimate, commands: bool) -> None:
 def print_summary(out: Path, check_task: str) -> None:
     """What the fit measured: the held-out costs its policy's card holds, and the accuracy check's table."""
     from kvpolicy.evaluation.store import read_results
-    from kvpolicy.policy.card import HELD_OUT
+    from kvpolicy.policy.card import HELD_OUT, held_out_cost
     from kvpolicy.policy.checkpoint import read_config
     from kvpolicy.report.aggregate import curve_groups, distinct_labels
     from kvpolicy.report.tables import group_table
@@ -97,8 +97,7 @@ def print_summary(out: Path, check_task: str) -> None:
     if held:
         print(f"\nheld-out ranking cost of the policy: {held['unit']}")
         for row in held["corpora"]:
-            interval = " [{:.3f}, {:.3f}]".format(*row["interval"]) if row["interval"] else ""
-            print(f"  {row['corpus']:12s} {row['prompts']:3d} prompts  KVP {row['kvp']:.3f}{interval}  best "
+            print(f"  {row['corpus']:12s} {row['prompts']:3d} prompts  KVP {held_out_cost(row)}  best "
                   f"attention-free: {row['best_attention_free']} {row['best_attention_free_cost']:.3f}")
     checked = [r for r in read_results(out / "results.jsonl").records if r.task == check_task]
     for group in curve_groups(distinct_labels(checked)):

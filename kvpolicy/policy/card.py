@@ -50,6 +50,12 @@ def _recipe(config: dict[str, Any]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def held_out_cost(row: dict[str, Any]) -> str:
+    """One corpus's held-out cost of the policy as the card and the commands print it: "1.413 [1.304, 1.528]"."""
+    interval = "[{:.3f}, {:.3f}]".format(*row["interval"]) if row["interval"] else "(one prompt: no interval)"
+    return f"{row['kvp']:.3f} {interval}"
+
+
 def _held_out(config: dict[str, Any]) -> list[str]:
     lines = ["## Held-out ranking cost", ""]
     held = config.get(HELD_OUT)
@@ -60,8 +66,7 @@ def _held_out(config: dict[str, Any]) -> list[str]:
               "| corpus | test prompts | this policy [95% interval] | best attention-free heuristic |",
               "|---|---|---|---|"]
     for row in held["corpora"]:
-        interval = "[{:.3f}, {:.3f}]".format(*row["interval"]) if row["interval"] else "(one prompt: no interval)"
-        lines.append(f"| {row['corpus']} | {row['prompts']} | {row['kvp']:.3f} {interval} | "
+        lines.append(f"| {row['corpus']} | {row['prompts']} | {held_out_cost(row)} | "
                      f"{row['best_attention_free']} {row['best_attention_free_cost']:.3f} |")
     return lines + [""]
 

@@ -17,7 +17,8 @@ TURNS = ["The secret code is 4721. Remember it.", "What is the secret code?", "S
 
 def _turn_lines(err: str) -> list[tuple[int, int, int]]:
     """(after the cut, after the reply, tokens seen) of each turn line on stderr."""
-    pattern = r"\[turn \d+: cache (\d+) entries per KV head after the turn's cut, (\d+) .* after the reply; (\d+) tokens"
+    pattern = (r"\[turn \d+: cache (\d+) entries per KV head after the turn's cut, (\d+) .* after the reply; "
+               r"(\d+) tokens")
     return [tuple(map(int, m)) for m in re.findall(pattern, err)]
 
 
