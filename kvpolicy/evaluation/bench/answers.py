@@ -15,7 +15,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.engine import generate
 from kvpolicy.compression.press import KVPolicyPress
 from kvpolicy.compression.scorers import Scorer, make_scorer
-from kvpolicy.evaluation.bench.timing import essay_ids, timed
+from kvpolicy.evaluation.bench.timing import best_in_turns, essay_ids
 from kvpolicy.evaluation.names import QUESTION_AGNOSTIC
 from kvpolicy.models import ModelHandle
 from kvpolicy.progress import bar
@@ -50,13 +50,7 @@ def measure_answers(handle: ModelHandle, kvp: Scorer, context_tokens: int, ratio
                 "kvpress": lambda press=press: pipe(context, question=QUESTION, press=press,
                                                     max_new_tokens=max_new_tokens)["answer"],
             }
-            answers = {side: answer() for side, answer in sides.items()}  # warm-up
-            progress.update(2)
-            best = dict.fromkeys(sides, float("inf"))
-            for _ in range(repeats):
-                for side, answer in sides.items():
-                    best[side] = min(best[side], timed(answer, device)[1])
-                    progress.update(1)
+            answers, best = best_in_turns(sides, device, repeats, progress)
             rows[name] = {"kvpolicy_s": best["kvpolicy"], "kvpress_s": best["kvpress"],
                           "ratio": best["kvpolicy"] / best["kvpress"],
                           "same_answer": answers["kvpolicy"] == answers["kvpress"],

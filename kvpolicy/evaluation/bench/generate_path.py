@@ -19,7 +19,7 @@ from kvpolicy.compression.engine import generate
 from kvpolicy.compression.evicting_cache import EvictingCache
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.scorers import Scorer
-from kvpolicy.evaluation.bench.timing import essay_ids, timed
+from kvpolicy.evaluation.bench.timing import best_in_turns, essay_ids, timed
 from kvpolicy.models import ModelHandle
 from kvpolicy.progress import bar
 
@@ -62,13 +62,7 @@ def measure_generate_path(handle: ModelHandle, kvp: Scorer, context_tokens: int,
         sides = {"engine": lambda: generate(handle, context, QUESTION, kvp, budget, max_new_tokens=answer_tokens)
                  .token_ids,
                  "evicting_cache": lambda: _hf(handle, prompt, kvp, budget, answer_tokens)[0]}
-        answers = {side: run() for side, run in sides.items()}
-        progress.update(2)
-        best = dict.fromkeys(sides, float("inf"))
-        for _ in range(repeats):
-            for side, run in sides.items():
-                best[side] = min(best[side], timed(run, device)[1])
-                progress.update(1)
+        answers, best = best_in_turns(sides, device, repeats, progress)
         ones = [torch.ones(1, len(r), dtype=torch.long) for r in batch]  # a mask: exactly the tokens asked for
         single_answers = [_hf(handle, r[None], kvp, budget, answer_tokens, one)[0] for r, one in zip(batch, ones)]
         batched_answers = _hf(handle, ids, kvp, budget, answer_tokens, mask)

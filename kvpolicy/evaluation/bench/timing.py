@@ -32,6 +32,21 @@ def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1) -> tuple[
     return result, best
 
 
+def best_in_turns(sides: dict[str, Callable[[], T]], device: torch.device, repeats: int,
+                  progress) -> tuple[dict[str, T], dict[str, float]]:
+    """(each side's result, its best wall time): one untimed warm-up of every side, then `repeats` timed calls of
+    each, taken in turns so that a slower spell of the machine falls on all sides alike; `progress` (a bar) advances
+    by one a call."""
+    results = {side: run() for side, run in sides.items()}
+    progress.update(len(sides))
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):
+        for side, run in sides.items():
+            best[side] = min(best[side], timed(run, device)[1])
+            progress.update(1)
+    return results, best
+
+
 def essay_ids(handle: ModelHandle, tokens: int) -> torch.Tensor:
     """The first `tokens` tokens (1, tokens) of the essays, the haystack every section's prompt is cut from."""
     ids = handle.encode(haystack_text()[: tokens * CHARS_PER_TOKEN])[:, :tokens]
