@@ -22,7 +22,7 @@ from kvpolicy.errors import KVPError
 STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("kvpolicy.models.cli", "list the known models (and load one with --load)"),
     "generate": ("kvpolicy.compression.cli", "answer a prompt with a compressed KV cache"),
-    "chat": ("kvpolicy.compression.chat", "chat on a cache cut back to the budget after every turn and while replying"),
+    "chat": ("kvpolicy.chat_cli", "chat on a cache cut back to the budget after every turn and while replying"),
     "traces": ("kvpolicy.traces.cli", "record future-utility training traces from real model runs"),
     "train": ("kvpolicy.train_cli", "train the per-head KVP eviction policies on traces"),
     "calibrate": ("kvpolicy.evaluation.calibration.cli", "put a trained policy's scores on one scale across heads, so "

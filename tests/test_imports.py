@@ -33,6 +33,7 @@ TOP = {
     "__init__": set(),  # the Python API: its names are imported on first use
     "commands": set(),  # the pipeline's commands and how one command line runs
     "sweep_cli": set(),  # `kvp sweep`: evaluation, then the summary and --report
+    "chat_cli": set(),  # `kvp chat`: a conversation on a compressed cache, streamed
     "train_cli": set(),  # `kvp train`: training, then the best attention-free heuristic's cost on its validation traces
     "export_cli": set(),  # `kvp export`: a policy folder with the held-out costs a results file holds
     "demo": {"experiment"},  # the demo preset, run by the experiment's runner

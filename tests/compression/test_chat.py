@@ -10,7 +10,7 @@ import re
 import pytest
 
 from kvpolicy.cli import main
-from kvpolicy.compression.chat import read_turns
+from kvpolicy.chat_cli import read_turns
 
 TURNS = ["The secret code is 4721. Remember it.", "What is the secret code?", "Say it once more."]
 

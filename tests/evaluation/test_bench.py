@@ -16,7 +16,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.scorers import SCORERS, make_scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
-from kvpolicy.evaluation.bench import long_context
+from kvpolicy.evaluation.bench import long_context, throughput
 from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
 from kvpolicy.evaluation.bench.ranking_quality import evaluate, measure_ranking, print_ranking, scorer_method
 from kvpolicy.evaluation.lineup import make_contenders
@@ -39,8 +39,8 @@ def bench(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         code = main(["bench", "--contexts", str(CONTEXT), "--keep", str(KEEP), "--budgets", str(BUDGET),
                      "--decode-tokens", "2", "--answer-tokens", "3", "--repeats", "1", "--trace-n", "2",
-                     "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--train-shape", "3x2x32",
-                     "--prefill-chunk", "64", "--json", str(out)])
+                     "--trace-context", "160", "--trace-future", "3", "--train-steps", "1", "--allocation", "head",
+                     "model", "--prefill-chunk", "64", "--json", str(out)])
     assert code == 0
     return printed.getvalue(), json.loads(out.read_text())
 
@@ -84,10 +84,9 @@ def test_memory_bytes_are_exact_and_shares_consistent(bench):
     b = bench[1]["sections"]["b"]
     rows = b["rows"]
     per_entry = 30 * 3 * 64 * 2 * 4  # SmolLM2 layers x KV heads x head_dim x (key, value) x fp32 bytes
-    assert b["context"] == CONTEXT and set(rows) == {"1 token", "full", str(BUDGET), f"{BUDGET} layer",
-                                                     f"{BUDGET} model"}
+    assert b["context"] == CONTEXT and set(rows) == {"1 token", "full", str(BUDGET), f"{BUDGET} model"}
     assert rows["full"]["cache_bytes"] == CONTEXT * per_entry
-    for mode in ("", " layer", " model"):  # the budget moved between layers or heads holds the same memory
+    for mode in ("", " model"):  # the budget moved between heads holds the same memory (each mode: allocation tests)
         assert rows[f"{BUDGET}{mode}"]["cache_bytes"] == BUDGET * per_entry
     assert rows["1 token"]["cache_bytes"] == per_entry
     for row in rows.values():
@@ -158,9 +157,15 @@ def test_trace_and_training_throughput(bench):
     assert training["steps"] == 1 and training["seconds"] == pytest.approx(1 / training["steps_per_s"])
     assert training["tokens_per_s"] == pytest.approx(training["steps_per_s"] * training["batch"] * training["tokens"])
     assert training["shape"] == [30, 3, 64] and "synthetic" not in training  # SmolLM2's own traces
-    (at_shape,) = e["training_at_shape"]
-    assert at_shape["shape"] == [3, 2, 32] and at_shape["synthetic"] and at_shape["steps"] == 1
-    assert "training on synthetic traces of that cache shape, 3 layers x 2 KV heads x head dim 32" in bench[0]
+    assert e["training_at_shape"] == []
+
+
+def test_training_throughput_at_another_cache_shape(tmp_path, one_thread):
+    """`--train-shape`: training timed on synthetic traces of that shape (uncompiled here, to stay quick)."""
+    at_shape = throughput.measure_training(throughput.synthetic_at_shape((3, 2, 32)), 1, tmp_path / "kvp", "cpu",
+                                           compile=False)
+    assert at_shape["shape"] == [3, 2, 32] and at_shape["steps"] == 1
+    assert at_shape["steps_per_s"] == pytest.approx(1 / at_shape["seconds"])
 
 
 def test_train_shape_is_checked():

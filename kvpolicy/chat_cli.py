@@ -1,4 +1,5 @@
-"""`kvp chat`: an interactive chat whose cache stays bounded over any number of turns.
+"""`kvp chat`: an interactive chat whose cache stays bounded over any number of turns (a module on top, as
+sweep_cli.py: each stage's cli.py is its one command).
 
 Each user turn is fed on the cache of the conversation so far and the cache is cut back to the budget right after
 (query-aware, `multi_turn.converse`); the reply is streamed as it is decoded, and with `--every N` the cache is also
