@@ -29,7 +29,8 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
                   "that --allocation layer|model can move its budget"),
     "train-kvzap": ("kvpolicy.kvzap.cli", "train KVzap's per-layer score predictors (linear, MLP) for a model on "
                     "the prompts KVP trains on"),
-    "policies": ("kvpolicy.policy.cli", "list the KVP policies bundled with kvpolicy (--bundle CKPT ships one)"),
+    "policies": ("kvpolicy.policy.cli", "list the KVP policies bundled with kvpolicy (--bundle CKPT ships one; "
+                 "--convert CKPT rewrites a first-format policy folder)"),
     "export": ("kvpolicy.export_cli", "write a trained policy as a deployable folder (config, weights, model card) "
                "with its measured held-out costs and the commands that made it"),
     "sweep": ("kvpolicy.sweep_cli", "evaluate scorers x budgets x tasks into a resumable JSONL store"),
