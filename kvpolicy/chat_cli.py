@@ -41,30 +41,26 @@ def read_turns(path: str) -> list[str]:
     """The user turns of a conversation file: a JSON list (strings, or messages whose user turns are kept), or plain
     UTF-8 text with one turn per non-empty line."""
     import json
-    from pathlib import Path
 
     from kvpolicy.errors import KVPError
+    from kvpolicy.io import read_text_file
 
-    file = Path(path)
-    if not file.is_file():
-        raise KVPError(f"conversation file {file} does not exist or is not a file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KVPError(f"conversation file {file} is not UTF-8 text; convert it first") from None
+    text = read_text_file(path, "conversation file", "give a UTF-8 text or JSON file of user turns")
     if not text.lstrip().startswith("["):
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
         items = json.loads(text)
     except ValueError as err:
-        raise KVPError(f"conversation file {file} starts like JSON but is not ({err}); give a JSON list or plain "
+        raise KVPError(f"conversation file {path} starts like JSON but is not ({err}); give a JSON list or plain "
                        "text with one turn per line") from None
-    turns = [item if isinstance(item, str) else item.get("content") if isinstance(item, dict) and
-             item.get("role") == "user" else None for item in items]
-    if any(t is None and not (isinstance(i, dict) and i.get("role") in ("assistant", "system"))
-           for t, i in zip(turns, items)) or not all(isinstance(t, str) for t in turns if t is not None):
-        raise KVPError(f"conversation file {file}: each item is a string or a {{'role', 'content'}} message")
-    return [t for t in turns if t is not None]
+    turns = []
+    for item in items:  # a string, a user message (kept), or an assistant or system message (skipped)
+        role = item.get("role") if isinstance(item, dict) else None
+        if isinstance(item, str) or (role == "user" and isinstance(item.get("content"), str)):
+            turns.append(item if isinstance(item, str) else item["content"])
+        elif role not in ("assistant", "system"):
+            raise KVPError(f"conversation file {path}: each item is a string or a {{'role', 'content'}} message")
+    return turns
 
 
 def _terminal() -> Iterator[str]:

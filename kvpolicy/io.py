@@ -264,6 +264,16 @@ def read_json_file(path: str | Path, what: str, fix: str) -> Any:
     raise KVPError(f"{path} is not valid JSON ({why}): the {what} is damaged; {fix}")
 
 
+def read_text_file(path: str | Path, what: str, fix: str) -> str:
+    """The UTF-8 text of the file `path`, refused in one line when the file is missing or not a regular file
+    (check_regular_file) or is not UTF-8: "WHAT PATH is not UTF-8 text; FIX"."""
+    path = check_regular_file(path, what, fix)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KVPError(f"{what} {path} is not UTF-8 text; {fix}") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

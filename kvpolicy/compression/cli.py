@@ -61,20 +61,13 @@ def _size(tokens: int, nbytes: int) -> str:
 
 def _read_prompt(args: argparse.Namespace) -> str:
     """The context from exactly one source: the argument, stdin (argument `-`) or --prompt-file."""
-    from pathlib import Path
-
     from kvpolicy.errors import KVPError
+    from kvpolicy.io import read_text_file
 
     if args.prompt is not None and args.prompt_file is not None:
         raise KVPError("give the prompt either as an argument or with --prompt-file, not both")
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise KVPError(f"prompt file {path} does not exist or is not a file; give the path of a UTF-8 text file")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise KVPError(f"prompt file {path} is not UTF-8 text; convert it to UTF-8 first") from None
+        return read_text_file(args.prompt_file, "prompt file", "give the path of a UTF-8 text file")
     if args.prompt is None:
         raise KVPError("no prompt: give it as an argument, - to read it from stdin, or --prompt-file PATH")
     return sys.stdin.read() if args.prompt == "-" else args.prompt

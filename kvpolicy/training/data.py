@@ -40,7 +40,7 @@ class TraceSource(Protocol):
     def read_layers(self, sample: int, layers: Sequence[int] | None = None): ...
 
 
-def _sets(source: TraceSource) -> list:
+def trace_sets(source: TraceSource) -> list:
     """The trace sets a source reads: the parts of a union, else the source itself."""
     return list(getattr(source, "parts", None) or [source])
 
@@ -58,8 +58,8 @@ def _identities(trace_set) -> set[tuple[str, str]]:
 def check_held_out(train: TraceSource, val: TraceSource) -> None:
     """Refuse validation traces that are training traces (a set given to both, through a link or as a copy, also as
     one of several): validating on them would measure memorisation, and pick the best checkpoint by it."""
-    seen = {key: part for part in _sets(train) for key in _identities(part)}
-    for part in _sets(val):
+    seen = {key: part for part in trace_sets(train) for key in _identities(part)}
+    for part in trace_sets(val):
         if common := next((seen[key] for key in _identities(part) if key in seen), None):
             name = getattr(part, "directory", None) or part.manifest_hash
             same = getattr(common, "directory", None) or common.manifest_hash
@@ -94,7 +94,7 @@ NO_STATES = ("this policy reads the layers' hidden states, which these traces do
 
 def source_has_states(source: TraceSource) -> bool:
     """Whether every trace set of `source` holds the layers' input hidden states."""
-    return all(getattr(part, "has_states", False) for part in _sets(source))
+    return all(getattr(part, "has_states", False) for part in trace_sets(source))
 
 
 def states_width(source: TraceSource) -> int:

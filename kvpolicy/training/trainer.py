@@ -43,7 +43,7 @@ from kvpolicy.signals import deferred_interrupts
 from kvpolicy.training.config import TrainConfig
 from kvpolicy.traces.sources import DESCRIPTIONS
 from kvpolicy.traces.union import check_same_model
-from kvpolicy.training.data import TraceBatches, TraceSource, check_held_out
+from kvpolicy.training.data import TraceBatches, TraceSource, check_held_out, trace_sets
 from kvpolicy.training.forward import training_forward, with_eager_fallback
 from kvpolicy.training.lock import CheckpointLock
 from kvpolicy.training.state import pack_resume, read_resume, unpack_resume
@@ -173,7 +173,7 @@ class Trainer:
                 raise KVPError(f"--prompts {cfg.prompts} asks for more training traces than the {len(self.train_ids)} "
                                "there are; record more or ask for fewer")
             self.train_ids = self.train_ids[: cfg.prompts]
-        first = getattr(train, "parts", [train])[0]  # the parts of a union share their model
+        first = trace_sets(train)[0]  # the parts of a union share their model
         family = (getattr(first, "manifest", None) or {}).get("model", {}).get("family")
         self.model = m.to_dict() | ({"family": family} if family else {})  # the architecture, for check_model
         self.traces = {"train": {**source_description(train), "prompts_used": len(self.train_ids)},
