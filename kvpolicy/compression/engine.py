@@ -537,13 +537,10 @@ class _Prepared:
     timings: dict[str, float]
 
 
-def _prepare(handle: ModelHandle, context: str, question: str, scorer: Scorer | None, budget: Budget | None,
-             protocol: str, answer_prefix: str, prefill_chunk: int | None, max_new_tokens: int) -> _Prepared:
-    """Prefill one prompt (in chunks of prefill_chunk, cut after each) and cut it to the budget, per the protocol."""
-    if not (context + question).strip():
-        raise KVPError("the prompt is empty: give a context or a question")
-    context_ids, question_ids = split_prompt(handle, context, question, answer_prefix)
-    check_room(handle, context_ids.shape[1] + question_ids.shape[1], max_new_tokens)
+def _prepare(handle: ModelHandle, context_ids: torch.Tensor, question_ids: torch.Tensor, scorer: Scorer | None,
+             budget: Budget | None, protocol: str, prefill_chunk: int | None) -> _Prepared:
+    """Prefill one prompt, its context (1, Tc) and question (1, Tq) tokens (in chunks of prefill_chunk, cut after
+    each), and cut it to the budget, per the protocol."""
     first = torch.cat([context_ids, question_ids], dim=1) if protocol == QUERY_AWARE else context_ids
     timings = {}
     clock = time.perf_counter()
@@ -586,6 +583,8 @@ def _prompts(context: str | Sequence[str], question: str | Sequence[str]) -> tup
     for text in (*contexts, *questions):
         if not isinstance(text, str):
             raise KVPError(f"prompts are text: got a {type(text).__name__} where a context or question belongs")
+    if any(not (c + q).strip() for c, q in zip(contexts, questions)):
+        raise KVPError("the prompt is empty: give a context or a question")
     return contexts, questions, batched
 
 
@@ -653,8 +652,10 @@ def generate(
     for used in (scorer, bounded.scorer if bounded else None):
         if used is not None:
             used.check_model(handle.info)  # a policy trained for another model is refused before any work
-    prepared = [_prepare(handle, c, q, scorer, budget, protocol, answer_prefix, prefill_chunk, max_new_tokens)
-                for c, q in zip(contexts, questions)]
+    prompts = [split_prompt(handle, c, q, answer_prefix) for c, q in zip(contexts, questions)]
+    for context_ids, question_ids in prompts:  # every prompt checked before the first is prefilled
+        check_room(handle, context_ids.shape[1] + question_ids.shape[1], max_new_tokens)
+    prepared = [_prepare(handle, c, q, scorer, budget, protocol, prefill_chunk) for c, q in prompts]
     state = prepared[0].state if len(prepared) == 1 else stack_states([p.state for p in prepared], pad=True)
     per_row = on_token if batched or on_token is None else (lambda _row, token: on_token(token))
     clock = time.perf_counter()
