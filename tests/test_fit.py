@@ -97,16 +97,16 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other"]
 
 
-def test_a_sliding_window_model_is_refused_before_any_work(tmp_path, capsys):
+def test_a_model_sliding_in_every_layer_is_refused_before_any_work(tmp_path, capsys):
     from transformers import Qwen2Config
 
     model = tmp_path / "windowed"
     Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                 num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
-                max_window_layers=2).save_pretrained(model)
+                max_window_layers=0).save_pretrained(model)
     assert main(["fit", "--model", str(model), "--out", str(tmp_path / "fit")]) == 1
     err = capsys.readouterr().err.strip()
-    assert "sliding-window attention in layers [2, 3]" in err and len(err.splitlines()) == 1
+    assert "sliding-window attention in every layer" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "fit").exists()
 
 

@@ -31,7 +31,7 @@ from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
-from kvpolicy.models.handle import refuse_sliding_window
+from kvpolicy.models.handle import layer_windows
 from kvpolicy.models.placement import synchronize
 from kvpolicy.models.attention import ALL_QUERIES, record_attention_inputs
 from kvpolicy.models.decoding import GREEDY, Decoded, Sampling, check_stop_strings, cut_at_stop, decode_tokens
@@ -61,9 +61,10 @@ class BoundedDecoding:
             raise KVPError(f"bounded decoding re-scores every N >= 1 tokens; got every={self.every!r}")
 
 
-def check_supported(handle: ModelHandle) -> None:
-    """Refuse models whose cache is not one full-attention DynamicLayer per layer (sliding/chunked windows)."""
-    refuse_sliding_window(handle.model.config.get_text_config(decoder=True), handle.info.name)
+def check_supported(handle: ModelHandle) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention, evicted; empty: no layer slides), from the model's config;
+    a layer kind kvpolicy cannot evict from is refused (`layer_windows`)."""
+    return layer_windows(handle.model.config.get_text_config(decoder=True), handle.info.name)
 
 
 def _check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -86,7 +87,7 @@ def _forward(
     The state's token ids grow by input_ids while its cache holds every token fed (see KVState.ids).
     """
     B, n = input_ids.shape
-    if state.n_layers and state.positions[0].shape[0] != B:
+    if state.positions and state.positions[0].shape[0] != B:
         raise KVPError(f"input has batch size {B} but the cache holds {state.positions[0].shape[0]} sequences")
     start, past = state.next_position, state.length
     if start + n > handle.info.max_positions:
@@ -99,7 +100,10 @@ def _forward(
     if state.offsets is not None:
         fed = fed - state.offsets.to(device).unsqueeze(1)
     recording = record_attention_inputs(handle.layers, record_rows) if record_rows else contextlib.nullcontext(None)
-    with torch.no_grad(), recording as recorded, masked_heads(handle.layers, state.masks):
+    masks = state.masks
+    if masks is not None and state.windows:  # a sliding layer keeps transformers' own (sliding) mask
+        masks = [None if window else mask for window, mask in zip(state.windows, masks)]
+    with torch.no_grad(), recording as recorded, masked_heads(handle.layers, masks):
         out = handle.model(
             input_ids=input_ids.to(device),
             past_key_values=state.cache,
@@ -114,6 +118,12 @@ def _forward(
     state.positions = [torch.cat([p, new], dim=-1) for p in old]
     if state.masks is not None:  # new tokens are attended
         state.masks = [torch.cat([m, m.new_ones(B, heads, n)], dim=-1) for m in state.masks]
+    for idx, window in enumerate(state.windows):  # a sliding layer kept its last window - 1 entries
+        if window is not None:
+            held = state.cache.layers[idx].get_seq_length()
+            state.positions[idx] = state.positions[idx][..., -held:]
+            if state.masks is not None:
+                state.masks[idx] = state.masks[idx][..., -held:]
     if start == 0:
         state.ids = input_ids.to(device)
     elif state.ids is not None:  # the cache still holds every token fed
@@ -135,15 +145,16 @@ def prefill(
     new state. record_queries: how many of the chunk's last tokens' attention inputs to keep for query-based
     scorers (a scorer's `query_window`; ALL_QUERIES for all). Returns (state, next-token logits (B, vocab)).
     attention_mask: only to detect padding, which is refused."""
-    check_supported(handle)
+    windows = check_supported(handle)
     _check_input(input_ids, attention_mask)
-    state = KVState.empty() if state is None else state
+    state = KVState.empty(windows) if state is None else state
     _forward(handle, state, input_ids, record_queries)
     return state, state.logits
 
 
 def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tensor]:
-    """Per-layer scores (B, H, T) of every cached entry, higher = keep. Rank once, then evict at any budget.
+    """Per-layer scores (B, H, T) of every cached entry of each evicted layer (`KVState.evicted`: all layers but a
+    hybrid model's sliding ones), higher = keep. Rank once, then evict at any budget.
 
     A scorer that re-reads the cached text (`Scorer.reads_text`, e.g. KVzip) ranks the whole cache at once with the
     model (`Scorer.rank_cache`), and only the cache of one sequence that holds every token fed (`KVState.ids`)."""
@@ -161,7 +172,10 @@ def rank(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[torch.Tens
             scores = scorer.rank_cache(handle, state)
     else:
         scores = _rank_layers(handle, state, scorer)
-    for idx, layer_scores in enumerate(scores):
+    if len(scores) != len(state.evicted):
+        raise KVPError(f"scorer '{scorer.name}' returned scores for {len(scores)} layers, the cache evicts from "
+                       f"{len(state.evicted)}")
+    for idx, layer_scores in zip(state.evicted, scores):
         expected = state.layer(idx)[0].shape[:3]
         if layer_scores.shape != expected:
             raise KVPError(f"scorer '{scorer.name}' returned scores {tuple(layer_scores.shape)} for layer {idx}, "
@@ -194,11 +208,11 @@ def _rank_layers(handle: ModelHandle, state: KVState, scorer: Scorer) -> list[to
             )
     rotary = handle.model.model.rotary_emb
     views = []
-    for idx in range(state.n_layers):
+    for number, idx in enumerate(state.evicted):  # a scorer numbers the layers it ranks (a policy: its agents')
         keys, values = state.layer(idx)
         inputs = state.recorded[idx] if needs else None
         views.append(LayerView(
-            layer_idx=idx,
+            layer_idx=number,
             keys=keys,
             values=values,
             positions=state.positions[idx],
@@ -218,29 +232,34 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     recent tokens and then its top scores, gathered in position order. A layer whose heads keep different counts is
     stored ragged, read padded to the largest (`KVState.masks` marks the padding); entries masked before stay
     masked. The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
-    if len(scores) != state.n_layers:
-        raise KVPError(f"got scores for {len(scores)} layers, the cache has {state.n_layers}")
+    evicted = state.evicted
+    if len(scores) != len(evicted):
+        raise KVPError(f"got scores for {len(scores)} layers, the cache evicts from {len(evicted)}")
     kept = budget.kept(state.length)
     if kept >= state.length:
         return state.branch()
-    keys, counts = allocation.select(scores, state.positions, budget, state.next_positions(), state.masks)
-    layers, positions, masks = [], [], []
-    for idx, (key, count) in enumerate(zip(keys, counts)):
+    old_masks = [state.masks[i] for i in evicted] if state.masks is not None else None
+    keys, counts = allocation.select(scores, [state.positions[i] for i in evicted], budget, state.next_positions(),
+                                     old_masks)
+    layers = [state.layer(i) for i in range(state.n_layers)]  # a sliding layer keeps its window as it is
+    positions = list(state.positions)
+    masks = [torch.ones_like(p, dtype=torch.bool) for p in positions] if state.masks is None else list(state.masks)
+    for idx, key, count in zip(evicted, keys, counts):
         top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own
         attended = torch.arange(top.shape[-1], device=top.device) < count[..., None]
         keep, order = top.sort(dim=-1)
         attended = attended.gather(-1, order)
         if state.masks is not None:
             attended &= state.masks[idx].gather(2, keep)
-        k, v = state.layer(idx)
-        layers.append((gather_entries(k, keep), gather_entries(v, keep)))
-        positions.append(state.positions[idx].gather(2, keep))
-        masks.append(attended)
-    widths = {m.shape[-1] for m in masks}
+        k, v = layers[idx]
+        layers[idx] = (gather_entries(k, keep), gather_entries(v, keep))
+        positions[idx] = state.positions[idx].gather(2, keep)
+        masks[idx] = attended
+    widths = {masks[i].shape[-1] for i in evicted}
     uniform = len(widths) == 1 and all(bool(m.all()) for m in masks)
     masks = None if uniform else masks
-    return KVState(cache_from_tensors(layers, masks), positions, state.next_position, None, state.logits, masks=masks,
-                   offsets=state.offsets)
+    return KVState(cache_from_tensors(layers, masks, state.windows), positions, state.next_position, None,
+                   state.logits, masks=masks, offsets=state.offsets)
 
 
 def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -353,7 +372,7 @@ def prefill_chunked(
     KVzap), a chunk smaller than the budget's sinks + recent or than the scorer's query window; and a first chunk that
     must be cut (longer than the budget) but is shorter than that window.
     Returns (state, what the chunked prefill did)."""
-    check_supported(handle)
+    windows = check_supported(handle)
     _check_input(input_ids, None)
     check_prefill_chunk(scorer, budget, chunk)
     if budget.tokens is None:
@@ -368,7 +387,7 @@ def prefill_chunked(
                        f"with; choose another chunk size or a budget of at least {window - 1}")
     rest = input_ids[:, first:]
     chunks = [input_ids[:, :first], *(rest.split(chunk, dim=1) if rest.shape[1] else ())]
-    state = KVState.empty()
+    state = KVState.empty(windows)
 
     def feed(state: KVState, ids: torch.Tensor, rows: int) -> None:
         _forward(handle, state, ids, rows)

@@ -16,6 +16,10 @@ Positions. The cache tracks each entry's true position; `get_seq_length` answers
 generate and the model place new tokens right after them), while each layer reports its stored length and an offset
 to the mask (`get_mask_sizes`), so transformers' causal and padding masks line up with the entries kept.
 
+Hybrid models. Given the model's config (`config=model.config`), a model with sliding-window layers (Gemma 3) keeps
+each sliding layer as transformers does (its last window - 1 entries) and evicts only from the full-attention ones,
+which the scorer numbers 0, 1, ... as a policy trained for that model numbers its agents.
+
 Batches. A left-padded batch (`padding_mask=inputs["attention_mask"]`) has its padding never attended and never
 kept before a real entry: padding scores below every entry, so a row keeps its own best entries, exactly as it
 would alone. A row shorter than the budget keeps its padding as masked filler (every row of a batch has one
@@ -26,21 +30,25 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpolicy.compression.allocation import UNIFORM
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
+from kvpolicy.models.handle import layer_windows
 
 
 class EvictingLayer(DynamicLayer):
     """One layer's entries (B, H, T, d) with their true positions (B, H, T) and `fed`, the tokens fed to it."""
 
+    def __init__(self):
+        super().__init__()
+        self.fed = 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.fed = 0
         self.positions = torch.zeros(*key_states.shape[:2], 0, dtype=torch.long, device=key_states.device)
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -54,10 +62,11 @@ class EvictingCache(DynamicCache):
     """scorer: an attention-free kvpolicy scorer (`kvp.load_policy(...)`, `make_scorer("knorm")`, ...) with the
     uniform allocation; budget: a `Budget` or entries per KV head; every: with a token budget, cut back to it each
     time decoding has added this many entries (None: cut after multi-token forwards only); padding_mask: (B, T) the
-    attention mask of a left-padded batch's prompts (1 = token, 0 = padding)."""
+    attention mask of a left-padded batch's prompts (1 = token, 0 = padding); config: the model's config, which a
+    model with sliding-window layers needs (those layers are kept as transformers keeps them)."""
 
     def __init__(self, scorer: Scorer, budget: Budget | int, every: int | None = None,
-                 padding_mask: torch.Tensor | None = None):
+                 padding_mask: torch.Tensor | None = None, config=None):
         budget = Budget(tokens=budget) if isinstance(budget, int) and not isinstance(budget, bool) else budget
         if not isinstance(scorer, Scorer):
             raise KVPError(f"EvictingCache needs a kvpolicy scorer (kvp.load_policy(...), kvp.make_scorer('knorm')), "
@@ -75,8 +84,12 @@ class EvictingCache(DynamicCache):
             raise KVPError(f"every re-cuts the cache every N >= 1 decoded tokens; got every={every!r}")
         if every is not None and budget.tokens is None:
             raise KVPError("every=N keeps decoding within a budget of entries: give budget as a number of entries")
+        windows = () if config is None else layer_windows(config.get_text_config(decoder=True), "this model")
         super().__init__()
         self.layer_class_to_replicate = EvictingLayer
+        self.layers = [DynamicSlidingWindowLayer(w) if w is not None else EvictingLayer() for w in windows]
+        evicted = [i for i, w in enumerate(windows) if w is None]
+        self.numbers = {idx: number for number, idx in enumerate(evicted)}  # a layer's number for the scorer
         self.scorer, self.budget, self.every = scorer, budget, every
         self.pads = None if padding_mask is None else _left_padding(padding_mask)
 
@@ -84,7 +97,8 @@ class EvictingCache(DynamicCache):
         """Tokens fed so far (not entries kept): where generate and the model place the next token."""
         if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
             return 0
-        return self.layers[layer_idx].fed
+        layer = self.layers[layer_idx]
+        return layer.fed if isinstance(layer, EvictingLayer) else layer.get_seq_length()  # a sliding layer's: fed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +107,8 @@ class EvictingCache(DynamicCache):
         while len(self.layers) <= layer_idx:
             self.layers.append(EvictingLayer())
         layer = self.layers[layer_idx]
+        if not isinstance(layer, EvictingLayer):  # a sliding-window layer: transformers' own
+            return layer.update(key_states, value_states, cache_kwargs)
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         rows, heads, n = key_states.shape[:3]
@@ -125,7 +141,8 @@ class EvictingCache(DynamicCache):
         fed = layer.fed if self.pads is None else (layer.fed - self.pads.to(positions.device)).view(-1, 1, 1)
         masks = None if self.pads is None else [positions >= 0]
         with torch.no_grad():
-            scores = self.scorer.score(LayerView(layer_idx, layer.keys, layer.values, positions))
+            number = self.numbers.get(layer_idx, layer_idx)
+            scores = self.scorer.score(LayerView(number, layer.keys, layer.values, positions))
         keys, _ = UNIFORM.select([scores], [positions], self.budget, fed, masks)
         keep = keys[0].topk(kept, dim=-1).indices.sort(dim=-1).values
         index = keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])

@@ -39,9 +39,10 @@ def attention_bias(mask: torch.Tensor, n_new: int, groups: int, dtype: torch.dty
 
 
 @contextlib.contextmanager
-def masked_heads(layers: Sequence[torch.nn.Module], masks: Sequence[torch.Tensor] | None) -> Iterator[None]:
+def masked_heads(layers: Sequence[torch.nn.Module], masks: Sequence[torch.Tensor | None] | None) -> Iterator[None]:
     """Within the block, layer i's attention skips the cached entries that masks[i] (B, H, T) marks False; nothing
-    changes when masks is None. Attention kernels that take no mask (flash attention) are refused."""
+    changes when masks is None, nor for a layer whose mask is None (a sliding-window layer keeps transformers' own).
+    Attention kernels that take no mask (flash attention) are refused."""
     if masks is None:
         yield
         return
@@ -61,9 +62,9 @@ def masked_heads(layers: Sequence[torch.nn.Module], masks: Sequence[torch.Tensor
         return hook
 
     handles = [layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+               for i, layer in enumerate(layers) if masks[i] is not None]
     try:
-        with grouped_sdpa(masks[0].device):
+        with grouped_sdpa(next(m for m in masks if m is not None).device):
             yield
     finally:
         for handle in handles:

@@ -12,6 +12,9 @@ entry it kept, and gives entries appended since then the positions that the mode
 them; so a scorer (and the sink/recent protection) always sees true positions, during decoding included, and a
 prefill press and a decoding press of this class (e.g. in `PrefillDecodingPress`) share that record.
 
+On a hybrid model (Gemma 3), where kvpress hooks every layer, the press cuts only the full-attention layers and leaves
+each sliding-window layer as it is, numbering the layers it cuts as a policy for that model numbers its agents.
+
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     pipe(context, question=question, press=KVPolicyPress(compression_ratio=0.5, scorer=make_scorer("knorm")))
     pipe(context, question=question, press=KVPolicyPress(compression_ratio=0.5, scorer="kvp"))  # its bundled policy
@@ -47,6 +50,9 @@ class KVPolicyPress(ScorerPress):
     recent: int = RECENT
     _bundled: str | None = field(default=None, init=False, repr=False)  # "kvp" (or "kvp@MODE"): loaded per model
     _bundled_for: ModelInfo | None = field(default=None, init=False, repr=False)  # the model it was loaded for
+    # model layer -> its number for the scorer, for the layers it evicts (a hybrid model's sliding ones are left alone);
+    # None until applied to a model: every layer, numbered as the model numbers it
+    _numbers: dict[int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,6 +88,7 @@ class KVPolicyPress(ScorerPress):
         from kvpolicy.models.loader import identify
 
         info = identify(model)
+        self._numbers = {idx: number for number, idx in enumerate(info.evicted_layers)}
         if self._bundled is None:
             self.scorer.check_model(info)
         elif info != self._bundled_for:  # a press used on several models loads each one's policy
@@ -128,6 +135,8 @@ class KVPolicyPress(ScorerPress):
     def compress(self, module, hidden_states, keys, values, attentions, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep budget.kept(T) entries per head in position order, and remember their true positions."""
         scorer = self._scorer()
+        if self._numbers is not None and module.layer_idx not in self._numbers:
+            return keys, values  # a sliding-window layer keeps its window as it is
         positions = self.positions(module, keys, kwargs)
         if self.compression_ratio == 0:
             self._remember(module, kwargs, positions)
@@ -149,7 +158,7 @@ class KVPolicyPress(ScorerPress):
                            "which kvpress's decoding presses do not pass; wrap an attention-free scorer "
                            f"({', '.join(attention_free())}, kvp:...) in DecodingPress")
         return LayerView(
-            layer_idx=module.layer_idx,
+            layer_idx=module.layer_idx if self._numbers is None else self._numbers[module.layer_idx],
             keys=keys,
             values=values,
             positions=positions,

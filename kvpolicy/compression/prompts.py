@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.handle import PLAIN_TURN_END
 
 
 def split_prompt(
@@ -20,9 +21,9 @@ def split_prompt(
     lm-eval-harness does by default (so that zero-shot scores compare with published ones)."""
     if not template:
         context_text, tail = context, "\n"
-    elif handle.tokenizer.chat_template is None:
+    elif handle.tokenizer.chat_template is None:  # a base model: its plain-text prompt (`ModelHandle.chat`)
         context_text = (handle.tokenizer.bos_token or "") + context
-        tail = "\n"
+        tail = PLAIN_TURN_END
     else:
         separator = "#" * (len(context) + 10)
         context_text, tail = handle.chat([{"role": "user", "content": context + separator}]).split(separator)

@@ -17,16 +17,21 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpolicy.compression.ragged import RaggedLayer, layer_bytes
+from kvpolicy.compression.window import WindowLayer
 from kvpolicy.errors import KVPError
 from kvpolicy.models.attention import AttentionInputs
 
 
-def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]],
-                       masks: list[torch.Tensor] | None = None) -> DynamicCache:
+def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor] | None = None,
+                       windows: tuple[int | None, ...] = ()) -> DynamicCache:
     """A DynamicCache holding these per-layer (keys, values), each (B, H, T, d): as they are (no copy), except a
-    layer whose mask (B, H, T) leaves entries out, which becomes a `RaggedLayer` holding the masked-in ones only."""
+    layer whose mask (B, H, T) leaves entries out, which becomes a `RaggedLayer` holding the masked-in ones only, and
+    a layer with a sliding window in `windows` (one per layer, None: full attention; empty: none), a `WindowLayer`."""
     cache = DynamicCache()
     for idx, (keys, values) in enumerate(layers):
+        if windows and windows[idx] is not None:
+            cache.layers.append(WindowLayer.holding(windows[idx], keys, values))
+            continue
         if masks is not None and not bool(masks[idx].all()):
             cache.layers.append(RaggedLayer.from_padded(keys, values, masks[idx]))
             continue
@@ -44,6 +49,8 @@ def shared_cache(cache: DynamicCache) -> DynamicCache:
     for layer in cache.layers:
         if isinstance(layer, RaggedLayer):
             shared.layers.append(layer.shared())
+        elif isinstance(layer, WindowLayer):
+            shared.layers.append(WindowLayer.holding(layer.sliding_window, layer.keys, layer.values))
         else:
             shared.layers.extend(cache_from_tensors([(layer.keys, layer.values)]).layers)
     return shared
@@ -79,17 +86,33 @@ class KVState:
     offsets: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls) -> KVState:
-        return cls(cache=DynamicCache(), positions=[])
+    def empty(cls, windows: tuple[int | None, ...] = ()) -> KVState:
+        """A state with no entry yet; windows: each layer's sliding window (None: full attention), as
+        `ModelInfo.layer_windows` (empty: no layer slides, the layers are made as the model fills them)."""
+        cache = DynamicCache()
+        cache.layers = [WindowLayer(w) if w is not None else DynamicLayer() for w in windows]
+        return cls(cache=cache, positions=[])
 
     @property
     def n_layers(self) -> int:
         return len(self.cache.layers)
 
     @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention), or () when no layer slides."""
+        windows = tuple(layer.sliding_window if isinstance(layer, WindowLayer) else None for layer in self.cache.layers)
+        return windows if any(w is not None for w in windows) else ()
+
+    @property
+    def evicted(self) -> list[int]:
+        """The layers eviction cuts: every layer but the sliding-window ones, which keep their window as they are."""
+        return [i for i, layer in enumerate(self.cache.layers) if not isinstance(layer, WindowLayer)]
+
+    @property
     def length(self) -> int:
-        """Cached entries per head of the first layer (of every layer unless an adaptive allocation cut it)."""
-        return self.cache.get_seq_length() if self.n_layers else 0
+        """Cached entries per head of the first evicted layer (of every evicted layer unless an adaptive allocation cut
+        it); the new tokens' cache_position counts from it."""
+        return self.cache.layers[self.evicted[0]].get_seq_length() if self.n_layers else 0
 
     def lengths(self) -> list[int]:
         """Cached entries per head of each layer, padding included."""
@@ -105,16 +128,22 @@ class KVState:
         return sum(map(layer_bytes, self.cache.layers))
 
     def attended(self) -> float:
-        """Entries attended per KV head, averaged over layers, rows and heads (the length when nothing is masked)."""
+        """Entries attended per KV head, averaged over the evicted layers, rows and heads (the length when nothing is
+        masked): what a budget counts."""
         if self.masks is None:
             return float(self.length)
+        evicted = self.evicted
         rows, heads = self.masks[0].shape[:2]
-        return sum(int(m.sum()) for m in self.masks) / (self.n_layers * rows * heads)  # one division: exact counts
+        return sum(int(self.masks[i].sum()) for i in evicted) / (len(evicted) * rows * heads)  # exact counts
 
     def nbytes_at(self, entries: int) -> int:
         """Bytes the cache would hold with `entries` entries attended per KV head (e.g. a whole prompt's, which a
-        chunked prefill never held): its bytes per attended entry, times `entries`."""
-        return round(self.nbytes() / self.attended() * entries)
+        chunked prefill never held): its evicted layers' bytes per attended entry, times `entries`, plus what its
+        sliding-window layers hold (the same for any prompt longer than their window)."""
+        evicted = set(self.evicted)
+        held = [layer_bytes(layer) for i, layer in enumerate(self.cache.layers) if i in evicted]
+        windows = self.nbytes() - sum(held)
+        return windows + round(sum(held) / self.attended() * entries)
 
     def next_positions(self) -> int | torch.Tensor:
         """The position of each row's next token: next_position, or (B, 1, 1) when rows differ (`offsets`), which
@@ -148,7 +177,8 @@ class KVState:
 
         masks = [pick(m) for m in self.masks] if self.masks is not None else None
         return KVState(
-            cache=cache_from_tensors([(pick(k), pick(v)) for k, v in map(self.layer, range(self.n_layers))], masks),
+            cache=cache_from_tensors([(pick(k), pick(v)) for k, v in map(self.layer, range(self.n_layers))], masks,
+                                     self.windows),
             positions=[pick(p) for p in self.positions],
             next_position=self.next_position,
             logits=pick(self.logits),
@@ -161,7 +191,7 @@ class KVState:
         """A deep copy: no tensor is shared with this state."""
         return KVState(
             cache=cache_from_tensors([(k.clone(), v.clone()) for k, v in map(self.layer, range(self.n_layers))],
-                                     self.masks),
+                                     self.masks, self.windows),
             positions=[p.clone() for p in self.positions],
             next_position=self.next_position,
             recorded=[r.clone() for r in self.recorded] if self.recorded is not None else None,
@@ -192,6 +222,12 @@ def stack_states(states: list[KVState], pad: bool = False) -> KVState:
         raise KVPError("only states with equal cache lengths, layers and next positions can be stacked (or pad=True)")
     if any(s.logits is None for s in states):
         raise KVPError("stack_states needs prefilled states (with next-token logits)")
+    windows = first.windows
+    if windows and any(s.lengths()[i] != first.lengths()[i] for s in states for i, w in enumerate(windows) if w):
+        whole = min(w for w in windows if w) - 1
+        raise KVPError(f"rows of a model with sliding-window layers decode together only when each holds a whole "
+                       f"window (prompts of at least {whole} tokens) or all have one length; run the others one at a "
+                       "time")
     widths = [max(s.lengths()[i] for s in states) for i in range(first.n_layers)]
     padded = any(s.lengths() != widths for s in states)
 
@@ -225,4 +261,4 @@ def stack_states(states: list[KVState], pad: bool = False) -> KVState:
               + (0 if s.offsets is None else s.offsets.cpu()) for s in states]
     offsets = torch.cat(behind).to(positions[0].device) if any(b.any() for b in behind) else None
     ids = ids if offsets is None else None
-    return KVState(cache_from_tensors(layers, masks), positions, last, None, logits, ids, masks, offsets)
+    return KVState(cache_from_tensors(layers, masks, windows), positions, last, None, logits, ids, masks, offsets)

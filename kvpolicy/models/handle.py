@@ -15,17 +15,32 @@ from kvpolicy.models.placement import dtype_name
 MODEL_SCHEMA = {"name": str, "fingerprint": str, "n_layers": int, "n_kv_heads": int, "head_dim": int}
 
 
-def refuse_sliding_window(config: Any, name: str) -> None:
-    """Raise KVPError for a decoder config (a transformers PretrainedConfig) with sliding-window or chunked layers:
-    kvpolicy evicts from full-attention caches only (every layer one DynamicLayer)."""
-    layer_types = getattr(config, "layer_types", None) or []
-    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
-    if windowed or getattr(config, "use_sliding_window", False):
-        where = f"layers {windowed}" if windowed else "every layer"
-        raise KVPError(
-            f"model '{name}' uses sliding-window attention in {where}; kvpolicy evicts only from full-attention "
-            "caches: use a model without sliding windows (e.g. smollm2-135m, qwen2.5-0.5b)"
-        )
+PLAIN_TURN_END = "\n"  # ends each turn of a plain-text prompt (`ModelHandle.chat` for a model without chat template)
+EVICTED, SLIDING = "full_attention", "sliding_attention"  # the attention kinds of a decoder layer kvpolicy knows
+
+
+def layer_windows(config: Any, name: str) -> tuple[int | None, ...]:
+    """Each decoder layer's sliding window, None for a full-attention layer (empty when no layer slides), from a
+    decoder config (a transformers PretrainedConfig); kvpolicy evicts from the full-attention layers and leaves each
+    sliding layer's window as it is (a hybrid model such as Gemma 3). Refused (KVPError): a layer of another kind (e.g.
+    chunked attention), and a model whose every layer slides (nothing to evict: its cache is already bounded by the
+    window)."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window >= getattr(config, "max_position_embeddings", window + 1):
+        window = None  # a window as long as the model's positions never slides (e.g. Phi-3 128K)
+    kinds = list(getattr(config, "layer_types", None) or [])
+    if not kinds:  # a config without layer kinds slides in every layer, or in none
+        sliding = window is not None and getattr(config, "use_sliding_window", True)
+        kinds = [SLIDING if sliding else EVICTED] * config.num_hidden_layers
+    unknown = sorted({kind for kind in kinds if kind not in (EVICTED, SLIDING)})
+    if unknown:
+        raise KVPError(f"model '{name}' has {', '.join(unknown)} layers, an attention kind kvpolicy cannot evict from; "
+                       "it evicts from full-attention layers and keeps sliding windows as they are")
+    if EVICTED not in kinds:
+        raise KVPError(f"model '{name}' uses sliding-window attention in every layer: its cache is already bounded by "
+                       "the window and has no full-attention layer to evict from")
+    windows = tuple(window if kind == SLIDING else None for kind in kinds)
+    return windows if any(w is not None for w in windows) else ()
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,10 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shape facts of a decoder model's KV cache, plus a fingerprint that traces and checkpoints record."""
+    """Shape facts of a decoder model's KV cache, plus a fingerprint that traces and checkpoints record.
+
+    n_layers: the layers kvpolicy evicts from (all of them, or a hybrid model's full-attention ones); layer_windows:
+    every decoder layer's sliding window, None where it attends to the whole cache (empty: no layer slides)."""
 
     name: str
     family: str
@@ -65,6 +83,15 @@ class ModelInfo:
     head_dim: int
     max_positions: int
     fingerprint: str
+    layer_windows: tuple[int | None, ...] = ()
+
+    @property
+    def evicted_layers(self) -> list[int]:
+        """The decoder layers kvpolicy evicts from, in order: the full-attention ones (`layer_windows` None), every
+        layer of a model without sliding windows. `n_layers` counts these: a policy has agents for them only."""
+        if not self.layer_windows:
+            return list(range(self.n_layers))
+        return [i for i, window in enumerate(self.layer_windows) if window is None]
 
     @property
     def group_size(self) -> int:
@@ -99,7 +126,11 @@ class ModelHandle:
         return list(self.model.model.layers)
 
     def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render messages [{"role", "content"}] with the model's own chat template."""
+        """Render messages [{"role", "content"}] with the model's own chat template. A base model without one (Gemma 3
+        270M) is prompted with plain text, as lm-eval-harness prompts one: its BOS, then every message's content on its
+        own line, and the model continues after the last (nothing marks a generation prompt)."""
+        if self.tokenizer.chat_template is None:
+            return (self.tokenizer.bos_token or "") + "".join(m["content"] + PLAIN_TURN_END for m in messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str) -> torch.Tensor:

@@ -27,8 +27,9 @@ from kvpolicy.errors import KVPError
 from kvpolicy.io import atomic_path, check_writable, sha256_file
 from kvpolicy.models.assets import install_command, package_dir
 from kvpolicy.models.directory import check_config_file, check_weight_files
+from kvpolicy.models.gguf_tokenizer import GGUFVocabulary, build_tokenizer
 from kvpolicy.models.fingerprint import files_fingerprint, weights_fingerprint
-from kvpolicy.models.handle import ModelHandle, ModelInfo, refuse_sliding_window
+from kvpolicy.models.handle import ModelHandle, ModelInfo, layer_windows
 from kvpolicy.models.integrity import check_files, record_files
 from kvpolicy.models.placement import dtype_name, resolve_device, resolve_dtype
 from kvpolicy.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, resolve_model
@@ -105,7 +106,10 @@ def _load_from_gguf(spec: ModelSpec, workdir: Path):
         directory = workdir
         assemble_chunks(spec, workdir / spec.gguf_file)
         gguf = spec.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    if spec.gguf_tokenizer:  # transformers' conversion of this GGUF's tokenizer is wrong (gguf_tokenizer.py)
+        tokenizer = build_tokenizer(GGUFVocabulary.read(directory / gguf))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     with _without_bars(gguf_utils, hf_logging):
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     if spec.kind == "chunked-gguf":
@@ -176,17 +180,19 @@ def _refuse_damaged(directory: Path) -> None:
 
 
 def _model_info(spec: ModelSpec, model, fingerprint: str) -> ModelInfo:
-    cfg = model.config
+    cfg = model.config.get_text_config(decoder=True)
     n_q = cfg.num_attention_heads
+    windows = layer_windows(cfg, spec.name)
     return ModelInfo(
         name=spec.name,
         family=spec.family or cfg.model_type,
-        n_layers=cfg.num_hidden_layers,
+        n_layers=sum(w is None for w in windows) if windows else cfg.num_hidden_layers,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_q,
         n_query_heads=n_q,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q,
         max_positions=cfg.max_position_embeddings,
         fingerprint=fingerprint,
+        layer_windows=windows,
     )
 
 
@@ -228,7 +234,7 @@ def _load(name: str, device: str, dtype: str) -> ModelHandle:
     except (OSError, ValueError) as err:  # a hub id that does not exist or cannot be reached, remote code
         raise KVPError(f"cannot read the config of model '{name}': {str(err).strip().splitlines()[0]}; check the "
                        "name, your network access, or use a registered model (kvp models)") from None
-    refuse_sliding_window(config.get_text_config(decoder=True), spec.name)  # before reading any weight
+    layer_windows(config.get_text_config(decoder=True), spec.name)  # refuses what cannot be evicted, before any weight
     if local:
         check_weight_files(Path(source))  # safetensors only (never a pickle), complete
     try:

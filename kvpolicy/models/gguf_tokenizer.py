@@ -1,0 +1,118 @@
+"""A SentencePiece tokenizer rebuilt from the vocabulary a GGUF file carries (Gemma 3).
+
+transformers 5.2 converts Gemma's GGUF tokenizer into a Unigram model that splits words oddly and, once saved and
+reloaded, into single characters ("The capital" -> T, h, e, ...): the model then answers nonsense. This module
+rebuilds it as the SentencePiece BPE model it is, the way llama.cpp reads the same file: control tokens (GGUF token
+type 3) are special, user-defined ones (type 4: runs of newlines, spaces, tabs, HTML tags) are matched whole in the
+raw text before anything else, every other piece is formed by merging adjacent pieces, the one whose merge has the
+highest score first, and a character outside the vocabulary falls back to its UTF-8 bytes (<0xNN>). The fast
+tokenizer (a transformers `GemmaTokenizer`) is checked against `reference_tokenize`, the plain algorithm.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpolicy.errors import KVPError
+
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*)
+SPACE = "▁"  # SentencePiece's visible space
+
+
+@dataclass(frozen=True)
+class GGUFVocabulary:
+    """What a GGUF file says about its SentencePiece tokenizer: pieces (their id is their index), their scores
+    (higher = merged earlier) and GGUF token types, and the special token ids."""
+
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    pad_id: int
+
+    @classmethod
+    def read(cls, path: Path) -> GGUFVocabulary:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        model = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else None
+        if model != "llama":
+            raise KVPError(f"{path} does not hold a SentencePiece tokenizer (GGUF tokenizer model {model!r}, expected "
+                           "'llama'); this rebuild is for Gemma's")
+        if fields["tokenizer.ggml.add_space_prefix"].contents() if "tokenizer.ggml.add_space_prefix" in fields else 0:
+            raise KVPError(f"{path}: a SentencePiece tokenizer that adds a space prefix is not supported here")
+
+        def value(key: str) -> int:
+            return int(fields[f"tokenizer.ggml.{key}"].contents())
+
+        return cls(list(fields["tokenizer.ggml.tokens"].contents()), list(fields["tokenizer.ggml.scores"].contents()),
+                   list(fields["tokenizer.ggml.token_type"].contents()), value("bos_token_id"), value("eos_token_id"),
+                   value("unknown_token_id"), value("padding_token_id"))
+
+    def ids(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self.tokens)}
+
+    def whole(self) -> list[str]:
+        """The pieces matched whole in the raw text (control and user-defined tokens), longest first."""
+        found = [t for t, kind in zip(self.tokens, self.types) if kind in (CONTROL, USER_DEFINED)]
+        return sorted(found, key=len, reverse=True)
+
+
+def build_tokenizer(vocabulary: GGUFVocabulary):
+    """A transformers `GemmaTokenizer` (BPE with byte fallback) equal to `reference_tokenize` on any text: the
+    merges are every split of a normal piece into two pieces, ordered by the merged piece's score."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    vocab = vocabulary.ids()
+    normal = {t: s for t, s, kind in zip(vocabulary.tokens, vocabulary.scores, vocabulary.types) if kind == NORMAL}
+    skip = [t for t, kind in zip(vocabulary.tokens, vocabulary.types) if kind != NORMAL]
+    merges = generate_merges(vocab, normal, skip_tokens=skip)
+    name = vocabulary.tokens.__getitem__
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, unk_token=name(vocabulary.unk_id),
+                               bos_token=name(vocabulary.bos_id), eos_token=name(vocabulary.eos_id),
+                               pad_token=name(vocabulary.pad_id), add_bos_token=True, add_eos_token=False)
+    tokenizer.add_tokens([AddedToken(t, special=kind == CONTROL, normalized=False)
+                          for t, kind in zip(vocabulary.tokens, vocabulary.types) if kind in (CONTROL, USER_DEFINED)],
+                         special_tokens=False)
+    return tokenizer
+
+
+def reference_tokenize(vocabulary: GGUFVocabulary, text: str) -> list[int]:
+    """Slow reference: llama.cpp's SentencePiece tokenization of `text` (no BOS). The raw text is split at every
+    control or user-defined piece (the longest at each place); in each other fragment spaces become SPACE, it starts
+    as characters, and the adjacent pair whose concatenation is a piece with the highest score is merged (the leftmost
+    on ties) until none is; a character that is no piece becomes its UTF-8 byte pieces."""
+    vocab = vocabulary.ids()
+    mergeable = {t: s for t, s, kind in zip(vocabulary.tokens, vocabulary.scores, vocabulary.types) if kind == NORMAL}
+    whole = vocabulary.whole()
+    pattern = re.compile("|".join(map(re.escape, whole))) if whole else None
+    ids, start = [], 0
+    for match in (pattern.finditer(text) if pattern else ()):
+        ids += _merge_fragment(text[start:match.start()], vocab, mergeable)
+        ids.append(vocab[match.group()])
+        start = match.end()
+    return ids + _merge_fragment(text[start:], vocab, mergeable)
+
+
+def _merge_fragment(fragment: str, vocab: dict[str, int], mergeable: dict[str, float]) -> list[int]:
+    pieces = list(fragment.replace(" ", SPACE))
+    while len(pieces) > 1:
+        candidates = [(mergeable[a + b], -i) for i, (a, b) in enumerate(zip(pieces, pieces[1:])) if a + b in mergeable]
+        if not candidates:
+            break
+        _, leftmost = max(candidates)
+        i = -leftmost
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    ids = []
+    for piece in pieces:
+        if piece in vocab:
+            ids.append(vocab[piece])
+        else:
+            ids += [vocab[f"<0x{byte:02X}>"] for byte in piece.encode("utf-8")]
+    return ids
