@@ -143,7 +143,7 @@ def _run_rounds(handle: ModelHandle, sample_id: str, rounds: list[torch.Tensor],
     state, _ = prefill(handle, rounds[0], record_queries=recording_window(contenders))
     prefill_s = clock.lap()
     total_length = sum(r.shape[1] for r in rounds)
-    full_bytes = state.nbytes() // state.length * total_length  # bytes grow in proportion to cached entries
+    full_bytes = state.nbytes_at(total_length)  # the whole dialogue's, which the first round's cache scales to
     for contender in contenders:
         ranking = rank_for_cuts(handle, state, contender, missing[contender.id])
         rank_s = clock.lap() / len(missing[contender.id])

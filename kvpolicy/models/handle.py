@@ -104,7 +104,10 @@ class ModelInfo:
         return self.n_layers * self.n_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON holds it: layer_windows a list, and left out when no layer slides (as written before it existed)."""
+        facts = asdict(self)
+        windows = facts.pop("layer_windows")
+        return facts | ({"layer_windows": list(windows)} if windows else {})
 
 
 @dataclass

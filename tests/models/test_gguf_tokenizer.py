@@ -1,12 +1,14 @@
 """The SentencePiece tokenizer rebuilt from a GGUF vocabulary equals the plain algorithm (`reference_tokenize`, as
-llama.cpp reads the file): on a small vocabulary written here, and on Gemma 3 270M's own 262,144 pieces."""
+llama.cpp reads the file), on a small vocabulary written here as a GGUF file (Gemma 3 270M's own 262,144 pieces:
+tests/compression/test_gemma3_model.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from kvpolicy.errors import KVPError
 from kvpolicy.models.gguf_tokenizer import (BYTE, CONTROL, NORMAL, USER_DEFINED, GGUFVocabulary, build_tokenizer,
-                                            reference_tokenize)
+                                            read_metadata, reference_tokenize)
 
 TEXTS = ["The capital of France is", "Hello,  world!\n\nNew para\twith tab  and   spaces <b>bold</b>",
          "émigré 日本語 🙂 12345", "ab ab  abc\n\n\nthe theme", ""]
@@ -24,6 +26,45 @@ def _small() -> GGUFVocabulary:
     return GGUFVocabulary([p for p, _ in pieces], scores, [k for _, k in pieces], 2, 1, 3, 0)
 
 
+def _write(vocabulary: GGUFVocabulary, path):
+    """A GGUF file holding `vocabulary` as llama.cpp writes one (gguf's own writer), no tensors."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_scores(vocabulary.scores)
+    writer.add_token_types(vocabulary.types)
+    writer.add_bos_token_id(vocabulary.bos_id)
+    writer.add_eos_token_id(vocabulary.eos_id)
+    writer.add_unk_token_id(vocabulary.unk_id)
+    writer.add_pad_token_id(vocabulary.pad_id)
+    writer.add_add_space_prefix(False)
+    writer.add_context_length(256)
+    writer.add_float64("test.float64", 0.5)
+    writer.add_array("test.int_array", [1, -2, 3])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_metadata_reader_reads_what_gguf_reads(tmp_path):
+    from gguf import GGUFReader
+
+    path = _write(_small(), tmp_path / "small.gguf")
+    ours = read_metadata(path)
+    theirs = {key: field.contents() for key, field in GGUFReader(str(path)).fields.items() if not key.startswith("GGUF.")}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value) if key.endswith("scores") else ours[key] == value, key
+    assert GGUFVocabulary.read(path) == _small()
+    (tmp_path / "other.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(KVPError, match="not a GGUF file"):
+        read_metadata(tmp_path / "other.gguf")
+
+
 def test_the_fast_tokenizer_equals_the_reference_on_a_small_vocabulary():
     vocabulary = _small()
     tokenizer = build_tokenizer(vocabulary)
@@ -34,16 +75,3 @@ def test_the_fast_tokenizer_equals_the_reference_on_a_small_vocabulary():
     assert tokenizer("the").input_ids[0] == vocabulary.bos_id  # a BOS in front when special tokens are added
     assert tokenizer.decode(tokenizer("ab  the\n\n<b>é").input_ids, skip_special_tokens=True) == "ab  the\n\n<b>é"
 
-
-@pytest.mark.model
-def test_gemma3_tokenizer_equals_the_reference(tmp_path):
-    from kvpolicy.models.loader import assemble_chunks
-    from kvpolicy.models.registry import MODELS
-
-    spec = MODELS["gemma3-270m"]
-    vocabulary = GGUFVocabulary.read(assemble_chunks(spec, tmp_path / spec.gguf_file))
-    tokenizer = build_tokenizer(vocabulary)
-    essay = open(__file__, encoding="utf-8").read()  # code, prose, punctuation, runs of spaces and newlines
-    for text in [*TEXTS, essay]:
-        assert tokenizer(text, add_special_tokens=False).input_ids == reference_tokenize(vocabulary, text)
-    assert tokenizer("The capital of France is").input_ids == [2, 818, 5279, 529, 7001, 563]
