@@ -55,7 +55,8 @@ def test_the_metadata_reader_reads_what_gguf_reads(tmp_path):
 
     path = _write(_small(), tmp_path / "small.gguf")
     ours = read_metadata(path)
-    theirs = {key: field.contents() for key, field in GGUFReader(str(path)).fields.items() if not key.startswith("GGUF.")}
+    fields = GGUFReader(str(path)).fields
+    theirs = {key: field.contents() for key, field in fields.items() if not key.startswith("GGUF.")}
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value) if key.endswith("scores") else ours[key] == value, key
