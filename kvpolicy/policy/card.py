@@ -92,6 +92,18 @@ def _limits(config: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _layers(model: dict[str, Any]) -> str:
+    """The layers the policy cuts: all of them, or a hybrid model's full-attention ones."""
+    windows = model.get("layer_windows") or []
+    if not windows:
+        return f"{model['n_layers']} layers"
+    evicted = [i for i, window in enumerate(windows) if window is None]
+    sliding = sorted({window for window in windows if window is not None})
+    return (f"{model['n_layers']} full-attention layers evicted ({', '.join(map(str, evicted))}) of {len(windows)}; "
+            f"the {len(windows) - len(evicted)} others keep their sliding window of "
+            f"{', '.join(map(str, sliding))} tokens")
+
+
 def render_card(config: dict[str, Any]) -> str:
     """The README.md of a policy folder with this config.json (a checkpoint's, checked by read_config)."""
     model, policy = config["model"], config["policy"]
@@ -100,7 +112,7 @@ def render_card(config: dict[str, Any]) -> str:
              "A learned KV-cache eviction policy (KV Policy, KVP: Moschella, Manduchi, Sener, *Learning to Evict from "
              "Key-Value Cache*, 2026) for kvpolicy. One small agent per (layer, KV head) scores every cached token "
              "from its key, value and position; the cache is cut to any budget by keeping the top-ranked tokens.", "",
-             f"Model: {model['name']} ({model['n_layers']} layers, {model['n_kv_heads']} KV heads, head dim "
+             f"Model: {model['name']} ({_layers(model)}, {model['n_kv_heads']} KV heads, head dim "
              f"{model['head_dim']}). Network: {size}hidden width {policy.get('hidden')}, "
              f"{policy.get('position_encoding')} positions.", "",
              "## Use", "", "```python", "import kvpolicy as kvp", "",

@@ -174,8 +174,9 @@ class Trainer:
                                "there are; record more or ask for fewer")
             self.train_ids = self.train_ids[: cfg.prompts]
         first = trace_sets(train)[0]  # the parts of a union share their model
-        family = (getattr(first, "manifest", None) or {}).get("model", {}).get("family")
-        self.model = m.to_dict() | ({"family": family} if family else {})  # the architecture, for check_model
+        recorded = (getattr(first, "manifest", None) or {}).get("model", {})
+        # the architecture, for check_model, and a hybrid model's layer windows (which of its layers the agents cut)
+        self.model = m.to_dict() | {key: recorded[key] for key in ("family", "layer_windows") if recorded.get(key)}
         self.traces = {"train": {**source_description(train), "prompts_used": len(self.train_ids)},
                        "val": source_description(self.val_source)}
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

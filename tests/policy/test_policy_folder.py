@@ -49,6 +49,17 @@ def test_a_checkpoint_is_a_hub_folder_with_a_card_rendered_from_its_config(tmp_p
     assert not (tmp_path / "r").exists()
 
 
+def test_the_card_of_a_hybrid_models_policy_names_the_layers_it_cuts(tmp_path):
+    from kvpolicy.policy.card import render_card
+
+    _policy(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / ckpt.CONFIG).read_text())
+    assert "(2 layers, 2 KV heads" in render_card(config)
+    config["model"]["layer_windows"] = [512, None, 512, None]
+    assert ("(2 full-attention layers evicted (1, 3) of 4; the 2 others keep their sliding window of 512 tokens, 2 KV "
+            "heads") in render_card(config)
+
+
 def test_save_pretrained_writes_the_deployable_folder_byte_for_byte(tmp_path):
     _policy(tmp_path / "p")
     (tmp_path / "p" / ckpt.HISTORY).write_text("")  # a training run's extras stay behind
