@@ -207,7 +207,8 @@ class OtherWeightsWarning(UserWarning):
 
 def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bool = True) -> None:
     """Refuse a policy that cannot work on the model `info` (a ModelInfo, or the ModelIdentity of a trace set): one
-    of another cache shape (layers, KV heads, head dim) or, where both record it, another architecture family. Only
+    of another cache shape (layers, KV heads, head dim), other sliding-window layers (for a ModelInfo; a policy that
+    records none was trained on a model without them) or, where both record it, another architecture family. Only
     other weights (fingerprint) are an OtherWeightsWarning, and with `check_weights=False` not even that: the
     policy is then trusted to fit weights it never saw, and its measured costs do not carry over to them."""
     model = config["model"]
@@ -221,11 +222,22 @@ def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bo
     if family and theirs_family and family != theirs_family:
         raise KVPError(f"policy {where} was trained for a {theirs_family} model ({model['name']}), {info.name} is a "
                        f"{family} model: train a policy for it with `kvp fit --model {info.name} --out DIR`")
+    if hasattr(info, "layer_windows") and list(model.get("layer_windows") or []) != list(info.layer_windows or []):
+        raise KVPError(f"policy {where} was trained for {model['name']}, whose layers slide as "
+                       f"{_layout(model.get('layer_windows'))}; {info.name}'s slide as {_layout(info.layer_windows)}, so "
+                       f"its agents would cut other layers: train a policy for it with `kvp fit --model {info.name} "
+                       "--out DIR`")
     if check_weights and model["fingerprint"] != info.fingerprint:
         warnings.warn(OtherWeightsWarning(
             f"policy {where} was trained for {model['name']} (fingerprint {model['fingerprint']}); {info.name} has "
             f"its cache shape but other weights (fingerprint {info.fingerprint}): it runs, and may rank worse than on "
             "its own model (load_policy(..., check_weights=False) silences this)"), stacklevel=2)
+
+
+def _layout(windows: list | tuple | None) -> str:
+    """A model's layer windows in words: which layers slide, or none."""
+    sliding = [i for i, window in enumerate(windows or []) if window is not None]
+    return f"layers {sliding} (of {len(windows)})" if sliding else "none of them (all full attention)"
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -70,6 +70,9 @@ def test_refuses_other_model_other_shape_and_damage(tmp_path):
         ckpt.load_checkpoint(out, model=_info("other"))
     with pytest.raises(KVPError, match="KV heads, head dim"):
         ckpt.load_checkpoint(out, model=_info("abc", n_kv_heads=3))
+    # the same shape on a hybrid model: its two evicted layers are not the layers the policy learned
+    with pytest.raises(KVPError, match=r"slide as none of them .* slide as layers \[0, 2\] \(of 4\)"):
+        ckpt.load_checkpoint(out, model=_info("abc", layer_windows=(8, None, 8, None)))
     # network shape in the config differs from the weights
     bad = json.loads((out / ckpt.CONFIG).read_text())
     bad["policy"]["hidden"] = 16
