@@ -224,8 +224,8 @@ def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bo
                        f"{family} model: train a policy for it with `kvp fit --model {info.name} --out DIR`")
     if hasattr(info, "layer_windows") and list(model.get("layer_windows") or []) != list(info.layer_windows or []):
         raise KVPError(f"policy {where} was trained for {model['name']}, whose layers slide as "
-                       f"{_layout(model.get('layer_windows'))}; {info.name}'s slide as {_layout(info.layer_windows)}, so "
-                       f"its agents would cut other layers: train a policy for it with `kvp fit --model {info.name} "
+                       f"{_layout(model.get('layer_windows'))}; {info.name}'s slide as {_layout(info.layer_windows)}, "
+                       f"so its agents would cut other layers: train a policy for it with `kvp fit --model {info.name} "
                        "--out DIR`")
     if check_weights and model["fingerprint"] != info.fingerprint:
         warnings.warn(OtherWeightsWarning(
