@@ -67,9 +67,15 @@ def finished(stage: Stage, done: dict[str, dict]) -> bool:
 def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: bool = False) -> int:
     """Run `plan`'s stages (those named in `only`, if any) in order, skipping the ones OUT/stages.json records as
     finished with the same command; records each one that finishes, with its wall time. With `listing`, print
-    every stage's command and state instead. Returns the first failing stage's exit status, else 0."""
+    every stage's command and state instead. Returns the first failing stage's exit status, else 0.
+
+    Under torchrun every rank runs this: each collective stage (`Stage.collective`: traces, training, sweeps) on every
+    rank, each doing its share, any other stage on rank 0 alone while the others wait for rank 0 to record it; rank 0
+    prints and writes the stage log. (A rank that fails ends the run: torchrun stops the others.)"""
     from kvpolicy.commands import EXIT_INTERRUPTED
 
+    main = int(os.environ.get("RANK", "0")) == 0
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     names = [s.name for s in plan]
     unknown = sorted(set(only) - set(names))
     if unknown:
@@ -84,18 +90,24 @@ def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: 
                      else f"{gone}; to run again" if recorded else "to run")
             print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
             continue
+        say = print if main else (lambda *args, **kw: None)
         if complete:
-            print(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
+            say(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
+            continue
+        if distributed and not main and not stage.collective:
+            _wait_for(stage, log_path)  # rank 0 runs it alone
             continue
         if recorded:
-            print(f"[{stage.name}] {gone}; running it again")
-        print(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
+            say(f"[{stage.name}] {gone}; running it again")
+        say(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
         load, start = os.getloadavg()[0], time.perf_counter()
         code = run_stage(list(stage.argv))
         if code:
             why = "interrupted;" if code == EXIT_INTERRUPTED else f"failed (exit {code}); fix the cause and"
-            print(f"[{stage.name}] {why} re-run the same command to resume")
+            say(f"[{stage.name}] {why} re-run the same command to resume")
             return code
+        if not main:
+            continue
         seconds = round(time.perf_counter() - start, 1)
         done[stage.name] = {"argv": list(stage.argv), "seconds": seconds,
                             "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2),
@@ -104,6 +116,12 @@ def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: 
         write_json(log_path, done)
         print(f"[{stage.name}] done in {seconds:.0f} s", flush=True)
     return 0
+
+
+def _wait_for(stage: Stage, log_path: Path, poll_s: float = 1.0) -> None:
+    """Wait until rank 0 records `stage` as finished in the stage log (a rank other than 0, under torchrun)."""
+    while read_stage_log(log_path).get(stage.name, {}).get("argv") != list(stage.argv):
+        time.sleep(poll_s)
 
 
 def run(args: argparse.Namespace) -> int:

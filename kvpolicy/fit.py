@@ -11,6 +11,7 @@ DIR/stages.json records each finished stage, so a re-run skips them and a killed
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import time
 from pathlib import Path
@@ -127,20 +128,26 @@ def run(args: argparse.Namespace) -> int:
     plan = recipe.stages(out)
     done = read_stage_log(out / "stages.json")
     todo = [stage for stage in plan if not finished(stage, done)]
-    print(f"kvp fit: {recipe.summary}; output in {out}", flush=True)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 prints; every rank runs the stages
+    if main:
+        print(f"kvp fit: {recipe.summary}; output in {out}", flush=True)
     if todo or args.dry_run:
-        handle = load_model(args.model, args.device, args.dtype)  # refuses a sliding-window model before its weights
+        handle = load_model(args.model, args.device, args.dtype)  # refuses a model it cannot evict for, before weights
         longest = longest_context("mix", args.context) + args.future_tokens
         if longest > handle.info.max_positions:
             raise KVPError(f"--context {args.context} asks for mix prompts of {longest_context('mix', args.context)} "
                            f"tokens plus {args.future_tokens} future tokens, past {args.model}'s "
                            f"{handle.info.max_positions} positions; use a shorter --context")
-        rates = measure_rates(handle, args.device)
-        print_plan(plan, estimate_plan(todo, rates, handle.info), commands=args.dry_run)
+        if main:
+            rates = measure_rates(handle, args.device)
+            print_plan(plan, estimate_plan(todo, rates, handle.info), commands=args.dry_run)
+            if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+                print(f"  (for one process: under torchrun the traces, training and sweeps split their work over the "
+                      f"{world} processes)")
     if args.dry_run:
         return 0
     code = run_stages(plan, out)
-    if code:
+    if code or not main:
         return code
     policy = out / "policy"
     print(f"\nkvp fit finished in {time.perf_counter() - begin:.0f} s: the policy for {args.model} is {policy}")

@@ -139,3 +139,32 @@ def test_stages_run_once_and_record_their_wall_time(tmp_path, monkeypatch, capsy
     assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path), "--stage", "train-kvp-d"]) == 1
     assert "failed" in capsys.readouterr().out
     assert list(json.loads((tmp_path / "stages.json").read_text())) == ["traces-ruler-train"]
+
+
+def test_under_torchrun_every_rank_runs_the_collective_stages_and_rank_0_the_others(tmp_path, monkeypatch, capsys):
+    """Rank 1 of 2 runs traces and sweeps (each does its share), waits for rank 0 to record the export it runs alone,
+    prints nothing and writes no stage log; rank 0 runs and records all three."""
+    import threading
+
+    from kvpolicy.experiment import read_stage_log, run_stages
+    from kvpolicy.presets.stage import Stage
+
+    plan = [Stage("traces", ("traces", "--out", str(tmp_path / "t"))),
+            Stage("export", ("export", "--out", str(tmp_path / "p"))),
+            Stage("sweep", ("sweep", "--out", str(tmp_path / "r.jsonl")))]
+    ran = []
+    monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: ran.append(argv[0]) or 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    log = tmp_path / "stages.json"
+    rank_0 = threading.Timer(0.3, lambda: log.write_text(json.dumps({"export": {"argv": list(plan[1].argv),
+                                                                                  "seconds": 1.0}})))
+    rank_0.start()  # rank 0 records the export a moment later: rank 1 waits for it before the sweep
+    assert run_stages(plan, tmp_path) == 0 and ran == ["traces", "sweep"]
+    assert capsys.readouterr().out == "" and list(read_stage_log(log)) == ["export"]
+    log.unlink()
+    monkeypatch.setenv("RANK", "0")
+    ran.clear()
+    assert run_stages(plan, tmp_path) == 0 and ran == ["traces", "export", "sweep"]
+    assert sorted(read_stage_log(log)) == ["export", "sweep", "traces"]
+    assert "[export] done in" in capsys.readouterr().out

@@ -7,12 +7,20 @@ from pathlib import Path
 from typing import Protocol
 
 
+COLLECTIVE = ("traces", "train", "sweep")  # the commands that run on every rank of torchrun, each doing its share
+
+
 @dataclass(frozen=True)
 class Stage:
     """One `kvp` command of a preset; `name` identifies it in OUT/stages.json and `--stage`."""
 
     name: str
     argv: tuple[str, ...]
+
+    @property
+    def collective(self) -> bool:
+        """Whether every rank runs it under torchrun, each doing its share (`COLLECTIVE`); rank 0 runs others alone."""
+        return self.argv[0] in COLLECTIVE
 
     @property
     def output(self) -> Path | None:
