@@ -14,8 +14,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kvpolicy.distributed import init_distributed
+from kvpolicy.distributed import DistContext
 from kvpolicy.models import ModelHandle
+from kvpolicy.models.placement import resolve_device
 from kvpolicy.traces.future import FutureConfig
 from kvpolicy.traces.pipeline import TraceRunConfig, record_traces
 from kvpolicy.traces.store import shard_paths
@@ -49,7 +50,8 @@ def measure_training(source: TraceSource, steps: int, out: Path, device: str, co
     """Train a policy on `source` with the default settings into `out` (on `device`): one first step, which builds
     torch.compile's kernels (with `compile`), then `steps` more, timed apart: steps and ranked tokens per second."""
     config = TrainConfig(steps=1, val_every=1 + steps, checkpoint_every=1 + steps, compile=compile)
-    trainer = Trainer(source, out, config=config, ctx=init_distributed(device), resume=False, progress=progress)
+    ctx = DistContext(device=resolve_device(device))  # one process, also under torchrun (kvp fit's rank 0 measures)
+    trainer = Trainer(source, out, config=config, ctx=ctx, resume=False, progress=progress)
     start = time.perf_counter()
     trainer.run()
     first = time.perf_counter() - start
