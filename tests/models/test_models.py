@@ -185,3 +185,19 @@ def test_a_hub_id_that_cannot_be_reached_is_one_line(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the variable alone comes too late
     with pytest.raises(KVPError, match="cannot read the config of model 'no-such-org/no-such-model'"):
         loader.load_model("no-such-org/no-such-model")
+
+
+def test_a_base_model_without_chat_template_is_prompted_with_plain_text():
+    """Gemma 3 270M has no chat template: its BOS, then each turn on its own line, as split_prompt feeds a question."""
+    from types import SimpleNamespace
+
+    from kvpolicy.compression.prompts import split_prompt
+    from kvpolicy.models.handle import ModelHandle
+
+    tokenizer = SimpleNamespace(chat_template=None, bos_token="<bos>")
+    handle = ModelHandle(info=None, model=None, tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Context. Question?"}]
+    assert handle.chat(messages) == "<bos>Hi.\nHello.\nContext. Question?\n"
+    handle.encode = lambda text: text  # the text each chunk would be tokenized from
+    assert "".join(split_prompt(handle, "Context. ", "Question?")) == handle.chat(messages[2:])
