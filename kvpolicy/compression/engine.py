@@ -231,7 +231,8 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     `allocation` gives each layer's heads their counts (UNIFORM: budget.kept(T) each); every head keeps the sinks, the
     recent tokens and then its top scores, gathered in position order. A layer whose heads keep different counts is
     stored ragged, read padded to the largest (`KVState.masks` marks the padding); entries masked before stay
-    masked. The result has no recorded attention inputs and no token ids (both described the uncut cache)."""
+    masked. scores: one per evicted layer (`KVState.evicted`); a sliding-window layer is kept as it is. The result
+    has no recorded attention inputs and no token ids (both described the uncut cache)."""
     evicted = state.evicted
     if len(scores) != len(evicted):
         raise KVPError(f"got scores for {len(scores)} layers, the cache evicts from {len(evicted)}")

@@ -5,7 +5,9 @@ RoPE positions that continue from `next_position` (the number of tokens ever fed
 cache length. The cache stays a transformers `DynamicCache`. When the heads of a layer keep different numbers of
 entries (compression/allocation.py), the layer's bookkeeping (positions, `masks`) is padded to its largest count,
 and the layer itself is a `RaggedLayer` (compression/ragged.py) that holds only the entries its heads keep;
-attention reads it padded, the padding masked out.
+attention reads it padded, the padding masked out. A hybrid model's sliding-window layers are `WindowLayer`s
+(compression/window.py): never cut, they hold their last window - 1 entries as the model keeps them; `evicted` names
+the other layers, which a budget counts and a cut shrinks.
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ def _limits(config: dict[str, Any]) -> list[str]:
     if context:
         lines.append(f"- Trained on prompts of about {context} tokens; at other lengths its ranking is unmeasured "
                      "unless a held-out cost above says otherwise.")
+    if windows := [w for w in model.get("layer_windows") or [] if w is not None]:
+        lines.append(f"- Only the full-attention layers are cut: the {len(windows)} sliding-window layers keep their "
+                     f"last {max(windows) - 1} entries whatever the budget, a floor under the cache's size. With "
+                     "`kvp.EvictingCache`, pass `config=model.config` so that it knows which layers slide.")
     if policy.get("hidden_state_dim"):
         lines.append("- Its agents also read each token's hidden state, which only the prefill that fed the token "
                      "records: it ranks the cache of one whole prefill, not during decoding or chunked prefills.")

@@ -58,6 +58,7 @@ def test_the_card_of_a_hybrid_models_policy_names_the_layers_it_cuts(tmp_path):
     config["model"]["layer_windows"] = [512, None, 512, None]
     assert ("(2 full-attention layers evicted (1, 3) of 4; the 2 others keep their sliding window of 512 tokens, 2 KV "
             "heads") in render_card(config)
+    assert "the 2 sliding-window layers keep their last 511 entries whatever the budget" in render_card(config)
 
 
 def test_save_pretrained_writes_the_deployable_folder_byte_for_byte(tmp_path):
