@@ -8,6 +8,8 @@ A plain `python`/`kvp` run is a world of one, where every collective is the iden
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from dataclasses import dataclass, field
 
@@ -83,11 +85,34 @@ def init_distributed(device: str | None = None) -> DistContext:
     return DistContext(rank=rank, world=world, device=dev)
 
 
+_held = False  # a run of several stages (`held_process_group`) keeps one process group for all of them
+
+
+@contextmanager
+def held_process_group(device: str | None = None) -> Iterator[None]:
+    """Join the torchrun process group once for a run of several stages (`kvp fit`, `kvp experiment`): each stage's
+    own init_distributed then finds it and its shutdown_distributed leaves it, and it is left once, at the end. (A
+    group destroyed and made again in one process reads the first one's addresses from torchrun's store: the second
+    connection fails.) A world of one: nothing to do."""
+    global _held
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _held:
+        yield
+        return
+    ctx = init_distributed(device)
+    _held = True
+    try:
+        yield
+    finally:
+        _held = False
+        shutdown_distributed(ctx)
+
+
 def shutdown_distributed(ctx: DistContext) -> None:
-    """Leave the process group (every rank, after its last collective). Under gloo a bounded barrier first, so that
-    no rank tears down the connections while another still finishes the last collective on them (seen once as a
-    SIGABRT, "terminate called without an active exception", in a rank that left early)."""
-    if ctx.distributed and dist.is_initialized():
+    """Leave the process group (every rank, after its last collective), unless a run of several stages holds it.
+    Under gloo a bounded barrier first, so that no rank tears down the connections while another still finishes the
+    last collective on them (seen once as a SIGABRT, "terminate called without an active exception", in a rank that
+    left early)."""
+    if ctx.distributed and dist.is_initialized() and not _held:
         if dist.get_backend() == "gloo":
             try:  # bounded: a rank that failed outside a collective never arrives, and the others still leave
                 dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_TIMEOUT_S))

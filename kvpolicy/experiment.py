@@ -12,6 +12,7 @@ guessed at.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -64,15 +65,19 @@ def finished(stage: Stage, done: dict[str, dict]) -> bool:
     return recorded and (stage.output is None or stage.output.exists())
 
 
-def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: bool = False) -> int:
+def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: bool = False,
+               device: str | None = None) -> int:
     """Run `plan`'s stages (those named in `only`, if any) in order, skipping the ones OUT/stages.json records as
     finished with the same command; records each one that finishes, with its wall time. With `listing`, print
     every stage's command and state instead. Returns the first failing stage's exit status, else 0.
 
     Under torchrun every rank runs this: each collective stage (`Stage.collective`: traces, training, sweeps) on every
     rank, each doing its share, any other stage on rank 0 alone while the others wait for rank 0 to record it; rank 0
-    prints and writes the stage log. (A rank that fails ends the run: torchrun stops the others.)"""
+    prints and writes the stage log, and one process group serves every stage (`held_process_group`, on `device`'s
+    backend: gloo for "cpu", else CUDA's where there is one). (A rank that fails ends the run: torchrun stops the
+    others.)"""
     from kvpolicy.commands import EXIT_INTERRUPTED
+    from kvpolicy.distributed import held_process_group
 
     main = int(os.environ.get("RANK", "0")) == 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -82,40 +87,41 @@ def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: 
         raise KVPError(f"unknown stage {', '.join(unknown)}; the stages are: {', '.join(names)}")
     log_path = out / "stages.json"
     done = read_stage_log(log_path)
-    for stage in (s for s in plan if not only or s.name in only):
-        recorded, complete = done.get(stage.name, {}).get("argv") == list(stage.argv), finished(stage, done)
-        gone = f"done earlier, but its output {stage.output} is gone"
-        if listing:
-            state = (f"done in {done[stage.name]['seconds']:.0f} s" if complete
-                     else f"{gone}; to run again" if recorded else "to run")
-            print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
-            continue
-        say = print if main else (lambda *args, **kw: None)
-        if complete:
-            say(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
-            continue
-        if distributed and not main and not stage.collective:
-            _wait_for(stage, log_path)  # rank 0 runs it alone
-            continue
-        if recorded:
-            say(f"[{stage.name}] {gone}; running it again")
-        say(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
-        load, start = os.getloadavg()[0], time.perf_counter()
-        code = run_stage(list(stage.argv))
-        if code:
-            why = "interrupted;" if code == EXIT_INTERRUPTED else f"failed (exit {code}); fix the cause and"
-            say(f"[{stage.name}] {why} re-run the same command to resume")
-            return code
-        if not main:
-            continue
-        seconds = round(time.perf_counter() - start, 1)
-        done[stage.name] = {"argv": list(stage.argv), "seconds": seconds,
-                            "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2),
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(log_path, done)
-        print(f"[{stage.name}] done in {seconds:.0f} s", flush=True)
-    return 0
+    with contextlib.nullcontext() if listing else held_process_group(device):
+        for stage in (s for s in plan if not only or s.name in only):
+            recorded, complete = done.get(stage.name, {}).get("argv") == list(stage.argv), finished(stage, done)
+            gone = f"done earlier, but its output {stage.output} is gone"
+            if listing:
+                state = (f"done in {done[stage.name]['seconds']:.0f} s" if complete
+                         else f"{gone}; to run again" if recorded else "to run")
+                print(f"{stage.name} ({state}): kvp {' '.join(stage.argv)}")
+                continue
+            say = print if main else (lambda *args, **kw: None)
+            if complete:
+                say(f"[{stage.name}] done earlier ({done[stage.name]['seconds']:.0f} s); skipped")
+                continue
+            if distributed and not main and not stage.collective:
+                _wait_for(stage, log_path)  # rank 0 runs it alone
+                continue
+            if recorded:
+                say(f"[{stage.name}] {gone}; running it again")
+            say(f"[{stage.name}] kvp {' '.join(stage.argv)}", flush=True)
+            load, start = os.getloadavg()[0], time.perf_counter()
+            code = run_stage(list(stage.argv))
+            if code:
+                why = "interrupted;" if code == EXIT_INTERRUPTED else f"failed (exit {code}); fix the cause and"
+                say(f"[{stage.name}] {why} re-run the same command to resume")
+                return code
+            if not main:
+                continue
+            seconds = round(time.perf_counter() - start, 1)
+            done[stage.name] = {"argv": list(stage.argv), "seconds": seconds,
+                                "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2),
+                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(log_path, done)
+            print(f"[{stage.name}] done in {seconds:.0f} s", flush=True)
+        return 0
 
 
 def _wait_for(stage: Stage, log_path: Path, poll_s: float = 1.0) -> None:

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{world} processes)")
     if args.dry_run:
         return 0
-    code = run_stages(plan, out)
+    code = run_stages(plan, out, device=args.device)
     if code or not main:
         return code
     policy = out / "policy"

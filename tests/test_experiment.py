@@ -144,6 +144,7 @@ def test_stages_run_once_and_record_their_wall_time(tmp_path, monkeypatch, capsy
 def test_under_torchrun_every_rank_runs_the_collective_stages_and_rank_0_the_others(tmp_path, monkeypatch, capsys):
     """Rank 1 of 2 runs traces and sweeps (each does its share), waits for rank 0 to record the export it runs alone,
     prints nothing and writes no stage log; rank 0 runs and records all three."""
+    import contextlib
     import threading
 
     from kvpolicy.experiment import read_stage_log, run_stages
@@ -154,6 +155,7 @@ def test_under_torchrun_every_rank_runs_the_collective_stages_and_rank_0_the_oth
             Stage("sweep", ("sweep", "--out", str(tmp_path / "r.jsonl")))]
     ran = []
     monkeypatch.setattr("kvpolicy.experiment.run_stage", lambda argv: ran.append(argv[0]) or 0)
+    monkeypatch.setattr("kvpolicy.distributed.held_process_group", lambda device: contextlib.nullcontext())  # no peer
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     log = tmp_path / "stages.json"
