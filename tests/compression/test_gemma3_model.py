@@ -30,7 +30,7 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def ids(gemma):
-    essay = " ".join(load_essays()[3].text.split()[:480])
+    essay = " ".join(load_essays()[3].text.split()[:440])
     context = "Remember this: the secret code is 4721. " + essay
     return torch.cat(split_prompt(gemma, context, "What is the secret code?", "The secret code is"), dim=1)
 
@@ -54,7 +54,7 @@ def _engine(gemma, ids, budget: Budget | None = None) -> list[int]:
 
 
 def test_full_cache_and_a_budget_of_the_length_answer_as_transformers(gemma, ids):
-    assert ids.shape[1] > 600  # past the sliding window
+    assert ids.shape[1] > 560  # past the sliding window
     out = gemma.model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     reference = out[0, ids.shape[1]:].tolist()
     assert "4721" in gemma.decode(reference)

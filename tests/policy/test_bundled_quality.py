@@ -22,7 +22,7 @@ pytestmark = pytest.mark.model
     reason="this install bundles no policy"))])
 def test_the_bundled_policy_beats_every_attention_free_heuristic(model, tmp_path):
     traces = tmp_path / "test"
-    assert main(["traces", "--model", model, "--source", "mix", "--split", "test", "--n", "3", "--context", "512",
+    assert main(["traces", "--model", model, "--source", "mix", "--split", "test", "--n", "3", "--context", "384",
                  "--future-tokens", "32", "--baselines", "none", "--out", str(traces)]) == 0
     out = tmp_path / "costs.jsonl"
     run_sweep(SweepConfig(out=str(out), models=[model], scorers=[f"kvp:{model}", *ATTENTION_FREE], budgets=["64"],
