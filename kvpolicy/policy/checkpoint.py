@@ -209,7 +209,8 @@ def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bo
     """Refuse a policy that cannot work on the model `info` (a ModelInfo, or the ModelIdentity of a trace set): one
     of another cache shape (layers, KV heads, head dim), other sliding-window layers (for a ModelInfo; a policy that
     records none was trained on a model without them) or, where both record it, another architecture family. Only
-    other weights (fingerprint) are an OtherWeightsWarning, and with `check_weights=False` not even that: the
+    other weights (fingerprint) are an OtherWeightsWarning, which says whether the Hub ids of the two models' base
+    models (`registry.base_model`) agree, and with `check_weights=False` not even that: the
     policy is then trusted to fit weights it never saw, and its measured costs do not carry over to them."""
     model = config["model"]
     theirs = (model["n_layers"], model["n_kv_heads"], model["head_dim"])
@@ -228,10 +229,17 @@ def check_model(config: dict[str, Any], info: Any, where: str, check_weights: bo
                        f"so its agents would cut other layers: train a policy for it with `kvp fit --model {info.name} "
                        "--out DIR`")
     if check_weights and model["fingerprint"] != info.fingerprint:
+        theirs_base, ours_base = config.get("base_model") or base_model(model["name"]), base_model(info.name)
+        if theirs_base and theirs_base == ours_base:  # the Hub ids agree: the same model, converted or copied apart
+            kind = f"is the same base model ({ours_base}) with other weights (another conversion, quantization or copy)"
+        elif theirs_base and ours_base:
+            kind = f"is another model ({ours_base}, the policy's is {theirs_base}) of its cache shape and architecture"
+        else:
+            kind = "has its cache shape but other weights"
         warnings.warn(OtherWeightsWarning(
-            f"policy {where} was trained for {model['name']} (fingerprint {model['fingerprint']}); {info.name} has "
-            f"its cache shape but other weights (fingerprint {info.fingerprint}): it runs, and may rank worse than on "
-            "its own model (load_policy(..., check_weights=False) silences this)"), stacklevel=2)
+            f"policy {where} was trained for {model['name']} (fingerprint {model['fingerprint']}); {info.name} {kind} "
+            f"(fingerprint {info.fingerprint}): it runs, and may rank worse than on its own model "
+            "(load_policy(..., check_weights=False) silences this)"), stacklevel=2)
 
 
 def _layout(windows: list | tuple | None) -> str:

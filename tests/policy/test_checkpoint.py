@@ -90,6 +90,23 @@ def test_refuses_other_model_other_shape_and_damage(tmp_path):
         ckpt.load_checkpoint(tmp_path / "nowhere")
 
 
+def test_other_weights_are_named_by_their_base_models_hub_id(tmp_path):
+    """A policy for the converted smollm2-135m on the Hub's original of it (the same base model) or on another model
+    of its shape: both run with a warning saying which."""
+    net = PolicyNet(PolicyConfig(**SHAPE, hidden=8, max_position=64))
+    ckpt.save_checkpoint(tmp_path / "p", {"model": {"name": "smollm2-135m", "fingerprint": "abc", **SHAPE},
+                                          "policy": net.config.to_dict()}, net.state_dict())
+    original = _info("hub", name="HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.warns(ckpt.OtherWeightsWarning, match=r"is the same base model \(HuggingFaceTB/SmolLM2-135M-Instruct\) "
+                                                      "with other weights"):
+        ckpt.load_checkpoint(tmp_path / "p", model=original)
+    with pytest.warns(ckpt.OtherWeightsWarning, match=r"is another model \(HuggingFaceTB/SmolLM2-135M, the policy's "
+                                                      r"is HuggingFaceTB/SmolLM2-135M-Instruct\)"):
+        ckpt.load_checkpoint(tmp_path / "p", model=_info("base", name="HuggingFaceTB/SmolLM2-135M"))
+    with pytest.warns(ckpt.OtherWeightsWarning, match="has its cache shape but other weights"):
+        ckpt.load_checkpoint(tmp_path / "p", model=_info("local", name="./my-model"))
+
+
 def test_failed_write_leaves_no_partial_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     net = PolicyNet(PolicyConfig(**SHAPE, hidden=8, max_position=64))
