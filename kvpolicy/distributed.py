@@ -70,11 +70,15 @@ class DistContext:
             dist.barrier()
 
 
+def launched() -> tuple[int, int]:
+    """(rank, world size) that torchrun gave this process, from its environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the torchrun process group if there is one; pick the device (cuda:LOCAL_RANK when CUDA is there and
     `device` does not say "cpu")."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = launched()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device(device or "cpu")
@@ -95,7 +99,7 @@ def held_process_group(device: str | None = None) -> Iterator[None]:
     group destroyed and made again in one process reads the first one's addresses from torchrun's store: the second
     connection fails.) A world of one: nothing to do."""
     global _held
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _held:
+    if launched()[1] <= 1 or _held:
         yield
         return
     ctx = init_distributed(device)

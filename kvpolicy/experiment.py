@@ -77,10 +77,10 @@ def run_stages(plan: list[Stage], out: Path, only: Sequence[str] = (), listing: 
     backend: gloo for "cpu", else CUDA's where there is one). (A rank that fails ends the run: torchrun stops the
     others.)"""
     from kvpolicy.commands import EXIT_INTERRUPTED
-    from kvpolicy.distributed import held_process_group
+    from kvpolicy.distributed import held_process_group, launched
 
-    main = int(os.environ.get("RANK", "0")) == 0
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = launched()
+    main, distributed = rank == 0, world > 1
     names = [s.name for s in plan]
     unknown = sorted(set(only) - set(names))
     if unknown:

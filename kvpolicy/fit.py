@@ -11,7 +11,6 @@ DIR/stages.json records each finished stage, so a re-run skips them and a killed
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import time
 from pathlib import Path
@@ -107,6 +106,7 @@ def print_summary(out: Path, check_task: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.distributed import launched
     from kvpolicy.errors import KVPError
     from kvpolicy.evaluation.bench.estimate import estimate_plan, measure_rates
     from kvpolicy.experiment import finished, read_stage_log, run_stages
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     plan = recipe.stages(out)
     done = read_stage_log(out / "stages.json")
     todo = [stage for stage in plan if not finished(stage, done)]
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 prints; every rank runs the stages
+    rank, world = launched()
+    main = rank == 0  # under torchrun, rank 0 prints; every rank runs the stages
     if main:
         print(f"kvp fit: {recipe.summary}; output in {out}", flush=True)
     if todo or args.dry_run:
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             rates = measure_rates(handle, args.device)
             print_plan(plan, estimate_plan(todo, rates, handle.info), commands=args.dry_run)
-            if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+            if world > 1:
                 print(f"  (for one process: under torchrun the traces, training and sweeps split their work over the "
                       f"{world} processes)")
     if args.dry_run:

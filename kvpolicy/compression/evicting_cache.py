@@ -37,7 +37,7 @@ from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.scorers.base import LayerView, Scorer
 from kvpolicy.errors import KVPError
-from kvpolicy.models.handle import layer_windows
+from kvpolicy.models.handle import full_attention_layers, layer_windows
 
 
 class EvictingLayer(DynamicLayer):
@@ -88,8 +88,8 @@ class EvictingCache(DynamicCache):
         super().__init__()
         self.layer_class_to_replicate = EvictingLayer
         self.layers = [DynamicSlidingWindowLayer(w) if w is not None else EvictingLayer() for w in windows]
-        evicted = [i for i, w in enumerate(windows) if w is None]
-        self.numbers = {idx: number for number, idx in enumerate(evicted)}  # a layer's number for the scorer
+        # a layer's number for the scorer
+        self.numbers = {idx: number for number, idx in enumerate(full_attention_layers(windows))}
         self.scorer, self.budget, self.every = scorer, budget, every
         self.pads = None if padding_mask is None else _left_padding(padding_mask)
 

@@ -1,7 +1,8 @@
 """Split a (context, question) prompt into the token chunks the two protocols feed separately.
 
-Same split as kvpress's pipeline: the chat template is rendered around context + question, the context is
-everything before the question, and the question chunk carries the template's tail and the answer prefix.
+Same split as kvpress's pipeline: the chat template is rendered around context + question (a base model's plain-text
+prompt, `ModelHandle.chat`, for a model without one), the context is everything before the question, and the
+question chunk carries the template's tail and the answer prefix.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.models import ModelHandle
-from kvpolicy.models.handle import PLAIN_TURN_END
 
 
 def split_prompt(
@@ -21,9 +21,6 @@ def split_prompt(
     lm-eval-harness does by default (so that zero-shot scores compare with published ones)."""
     if not template:
         context_text, tail = context, "\n"
-    elif handle.tokenizer.chat_template is None:  # a base model: its plain-text prompt (`ModelHandle.chat`)
-        context_text = (handle.tokenizer.bos_token or "") + context
-        tail = PLAIN_TURN_END
     else:
         separator = "#" * (len(context) + 10)
         context_text, tail = handle.chat([{"role": "user", "content": context + separator}]).split(separator)

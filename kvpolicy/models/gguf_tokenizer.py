@@ -93,6 +93,10 @@ class GGUFVocabulary:
     def ids(self) -> dict[str, int]:
         return {token: i for i, token in enumerate(self.tokens)}
 
+    def mergeable(self) -> dict[str, float]:
+        """The normal pieces, which merges form, with their scores (the others are never formed by a merge)."""
+        return {t: s for t, s, kind in zip(self.tokens, self.scores, self.types) if kind == NORMAL}
+
     def whole(self) -> list[str]:
         """The pieces matched whole in the raw text (control and user-defined tokens), longest first."""
         found = [t for t, kind in zip(self.tokens, self.types) if kind in (CONTROL, USER_DEFINED)]
@@ -107,9 +111,8 @@ def build_tokenizer(vocabulary: GGUFVocabulary):
     from transformers.tokenization_utils_base import generate_merges
 
     vocab = vocabulary.ids()
-    normal = {t: s for t, s, kind in zip(vocabulary.tokens, vocabulary.scores, vocabulary.types) if kind == NORMAL}
-    skip = [t for t, kind in zip(vocabulary.tokens, vocabulary.types) if kind != NORMAL]
-    merges = generate_merges(vocab, normal, skip_tokens=skip)
+    normal = vocabulary.mergeable()
+    merges = generate_merges(vocab, normal, skip_tokens=[t for t in vocab if t not in normal])
     name = vocabulary.tokens.__getitem__
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, unk_token=name(vocabulary.unk_id),
                                bos_token=name(vocabulary.bos_id), eos_token=name(vocabulary.eos_id),
@@ -126,7 +129,7 @@ def reference_tokenize(vocabulary: GGUFVocabulary, text: str) -> list[int]:
     as characters, and the adjacent pair whose concatenation is a piece with the highest score is merged (the leftmost
     on ties) until none is; a character that is no piece becomes its UTF-8 byte pieces."""
     vocab = vocabulary.ids()
-    mergeable = {t: s for t, s, kind in zip(vocabulary.tokens, vocabulary.scores, vocabulary.types) if kind == NORMAL}
+    mergeable = vocabulary.mergeable()
     whole = vocabulary.whole()
     pattern = re.compile("|".join(map(re.escape, whole))) if whole else None
     ids, start = [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -41,6 +42,12 @@ def layer_windows(config: Any, name: str) -> tuple[int | None, ...]:
                        "the window and has no full-attention layer to evict from")
     windows = tuple(window if kind == SLIDING else None for kind in kinds)
     return windows if any(w is not None for w in windows) else ()
+
+
+def full_attention_layers(windows: Sequence[int | None]) -> list[int]:
+    """The layers of `windows` (one per decoder layer, as `layer_windows` gives them) that attend to the whole cache:
+    the ones kvpolicy evicts from, which a policy numbers 0, 1, ... in this order."""
+    return [i for i, window in enumerate(windows) if window is None]
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,7 @@ class ModelInfo:
     def evicted_layers(self) -> list[int]:
         """The decoder layers kvpolicy evicts from, in order: the full-attention ones (`layer_windows` None), every
         layer of a model without sliding windows. `n_layers` counts these: a policy has agents for them only."""
-        if not self.layer_windows:
-            return list(range(self.n_layers))
-        return [i for i, window in enumerate(self.layer_windows) if window is None]
+        return full_attention_layers(self.layer_windows) if self.layer_windows else list(range(self.n_layers))
 
     @property
     def group_size(self) -> int:

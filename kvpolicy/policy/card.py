@@ -101,7 +101,9 @@ def _layers(model: dict[str, Any]) -> str:
     windows = model.get("layer_windows") or []
     if not windows:
         return f"{model['n_layers']} layers"
-    evicted = [i for i, window in enumerate(windows) if window is None]
+    from kvpolicy.models.handle import full_attention_layers  # imports torch: only for a hybrid model's card
+
+    evicted = full_attention_layers(windows)
     sliding = sorted({window for window in windows if window is not None})
     return (f"{model['n_layers']} full-attention layers evicted ({', '.join(map(str, evicted))}) of {len(windows)}; "
             f"the {len(windows) - len(evicted)} others keep their sliding window of "

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvpolicy.compression.prompts import split_prompt
+from kvpolicy.models.handle import ModelHandle
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation.metrics import choice_metrics, mean_stderr, mean_stderr_reference
 from kvpolicy.evaluation.qa import continuations
@@ -50,7 +51,8 @@ def test_stderr_is_lm_evals_sample_std_over_sqrt_n():
 
 def _lm_eval_text(task: QATask, sample) -> str:
     """The text a model without a chat template reads: split_prompt's two parts, tokens left as text."""
-    plain = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None, bos_token=""), encode=lambda text: text)
+    plain = ModelHandle(info=None, model=None, tokenizer=SimpleNamespace(chat_template=None, bos_token=""))
+    plain.encode = lambda text: text
     prompt = task.prompt(sample)
     context, question = split_prompt(plain, prompt.context, prompt.question, prompt.answer_prefix)
     return context + question
