@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvpolicy.compression.allocation import UNIFORM, Allocation
+from kvpolicy.compression.allocation import UNIFORM, Allocation, kept_entries
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.head_masks import masked_heads
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.prompts import split_prompt
 from kvpolicy.compression.protocols import QUERY_AWARE, QUESTION_AGNOSTIC, check_protocol_name
 from kvpolicy.compression.scorers.base import LayerView, Scorer
-from kvpolicy.compression.state import KVState, cache_from_tensors, stack_states
+from kvpolicy.compression.state import KVState, cache_from_tensors, gather_entries, stack_states
 from kvpolicy.errors import KVPError
 from kvpolicy.models import ModelHandle
 from kvpolicy.models.handle import layer_windows
@@ -245,11 +245,7 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     layers = [state.layer(i) for i in range(state.n_layers)]  # a sliding layer keeps its window as it is
     positions = list(state.positions)
     masks = [torch.ones_like(p, dtype=torch.bool) for p in positions] if state.masks is None else list(state.masks)
-    for idx, key, count in zip(evicted, keys, counts):
-        top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own
-        attended = torch.arange(top.shape[-1], device=top.device) < count[..., None]
-        keep, order = top.sort(dim=-1)
-        attended = attended.gather(-1, order)
+    for idx, (keep, attended) in zip(evicted, kept_entries(keys, counts)):
         if state.masks is not None:
             attended &= state.masks[idx].gather(2, keep)
         k, v = layers[idx]
@@ -261,16 +257,6 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
     masks = None if uniform else masks
     return KVState(cache_from_tensors(layers, masks, state.windows), positions, state.next_position, None,
                    state.logits, masks=masks, offsets=state.offsets)
-
-
-def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d) at the entries keep (B, H, k) of each row and head -> (B, H, k, d).
-
-    One index_select of whole (d,) rows over the flattened (B·H·T, d) tensor: 2.4x faster than advanced indexing
-    x[b, h, keep] and 4x faster than gather with an expanded index (SmolLM2's keys at 2K, this CPU)."""
-    b, h, t, d = x.shape
-    rows = torch.arange(b * h, device=keep.device).reshape(b, h, 1) * t + keep
-    return x.reshape(b * h * t, d).index_select(0, rows.reshape(-1)).reshape(b, h, -1, d)
 
 
 def compress(handle: ModelHandle, state: KVState, scorer: Scorer, budget: Budget) -> KVState:

@@ -32,10 +32,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from kvpolicy.compression.allocation import UNIFORM
+from kvpolicy.compression.allocation import UNIFORM, kept_entries
 from kvpolicy.compression.budget import Budget
 from kvpolicy.compression.catalog import attention_free
 from kvpolicy.compression.scorers.base import LayerView, Scorer
+from kvpolicy.compression.state import gather_entries
 from kvpolicy.errors import KVPError
 from kvpolicy.models.handle import full_attention_layers, layer_windows
 
@@ -143,10 +144,8 @@ class EvictingCache(DynamicCache):
         with torch.no_grad():
             number = self.numbers.get(layer_idx, layer_idx)
             scores = self.scorer.score(LayerView(number, layer.keys, layer.values, positions))
-        keys, _ = UNIFORM.select([scores], [positions], self.budget, fed, masks)
-        keep = keys[0].topk(kept, dim=-1).indices.sort(dim=-1).values
-        index = keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        [(keep, _)] = kept_entries(*UNIFORM.select([scores], [positions], self.budget, fed, masks))
+        layer.keys, layer.values = gather_entries(layer.keys, keep), gather_entries(layer.values, keep)
         layer.positions = layer.positions.gather(2, keep)
 
 

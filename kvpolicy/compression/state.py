@@ -44,6 +44,16 @@ def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]], masks: l
     return cache
 
 
+def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) at the entries keep (B, H, k) of each row and head -> (B, H, k, d).
+
+    One index_select of whole (d,) rows over the flattened (B·H·T, d) tensor: 2.4x faster than advanced indexing
+    x[b, h, keep] and 4x faster than gather with an expanded index (SmolLM2's keys at 2K, this CPU)."""
+    b, h, t, d = x.shape
+    rows = torch.arange(b * h, device=keep.device).reshape(b, h, 1) * t + keep
+    return x.reshape(b * h * t, d).index_select(0, rows.reshape(-1)).reshape(b, h, -1, d)
+
+
 def shared_cache(cache: DynamicCache) -> DynamicCache:
     """A DynamicCache whose layers hold the same tensors as `cache`'s (appending to one leaves the other as it
     was)."""

@@ -17,7 +17,7 @@ import argparse
 from kvpolicy.models.placement import add_placement_arguments
 from kvpolicy.models.registry import DEFAULT_MODEL
 from kvpolicy.traces.config import BASELINES, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, DEFAULT_SHARD_SECONDS
-from kvpolicy.traces.future import FUTURE_MODES, FutureConfig
+from kvpolicy.traces.future import CUTS_AT, END, FUTURE_MODES, FutureConfig
 from kvpolicy.traces.sources import SOURCES, TRACE_SPLITS
 
 
@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--future-tokens", type=int, default=300, help="future length F (paper: 300)")
     parser.add_argument("--future", default="greedy", choices=FUTURE_MODES,
                         help="greedy: the model's own continuation; reference: the data's, teacher-forced")
-    parser.add_argument("--seed", type=int, default=0, help="RULER generator seed")
+    parser.add_argument("--cut-at", default=END, choices=CUTS_AT,
+                        help="where each trace's cache ends: the end of the prompt (the future is the "
+                        "continuation; for a cache cut once after the prefill), or mid-prompt (at 1/4 to 3/4 of it, "
+                        "drawn per sample; the future is the rest of the prompt, then the continuation: what a cut "
+                        "between the chunks of a chunked prefill serves)")
+    parser.add_argument("--seed", type=int, default=0, help="RULER generator seed (and the mid-prompt cuts')")
     parser.add_argument("--tasks", help="comma-separated RULER tasks (default: all)")
     parser.add_argument("--baselines", default="auto",
                         help=f"query-based baseline scores stored per sample for the ranking benchmark: a comma list "
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_dtype(args.dtype, device)
     cfg = TraceRunConfig(
         source=args.source, split=args.split, n=args.n, context_tokens=args.context,
-        future=FutureConfig(args.future, args.future_tokens), seed=args.seed, tasks=_names(args.tasks) or None,
+        future=FutureConfig(args.future, args.future_tokens, args.cut_at), seed=args.seed,
+        tasks=_names(args.tasks) or None,
         baselines=None if args.baselines == "auto" else _names(args.baselines), shard_bytes=args.shard_mb << 20,
         shard_samples=args.shard_samples, shard_seconds=args.shard_seconds, hidden_states=args.hidden_states,
     )

@@ -96,8 +96,7 @@ class TraceRunConfig:
             "source_description": DESCRIPTIONS[self.source],
             "split": self.split,
             "context_tokens": self.context_tokens,
-            "future": {"mode": self.future.mode, "max_tokens": self.future.max_tokens,
-                       "stop": "end-of-turn token, included"},
+            "future": self.future.describe(),
             "seeds": source_seeds(self.source, self.seed, self.tasks),
             "model_dtype": handle.dtype_name,
             "baselines": {"names": list(self.baselines), "dtype": "float32",
@@ -152,11 +151,14 @@ def record_shards(handle: ModelHandle, cfg: TraceRunConfig, out: str | Path, ran
         for prompt in prompts:
             prompt_ids = handle.encode(prompt.prompt)
             reference_ids = handle.encode(prompt.reference) if cfg.future.mode == "reference" else None
-            trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines, cfg.hidden_states)
+            kept = cfg.future.kept_tokens(prompt_ids.shape[1], cfg.seed, prompt.index)
+            trace = record_trace(handle, prompt_ids, cfg.future, reference_ids, cfg.baselines, cfg.hidden_states,
+                                 kept)
             seconds = time.perf_counter() - sample_start
             sample_start = time.perf_counter()  # writing this sample (and maybe a shard) counts toward the next one
             model_seconds += trace.model_seconds
             record = {"id": prompt.id, "length": trace.length, "future_length": len(trace.future_ids),
+                      "prompt_length": prompt_ids.shape[1],
                       "seconds": round(seconds, 3), "model_seconds": round(trace.model_seconds, 3),
                       "code_version": code_version(), "warnings": trace.warnings, "threads": threads,
                       **prompt.meta}

@@ -77,10 +77,14 @@ def record_trace(
     reference_ids: torch.Tensor | None = None,
     baselines: Sequence[str] = (),
     hidden_states: bool = False,
+    kept: int | None = None,
 ) -> Trace:
     """Run the model over prompt_ids (1, T) and its future; return the prompt's trace (with hidden_states, also
     every layer's attention input for each prompt token).
 
+    kept: the prompt tokens the trace's cache holds (default all, `FutureConfig.kept_tokens`); with fewer, the
+    future is the rest of the prompt, then the continuation of the whole prompt, and the query-based baselines and
+    hidden states are those of a prefill of the kept tokens alone (what a chunked prefill's cut sees).
     A prompt that leaves no room for a single future token within the model's maximum positions is refused
     (KVPError); a future that does not fit is truncated with a warning saying so.
     """
@@ -103,33 +107,44 @@ def record_trace(
     evicted = info.evicted_layers  # a hybrid model's sliding layers are never evicted: nothing to learn there
     attn = [handle.layers[i].self_attn for i in evicted]
     device = model.device
+    kept = n_prompt if kept is None else kept
+    if not 1 <= kept <= n_prompt:
+        raise KVPError(f"a trace keeps 1 to {n_prompt} of this prompt's tokens, got {kept}")
     prompt_ids = prompt_ids.to(device)
     stopwatch = _Stopwatch(device)
     cache = DynamicCache()  # every layer whole (a sliding one too): the masks follow from true positions
     with torch.inference_mode():
-        rows = ALL_QUERIES if hidden_states else max(1, rows_needed(baselines, n_prompt))
+        rows = ALL_QUERIES if hidden_states else max(1, rows_needed(baselines, kept))
+
+        def prefill(part: torch.Tensor, last: bool) -> torch.Tensor | None:
+            """Feed part (1, t) of the prompt; the next-token logits (1, vocab) after the last part of a greedy run."""
+            if future.mode == "greedy" and last:
+                return model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            model.model(input_ids=part, past_key_values=cache, use_cache=True)
+            return None
+
         with stopwatch, record_attention_inputs(handle.layers, rows) as recorded:
-            if future.mode == "greedy":
-                out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1]
-            else:
-                model.model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+            logits = prefill(prompt_ids[:, :kept], kept == n_prompt)
         recorded = [recorded[i] for i in evicted]
         layer_caches = [cache.layers[i] for i in evicted]
         scores = baseline_scores(baselines, attn, recorded, [c.keys for c in layer_caches])
         states = torch.stack([r.hidden_states[0] for r in recorded]).half().cpu() if hidden_states else None
         del recorded
+        if kept < n_prompt:  # mid-prompt: the rest of the prompt, for the continuation of the whole of it
+            with stopwatch:
+                logits = prefill(prompt_ids[:, kept:], True)
         if future.mode == "greedy":
             with stopwatch:
-                future_ids = greedy_continuation(handle, cache, logits, max_future)
-            cache.crop(n_prompt)
+                continuation = greedy_continuation(handle, cache, logits, max_future)
         else:
-            future_ids = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
-        keys = torch.stack([c.keys[0, :, :n_prompt].half() for c in layer_caches]).cpu()
-        values = torch.stack([c.values[0, :, :n_prompt].half() for c in layer_caches]).cpu()
+            continuation = reference_ids[0, :max_future].tolist()  # the first F tokens of the reference
+        cache.crop(kept)
+        future_ids = prompt_ids[0, kept:].tolist() + continuation
+        keys = torch.stack([c.keys[0, :, :kept].half() for c in layer_caches]).cpu()
+        values = torch.stack([c.values[0, :, :kept].half() for c in layer_caches]).cpu()
         with stopwatch, record_attention_inputs(handle.layers, len(future_ids)) as recorded:
             model.model(input_ids=torch.tensor([future_ids], device=device), past_key_values=cache, use_cache=True)
-        utility = future_utility(attn, [recorded[i] for i in evicted], [c.keys for c in layer_caches], n_prompt).cpu()
+        utility = future_utility(attn, [recorded[i] for i in evicted], [c.keys for c in layer_caches], kept).cpu()
     for note in notes:
         warnings.warn(note, stacklevel=2)
     scores = {name: s.cpu() for name, s in scores.items()}

@@ -17,6 +17,7 @@ from kvpolicy.compression.allocation import (
     Pyramid,
     Threshold,
     counts_reference,
+    kept_entries,
 )
 from kvpolicy.compression.budget import Budget, keep_indices, protected_scores
 from kvpolicy.compression.engine import evict
@@ -94,6 +95,19 @@ def test_uniform_allocation_cuts_as_before():
     for idx, s in enumerate(scores):
         keep = keep_indices(s, state.positions[idx], budget, state.next_position)
         assert torch.equal(small.positions[idx], keep)
+
+
+@pytest.mark.parametrize("kept", [1, 5, 40, 63])
+def test_kept_entries_of_every_layer_at_once_equal_each_layer_alone_ties_included(kept):
+    torch.manual_seed(kept)
+    keys = [torch.randint(0, 4, (2, 3, 64)).float() for _ in range(5)]  # many exact ties
+    counts = [torch.full((2, 3), kept) for _ in keys]
+    together = kept_entries(keys, counts)
+    for key, (keep, attended) in zip(keys, together):
+        alone = kept_entries([key], [counts[0]]), kept_entries([key, key[:, :, :-1]], counts[:2])[0]
+        assert all(torch.equal(keep, k) and torch.equal(attended, a) for (k, a) in (alone[0][0], alone[1]))
+        assert bool(attended.all()) and torch.equal(keep, keep.sort(-1).values)
+        assert torch.equal(key.gather(-1, keep).sort(-1).values, key.sort(-1).values[..., -kept:])
 
 
 def test_adakv_cut_masks_each_layers_padding_and_holds_none_of_it():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvpolicy.errors import KVPError
+from kvpolicy.policy import network
 from kvpolicy.policy.network import PolicyConfig, PolicyNet
 
 
@@ -209,3 +210,24 @@ def test_score_layers_equals_each_layer_scored_alone(dtype, tolerance):
         torch.testing.assert_close(together[layer], alone, rtol=tolerance, atol=tolerance)
     with pytest.raises(KVPError, match="all 4 layers' caches of one shape"):
         net.score_layers(keys[:3], values[:3], positions[:3])
+
+
+def test_rows_scored_in_parts_give_the_scores_of_one_part_per_agent(monkeypatch):
+    """On CPU each agent's rows are split so that its threads share the batched matmuls evenly (`_row_parts`); the
+    scores are those of the unsplit network, bit for bit, for tensor and per-layer inputs."""
+    torch.manual_seed(4)
+    cfg = PolicyConfig(n_layers=2, n_kv_heads=3, head_dim=8, hidden=12, position_dim=6, position_encoding="both")
+    net = PolicyNet(cfg)
+    t = 2 * network.MIN_PART_ROWS
+    keys, values = torch.randn(6, 1, t, 8), torch.randn(6, 1, t, 8)
+    positions, lengths = torch.arange(t).expand(1, 1, t), torch.full((1, 1, 1), t)
+    monkeypatch.setattr(network.torch, "get_num_threads", lambda: 2)
+    assert network._row_parts(3, t, torch.device("cpu")) == 2 and network._row_parts(2, t, torch.device("cpu")) == 1
+    assert network._row_parts(3, t + 1, torch.device("cpu")) == 1  # odd rows: never a copy to split them
+    assert network._row_parts(3, t, torch.device("meta")) == 1
+    with torch.no_grad():
+        split = [net(keys, values, positions, lengths), net([keys[:3], keys[3:]], [values[:3], values[3:]], positions,
+                                                             lengths)]
+        monkeypatch.setattr(network, "_row_parts", lambda *args: 1)
+        whole = net(keys, values, positions, lengths)
+    assert all(torch.equal(s, whole) for s in split)

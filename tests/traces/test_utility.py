@@ -14,7 +14,7 @@ from kvpolicy.models.attention import record_attention_inputs
 from kvpolicy.models.baseline_defaults import SNAPKV_FIT_WINDOW, SNAPKV_KERNEL, SNAPKV_WINDOW, TOVA_WINDOW
 from kvpolicy.models.handle import ModelHandle
 from kvpolicy.traces.baselines import BASELINES, baseline_scores, baseline_scores_reference, rows_needed
-from kvpolicy.traces.future import FutureConfig
+from kvpolicy.traces.future import MID_PROMPT, FutureConfig
 from kvpolicy.traces.record import greedy_continuation, record_trace
 from kvpolicy.traces.utility import future_utility, grouped_future_attention, grouped_future_attention_reference
 
@@ -164,6 +164,39 @@ def test_trace_matches_eager_attention(smollm, mode):
     torch.testing.assert_close(trace.keys.float(), keys, atol=2e-2, rtol=2e-3)  # fp16 storage
     assert 0 < trace.model_seconds
     assert set(trace.baselines) == set(BASELINES) and trace.baselines["tova"].shape == (30, 3, n_prompt)
+
+
+@pytest.mark.model
+def test_a_mid_prompt_trace_keeps_the_first_tokens_and_sees_the_rest_of_the_prompt_as_future(smollm):
+    prompt = smollm.chat([{"role": "user", "content": "Name three rivers of Europe and say where each one ends."}])
+    prompt_ids = smollm.encode(prompt)
+    n_prompt = prompt_ids.shape[1]
+    kept = n_prompt // 2
+    trace = record_trace(smollm, prompt_ids, FutureConfig("greedy", 12, MID_PROMPT), baselines=BASELINES, kept=kept)
+    whole = record_trace(smollm, prompt_ids, FutureConfig("greedy", 12))
+    assert trace.future_ids == prompt_ids[0, kept:].tolist() + whole.future_ids  # the whole prompt's continuation
+    utility, keys = _eager_utility(smollm, prompt_ids[:, :kept], trace.future_ids)
+    assert trace.utility.shape == (30, 3, kept) and trace.keys.shape == (30, 3, kept, 64)
+    torch.testing.assert_close(trace.utility, utility, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(trace.keys.float(), keys, atol=2e-2, rtol=2e-3)
+    alone = record_trace(smollm, prompt_ids[:, :kept], FutureConfig("reference", 4), prompt_ids[:, kept:],
+                         baselines=BASELINES)  # the query-based baselines of a prefill of the kept tokens alone
+    for name in BASELINES:
+        torch.testing.assert_close(trace.baselines[name], alone.baselines[name])
+    with pytest.raises(KVPError, match="keeps 1 to"):
+        record_trace(smollm, prompt_ids, FutureConfig("greedy", 4), kept=n_prompt + 1)
+
+
+def test_mid_prompt_cuts_are_drawn_per_sample_and_repeat_on_a_rerun():
+    end, mid = FutureConfig("greedy", 8), FutureConfig("greedy", 8, MID_PROMPT)
+    assert end.kept_tokens(1000, 0, 3) == 1000 and "cut_at" not in end.describe()
+    cuts = [mid.kept_tokens(1000, 0, i) for i in range(200)]
+    assert all(250 <= c <= 750 for c in cuts) and len(set(cuts)) > 100
+    assert cuts == [mid.kept_tokens(1000, 0, i) for i in range(200)]
+    assert cuts != [mid.kept_tokens(1000, 1, i) for i in range(200)]  # another seed, other cuts
+    assert 1 <= mid.kept_tokens(3, 0, 0) <= 2 and mid.describe()["cut_at"] == MID_PROMPT
+    with pytest.raises(KVPError, match="cuts the prompt at one of"):
+        FutureConfig("greedy", 8, "middle")
 
 
 @pytest.mark.model
