@@ -23,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
     from kvpolicy.errors import KVPError
     from kvpolicy.policy.card import HELD_OUT, held_out_cost
@@ -37,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
         config["recipe"] = {"commands": list(args.made_by)}
     if args.results:
         from kvpolicy.evaluation.store import read_results
+        from kvpolicy.evaluation.tasks.traces import task_name
         from kvpolicy.report.held_out import held_out_section
+        from kvpolicy.traces.store import TraceReader
 
-        tasks = [f"traces:{Path(d).name}" for d in args.traces]
+        tasks = [task_name(d, TraceReader(d).manifest) for d in args.traces]
         command = args.made_by[-1] if args.made_by else f"kvp sweep --task {' '.join(tasks)}"
         config[HELD_OUT] = held_out_section(read_results(args.results).records, checkpoint.sha256,
                                             config["model"]["fingerprint"], tasks, command)

@@ -77,16 +77,16 @@ def _selection_keys(scores: torch.Tensor, positions: torch.Tensor, masks: torch.
     return key, key.masked_fill(protected(positions, budget, length), torch.inf)
 
 
-def kept_entries(keys: list[torch.Tensor], counts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kept_entries(keys: list[torch.Tensor],
+                 counts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Per layer the entries a cut keeps, (B, H, k) indices in position order, k = the layer's largest count, and
-    which of them each head attends (B, H, k) bool: its `count` best selection keys; a head keeping fewer holds its
-    next best as masked padding. keys: per layer (B, H, T); counts: per layer (B, H). When every layer is of one
-    shape and every head keeps one count, one unordered topk and one sort cut all layers (SmolLM2 at 4K: 3.5 ms, 11
-    ms layer by layer); the same entries either way, ties included."""
+    which of them each head attends (B, H, k) bool, None when all: its `count` best selection keys; a head keeping
+    fewer holds its next best as masked padding. keys: per layer (B, H, T); counts: per layer (B, H). When every
+    layer is of one shape and every head keeps one count, one unordered topk and one sort cut all layers (SmolLM2 at
+    4K: 3.5 ms, 11 ms layer by layer); the same entries either way, ties included."""
     if len({key.shape for key in keys}) == 1 and bool((torch.stack(counts) == counts[0].flatten()[0]).all()):
         top = torch.stack(keys).topk(int(counts[0].flatten()[0]), dim=-1, sorted=False).indices
-        keep = top.sort(dim=-1).values
-        return [(layer, torch.ones_like(layer, dtype=torch.bool)) for layer in keep.unbind(0)]
+        return [(layer, None) for layer in top.sort(dim=-1).values.unbind(0)]
     kept = []
     for key, count in zip(keys, counts):
         top = key.topk(int(count.max()), dim=-1).indices  # by key: the first `count` of each head are its own

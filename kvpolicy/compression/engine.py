@@ -244,17 +244,19 @@ def evict(state: KVState, scores: list[torch.Tensor], budget: Budget, allocation
                                      old_masks)
     layers = [state.layer(i) for i in range(state.n_layers)]  # a sliding layer keeps its window as it is
     positions = list(state.positions)
-    masks = [torch.ones_like(p, dtype=torch.bool) for p in positions] if state.masks is None else list(state.masks)
+    masks = [None] * state.n_layers if state.masks is None else list(state.masks)  # None: every entry attended
     for idx, (keep, attended) in zip(evicted, kept_entries(keys, counts)):
         if state.masks is not None:
-            attended &= state.masks[idx].gather(2, keep)
-        k, v = layers[idx]
-        layers[idx] = (gather_entries(k, keep), gather_entries(v, keep))
+            held = state.masks[idx].gather(2, keep)
+            attended = held if attended is None else attended & held
+        layers[idx] = gather_entries(keep, *layers[idx])
         positions[idx] = state.positions[idx].gather(2, keep)
         masks[idx] = attended
-    widths = {masks[i].shape[-1] for i in evicted}
-    uniform = len(widths) == 1 and all(bool(m.all()) for m in masks)
-    masks = None if uniform else masks
+    widths = {positions[i].shape[-1] for i in evicted}
+    if len(widths) == 1 and all(m is None or bool(m.all()) for m in masks):
+        masks = None
+    else:
+        masks = [torch.ones_like(p, dtype=torch.bool) if m is None else m for p, m in zip(positions, masks)]
     return KVState(cache_from_tensors(layers, masks, state.windows), positions, state.next_position, None,
                    state.logits, masks=masks, offsets=state.offsets)
 

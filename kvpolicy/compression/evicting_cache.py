@@ -145,7 +145,7 @@ class EvictingCache(DynamicCache):
             number = self.numbers.get(layer_idx, layer_idx)
             scores = self.scorer.score(LayerView(number, layer.keys, layer.values, positions))
         [(keep, _)] = kept_entries(*UNIFORM.select([scores], [positions], self.budget, fed, masks))
-        layer.keys, layer.values = gather_entries(layer.keys, keep), gather_entries(layer.values, keep)
+        layer.keys, layer.values = gather_entries(keep, layer.keys, layer.values)
         layer.positions = layer.positions.gather(2, keep)
 
 

@@ -44,14 +44,17 @@ def cache_from_tensors(layers: list[tuple[torch.Tensor, torch.Tensor]], masks: l
     return cache
 
 
-def gather_entries(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d) at the entries keep (B, H, k) of each row and head -> (B, H, k, d).
+def gather_entries(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each x (B, H, T, d) of `tensors` (a layer's keys and values) at the entries keep (B, H, k) of each row and head
+    -> (B, H, k, d).
 
-    One index_select of whole (d,) rows over the flattened (B·H·T, d) tensor: 2.4x faster than advanced indexing
-    x[b, h, keep] and 4x faster than gather with an expanded index (SmolLM2's keys at 2K, this CPU)."""
-    b, h, t, d = x.shape
-    rows = torch.arange(b * h, device=keep.device).reshape(b, h, 1) * t + keep
-    return x.reshape(b * h * t, d).index_select(0, rows.reshape(-1)).reshape(b, h, -1, d)
+    One index_select of whole (d,) rows over the flattened (B·H·T, d) tensor, the row indices computed once for all:
+    2.4x faster than advanced indexing x[b, h, keep] and 4x faster than gather with an expanded index (SmolLM2's
+    keys at 2K, this CPU)."""
+    b, h, t, _ = tensors[0].shape
+    rows = (torch.arange(b * h, device=keep.device).reshape(b, h, 1) * t + keep).reshape(-1)
+    return tuple(x.reshape(b * h * t, x.shape[-1]).index_select(0, rows).reshape(b, h, -1, x.shape[-1])
+                 for x in tensors)
 
 
 def shared_cache(cache: DynamicCache) -> DynamicCache:

@@ -216,12 +216,17 @@ class PolicyNet(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:  # (A', B*T, width) -> (A'·parts, B*T / parts, width), a view
             return x.reshape(a * parts, rows // parts, x.shape[-1])
 
-        def rms(x: torch.Tensor) -> torch.Tensor:  # F.rms_norm, in two kernels instead of its CPU decomposition's six
-            mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
-            return x * torch.rsqrt(mean_square + LAYER_NORM_EPS)
+        inplace = not torch.is_grad_enabled()  # inference overwrites each activation it has read for the last time
 
-        def affine(x: torch.Tensor, name: str) -> torch.Tensor:
-            return torch.addcmul(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"].unsqueeze(1))
+        def rms(x: torch.Tensor) -> torch.Tensor:  # F.rms_norm, in two kernels instead of its CPU decomposition's six
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            if inplace:
+                return x.mul_(norm.square_().div_(x.shape[-1]).add_(LAYER_NORM_EPS).rsqrt_())
+            return x * torch.rsqrt(norm.square() / x.shape[-1] + LAYER_NORM_EPS)
+
+        def affine_silu(x: torch.Tensor, name: str) -> torch.Tensor:
+            y = torch.addcmul(f[f"{name}_b"].unsqueeze(1), x, f[f"{name}_w"].unsqueeze(1), out=x if inplace else None)
+            return F.silu(y, inplace=inplace)
 
         h = self.config.hidden
         whole = self.folded(agents, dtype)  # one entry per agent: the position and hidden-state maps run unsplit
@@ -237,8 +242,8 @@ class PolicyNet(nn.Module):
         if "state_w" in f:
             states_in = split(self._state_features(whole, states, (a, b, t)).to(dtype))
             x = x.baddbmm_(rms(states_in), w1[:, 2 * h + pe :])
-        x = F.silu(affine(rms(x), "ln1"))
-        x = F.silu(affine(rms(linear(x, "fc2")), "ln2"))
+        x = affine_silu(rms(x), "ln1")
+        x = affine_silu(rms(linear(x, "fc2")), "ln2")
         return linear(x, "out").squeeze(-1).float().reshape(a, b, t)
 
     def _state_features(self, f: dict[str, torch.Tensor], states: torch.Tensor | None, shape: tuple) -> torch.Tensor:

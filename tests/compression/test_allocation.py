@@ -104,9 +104,10 @@ def test_kept_entries_of_every_layer_at_once_equal_each_layer_alone_ties_include
     counts = [torch.full((2, 3), kept) for _ in keys]
     together = kept_entries(keys, counts)
     for key, (keep, attended) in zip(keys, together):
-        alone = kept_entries([key], [counts[0]]), kept_entries([key, key[:, :, :-1]], counts[:2])[0]
-        assert all(torch.equal(keep, k) and torch.equal(attended, a) for (k, a) in (alone[0][0], alone[1]))
-        assert bool(attended.all()) and torch.equal(keep, keep.sort(-1).values)
+        assert attended is None  # every kept entry attended
+        alone, alone_attended = kept_entries([key, key[:, :, :-1]], counts[:2])[0]  # layer by layer: two shapes
+        assert torch.equal(keep, alone) and bool(alone_attended.all())
+        assert torch.equal(keep, kept_entries([key], [counts[0]])[0][0]) and torch.equal(keep, keep.sort(-1).values)
         assert torch.equal(key.gather(-1, keep).sort(-1).values, key.sort(-1).values[..., -kept:])
 
 

@@ -17,7 +17,7 @@ from kvpolicy.compression.scorers import SCORERS, make_scorer
 from kvpolicy.errors import KVPError
 from kvpolicy.evaluation import costs
 from kvpolicy.evaluation.bench import long_context, throughput
-from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, plan_sections
+from kvpolicy.evaluation.bench.config import parse_shape, SECTIONS, BenchConfig, plan_sections
 from kvpolicy.evaluation.bench.ranking_quality import evaluate, measure_ranking, print_ranking, scorer_method
 from kvpolicy.evaluation.lineup import make_contenders
 from kvpolicy.evaluation.result import WHOLE_RANKING
@@ -296,13 +296,16 @@ def test_needle_prompts_place_the_needle_at_its_depth(smollm):
 def test_long_context_section_answers_a_needle_through_a_chunked_prefill(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(["bench", "--sections", "g", "--long-context", "600", "--needle-depths", "0.5", "--peak-budget", "64",
-                 "--prefill-chunk", "128", "--peak-reference", "300", "--json", str(out)]) == 0
+                 "--prefill-chunk", "128", "--peak-reference", "300", "--long-runs", "chunked", "compress-once",
+                 "--json", str(out)]) == 0
     assert f"\ng) {SECTIONS['g']}\n" in capsys.readouterr().out
     g = json.loads(out.read_text())["sections"]["g"]
-    full, chunked = g["rows"]
-    assert full["chunk"] is None and full["cache_tokens_peak"] == full["prompt_tokens"] > 300
+    full, chunked, once = g["rows"]
+    assert full["run"] == "full" and full["chunk"] is None and full["cache_tokens_peak"] == full["prompt_tokens"] > 300
     assert chunked["chunk"] == 128 and chunked["prompt_tokens"] > 600 and chunked["cache_tokens_peak"] <= 64 + 128
     assert chunked["cache_bytes"] * chunked["prompt_tokens"] == chunked["cache_bytes_full"] * 64
+    assert once["run"] == "compress-once" and once["chunk"] is None and once["depth"] == chunked["depth"]
+    assert once["cache_tokens_peak"] == once["prompt_tokens"] and once["cache_bytes"] == chunked["cache_bytes"]
     assert g["scorer"] == "kvp:smollm2-135m" and all(isinstance(r["found"], bool) for r in g["rows"])
 
 
@@ -320,3 +323,11 @@ def test_generate_path_section_times_model_generate_against_the_engine_and_a_bat
     assert batch["batched_decode_tokens_per_s"] == pytest.approx(decoded / batch["batched_decoding_s"])
     assert 0 < batch["batched_decoding_s"] < batch["batched_s"] and 0 < batch["single_decoding_s"] < batch["single_s"]
     assert batch["speedup"] == pytest.approx(batch["batched_decode_tokens_per_s"] / batch["single_decode_tokens_per_s"])
+
+
+def test_long_runs_are_named_ones_refused_before_any_work():
+    with pytest.raises(KVPError, match="--long-runs takes full, compress-once, chunked"):
+        BenchConfig(long_runs=("twice",))
+    with pytest.raises(KVPError, match="--long-runs takes"):
+        BenchConfig(long_runs=())
+    assert BenchConfig().long_runs == ("chunked",)

@@ -19,6 +19,7 @@ from kvpolicy.evaluation.store import read_results
 from kvpolicy.evaluation.tasks import catalog, known_tasks, resolve_tasks, task_help
 from kvpolicy.evaluation.tasks.base import Task
 from kvpolicy.evaluation.tasks.catalog import TaskEntry
+from kvpolicy.evaluation.tasks.traces import task_name
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,12 @@ def test_one_row_adds_a_task_kind_everywhere(kept_share, smollm, tmp_path, monke
     # the report draws it in its own family
     report = write_report(config.out, tmp_path / "report")
     assert "kept share" in report.markdown.read_text()
+
+
+def test_a_trace_set_cut_mid_prompt_is_another_task_than_the_whole_prompts_of_its_prompts():
+    """Results are keyed by task and prompt: the mid-prompt traces of a test split hold its prompts too, so their
+    results must not be taken for (or skipped as) those of the whole-prompt set of the same directory name."""
+    whole = {"future": {"mode": "greedy", "max_tokens": 128}}
+    mid = {"future": {"mode": "greedy", "max_tokens": 128, "cut_at": "mid-prompt"}}
+    assert task_name("runs/a/traces/test", whole) == "traces:test"  # as results always named it
+    assert task_name("runs/b/traces/test", mid) == "traces:test@mid-prompt"

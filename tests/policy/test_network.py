@@ -231,3 +231,19 @@ def test_rows_scored_in_parts_give_the_scores_of_one_part_per_agent(monkeypatch)
         monkeypatch.setattr(network, "_row_parts", lambda *args: 1)
         whole = net(keys, values, positions, lengths)
     assert all(torch.equal(s, whole) for s in split)
+
+
+def test_inference_in_place_gives_the_scores_autograd_gives_and_leaves_its_inputs_alone():
+    torch.manual_seed(5)
+    cfg = PolicyConfig(n_layers=2, n_kv_heads=2, head_dim=8, hidden=12, position_dim=6, position_encoding="both",
+                       hidden_state_dim=10, hidden_state_features=4)
+    net = PolicyNet(cfg)
+    keys, values, states = torch.randn(4, 2, 40, 8), torch.randn(4, 2, 40, 8), torch.randn(2, 2, 40, 10)
+    positions, lengths = torch.arange(40).expand(1, 2, 40), torch.full((1, 2, 1), 40)
+    copies = [x.clone() for x in (keys, values, states, positions)]
+    trained = net(keys, values, positions, lengths, states=states)
+    assert trained.requires_grad
+    with torch.no_grad():
+        inferred = net(keys, values, positions, lengths, states=states)
+    assert torch.equal(inferred, trained.detach())
+    assert all(torch.equal(x, c) for x, c in zip((keys, values, states, positions), copies))

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvpolicy.evaluation.bench.config import SECTIONS, BenchConfig
+from kvpolicy.evaluation.bench.config import LONG_RUNS, SECTIONS, BenchConfig
 
 if TYPE_CHECKING:
     from kvpolicy.models import ModelHandle
@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--needle-depths", type=float, nargs="+", default=list(_DEFAULTS.needle_depths),
                         metavar="D", help="section g's needle depths, fractions of the prompt (default "
                                           f"{' '.join(map(str, _DEFAULTS.needle_depths))})")
+    parser.add_argument("--long-runs", nargs="+", choices=LONG_RUNS, default=list(_DEFAULTS.long_runs), metavar="R",
+                        help="how section g answers each long needle prompt: chunked (prefilled --prefill-chunk tokens "
+                             "at a time, cut after each), compress-once (one cut after the whole prefill), full (the "
+                             "full cache); the last two tell the length and the policy apart from the chunking "
+                             f"(default {' '.join(_DEFAULTS.long_runs)})")
     parser.add_argument("--traces", metavar="DIR", help="ranking section: training traces (from `kvp traces`)")
     parser.add_argument("--val", metavar="DIR", help="ranking section: validation traces")
     parser.add_argument("--test", metavar="DIR", help="ranking section: held-out traces to report on (default --val)")
@@ -127,7 +132,8 @@ def _section(section: str, handle: ModelHandle, config: BenchConfig, args: argpa
     elif section == "g":
         scorer = f"{LEARNED_PREFIX}{policy or handle.info.name}"  # the bundled policy without --policy
         figures = long_context.measure_long_context(handle, scorer, config.long_context, list(config.needle_depths),
-                                                    config.peak_budget, config.prefill_chunk, config.peak_reference)
+                                                    config.peak_budget, config.prefill_chunk, config.peak_reference,
+                                                    config.long_runs)
         long_context.print_long_context(figures)
     elif section == "h":
         kvp = make_scorer(f"{LEARNED_PREFIX}{policy or handle.info.name}", model=handle.info)
@@ -174,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                          args.repeats, args.trace_n, args.trace_context, args.trace_future, args.train_steps,
                          tuple(parse_shape(s) for s in args.train_shape), tuple(args.allocation),
                          tuple(args.peak_contexts), args.peak_budget, args.prefill_chunk, args.peak_reference,
-                         args.long_context, tuple(args.needle_depths), args.batch_rows)
+                         args.long_context, tuple(args.needle_depths), args.batch_rows, tuple(args.long_runs))
     if (args.traces is None) != (args.val is None):
         raise KVPError("the ranking section needs both --traces DIR and --val DIR")
     if args.threads is not None and args.threads < 1:

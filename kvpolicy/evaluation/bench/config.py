@@ -15,12 +15,15 @@ SECTIONS = {
     "d": "end-to-end answer time: kvpolicy's engine vs kvpress's kv-press-text-generation pipeline",
     "e": "trace recording and policy training throughput (and training at each --train-shape)",
     "f": "peak memory of a chunked prefill (cut after every chunk) vs compress-once vs the full cache, long contexts",
-    "g": "a needle in a prompt longer than a full cache could hold, through a chunked prefill: answers, peak memory",
+    "g": "a needle in a prompt longer than a full cache could hold, through a chunked prefill (and --long-runs): "
+         "answers, peak memory",
     "h": "model.generate on an EvictingCache vs kvpolicy's engine, and a left-padded batch vs one prompt at a time",
     "ranking": "held-out ranking cost of KVP vs every baseline (traces from --traces/--val)",
 }
 DEFAULT_SECTIONS = ("a", "b", "c", "d", "e")  # ranking joins them when --traces and --val are given
 NEEDS_POLICY = ("a", "d")  # sections that time the KVP policy
+FULL, COMPRESS_ONCE, CHUNKED = "full", "compress-once", "chunked"
+LONG_RUNS = (FULL, COMPRESS_ONCE, CHUNKED)  # how section g answers a long prompt: the full cache, one cut, chunked
 
 
 @dataclass
@@ -36,7 +39,8 @@ class BenchConfig:
     allocations: the allocation modes section b measures each budget in.
     peak_contexts / peak_budget / prefill_chunk: section f's prompt lengths, budget and chunk size; peak_reference:
     the prompt length of its full-cache reference row (section g uses the same budget, chunk and reference).
-    long_context / needle_depths: section g's prompt length and the depths its needle is placed at.
+    long_context / needle_depths / long_runs: section g's prompt length, the depths its needle is placed at and how
+    each is answered (long_context.LONG_RUNS: chunked, compress-once, full).
     batch_rows: the prompts section h decodes in one batch (at the first context, keeping `keep` of it).
     """
 
@@ -59,6 +63,7 @@ class BenchConfig:
     long_context: int = 32000  # a 32K-class prompt that leaves Qwen2.5's 32,768 positions room for the question
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     batch_rows: int = 4
+    long_runs: tuple[str, ...] = (CHUNKED,)
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 64:
@@ -76,6 +81,8 @@ class BenchConfig:
             raise KVPError("--peak-contexts and --peak-reference must be at least 64 tokens each")
         if self.long_context < 64 or not self.needle_depths or not all(0 <= d <= 1 for d in self.needle_depths):
             raise KVPError("--long-context must be at least 64 tokens and --needle-depths fractions in [0, 1]")
+        if not self.long_runs or set(self.long_runs) - set(LONG_RUNS):
+            raise KVPError(f"--long-runs takes {', '.join(LONG_RUNS)}; got {list(self.long_runs)}")
         if min(self.peak_budget, self.prefill_chunk) < 1:
             raise KVPError("--peak-budget and --prefill-chunk must be >= 1")
         if self.trace_context < 16 or self.trace_future < 1:

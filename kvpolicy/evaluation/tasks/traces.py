@@ -19,11 +19,21 @@ def describe(reader: TraceReader) -> str:
              "mix": "a mix of RULER-style tasks, ShareGPT dialogues (stand-in for OASST2) and essay continuation"}
     ctx = m.get("context_tokens")
     size = f", ~{ctx} tokens" if ctx else ""
-    return f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size})"
+    cut = ", caches cut mid-prompt" if m.get("future", {}).get("cut_at") else ""
+    return (f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size}"
+            f"{cut})")
+
+
+def task_name(directory: str | Path, manifest: dict) -> str:
+    """How results name the trace set in `directory`: 'traces:DIRNAME', with '@mid-prompt' for traces whose caches
+    were cut mid-prompt (`kvp traces --cut-at mid-prompt`), which hold the same prompts as a whole-prompt set of
+    theirs but other samples (a result is keyed by its task and prompt)."""
+    cut = manifest.get("future", {}).get("cut_at")
+    return f"traces:{Path(directory).name}" + (f"@{cut}" if cut else "")
 
 
 def trace_task(directory: str) -> TraceTask:
     reader = TraceReader(directory)
-    return TraceTask(name=f"traces:{Path(directory).name}", family="ranking cost on held-out traces",
+    return TraceTask(name=task_name(directory, reader.manifest), family="ranking cost on held-out traces",
                      data=describe(reader), metric="cost", protocols=(TRACES,), sized=False,
                      corpus=reader.manifest.get("source"), directory=str(directory))
