@@ -60,6 +60,19 @@ def test_ruler_traces_record_resume_and_refuse_mixing(smollm, tmp_path, capsys):
     # another run's settings into the same directory are refused with a one-line error
     assert main(traces(out, *RULER_RUN, "--future", "reference")) == 1
     assert "holds traces of another run" in capsys.readouterr().err
+    assert main(traces(out, *RULER_RUN, "--cut-at", "mid-prompt")) == 1
+    assert "holds traces of another run" in capsys.readouterr().err
+
+    # the same prompts with caches cut mid-prompt: the rest of each prompt is part of its future
+    mid = tmp_path / "mid"
+    assert main(traces(mid, *RULER_RUN, "--cut-at", "mid-prompt")) == 0
+    m_mid = TraceReader(mid).manifest
+    assert m_mid["future"]["cut_at"] == "mid-prompt" and [s["id"] for s in m_mid["samples"]] == [
+        s["id"] for s in m["samples"]]
+    for whole, cut in zip(m["samples"], m_mid["samples"]):
+        assert cut["prompt_length"] == whole["length"] and 0.25 * whole["length"] - 1 <= cut["length"]
+        assert cut["length"] <= 0.75 * whole["length"] + 1
+        assert cut["future_length"] > whole["length"] - cut["length"]
 
 
 @pytest.mark.model

@@ -40,7 +40,7 @@ class BenchConfig:
     peak_contexts / peak_budget / prefill_chunk: section f's prompt lengths, budget and chunk size; peak_reference:
     the prompt length of its full-cache reference row (section g uses the same budget, chunk and reference).
     long_context / needle_depths / long_runs: section g's prompt length, the depths its needle is placed at and how
-    each is answered (long_context.LONG_RUNS: chunked, compress-once, full).
+    each is answered (LONG_RUNS: chunked, compress-once, full).
     batch_rows: the prompts section h decodes in one batch (at the first context, keeping `keep` of it).
     """
 

@@ -19,7 +19,7 @@ def describe(reader: TraceReader) -> str:
              "mix": "a mix of RULER-style tasks, ShareGPT dialogues (stand-in for OASST2) and essay continuation"}
     ctx = m.get("context_tokens")
     size = f", ~{ctx} tokens" if ctx else ""
-    cut = ", caches cut mid-prompt" if m.get("future", {}).get("cut_at") else ""
+    cut = f", caches cut {_cut_at(m)}" if _cut_at(m) else ""
     return (f"held-out traces: {named.get(source, source)} ({m.get('split', '?')} split, {len(reader)} prompts{size}"
             f"{cut})")
 
@@ -28,8 +28,13 @@ def task_name(directory: str | Path, manifest: dict) -> str:
     """How results name the trace set in `directory`: 'traces:DIRNAME', with '@mid-prompt' for traces whose caches
     were cut mid-prompt (`kvp traces --cut-at mid-prompt`), which hold the same prompts as a whole-prompt set of
     theirs but other samples (a result is keyed by its task and prompt)."""
-    cut = manifest.get("future", {}).get("cut_at")
+    cut = _cut_at(manifest)
     return f"traces:{Path(directory).name}" + (f"@{cut}" if cut else "")
+
+
+def _cut_at(manifest: dict) -> str | None:
+    """Where the set's caches were cut, when not at the end of the prompt (`FutureConfig.describe`)."""
+    return manifest.get("future", {}).get("cut_at")
 
 
 def trace_task(directory: str) -> TraceTask:
