@@ -25,6 +25,14 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M handle, fp32 (a hybrid model: sliding-window and full-attention layers)."""
+    from kvpolicy.models import load_model
+
+    return load_model("gemma3-270m", "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
 def trained_policy(smollm, tmp_path_factory):
     """A KVP policy trained briefly on 3 real SmolLM2 traces (short prompts and futures to stay fast)."""
     from kvpolicy.cli import main

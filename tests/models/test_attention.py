@@ -106,20 +106,25 @@ def test_project_queries_equal_kvpress_queries(smollm):
 
 
 @pytest.mark.model
-def test_recorded_queries_reproduce_the_models_own_attention(smollm):
-    """The last rows' attention recomputed from recorded inputs equals the eager attention weights of the model."""
+@pytest.mark.parametrize("model", ["smollm", "gemma"])
+def test_recorded_queries_reproduce_the_models_own_attention(model, request):
+    """The last rows' attention recomputed from recorded inputs (what TOVA, SnapKV and the traces' utilities
+    compute) equals the eager attention weights of the model in every layer it evicts: all of SmolLM2's, Gemma's
+    full-attention layers (with their query norm and their own RoPE)."""
+    handle = request.getfixturevalue(model)
     ids = torch.randint(100, 5000, (1, 30), generator=torch.Generator().manual_seed(2))
-    cache = DynamicCache(config=smollm.model.config)
-    smollm.model.set_attn_implementation("eager")
+    cache = DynamicCache()  # every layer whole (a sliding one too)
+    handle.model.set_attn_implementation("eager")
     try:
-        with torch.no_grad(), record_attention_inputs(smollm.layers, 8) as recorded:
-            out = smollm.model.model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
+        with torch.no_grad(), record_attention_inputs(handle.layers, 8) as recorded:
+            out = handle.model.model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
     finally:
-        smollm.model.set_attn_implementation("sdpa")
-    attn = [layer.self_attn for layer in smollm.layers]
+        handle.model.set_attn_implementation("sdpa")
+    evicted = handle.info.evicted_layers
+    attn = [handle.layers[i].self_attn for i in evicted]
     with torch.no_grad():
-        queries = recorded_queries(attn, recorded, rows=6)  # (L, Hq, 6, d)
-        probs = causal_window_attention(queries, torch.cat([c.keys for c in cache.layers]), attn[0].scaling)
-    expected = torch.stack([a[0, :, -6:] for a in out.attentions])  # (L, Hq, 6, T)
-    assert probs.shape == expected.shape == (smollm.info.n_layers, smollm.info.n_query_heads, 6, 30)
+        queries = recorded_queries(attn, [recorded[i] for i in evicted], rows=6)  # (L, Hq, 6, d)
+        probs = causal_window_attention(queries, torch.cat([cache.layers[i].keys for i in evicted]), attn[0].scaling)
+    expected = torch.stack([out.attentions[i][0, :, -6:] for i in evicted])  # (L, Hq, 6, T)
+    assert probs.shape == expected.shape == (len(evicted), handle.info.n_query_heads, 6, 30)
     torch.testing.assert_close(probs, expected.float(), atol=1e-5, rtol=1e-4)
